@@ -1,0 +1,80 @@
+"""Per-token metadata and the one attention predicate (DESIGN.md Invariant 1).
+
+Every token carries `doc` (document id in its row), `pos` (true position in its
+document, used by RoPE), `seg` (sentence index: +1 after each anchor), `anchor`
+and `valid`. Query q may attend to key k iff
+
+    valid_k and doc_k == doc_q and pos_k <= pos_q and
+    (full or seg_k == seg_q or (anchor_k and not anchor_q) or pos_k < sink)
+
+Training, prefill and decode all call `attention_allowed`; nothing else builds a mask.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class TokenMeta:
+    """Metadata of a block of tokens; every field is [B, T]."""
+
+    doc: jax.Array     # int32 document id within the row
+    pos: jax.Array     # int32 true position within the document
+    seg: jax.Array     # int32 sentence index within the document
+    anchor: jax.Array  # bool, the token closes its sentence
+    valid: jax.Array   # bool, not padding
+
+
+def _restart_at_doc(count_BxT: jax.Array, doc_BxT: jax.Array) -> jax.Array:
+    """Subtract from an exclusive running count its value at each document's first token."""
+    T = doc_BxT.shape[1]
+    idx_T = jnp.arange(T)
+    starts_BxT = jnp.concatenate([jnp.ones_like(doc_BxT[:, :1], bool), doc_BxT[:, 1:] != doc_BxT[:, :-1]], axis=1)
+    start_idx_BxT = jax.lax.cummax(jnp.where(starts_BxT, idx_T, 0), axis=1)
+    return count_BxT - jnp.take_along_axis(count_BxT, start_idx_BxT, axis=1)
+
+
+def is_anchor(ids_BxT: jax.Array, anchor_ids: Sequence[int]) -> jax.Array:
+    """[B, T] bool: the token id is one of the anchor ids (none when the tuple is empty)."""
+    if not anchor_ids:
+        return jnp.zeros(ids_BxT.shape, bool)
+    return jnp.isin(ids_BxT, jnp.asarray(tuple(anchor_ids), ids_BxT.dtype))
+
+
+@jax.jit(static_argnames="anchor_ids")
+def token_metadata(ids_BxT: jax.Array, valid_BxT: jax.Array, doc_BxT: jax.Array | None = None,
+                   anchor_ids: tuple[int, ...] = ()) -> TokenMeta:
+    """Metadata for a batch of rows (left or right padding, several packed documents).
+
+    Padding (valid=False) does not advance `pos` or `seg`; positions and sentence
+    indices restart at 0 at each document's first token.
+    """
+    valid_BxT = valid_BxT.astype(bool)
+    if doc_BxT is None:
+        doc_BxT = jnp.zeros(ids_BxT.shape, jnp.int32)
+    doc_BxT = doc_BxT.astype(jnp.int32)
+    anchor_BxT = is_anchor(ids_BxT, anchor_ids) & valid_BxT
+    v = valid_BxT.astype(jnp.int32)
+    a = anchor_BxT.astype(jnp.int32)
+    pos_BxT = _restart_at_doc(jnp.cumsum(v, axis=1) - v, doc_BxT)
+    seg_BxT = _restart_at_doc(jnp.cumsum(a, axis=1) - a, doc_BxT)
+    return TokenMeta(doc=doc_BxT, pos=pos_BxT, seg=seg_BxT, anchor=anchor_BxT, valid=valid_BxT)
+
+
+def attention_allowed(q: TokenMeta, k: TokenMeta, full: bool | jax.Array, sink_tokens: int | jax.Array = 0) -> jax.Array:
+    """[B, Tq, Tk] bool: the AnSAN predicate (or plain causal attention when `full`).
+
+    `sink_tokens` (default 0, beyond the paper) keeps each document's first N
+    positions visible to every later token, like an attention sink.
+    """
+    qe = lambda x: x[:, :, None]
+    ke = lambda x: x[:, None, :]
+    causal = ke(k.valid) & (ke(k.doc) == qe(q.doc)) & (ke(k.pos) <= qe(q.pos))
+    same_sentence = ke(k.seg) == qe(q.seg)
+    earlier_anchor = ke(k.anchor) & ~qe(q.anchor)
+    sink = ke(k.pos) < sink_tokens
+    return causal & (full | same_sentence | earlier_anchor | sink)

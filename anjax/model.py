@@ -1,0 +1,183 @@
+"""A Llama-family decoder as a Flax linen module, applied as a pure function.
+
+    logits_BxTxV, cache = Llama(cfg).apply({"params": params}, tokens_BxT, meta, cache,
+                                           full_attention=False)
+
+`meta` is the per-token metadata of `anjax.mask`; attention follows
+`anjax.mask.attention_allowed` (AnSAN when `full_attention=False`). With a
+cache, the chunk's keys/values are written at each row's `length` and the chunk
+attends to every slot of the cache (itself included); the updated cache is returned.
+Parameters and activations carry logical axis names; `anjax.sharding` maps them to a mesh.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from anjax.cache import KVCache, append_meta, write_rows
+from anjax.config import ModelConfig
+from anjax.mask import TokenMeta, attention_allowed
+
+_init = nn.initializers.normal(0.02)
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init=_init):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(module.cfg.param_dtype))
+
+
+def rope(x_BxTxNxD: jax.Array, pos_BxT: jax.Array, theta: float, scaling_factor: float) -> jax.Array:
+    """Rotary embedding, HF `rotate_half` layout; linear scaling divides positions by the factor."""
+    d = x_BxTxNxD.shape[-1]
+    inv_freq_H = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles_BxTxH = (pos_BxT.astype(jnp.float32) / scaling_factor)[..., None] * inv_freq_H
+    cos = jnp.cos(jnp.concatenate([angles_BxTxH] * 2, -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angles_BxTxH] * 2, -1))[:, :, None, :]
+    x = x_BxTxNxD.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos + rotated * sin).astype(x_BxTxNxD.dtype)
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        scale_D = _param(self, "scale", (x_BxTxD.shape[-1],), ("embed",), nn.initializers.ones)
+        x = x_BxTxD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        return (x * scale_D.astype(jnp.float32)).astype(self.cfg.dtype)
+
+
+def dot_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, allowed_BxTxS: jax.Array) -> jax.Array:
+    """Grouped-query softmax attention; disallowed logits are replaced (jnp.where), fp32 softmax."""
+    B, T, H, D = q_BxTxHxD.shape
+    K = k_BxSxKxD.shape[2]
+    q = q_BxTxHxD.reshape(B, T, K, H // K, D)
+    logits_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxD, preferred_element_type=jnp.float32)
+    logits_BxKxGxTxS = logits_BxKxGxTxS * (D ** -0.5)
+    logits_BxKxGxTxS = jnp.where(allowed_BxTxS[:, None, None], logits_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxSxKxD.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
+    return out.reshape(B, T, H, D)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    full_attention: bool
+    sink_tokens: int
+
+    @nn.compact
+    def __call__(self, x_BxTxE, q_meta: TokenMeta, k_meta: TokenMeta, layer_kv, write_offset_B):
+        cfg, dt = self.cfg, self.cfg.dtype
+        E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        wq = _param(self, "q", (E, H, D), ("embed", "heads", "head_dim")).astype(dt)
+        wk = _param(self, "k", (E, K, D), ("embed", "kv_heads", "head_dim")).astype(dt)
+        wv = _param(self, "v", (E, K, D), ("embed", "kv_heads", "head_dim")).astype(dt)
+        wo = _param(self, "o", (H, D, E), ("heads", "head_dim", "embed")).astype(dt)
+        q = jnp.einsum("bte,ehd->bthd", x_BxTxE, wq)
+        k = jnp.einsum("bte,ekd->btkd", x_BxTxE, wk)
+        v = jnp.einsum("bte,ekd->btkd", x_BxTxE, wv)
+        q = rope(q, q_meta.pos, cfg.rope_theta, cfg.rope_scaling_factor)
+        k = rope(k, q_meta.pos, cfg.rope_theta, cfg.rope_scaling_factor)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        if layer_kv is None:  # keys are the chunk itself
+            keys, values, new_kv = k, v, None
+        else:  # write the chunk into this layer's slots, then attend to all slots
+            keys = write_rows(layer_kv[0], k, write_offset_B)
+            values = write_rows(layer_kv[1], v, write_offset_B)
+            new_kv = (keys, values)
+        allowed = attention_allowed(q_meta, k_meta, self.full_attention, self.sink_tokens)
+        out = dot_attention(q, keys.astype(dt), values.astype(dt), allowed)
+        y = jnp.einsum("bthd,hde->bte", out, wo)
+        return nn.with_logical_constraint(y, ("batch", "length", "embed")), new_kv
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxE):
+        cfg, dt = self.cfg, self.cfg.dtype
+        E, F = cfg.hidden_size, cfg.intermediate_size
+        gate = _param(self, "gate", (E, F), ("embed", "mlp")).astype(dt)
+        up = _param(self, "up", (E, F), ("embed", "mlp")).astype(dt)
+        down = _param(self, "down", (F, E), ("mlp", "embed")).astype(dt)
+        h_BxTxF = nn.silu(x_BxTxE @ gate) * (x_BxTxE @ up)
+        h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "length", "mlp"))
+        return h_BxTxF @ down
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer. Call signature fits nn.scan: (x, layer_kv, *broadcast) -> (x, new_kv)."""
+
+    cfg: ModelConfig
+    full_attention: bool
+    sink_tokens: int
+
+    @nn.compact
+    def __call__(self, x_BxTxE, layer_kv, q_meta, k_meta, write_offset_B):
+        h, new_kv = Attention(self.cfg, self.full_attention, self.sink_tokens, name="attn")(
+            RMSNorm(self.cfg, name="attn_norm")(x_BxTxE), q_meta, k_meta, layer_kv, write_offset_B)
+        x_BxTxE = x_BxTxE + h
+        x_BxTxE = x_BxTxE + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxTxE))
+        return nn.with_logical_constraint(x_BxTxE, ("batch", "length", "embed")), new_kv
+
+
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
+
+
+class Llama(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT: jax.Array, meta: TokenMeta, cache: KVCache | None = None,
+                 full_attention: bool = True, sink_tokens: int = 0):
+        cfg = self.cfg
+        embed_VxE = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        x = embed_VxE.astype(cfg.dtype)[tokens_BxT]
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        if cache is None:
+            k_meta, offset_B, layers_kv = meta, None, None
+        else:
+            offset_B = cache.length
+            cache = append_meta(cache, meta)
+            k_meta, layers_kv = cache.slot_meta(), (cache.keys, cache.values)
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, new_kv = stack(cfg, full_attention, sink_tokens, name="layers")(x, layers_kv, meta, k_meta, offset_B)
+        else:
+            new = []
+            for i in range(cfg.num_layers):
+                layer_kv = None if layers_kv is None else (layers_kv[0][i], layers_kv[1][i])
+                x, kv = block(cfg, full_attention, sink_tokens, name=f"layer_{i}")(x, layer_kv, meta, k_meta, offset_B)
+                new.append(kv)
+            new_kv = None if cache is None else tuple(jnp.stack(t) for t in zip(*new))
+
+        x = RMSNorm(cfg, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            head_ExV = embed_VxE.astype(cfg.dtype).T
+        else:
+            head_ExV = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab")).astype(cfg.dtype)
+        logits = jnp.einsum("bte,ev->btv", x, head_ExV, preferred_element_type=jnp.float32)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        if cache is not None:
+            cache = cache.replace(keys=new_kv[0], values=new_kv[1])
+        return logits, cache
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
+    """Random parameters (boxed with logical axis names stripped): a plain nested dict."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    meta = TokenMeta(doc=tokens, pos=jnp.broadcast_to(jnp.arange(seq_len), (1, seq_len)), seg=tokens,
+                     anchor=tokens.astype(bool), valid=jnp.ones((1, seq_len), bool))
+    variables = Llama(cfg).init(rng, tokens, meta)
+    return nn.meta.unbox(variables["params"])
