@@ -36,17 +36,22 @@ def resolve_path(model: str | Path | None) -> Path:
     raise ModelFormatError(f"{model}: no such file or directory")
 
 
+def _has_tokenizer_files(path: Path) -> bool:
+    return (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()
+
+
 def load_model(model: str | Path | None = None, **overrides: Any) -> tuple[ModelConfig, dict, Any]:
-    """(config, params as numpy tree, tokenizer) for any supported model argument."""
+    """(config, params as numpy tree, tokenizer or None when the directory has none)."""
     path = resolve_path(model)
     if path.is_file():
-        from anjax.gguf_import import gguf_tokenizer, read_gguf
-        hf_cfg, state = read_gguf(path)
+        from anjax.gguf_import import gguf_tokenizer, open_gguf, read_gguf
+        reader = open_gguf(path)  # parsed once: the metadata holds the whole vocabulary
+        hf_cfg, state = read_gguf(reader)
         cfg = config_from_hf(hf_cfg, **overrides)
-        return cfg, params_from_hf_state(cfg, state), gguf_tokenizer(path)
+        return cfg, params_from_hf_state(cfg, state), gguf_tokenizer(reader)
     if (path / "config.json").exists():
         cfg, params = load_hf_dir(path, **overrides)
-        return cfg, params, load_tokenizer(path)
+        return cfg, params, load_tokenizer(path) if _has_tokenizer_files(path) else None
     from anjax import checkpoint
     if checkpoint.is_run_dir(path):
         return checkpoint.load_for_inference(path, **overrides)
@@ -59,7 +64,7 @@ def load_tokenizer(model: str | Path | None = None):
     if path.is_file():
         from anjax.gguf_import import gguf_tokenizer
         return gguf_tokenizer(path)
-    if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
+    if _has_tokenizer_files(path):
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(str(path))
     from anjax import checkpoint
