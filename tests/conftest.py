@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny real tokenizer (byte-level BPE like SmolLM2/GPT-2, trained in ~0.1 s)."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+TINY_TRAINING_TEXT = """\
+The cat sat on the mat. Did the dog see it? Yes! The dog saw the cat, and the cat ran.
+A sentence ends with a period. Questions end with a question mark? Some end with an exclamation mark!
+Commas, semicolons; and colons: appear inside sentences. Numbers like 12, 345 and 6789 appear too.
+Mr. Smith went to Washington. He arrived at 3 p.m. and left at 5 p.m. on the same day.
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_tokenizer_json() -> str:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TINY_TRAINING_TEXT] * 4, trainer)
+    return tok.to_str()
+
+
+@pytest.fixture
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A fresh byte-level BPE tokenizer (vocab ~400; pad 0, bos <s> 1, eos </s> 2; no <AC>).
+
+    ".", "?", "!", "," are single tokens. Function-scoped: tests may add tokens.
+    """
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+                                   bos_token="<s>", eos_token="</s>", pad_token="<pad>")

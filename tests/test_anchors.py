@@ -1,0 +1,79 @@
+"""Anchor ids (EP punctuation, AC special token) and the segmentation CLI."""
+import json
+import sys
+import types
+
+import pytest
+
+from anjax import anchors
+from anjax.config import AC_TOKEN
+
+
+def test_ep_default_and_custom_tokens(tiny_tokenizer):
+    tokens, ids = anchors.resolve_anchor_ids(tiny_tokenizer, "ep")
+    assert tokens == (".", "?", "!")
+    assert [tiny_tokenizer.decode([i]) for i in ids] == [".", "?", "!"]
+    tokens, ids = anchors.resolve_anchor_ids(tiny_tokenizer, "ep", [".", ","])
+    assert tokens == (".", ",") and len(set(ids)) == 2
+    assert anchors.resolve_anchor_ids(tiny_tokenizer, "none") == ((), ())
+
+
+def test_ep_anchor_that_is_not_one_token(tiny_tokenizer):
+    with pytest.raises(ValueError, match=r"'Hello world' is not a single token: it tokenizes to \d+ tokens"):
+        anchors.resolve_anchor_ids(tiny_tokenizer, "ep", [".", "Hello world"])
+
+
+def test_bad_mode(tiny_tokenizer):
+    with pytest.raises(ValueError, match="anchor mode must be one of"):
+        anchors.resolve_anchor_ids(tiny_tokenizer, "punct")
+
+
+def test_ac_needs_the_token_then_add_is_idempotent(tiny_tokenizer):
+    with pytest.raises(ValueError, match="no <AC> token; add it with anjax.anchors.add_ac_token"):
+        anchors.resolve_anchor_ids(tiny_tokenizer, "ac")
+    n = len(tiny_tokenizer)
+    ac_id = anchors.add_ac_token(tiny_tokenizer)
+    assert anchors.add_ac_token(tiny_tokenizer) == ac_id and len(tiny_tokenizer) == n + 1
+    assert anchors.resolve_anchor_ids(tiny_tokenizer, "ac") == ((AC_TOKEN,), (ac_id,))
+    ids = tiny_tokenizer.encode(f"Hi.{AC_TOKEN} Yes", add_special_tokens=False)
+    assert ids.count(ac_id) == 1                                       # never split
+    assert AC_TOKEN not in tiny_tokenizer.decode(ids, skip_special_tokens=True)  # special
+
+
+@pytest.fixture
+def cli(tiny_tokenizer, monkeypatch, capsys):
+    """Run the CLI with `anjax.loading.load_tokenizer` returning the tiny tokenizer."""
+    monkeypatch.setitem(sys.modules, "anjax.loading", types.SimpleNamespace(load_tokenizer=lambda path: tiny_tokenizer))
+
+    def run(*argv):
+        rc = anchors.main(list(argv))
+        out, err = capsys.readouterr()
+        return rc, out, err
+    return run
+
+
+def test_cli_json_ac(cli):
+    rc, out, _ = cli("--mode", "ac", "--text", "The cat sat. Did it? Yes", "--bos", "--json")
+    assert rc == 0
+    d = json.loads(out)
+    assert len(d["ids"]) == len(d["tokens"]) == len(d["seg"]) == len(d["anchor"])
+    assert d["tokens"][0] == "<s>" and d["tokens"].count(AC_TOKEN) == 3 and d["tokens"][-1] == AC_TOKEN
+    assert d["anchor"] == [t == AC_TOKEN for t in d["tokens"]]
+    first_ac = d["tokens"].index(AC_TOKEN)
+    assert d["seg"][first_ac] == 0 and d["seg"][first_ac + 1] == 1 and d["seg"][-1] == 2
+
+
+def test_cli_table_ep(cli):
+    rc, out, _ = cli("--mode", "ep", "--text", "One. Two!")
+    assert rc == 0 and "2 anchors, 2 sentences" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mode", "ep", "--anchors", "Hello world", "--text", "x."], "is not a single token"),
+    (["--mode", "punct", "--text", "x."], "--mode must be one of"),
+    (["--mode", "ac", "--text", "  "], "--text is empty"),
+])
+def test_cli_errors_one_line_exit_2(cli, argv, message):
+    rc, out, err = cli(*argv)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
