@@ -38,10 +38,10 @@ class KVCache:
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
     """An empty cache: no valid slot, length 0."""
     kv_shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
-    zeros_BxC = jnp.zeros((batch, capacity), jnp.int32)
+    meta = lambda dtype: jnp.zeros((batch, capacity), dtype)  # distinct buffers (donation-safe)
     return KVCache(keys=jnp.zeros(kv_shape, dtype), values=jnp.zeros(kv_shape, dtype),
-                   pos=zeros_BxC, seg=zeros_BxC, anchor=zeros_BxC.astype(bool),
-                   valid=zeros_BxC.astype(bool), length=jnp.zeros((batch,), jnp.int32))
+                   pos=meta(jnp.int32), seg=meta(jnp.int32), anchor=meta(bool),
+                   valid=meta(bool), length=jnp.zeros((batch,), jnp.int32))
 
 
 def write_rows(buffer_BxCx: jax.Array, chunk_BxTx: jax.Array, offset_B: jax.Array) -> jax.Array:
@@ -51,13 +51,86 @@ def write_rows(buffer_BxCx: jax.Array, chunk_BxTx: jax.Array, offset_B: jax.Arra
     return jax.vmap(one)(buffer_BxCx, chunk_BxTx, offset_B)
 
 
+def write_slots(buffer_LxBxCxKxD: jax.Array, chunk_LxBxTxKxD: jax.Array, offset_B: jax.Array) -> jax.Array:
+    """Write every layer's chunk at each row's offset along the slot axis (caller keeps offset + T <= C).
+
+    One scatter, updated in place under jit (a vmap over the batch axis would transpose the whole cache).
+    """
+    B, T = chunk_LxBxTxKxD.shape[1:3]
+    slot_BxT = offset_B[:, None] + jnp.arange(T)
+    return buffer_LxBxCxKxD.at[:, jnp.arange(B)[:, None], slot_BxT].set(
+        chunk_LxBxTxKxD.astype(buffer_LxBxCxKxD.dtype), mode="promise_in_bounds")
+
+
 def append_meta(cache: KVCache, meta: TokenMeta) -> KVCache:
     """Record a chunk's metadata [B, T] in slots [length, length + T) and advance `length`.
 
-    The chunk's keys/values are written layer by layer by the model (`write_rows`).
+    The model writes the chunk's keys/values for all layers (`write_slots`).
     """
     off = cache.length
     return cache.replace(pos=write_rows(cache.pos, meta.pos, off), seg=write_rows(cache.seg, meta.seg, off),
                          anchor=write_rows(cache.anchor, meta.anchor, off),
                          valid=write_rows(cache.valid, meta.valid, off),
                          length=cache.length + meta.pos.shape[1])
+
+
+def keep_slots(cache: KVCache, open_seg_B: jax.Array, full: bool, sink_tokens: int = 0) -> jax.Array:
+    """[B, C] bool: the slots a compaction keeps.
+
+    Anchor cache: valid and (anchor or in the open sentence `open_seg_B` or a sink
+    position). Full cache (`full=True`): every valid slot. Other slots can never be
+    attended to again under `anjax.mask.attention_allowed`.
+    """
+    if full:
+        return cache.valid
+    open_sentence = cache.seg == open_seg_B[:, None]
+    return cache.valid & (cache.anchor | open_sentence | (cache.pos < sink_tokens))
+
+
+def compact(cache: KVCache, keep_BxC: jax.Array) -> KVCache:
+    """Move each row's kept slots to the front in their order (stable); `length` = kept count.
+
+    Freed slots are zeroed and invalid. Cost: one gather over the whole cache.
+    """
+    C = cache.capacity
+    order_BxC = jnp.argsort(~keep_BxC, axis=1, stable=True)  # kept slots first, in order
+    length_B = keep_BxC.sum(axis=1, dtype=jnp.int32)
+    live_BxC = jnp.arange(C) < length_B[:, None]
+
+    def take_meta(x_BxC):
+        return jnp.where(live_BxC, jnp.take_along_axis(x_BxC, order_BxC, axis=1), jnp.zeros((), x_BxC.dtype))
+
+    def take_kv(x_LxBxCxKxD):
+        x = jnp.take_along_axis(x_LxBxCxKxD, order_BxC[None, :, :, None, None], axis=2)
+        return jnp.where(live_BxC[None, :, :, None, None], x, jnp.zeros((), x.dtype))
+
+    return KVCache(keys=take_kv(cache.keys), values=take_kv(cache.values), pos=take_meta(cache.pos),
+                   seg=take_meta(cache.seg), anchor=take_meta(cache.anchor), valid=take_meta(cache.valid),
+                   length=length_B)
+
+
+def close_sentence(cache: KVCache, close_B: jax.Array, open_start_B: jax.Array) -> KVCache:
+    """Decode-time compaction after one appended token: O(one slot) instead of a gather.
+
+    Precondition (holds for an anchor cache compacted with `keep_slots`): the open
+    sentence's non-sink slots are the tail `[open_start, length)`. In rows where
+    `close_B` (the last slot holds an anchor) that anchor moves to `open_start`, the
+    rest of the tail is freed (marked invalid, not zeroed) and `length = open_start + 1`.
+    Equals `compact(cache, keep_slots(...))` for those rows; other rows are unchanged.
+    """
+    src_B = jnp.maximum(cache.length - 1, 0)
+    dst_B = jnp.where(close_B, open_start_B, src_B)
+    length_B = jnp.where(close_B, open_start_B + 1, cache.length)
+
+    def move_meta(x_BxC):
+        slot_Bx1 = jnp.take_along_axis(x_BxC, src_B[:, None], axis=1)
+        return write_rows(x_BxC, slot_Bx1, dst_B)
+
+    def move_kv(x_LxBxCxKxD):
+        return write_slots(x_LxBxCxKxD, jnp.take_along_axis(x_LxBxCxKxD, src_B[None, :, None, None, None], axis=2),
+                           dst_B)
+
+    live_BxC = jnp.arange(cache.capacity) < length_B[:, None]
+    return KVCache(keys=move_kv(cache.keys), values=move_kv(cache.values), pos=move_meta(cache.pos),
+                   seg=move_meta(cache.seg), anchor=move_meta(cache.anchor),
+                   valid=move_meta(cache.valid) & live_BxC, length=length_B)

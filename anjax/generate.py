@@ -1,0 +1,476 @@
+"""The inference engine: exact chunked prefill, a compacted anchor cache, jitted decode.
+
+    from anjax.generate import Engine
+    eng = Engine.load()                          # embedded SmolLM2, or Engine.load("path/to/model")
+    out = eng.generate(["The cat sat on the mat."], max_new_tokens=32)
+    print(out[0].text, out[0].stats)
+
+One batch of B prompts (rows are independent; any row gives what it gives alone):
+1. Prefill: each row's prompt minus its last token, right-aligned in chunks of T
+   tokens (padding is invalid). The model appends a chunk to the cache, the chunk
+   attends to the compacted cache plus itself under `anjax.mask.attention_allowed`,
+   then the cache is compacted (`anjax.cache.keep_slots`: the anchor cache keeps
+   anchors + the open sentence (+ sinks), the full cache keeps every valid slot).
+2. Decode: a `lax.while_loop` feeds the last prompt token, then each sampled token,
+   one per step; per-row done flags (stop ids, max_new_tokens, overflow). When a fed
+   token is an anchor its sentence is dropped (`anjax.cache.close_sentence`, O(1 slot)).
+Only compaction differs between the anchor and the full cache (which uses plain causal attention).
+
+Positions (DESIGN.md Invariant 2): a token's RoPE position is its true position in the
+row; the cache length is not a position, so the anchor cache is exact (logits equal
+one full forward pass under the AnSAN mask). `positions="reference"` reproduces the
+AnLLM authors' code instead: position = the token's slot index in the compacted cache
+(stored slots re-based after every compaction). It is inexact; for comparison only.
+
+Capacity: `capacity` C bounds the slots a row keeps between steps (after compaction).
+The buffers add room for the tokens in flight (C + T in prefill, C + 1 in decode; the
+decode buffer shrinks to what the batch can need). A row that would keep more than C
+slots stops and `CacheOverflowError` names it and the sizes; nothing is truncated.
+In AC mode `max_sentence_tokens=N` forces an `<AC>` after N tokens without one.
+Extension (off by default, beyond the paper): `sink_tokens=N` keeps the first N
+tokens visible to every later token and in the cache.
+
+Static (recompile): model config, anchor ids, cache kind, positions, sinks, and the
+shapes batch, chunk T, capacity and max_new_tokens. Arrays (never recompile): prompt
+contents, temperature, top_k, top_p, seed, stop ids, max_sentence_tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anjax.cache import KVCache, close_sentence, compact, init_cache, keep_slots
+from anjax.config import ModelConfig
+from anjax.mask import TokenMeta, is_anchor
+from anjax.model import Llama
+
+DEFAULT_ANCHOR_CAPACITY = 2048  # slots kept per row by default with an anchor cache
+MAX_STOP_IDS = 8
+
+
+class CacheOverflowError(ValueError):
+    """A row needs more cache slots than the capacity allows (message names row and sizes)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """Graph-defining settings: hashable, static under jit."""
+
+    anchor_cache: bool                  # compact to anchors + open sentence; else full cache, causal attention
+    anchor_ids: tuple[int, ...] = ()
+    ac_id: int = -1                     # the <AC> id in AC mode (forced anchors), else -1
+    sink_tokens: int = 0
+    reference_positions: bool = False
+
+
+@flax.struct.dataclass
+class GenState:
+    """Per-row bookkeeping beside the cache; every field but `cache` is [B] (overflow [B, 3])."""
+
+    cache: KVCache
+    next_pos: jax.Array    # true position of the row's next token
+    open_seg: jax.Array    # sentence index of the next token (the open sentence)
+    open_start: jax.Array  # decode: first slot of the open sentence's non-sink tail
+    done: jax.Array        # bool: the row takes no more tokens
+    peak: jax.Array        # most slots the row kept after a compaction
+    overflow: jax.Array    # [B, 3] (slots needed, anchors, open-sentence tokens) at overflow, else 0
+
+
+@flax.struct.dataclass
+class Sampling:
+    """Per-row [B] sampling arrays; `stop_ids` [MAX_STOP_IDS] padded with -1."""
+
+    temperature: jax.Array        # float, 0 = greedy
+    top_k: jax.Array              # int, 0 = off
+    top_p: jax.Array              # float, 1 = off
+    seed: jax.Array               # uint32
+    stop_ids: jax.Array
+    max_sentence_tokens: jax.Array  # int scalar, 0 = off (AC mode: force <AC>)
+
+
+@flax.struct.dataclass
+class DecodeCarry:
+    """The `lax.while_loop` carry."""
+
+    state: GenState
+    step: jax.Array        # scalar
+    token: jax.Array       # [B] next token to feed
+    tokens: jax.Array      # [B, N] generated ids
+    generated: jax.Array   # [B] count
+
+
+def init_state(cfg: ModelConfig, batch: int, slots: int, done_B: jax.Array) -> GenState:
+    """An empty state with a cache of `slots` slots; rows flagged in `done_B` [B] take no tokens."""
+    zeros_B = lambda: jnp.zeros((batch,), jnp.int32)  # distinct buffers (donation-safe)
+    return GenState(cache=init_cache(cfg, batch, slots, jnp.dtype(cfg.dtype)), next_pos=zeros_B(),
+                    open_seg=zeros_B(), open_start=zeros_B(), done=jnp.array(done_B, bool), peak=zeros_B(),
+                    overflow=jnp.zeros((batch, 3), jnp.int32))
+
+
+def _next_positions(state: GenState, spec: EngineSpec) -> jax.Array:
+    """[B] position of the next token: true, or the reference (number of kept slots)."""
+    if spec.reference_positions:
+        return state.cache.valid.sum(axis=1, dtype=jnp.int32)
+    return state.next_pos
+
+
+def _rebase(cache: KVCache, spec: EngineSpec) -> KVCache:
+    """Reference positions: every kept slot's position becomes its slot index."""
+    if not spec.reference_positions:
+        return cache
+    return cache.replace(pos=jnp.where(cache.valid, jnp.arange(cache.capacity), 0))
+
+
+def _track(state: GenState, active_B: jax.Array, limit: int) -> GenState:
+    """Update the peak of rows that took a token; stop rows not done that keep more than `limit` slots."""
+    cache = state.cache
+    held_B = cache.valid.sum(axis=1, dtype=jnp.int32)
+    fresh_B = ~state.done & (held_B > limit)
+    info_Bx3 = jnp.stack([held_B, (cache.valid & cache.anchor).sum(axis=1, dtype=jnp.int32),
+                          (cache.valid & (cache.seg == state.open_seg[:, None])).sum(axis=1, dtype=jnp.int32)], -1)
+    return state.replace(peak=jnp.where(active_B, jnp.maximum(state.peak, held_B), state.peak),
+                         overflow=jnp.where(fresh_B[:, None], info_Bx3, state.overflow), done=state.done | fresh_B)
+
+
+def prefill_step(cfg: ModelConfig, spec: EngineSpec, params, state: GenState, tokens_BxT: jax.Array,
+                 valid_BxT: jax.Array) -> tuple[jax.Array, GenState]:
+    """Append one chunk [B, T] (exact under the predicate), then compact. Returns (logits [B, T, V], state).
+
+    The cache has C + T slots; a row that keeps more than C afterwards is flagged (`overflow`).
+    """
+    T = tokens_BxT.shape[1]
+    valid = valid_BxT.astype(bool)
+    v = valid.astype(jnp.int32)
+    anchor = is_anchor(tokens_BxT, spec.anchor_ids) & valid
+    a = anchor.astype(jnp.int32)
+    meta = TokenMeta(doc=jnp.zeros_like(v), pos=_next_positions(state, spec)[:, None] + jnp.cumsum(v, 1) - v,
+                     seg=state.open_seg[:, None] + jnp.cumsum(a, 1) - a, anchor=anchor, valid=valid)
+    logits, cache = Llama(cfg).apply({"params": params}, tokens_BxT, meta, state.cache,
+                                     full_attention=not spec.anchor_cache, sink_tokens=spec.sink_tokens)
+    open_seg = state.open_seg + a.sum(1)
+    cache = compact(cache, keep_slots(cache, open_seg, not spec.anchor_cache, spec.sink_tokens))
+    state = state.replace(cache=_rebase(cache, spec), next_pos=state.next_pos + v.sum(1), open_seg=open_seg)
+    return logits, _track(state, ~state.done, cache.capacity - T)
+
+
+def start_decode(state: GenState, spec: EngineSpec, slots: int) -> GenState:
+    """Shrink the cache to `slots` (+1 for the token in flight) and locate each open sentence's tail."""
+    c = state.cache
+    cut = lambda x: x[:, :, : slots + 1] if x.ndim == 5 else x[:, : slots + 1]
+    cache = c.replace(keys=cut(c.keys), values=cut(c.values), pos=cut(c.pos), seg=cut(c.seg),
+                      anchor=cut(c.anchor), valid=cut(c.valid))
+    tail_B = (cache.valid & (cache.seg == state.open_seg[:, None]) & (cache.pos >= spec.sink_tokens)).sum(
+        axis=1, dtype=jnp.int32)
+    return state.replace(cache=cache, open_start=cache.length - tail_B)
+
+
+def feed_token(cfg: ModelConfig, spec: EngineSpec, params, state: GenState,
+               token_B: jax.Array) -> tuple[jax.Array, GenState]:
+    """One decode step for the rows not done: append `token_B`, close its sentence if it is an anchor.
+
+    Returns (logits [B, V], state); the caller checks the capacity (`_track`).
+    """
+    active_B = ~state.done
+    anchor_B = is_anchor(token_B, spec.anchor_ids) & active_B
+    meta = TokenMeta(doc=jnp.zeros_like(token_B)[:, None], pos=_next_positions(state, spec)[:, None],
+                     seg=state.open_seg[:, None], anchor=anchor_B[:, None], valid=active_B[:, None])
+    logits, cache = Llama(cfg).apply({"params": params}, token_B[:, None], meta, state.cache,
+                                     full_attention=not spec.anchor_cache, sink_tokens=spec.sink_tokens)
+    cache = cache.replace(length=jnp.where(active_B, cache.length, state.cache.length))
+    open_start = state.open_start
+    if spec.anchor_cache:
+        cache = close_sentence(cache, anchor_B, open_start)
+        open_start = jnp.where(anchor_B, open_start + 1, open_start)
+    state = state.replace(cache=_rebase(cache, spec), next_pos=state.next_pos + active_B,
+                          open_seg=state.open_seg + anchor_B, open_start=open_start)
+    return logits[:, 0], state
+
+
+def sample_tokens(logits_BxV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,
+                  top_p_B: jax.Array) -> jax.Array:
+    """[B] next ids: argmax where temperature <= 0, else a draw after top-k then top-p filtering."""
+    greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+
+    def draw():
+        V = logits_BxV.shape[-1]
+        x_BxV = logits_BxV / jnp.maximum(temperature_B, 1e-6)[:, None]
+        sorted_BxV = jnp.flip(jnp.sort(x_BxV, axis=-1), axis=-1)
+        k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, V), V)
+        in_top_k = sorted_BxV >= jnp.take_along_axis(sorted_BxV, k_B[:, None] - 1, axis=1)
+        probs_BxV = jax.nn.softmax(jnp.where(in_top_k, sorted_BxV, -jnp.inf), axis=-1)
+        mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+        n_keep_B = jnp.maximum(jnp.sum(in_top_k & (mass_before_BxV < top_p_B[:, None]), axis=-1), 1)
+        cutoff_Bx1 = jnp.take_along_axis(sorted_BxV, n_keep_B[:, None] - 1, axis=1)
+        x_BxV = jnp.where(x_BxV >= cutoff_Bx1, x_BxV, -jnp.inf)
+        return jax.vmap(jax.random.categorical)(keys_B, x_BxV).astype(jnp.int32)
+
+    drawn_B = jax.lax.cond(jnp.any(temperature_B > 0), draw, lambda: greedy_B)
+    return jnp.where(temperature_B > 0, drawn_B, greedy_B)
+
+
+def decode(cfg: ModelConfig, spec: EngineSpec, slots: int, max_new_tokens: int, params, state: GenState,
+           token_B: jax.Array, sampling: Sampling) -> DecodeCarry:
+    """Generate up to `max_new_tokens` per row in one `lax.while_loop`, starting by feeding `token_B`."""
+    state = start_decode(state, spec, slots)
+    B = token_B.shape[0]
+    row_keys = jax.vmap(jax.random.key)(sampling.seed)
+
+    def cond(c: DecodeCarry):
+        return (c.step < max_new_tokens) & ~jnp.all(c.state.done)
+
+    def body(c: DecodeCarry):
+        active_B = ~c.state.done
+        logits_BxV, st = feed_token(cfg, spec, params, c.state, c.token)
+        keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, c.step)
+        nxt_B = sample_tokens(logits_BxV, keys_B, sampling.temperature, sampling.top_k, sampling.top_p)
+        if spec.ac_id >= 0:  # AC mode: force <AC> after max_sentence_tokens tokens without one
+            open_len_B = (st.cache.valid & (st.cache.seg == st.open_seg[:, None])).sum(1)
+            force_B = (sampling.max_sentence_tokens > 0) & (open_len_B >= sampling.max_sentence_tokens)
+            nxt_B = jnp.where(force_B, spec.ac_id, nxt_B)
+        generated_B = c.generated + active_B
+        stop_B = (nxt_B[:, None] == sampling.stop_ids[None]).any(-1) | (generated_B >= max_new_tokens)
+        tokens = c.tokens.at[:, c.step].set(jnp.where(active_B, nxt_B, -1))
+        st = _track(st.replace(done=st.done | (active_B & stop_B)), active_B, st.cache.capacity - 1)
+        return DecodeCarry(state=st, step=c.step + 1, token=nxt_B, tokens=tokens, generated=generated_B)
+
+    carry = DecodeCarry(state=state, step=jnp.zeros((), jnp.int32), token=token_B,
+                        tokens=jnp.full((B, max_new_tokens), -1, jnp.int32), generated=jnp.zeros((B,), jnp.int32))
+    return jax.lax.while_loop(cond, body, carry)
+
+
+# ----------------------------------------------------------------------------- host side
+
+@dataclasses.dataclass
+class Generation:
+    """One request's result: ids (prompt and generated), printable text, stats, or an error."""
+
+    prompt_ids: list[int]
+    ids: list[int]
+    text: str
+    stats: dict[str, Any]
+    error: str | None = None
+
+
+def round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+class Engine:
+    """Batched generation with an anchor or a full cache (see the module docstring).
+
+    cache: "anchor" | "full" | None (anchor when the model has anchor settings).
+    anchor_mode / anchors: override the model's anchor settings (`anjax.anchors.resolve_anchor_ids`).
+    capacity: slots a row may keep (default: the whole request for a full cache,
+    min(that, DEFAULT_ANCHOR_CAPACITY) for an anchor cache). chunk_size: prefill chunk T.
+    raw_prompts: tokenize text prompts as they are (no <AC> inserted in AC mode).
+    show_anchors: keep generated <AC> tokens in `text`.
+    """
+
+    def __init__(self, cfg: ModelConfig, params, tokenizer=None, *, cache: str | None = None,
+                 anchor_mode: str | None = None, anchors: Sequence[str] | None = None, chunk_size: int = 256,
+                 capacity: int | None = None, batch_size: int = 8, positions: str = "true", sink_tokens: int = 0,
+                 raw_prompts: bool = False, show_anchors: bool = False):
+        mode, anchor_ids = cfg.anchor_mode, tuple(cfg.anchor_ids)
+        if anchor_mode is not None or anchors is not None:
+            if tokenizer is None:
+                raise ValueError("anchor overrides need a tokenizer")
+            from anjax.anchors import resolve_anchor_ids
+            mode = anchor_mode or ("ep" if cfg.anchor_mode == "none" else cfg.anchor_mode)
+            _, anchor_ids = resolve_anchor_ids(tokenizer, mode, anchors)
+        if bad := [i for i in anchor_ids if not 0 <= i < cfg.vocab_size]:
+            raise ValueError(f"anchor ids {bad} are outside the model's vocabulary of {cfg.vocab_size}")
+        cache = cache or ("anchor" if anchor_ids else "full")
+        if cache not in ("anchor", "full"):
+            raise ValueError(f"cache must be 'anchor' or 'full', got {cache!r}")
+        if cache == "anchor" and not anchor_ids:
+            raise ValueError("an anchor cache needs anchor settings: the model has none; pass anchor_mode='ep' "
+                             "(--anchor-mode ep) or use the full cache")
+        if positions not in ("true", "reference"):
+            raise ValueError(f"positions must be 'true' or 'reference', got {positions!r}")
+        for name, value, low in (("chunk_size", chunk_size, 1), ("batch_size", batch_size, 1),
+                                 ("capacity", capacity or 1, 1), ("sink_tokens", sink_tokens, 0)):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        ac_id = anchor_ids[0] if mode == "ac" else -1
+        self.cfg, self.tokenizer, self.anchor_mode = cfg, tokenizer, mode if anchor_ids else "none"
+        self.params = jax.device_put(params)
+        self.spec = EngineSpec(anchor_cache=cache == "anchor", anchor_ids=tuple(anchor_ids), ac_id=ac_id,
+                               sink_tokens=sink_tokens, reference_positions=positions == "reference")
+        self.cache_kind, self.chunk_size, self.capacity, self.batch_size = cache, chunk_size, capacity, batch_size
+        self.raw_prompts, self.show_anchors = raw_prompts, show_anchors
+        self._executables: dict = {}
+        self.compile_seconds = 0.0
+
+    @classmethod
+    def load(cls, model: str | None = None, **kwargs) -> "Engine":
+        """An engine for any model argument of `anjax.loading.load_model` (None: the embedded SmolLM2).
+
+        Layers are loaded stacked (`scan_layers`): one layer body to compile, and faster decoding on CPU.
+        """
+        from anjax.loading import load_model
+        cfg, params, tokenizer = load_model(model, scan_layers=True)
+        return cls(cfg, params, tokenizer, **kwargs)
+
+    # ------------------------------------------------------------------ prompts
+
+    def encode(self, text: str, max_sentence_tokens: int | None = None) -> list[int]:
+        """Prompt ids anchored like training data (`anjax.data.encode_text`).
+
+        AC mode: `<AC>` after each sentence; the last sentence stays open unless the
+        text ends with . ? or ! (generation continues it). `raw_prompts`: plain tokens.
+        """
+        if not text.strip():
+            raise ValueError("the prompt is empty")
+        tok = self.tokenizer
+        add_bos = bool(getattr(tok, "add_bos_token", False)) and tok.bos_token_id is not None
+        if self.raw_prompts or self.anchor_mode != "ac":
+            return ([tok.bos_token_id] if add_bos else []) + tok.encode(text, add_special_tokens=False)
+        from anjax.data import encode_text
+        return encode_text(tok, text, "ac", self.spec.ac_id, add_bos, max_sentence_tokens=max_sentence_tokens,
+                           end_anchor=text.rstrip()[-1:] in (".", "?", "!"))
+
+    def decode_text(self, ids: Sequence[int], stop_ids: Sequence[int] = ()) -> str:
+        """Printable text of generated ids: stop ids dropped, <AC> hidden unless `show_anchors`."""
+        hidden = set(stop_ids) | ({self.spec.ac_id} if self.spec.ac_id >= 0 and not self.show_anchors else set())
+        return self.tokenizer.decode([i for i in ids if i not in hidden]) if self.tokenizer else ""
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64, *,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 stop_ids: Sequence[int] | None = None, max_sentence_tokens: int | None = None,
+                 raise_errors: bool = True, progress: Callable[[int], None] | None = None) -> list[Generation]:
+        """Generate for text prompts or id lists, in batches of `batch_size` (order preserved).
+
+        Greedy by default. A request whose cache would overflow raises CacheOverflowError,
+        or, with `raise_errors=False`, comes back with `error` set while the others are served.
+        `progress(n)` is called after each batch with the number of requests it finished.
+        """
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+        if not 0.0 < top_p <= 1.0 or top_k < 0 or temperature < 0:
+            raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1 (got {temperature}, {top_k}, {top_p})")
+        if max_sentence_tokens and self.spec.ac_id < 0:
+            raise ValueError("max_sentence_tokens forces <AC> tokens and needs anchor mode 'ac'")
+        ids = [self.encode(p, max_sentence_tokens) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        for i, row in enumerate(ids):
+            if not row:
+                raise ValueError(f"prompt {i} is empty")
+            if bad := [t for t in row if not 0 <= t < self.cfg.vocab_size]:
+                raise ValueError(f"prompt {i} holds ids outside the vocabulary of {self.cfg.vocab_size}: {bad[:3]}")
+        if stop_ids is None:
+            stop_ids = () if self.cfg.eos_token_id is None else (self.cfg.eos_token_id,)
+        if len(stop_ids) > MAX_STOP_IDS:
+            raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(stop_ids)}")
+        longest = max(len(r) for r in ids)
+        capacity = self.capacity or round_up(longest + max_new_tokens, 256)
+        if self.capacity is None and self.spec.anchor_cache:
+            capacity = min(capacity, DEFAULT_ANCHOR_CAPACITY)
+        chunk = min(self.chunk_size, 1 << max(4, (longest - 1).bit_length()))
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                        stop_ids=tuple(stop_ids), max_sentence_tokens=max_sentence_tokens or 0)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths batch together
+        batch = min(self.batch_size, len(ids))
+        results: dict[int, Generation] = {}
+        for start in range(0, len(order), batch):
+            rows = order[start:start + batch]
+            for i, g in zip(rows, self._generate_batch([ids[i] for i in rows], batch, chunk, capacity,
+                                                      max_new_tokens, **sampling)):
+                if g.error and raise_errors:
+                    raise CacheOverflowError(f"prompt {i}: {g.error}")
+                results[i] = g
+            if progress:
+                progress(len(rows))
+        return [results[i] for i in range(len(ids))]
+
+    def _generate_batch(self, prompt_ids: list[list[int]], batch: int, chunk: int, capacity: int,
+                        max_new_tokens: int, *, temperature, top_k, top_p, seed, stop_ids,
+                        max_sentence_tokens) -> list[Generation]:
+        """One padded batch: `batch` rows (missing ones are dummies, done from the start)."""
+        n = len(prompt_ids)
+        rows = prompt_ids + [[0]] * (batch - n)
+        tokens, valid = right_align([r[:-1] for r in rows], chunk)
+        width = tokens.shape[1]
+        compile_before = self.compile_seconds
+        t0 = time.perf_counter()
+        state = init_state(self.cfg, batch, capacity + chunk, np.arange(batch) >= n)
+        for c in range(0, width, chunk):
+            state = self._run("prefill", _prefill, (self.cfg, self.spec), True, self.params, state,
+                              tokens[:, c:c + chunk], valid[:, c:c + chunk])
+        held = np.asarray(state.cache.length)
+        prefill_s = time.perf_counter() - t0 - (self.compile_seconds - compile_before)
+
+        stops = np.full((MAX_STOP_IDS,), -1, np.int32)
+        stops[:len(stop_ids)] = stop_ids
+        samp = Sampling(temperature=np.full(batch, temperature, np.float32), top_k=np.full(batch, top_k, np.int32),
+                        top_p=np.full(batch, top_p, np.float32), seed=np.full(batch, seed, np.uint32),
+                        stop_ids=stops, max_sentence_tokens=np.int32(max_sentence_tokens))
+        slots = min(capacity, round_up(int(held[:n].max()) + max_new_tokens, 128))
+        last = np.array([r[-1] for r in rows], np.int32)
+        compile_before = self.compile_seconds
+        t0 = time.perf_counter()
+        carry = self._run("decode", decode, (self.cfg, self.spec, slots, max_new_tokens), False, self.params, state,
+                          last, samp)
+        generated, out_ids = np.asarray(carry.generated), np.asarray(carry.tokens)
+        decode_s = time.perf_counter() - t0 - (self.compile_seconds - compile_before)
+        peak, overflow = np.asarray(carry.state.peak), np.asarray(carry.state.overflow)
+
+        results = []
+        for b in range(n):
+            new = out_ids[b, :generated[b]].tolist()
+            full = len(rows[b]) + len(new) - 1  # tokens whose keys/values were computed
+            stats = dict(prompt_tokens=len(rows[b]), generated_tokens=len(new), peak_cache_slots=int(peak[b]),
+                         full_cache_slots=full, cache_reduction=round(1 - int(peak[b]) / max(full, 1), 4),
+                         prefill_tokens_per_s=round((len(rows[b]) - 1) / max(prefill_s, 1e-9), 1),
+                         decode_tokens_per_s=round(len(new) / max(decode_s, 1e-9), 1),
+                         prefill_s=round(prefill_s, 4), decode_s=round(decode_s, 4), cache=self.cache_kind,
+                         capacity=capacity)
+            error = None
+            if overflow[b, 0]:
+                need, anchors, open_len = overflow[b].tolist()
+                error = (f"the cache would need {need} slots ({anchors} anchors, an open sentence of {open_len} tokens) "
+                         f"but the capacity is {capacity}: raise --capacity" +
+                         (" or set --max-sentence-tokens" if self.spec.ac_id >= 0 else ""))
+            results.append(Generation(prompt_ids=list(rows[b]), ids=list(rows[b]) + new,
+                                      text=self.decode_text(new, stop_ids), stats=stats, error=error))
+        return results
+
+    def _run(self, name: str, fn: Callable, static: tuple, donate_state: bool, *args):
+        """Call `fn(*static, *args)` through an executable compiled once per static settings and shapes.
+
+        With `donate_state` the state (args[1]) is donated, so the cache is updated in place.
+        """
+        leaves, tree = jax.tree.flatten(args)
+        key = (name, static, tree, tuple((np.shape(x), np.result_type(getattr(x, "dtype", x))) for x in leaves))
+        exe = self._executables.get(key)
+        if exe is None:
+            t0 = time.perf_counter()
+            donate = (1,) if donate_state else ()
+            exe = jax.jit(functools.partial(fn, *static), donate_argnums=donate).lower(*args).compile()
+            self.compile_seconds += time.perf_counter() - t0
+            self._executables[key] = exe
+        return exe(*args)
+
+
+def _prefill(cfg, spec, params, state, tokens_BxT, valid_BxT) -> GenState:
+    """`prefill_step` without its logits (XLA then skips the vocabulary projection)."""
+    return prefill_step(cfg, spec, params, state, tokens_BxT, valid_BxT)[1]
+
+
+def right_align(rows: Sequence[Sequence[int]], chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, valid) [B, W]: rows right-aligned in a width W that is a multiple of `chunk`."""
+    width = round_up(max(len(r) for r in rows), chunk) if any(rows) else 0
+    tokens = np.zeros((len(rows), width), np.int32)
+    valid = np.zeros((len(rows), width), bool)
+    for b, r in enumerate(rows):
+        if len(r):
+            tokens[b, width - len(r):] = r
+            valid[b, width - len(r):] = True
+    return tokens, valid

@@ -1,0 +1,95 @@
+"""lm-evaluation-harness model "anjax": the harness's tasks scored by anjax's engine.
+
+    python -m anjax.lm_eval_adapter --model anjax --model_args model=PATH,cache=anchor,anchor_mode=ep \\
+        --tasks arc_easy --limit 50          # the `lm_eval` CLI with "anjax" registered
+
+    import anjax.lm_eval_adapter, lm_eval
+    lm_eval.simple_evaluate(model="anjax", model_args="cache=anchor,anchor_mode=ep", tasks=["arc_easy"])
+
+model_args: `model` (HF directory, GGUF file or anjax run; default the embedded
+SmolLM2), `cache` full | anchor, `anchor_mode` ep | ac, `anchors` (EP strings
+separated by spaces, e.g. "anchors=. ? !"), `chunk_size`; `batch_size` is the
+harness's own option (items per batch; "auto" means 8).
+
+`loglikelihood` goes through `anjax.scoring.Scorer`, the code behind
+`python -m anjax.evaluate`: the requests of one document (same task and doc id)
+form one item, whose longest common context is prefilled once and whose choices
+are scored against that cache. `loglikelihood_rolling` scores each string whole
+(prefixed with BOS, else EOS, like the harness) through chunked prefill.
+`generate_until` is not provided (use `python -m anjax.infer`).
+
+lm-eval (`pip install lm-eval==0.4.13`) is a test-only dependency: importing this
+module without it raises an ImportError that says so.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as e:   # pragma: no cover - depends on the environment
+    raise ImportError("anjax.lm_eval_adapter needs lm-evaluation-harness: pip install lm-eval==0.4.13") from e
+
+from anjax.scoring import ScoreRequest, Scorer, ScoringModel, load_scoring_model
+
+
+@register_model("anjax")
+class AnjaxLM(LM):
+    """An anjax model behind the harness's `LM` interface (see the module docstring)."""
+
+    def __init__(self, model: str | None = None, cache: str = "full", anchor_mode: str | None = None,
+                 anchors: str | None = None, batch_size: int | str = 8, chunk_size: int = 128,
+                 scoring_model: ScoringModel | None = None, **_harness_options: Any):
+        super().__init__()
+        if scoring_model is None:
+            scoring_model = load_scoring_model(None if model in (None, "") else str(model), anchor_mode=anchor_mode,
+                                               anchors=str(anchors).split() if anchors else None,
+                                               need_anchors=cache == "anchor")
+        batch = 8 if str(batch_size).startswith("auto") else int(batch_size)
+        self.scorer = Scorer(scoring_model, batch_size=batch, chunk_size=int(chunk_size))
+        self.cache = cache
+        self.scorer.spec(cache)   # validates the cache kind early
+
+    @property
+    def model(self) -> ScoringModel:
+        return self.scorer.model
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """(log p(continuation | context), continuation is greedy) per request, in order."""
+        groups: dict[Any, list[int]] = {}
+        for i, r in enumerate(requests):
+            key = (r.task_name, r.doc_id) if r.doc_id is not None else ("request", i)
+            groups.setdefault(key, []).append(i)
+        members = list(groups.values())
+        items = [ScoreRequest.from_ids([self.model.encode_pair(*requests[i].args) for i in idx]) for idx in members]
+        res = self.scorer.run(items, self.cache)
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        for idx, ll, greedy in zip(members, res.loglik, res.greedy):
+            for i, x, g in zip(idx, ll, greedy):
+                out[i] = (x, g)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of each whole string (`<AC>` targets, in AC mode, not counted)."""
+        tok, m = self.model.tokenizer, self.model
+        prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        rows = [[prefix] + m.encode_text(r.args[0])[int(m.add_bos):] for r in requests]
+        scored = [[t > 0 and x != m.ac_id for t, x in enumerate(row)] for row in rows]
+        return [-x for x in self.scorer.sequence_nll(rows, self.cache, scored)["nll"]]
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        raise NotImplementedError("the anjax lm-eval adapter scores log-likelihoods only; "
+                                  "generate with python -m anjax.infer")
+
+
+def main() -> None:
+    """`lm_eval`'s own command line, with the "anjax" model registered."""
+    from lm_eval.__main__ import cli_evaluate
+    sys.argv[0] = "lm_eval"
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

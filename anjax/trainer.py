@@ -1,0 +1,149 @@
+"""Loss, optimizer, and the jitted, sharded train and eval steps.
+
+A batch is the data pipeline's dict of [B, L] arrays (tokens, doc, valid,
+labels, loss_mask). The loss is the mean cross-entropy over the tokens where
+`loss_mask` holds, taken over the whole global batch: with gradient
+accumulation the step sums the gradients of the summed token losses of its k
+micro-batches and divides once by the total target count, so k micro-batches
+give the same update as one batch k times larger.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from anjax import sharding
+from anjax.config import ModelConfig
+from anjax.mask import token_metadata
+from anjax.model import Llama
+from anjax.run_config import TrainSection
+
+BATCH_KEYS = ("tokens", "doc", "valid", "labels", "loss_mask")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array       # int32 scalar: optimizer steps taken
+    params: dict
+    opt_state: optax.OptState
+    rng: jax.Array        # uint32[2] base key, folded with `step` for stochastic layers (none in Llama today)
+
+
+def learning_rate(tc: TrainSection) -> optax.Schedule:
+    """Learning rate of the step after `count` steps: step s (1-based) gets lr * s / warmup_steps up
+    to warm-up's end, then lr constant, or cosine-decayed to lr * min_lr_ratio at step `steps`."""
+    warmup = max(tc.warmup_steps, 1)
+    cosine = optax.cosine_decay_schedule(tc.lr, max(tc.steps - warmup, 1), alpha=tc.min_lr_ratio)
+
+    def schedule(count):
+        s = count + 1
+        after = tc.lr if tc.schedule == "constant" else cosine(jnp.maximum(s - warmup, 0))
+        return jnp.where(s < warmup, tc.lr * s / warmup, after)
+    return schedule
+
+
+def optimizer(tc: TrainSection) -> optax.GradientTransformation:
+    """AdamW (decoupled weight decay) after global-norm clipping."""
+    adamw = optax.adamw(learning_rate(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(tc.clip_norm), adamw) if tc.clip_norm else adamw
+
+
+def loss_sums(cfg: ModelConfig, params: dict, batch: dict[str, jax.Array], full_attention: bool) -> tuple[jax.Array, jax.Array]:
+    """(sum of token cross-entropies over loss_mask, number of target tokens), both fp32 scalars."""
+    meta = token_metadata(batch["tokens"], batch["valid"], batch["doc"], anchor_ids=cfg.anchor_ids)
+    logits_BxLxV, _ = Llama(cfg).apply({"params": params}, batch["tokens"], meta, None, full_attention=full_attention)
+    logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    target_BxL = jnp.take_along_axis(logits_BxLxV, batch["labels"][..., None], axis=-1)[..., 0]
+    mask_BxL = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum((logz_BxL - target_BxL) * mask_BxL), jnp.sum(mask_BxL)
+
+
+def train_step(cfg: ModelConfig, tx: optax.GradientTransformation, grad_accum: int, param_shardings,
+               state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a global batch [B, L], scanned over `grad_accum` micro-batches of B/k rows.
+
+    Micro-batch m takes rows m, m+k, m+2k, ... so every device keeps its own rows.
+    """
+    def split(x_BxL):
+        x = x_BxL.reshape(x_BxL.shape[0] // grad_accum, grad_accum, *x_BxL.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(x, (None, "batch", "length"))
+
+    def micro(carry, mb):
+        grads, loss_sum, count = carry
+        (loss, n), g = jax.value_and_grad(lambda p: loss_sums(cfg, p, mb, False), has_aux=True)(state.params)
+        return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, count + n), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), jax.tree.map(split, batch))
+    grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+    grads = jax.lax.with_sharding_constraint(grads, param_shardings)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "grad_norm": optax.tree.norm(grads),
+               "targets": count, "tokens": jnp.sum(batch["valid"].astype(jnp.float32))}
+    return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+
+
+def eval_step(cfg: ModelConfig, params: dict, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Summed validation loss and target count, in full-attention and anchor (AnSAN) modes."""
+    full, n = loss_sums(cfg, params, batch, True)
+    anchor, _ = loss_sums(cfg, params, batch, False)
+    return {"full": full, "anchor": anchor, "targets": n}
+
+
+class Trainer:
+    """Shardings, initialization and the jitted steps for one model config on one mesh."""
+
+    def __init__(self, cfg: ModelConfig, tc: TrainSection, mesh: jax.sharding.Mesh, seed: int = 0):
+        self.cfg, self.mesh, self.seed = cfg, mesh, seed
+        self.tx = optimizer(tc)
+        self.schedule = learning_rate(tc)
+        boxed = jax.eval_shape(self._init_boxed, jax.random.PRNGKey(0))
+        self.param_shardings = sharding.logical_shardings(boxed, mesh)
+        abstract_params = nn.meta.unbox(boxed)
+        repl = sharding.replicated(mesh)
+        opt_abstract = jax.eval_shape(self.tx.init, abstract_params)
+        opt_shardings = optax.tree_map_params(self.tx, lambda _, s: s, opt_abstract, self.param_shardings,
+                                              transform_non_params=lambda _: repl)
+        self.state_shardings = TrainState(repl, self.param_shardings, opt_shardings, repl)
+        self.abstract_state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, opt_abstract,
+                       jax.ShapeDtypeStruct((2,), jnp.uint32)), self.state_shardings)
+        batch_sh = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
+        step = lambda state, batch: train_step(cfg, self.tx, tc.grad_accum, self.param_shardings, state, batch)
+        self._train = jax.jit(step, in_shardings=(self.state_shardings, batch_sh),
+                              out_shardings=(self.state_shardings, repl), donate_argnums=0)
+        self._eval = jax.jit(lambda p, b: eval_step(cfg, p, b), in_shardings=(self.param_shardings, batch_sh),
+                             out_shardings=repl)
+
+    def _init_boxed(self, rng: jax.Array):
+        """Random parameters boxed with their logical axis names (nn.LogicallyPartitioned)."""
+        tokens = jnp.zeros((1, 8), jnp.int32)
+        return Llama(self.cfg).init(rng, tokens, token_metadata(tokens, jnp.ones_like(tokens, bool)))["params"]
+
+    def init_state(self, params: dict | None = None) -> TrainState:
+        """Sharded step-0 state from host params (numpy, identical on every host) or, if None, random init."""
+        with sharding.active(self.mesh):
+            if params is None:
+                init = lambda rng: nn.meta.unbox(self._init_boxed(rng))
+                params = jax.jit(init, out_shardings=self.param_shardings)(jax.random.PRNGKey(self.seed))
+            else:
+                dtypes = jax.tree.map(lambda x: x.dtype, self.abstract_state.params)
+                params = sharding.put(jax.tree.map(lambda x, d: x.astype(d), params, dtypes), self.param_shardings)
+            opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+            step, rng = sharding.put((jnp.zeros((), jnp.int32), jax.random.PRNGKey(self.seed)),
+                                     (self.state_shardings.step, self.state_shardings.rng))
+        return TrainState(step, params, opt_state, rng)
+
+    def train_step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+        with sharding.active(self.mesh):
+            return self._train(state, batch)
+
+    def eval_step(self, params: dict, batch: dict[str, jax.Array]) -> dict:
+        with sharding.active(self.mesh):
+            return self._eval(params, batch)
+

@@ -1,0 +1,148 @@
+"""Batched generation with an anchor or a full KV cache (anjax.generate.Engine).
+
+    python infer.py --prompt "The cat sat on the mat." --max-new-tokens 32 [--json]
+    python infer.py --input prompts.jsonl --output out.jsonl --cache anchor --anchor-mode ep
+
+--model defaults to the embedded SmolLM2-135M-Instruct. Greedy unless --temperature > 0.
+Input lines are JSON objects {"prompt": TEXT, "id": optional}; output lines are
+{"id", "prompt", "text", "ids", "stats"}, or {"id", "line", "error"} for a request that
+failed (it is reported on stderr; the other lines are still served). The output file
+is written atomically. Exit codes: 0 all served, 1 some requests failed, 2 invalid run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from anjax import cli
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python infer.py", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="HF directory, GGUF file or anjax run (default: embedded SmolLM2-135M)")
+    p.add_argument("--prompt", help="one prompt text")
+    p.add_argument("--input", help="JSONL file of {\"prompt\": ..., \"id\": ...} objects")
+    p.add_argument("--output", help="JSONL results (with --input)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print {prompt_ids, generated_ids, text, stats} (--prompt)")
+    p.add_argument("--cache", choices=("anchor", "full"), default=None,
+                   help="anchor: keep anchors + open sentence; full: plain causal (default: anchor if the model has anchors)")
+    p.add_argument("--anchor-mode", choices=("none", "ep", "ac"), default=None, help="override the model's anchor mode")
+    p.add_argument("--anchors", nargs="+", default=None, help="EP anchor tokens (default . ? !)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk (tokens per row)")
+    p.add_argument("--capacity", type=int, default=None, help="cache slots a row may keep (default: see anjax.generate)")
+    p.add_argument("--positions", choices=("true", "reference"), default="true",
+                   help="reference: the AnLLM authors' re-based positions (inexact, for comparison)")
+    p.add_argument("--sink-tokens", type=int, default=0, help="keep the first N tokens visible (extension, off)")
+    p.add_argument("--max-sentence-tokens", type=int, default=None, help="AC mode: force <AC> after N tokens without one")
+    p.add_argument("--raw-prompt", action="store_true", help="tokenize prompts as they are (no <AC> inserted)")
+    p.add_argument("--show-anchors", action="store_true", help="keep generated <AC> tokens in the printed text")
+    args = p.parse_args(argv)
+    if (args.prompt is None) == (args.input is None):
+        raise cli.UsageError("give either --prompt TEXT or --input prompts.jsonl --output out.jsonl")
+    if args.input is not None and not args.output:
+        raise cli.UsageError("--input needs --output out.jsonl")
+    if args.max_new_tokens <= 0:
+        raise cli.UsageError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
+    if args.prompt is not None and not args.prompt.strip():
+        raise cli.UsageError("--prompt is empty")
+    return args
+
+
+def read_requests(path: str) -> tuple[list[tuple[int, object, str]], list[dict]]:
+    """([(line number, id, prompt)], [error records]) from a JSONL file; bad lines become errors."""
+    requests, errors = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.append({"id": None, "line": n, "error": f"malformed JSON ({e.msg})"})
+                continue
+            rid = obj.get("id", n) if isinstance(obj, dict) else n
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                errors.append({"id": rid, "line": n, "error": 'expected an object with a "prompt" string'})
+            elif not obj["prompt"].strip():
+                errors.append({"id": rid, "line": n, "error": "the prompt is empty"})
+            else:
+                requests.append((n, rid, obj["prompt"]))
+    return requests, errors
+
+
+def write_atomically(path: str, records: list[dict]) -> None:
+    """Write JSONL to a temporary sibling, then rename it over `path`."""
+    out = Path(path).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def main() -> int:
+    args = parse_args()
+    from anjax.generate import Engine
+
+    t0 = time.perf_counter()
+    engine = Engine.load(args.model, cache=args.cache, anchor_mode=args.anchor_mode, anchors=args.anchors,
+                         chunk_size=args.chunk_size, capacity=args.capacity, batch_size=args.batch_size,
+                         positions=args.positions, sink_tokens=args.sink_tokens, raw_prompts=args.raw_prompt,
+                         show_anchors=args.show_anchors)
+    load_s = time.perf_counter() - t0
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, max_sentence_tokens=args.max_sentence_tokens)
+    if args.prompt is not None:
+        out = engine.generate([args.prompt], **sampling)[0]
+        stats = dict(out.stats, load_s=round(load_s, 2), compile_s=round(engine.compile_seconds, 2))
+        if args.json:
+            print(json.dumps({"prompt_ids": out.prompt_ids, "generated_ids": out.ids[len(out.prompt_ids):],
+                              "text": out.text, "stats": stats}, ensure_ascii=False))
+        else:
+            print(out.text)
+            print(f"[{stats['generated_tokens']} tokens, decode {stats['decode_tokens_per_s']} tok/s, "
+                  f"cache {stats['peak_cache_slots']}/{stats['full_cache_slots']} slots ({engine.cache_kind})]",
+                  file=sys.stderr)
+        return 0
+
+    from tqdm import tqdm
+
+    requests, errors = read_requests(args.input)
+    if not requests and not errors:
+        raise cli.UsageError(f"{args.input}: no requests")
+    records = {}
+    with tqdm(total=len(requests), unit="prompt", file=sys.stderr) as bar:
+        results = engine.generate([r[2] for r in requests], **sampling, raise_errors=False, progress=bar.update) \
+            if requests else []
+    for (line, rid, prompt), g in zip(requests, results):
+        if g.error:
+            errors.append({"id": rid, "line": line, "error": g.error})
+        else:
+            records[line] = {"id": rid, "prompt": prompt, "text": g.text, "ids": g.ids, "stats": g.stats}
+    for e in errors:
+        records[e["line"]] = e
+        print(f"{args.input}:{e['line']}: {e['error']}", file=sys.stderr)
+    write_atomically(args.output, [records[n] for n in sorted(records)])
+    served = len(records) - len(errors)
+    print(f"wrote {served} results and {len(errors)} errors to {args.output}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,66 @@
+"""Bad model inputs: one line on stderr naming the problem, exit code 2, no traceback."""
+import json
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from anjax import hf
+from anjax.config import tiny_config
+from anjax.model import init_params
+
+
+def run_export(model, out):
+    return subprocess.run([sys.executable, "-m", "anjax.export", "--model", str(model), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_clean_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_dir(tmp_path_factory):
+    cfg = tiny_config()
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    hf.save_hf_dir(cfg, init_params(cfg, jax.random.key(0)), None, path)
+    return path
+
+
+def test_missing_path(tmp_path):
+    assert_clean_error(run_export(tmp_path / "nope", tmp_path / "out"), "no such file or directory")
+
+
+def test_directory_without_config(tmp_path):
+    assert_clean_error(run_export(tmp_path, tmp_path / "out"), "no config.json")
+
+
+def test_non_llama_architecture(tmp_path, tiny_hf_dir):
+    bad = tmp_path / "gpt2"
+    bad.mkdir()
+    conf = json.loads((tiny_hf_dir / "config.json").read_text())
+    conf.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (bad / "config.json").write_text(json.dumps(conf))
+    assert_clean_error(run_export(bad, tmp_path / "out"), "not a Llama-family model", "gpt2")
+
+
+def test_truncated_safetensors(tmp_path, tiny_hf_dir):
+    bad = tmp_path / "truncated"
+    bad.mkdir()
+    (bad / "config.json").write_text((tiny_hf_dir / "config.json").read_text())
+    data = (tiny_hf_dir / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    proc = run_export(bad, tmp_path / "out")
+    assert_clean_error(proc, "model.safetensors", "cannot read safetensors")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_of_valid_model_works(tmp_path, tiny_hf_dir):
+    proc = run_export(tiny_hf_dir, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "model.safetensors").exists()

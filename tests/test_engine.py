@@ -1,0 +1,284 @@
+"""The inference engine: compacted-cache logits equal the full forward pass; compaction; compile counts."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from anjax.cache import compact, keep_slots
+from anjax.config import tiny_config
+from anjax.generate import (CacheOverflowError, Engine, EngineSpec, feed_token, init_state, prefill_step,
+                            right_align, sample_tokens, start_decode)
+from anjax.mask import token_metadata
+from anjax.model import Llama, blocked_attention, init_params
+
+EP_IDS = (5, 7)  # two "punctuation" anchors
+AC_ID = 255
+
+
+MODELS = {"tiny": {}, "gqa3_d64": dict(num_heads=6, num_kv_heads=3, head_dim=64)}  # the second: SmolLM2's heads
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(name: str = "tiny"):
+    cfg = tiny_config(**MODELS[name])
+    return cfg, init_params(cfg, jax.random.key(0))
+
+
+def ep_row(rng, n):
+    """Random ids with EP anchors: anchor first, consecutive anchors, long anchor-free runs."""
+    ids = rng.integers(8, 250, n)
+    ids[rng.random(n) < 0.2] = EP_IDS[0]
+    ids[rng.random(n) < 0.05] = EP_IDS[1]
+    ids[0] = EP_IDS[0] if n > 3 else ids[0]
+    return ids.tolist()
+
+
+def ac_row(rng, n):
+    """Sentences of 1..7 ids, each closed by an <AC> id, cut to n ids (the last sentence stays open)."""
+    out = []
+    while len(out) < n:
+        out += rng.integers(8, 250, rng.integers(1, 8)).tolist() + [AC_ID]
+    return out[:n]
+
+
+def reference_logits(cfg, params, row, anchor_ids, full, sink=0):
+    """[T, V] logits of one full forward pass (AnSAN mask unless `full`)."""
+    ids = jnp.asarray([row])
+    meta = token_metadata(ids, jnp.ones_like(ids, bool), anchor_ids=anchor_ids)
+    logits, _ = Llama(cfg).apply({"params": params}, ids, meta, full_attention=full, sink_tokens=sink)
+    return np.asarray(logits[0])
+
+
+_prefill = jax.jit(prefill_step, static_argnums=(0, 1))
+_feed = jax.jit(feed_token, static_argnums=(0, 1))
+_start = jax.jit(start_decode, static_argnums=(1, 2))
+
+
+def engine_logits(cfg, params, spec, rows, n_prompt, chunk, capacity):
+    """Per row [len, V] logits: the first n_prompt[b] ids prefilled in chunks, the rest fed one by one."""
+    B = len(rows)
+    tokens, valid = right_align([r[:p] for r, p in zip(rows, n_prompt)], chunk)
+    state = init_state(cfg, B, capacity + chunk, np.zeros(B, bool))
+    logits = [[] for _ in rows]
+    for c in range(0, tokens.shape[1], chunk):
+        lg, state = _prefill(cfg, spec, params, state, tokens[:, c:c + chunk], valid[:, c:c + chunk])
+        lg = np.asarray(lg)
+        for b in range(B):
+            logits[b] += list(lg[b][valid[b, c:c + chunk]])
+    state = _start(state, spec, capacity)
+    for t in range(max(len(r) - p for r, p in zip(rows, n_prompt))):
+        active = np.array([p + t < len(r) for r, p in zip(rows, n_prompt)])
+        token = np.array([r[p + t] if a else 0 for r, p, a in zip(rows, n_prompt, active)], np.int32)
+        state = state.replace(done=jnp.asarray(~active))
+        lg, state = _feed(cfg, spec, params, state, token)
+        lg = np.asarray(lg)
+        for b in np.flatnonzero(active):
+            logits[b].append(lg[b])
+    assert not np.asarray(state.overflow).any()
+    return [np.stack(x) for x in logits], state
+
+
+@pytest.mark.parametrize("kind,chunk,model,batch", [("ep", 1, "tiny", 3), ("ep", 5, "tiny", 3), ("ep", 16, "tiny", 3),
+                                                    ("ac", 1, "tiny", 3), ("ac", 5, "tiny", 3), ("ac", 16, "tiny", 3),
+                                                    ("ep", 7, "gqa3_d64", 1), ("ac", 4, "gqa3_d64", 2)])
+def test_anchor_cache_equals_full_forward_pass(kind, chunk, model, batch):
+    cfg, params = tiny_model(model)
+    rng = np.random.default_rng(chunk)
+    make, ids = (ep_row, EP_IDS) if kind == "ep" else (ac_row, (AC_ID,))
+    rows = [make(rng, n) for n in (37, 12, 1)][:batch]
+    spec = EngineSpec(anchor_cache=True, anchor_ids=ids)
+    got, state = engine_logits(cfg, params, spec, rows, [25, 4, 1][:batch], chunk, capacity=40)
+    for b, row in enumerate(rows):
+        want = reference_logits(cfg, params, row, ids, full=False)
+        assert np.abs(got[b] - want).max() <= 1e-4, (b, np.abs(got[b] - want).max())
+    # the decoded anchors really compacted the cache: fewer slots than tokens
+    assert int(state.cache.length[0]) < len(rows[0])
+
+
+@pytest.mark.parametrize("chunk", [3, 16])
+def test_full_cache_equals_causal_forward_pass(chunk):
+    cfg, params = tiny_model()
+    rng = np.random.default_rng(1)
+    rows = [ep_row(rng, n) for n in (30, 9)]
+    spec = EngineSpec(anchor_cache=False, anchor_ids=EP_IDS)
+    got, state = engine_logits(cfg, params, spec, rows, [20, 2], chunk, capacity=32)
+    for b, row in enumerate(rows):
+        assert np.abs(got[b] - reference_logits(cfg, params, row, EP_IDS, full=True)).max() <= 1e-4
+    assert state.cache.length.tolist() == [len(r) for r in rows]
+
+
+def test_sink_tokens_stay_visible_and_exact():
+    cfg, params = tiny_model()
+    row = ep_row(np.random.default_rng(2), 30)
+    spec = EngineSpec(anchor_cache=True, anchor_ids=EP_IDS, sink_tokens=3)
+    got, state = engine_logits(cfg, params, spec, [row], [20], 7, capacity=32)
+    assert np.abs(got[0] - reference_logits(cfg, params, row, EP_IDS, False, sink=3)).max() <= 1e-4
+    assert np.asarray(state.cache.pos[0, :3]).tolist() == [0, 1, 2]
+
+
+def test_ragged_rows_equal_rows_alone():
+    cfg, params = tiny_model()
+    rng = np.random.default_rng(3)
+    rows = [ep_row(rng, n) for n in (26, 11, 18)]
+    spec = EngineSpec(anchor_cache=True, anchor_ids=EP_IDS)
+    together, _ = engine_logits(cfg, params, spec, rows, [20, 3, 18], 4, capacity=32)
+    for b, row in enumerate(rows):
+        alone, _ = engine_logits(cfg, params, spec, [row], [[20, 3, 18][b]], 4, capacity=32)
+        np.testing.assert_allclose(together[b], alone[0], atol=1e-5)
+
+
+def test_prefill_keeps_exactly_anchors_and_open_sentence():
+    cfg, params = tiny_model()
+    row = [9, 10, 5, 11, 12, 13, 7, 5, 14, 15, 16, 5, 17, 18]  # anchors at 2, 6, 7, 11; open sentence 12, 13
+    spec = EngineSpec(anchor_cache=True, anchor_ids=EP_IDS)
+    _, state = engine_logits(cfg, params, spec, [row], [len(row)], 4, capacity=16)
+    n = int(state.cache.length[0])
+    assert n == 6
+    assert np.asarray(state.cache.pos[0, :n]).tolist() == [2, 6, 7, 11, 12, 13]
+    assert np.asarray(state.cache.anchor[0, :n]).tolist() == [True] * 4 + [False] * 2
+    assert np.asarray(state.cache.seg[0, :n]).tolist() == [0, 1, 2, 3, 4, 4]
+    assert not np.asarray(state.cache.valid[0, n:]).any()
+    assert not np.asarray(state.cache.keys[:, 0, n:]).any()  # freed slots are zeroed
+
+
+def test_compact_is_stable_and_moves_kept_slots_to_front():
+    cfg, _ = tiny_model()
+    state = init_state(cfg, 2, 6, np.zeros(2, bool))
+    cache = state.cache.replace(pos=jnp.array([[0, 1, 2, 3, 4, 5]] * 2), seg=jnp.array([[0, 0, 1, 1, 2, 2]] * 2),
+                                anchor=jnp.array([[0, 1, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]], bool),
+                                valid=jnp.array([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], bool),
+                                keys=jnp.arange(6.0)[None, None, :, None, None] * jnp.ones(cache_shape(cfg)),
+                                length=jnp.array([5, 6]))
+    out = compact(cache, keep_slots(cache, jnp.array([2, 1]), full=False))
+    assert out.length.tolist() == [3, 2]
+    assert np.asarray(out.pos).tolist() == [[1, 3, 4, 0, 0, 0], [2, 3, 0, 0, 0, 0]]
+    assert np.asarray(out.keys[0, 0, :, 0, 0]).tolist() == [1, 3, 4, 0, 0, 0]
+    full = compact(cache, keep_slots(cache, jnp.array([2, 1]), full=True))
+    assert full.length.tolist() == [5, 5]
+
+
+def cache_shape(cfg):
+    return (cfg.num_layers, 2, 6, cfg.num_kv_heads, cfg.head_dim)
+
+
+def test_reference_positions_rebase_to_slot_index():
+    cfg, params = tiny_model()
+    row = [9, 10, 5, 11, 12, 13, 7, 5, 14, 15, 16, 5, 17, 18, 5, 19]
+    spec = EngineSpec(anchor_cache=True, anchor_ids=EP_IDS, reference_positions=True)
+    got, state = engine_logits(cfg, params, spec, [row], [12], 4, capacity=16)
+    n = int(state.cache.length[0])
+    assert np.asarray(state.cache.pos[0, :n]).tolist() == list(range(n))
+    exact = reference_logits(cfg, params, row, EP_IDS, full=False)
+    assert np.abs(got[0][:3] - exact[:3]).max() <= 1e-4  # before the first compaction: identical
+    assert np.abs(got[0] - exact).max() > 1e-3  # afterwards: the authors' positions differ
+
+
+@pytest.mark.parametrize("batch,slots", [(1, 33), (1, 130), (2, 130)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (9, 3, 64)])
+def test_one_query_attention_matches_numpy(batch, slots, heads, kv_heads, head_dim):
+    """Decode's multiply-reduce attention, jitted (guards a jaxlib 0.10.2 CPU fusion bug at batch 1)."""
+    rng = np.random.default_rng(slots)
+    q = rng.standard_normal((batch, 1, heads, head_dim), np.float32)
+    k, v = rng.standard_normal((2, batch, slots, kv_heads, head_dim), np.float32)
+    allowed = rng.random((batch, 1, slots)) < 0.7
+    allowed[..., 0] = True
+    got = jax.jit(lambda *a: blocked_attention(a[0], [(a[1], a[2], a[3]), (a[1][:, :1], a[2][:, :1], a[3][..., :1])]))(
+        q, k, v, allowed)
+    keys, values = np.concatenate([k, k[:, :1]], 1), np.concatenate([v, v[:, :1]], 1)
+    logits = np.einsum("bkgd,bskd->bkgs", q.reshape(batch, kv_heads, -1, head_dim), keys) / np.sqrt(head_dim)
+    logits = np.where(np.concatenate([allowed, allowed[..., :1]], -1)[:, :, None], logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum("bkgs,bskd->bkgd", probs / probs.sum(-1, keepdims=True), values).reshape(q.shape)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
+def count_compiles(fn):
+    events = []
+    listener = lambda name, *_, **__: events.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        result = fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return len(events), result
+
+
+def test_same_shapes_and_new_sampling_values_compile_once():
+    cfg, params = tiny_model()
+    eng = Engine(cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!")), params,
+                 chunk_size=8, capacity=64, batch_size=2)
+    rng = np.random.default_rng(4)
+    first, _ = count_compiles(lambda: eng.generate([ep_row(rng, 20), ep_row(rng, 9)], max_new_tokens=6))
+    assert first > 0
+    again, out = count_compiles(lambda: eng.generate([ep_row(rng, 19), ep_row(rng, 14)], max_new_tokens=6,
+                                                     temperature=0.7, top_p=0.9, top_k=5, seed=3))
+    assert again == 0 and len(eng._executables) == 2
+    assert [len(o.ids) - len(o.prompt_ids) for o in out] == [6, 6]
+
+
+def test_greedy_generation_matches_argmax_of_full_forward():
+    cfg, params = tiny_model()
+    eng = Engine(cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!")), params, chunk_size=4)
+    rng = np.random.default_rng(5)
+    prompts = [ep_row(rng, 13), ep_row(rng, 2)]
+    for out in eng.generate(prompts, max_new_tokens=8, stop_ids=()):
+        logits = reference_logits(cfg, params, out.ids[:-1], EP_IDS, full=False)
+        assert out.ids[len(out.prompt_ids):] == np.argmax(logits, -1)[len(out.prompt_ids) - 1:].tolist()
+        assert out.stats["generated_tokens"] == 8 and out.stats["full_cache_slots"] == len(out.ids) - 1
+
+
+def test_stop_ids_end_rows_independently():
+    cfg, params = tiny_model()
+    eng = Engine(cfg, params, chunk_size=4)
+    prompts = [[9, 10, 11], [12, 13, 14, 15, 16]]
+    greedy = eng.generate(prompts, max_new_tokens=6, stop_ids=())
+    first = greedy[0].ids[3]
+    out = eng.generate(prompts, max_new_tokens=6, stop_ids=(first,))
+    assert out[0].ids[3:] == [first]
+    stops_b = first in greedy[1].ids[5:]
+    assert out[1].ids[5:] == (greedy[1].ids[5:greedy[1].ids.index(first, 5) + 1] if stops_b else greedy[1].ids[5:])
+
+
+def test_sampling_filters():
+    logits = jnp.array([[0.0, 3.0, 1.0, 2.0]] * 3)
+    keys = jax.vmap(jax.random.key)(jnp.arange(3))
+    greedy = sample_tokens(logits, keys, jnp.zeros(3), jnp.zeros(3, jnp.int32), jnp.ones(3))
+    assert greedy.tolist() == [1, 1, 1]
+    top1 = sample_tokens(logits, keys, jnp.full(3, 5.0), jnp.ones(3, jnp.int32), jnp.ones(3))
+    assert top1.tolist() == [1, 1, 1]
+    draws = jax.vmap(lambda k: sample_tokens(logits[:1], k[None], jnp.ones(1), jnp.zeros(1, jnp.int32),
+                                             jnp.full(1, 0.8)))(jax.random.split(jax.random.key(0), 200))
+    assert set(np.asarray(draws).ravel().tolist()) == {1, 3}  # top-p 0.8 keeps the two likeliest ids
+
+
+def test_capacity_overflow_names_the_row_and_sizes():
+    cfg, params = tiny_model()
+    eng = Engine(cfg, params, chunk_size=4, capacity=10)  # full cache: a 30-token prompt cannot fit
+    with pytest.raises(CacheOverflowError, match=r"prompt 1: .*need \d+ slots.*capacity is 10"):
+        eng.generate([[9, 10], list(range(8, 38))], max_new_tokens=4)
+    out = eng.generate([[9, 10], list(range(8, 38))], max_new_tokens=4, raise_errors=False)
+    assert out[0].error is None and len(out[0].ids) == 6
+    assert out[1].error and "capacity is 10" in out[1].error
+
+
+def test_anchor_cache_fits_where_the_full_cache_cannot():
+    cfg, params = tiny_model()
+    cfg = cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!"))
+    row = ([9, 10, 11, 5] * 12)[:-1]
+    out = Engine(cfg, params, chunk_size=8, capacity=24).generate([row], max_new_tokens=3, stop_ids=())
+    assert out[0].stats["peak_cache_slots"] <= 24 and out[0].stats["cache_reduction"] > 0.5
+    with pytest.raises(CacheOverflowError):
+        Engine(cfg, params, chunk_size=8, capacity=24, cache="full").generate([row], max_new_tokens=3)
+
+
+def test_bad_arguments_raise_value_errors():
+    cfg, params = tiny_model()
+    eng = Engine(cfg, params)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        eng.generate([[9]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="empty"):
+        eng.generate([[9], []], max_new_tokens=1)
+    with pytest.raises(ValueError, match="anchor settings"):
+        Engine(cfg, params, cache="anchor")

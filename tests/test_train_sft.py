@@ -1,0 +1,51 @@
+"""SFT: on Alpaca data the training loss is exactly the cross-entropy of the response tokens;
+the prompt's tokens contribute nothing."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anjax.anchors import add_ac_token, resolve_anchor_ids
+from anjax.config import tiny_config
+from anjax.data import DataConfig, alpaca_prompt, encode_text, make_batches
+from anjax.loading import load_tokenizer
+from anjax.mask import token_metadata
+from anjax.model import Llama, init_params
+from anjax.trainer import loss_sums
+
+EXAMPLES = [
+    {"instruction": "Translate to French.", "input": "Good morning. How are you?", "output": "Bonjour. Comment allez-vous ?"},
+    {"instruction": "Name a prime number.", "input": "", "output": "Seven is prime. So is eleven."},
+    {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+]
+
+
+def test_prompt_tokens_are_out_of_the_loss(tmp_path):
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(EXAMPLES))
+    tokenizer = load_tokenizer(None)
+    ac_id = add_ac_token(tokenizer)
+    _, anchor_ids = resolve_anchor_ids(tokenizer, "ac", None)
+    data = DataConfig(path=str(path), format="alpaca", seq_len=96, batch_size=3, shuffle=False, eval_split=None)
+    batch = next(make_batches(data, tokenizer, "ac", anchor_ids))
+
+    cfg = tiny_config(vocab_size=len(tokenizer), anchor_mode="ac", anchor_tokens=("<AC>",), anchor_ids=anchor_ids)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    loss_sum, count = loss_sums(cfg, params, jax.tree.map(jnp.asarray, batch), False)
+
+    meta = token_metadata(batch["tokens"], batch["valid"], batch["doc"], anchor_ids=anchor_ids)
+    logits, _ = Llama(cfg).apply({"params": params}, batch["tokens"], meta, None, full_attention=False)
+    logp = np.asarray(jax.nn.log_softmax(logits, -1))
+    expected_sum, expected_count = 0.0, 0
+    for row, ex in enumerate(EXAMPLES):
+        prompt = encode_text(tokenizer, alpaca_prompt(ex["instruction"], ex["input"]), "ac", ac_id,
+                             add_bos=data.use_bos(tokenizer))
+        n = int(batch["valid"][row].sum())
+        assert list(batch["tokens"][row, :len(prompt)]) == prompt and n < data.seq_len  # whole example, untruncated
+        assert not batch["loss_mask"][row, :len(prompt) - 1].any()  # no target inside the prompt
+        for t in range(len(prompt) - 1, n - 1):  # each response token (and EOS) predicted from its prefix
+            expected_sum -= logp[row, t, batch["tokens"][row, t + 1]]
+            expected_count += 1
+    assert int(count) == expected_count == int(batch["loss_mask"].sum())
+    np.testing.assert_allclose(float(loss_sum), expected_sum, rtol=1e-5)
