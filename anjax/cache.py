@@ -54,10 +54,11 @@ def write_rows(buffer_BxCx: jax.Array, chunk_BxTx: jax.Array, offset_B: jax.Arra
 def write_slots(buffer_LxBxCxKxD: jax.Array, chunk_LxBxTxKxD: jax.Array, offset_B: jax.Array) -> jax.Array:
     """Write every layer's chunk at each row's offset along the slot axis (caller keeps offset + T <= C).
 
-    One scatter, updated in place under jit (a vmap over the batch axis would transpose the whole cache).
+    One scatter, updated in place under jit (a vmap over the batch axis would transpose the whole
+    cache). Offsets are clamped to [0, C - T] like `write_rows`, so a write never leaves the buffer.
     """
     B, T = chunk_LxBxTxKxD.shape[1:3]
-    slot_BxT = offset_B[:, None] + jnp.arange(T)
+    slot_BxT = jnp.clip(offset_B, 0, buffer_LxBxCxKxD.shape[2] - T)[:, None] + jnp.arange(T)
     return buffer_LxBxCxKxD.at[:, jnp.arange(B)[:, None], slot_BxT].set(
         chunk_LxBxTxKxD.astype(buffer_LxBxCxKxD.dtype), mode="promise_in_bounds")
 
@@ -134,3 +135,14 @@ def close_sentence(cache: KVCache, close_B: jax.Array, open_start_B: jax.Array) 
     return KVCache(keys=move_kv(cache.keys), values=move_kv(cache.values), pos=move_meta(cache.pos),
                    seg=move_meta(cache.seg), anchor=move_meta(cache.anchor),
                    valid=move_meta(cache.valid) & live_BxC, length=length_B)
+
+
+def resize(cache: KVCache, capacity: int) -> KVCache:
+    """The cache with `capacity` slots: cut or padded with empty slots (caller keeps length <= capacity)."""
+    def fit(x, axis):
+        extra = capacity - x.shape[axis]
+        if extra <= 0:
+            return jax.lax.slice_in_dim(x, 0, capacity, axis=axis)
+        return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+    return cache.replace(keys=fit(cache.keys, 2), values=fit(cache.values, 2), pos=fit(cache.pos, 1),
+                         seg=fit(cache.seg, 1), anchor=fit(cache.anchor, 1), valid=fit(cache.valid, 1))

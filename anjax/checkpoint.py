@@ -13,6 +13,7 @@ reported (the step directory, the file or the mismatch) and never replaced.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -170,19 +171,30 @@ class Checkpointer:
 
 
 def load_for_inference(run_dir: str | Path, **overrides: Any) -> tuple[ModelConfig, dict, Any]:
-    """(cfg, params as a numpy tree, tokenizer) from the latest checkpoint of a run directory."""
+    """(cfg, params as a numpy tree, tokenizer) from the latest checkpoint of a run directory.
+
+    The same as loading RUN/export: the training-time settings (dtype, param_dtype,
+    scan_layers, remat) take ModelConfig's defaults unless given in `overrides`.
+    """
+    from anjax.hf import hf_state_from_params, params_from_hf_state
     from anjax.model import init_params
     run_dir = Path(run_dir)
     stored = load_model_config(run_dir)
-    cfg = stored.replace(**overrides)
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                if f.name in ("dtype", "param_dtype", "scan_layers", "remat")}
+    cfg = stored.replace(**{**defaults, **overrides})
     ckpt = Checkpointer(run_dir, read_only=True)
-    step = ckpt.latest_step()
-    if step is None:
-        raise CheckpointError(f"{run_dir}: the run directory has no finished checkpoint yet")
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            jax.eval_shape(lambda: init_params(stored, jax.random.PRNGKey(0))))
-    params = ckpt.restore_params(step, abstract)
-    ckpt.close()
-    dtype = np.float32 if cfg.param_dtype == "float32" else jnp.dtype(cfg.param_dtype)
-    return cfg, jax.tree.map(lambda x: np.asarray(x, dtype), params), load_tokenizer(run_dir)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise CheckpointError(f"{run_dir}: the run directory has no finished checkpoint yet")
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                jax.eval_shape(lambda: init_params(stored, jax.random.PRNGKey(0))))
+        params = jax.device_get(ckpt.restore_params(step, abstract))
+    finally:
+        ckpt.close()
+    if cfg.scan_layers != stored.scan_layers:  # restack the layers through the HF tensor map
+        params = params_from_hf_state(cfg, hf_state_from_params(stored, params))
+    params = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(cfg.param_dtype)), params)
+    return cfg, params, load_tokenizer(run_dir)

@@ -23,8 +23,9 @@ AnLLM authors' code instead: position = the token's slot index in the compacted 
 (stored slots re-based after every compaction). It is inexact; for comparison only.
 
 Capacity: `capacity` C bounds the slots a row keeps between steps (after compaction).
-The buffers add room for the tokens in flight (C + T in prefill, C + 1 in decode; the
-decode buffer shrinks to what the batch can need). A row that would keep more than C
+The buffers add room for the tokens in flight (C + T in prefill, C + 1 in decode), and
+C shrinks to the power of two that holds what the batch can need (few shapes compile;
+decode reads every slot of its buffer). A row that would keep more than C
 slots stops and `CacheOverflowError` names it and the sizes; nothing is truncated.
 In AC mode `max_sentence_tokens=N` forces an `<AC>` after N tokens without one.
 Extension (off by default, beyond the paper): `sink_tokens=N` keeps the first N
@@ -46,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anjax.cache import KVCache, close_sentence, compact, init_cache, keep_slots
+from anjax.cache import KVCache, close_sentence, compact, init_cache, keep_slots, resize
 from anjax.config import ModelConfig
 from anjax.mask import TokenMeta, is_anchor
 from anjax.model import Llama
@@ -161,11 +162,8 @@ def prefill_step(cfg: ModelConfig, spec: EngineSpec, params, state: GenState, to
 
 
 def start_decode(state: GenState, spec: EngineSpec, slots: int) -> GenState:
-    """Shrink the cache to `slots` (+1 for the token in flight) and locate each open sentence's tail."""
-    c = state.cache
-    cut = lambda x: x[:, :, : slots + 1] if x.ndim == 5 else x[:, : slots + 1]
-    cache = c.replace(keys=cut(c.keys), values=cut(c.values), pos=cut(c.pos), seg=cut(c.seg),
-                      anchor=cut(c.anchor), valid=cut(c.valid))
+    """Resize the cache to `slots` (+1 for the token in flight) and locate each open sentence's tail."""
+    cache = resize(state.cache, slots + 1)
     tail_B = (cache.valid & (cache.seg == state.open_seg[:, None]) & (cache.pos >= spec.sink_tokens)).sum(
         axis=1, dtype=jnp.int32)
     return state.replace(cache=cache, open_start=cache.length - tail_B)
@@ -258,8 +256,24 @@ class Generation:
     error: str | None = None
 
 
+@dataclasses.dataclass
+class Prefilled:
+    """A prefilled batch: the state, its rows (dummies last), the number of real rows, capacity, seconds."""
+
+    state: GenState
+    rows: list[list[int]]
+    n: int
+    capacity: int
+    seconds: float
+
+
 def round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
+
+
+def bucket(n: int) -> int:
+    """The power of two (at least 128) that holds n: buffer sizes, so few shapes compile."""
+    return max(128, 1 << (n - 1).bit_length())
 
 
 class Engine:
@@ -374,15 +388,15 @@ class Engine:
         if self.capacity is None and self.spec.anchor_cache:
             capacity = min(capacity, DEFAULT_ANCHOR_CAPACITY)
         chunk = min(self.chunk_size, 1 << max(4, (longest - 1).bit_length()))
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                        stop_ids=tuple(stop_ids), max_sentence_tokens=max_sentence_tokens or 0)
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=tuple(stop_ids),
+                        max_sentence_tokens=max_sentence_tokens or 0)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths batch together
         batch = min(self.batch_size, len(ids))
         results: dict[int, Generation] = {}
         for start in range(0, len(order), batch):
             rows = order[start:start + batch]
-            for i, g in zip(rows, self._generate_batch([ids[i] for i in rows], batch, chunk, capacity,
-                                                      max_new_tokens, **sampling)):
+            pre = self.prefill([ids[i] for i in rows], batch, chunk, capacity)
+            for i, g in zip(rows, self.decode(pre, max_new_tokens, **sampling)):
                 if g.error and raise_errors:
                     raise CacheOverflowError(f"prompt {i}: {g.error}")
                 results[i] = g
@@ -390,57 +404,69 @@ class Engine:
                 progress(len(rows))
         return [results[i] for i in range(len(ids))]
 
-    def _generate_batch(self, prompt_ids: list[list[int]], batch: int, chunk: int, capacity: int,
-                        max_new_tokens: int, *, temperature, top_k, top_p, seed, stop_ids,
-                        max_sentence_tokens) -> list[Generation]:
-        """One padded batch: `batch` rows (missing ones are dummies, done from the start)."""
+    def prefill(self, prompt_ids: list[list[int]], batch: int, chunk: int, capacity: int) -> Prefilled:
+        """Prefill up to `batch` prompts (missing rows are dummies, done from the start).
+
+        The buffer has min(capacity, what the longest prompt can keep) + chunk slots.
+        """
         n = len(prompt_ids)
-        rows = prompt_ids + [[0]] * (batch - n)
+        rows = [list(r) for r in prompt_ids] + [[0]] * (batch - n)
         tokens, valid = right_align([r[:-1] for r in rows], chunk)
-        width = tokens.shape[1]
-        compile_before = self.compile_seconds
-        t0 = time.perf_counter()
-        state = init_state(self.cfg, batch, capacity + chunk, np.arange(batch) >= n)
-        for c in range(0, width, chunk):
+        slots = min(capacity, bucket(max(len(r) for r in rows)))
+        compile_before, t0 = self.compile_seconds, time.perf_counter()
+        state = init_state(self.cfg, batch, slots + chunk, np.arange(batch) >= n)
+        for c in range(0, tokens.shape[1], chunk):
             state = self._run("prefill", _prefill, (self.cfg, self.spec), True, self.params, state,
                               tokens[:, c:c + chunk], valid[:, c:c + chunk])
-        held = np.asarray(state.cache.length)
-        prefill_s = time.perf_counter() - t0 - (self.compile_seconds - compile_before)
+        jax.block_until_ready(state)
+        seconds = time.perf_counter() - t0 - (self.compile_seconds - compile_before)
+        return Prefilled(state=state, rows=rows, n=n, capacity=capacity, seconds=seconds)
 
+    def decode(self, pre: Prefilled, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = (),
+               max_sentence_tokens: int = 0) -> list[Generation]:
+        """Generate for the real rows of a prefilled batch; the decode buffer is sized to what they can need."""
+        batch = len(pre.rows)
+        held = np.asarray(pre.state.cache.length)
+        slots = min(pre.capacity, bucket(int(held[:pre.n].max()) + max_new_tokens))
         stops = np.full((MAX_STOP_IDS,), -1, np.int32)
         stops[:len(stop_ids)] = stop_ids
         samp = Sampling(temperature=np.full(batch, temperature, np.float32), top_k=np.full(batch, top_k, np.int32),
                         top_p=np.full(batch, top_p, np.float32), seed=np.full(batch, seed, np.uint32),
                         stop_ids=stops, max_sentence_tokens=np.int32(max_sentence_tokens))
-        slots = min(capacity, round_up(int(held[:n].max()) + max_new_tokens, 128))
-        last = np.array([r[-1] for r in rows], np.int32)
-        compile_before = self.compile_seconds
-        t0 = time.perf_counter()
-        carry = self._run("decode", decode, (self.cfg, self.spec, slots, max_new_tokens), False, self.params, state,
-                          last, samp)
+        last = np.array([r[-1] for r in pre.rows], np.int32)
+        compile_before, t0 = self.compile_seconds, time.perf_counter()
+        carry = self._run("decode", decode, (self.cfg, self.spec, slots, max_new_tokens), False, self.params,
+                          pre.state, last, samp)
         generated, out_ids = np.asarray(carry.generated), np.asarray(carry.tokens)
         decode_s = time.perf_counter() - t0 - (self.compile_seconds - compile_before)
         peak, overflow = np.asarray(carry.state.peak), np.asarray(carry.state.overflow)
-
+        cfg = self.cfg
+        kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
         results = []
-        for b in range(n):
+        for b, row in enumerate(pre.rows[:pre.n]):
             new = out_ids[b, :generated[b]].tolist()
-            full = len(rows[b]) + len(new) - 1  # tokens whose keys/values were computed
-            stats = dict(prompt_tokens=len(rows[b]), generated_tokens=len(new), peak_cache_slots=int(peak[b]),
+            full = len(row) + len(new) - 1  # tokens whose keys/values were computed
+            stats = dict(prompt_tokens=len(row), generated_tokens=len(new), peak_cache_slots=int(peak[b]),
                          full_cache_slots=full, cache_reduction=round(1 - int(peak[b]) / max(full, 1), 4),
-                         prefill_tokens_per_s=round((len(rows[b]) - 1) / max(prefill_s, 1e-9), 1),
+                         prefill_tokens_per_s=round((len(row) - 1) / max(pre.seconds, 1e-9), 1),
                          decode_tokens_per_s=round(len(new) / max(decode_s, 1e-9), 1),
-                         prefill_s=round(prefill_s, 4), decode_s=round(decode_s, 4), cache=self.cache_kind,
-                         capacity=capacity)
-            error = None
-            if overflow[b, 0]:
-                need, anchors, open_len = overflow[b].tolist()
-                error = (f"the cache would need {need} slots ({anchors} anchors, an open sentence of {open_len} tokens) "
-                         f"but the capacity is {capacity}: raise --capacity" +
-                         (" or set --max-sentence-tokens" if self.spec.ac_id >= 0 else ""))
-            results.append(Generation(prompt_ids=list(rows[b]), ids=list(rows[b]) + new,
-                                      text=self.decode_text(new, stop_ids), stats=stats, error=error))
+                         prefill_s=round(pre.seconds, 4), decode_s=round(decode_s, 4), cache=self.cache_kind,
+                         capacity=pre.capacity, decode_buffer_slots=slots + 1,
+                         decode_buffer_bytes=(slots + 1) * kv_bytes)
+            results.append(Generation(prompt_ids=row, ids=row + new, text=self.decode_text(new, stop_ids),
+                                      stats=stats, error=self._overflow_message(overflow[b], pre.capacity)))
         return results
+
+    def _overflow_message(self, info: np.ndarray, capacity: int) -> str | None:
+        need, anchors, open_len = info.tolist()
+        if not need:
+            return None
+        if not self.spec.anchor_cache:
+            return f"the full cache would need {need} slots but the capacity is {capacity}: raise --capacity"
+        return (f"the anchor cache would need {need} slots ({anchors} anchors, an open sentence of {open_len} tokens) "
+                f"but the capacity is {capacity}: raise --capacity" +
+                (" or set --max-sentence-tokens" if self.spec.ac_id >= 0 else ""))
 
     def _run(self, name: str, fn: Callable, static: tuple, donate_state: bool, *args):
         """Call `fn(*static, *args)` through an executable compiled once per static settings and shapes.

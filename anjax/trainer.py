@@ -13,6 +13,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from anjax import sharding
@@ -133,7 +134,7 @@ class Trainer:
                 params = jax.jit(init, out_shardings=self.param_shardings)(jax.random.PRNGKey(self.seed))
             else:
                 dtypes = jax.tree.map(lambda x: x.dtype, self.abstract_state.params)
-                params = sharding.put(jax.tree.map(lambda x, d: x.astype(d), params, dtypes), self.param_shardings)
+                params = sharding.put(jax.tree.map(np.asarray, params, dtypes), self.param_shardings)
             opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
             step, rng = sharding.put((jnp.zeros((), jnp.int32), jax.random.PRNGKey(self.seed)),
                                      (self.state_shardings.step, self.state_shardings.rng))

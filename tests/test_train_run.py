@@ -204,3 +204,9 @@ def test_default_config_short_run_exports_for_transformers(tmp_path):
         assert torch.isfinite(model(ids).logits).all()
     cfg = json.loads((export / "config.json").read_text())["anjax"]
     assert cfg["anchor_mode"] == "ac" and cfg["anchor_tokens"] == ["<AC>"]
+
+    from anjax.loading import load_model  # infer.py and the evaluation take the run dir or its export
+    (cfg_run, params_run, _), (cfg_export, params_export, _) = load_model(run_dir), load_model(export)
+    assert cfg_run == cfg_export and cfg_run.anchor_ids == (49152,)
+    for a, b in zip(jax.tree.leaves(params_run), jax.tree.leaves(params_export), strict=True):
+        np.testing.assert_array_equal(a, b)

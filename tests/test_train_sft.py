@@ -9,7 +9,6 @@ import numpy as np
 from anjax.anchors import add_ac_token, resolve_anchor_ids
 from anjax.config import tiny_config
 from anjax.data import DataConfig, alpaca_prompt, encode_text, make_batches
-from anjax.loading import load_tokenizer
 from anjax.mask import token_metadata
 from anjax.model import Llama, init_params
 from anjax.trainer import loss_sums
@@ -21,13 +20,13 @@ EXAMPLES = [
 ]
 
 
-def test_prompt_tokens_are_out_of_the_loss(tmp_path):
+def test_prompt_tokens_are_out_of_the_loss(tmp_path, tiny_tokenizer):
     path = tmp_path / "alpaca.json"
     path.write_text(json.dumps(EXAMPLES))
-    tokenizer = load_tokenizer(None)
+    tokenizer = tiny_tokenizer
     ac_id = add_ac_token(tokenizer)
     _, anchor_ids = resolve_anchor_ids(tokenizer, "ac", None)
-    data = DataConfig(path=str(path), format="alpaca", seq_len=96, batch_size=3, shuffle=False, eval_split=None)
+    data = DataConfig(path=str(path), format="alpaca", seq_len=512, batch_size=3, shuffle=False, eval_split=None)
     batch = next(make_batches(data, tokenizer, "ac", anchor_ids))
 
     cfg = tiny_config(vocab_size=len(tokenizer), anchor_mode="ac", anchor_tokens=("<AC>",), anchor_ids=anchor_ids)

@@ -99,17 +99,17 @@ if __name__ == "__main__":  # the 8-device half of test_one_vs_eight_devices (ne
 
 
 def test_bf16_compute_with_fp32_master_params_and_remat():
-    """dtype=bfloat16 computes in bf16 while parameters and Adam moments stay fp32; remat and a scanned
-    layer stack change memory and compile time, not the loss."""
+    """dtype=bfloat16 computes in bf16 while parameters and Adam moments stay fp32; remat changes memory, not
+    the loss."""
     mesh = sharding.make_mesh(1, 1, 1)
     b = sharding.host_batch_to_global(batch(0), mesh)
     losses = {}
     for name, cfg in {"fp32": CFG, "bf16": CFG.replace(dtype="bfloat16"),
-                      "remat": CFG.replace(remat="dots", scan_layers=True)}.items():
+                      "remat": CFG.replace(remat="full")}.items():
         trainer = Trainer(cfg, TrainSection(lr=1e-2, warmup_steps=1), mesh)
         state = trainer.init_state()
         state, m = trainer.train_step(state, b)
         losses[name] = float(m["loss"])
         assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state[1][0].mu))} == {jnp.dtype("float32")}
     assert losses["bf16"] != losses["fp32"] and abs(losses["bf16"] - losses["fp32"]) < 2e-2 * losses["fp32"]
-    np.testing.assert_allclose(losses["remat"], losses["fp32"], rtol=1e-5)
+    np.testing.assert_allclose(losses["remat"], losses["fp32"], rtol=1e-6)
