@@ -209,10 +209,14 @@ class Llama(nn.Module):
         return logits, cache
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
-    """Random parameters (boxed with logical axis names stripped): a plain nested dict."""
+def init_boxed(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
+    """Random parameters boxed with their logical axis names (nn.LogicallyPartitioned leaves)."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     meta = TokenMeta(doc=tokens, pos=jnp.broadcast_to(jnp.arange(seq_len), (1, seq_len)), seg=tokens,
                      anchor=tokens.astype(bool), valid=jnp.ones((1, seq_len), bool))
-    variables = Llama(cfg).init(rng, tokens, meta)
-    return nn.meta.unbox(variables["params"])
+    return Llama(cfg).init(rng, tokens, meta)["params"]
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
+    """Random parameters as a plain nested dict (logical axis names stripped)."""
+    return nn.meta.unbox(init_boxed(cfg, rng, seq_len))

@@ -19,7 +19,7 @@ import optax
 from anjax import sharding
 from anjax.config import ModelConfig
 from anjax.mask import token_metadata
-from anjax.model import Llama
+from anjax.model import Llama, init_boxed, init_params
 from anjax.run_config import TrainSection
 
 BATCH_KEYS = ("tokens", "doc", "valid", "labels", "loss_mask")
@@ -102,7 +102,7 @@ class Trainer:
         self.cfg, self.mesh, self.seed = cfg, mesh, seed
         self.tx = optimizer(tc)
         self.schedule = learning_rate(tc)
-        boxed = jax.eval_shape(self._init_boxed, jax.random.PRNGKey(0))
+        boxed = jax.eval_shape(lambda rng: init_boxed(cfg, rng), jax.random.PRNGKey(0))
         self.param_shardings = sharding.logical_shardings(boxed, mesh)
         abstract_params = nn.meta.unbox(boxed)
         repl = sharding.replicated(mesh)
@@ -121,16 +121,11 @@ class Trainer:
         self._eval = jax.jit(lambda p, b: eval_step(cfg, p, b), in_shardings=(self.param_shardings, batch_sh),
                              out_shardings=repl)
 
-    def _init_boxed(self, rng: jax.Array):
-        """Random parameters boxed with their logical axis names (nn.LogicallyPartitioned)."""
-        tokens = jnp.zeros((1, 8), jnp.int32)
-        return Llama(self.cfg).init(rng, tokens, token_metadata(tokens, jnp.ones_like(tokens, bool)))["params"]
-
     def init_state(self, params: dict | None = None) -> TrainState:
         """Sharded step-0 state from host params (numpy, identical on every host) or, if None, random init."""
         with sharding.active(self.mesh):
             if params is None:
-                init = lambda rng: nn.meta.unbox(self._init_boxed(rng))
+                init = lambda rng: init_params(self.cfg, rng)
                 params = jax.jit(init, out_shardings=self.param_shardings)(jax.random.PRNGKey(self.seed))
             else:
                 dtypes = jax.tree.map(lambda x: x.dtype, self.abstract_state.params)
