@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -120,9 +121,19 @@ class Checkpointer:
 
     def __init__(self, run_dir: str | Path, keep: int = 2, async_save: bool = True, read_only: bool = False):
         self.directory = Path(run_dir).resolve() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(read_only=True, create=False) if read_only else \
-            ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("params", "train", "meta"))
+        items = ("params", "train", "meta")
+        if read_only:  # orbax logs a warning for every read-only manager; a loader has nothing to warn about
+            absl_logger = logging.getLogger("absl")
+            level = absl_logger.level
+            absl_logger.setLevel(logging.ERROR)
+            try:
+                options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+                self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=items)
+            finally:
+                absl_logger.setLevel(level)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save)
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=items)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
