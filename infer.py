@@ -24,14 +24,16 @@ from anjax import cli
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python infer.py", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="HF directory, GGUF file or anjax run (default: embedded SmolLM2-135M)")
+    p.add_argument("--model", default=None,
+                   help="HF directory, GGUF file or anjax run (default: embedded SmolLM2-135M)")
     p.add_argument("--prompt", help="one prompt text")
     p.add_argument("--input", help="JSONL file of {\"prompt\": ..., \"id\": ...} objects")
     p.add_argument("--output", help="JSONL results (with --input)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print {prompt_ids, generated_ids, text, stats} (--prompt)")
     p.add_argument("--cache", choices=("anchor", "full"), default=None,
-                   help="anchor: keep anchors + open sentence; full: plain causal (default: anchor if the model has anchors)")
+                   help="anchor: keep anchors + open sentence; full: plain causal attention "
+                        "(default: anchor if the model has anchor settings)")
     p.add_argument("--anchor-mode", choices=("none", "ep", "ac"), default=None, help="override the model's anchor mode")
     p.add_argument("--anchors", nargs="+", default=None, help="EP anchor tokens (default . ? !)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -40,11 +42,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk (tokens per row)")
-    p.add_argument("--capacity", type=int, default=None, help="cache slots a row may keep (default: see anjax.generate)")
+    p.add_argument("--capacity", type=int, default=None,
+                   help="cache slots a row may keep (default: the whole request, at most 2048 with an anchor cache)")
     p.add_argument("--positions", choices=("true", "reference"), default="true",
                    help="reference: the AnLLM authors' re-based positions (inexact, for comparison)")
     p.add_argument("--sink-tokens", type=int, default=0, help="keep the first N tokens visible (extension, off)")
-    p.add_argument("--max-sentence-tokens", type=int, default=None, help="AC mode: force <AC> after N tokens without one")
+    p.add_argument("--max-sentence-tokens", type=int, default=None,
+                   help="AC mode: force <AC> after N tokens without one")
     p.add_argument("--raw-prompt", action="store_true", help="tokenize prompts as they are (no <AC> inserted)")
     p.add_argument("--show-anchors", action="store_true", help="keep generated <AC> tokens in the printed text")
     args = p.parse_args(argv)

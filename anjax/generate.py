@@ -309,7 +309,7 @@ class Engine:
         if positions not in ("true", "reference"):
             raise ValueError(f"positions must be 'true' or 'reference', got {positions!r}")
         for name, value, low in (("chunk_size", chunk_size, 1), ("batch_size", batch_size, 1),
-                                 ("capacity", capacity or 1, 1), ("sink_tokens", sink_tokens, 0)):
+                                 ("capacity", 1 if capacity is None else capacity, 1), ("sink_tokens", sink_tokens, 0)):
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         ac_id = anchor_ids[0] if mode == "ac" else -1
@@ -370,9 +370,12 @@ class Engine:
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
         if not 0.0 < top_p <= 1.0 or top_k < 0 or temperature < 0:
-            raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1 (got {temperature}, {top_k}, {top_p})")
+            raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got temperature={temperature}, "
+                             f"top_k={top_k}, top_p={top_p}")
         if max_sentence_tokens and self.spec.ac_id < 0:
             raise ValueError("max_sentence_tokens forces <AC> tokens and needs anchor mode 'ac'")
+        if not prompts:
+            return []
         ids = [self.encode(p, max_sentence_tokens) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
         for i, row in enumerate(ids):
             if not row:

@@ -194,9 +194,12 @@ def test_one_query_attention_matches_numpy(batch, slots, heads, kv_heads, head_d
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
 
 
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
+
+
 def count_compiles(fn):
     events = []
-    listener = lambda name, *_, **__: events.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+    listener = lambda name, *_, **__: events.append(name) if name == COMPILE_EVENT else None
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         result = fn()
