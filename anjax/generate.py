@@ -343,10 +343,10 @@ class Engine:
         if not text.strip():
             raise ValueError("the prompt is empty")
         tok = self.tokenizer
-        add_bos = bool(getattr(tok, "add_bos_token", False)) and tok.bos_token_id is not None
+        from anjax.data import encode_text, tokenizer_adds_bos
+        add_bos = tokenizer_adds_bos(tok)
         if self.raw_prompts or self.anchor_mode != "ac":
             return ([tok.bos_token_id] if add_bos else []) + tok.encode(text, add_special_tokens=False)
-        from anjax.data import encode_text
         return encode_text(tok, text, "ac", self.spec.ac_id, add_bos, max_sentence_tokens=max_sentence_tokens,
                            end_anchor=text.rstrip()[-1:] in (".", "?", "!"))
 

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from anjax.data import tokenizer_adds_bos
 from anjax.config import ModelConfig
 from anjax.generate import EngineSpec, GenState, init_state, prefill_step, right_align, round_up
 from anjax.mask import token_metadata
@@ -144,8 +145,7 @@ def prepare_model(cfg: ModelConfig, params, tokenizer, *, anchor_mode: str | Non
     if bad := [i for i in anchor_ids if not 0 <= i < cfg.vocab_size]:
         raise ValueError(f"anchor ids {bad} are outside the model's vocabulary of {cfg.vocab_size}")
     cfg, params = _stack_layers(cfg, params)
-    bos = tokenizer.bos_token_id
-    add_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
+    add_bos = tokenizer_adds_bos(tokenizer)
     return ScoringModel(cfg=cfg, params=jax.device_put(params), tokenizer=tokenizer, name=name,
                         anchor_mode=mode if anchor_ids else "none", anchor_ids=tuple(anchor_ids), add_bos=add_bos)
 
