@@ -247,7 +247,14 @@ def decode(cfg: ModelConfig, spec: EngineSpec, slots: int, max_new_tokens: int, 
 
 @dataclasses.dataclass
 class Generation:
-    """One request's result: ids (prompt and generated), printable text, stats, or an error."""
+    """One request's result: ids (prompt and generated), printable text, stats, or an error.
+
+    stats: prompt_tokens, generated_tokens; peak_cache_slots, the most slots the row kept
+    between steps (after compaction; a prefill chunk adds up to T in flight); full_cache_slots,
+    the tokens whose keys/values were computed (what a full cache holds at the end);
+    cache_reduction = 1 - peak / full; prefill/decode tokens per second of the row over its
+    batch's wall time (compilation excluded); the capacity and the decode buffer's size.
+    """
 
     prompt_ids: list[int]
     ids: list[int]

@@ -15,8 +15,6 @@ from anjax.model import Llama, blocked_attention, init_params
 
 EP_IDS = (5, 7)  # two "punctuation" anchors
 AC_ID = 255
-
-
 MODELS = {"tiny": {}, "gqa3_d64": dict(num_heads=6, num_kv_heads=3, head_dim=64)}  # the second: SmolLM2's heads
 
 
@@ -178,7 +176,10 @@ def test_reference_positions_rebase_to_slot_index():
 @pytest.mark.parametrize("batch,slots", [(1, 33), (1, 130), (2, 130)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (9, 3, 64)])
 def test_one_query_attention_matches_numpy(batch, slots, heads, kv_heads, head_dim):
-    """Decode's multiply-reduce attention, jitted (guards a jaxlib 0.10.2 CPU fusion bug at batch 1)."""
+    """Decode's attention (a multiply-reduce for p.v), jitted, equals numpy.
+
+    jaxlib 0.10.2's CPU YNN fusion miscomputes a multiply-reduce q.k at batch 1 and >= 33 slots.
+    """
     rng = np.random.default_rng(slots)
     q = rng.standard_normal((batch, 1, heads, head_dim), np.float32)
     k, v = rng.standard_normal((2, batch, slots, kv_heads, head_dim), np.float32)
