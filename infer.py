@@ -4,7 +4,8 @@
     python infer.py --input prompts.jsonl --output out.jsonl --cache anchor --anchor-mode ep
 
 --model defaults to the embedded SmolLM2-135M-Instruct. Greedy unless --temperature > 0.
-Input lines are JSON objects {"prompt": TEXT, "id": optional}; output lines are
+Input lines are JSON objects {"prompt": TEXT, "id": optional, "protect": optional list of
+parts of the prompt kept visible to every later token}; output lines are
 {"id", "prompt", "text", "ids", "stats"}, or {"id", "line", "error"} for a request that
 failed (it is reported on stderr; the other lines are still served). The output file
 is written atomically. Exit codes: 0 all served, 1 some requests failed, 2 invalid run.
@@ -47,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--positions", choices=("true", "reference"), default="true",
                    help="reference: the AnLLM authors' re-based positions (inexact, for comparison)")
     p.add_argument("--sink-tokens", type=int, default=0, help="keep the first N tokens visible (extension, off)")
+    p.add_argument("--protect", action="append", default=[], metavar="TEXT",
+                   help="with --prompt: keep this part of the prompt visible to every later token and in the "
+                        "cache (repeatable; extension)")
     p.add_argument("--max-sentence-tokens", type=int, default=None,
                    help="AC mode: force <AC> after N tokens without one")
     p.add_argument("--raw-prompt", action="store_true", help="tokenize prompts as they are (no <AC> inserted)")
@@ -60,11 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise cli.UsageError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
     if args.prompt is not None and not args.prompt.strip():
         raise cli.UsageError("--prompt is empty")
+    if args.protect and args.prompt is None:
+        raise cli.UsageError('--protect goes with --prompt; in a JSONL file give "protect": [...] per line')
+    if bad := [t for t in args.protect if t not in (args.prompt or "") or not t]:
+        raise cli.UsageError(f"--protect text {bad[0]!r} does not occur in the prompt")
     return args
 
 
-def read_requests(path: str) -> tuple[list[tuple[int, object, str]], list[dict]]:
-    """([(line number, id, prompt)], [error records]) from a JSONL file; bad lines become errors."""
+def read_requests(path: str) -> tuple[list[tuple[int, object, str, list[str]]], list[dict]]:
+    """([(line number, id, prompt, protected parts)], [error records]) from a JSONL file; bad lines become errors."""
     requests, errors = [], []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -80,9 +88,21 @@ def read_requests(path: str) -> tuple[list[tuple[int, object, str]], list[dict]]
                 errors.append({"id": rid, "line": n, "error": 'expected an object with a "prompt" string'})
             elif not obj["prompt"].strip():
                 errors.append({"id": rid, "line": n, "error": "the prompt is empty"})
+            elif (protect := _protected_parts(obj)) is None:
+                errors.append({"id": rid, "line": n, "error": '"protect" must be a list of non-empty parts of the '
+                                                              'prompt'})
             else:
-                requests.append((n, rid, obj["prompt"]))
+                requests.append((n, rid, obj["prompt"], protect))
     return requests, errors
+
+
+def _protected_parts(obj: dict) -> list[str] | None:
+    """The request's "protect" list (a single string is a list of one), or None when it is invalid."""
+    parts = obj.get("protect", [])
+    parts = [parts] if isinstance(parts, str) else parts
+    if not isinstance(parts, list) or not all(isinstance(t, str) and t and t in obj["prompt"] for t in parts):
+        return None
+    return parts
 
 
 def write_atomically(path: str, records: list[dict]) -> None:
@@ -113,7 +133,7 @@ def main() -> int:
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, max_sentence_tokens=args.max_sentence_tokens)
     if args.prompt is not None:
-        out = engine.generate([args.prompt], **sampling)[0]
+        out = engine.generate([args.prompt], **sampling, protect=[args.protect])[0]
         stats = dict(out.stats, load_s=round(load_s, 2), compile_s=round(engine.compile_seconds, 2))
         if args.json:
             print(json.dumps({"prompt_ids": out.prompt_ids, "generated_ids": out.ids[len(out.prompt_ids):],
@@ -132,9 +152,9 @@ def main() -> int:
         raise cli.UsageError(f"{args.input}: no requests")
     records = {}
     with tqdm(total=len(requests), unit="prompt", file=sys.stderr) as bar:
-        results = engine.generate([r[2] for r in requests], **sampling, raise_errors=False, progress=bar.update) \
-            if requests else []
-    for (line, rid, prompt), g in zip(requests, results):
+        results = engine.generate([r[2] for r in requests], **sampling, protect=[r[3] for r in requests],
+                                  raise_errors=False, progress=bar.update) if requests else []
+    for (line, rid, prompt, _), g in zip(requests, results):
         if g.error:
             errors.append({"id": rid, "line": line, "error": g.error})
         else:

@@ -15,13 +15,15 @@ from anjax.mask import TokenMeta
 
 @flax.struct.dataclass
 class KVCache:
-    """keys/values [L, B, C, K, D]; per-slot metadata [B, C]; `length` [B] slots in use (front-packed)."""
+    """keys/values [L, B, C, K, D]; per-slot metadata [B, C]; `length` [B] slots in use (front-packed;
+    in decode a protected span may leave holes below it, see `close_sentence`)."""
 
     keys: jax.Array
     values: jax.Array
     pos: jax.Array
     seg: jax.Array
     anchor: jax.Array
+    protected: jax.Array
     valid: jax.Array
     length: jax.Array
 
@@ -31,8 +33,8 @@ class KVCache:
 
     def slot_meta(self) -> TokenMeta:
         """Metadata of the C slots as keys (one document per row)."""
-        return TokenMeta(doc=jnp.zeros_like(self.pos), pos=self.pos, seg=self.seg,
-                         anchor=self.anchor, valid=self.valid)
+        return TokenMeta(doc=jnp.zeros_like(self.pos), pos=self.pos, seg=self.seg, anchor=self.anchor,
+                         protected=self.protected, valid=self.valid)
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
@@ -40,7 +42,7 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32) -
     kv_shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
     meta = lambda dtype: jnp.zeros((batch, capacity), dtype)  # distinct buffers (donation-safe)
     return KVCache(keys=jnp.zeros(kv_shape, dtype), values=jnp.zeros(kv_shape, dtype),
-                   pos=meta(jnp.int32), seg=meta(jnp.int32), anchor=meta(bool),
+                   pos=meta(jnp.int32), seg=meta(jnp.int32), anchor=meta(bool), protected=meta(bool),
                    valid=meta(bool), length=jnp.zeros((batch,), jnp.int32))
 
 
@@ -71,21 +73,22 @@ def append_meta(cache: KVCache, meta: TokenMeta) -> KVCache:
     off = cache.length
     return cache.replace(pos=write_rows(cache.pos, meta.pos, off), seg=write_rows(cache.seg, meta.seg, off),
                          anchor=write_rows(cache.anchor, meta.anchor, off),
+                         protected=write_rows(cache.protected, meta.protected, off),
                          valid=write_rows(cache.valid, meta.valid, off),
                          length=cache.length + meta.pos.shape[1])
 
 
-def keep_slots(cache: KVCache, open_seg_B: jax.Array, full: bool, sink_tokens: int = 0) -> jax.Array:
+def keep_slots(cache: KVCache, open_seg_B: jax.Array, full: bool) -> jax.Array:
     """[B, C] bool: the slots a compaction keeps.
 
-    Anchor cache: valid and (anchor or in the open sentence `open_seg_B` or a sink
-    position). Full cache (`full=True`): every valid slot. Other slots can never be
-    attended to again under `anjax.mask.attention_allowed`.
+    Anchor cache: valid and (anchor or protected or in the open sentence `open_seg_B`).
+    Full cache (`full=True`): every valid slot. Other slots can never be attended to
+    again under `anjax.mask.attention_allowed`.
     """
     if full:
         return cache.valid
     open_sentence = cache.seg == open_seg_B[:, None]
-    return cache.valid & (cache.anchor | open_sentence | (cache.pos < sink_tokens))
+    return cache.valid & (cache.anchor | cache.protected | open_sentence)
 
 
 def compact(cache: KVCache, keep_BxC: jax.Array) -> KVCache:
@@ -106,22 +109,26 @@ def compact(cache: KVCache, keep_BxC: jax.Array) -> KVCache:
         return jnp.where(live_BxC[None, :, :, None, None], x, jnp.zeros((), x.dtype))
 
     return KVCache(keys=take_kv(cache.keys), values=take_kv(cache.values), pos=take_meta(cache.pos),
-                   seg=take_meta(cache.seg), anchor=take_meta(cache.anchor), valid=take_meta(cache.valid),
-                   length=length_B)
+                   seg=take_meta(cache.seg), anchor=take_meta(cache.anchor), protected=take_meta(cache.protected),
+                   valid=take_meta(cache.valid), length=length_B)
 
 
 def close_sentence(cache: KVCache, close_B: jax.Array, open_start_B: jax.Array) -> KVCache:
     """Decode-time compaction after one appended token: O(one slot) instead of a gather.
 
-    Precondition (holds for an anchor cache compacted with `keep_slots`): the open
-    sentence's non-sink slots are the tail `[open_start, length)`. In rows where
-    `close_B` (the last slot holds an anchor) that anchor moves to `open_start`, the
-    rest of the tail is freed (marked invalid, not zeroed) and `length = open_start + 1`.
-    Equals `compact(cache, keep_slots(...))` for those rows; other rows are unchanged.
+    Precondition: the open sentence's slots from `open_start` on are its tail after its
+    last protected slot, `[open_start, length)`. In rows where `close_B` (the last slot
+    holds an anchor) that anchor moves to `open_start`, the rest of the tail is freed
+    (marked invalid, not zeroed) and `length = open_start + 1`; the sentence's other
+    unprotected slots (before a protected span inside it) become holes: invalid slots
+    below `length`, never attended to, reclaimed by the next `compact`. The valid slots
+    are then those of `compact(cache, keep_slots(...))`; other rows are unchanged.
     """
     src_B = jnp.maximum(cache.length - 1, 0)
     dst_B = jnp.where(close_B, open_start_B, src_B)
     length_B = jnp.where(close_B, open_start_B + 1, cache.length)
+    closed_seg_Bx1 = jnp.take_along_axis(cache.seg, src_B[:, None], axis=1)
+    hole_BxC = close_B[:, None] & (cache.seg == closed_seg_Bx1) & ~cache.anchor & ~cache.protected
 
     def move_meta(x_BxC):
         slot_Bx1 = jnp.take_along_axis(x_BxC, src_B[:, None], axis=1)
@@ -133,8 +140,8 @@ def close_sentence(cache: KVCache, close_B: jax.Array, open_start_B: jax.Array) 
 
     live_BxC = jnp.arange(cache.capacity) < length_B[:, None]
     return KVCache(keys=move_kv(cache.keys), values=move_kv(cache.values), pos=move_meta(cache.pos),
-                   seg=move_meta(cache.seg), anchor=move_meta(cache.anchor),
-                   valid=move_meta(cache.valid) & live_BxC, length=length_B)
+                   seg=move_meta(cache.seg), anchor=move_meta(cache.anchor), protected=move_meta(cache.protected),
+                   valid=move_meta(cache.valid & ~hole_BxC) & live_BxC, length=length_B)
 
 
 def resize(cache: KVCache, capacity: int) -> KVCache:
@@ -145,4 +152,5 @@ def resize(cache: KVCache, capacity: int) -> KVCache:
             return jax.lax.slice_in_dim(x, 0, capacity, axis=axis)
         return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
     return cache.replace(keys=fit(cache.keys, 2), values=fit(cache.values, 2), pos=fit(cache.pos, 1),
-                         seg=fit(cache.seg, 1), anchor=fit(cache.anchor, 1), valid=fit(cache.valid, 1))
+                         seg=fit(cache.seg, 1), anchor=fit(cache.anchor, 1), protected=fit(cache.protected, 1),
+                         valid=fit(cache.valid, 1))

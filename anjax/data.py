@@ -33,6 +33,7 @@ separately, so the prompt's last sentence is closed by an `<AC>`.
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import functools
 import glob
@@ -41,6 +42,7 @@ import re
 import sys
 import time
 import zlib
+from typing import Sequence
 
 import datasets
 import numpy as np
@@ -127,19 +129,45 @@ def split_sentences(text: str) -> list[str]:
     return [text[a:b] for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
-def _anchor_long_sentences(ids: list[int], ac_id: int, n: int) -> list[int]:
-    """Insert `ac_id` so that no sentence runs longer than `n` tokens without one."""
-    out, run = [], 0
-    for t in ids:
+def _long_sentence_cuts(ids: list[int], ac_id: int, n: int) -> list[int]:
+    """Indices of `ids` before which an `ac_id` goes so that no sentence runs longer than `n` tokens."""
+    cuts, run = [], 0
+    for i, t in enumerate(ids):
         if t == ac_id:
             run = 0
         elif run == n:
-            out.append(ac_id)
+            cuts.append(i)
             run = 1
         else:
             run += 1
-        out.append(t)
-    return out
+    return cuts
+
+
+def _insert_at(xs: list, cuts: list[int], value) -> list:
+    """`xs` with `value` inserted before each index in `cuts` (ascending)."""
+    out, prev = [], 0
+    for c in cuts:
+        out += xs[prev:c] + [value]
+        prev = c
+    return out + xs[prev:]
+
+
+def _with_ac(text: str, end_anchor: bool) -> tuple[str, list[int]]:
+    """(text with `<AC>` after each pysbd sentence, the last one only if `end_anchor`; each sentence's start)."""
+    sentences = split_sentences(text)
+    starts = [0]
+    for sentence in sentences[:-1]:
+        starts.append(starts[-1] + len(sentence))
+    return AC_TOKEN.join(sentences) + (AC_TOKEN if end_anchor and sentences else ""), starts
+
+
+def _check_encoding(mode: str, ac_id: int | None, max_sentence_tokens: int | None) -> None:
+    if mode not in ANCHOR_MODES:
+        raise ValueError(f"anchor mode must be one of {ANCHOR_MODES}, got {mode!r}")
+    if mode != "ac" and max_sentence_tokens:
+        raise ValueError(f"max_sentence_tokens inserts <AC> tokens and needs anchor mode 'ac', not {mode!r}")
+    if mode == "ac" and ac_id is None:
+        raise ValueError("anchor mode 'ac' needs ac_id (anjax.anchors.resolve_anchor_ids)")
 
 
 def encode_texts(tokenizer, texts: list[str], mode: str, ac_id: int | None = None, add_bos: bool = False,
@@ -153,20 +181,14 @@ def encode_texts(tokenizer, texts: list[str], mode: str, ac_id: int | None = Non
     The text is tokenized with the `<AC>`s in it, so each sentence is tokenized
     as in running text. A literal "<AC>" in the text also becomes an anchor.
     """
-    if mode not in ANCHOR_MODES:
-        raise ValueError(f"anchor mode must be one of {ANCHOR_MODES}, got {mode!r}")
-    if mode != "ac" and max_sentence_tokens:
-        raise ValueError(f"max_sentence_tokens inserts <AC> tokens and needs anchor mode 'ac', not {mode!r}")
-    if mode == "ac" and ac_id is None:
-        raise ValueError("anchor mode 'ac' needs ac_id (anjax.anchors.resolve_anchor_ids)")
+    _check_encoding(mode, ac_id, max_sentence_tokens)
     if not texts:
         return []
     if mode == "ac":
-        texts = [AC_TOKEN.join(sentences) + (AC_TOKEN if end_anchor and sentences else "")
-                 for sentences in map(split_sentences, texts)]
+        texts = [_with_ac(t, end_anchor)[0] for t in texts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     if max_sentence_tokens:
-        ids = [_anchor_long_sentences(x, ac_id, max_sentence_tokens) for x in ids]
+        ids = [_insert_at(x, _long_sentence_cuts(x, ac_id, max_sentence_tokens), ac_id) for x in ids]
     return [[tokenizer.bos_token_id] + x for x in ids] if add_bos else ids
 
 
@@ -177,6 +199,31 @@ def encode_text(tokenizer, text: str, mode: str, ac_id: int | None, add_bos: boo
     For generation from an unfinished sentence pass `end_anchor=False`.
     """
     return list(encode_texts(tokenizer, [text], mode, ac_id, add_bos, max_sentence_tokens, end_anchor)[0])
+
+
+def encode_protected(tokenizer, text: str, protect: Sequence[str], mode: str, ac_id: int | None, add_bos: bool,
+                     max_sentence_tokens: int | None = None, end_anchor: bool = True) -> tuple[list[int], list[bool]]:
+    """(`encode_text`'s ids, per id: does it overlap an occurrence of a `protect` string in `text`).
+
+    Every occurrence of each string is protected; one that does not occur is an error.
+    """
+    _check_encoding(mode, ac_id, max_sentence_tokens)
+    spans = []
+    for s in protect:
+        if not s or s not in text:
+            raise ValueError(f"protected text {s!r} does not occur in the prompt")
+        spans += [(m.start(), m.end()) for m in re.finditer(re.escape(s), text)]
+    if mode == "ac":  # the spans' places in the text with <AC>s inserted
+        text, starts = _with_ac(text, end_anchor)
+        shift = lambda i: i + len(AC_TOKEN) * (bisect.bisect_right(starts, i) - 1)
+        spans = [(shift(a), shift(b - 1) + 1) for a, b in spans]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    flags = [any(a < e and s < b for a, b in spans) for s, e in enc["offset_mapping"]]
+    if max_sentence_tokens:
+        cuts = _long_sentence_cuts(ids, ac_id, max_sentence_tokens)
+        ids, flags = _insert_at(ids, cuts, ac_id), _insert_at(flags, cuts, False)
+    return ([tokenizer.bos_token_id] + ids, [False] + flags) if add_bos else (ids, flags)
 
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:

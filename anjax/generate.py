@@ -10,7 +10,7 @@ One batch of B prompts (rows are independent; any row gives what it gives alone)
    tokens (padding is invalid). The model appends a chunk to the cache, the chunk
    attends to the compacted cache plus itself under `anjax.mask.attention_allowed`,
    then the cache is compacted (`anjax.cache.keep_slots`: the anchor cache keeps
-   anchors + the open sentence (+ sinks), the full cache keeps every valid slot).
+   anchors + the open sentence (+ protected tokens), the full cache keeps every valid slot).
 2. Decode: a `lax.while_loop` feeds the last prompt token, then each sampled token,
    one per step; per-row done flags (stop ids, max_new_tokens, overflow). When a fed
    token is an anchor its sentence is dropped (`anjax.cache.close_sentence`, O(1 slot)).
@@ -28,8 +28,12 @@ C shrinks to the power of two that holds what the batch can need (few shapes com
 decode reads every slot of its buffer). A row that would keep more than C
 slots stops and `CacheOverflowError` names it and the sizes; nothing is truncated.
 In AC mode `max_sentence_tokens=N` forces an `<AC>` after N tokens without one.
-Extension (off by default, beyond the paper): `sink_tokens=N` keeps the first N
-tokens visible to every later token and in the cache.
+Extensions (off by default, beyond the paper), both through `protected` tokens
+(`anjax.mask`), which stay visible to every later token and in the cache: `sink_tokens=N`
+protects each row's first N tokens; `protect=` in `generate` protects spans of a prompt
+(a question, a translation source). A span inside the prompt's last, open sentence
+leaves holes in the decode cache when that sentence closes (`anjax.cache.close_sentence`);
+`peak_cache_slots` counts them.
 
 Static (recompile): model config, anchor ids, cache kind, positions, sinks, and the
 shapes batch, chunk T, capacity and max_new_tokens. Arrays (never recompile): prompt
@@ -73,15 +77,15 @@ class EngineSpec:
 
 @flax.struct.dataclass
 class GenState:
-    """Per-row bookkeeping beside the cache; every field but `cache` is [B] (overflow [B, 3])."""
+    """Per-row bookkeeping beside the cache; every field but `cache` is [B] (overflow [B, 4])."""
 
     cache: KVCache
     next_pos: jax.Array    # true position of the row's next token
     open_seg: jax.Array    # sentence index of the next token (the open sentence)
-    open_start: jax.Array  # decode: first slot of the open sentence's non-sink tail
+    open_start: jax.Array  # decode: first slot of the open sentence's tail after its last protected slot
     done: jax.Array        # bool: the row takes no more tokens
-    peak: jax.Array        # most slots the row kept after a compaction
-    overflow: jax.Array    # [B, 3] (slots needed, anchors, open-sentence tokens) at overflow, else 0
+    peak: jax.Array        # most slots the row used (`length`) after a compaction
+    overflow: jax.Array    # [B, 4] (slots needed, anchors, open-sentence, protected tokens) at overflow, else 0
 
 
 @flax.struct.dataclass
@@ -103,6 +107,7 @@ class DecodeCarry:
     state: GenState
     step: jax.Array        # scalar
     token: jax.Array       # [B] next token to feed
+    protected: jax.Array   # [B] bool, that token is protected
     tokens: jax.Array      # [B, N] generated ids
     generated: jax.Array   # [B] count
 
@@ -112,7 +117,7 @@ def init_state(cfg: ModelConfig, batch: int, slots: int, done_B: jax.Array) -> G
     zeros_B = lambda: jnp.zeros((batch,), jnp.int32)  # distinct buffers (donation-safe)
     return GenState(cache=init_cache(cfg, batch, slots, jnp.dtype(cfg.dtype)), next_pos=zeros_B(),
                     open_seg=zeros_B(), open_start=zeros_B(), done=jnp.array(done_B, bool), peak=zeros_B(),
-                    overflow=jnp.zeros((batch, 3), jnp.int32))
+                    overflow=jnp.zeros((batch, 4), jnp.int32))
 
 
 def _next_positions(state: GenState, spec: EngineSpec) -> jax.Array:
@@ -130,18 +135,24 @@ def _rebase(cache: KVCache, spec: EngineSpec) -> KVCache:
 
 
 def _track(state: GenState, active_B: jax.Array, limit: int) -> GenState:
-    """Update the peak of rows that took a token; stop rows not done that keep more than `limit` slots."""
+    """Update the peak of rows that took a token; stop rows not done that use more than `limit` slots."""
     cache = state.cache
-    held_B = cache.valid.sum(axis=1, dtype=jnp.int32)
+    held_B = cache.length
     fresh_B = ~state.done & (held_B > limit)
-    info_Bx3 = jnp.stack([held_B, (cache.valid & cache.anchor).sum(axis=1, dtype=jnp.int32),
-                          (cache.valid & (cache.seg == state.open_seg[:, None])).sum(axis=1, dtype=jnp.int32)], -1)
+    count = lambda x_BxC: (cache.valid & x_BxC).sum(axis=1, dtype=jnp.int32)
+    info_Bx4 = jnp.stack([held_B, count(cache.anchor), count(cache.seg == state.open_seg[:, None]),
+                          count(cache.protected)], -1)
     return state.replace(peak=jnp.where(active_B, jnp.maximum(state.peak, held_B), state.peak),
-                         overflow=jnp.where(fresh_B[:, None], info_Bx3, state.overflow), done=state.done | fresh_B)
+                         overflow=jnp.where(fresh_B[:, None], info_Bx4, state.overflow), done=state.done | fresh_B)
+
+
+def _protected(spec: EngineSpec, protected: jax.Array, true_pos: jax.Array, valid: jax.Array) -> jax.Array:
+    """Tokens flagged protected or among the row's first `sink_tokens` (true positions)."""
+    return (protected.astype(bool) | (true_pos < spec.sink_tokens)) & valid
 
 
 def prefill_step(cfg: ModelConfig, spec: EngineSpec, params, state: GenState, tokens_BxT: jax.Array,
-                 valid_BxT: jax.Array) -> tuple[jax.Array, GenState]:
+                 valid_BxT: jax.Array, protected_BxT: jax.Array | None = None) -> tuple[jax.Array, GenState]:
     """Append one chunk [B, T] (exact under the predicate), then compact. Returns (logits [B, T, V], state).
 
     The cache has C + T slots; a row that keeps more than C afterwards is flagged (`overflow`).
@@ -151,41 +162,49 @@ def prefill_step(cfg: ModelConfig, spec: EngineSpec, params, state: GenState, to
     v = valid.astype(jnp.int32)
     anchor = is_anchor(tokens_BxT, spec.anchor_ids) & valid
     a = anchor.astype(jnp.int32)
-    meta = TokenMeta(doc=jnp.zeros_like(v), pos=_next_positions(state, spec)[:, None] + jnp.cumsum(v, 1) - v,
-                     seg=state.open_seg[:, None] + jnp.cumsum(a, 1) - a, anchor=anchor, valid=valid)
+    offset_BxT = jnp.cumsum(v, 1) - v
+    protected = _protected(spec, jnp.zeros_like(valid) if protected_BxT is None else protected_BxT,
+                           state.next_pos[:, None] + offset_BxT, valid)
+    meta = TokenMeta(doc=jnp.zeros_like(v), pos=_next_positions(state, spec)[:, None] + offset_BxT,
+                     seg=state.open_seg[:, None] + jnp.cumsum(a, 1) - a, anchor=anchor, protected=protected,
+                     valid=valid)
     logits, cache = Llama(cfg).apply({"params": params}, tokens_BxT, meta, state.cache,
-                                     full_attention=not spec.anchor_cache, sink_tokens=spec.sink_tokens)
+                                     full_attention=not spec.anchor_cache)
     open_seg = state.open_seg + a.sum(1)
-    cache = compact(cache, keep_slots(cache, open_seg, not spec.anchor_cache, spec.sink_tokens))
+    cache = compact(cache, keep_slots(cache, open_seg, not spec.anchor_cache))
     state = state.replace(cache=_rebase(cache, spec), next_pos=state.next_pos + v.sum(1), open_seg=open_seg)
     return logits, _track(state, ~state.done, cache.capacity - T)
 
 
 def start_decode(state: GenState, spec: EngineSpec, slots: int) -> GenState:
-    """Resize the cache to `slots` (+1 for the token in flight) and locate each open sentence's tail."""
+    """Resize the cache to `slots` (+1 for the token in flight) and locate each open sentence's tail
+    (the slots after the last one that is protected or not in the open sentence)."""
     cache = resize(state.cache, slots + 1)
-    tail_B = (cache.valid & (cache.seg == state.open_seg[:, None]) & (cache.pos >= spec.sink_tokens)).sum(
-        axis=1, dtype=jnp.int32)
-    return state.replace(cache=cache, open_start=cache.length - tail_B)
+    before_BxC = cache.valid & ((cache.seg != state.open_seg[:, None]) | cache.protected)
+    open_start_B = jnp.max(jnp.where(before_BxC, jnp.arange(1, cache.capacity + 1), 0), axis=1)
+    return state.replace(cache=cache, open_start=open_start_B.astype(jnp.int32))
 
 
-def feed_token(cfg: ModelConfig, spec: EngineSpec, params, state: GenState,
-               token_B: jax.Array) -> tuple[jax.Array, GenState]:
+def feed_token(cfg: ModelConfig, spec: EngineSpec, params, state: GenState, token_B: jax.Array,
+               protected_B: jax.Array | None = None) -> tuple[jax.Array, GenState]:
     """One decode step for the rows not done: append `token_B`, close its sentence if it is an anchor.
 
     Returns (logits [B, V], state); the caller checks the capacity (`_track`).
     """
     active_B = ~state.done
     anchor_B = is_anchor(token_B, spec.anchor_ids) & active_B
+    protected_B = _protected(spec, jnp.zeros_like(active_B) if protected_B is None else protected_B,
+                             state.next_pos, active_B)
     meta = TokenMeta(doc=jnp.zeros_like(token_B)[:, None], pos=_next_positions(state, spec)[:, None],
-                     seg=state.open_seg[:, None], anchor=anchor_B[:, None], valid=active_B[:, None])
+                     seg=state.open_seg[:, None], anchor=anchor_B[:, None], protected=protected_B[:, None],
+                     valid=active_B[:, None])
     logits, cache = Llama(cfg).apply({"params": params}, token_B[:, None], meta, state.cache,
-                                     full_attention=not spec.anchor_cache, sink_tokens=spec.sink_tokens)
+                                     full_attention=not spec.anchor_cache)
     cache = cache.replace(length=jnp.where(active_B, cache.length, state.cache.length))
     open_start = state.open_start
     if spec.anchor_cache:
         cache = close_sentence(cache, anchor_B, open_start)
-        open_start = jnp.where(anchor_B, open_start + 1, open_start)
+        open_start = jnp.where(anchor_B | protected_B, cache.length, open_start)
     state = state.replace(cache=_rebase(cache, spec), next_pos=state.next_pos + active_B,
                           open_seg=state.open_seg + anchor_B, open_start=open_start)
     return logits[:, 0], state
@@ -214,8 +233,9 @@ def sample_tokens(logits_BxV: jax.Array, keys_B: jax.Array, temperature_B: jax.A
 
 
 def decode(cfg: ModelConfig, spec: EngineSpec, slots: int, max_new_tokens: int, params, state: GenState,
-           token_B: jax.Array, sampling: Sampling) -> DecodeCarry:
-    """Generate up to `max_new_tokens` per row in one `lax.while_loop`, starting by feeding `token_B`."""
+           token_B: jax.Array, protected_B: jax.Array, sampling: Sampling) -> DecodeCarry:
+    """Generate up to `max_new_tokens` per row in one `lax.while_loop`, starting by feeding `token_B`
+    (the last prompt token; `protected_B` [B] bool: it is protected)."""
     state = start_decode(state, spec, slots)
     B = token_B.shape[0]
     row_keys = jax.vmap(jax.random.key)(sampling.seed)
@@ -225,7 +245,7 @@ def decode(cfg: ModelConfig, spec: EngineSpec, slots: int, max_new_tokens: int, 
 
     def body(c: DecodeCarry):
         active_B = ~c.state.done
-        logits_BxV, st = feed_token(cfg, spec, params, c.state, c.token)
+        logits_BxV, st = feed_token(cfg, spec, params, c.state, c.token, c.protected)
         keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, c.step)
         nxt_B = sample_tokens(logits_BxV, keys_B, sampling.temperature, sampling.top_k, sampling.top_p)
         if spec.ac_id >= 0:  # AC mode: force <AC> after max_sentence_tokens tokens without one
@@ -236,9 +256,10 @@ def decode(cfg: ModelConfig, spec: EngineSpec, slots: int, max_new_tokens: int, 
         stop_B = (nxt_B[:, None] == sampling.stop_ids[None]).any(-1) | (generated_B >= max_new_tokens)
         tokens = c.tokens.at[:, c.step].set(jnp.where(active_B, nxt_B, -1))
         st = _track(st.replace(done=st.done | (active_B & stop_B)), active_B, st.cache.capacity - 1)
-        return DecodeCarry(state=st, step=c.step + 1, token=nxt_B, tokens=tokens, generated=generated_B)
+        return DecodeCarry(state=st, step=c.step + 1, token=nxt_B, protected=jnp.zeros_like(c.protected),
+                           tokens=tokens, generated=generated_B)
 
-    carry = DecodeCarry(state=state, step=jnp.zeros((), jnp.int32), token=token_B,
+    carry = DecodeCarry(state=state, step=jnp.zeros((), jnp.int32), token=token_B, protected=protected_B,
                         tokens=jnp.full((B, max_new_tokens), -1, jnp.int32), generated=jnp.zeros((B,), jnp.int32))
     return jax.lax.while_loop(cond, body, carry)
 
@@ -269,6 +290,7 @@ class Prefilled:
 
     state: GenState
     rows: list[list[int]]
+    protected: list[list[bool]]  # per row and token
     n: int
     capacity: int
     seconds: float
@@ -341,21 +363,23 @@ class Engine:
 
     # ------------------------------------------------------------------ prompts
 
-    def encode(self, text: str, max_sentence_tokens: int | None = None) -> list[int]:
-        """Prompt ids anchored like training data (`anjax.data.encode_text`).
+    def encode(self, text: str, max_sentence_tokens: int | None = None,
+               protect: Sequence[str] = ()) -> tuple[list[int], list[bool]]:
+        """Prompt ids anchored like training data, and which of them `protect` covers
+        (`anjax.data.encode_protected`).
 
         AC mode: `<AC>` after each sentence; the last sentence stays open unless the
         text ends with . ? or ! (generation continues it). `raw_prompts`: plain tokens.
         """
         if not text.strip():
             raise ValueError("the prompt is empty")
-        tok = self.tokenizer
-        from anjax.data import encode_text, tokenizer_adds_bos
-        add_bos = tokenizer_adds_bos(tok)
+        from anjax.data import encode_protected, tokenizer_adds_bos
+        add_bos = tokenizer_adds_bos(self.tokenizer)
         if self.raw_prompts or self.anchor_mode != "ac":
-            return ([tok.bos_token_id] if add_bos else []) + tok.encode(text, add_special_tokens=False)
-        return encode_text(tok, text, "ac", self.spec.ac_id, add_bos, max_sentence_tokens=max_sentence_tokens,
-                           end_anchor=text.rstrip()[-1:] in (".", "?", "!"))
+            return encode_protected(self.tokenizer, text, protect, "none", None, add_bos)
+        return encode_protected(self.tokenizer, text, protect, "ac", self.spec.ac_id, add_bos,
+                                max_sentence_tokens=max_sentence_tokens,
+                                end_anchor=text.rstrip()[-1:] in (".", "?", "!"))
 
     def decode_text(self, ids: Sequence[int], stop_ids: Sequence[int] = ()) -> str:
         """Printable text of generated ids: stop ids dropped, <AC> hidden unless `show_anchors`."""
@@ -367,10 +391,14 @@ class Engine:
     def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64, *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  stop_ids: Sequence[int] | None = None, max_sentence_tokens: int | None = None,
-                 raise_errors: bool = True, progress: Callable[[int], None] | None = None) -> list[Generation]:
+                 protect: Sequence[Sequence] | None = None, raise_errors: bool = True,
+                 progress: Callable[[int], None] | None = None) -> list[Generation]:
         """Generate for text prompts or id lists, in batches of `batch_size` (order preserved).
 
-        Greedy by default. A request whose cache would overflow raises CacheOverflowError,
+        Greedy by default. `protect`, one entry per prompt: the parts that stay visible to
+        every later token and in the cache (extension) — strings of a text prompt (every
+        occurrence), or (start, end) token ranges of an id prompt.
+        A request whose cache would overflow raises CacheOverflowError,
         or, with `raise_errors=False`, comes back with `error` set while the others are served.
         `progress(n)` is called after each batch with the number of requests it finished.
         """
@@ -383,7 +411,17 @@ class Engine:
             raise ValueError("max_sentence_tokens forces <AC> tokens and needs anchor mode 'ac'")
         if not prompts:
             return []
-        ids = [self.encode(p, max_sentence_tokens) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        protect = protect or [()] * len(prompts)
+        if len(protect) != len(prompts):
+            raise ValueError(f"protect needs one entry per prompt: {len(protect)} for {len(prompts)} prompts")
+        if self.spec.reference_positions and any(protect):
+            raise ValueError("protected spans need true positions (positions='true')")
+        ids, flags = [], []
+        for p, spans in zip(prompts, protect):
+            row, row_flags = self.encode(p, max_sentence_tokens, spans) if isinstance(p, str) else \
+                ([int(t) for t in p], span_flags(len(p), spans))
+            ids.append(row)
+            flags.append(row_flags)
         for i, row in enumerate(ids):
             if not row:
                 raise ValueError(f"prompt {i} is empty")
@@ -405,7 +443,7 @@ class Engine:
         results: dict[int, Generation] = {}
         for start in range(0, len(order), batch):
             rows = order[start:start + batch]
-            pre = self.prefill([ids[i] for i in rows], batch, chunk, capacity)
+            pre = self.prefill([ids[i] for i in rows], batch, chunk, capacity, [flags[i] for i in rows])
             for i, g in zip(rows, self.decode(pre, max_new_tokens, **sampling)):
                 if g.error and raise_errors:
                     raise CacheOverflowError(f"prompt {i}: {g.error}")
@@ -414,23 +452,28 @@ class Engine:
                 progress(len(rows))
         return [results[i] for i in range(len(ids))]
 
-    def prefill(self, prompt_ids: list[list[int]], batch: int, chunk: int, capacity: int) -> Prefilled:
+    def prefill(self, prompt_ids: list[list[int]], batch: int, chunk: int, capacity: int,
+                protected: list[list[bool]] | None = None) -> Prefilled:
         """Prefill up to `batch` prompts (missing rows are dummies, done from the start).
 
-        The buffer has min(capacity, what the longest prompt can keep) + chunk slots.
+        `protected`: per prompt and token (default none). The buffer has
+        min(capacity, what the longest prompt can keep) + chunk slots.
         """
         n = len(prompt_ids)
         rows = [list(r) for r in prompt_ids] + [[0]] * (batch - n)
+        flags = [list(map(bool, f)) for f in protected] if protected else [[False] * len(r) for r in prompt_ids]
+        flags += [[False]] * (batch - n)
         tokens, valid = right_align([r[:-1] for r in rows], chunk)
+        protected_BxW = right_align([f[:-1] for f in flags], chunk)[0].astype(bool)
         slots = min(capacity, bucket(max(len(r) for r in rows)))
         compile_before, t0 = self.compile_seconds, time.perf_counter()
         state = init_state(self.cfg, batch, slots + chunk, np.arange(batch) >= n)
         for c in range(0, tokens.shape[1], chunk):
             state = self._run("prefill", _prefill, (self.cfg, self.spec), True, self.params, state,
-                              tokens[:, c:c + chunk], valid[:, c:c + chunk])
+                              tokens[:, c:c + chunk], valid[:, c:c + chunk], protected_BxW[:, c:c + chunk])
         jax.block_until_ready(state)
         seconds = time.perf_counter() - t0 - (self.compile_seconds - compile_before)
-        return Prefilled(state=state, rows=rows, n=n, capacity=capacity, seconds=seconds)
+        return Prefilled(state=state, rows=rows, protected=flags, n=n, capacity=capacity, seconds=seconds)
 
     def decode(self, pre: Prefilled, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = (),
@@ -445,9 +488,10 @@ class Engine:
                         top_p=np.full(batch, top_p, np.float32), seed=np.full(batch, seed, np.uint32),
                         stop_ids=stops, max_sentence_tokens=np.int32(max_sentence_tokens))
         last = np.array([r[-1] for r in pre.rows], np.int32)
+        last_protected = np.array([f[-1] for f in pre.protected], bool)
         compile_before, t0 = self.compile_seconds, time.perf_counter()
         carry = self._run("decode", decode, (self.cfg, self.spec, slots, max_new_tokens), False, self.params,
-                          pre.state, last, samp)
+                          pre.state, last, last_protected, samp)
         generated, out_ids = np.asarray(carry.generated), np.asarray(carry.tokens)
         decode_s = time.perf_counter() - t0 - (self.compile_seconds - compile_before)
         peak, overflow = np.asarray(carry.state.peak), np.asarray(carry.state.overflow)
@@ -457,7 +501,8 @@ class Engine:
         for b, row in enumerate(pre.rows[:pre.n]):
             new = out_ids[b, :generated[b]].tolist()
             full = len(row) + len(new) - 1  # tokens whose keys/values were computed
-            stats = dict(prompt_tokens=len(row), generated_tokens=len(new), peak_cache_slots=int(peak[b]),
+            stats = dict(prompt_tokens=len(row), generated_tokens=len(new), protected_tokens=sum(pre.protected[b]),
+                         peak_cache_slots=int(peak[b]),
                          full_cache_slots=full, cache_reduction=round(1 - int(peak[b]) / max(full, 1), 4),
                          prefill_tokens_per_s=round((len(row) - 1) / max(pre.seconds, 1e-9), 1),
                          decode_tokens_per_s=round(len(new) / max(decode_s, 1e-9), 1),
@@ -469,12 +514,13 @@ class Engine:
         return results
 
     def _overflow_message(self, info: np.ndarray, capacity: int) -> str | None:
-        need, anchors, open_len = info.tolist()
+        need, anchors, open_len, protected = info.tolist()
         if not need:
             return None
         if not self.spec.anchor_cache:
             return f"the full cache would need {need} slots but the capacity is {capacity}: raise --capacity"
-        return (f"the anchor cache would need {need} slots ({anchors} anchors, an open sentence of {open_len} tokens) "
+        held = f"{anchors} anchors, " + (f"{protected} protected tokens, " if protected else "")
+        return (f"the anchor cache would need {need} slots ({held}an open sentence of {open_len} tokens) "
                 f"but the capacity is {capacity}: raise --capacity" +
                 (" or set --max-sentence-tokens" if self.spec.ac_id >= 0 else ""))
 
@@ -495,9 +541,20 @@ class Engine:
         return exe(*args)
 
 
-def _prefill(cfg, spec, params, state, tokens_BxT, valid_BxT) -> GenState:
+def _prefill(cfg, spec, params, state, tokens_BxT, valid_BxT, protected_BxT) -> GenState:
     """`prefill_step` without its logits (XLA then skips the vocabulary projection)."""
-    return prefill_step(cfg, spec, params, state, tokens_BxT, valid_BxT)[1]
+    return prefill_step(cfg, spec, params, state, tokens_BxT, valid_BxT, protected_BxT)[1]
+
+
+def span_flags(n: int, spans: Sequence[Sequence[int]]) -> list[bool]:
+    """[n] bool: token i lies in one of the (start, end) ranges (end exclusive; 0 <= start < end <= n)."""
+    flags = [False] * n
+    for span in spans:
+        if isinstance(span, str) or len(span) != 2 or not all(isinstance(x, int) for x in span) \
+                or not 0 <= span[0] < span[1] <= n:
+            raise ValueError(f"a protected span must be (start, end) with 0 <= start < end <= {n}, got {span!r}")
+        flags[span[0]:span[1]] = [True] * (span[1] - span[0])
+    return flags
 
 
 def right_align(rows: Sequence[Sequence[int]], chunk: int) -> tuple[np.ndarray, np.ndarray]:

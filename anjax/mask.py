@@ -1,11 +1,16 @@
 """Per-token metadata and the one attention predicate (DESIGN.md Invariant 1).
 
 Every token carries `doc` (document id in its row), `pos` (true position in its
-document, used by RoPE), `seg` (sentence index: +1 after each anchor), `anchor`
-and `valid`. Query q may attend to key k iff
+document, used by RoPE), `seg` (sentence index: +1 after each anchor), `anchor`,
+`protected` and `valid`. Query q may attend to key k iff
 
     valid_k and doc_k == doc_q and pos_k <= pos_q and
-    (full or seg_k == seg_q or (anchor_k and not anchor_q) or pos_k < sink)
+    (full or seg_k == seg_q or (anchor_k and not anchor_q) or protected_k)
+
+`protected` is an extension beyond the paper, False by default: a protected token
+stays visible to every later token of its document, as in full attention, and an
+anchor cache keeps it. It carries attention sinks (the first N positions) and
+protected spans (e.g. a question or a translation source).
 
 Training, prefill and decode all call `attention_allowed`; nothing else builds a mask.
 """
@@ -26,6 +31,7 @@ class TokenMeta:
     pos: jax.Array     # int32 true position within the document
     seg: jax.Array     # int32 sentence index within the document
     anchor: jax.Array  # bool, the token closes its sentence
+    protected: jax.Array  # bool, visible to every later token of its document (extension)
     valid: jax.Array   # bool, not padding
 
 
@@ -47,11 +53,13 @@ def is_anchor(ids_BxT: jax.Array, anchor_ids: Sequence[int]) -> jax.Array:
 
 @jax.jit(static_argnames="anchor_ids")
 def token_metadata(ids_BxT: jax.Array, valid_BxT: jax.Array, doc_BxT: jax.Array | None = None,
-                   anchor_ids: tuple[int, ...] = ()) -> TokenMeta:
+                   anchor_ids: tuple[int, ...] = (), protected_BxT: jax.Array | None = None,
+                   sink_tokens: int | jax.Array = 0) -> TokenMeta:
     """Metadata for a batch of rows (left or right padding, several packed documents).
 
     Padding (valid=False) does not advance `pos` or `seg`; positions and sentence
-    indices restart at 0 at each document's first token.
+    indices restart at 0 at each document's first token. Protected: the tokens
+    flagged in `protected_BxT` and each document's first `sink_tokens` positions.
     """
     valid_BxT = valid_BxT.astype(bool)
     if doc_BxT is None:
@@ -62,19 +70,16 @@ def token_metadata(ids_BxT: jax.Array, valid_BxT: jax.Array, doc_BxT: jax.Array 
     a = anchor_BxT.astype(jnp.int32)
     pos_BxT = _restart_at_doc(jnp.cumsum(v, axis=1) - v, doc_BxT)
     seg_BxT = _restart_at_doc(jnp.cumsum(a, axis=1) - a, doc_BxT)
-    return TokenMeta(doc=doc_BxT, pos=pos_BxT, seg=seg_BxT, anchor=anchor_BxT, valid=valid_BxT)
+    protected_BxT = pos_BxT < sink_tokens if protected_BxT is None else protected_BxT.astype(bool) | (pos_BxT < sink_tokens)
+    return TokenMeta(doc=doc_BxT, pos=pos_BxT, seg=seg_BxT, anchor=anchor_BxT, protected=protected_BxT & valid_BxT,
+                     valid=valid_BxT)
 
 
-def attention_allowed(q: TokenMeta, k: TokenMeta, full: bool | jax.Array, sink_tokens: int | jax.Array = 0) -> jax.Array:
-    """[B, Tq, Tk] bool: the AnSAN predicate (or plain causal attention when `full`).
-
-    `sink_tokens` (default 0, beyond the paper) keeps each document's first N
-    positions visible to every later token, like an attention sink.
-    """
+def attention_allowed(q: TokenMeta, k: TokenMeta, full: bool | jax.Array) -> jax.Array:
+    """[B, Tq, Tk] bool: the AnSAN predicate (or plain causal attention when `full`)."""
     qe = lambda x: x[:, :, None]
     ke = lambda x: x[:, None, :]
     causal = ke(k.valid) & (ke(k.doc) == qe(q.doc)) & (ke(k.pos) <= qe(q.pos))
     same_sentence = ke(k.seg) == qe(q.seg)
     earlier_anchor = ke(k.anchor) & ~qe(q.anchor)
-    sink = ke(k.pos) < sink_tokens
-    return causal & (full | same_sentence | earlier_anchor | sink)
+    return causal & (full | same_sentence | earlier_anchor | ke(k.protected))

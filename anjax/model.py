@@ -21,7 +21,7 @@ import flax.linen as nn
 
 from anjax.cache import KVCache, append_meta, write_slots
 from anjax.config import ModelConfig
-from anjax.mask import TokenMeta, attention_allowed
+from anjax.mask import TokenMeta, attention_allowed, token_metadata
 
 _init = nn.initializers.normal(0.02)
 
@@ -90,7 +90,6 @@ def blocked_attention(q_BxTxHxD: jax.Array, blocks) -> jax.Array:
 class Attention(nn.Module):
     cfg: ModelConfig
     full_attention: bool
-    sink_tokens: int
 
     @nn.compact
     def __call__(self, x_BxTxE, q_meta: TokenMeta, k_meta: TokenMeta, layer_kv):
@@ -107,7 +106,7 @@ class Attention(nn.Module):
         q = rope(q, q_meta.pos, cfg.rope_theta, cfg.rope_scaling_factor)
         k = rope(k, q_meta.pos, cfg.rope_theta, cfg.rope_scaling_factor)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
-        mask = lambda keys_meta: attention_allowed(q_meta, keys_meta, self.full_attention, self.sink_tokens)
+        mask = lambda keys_meta: attention_allowed(q_meta, keys_meta, self.full_attention)
         if layer_kv is None:  # keys are the chunk itself
             out, new_kv = dot_attention(q, k, v, mask(k_meta)), None
         else:  # the cache's slots, then the chunk itself
@@ -137,11 +136,10 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     full_attention: bool
-    sink_tokens: int
 
     @nn.compact
     def __call__(self, x_BxTxE, layer_kv, q_meta, k_meta):
-        h, new_kv = Attention(self.cfg, self.full_attention, self.sink_tokens, name="attn")(
+        h, new_kv = Attention(self.cfg, self.full_attention, name="attn")(
             RMSNorm(self.cfg, name="attn_norm")(x_BxTxE), q_meta, k_meta, layer_kv)
         x_BxTxE = x_BxTxE + h
         x_BxTxE = x_BxTxE + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxTxE))
@@ -156,7 +154,7 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxT: jax.Array, meta: TokenMeta, cache: KVCache | None = None,
-                 full_attention: bool = True, sink_tokens: int = 0):
+                 full_attention: bool = True):
         cfg = self.cfg
         embed_VxE = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
         x = embed_VxE.astype(cfg.dtype)[tokens_BxT]
@@ -174,12 +172,12 @@ class Llama(nn.Module):
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, new_kv = stack(cfg, full_attention, sink_tokens, name="layers")(x, layers_kv, meta, k_meta)
+            x, new_kv = stack(cfg, full_attention, name="layers")(x, layers_kv, meta, k_meta)
         else:
             new = []
             for i in range(cfg.num_layers):
                 layer_kv = None if layers_kv is None else (layers_kv[0][i], layers_kv[1][i])
-                x, kv = block(cfg, full_attention, sink_tokens, name=f"layer_{i}")(x, layer_kv, meta, k_meta)
+                x, kv = block(cfg, full_attention, name=f"layer_{i}")(x, layer_kv, meta, k_meta)
                 new.append(kv)
             new_kv = None if cache is None else tuple(jnp.stack(t) for t in zip(*new))
 
@@ -201,9 +199,7 @@ class Llama(nn.Module):
 def init_boxed(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
     """Random parameters boxed with their logical axis names (nn.LogicallyPartitioned leaves)."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    meta = TokenMeta(doc=tokens, pos=jnp.broadcast_to(jnp.arange(seq_len), (1, seq_len)), seg=tokens,
-                     anchor=tokens.astype(bool), valid=jnp.ones((1, seq_len), bool))
-    return Llama(cfg).init(rng, tokens, meta)["params"]
+    return Llama(cfg).init(rng, tokens, token_metadata(tokens, jnp.ones_like(tokens, bool)))["params"]
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):

@@ -249,7 +249,8 @@ def _broadcast(state: GenState, slots: int, k: int) -> GenState:
 
     c = state.cache
     cache = c.replace(keys=fit(c.keys, 2), values=fit(c.values, 2), pos=fit(c.pos, 1), seg=fit(c.seg, 1),
-                      anchor=fit(c.anchor, 1), valid=fit(c.valid, 1), length=jnp.repeat(c.length, k))
+                      anchor=fit(c.anchor, 1), protected=fit(c.protected, 1), valid=fit(c.valid, 1),
+                      length=jnp.repeat(c.length, k))
     rep = lambda x: jnp.repeat(x, k, axis=0)
     return jax.tree.map(rep, state.replace(cache=None)).replace(cache=cache)
 
@@ -267,9 +268,9 @@ def _recompute(cfg, spec, params, tokens_NxL, valid_NxL, targets_NxW, scored_NxW
     The vocabulary projection is applied to those W positions only (the model's own
     all-position logits are dropped, so XLA never computes them), as in the cached path.
     """
-    meta = token_metadata(tokens_NxL, valid_NxL, None, anchor_ids=spec.anchor_ids)
+    meta = token_metadata(tokens_NxL, valid_NxL, None, anchor_ids=spec.anchor_ids, sink_tokens=spec.sink_tokens)
     _, state = Llama(cfg).apply({"params": params}, tokens_NxL, meta, None, full_attention=not spec.anchor_cache,
-                                sink_tokens=spec.sink_tokens, mutable=["intermediates"],
+                                mutable=["intermediates"],
                                 capture_intermediates=lambda mdl, _: mdl.name == "final_norm")
     hidden_NxWxE = state["intermediates"]["final_norm"]["__call__"][0][:, -targets_NxW.shape[1]:]
     head_ExV = params["embed"].T if cfg.tie_embeddings else params["lm_head"]

@@ -81,6 +81,23 @@ def test_max_sentence_tokens(ac_tok):
     assert capped.count(ac) == sum(-(-n // 4) for n in runs(plain)[:-1])   # an <AC> after every 4 tokens
 
 
+@pytest.mark.parametrize("mode,cap", [("none", None), ("ac", None), ("ac", 3)])
+def test_protected_text_marks_exactly_its_tokens(ac_tok, mode, cap):
+    ac = ac_tok.convert_tokens_to_ids(AC_TOKEN) if mode == "ac" else None
+    text = THREE + " The dog sat on the mat"
+    protect = ["mat. Did the", "dog"]  # across a sentence end; "dog" occurs twice
+    ids, flags = data.encode_protected(ac_tok, text, protect, mode, ac, True, max_sentence_tokens=cap,
+                                       end_anchor=False)
+    assert ids == data.encode_text(ac_tok, text, mode, ac, True, max_sentence_tokens=cap, end_anchor=False)
+    covered = "".join(ac_tok.decode([t]) for t, f in zip(ids, flags) if f and t != ac)
+    assert covered.replace(" ", "") == "mat.Didthedogdog"
+    assert not flags[0]  # BOS
+    if mode == "ac" and cap is None:  # the <AC> after "mat." lies inside the first span
+        assert [f for t, f in zip(ids, flags) if t == ac] == [True, False, False]
+    with pytest.raises(ValueError, match="does not occur"):
+        data.encode_protected(ac_tok, text, ["elephant"], mode, ac, True)
+
+
 def test_stats_and_empty_documents_skipped(ac_tok):
     corpus = _corpus(ac_tok, [THREE, "", "   \n", "No end"], mode="ac")
     s = corpus.stats

@@ -9,7 +9,7 @@ import pytest
 from anjax.cache import compact, keep_slots
 from anjax.config import tiny_config
 from anjax.generate import (CacheOverflowError, Engine, EngineSpec, feed_token, init_state, prefill_step,
-                            right_align, sample_tokens, start_decode)
+                            right_align, sample_tokens, span_flags, start_decode)
 from anjax.mask import token_metadata
 from anjax.model import Llama, blocked_attention, init_params
 
@@ -41,11 +41,12 @@ def ac_row(rng, n):
     return out[:n]
 
 
-def reference_logits(cfg, params, row, anchor_ids, full, sink=0):
-    """[T, V] logits of one full forward pass (AnSAN mask unless `full`)."""
+def reference_logits(cfg, params, row, anchor_ids, full, sink=0, protected=None):
+    """[T, V] logits of one full forward pass (AnSAN mask unless `full`; `protected` [T] bool)."""
     ids = jnp.asarray([row])
-    meta = token_metadata(ids, jnp.ones_like(ids, bool), anchor_ids=anchor_ids)
-    logits, _ = Llama(cfg).apply({"params": params}, ids, meta, full_attention=full, sink_tokens=sink)
+    flags = None if protected is None else jnp.asarray([protected])
+    meta = token_metadata(ids, jnp.ones_like(ids, bool), anchor_ids=anchor_ids, protected_BxT=flags, sink_tokens=sink)
+    logits, _ = Llama(cfg).apply({"params": params}, ids, meta, full_attention=full)
     return np.asarray(logits[0])
 
 
@@ -54,14 +55,20 @@ _feed = jax.jit(feed_token, static_argnums=(0, 1))
 _start = jax.jit(start_decode, static_argnums=(1, 2))
 
 
-def engine_logits(cfg, params, spec, rows, n_prompt, chunk, capacity):
-    """Per row [len, V] logits: the first n_prompt[b] ids prefilled in chunks, the rest fed one by one."""
+def engine_logits(cfg, params, spec, rows, n_prompt, chunk, capacity, protected=None):
+    """Per row [len, V] logits: the first n_prompt[b] ids prefilled in chunks, the rest fed one by one.
+
+    `protected`: per row, [len] bool flags (default none).
+    """
     B = len(rows)
+    protected = protected or [[False] * len(r) for r in rows]
     tokens, valid = right_align([r[:p] for r, p in zip(rows, n_prompt)], chunk)
+    flags = right_align([f[:p] for f, p in zip(protected, n_prompt)], chunk)[0].astype(bool)
     state = init_state(cfg, B, capacity + chunk, np.zeros(B, bool))
     logits = [[] for _ in rows]
     for c in range(0, tokens.shape[1], chunk):
-        lg, state = _prefill(cfg, spec, params, state, tokens[:, c:c + chunk], valid[:, c:c + chunk])
+        lg, state = _prefill(cfg, spec, params, state, tokens[:, c:c + chunk], valid[:, c:c + chunk],
+                             flags[:, c:c + chunk])
         lg = np.asarray(lg)
         for b in range(B):
             logits[b] += list(lg[b][valid[b, c:c + chunk]])
@@ -69,8 +76,9 @@ def engine_logits(cfg, params, spec, rows, n_prompt, chunk, capacity):
     for t in range(max(len(r) - p for r, p in zip(rows, n_prompt))):
         active = np.array([p + t < len(r) for r, p in zip(rows, n_prompt)])
         token = np.array([r[p + t] if a else 0 for r, p, a in zip(rows, n_prompt, active)], np.int32)
+        token_flag = np.array([f[p + t] if a else False for f, p, a in zip(protected, n_prompt, active)], bool)
         state = state.replace(done=jnp.asarray(~active))
-        lg, state = _feed(cfg, spec, params, state, token)
+        lg, state = _feed(cfg, spec, params, state, token, token_flag)
         lg = np.asarray(lg)
         for b in np.flatnonzero(active):
             logits[b].append(lg[b])
@@ -114,6 +122,42 @@ def test_sink_tokens_stay_visible_and_exact():
     got, state = engine_logits(cfg, params, spec, [row], [20], 7, capacity=32)
     assert np.abs(got[0] - reference_logits(cfg, params, row, EP_IDS, False, sink=3)).max() <= 1e-4
     assert np.asarray(state.cache.pos[0, :3]).tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kind,chunk", [("ep", 1), ("ep", 6), ("ac", 4), ("ac", 16)])
+def test_protected_spans_stay_visible_and_exact(kind, chunk):
+    """Spans anywhere in the prompt (one inside its last, open sentence, so decode leaves holes)
+    and in decoded tokens: logits equal one forward pass; the cache keeps exactly anchors +
+    protected + open sentence."""
+    cfg, params = tiny_model()
+    rng = np.random.default_rng(chunk)
+    make, ids = (ep_row, EP_IDS) if kind == "ep" else (ac_row, (AC_ID,))
+    rows, n_prompt, flags = [], [], []
+    for n, p in ((40, 28), (26, 9)):
+        row = make(rng, n)
+        while row[p - 1] in ids or row[p - 2] in ids or row[p - 3] in ids:  # the prompt ends in an open sentence
+            row = make(rng, n)
+        f = [False] * n
+        start = int(rng.integers(0, p // 2))
+        f[start:start + 4] = [True] * 4   # an early span
+        f[p - 2] = True                   # a span inside the open sentence (an unprotected token before it)
+        f[p + 3] = True                   # a decoded token
+        rows.append(row), n_prompt.append(p), flags.append(f)
+    spec = EngineSpec(anchor_cache=True, anchor_ids=ids)
+    got, state = engine_logits(cfg, params, spec, rows, n_prompt, chunk, capacity=40, protected=flags)
+    for b, row in enumerate(rows):
+        want = reference_logits(cfg, params, row, ids, False, protected=flags[b])
+        assert np.abs(got[b] - want).max() <= 1e-4, (b, np.abs(got[b] - want).max())
+        plain = reference_logits(cfg, params, row, ids, False)
+        assert np.abs(plain - want).max() > 1e-3  # the spans change the model's output
+        meta = token_metadata(jnp.asarray([row]), jnp.ones((1, len(row)), bool), anchor_ids=ids)
+        seg, anchor = np.asarray(meta.seg[0]), np.asarray(meta.anchor[0])
+        kept = [t for t in range(len(row)) if anchor[t] or flags[b][t] or seg[t] == seg[-1] + anchor[-1]]
+        c = state.cache
+        held = np.asarray(c.valid[b])
+        assert np.asarray(c.pos[b])[held].tolist() == kept
+        assert np.asarray(c.protected[b])[held].tolist() == [flags[b][t] for t in kept]
+    assert int(state.cache.length[0]) > int(state.cache.valid[0].sum())  # row 0 closed its sentence: holes
 
 
 def test_ragged_rows_equal_rows_alone():
@@ -231,6 +275,23 @@ def test_greedy_generation_matches_argmax_of_full_forward():
         logits = reference_logits(cfg, params, out.ids[:-1], EP_IDS, full=False)
         assert out.ids[len(out.prompt_ids):] == np.argmax(logits, -1)[len(out.prompt_ids) - 1:].tolist()
         assert out.stats["generated_tokens"] == 8 and out.stats["full_cache_slots"] == len(out.ids) - 1
+
+
+def test_greedy_generation_with_protected_spans_matches_full_forward():
+    cfg, params = tiny_model()
+    eng = Engine(cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!")), params, chunk_size=4)
+    rng = np.random.default_rng(6)
+    prompts, spans = [ep_row(rng, 15), ep_row(rng, 6)], [[(1, 4), (12, 15)], [(5, 6)]]
+    for out, sp in zip(eng.generate(prompts, max_new_tokens=8, stop_ids=(), protect=spans), spans):
+        flags = span_flags(len(out.ids) - 1, sp)
+        logits = reference_logits(cfg, params, out.ids[:-1], EP_IDS, False, protected=flags)
+        assert out.ids[len(out.prompt_ids):] == np.argmax(logits, -1)[len(out.prompt_ids) - 1:].tolist()
+        assert out.stats["protected_tokens"] == sum(flags)
+    for bad, message in (([[(3, 2)], []], "start < end"), ([[(0, 99)], []], "end <= 15"), ([[]], "one entry")):
+        with pytest.raises(ValueError, match=message):
+            eng.generate(prompts, max_new_tokens=2, protect=bad)
+    with pytest.raises(ValueError, match="true positions"):
+        Engine(eng.cfg, params, positions="reference").generate(prompts, max_new_tokens=2, protect=spans)
 
 
 def test_stop_ids_end_rows_independently():

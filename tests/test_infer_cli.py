@@ -55,6 +55,23 @@ def test_prompt_json_anchor_cache(model_dir):
     assert out["stats"]["cache"] == "anchor" and out["stats"]["peak_cache_slots"] < out["stats"]["full_cache_slots"]
 
 
+def test_protected_parts_of_a_prompt(model_dir, tmp_path):
+    prompt = "The cat sat on the mat. Did the dog see it? Yes"
+    proc = infer("--model", model_dir, "--prompt", prompt, "--protect", "the mat", "--protect", "dog",
+                 "--max-new-tokens", "3", "--anchor-mode", "ep", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["stats"]["protected_tokens"] >= 3
+    assert_one_line_error(infer("--model", model_dir, "--prompt", prompt, "--protect", "bird"), "'bird'")
+    lines = [json.dumps({"prompt": prompt, "protect": ["dog"]}), json.dumps({"prompt": prompt, "protect": ["bird"]})]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = infer("--model", model_dir, "--input", tmp_path / "in.jsonl", "--output", out, "--max-new-tokens", "3",
+                 "--anchor-mode", "ep")
+    assert proc.returncode == 1 and "in.jsonl:2:" in proc.stderr, proc.stderr
+    good, bad = [json.loads(x) for x in out.read_text().splitlines()]
+    assert good["stats"]["protected_tokens"] >= 1 and '"protect"' in bad["error"]
+
+
 def test_unknown_anchor_token(model_dir, tmp_path):
     out = tmp_path / "out.jsonl"
     (tmp_path / "in.jsonl").write_text('{"prompt": "The cat."}\n')

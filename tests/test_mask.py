@@ -11,13 +11,15 @@ from anjax.model import Llama, dot_attention, init_params
 ANCHOR = 7  # the anchor token id in these tests
 
 
-def brute_force_mask(ids, valid, doc, full):
+def brute_force_mask(ids, valid, doc, full, protected=None, sink=0):
     """[T, T] from the paper's words, with explicit sentence lists (no seg counters).
 
     Documents are split into sentences, each ending at an anchor (tokens after the
     last anchor form the open sentence). A non-anchor token sees the earlier tokens
     of its own sentence and the anchors of all earlier sentences of its document; an
     anchor sees only its own sentence, itself included. Padding is never seen.
+    Extension: a protected token (flagged in `protected`, or among its document's
+    first `sink` tokens) is seen by every later token of its document.
     """
     T = len(ids)
     allowed = np.zeros((T, T), bool)
@@ -43,6 +45,8 @@ def brute_force_mask(ids, valid, doc, full):
                 else:
                     earlier_anchors = [s[-1] for s in sentences[:si] if ids[s[-1]] == ANCHOR]
                     visible = earlier_anchors + [k for k in sentence if k <= q]
+                visible += [k for i, k in enumerate(members)
+                            if k <= q and ((protected is not None and protected[k]) or i < sink)]
                 allowed[q, visible] = True
     return allowed
 
@@ -82,6 +86,28 @@ def test_predicate_matches_brute_force(full):
                 np.testing.assert_array_equal(got[b][q], want[q], err_msg=f"{ids[b]} {valid[b]} {doc[b]}")
                 cases += 1
     assert cases >= 500
+
+
+def test_protected_tokens_and_sinks_match_brute_force():
+    rng = np.random.default_rng(1)
+    for T in (1, 4, 9, 16, 33):
+        for _ in range(40):
+            rows = [random_row(rng, T) for _ in range(2)]
+            ids, valid, doc = (np.stack(x) for x in zip(*rows))
+            protected = rng.random(ids.shape) < rng.uniform(0, 0.4)
+            sink = int(rng.integers(0, 4))
+            meta = token_metadata(jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(doc), anchor_ids=(ANCHOR,),
+                                  protected_BxT=jnp.asarray(protected), sink_tokens=sink)
+            got = np.asarray(attention_allowed(meta, meta, False))
+            for b in range(2):
+                want = brute_force_mask(ids[b], valid[b], doc[b], False, protected[b], sink)
+                q = valid[b]
+                np.testing.assert_array_equal(got[b][q], want[q], err_msg=f"{ids[b]} {protected[b]} {sink}")
+    # protection reaches past sentence boundaries, where AnSAN alone would hide the token
+    ids = jnp.array([[10, 11, ANCHOR, 12]])
+    flags = jnp.array([[False, True, False, False]])
+    meta = token_metadata(ids, jnp.ones_like(ids, bool), None, anchor_ids=(ANCHOR,), protected_BxT=flags)
+    assert np.asarray(attention_allowed(meta, meta, False))[0, 3].tolist() == [False, True, True, True]
 
 
 def test_metadata_hand_examples():
