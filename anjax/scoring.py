@@ -156,7 +156,8 @@ def load_scoring_model(model: str | None = None, **kwargs) -> ScoringModel:
     cfg, params, tokenizer = load_model(model)
     if tokenizer is None:
         raise ValueError(f"{model}: the model directory has no tokenizer files; scoring needs text")
-    name = "SmolLM2-135M-Instruct" if model is None else Path(str(model)).name
+    path = Path(str(model))
+    name = "SmolLM2-135M-Instruct" if model is None else path.name if path.name != "hf" else f"{path.parent.name}/hf"
     return prepare_model(cfg, params, tokenizer, name=kwargs.pop("name", name), **kwargs)
 
 
