@@ -157,7 +157,8 @@ class Llama(nn.Module):
                  full_attention: bool = True):
         cfg = self.cfg
         embed_VxE = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
-        x = embed_VxE.astype(cfg.dtype)[tokens_BxT]
+        table_VxE = nn.with_logical_constraint(embed_VxE.astype(cfg.dtype), ("vocab", None))  # gathered whole over fsdp
+        x = table_VxE[tokens_BxT]
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
         if cache is None:
