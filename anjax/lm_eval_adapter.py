@@ -16,7 +16,9 @@ harness's own option (items per batch; "auto" means 8).
 form one item, whose longest common context is prefilled once and whose choices
 are scored against that cache. `loglikelihood_rolling` scores each string whole
 (prefixed with BOS, else EOS, like the harness) through chunked prefill.
-`generate_until` is not provided (use `python -m anjax.infer`).
+`generate_until` generates with `anjax.generate.Engine` (same cache kind; the context
+encoded as for scoring), requests with the same generation settings batched together;
+the text is cut before the first `until` string, and EOS ends a row.
 
 lm-eval (`pip install lm-eval==0.4.13`) is a test-only dependency: importing this
 module without it raises an ImportError that says so.
@@ -32,6 +34,7 @@ try:
 except ImportError as e:   # pragma: no cover - depends on the environment
     raise ImportError("anjax.lm_eval_adapter needs lm-evaluation-harness: pip install lm-eval==0.4.13") from e
 
+from anjax.generate import Engine
 from anjax.scoring import ScoreRequest, Scorer, ScoringModel, load_scoring_model
 
 
@@ -49,8 +52,9 @@ class AnjaxLM(LM):
                                                need_anchors=cache == "anchor")
         batch = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.scorer = Scorer(scoring_model, batch_size=batch, chunk_size=int(chunk_size))
-        self.cache = cache
+        self.cache, self.batch_size = cache, batch
         self.scorer.spec(cache)   # validates the cache kind early
+        self._engine: Engine | None = None
 
     @property
     def model(self) -> ScoringModel:
@@ -80,8 +84,42 @@ class AnjaxLM(LM):
         return [-x for x in self.scorer.sequence_nll(rows, self.cache, scored)["nll"]]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        raise NotImplementedError("the anjax lm-eval adapter scores log-likelihoods only; "
-                                  "generate with python -m anjax.infer")
+        """Continuations of each context under its `gen_kwargs` (until, max_gen_toks, do_sample, temperature)."""
+        groups: dict[tuple, list[int]] = {}
+        settings = [_generation_settings(r.args[1]) for r in requests]
+        for i, s in enumerate(settings):
+            groups.setdefault(tuple(v for k, v in sorted(s.items()) if k != "until"), []).append(i)
+        out = [""] * len(requests)
+        for idx in groups.values():
+            s = settings[idx[0]]
+            prompts = [self.model.encode_context(requests[i].args[0]) for i in idx]
+            gens = self.engine().generate(prompts, max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
+                                          seed=s["seed"])
+            for i, g in zip(idx, gens):
+                text = g.text
+                cut = min([text.find(u) for u in settings[i]["until"] if u in text] or [len(text)])
+                out[i] = text[:cut]
+        return out
+
+    def engine(self) -> Engine:
+        """The generation engine over the scoring model's weights and anchor settings (built once)."""
+        if self._engine is None:
+            m = self.model
+            cfg = m.cfg.replace(anchor_mode=m.anchor_mode, anchor_ids=m.anchor_ids,
+                                anchor_tokens=tuple(m.tokenizer.convert_ids_to_tokens(list(m.anchor_ids))))
+            self._engine = Engine(cfg, m.params, m.tokenizer, cache=self.cache, batch_size=self.batch_size,
+                                  chunk_size=self.scorer.chunk_size)
+        return self._engine
+
+
+def _generation_settings(gen_kwargs: dict) -> dict:
+    """The harness's gen_kwargs as Engine arguments (greedy unless do_sample; 256 new tokens by default)."""
+    until = gen_kwargs.get("until", [])
+    sample = bool(gen_kwargs.get("do_sample", False))
+    return {"until": [until] if isinstance(until, str) else list(until),
+            "max_new_tokens": int(gen_kwargs.get("max_gen_toks", 256)),
+            "temperature": float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0,
+            "seed": int(gen_kwargs.get("seed", 0))}
 
 
 def main() -> None:

@@ -295,3 +295,24 @@ def test_lm_eval_adapter_rolling_loglikelihood(tiny):
     ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
     logp = forward_logp(cfg, params, ids, (), True)
     assert got == pytest.approx(sum(logp[t - 1, ids[t]] for t in range(1, len(ids))), abs=2e-4)
+
+
+def test_lm_eval_adapter_generate_until(tiny):
+    """Greedy continuations equal the argmax chain of full forward passes (anchor mask), cut at `until`."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from anjax.lm_eval_adapter import AnjaxLM
+    cfg, params, tok = tiny
+    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ep")
+    lm = AnjaxLM(scoring_model=model, cache="anchor")
+    contexts = ["The cat sat on the mat. Did the dog", "Yes! The dog saw"]
+    full = lm.generate_until([Instance("generate_until", {}, (c, {"until": [], "max_gen_toks": 6}), i)
+                              for i, c in enumerate(contexts)])
+    for context, text in zip(contexts, full):
+        ids = model.encode_context(context)
+        for _ in range(6):
+            ids.append(int(forward_logp(cfg, params, ids, model.anchor_ids, False)[-1].argmax()))
+        assert text == tok.decode(ids[len(model.encode_context(context)):])
+    stop = full[0][2:4]
+    cut = lm.generate_until([Instance("generate_until", {}, (contexts[0], {"until": [stop], "max_gen_toks": 6}), 0)])
+    assert cut == [full[0][:full[0].find(stop)]]
