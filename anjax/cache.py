@@ -15,8 +15,9 @@ from anjax.mask import TokenMeta
 
 @flax.struct.dataclass
 class KVCache:
-    """keys/values [L, B, C, K, D]; per-slot metadata [B, C]; `length` [B] slots in use (front-packed;
-    in decode a protected span may leave holes below it, see `close_sentence`)."""
+    """keys/values [L, B, K, C, D] (head-major: a head's slots are contiguous, so attention reads them in place);
+    per-slot metadata [B, C]; `length` [B] slots in use (front-packed; in decode a protected span may
+    leave holes below it, see `close_sentence`)."""
 
     keys: jax.Array
     values: jax.Array
@@ -29,7 +30,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[2]
+        return self.keys.shape[3]
 
     def slot_meta(self) -> TokenMeta:
         """Metadata of the C slots as keys (one document per row)."""
@@ -39,7 +40,7 @@ class KVCache:
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
     """An empty cache: no valid slot, length 0."""
-    kv_shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+    kv_shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
     meta = lambda dtype: jnp.zeros((batch, capacity), dtype)  # distinct buffers (donation-safe)
     return KVCache(keys=jnp.zeros(kv_shape, dtype), values=jnp.zeros(kv_shape, dtype),
                    pos=meta(jnp.int32), seg=meta(jnp.int32), anchor=meta(bool), protected=meta(bool),
@@ -53,16 +54,16 @@ def write_rows(buffer_BxCx: jax.Array, chunk_BxTx: jax.Array, offset_B: jax.Arra
     return jax.vmap(one)(buffer_BxCx, chunk_BxTx, offset_B)
 
 
-def write_slots(buffer_LxBxCxKxD: jax.Array, chunk_LxBxTxKxD: jax.Array, offset_B: jax.Array) -> jax.Array:
+def write_slots(buffer_LxBxKxCxD: jax.Array, chunk_LxBxKxTxD: jax.Array, offset_B: jax.Array) -> jax.Array:
     """Write every layer's chunk at each row's offset along the slot axis (caller keeps offset + T <= C).
 
     One scatter, updated in place under jit (a vmap over the batch axis would transpose the whole
     cache). Offsets are clamped to [0, C - T] like `write_rows`, so a write never leaves the buffer.
     """
-    B, T = chunk_LxBxTxKxD.shape[1:3]
-    slot_BxT = jnp.clip(offset_B, 0, buffer_LxBxCxKxD.shape[2] - T)[:, None] + jnp.arange(T)
-    return buffer_LxBxCxKxD.at[:, jnp.arange(B)[:, None], slot_BxT].set(
-        chunk_LxBxTxKxD.astype(buffer_LxBxCxKxD.dtype), mode="promise_in_bounds")
+    B, K, T = chunk_LxBxKxTxD.shape[1:4]
+    slot_BxT = jnp.clip(offset_B, 0, buffer_LxBxKxCxD.shape[3] - T)[:, None] + jnp.arange(T)
+    return buffer_LxBxKxCxD.at[:, jnp.arange(B)[:, None, None], jnp.arange(K)[:, None], slot_BxT[:, None]].set(
+        chunk_LxBxKxTxD.astype(buffer_LxBxKxCxD.dtype), mode="promise_in_bounds")
 
 
 def append_meta(cache: KVCache, meta: TokenMeta) -> KVCache:
@@ -104,9 +105,9 @@ def compact(cache: KVCache, keep_BxC: jax.Array) -> KVCache:
     def take_meta(x_BxC):
         return jnp.where(live_BxC, jnp.take_along_axis(x_BxC, order_BxC, axis=1), jnp.zeros((), x_BxC.dtype))
 
-    def take_kv(x_LxBxCxKxD):
-        x = jnp.take_along_axis(x_LxBxCxKxD, order_BxC[None, :, :, None, None], axis=2)
-        return jnp.where(live_BxC[None, :, :, None, None], x, jnp.zeros((), x.dtype))
+    def take_kv(x_LxBxKxCxD):
+        x = jnp.take_along_axis(x_LxBxKxCxD, order_BxC[None, :, None, :, None], axis=3)
+        return jnp.where(live_BxC[None, :, None, :, None], x, jnp.zeros((), x.dtype))
 
     return KVCache(keys=take_kv(cache.keys), values=take_kv(cache.values), pos=take_meta(cache.pos),
                    seg=take_meta(cache.seg), anchor=take_meta(cache.anchor), protected=take_meta(cache.protected),
@@ -134,8 +135,8 @@ def close_sentence(cache: KVCache, close_B: jax.Array, open_start_B: jax.Array) 
         slot_Bx1 = jnp.take_along_axis(x_BxC, src_B[:, None], axis=1)
         return write_rows(x_BxC, slot_Bx1, dst_B)
 
-    def move_kv(x_LxBxCxKxD):
-        return write_slots(x_LxBxCxKxD, jnp.take_along_axis(x_LxBxCxKxD, src_B[None, :, None, None, None], axis=2),
+    def move_kv(x_LxBxKxCxD):
+        return write_slots(x_LxBxKxCxD, jnp.take_along_axis(x_LxBxKxCxD, src_B[None, :, None, None, None], axis=3),
                            dst_B)
 
     live_BxC = jnp.arange(cache.capacity) < length_B[:, None]
@@ -151,6 +152,6 @@ def resize(cache: KVCache, capacity: int) -> KVCache:
         if extra <= 0:
             return jax.lax.slice_in_dim(x, 0, capacity, axis=axis)
         return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
-    return cache.replace(keys=fit(cache.keys, 2), values=fit(cache.values, 2), pos=fit(cache.pos, 1),
+    return cache.replace(keys=fit(cache.keys, 3), values=fit(cache.values, 3), pos=fit(cache.pos, 1),
                          seg=fit(cache.seg, 1), anchor=fit(cache.anchor, 1), protected=fit(cache.protected, 1),
                          valid=fit(cache.valid, 1))

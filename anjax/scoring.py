@@ -241,16 +241,17 @@ def _token_logprobs(logits_NxWxV, targets_NxW, scored_NxW) -> tuple[jax.Array, j
 
 def _broadcast(state: GenState, slots: int, k: int) -> GenState:
     """Cut (or zero-pad) each row's cache to `slots` slots and repeat every row k times (rows b*k .. b*k+k-1)."""
-    def fit(x, axis):  # axis: the slot axis; the batch axis is the one before it
+    def fit(x, axis, batch_axis):  # axis: the slot axis
         have = x.shape[axis]
         x = jax.lax.slice_in_dim(x, 0, min(have, slots), axis=axis)
         pad = [(0, 0)] * x.ndim
         pad[axis] = (0, max(slots - have, 0))
-        return jnp.repeat(jnp.pad(x, pad), k, axis=axis - 1)
+        return jnp.repeat(jnp.pad(x, pad), k, axis=batch_axis)
 
     c = state.cache
-    cache = c.replace(keys=fit(c.keys, 2), values=fit(c.values, 2), pos=fit(c.pos, 1), seg=fit(c.seg, 1),
-                      anchor=fit(c.anchor, 1), protected=fit(c.protected, 1), valid=fit(c.valid, 1),
+    cache = c.replace(keys=fit(c.keys, 3, 1), values=fit(c.values, 3, 1), pos=fit(c.pos, 1, 0),
+                      seg=fit(c.seg, 1, 0), anchor=fit(c.anchor, 1, 0), protected=fit(c.protected, 1, 0),
+                      valid=fit(c.valid, 1, 0),
                       length=jnp.repeat(c.length, k))
     rep = lambda x: jnp.repeat(x, k, axis=0)
     return jax.tree.map(rep, state.replace(cache=None)).replace(cache=cache)

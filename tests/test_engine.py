@@ -182,7 +182,7 @@ def test_prefill_keeps_exactly_anchors_and_open_sentence():
     assert np.asarray(state.cache.anchor[0, :n]).tolist() == [True] * 4 + [False] * 2
     assert np.asarray(state.cache.seg[0, :n]).tolist() == [0, 1, 2, 3, 4, 4]
     assert not np.asarray(state.cache.valid[0, n:]).any()
-    assert not np.asarray(state.cache.keys[:, 0, n:]).any()  # freed slots are zeroed
+    assert not np.asarray(state.cache.keys[:, 0, :, n:]).any()  # freed slots are zeroed
 
 
 def test_compact_is_stable_and_moves_kept_slots_to_front():
@@ -191,18 +191,18 @@ def test_compact_is_stable_and_moves_kept_slots_to_front():
     cache = state.cache.replace(pos=jnp.array([[0, 1, 2, 3, 4, 5]] * 2), seg=jnp.array([[0, 0, 1, 1, 2, 2]] * 2),
                                 anchor=jnp.array([[0, 1, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]], bool),
                                 valid=jnp.array([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], bool),
-                                keys=jnp.arange(6.0)[None, None, :, None, None] * jnp.ones(cache_shape(cfg)),
+                                keys=jnp.arange(6.0)[None, None, None, :, None] * jnp.ones(cache_shape(cfg)),
                                 length=jnp.array([5, 6]))
     out = compact(cache, keep_slots(cache, jnp.array([2, 1]), full=False))
     assert out.length.tolist() == [3, 2]
     assert np.asarray(out.pos).tolist() == [[1, 3, 4, 0, 0, 0], [2, 3, 0, 0, 0, 0]]
-    assert np.asarray(out.keys[0, 0, :, 0, 0]).tolist() == [1, 3, 4, 0, 0, 0]
+    assert np.asarray(out.keys[0, 0, 0, :, 0]).tolist() == [1, 3, 4, 0, 0, 0]
     full = compact(cache, keep_slots(cache, jnp.array([2, 1]), full=True))
     assert full.length.tolist() == [5, 5]
 
 
 def cache_shape(cfg):
-    return (cfg.num_layers, 2, 6, cfg.num_kv_heads, cfg.head_dim)
+    return (cfg.num_layers, 2, cfg.num_kv_heads, 6, cfg.head_dim)
 
 
 def test_reference_positions_rebase_to_slot_index():
@@ -220,7 +220,7 @@ def test_reference_positions_rebase_to_slot_index():
 @pytest.mark.parametrize("batch,slots", [(1, 33), (1, 130), (2, 130)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (9, 3, 64)])
 def test_one_query_attention_matches_numpy(batch, slots, heads, kv_heads, head_dim):
-    """Decode's attention (a multiply-reduce for p.v), jitted, equals numpy.
+    """Decode's attention over head-major blocks (a cache and the new token), jitted, equals numpy.
 
     jaxlib 0.10.2's CPU YNN fusion miscomputes a multiply-reduce q.k at batch 1 and >= 33 slots.
     """
@@ -229,8 +229,11 @@ def test_one_query_attention_matches_numpy(batch, slots, heads, kv_heads, head_d
     k, v = rng.standard_normal((2, batch, slots, kv_heads, head_dim), np.float32)
     allowed = rng.random((batch, 1, slots)) < 0.7
     allowed[..., 0] = True
-    got = jax.jit(lambda *a: blocked_attention(a[0], [(a[1], a[2], a[3]), (a[1][:, :1], a[2][:, :1], a[3][..., :1])]))(
-        q, k, v, allowed)
+    def attend(q, k, v, allowed):  # the cache, then its first slot again as the new token
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # head-major, as the cache stores them
+        return blocked_attention(q, [(k, v, allowed), (k[:, :, :1], v[:, :, :1], allowed[..., :1])])
+
+    got = jax.jit(attend)(q, k, v, allowed)
     keys, values = np.concatenate([k, k[:, :1]], 1), np.concatenate([v, v[:, :1]], 1)
     logits = np.einsum("bkgd,bskd->bkgs", q.reshape(batch, kv_heads, -1, head_dim), keys) / np.sqrt(head_dim)
     logits = np.where(np.concatenate([allowed, allowed[..., :1]], -1)[:, :, None], logits, -np.inf)
