@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 R=benchmarks/results
 $PY benchmarks/bench_train.py --batch-sizes 1 2 4 --steps 3
-$PY benchmarks/bench_decode.py --quick
+$PY benchmarks/bench_decode.py
 RUN=runs/main-job bash scripts/main_job.sh
 mkdir -p $R/main_job
 cp runs/main-job/eval/before.md runs/main-job/eval/before.png runs/main-job/eval/after.md runs/main-job/eval/after.png \
