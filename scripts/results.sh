@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate every number and plot of the README's Results section on this machine
-# (about 50 minutes on 2 CPU cores): the training and decode benchmarks, the base-model
+# (about 80 minutes on 2 CPU cores): the training and decode benchmarks, the base-model
 # evaluation, and the main job (train, export, evaluate, generate), copied into benchmarks/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
