@@ -210,7 +210,7 @@ def encode_protected(tokenizer, text: str, protect: Sequence[str], mode: str, ac
     _check_encoding(mode, ac_id, max_sentence_tokens)
     spans = []
     for s in protect:
-        if not s or s not in text:
+        if not isinstance(s, str) or not s or s not in text:
             raise ValueError(f"protected text {s!r} does not occur in the prompt")
         spans += [(m.start(), m.end()) for m in re.finditer(re.escape(s), text)]
     if mode == "ac":  # the spans' places in the text with <AC>s inserted
