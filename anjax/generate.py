@@ -53,7 +53,7 @@ import numpy as np
 
 from anjax.cache import KVCache, close_sentence, compact, init_cache, keep_slots, resize
 from anjax.config import ModelConfig
-from anjax.mask import TokenMeta, is_anchor
+from anjax.mask import TokenMeta, is_anchor, protected_tokens
 from anjax.model import Llama
 
 DEFAULT_ANCHOR_CAPACITY = 2048  # slots kept per row by default with an anchor cache
@@ -146,11 +146,6 @@ def _track(state: GenState, active_B: jax.Array, limit: int) -> GenState:
                          overflow=jnp.where(fresh_B[:, None], info_Bx4, state.overflow), done=state.done | fresh_B)
 
 
-def _protected(spec: EngineSpec, protected: jax.Array, true_pos: jax.Array, valid: jax.Array) -> jax.Array:
-    """Tokens flagged protected or among the row's first `sink_tokens` (true positions)."""
-    return (protected.astype(bool) | (true_pos < spec.sink_tokens)) & valid
-
-
 def prefill_step(cfg: ModelConfig, spec: EngineSpec, params, state: GenState, tokens_BxT: jax.Array,
                  valid_BxT: jax.Array, protected_BxT: jax.Array | None = None) -> tuple[jax.Array, GenState]:
     """Append one chunk [B, T] (exact under the predicate), then compact. Returns (logits [B, T, V], state).
@@ -163,8 +158,7 @@ def prefill_step(cfg: ModelConfig, spec: EngineSpec, params, state: GenState, to
     anchor = is_anchor(tokens_BxT, spec.anchor_ids) & valid
     a = anchor.astype(jnp.int32)
     offset_BxT = jnp.cumsum(v, 1) - v
-    protected = _protected(spec, jnp.zeros_like(valid) if protected_BxT is None else protected_BxT,
-                           state.next_pos[:, None] + offset_BxT, valid)
+    protected = protected_tokens(protected_BxT, state.next_pos[:, None] + offset_BxT, valid, spec.sink_tokens)
     meta = TokenMeta(doc=jnp.zeros_like(v), pos=_next_positions(state, spec)[:, None] + offset_BxT,
                      seg=state.open_seg[:, None] + jnp.cumsum(a, 1) - a, anchor=anchor, protected=protected,
                      valid=valid)
@@ -193,8 +187,7 @@ def feed_token(cfg: ModelConfig, spec: EngineSpec, params, state: GenState, toke
     """
     active_B = ~state.done
     anchor_B = is_anchor(token_B, spec.anchor_ids) & active_B
-    protected_B = _protected(spec, jnp.zeros_like(active_B) if protected_B is None else protected_B,
-                             state.next_pos, active_B)
+    protected_B = protected_tokens(protected_B, state.next_pos, active_B, spec.sink_tokens)  # sinks: true positions
     meta = TokenMeta(doc=jnp.zeros_like(token_B)[:, None], pos=_next_positions(state, spec)[:, None],
                      seg=state.open_seg[:, None], anchor=anchor_B[:, None], protected=protected_B[:, None],
                      valid=active_B[:, None])

@@ -70,9 +70,16 @@ def token_metadata(ids_BxT: jax.Array, valid_BxT: jax.Array, doc_BxT: jax.Array 
     a = anchor_BxT.astype(jnp.int32)
     pos_BxT = _restart_at_doc(jnp.cumsum(v, axis=1) - v, doc_BxT)
     seg_BxT = _restart_at_doc(jnp.cumsum(a, axis=1) - a, doc_BxT)
-    protected_BxT = pos_BxT < sink_tokens if protected_BxT is None else protected_BxT.astype(bool) | (pos_BxT < sink_tokens)
-    return TokenMeta(doc=doc_BxT, pos=pos_BxT, seg=seg_BxT, anchor=anchor_BxT, protected=protected_BxT & valid_BxT,
-                     valid=valid_BxT)
+    return TokenMeta(doc=doc_BxT, pos=pos_BxT, seg=seg_BxT, anchor=anchor_BxT,
+                     protected=protected_tokens(protected_BxT, pos_BxT, valid_BxT, sink_tokens), valid=valid_BxT)
+
+
+def protected_tokens(flags: jax.Array | None, pos: jax.Array, valid: jax.Array,
+                     sink_tokens: int | jax.Array = 0) -> jax.Array:
+    """The `protected` field (any shape, e.g. [B, T]): valid tokens that are flagged (None: none)
+    or among their document's first `sink_tokens` positions."""
+    sink = pos < sink_tokens
+    return (sink if flags is None else flags.astype(bool) | sink) & valid
 
 
 def attention_allowed(q: TokenMeta, k: TokenMeta, full: bool | jax.Array) -> jax.Array:

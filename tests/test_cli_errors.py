@@ -9,19 +9,12 @@ import pytest
 from anjax import hf
 from anjax.config import tiny_config
 from anjax.model import init_params
+from cli_checks import assert_one_line_error
 
 
 def run_export(model, out):
     return subprocess.run([sys.executable, "-m", "anjax.export", "--model", str(model), "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
-
-
-def assert_clean_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +26,11 @@ def tiny_hf_dir(tmp_path_factory):
 
 
 def test_missing_path(tmp_path):
-    assert_clean_error(run_export(tmp_path / "nope", tmp_path / "out"), "no such file or directory")
+    assert_one_line_error(run_export(tmp_path / "nope", tmp_path / "out"), "no such file or directory")
 
 
 def test_directory_without_config(tmp_path):
-    assert_clean_error(run_export(tmp_path, tmp_path / "out"), "no config.json")
+    assert_one_line_error(run_export(tmp_path, tmp_path / "out"), "no config.json")
 
 
 def test_non_llama_architecture(tmp_path, tiny_hf_dir):
@@ -46,7 +39,7 @@ def test_non_llama_architecture(tmp_path, tiny_hf_dir):
     conf = json.loads((tiny_hf_dir / "config.json").read_text())
     conf.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (bad / "config.json").write_text(json.dumps(conf))
-    assert_clean_error(run_export(bad, tmp_path / "out"), "not a Llama-family model", "gpt2")
+    assert_one_line_error(run_export(bad, tmp_path / "out"), "not a Llama-family model", "gpt2")
 
 
 def test_truncated_safetensors(tmp_path, tiny_hf_dir):
@@ -56,7 +49,7 @@ def test_truncated_safetensors(tmp_path, tiny_hf_dir):
     data = (tiny_hf_dir / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
     proc = run_export(bad, tmp_path / "out")
-    assert_clean_error(proc, "model.safetensors", "cannot read safetensors")
+    assert_one_line_error(proc, "model.safetensors", "cannot read safetensors")
     assert not (tmp_path / "out").exists()
 
 

@@ -18,6 +18,7 @@ from anjax import evaluate, hf, perplexity, scoring, tasks
 from anjax.config import AC_TOKEN, tiny_config
 from anjax.mask import token_metadata
 from anjax.model import Llama, init_params
+from cli_checks import assert_one_line_error
 
 REPO = Path(__file__).resolve().parent.parent
 SLICES = Path(__file__).parent / "data" / "tasks"
@@ -230,11 +231,7 @@ def run_cli(*args):
     ([ "--tasks", "piqa", "--cache", "anchor"], "--anchor-mode ep"),
 ])
 def test_bad_input_is_one_line_exit_2(args, fragment, tiny_model_dir):
-    proc = run_cli("--model", str(tiny_model_dir), "--data-dir", str(SLICES), *args)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert fragment in lines[0], lines[0]
+    assert_one_line_error(run_cli("--model", str(tiny_model_dir), "--data-dir", str(SLICES), *args), fragment)
 
 
 # ----------------------------------------------------------------------------- lm-eval adapter

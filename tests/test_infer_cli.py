@@ -10,6 +10,7 @@ import pytest
 from anjax import hf
 from anjax.config import tiny_config
 from anjax.model import init_params
+from cli_checks import assert_one_line_error
 
 INFER = str(Path(__file__).resolve().parents[1] / "infer.py")
 STATS = {"prompt_tokens", "generated_tokens", "peak_cache_slots", "full_cache_slots", "cache_reduction",
@@ -25,14 +26,6 @@ def model_dir(tmp_path, tiny_tokenizer):
 def infer(*args, cwd=None):
     return subprocess.run([sys.executable, INFER, *map(str, args)], capture_output=True, text=True, timeout=300,
                           cwd=cwd)
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("args,message", [
