@@ -90,5 +90,5 @@ def markdown(report: dict) -> str:
         cells = [_cell(report["average"][c][metric], report["average"][c][f"{metric}_ci"]) for c in caches]
         cells += [_cell(report["differences"][d]["average"][metric],
                         report["differences"][d]["average"][f"{metric}_ci"], signed=True) for d in diffs]
-        out += [f"| average ({len(have)} tasks) | {avg[f'{metric}_docs']} | " + " | ".join(cells) + " |", ""]
+        out += [f"| average ({len(have)} task{'s' * (len(have) != 1)}) | {avg[f'{metric}_docs']} | " + " | ".join(cells) + " |", ""]
     return "\n".join(out)

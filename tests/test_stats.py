@@ -106,3 +106,37 @@ def test_ratio_of_sums_ci():
 def test_bad_input(call, fragment):
     with pytest.raises(ValueError, match=fragment):
         call()
+
+
+# ----------------------------------------------------------------------------- a report's intervals
+
+
+def test_report_intervals_pair_anchor_with_full():
+    """anjax.intervals on a hand-made report: per-task intervals, the task average and the paired
+    difference are the `stats` calls on the stored per-document results; acc_norm only where reported."""
+    from anjax import intervals
+    full = {"a": [1, 0, 1, 1, 0, 1], "b": [0, 1, 1, 0]}
+    anchor = {"a": [1, 0, 0, 1, 0, 1], "b": [0, 0, 1, 0]}
+    row = lambda x, norm: {"n": len(x), "acc": np.mean(x), "acc_per_doc": x,
+                           **({"acc_norm": np.mean(x), "acc_norm_per_doc": x} if norm else {})}
+    report = {"anchor_mode": "ep", "caches": ["full", "anchor"],
+              "tasks": {t: {"full": row(full[t], t == "a"), "anchor": row(anchor[t], t == "a")} for t in full}}
+    intervals.add_accuracy_intervals(report, samples=500, seed=3)
+    kw = dict(samples=500, seed=3)
+    assert report["tasks"]["a"]["anchor"]["acc_ci"] == stats.mean_ci(anchor["a"], **kw).as_list()
+    avg = stats.task_average_ci([full["a"], full["b"]], **kw)
+    assert report["average"]["full"]["acc"] == avg.estimate and report["average"]["full"]["acc_ci"] == avg.as_list()
+    diff = report["differences"]["anchor - full"]
+    assert diff["tasks"]["b"]["acc"] == pytest.approx(-0.25)
+    assert diff["tasks"]["b"]["acc_ci"] == stats.paired_difference_ci(anchor["b"], full["b"], **kw).as_list()
+    deltas = [np.subtract(anchor[t], full[t]) for t in full]
+    assert diff["average"]["acc_ci"] == stats.task_average_ci(deltas, **kw).as_list()
+    assert report["average"]["anchor"]["acc_norm_tasks"] == ["a"] and "acc_norm_ci" not in report["tasks"]["b"]["full"]
+    assert report["bootstrap"] == {"samples": 500, "seed": 3, "level": 0.95, "unit": "document"}
+    table = intervals.markdown(report)
+    assert "| task | docs | full | anchor (ep) | anchor − full |" in table
+    assert "| b | 4 | 50.0 [" in table and "| average (2 tasks) | 10 |" in table and "| average (1 task) | 6 |" in table
+    assert "−25.0 [" in table
+    only_anchor = {**report, "caches": ["anchor"],
+                   "tasks": {t: {"anchor": dict(r["anchor"])} for t, r in report["tasks"].items()}}
+    assert intervals.add_accuracy_intervals(only_anchor, samples=10)["differences"] == {}
