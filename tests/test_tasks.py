@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from anjax import tasks
 
@@ -388,3 +389,20 @@ def test_user_task_file_edits_are_seen(tmp_path):
     assert len(tasks.load_task(path)) == 1
     user_file(tmp_path, USER_DOCS)
     assert len(tasks.load_task(path)) == 3
+
+
+@settings(max_examples=40, deadline=None)
+@given(docs=st.lists(st.fixed_dictionaries(
+    {"context": st.text(), "choices": st.lists(st.text(min_size=1), min_size=2, max_size=5)}),
+    min_size=1, max_size=4), data=st.data())
+def test_user_task_round_trips_any_text(tmp_path_factory, docs, data):
+    """Any valid document (any unicode, newlines and quotes included) is read back as written and
+    scored as context -> " " + choice."""
+    for d in docs:
+        d["gold"] = data.draw(st.integers(0, len(d["choices"]) - 1))
+    path = tmp_path_factory.mktemp("user") / "any.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    items = tasks.build_requests(str(path), tasks.load_task(str(path)))
+    assert [dict(it.doc.fields) for it in items] == docs
+    for it, d in zip(items, docs):
+        assert it.pairs() == [(d["context"], " " + c) for c in d["choices"]] and it.gold == d["gold"]
