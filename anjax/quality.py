@@ -78,7 +78,7 @@ def plot(report: dict, path: Path) -> None:
     err = [[res[c]["ppl"] - res[c]["ppl_ci"][0] for c in res], [res[c]["ppl_ci"][1] - res[c]["ppl"] for c in res]]
     axes[2].bar(list(res), ys, yerr=err, capsize=3, color=["C0", "C1"][:len(res)])
     ratio = ppl["ratios"].get("anchor / full")
-    title = "held-out perplexity" + (f"\nanchor / full = {ratio['ppl_ratio']:.3f} "
+    title = "held-out perplexity" + (f"\nanchor / full = {ratio['ppl_ratio']:.3f}\n"
                                      f"[{ratio['ppl_ratio_ci'][0]:.3f}, {ratio['ppl_ratio_ci'][1]:.3f}]"
                                      if ratio else "")
     axes[2].set_title(title)
