@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,10 @@ CHIPS = {
     "v5e": Chip(16 * GiB, 197e12, 819e9, 1),
     "v5p": Chip(95 * GiB, 459e12, 2765e9, 2),
     "v6e": Chip(32 * GiB, 918e12, 1640e9, 1),
+    # NVIDIA H100 SXM5 datasheet: 80 GB HBM3 (the memory its CUDA device reports), 989 TFLOP/s dense bf16, 3.35 TB/s.
+    "h100": Chip(84987740160, 989e12, 3.35e12, 1),
 }
+GPU_SPECS = {"h100": Path(__file__).parent / "specs" / "h100_sxm.txtpb"}  # XLA GpuTargetConfigProto text
 
 # Shapes of models whose weights are not needed to size a job (HF config.json values).
 MODEL_SHAPES = {
@@ -83,12 +87,8 @@ class Target:
 
 
 def tpu_target(name: str) -> Target:
-    """`gen:AxB[xC]` (e.g. v5e:16x16) -> compile-only devices from libtpu; ValueError on a bad name."""
+    """`gen:AxB[xC]` (e.g. v5e:16x16) -> compile-only devices from libtpu."""
     from jax.experimental import topologies
-    gen = name.split(":")[0]
-    if gen not in CHIPS or not re.fullmatch(r"[a-z0-9]+:\d+(x\d+){1,2}", name):
-        raise ValueError(f"unknown topology {name!r}: expected GEN:AxB[xC] with GEN one of {', '.join(CHIPS)} "
-                         "(e.g. v5e:2x2, v4:2x2x4, v5p:4x4x4)")
     try:
         devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
     except jax.errors.JaxRuntimeError as e:
@@ -96,10 +96,39 @@ def tpu_target(name: str) -> Target:
     except RuntimeError as e:  # no libtpu: jax cannot make a TPU topology
         raise ValueError(f"no TPU compiler here ({str(e).splitlines()[0]}): run `bash scripts/setup_tpu_aot.sh` "
                          "and use .venv-tpu/bin/python") from None
-    chip = CHIPS[gen]
+    chip = CHIPS[name.split(":")[0]]
     share = getattr(devices[0], "num_cores", chip.cores) / chip.cores
     return Target(name, tuple(devices), int(chip.hbm_bytes * share), chip.peak_bf16_flops * share,
                   chip.hbm_bytes_per_s * share)
+
+
+def gpu_target(name: str) -> Target:
+    """`h100:N` -> N compile-only GPUs on one host, described by anjax/specs/h100_sxm.txtpb (CUDA plugin)."""
+    from jax.experimental import topologies
+    gen, n = name.split(":")
+    plugin_dir = Path(sys.prefix) / "aot-cuda"  # apart from site-packages: loaded, it logs on every jax start
+    if plugin_dir.is_dir() and str(plugin_dir) not in sys.path:
+        sys.path.append(str(plugin_dir))
+    try:
+        devices = topologies.get_topology_desc(platform="cuda", topology_name=gen, topology=f"1x1x{n}",
+                                               target_config=GPU_SPECS[gen].read_text()).devices
+    except (NotImplementedError, RuntimeError) as e:  # no CUDA plugin, or it failed to register
+        raise ValueError(f"no CUDA compiler here ({str(e).splitlines()[0]}): run `bash scripts/setup_tpu_aot.sh` "
+                         "and use .venv-tpu/bin/python") from None
+    chip = CHIPS[gen]
+    return Target(name, tuple(devices), chip.hbm_bytes, chip.peak_bf16_flops, chip.hbm_bytes_per_s)
+
+
+def make_target(name: str) -> Target:
+    """Compile-only devices of a TPU topology (`v5e:16x16`) or of N GPUs on one host (`h100:8`)."""
+    gen = name.split(":")[0]
+    if gen in GPU_SPECS and re.fullmatch(r"[a-z0-9]+:[1-8]", name):
+        return gpu_target(name)
+    if gen in CHIPS and gen not in GPU_SPECS and re.fullmatch(r"[a-z0-9]+:\d+(x\d+){1,2}", name):
+        return tpu_target(name)
+    raise ValueError(f"unknown topology {name!r}: expected GEN:AxB[xC] with GEN one of "
+                     f"{', '.join(g for g in CHIPS if g not in GPU_SPECS)} (e.g. v5e:2x2, v4:2x2x4, v5p:4x4x4) "
+                     f"or {'|'.join(GPU_SPECS)}:N for N <= 8 GPUs on one host")
 
 
 def model_config(rc: run_config.RunConfig, shape: str | None = None) -> ModelConfig:
@@ -206,7 +235,7 @@ def compile_report(lowered: jax.stages.Lowered, target: Target, named_args: dict
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
              + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}  # GPU: None
     compute_s, memory_s = hw_flops / target.peak_flops, hbm_bytes / target.hbm_bytes_per_s
     step_s = max(compute_s, memory_s)
     return {**report, "fits": total <= target.hbm_bytes,
@@ -308,10 +337,12 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def _quiet_libtpu() -> None:
-    """Compile-only use of libtpu: the host backend is the CPU, and libtpu skips its TPU-host discovery."""
+    """Compile-only use of libtpu and the CUDA plugin: the host backend is the CPU, libtpu skips its TPU-host
+    discovery and the CUDA plugin registers without CUDA libraries (it only compiles)."""
     jax.config.update("jax_platforms", "cpu")
     for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                       ("TPU_ACCELERATOR_TYPE", "v5litepod-4")):
+                       ("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1"),
+                       ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
         os.environ.setdefault(key, value)
 
 
@@ -341,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cache == "anchor" and not cfg.anchor_ids:
         raise ValueError("--cache anchor needs anchors: the config's anchors.mode is none")
     _quiet_libtpu()
-    target = tpu_target(args.topology)
+    target = make_target(args.topology)
     steps = []
     for step in args.step or ["train"]:
         if step == "train":

@@ -47,7 +47,11 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices=None) -> jax.sharding.M
     if math.prod(sizes) != n:
         raise ValueError(f"mesh data x fsdp x tensor = {sizes}, {math.prod(sizes)} devices, but there are {n} "
                          "(set one axis to -1 to use all of them)")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    axis_types = (AxisType.Auto,) * 3
+    try:
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices)
+    except AssertionError:  # compile-only TPU v4 devices are single cores, which jax's physical layout rejects
+        return jax.sharding.Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=axis_types)
 
 
 def check_batch(mesh: jax.sharding.Mesh, batch_size: int, grad_accum: int, processes: int) -> None:
