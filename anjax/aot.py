@@ -3,7 +3,8 @@
     python -m anjax.aot --config configs/llama2-7b-ac.yaml --topology v5p:4x4x4 [--set key=value ...] [--json]
     python -m anjax.aot --config ... --topology v5e:2x2 --step prefill --step decode --batch 8 --capacity 2048 --chunk 256
 
-Needs libtpu (`bash scripts/setup_tpu_aot.sh`, then run with `.venv-tpu/bin/python`); no TPU.
+Needs libtpu, or jax's CUDA plugin for `h100:N` (`bash scripts/setup_tpu_aot.sh`, then run with
+`.venv-tpu/bin/python`); no TPU or GPU.
 The train step is `anjax.trainer.Trainer`'s, built exactly as train.py builds it (mesh, sharding
 rules, remat, optimizer, gradient accumulation) from abstract parameters and batches
 (`jax.eval_shape`; nothing is materialised) and compiled by libtpu for the topology's devices.
@@ -59,7 +60,8 @@ CHIPS = {
     "v5e": Chip(16 * GiB, 197e12, 819e9, 1),
     "v5p": Chip(95 * GiB, 459e12, 2765e9, 2),
     "v6e": Chip(32 * GiB, 918e12, 1640e9, 1),
-    # NVIDIA H100 SXM5 datasheet: 80 GB HBM3 (the memory its CUDA device reports), 989 TFLOP/s dense bf16, 3.35 TB/s.
+    # NVIDIA H100 SXM5 datasheet: 80 GB HBM3 (here the device_memory_size of specs/h100_sxm.txtpb), 989 TFLOP/s
+    # dense bf16, 3.35 TB/s.
     "h100": Chip(84987740160, 989e12, 3.35e12, 1),
 }
 GPU_SPECS = {"h100": Path(__file__).parent / "specs" / "h100_sxm.txtpb"}  # XLA GpuTargetConfigProto text
@@ -349,7 +351,7 @@ def _quiet_libtpu() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m anjax.aot", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML run config (as for train.py)")
-    parser.add_argument("--topology", required=True, help="TPU topology GEN:AxB[xC], e.g. v5e:16x16, v5p:4x4x4")
+    parser.add_argument("--topology", required=True, help="TPU topology GEN:AxB[xC] (e.g. v5e:16x16, v5p:4x4x4, v4:2x2x4) or h100:N (N <= 8 GPUs)")
     parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set data.batch_size=64 mesh.fsdp=-1")
     parser.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default=None,

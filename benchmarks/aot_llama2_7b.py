@@ -22,15 +22,19 @@ RUNS = [
     ("v4_ga16", "v4:2x2x4", ["train.grad_accum=16"]),
     ("v5p_ga8", "v5p:4x4x4", []),
     ("v5e_ga2", "v5e:16x16", ["train.grad_accum=2"]),
+    ("h100_ga16", "h100:8", ["train.grad_accum=16"]),
     ("h100_ga64", "h100:8", ["train.grad_accum=64"]),
 ]
+# The engine's prefill (one 256-token chunk) and decode (128 tokens) for 8 rows, 2,048 slots, bf16 weights.
+INFERENCE = ("v5p_inf", "v5p:4x4x4", ["model.param_dtype=bfloat16"])
+INFERENCE_ARGS = ["--step", "prefill", "--step", "decode", "--batch", "8", "--capacity", "2048", "--chunk", "256"]
 GiB = 1 << 30
 
 
-def report(tag: str, topology: str, overrides: list[str], reports: Path | None) -> dict:
+def report(tag: str, topology: str, overrides: list[str], reports: Path | None, args: list[str] = ()) -> dict:
     if reports is not None:
         return json.loads((reports / f"{tag}.json").read_text())
-    cmd = [sys.executable, "-m", "anjax.aot", "--config", CONFIG, "--topology", topology, "--json"]
+    cmd = [sys.executable, "-m", "anjax.aot", "--config", CONFIG, "--topology", topology, "--json", *args]
     cmd += ["--set", *overrides] if overrides else []
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
@@ -52,17 +56,26 @@ def main() -> None:
     parser.add_argument("--reports", type=Path, default=None, help="read TAG.json reports from this directory")
     args = parser.parse_args()
     reports = {tag: report(tag, topo, sets, args.reports) for tag, topo, sets in RUNS}
+    inference = report(*INFERENCE, args.reports, INFERENCE_ARGS)
     out = ROOT / "benchmarks" / "results"
     (out / "aot_llama2_7b.json").write_text(json.dumps(
-        {tag: {"topology": topo, "overrides": sets, "report": reports[tag]} for tag, topo, sets in RUNS}, indent=1))
+        {**{tag: {"topology": topo, "overrides": sets, "report": reports[tag]} for tag, topo, sets in RUNS},
+         INFERENCE[0]: {"topology": INFERENCE[1], "overrides": INFERENCE[2], "args": INFERENCE_ARGS,
+                        "report": inference}}, indent=1))
     lines = [f"# AOT sizing: {CONFIG}, global batch 512 x 4,096 tokens, dense attention",
-             "", "Per device; `python -m anjax.aot --config {CONFIG} --topology T [--set ...]`; "
+             "", f"Per device; `python -m anjax.aot --config {CONFIG} --topology T [--set ...]`; "
              "model FLOPs per device and step; step time and MFU: the compute-bound estimate at bf16 peak "
              "(remat recomputation counted as hardware FLOPs, not model FLOPs).", "",
              "| topology | devices | overrides | grad_accum | rows / device / micro-batch | HBM GiB | arguments GiB "
              "| temporaries GiB | total GiB | fits | model FLOPs | est. step s | MFU bound |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row(reports[tag], sets) for tag, _, sets in RUNS]
+    lines += ["", f"Inference engine on one {inference['device_kind']} ({' '.join(INFERENCE_ARGS)}, "
+              f"{', '.join(INFERENCE[2])}; decode: per token; time = max(FLOPs / peak, (weights + KV) / bandwidth)):", "",
+              "| step | arguments GiB | temporaries GiB | total GiB | fits | FLOPs | est. ms |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {s['step']} | {s['argument_bytes'] / GiB:.2f} | {s['temp_bytes'] / GiB:.2f} | "
+              f"{s['total_bytes'] / GiB:.2f} | {'yes' if s['fits'] else '**no**'} | {s['model_flops']:.3g} | "
+              f"{s['step_s'] * 1e3:.2f} |" for s in inference["steps"]]
     (out / "aot_llama2_7b.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
