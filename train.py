@@ -64,11 +64,7 @@ def _any_process(flag: bool) -> bool:
 def make_run_mesh(rc: run_config.RunConfig) -> jax.sharding.Mesh:
     """The mesh, after checking that the global batch splits over processes and data x fsdp devices."""
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
-    B, k, P = rc.data.batch_size, rc.train.grad_accum, jax.process_count()
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    if B % P or (B // k) % rows:
-        raise ValueError(f"data.batch_size={B} must split over {P} processes and, per micro-batch "
-                         f"(/ train.grad_accum={k}), over mesh data x fsdp = {rows} devices")
+    sharding.check_batch(mesh, rc.data.batch_size, rc.train.grad_accum, jax.process_count())
     return mesh
 
 

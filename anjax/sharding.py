@@ -34,9 +34,9 @@ RULES = (
 )
 
 
-def make_mesh(data: int, fsdp: int, tensor: int) -> jax.sharding.Mesh:
-    """The global mesh; one axis may be -1: it takes every device the other two leave."""
-    n, sizes = jax.device_count(), [data, fsdp, tensor]
+def make_mesh(data: int, fsdp: int, tensor: int, devices=None) -> jax.sharding.Mesh:
+    """The global mesh over `devices` (default: all); one axis may be -1: it takes every device the other two leave."""
+    n, sizes = (jax.device_count() if devices is None else len(devices)), [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one of mesh.data/fsdp/tensor may be -1, got {sizes}")
     if -1 in sizes:
@@ -47,7 +47,19 @@ def make_mesh(data: int, fsdp: int, tensor: int) -> jax.sharding.Mesh:
     if math.prod(sizes) != n:
         raise ValueError(f"mesh data x fsdp x tensor = {sizes}, {math.prod(sizes)} devices, but there are {n} "
                          "(set one axis to -1 to use all of them)")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    axis_types = (AxisType.Auto,) * 3
+    try:
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices)
+    except AssertionError:  # compile-only TPU v4 devices are single cores, which jax's physical layout rejects
+        return jax.sharding.Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=axis_types)
+
+
+def check_batch(mesh: jax.sharding.Mesh, batch_size: int, grad_accum: int, processes: int) -> None:
+    """The global batch must split over processes and, per micro-batch, over data x fsdp devices."""
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % processes or (batch_size // grad_accum) % rows:
+        raise ValueError(f"data.batch_size={batch_size} must split over {processes} processes and, per micro-batch "
+                         f"(/ train.grad_accum={grad_accum}), over mesh data x fsdp = {rows} devices")
 
 
 @contextlib.contextmanager

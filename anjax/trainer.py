@@ -135,6 +135,11 @@ class Trainer:
                                      (self.state_shardings.step, self.state_shardings.rng))
         return TrainState(step, params, opt_state, rng)
 
+    def lower_train_step(self, batch: dict[str, jax.ShapeDtypeStruct]) -> jax.stages.Lowered:
+        """The train step lowered for the abstract state and `batch` (ahead-of-time compilation)."""
+        with sharding.active(self.mesh):
+            return self._train.lower(self.abstract_state, batch)
+
     def train_step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
         with sharding.active(self.mesh):
             return self._train(state, batch)
