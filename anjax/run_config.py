@@ -59,7 +59,7 @@ class TrainSection:
     eps: float = 1e-8                  # Adam epsilon
     weight_decay: float = 0.0          # AdamW decoupled weight decay
     clip_norm: float | None = 1.0      # global gradient-norm clipping; null = off
-    distill_weight: float = 0.0        # w in lm + w * KL(teacher || student); teacher: the frozen start model (anjax.distill)
+    distill_weight: float = 0.0        # loss = lm + w * KL(teacher || student), teacher = frozen start model; 0 = off
     distill_temperature: float = 1.0   # softmax temperature T of the distillation KL (scaled by T^2)
 
 

@@ -55,8 +55,8 @@ def hand_kl(cfg, student, teacher, b, temperature):
             where = np.flatnonzero(b["doc"][r] == d)
             original = [t for t in where if b["tokens"][r, t] != ac]
             ids = jnp.asarray(b["tokens"][r, original][None])
-            teacher_logits, _ = Llama(cfg).apply({"params": teacher}, ids, token_metadata(ids, jnp.ones_like(ids, bool)),
-                                                 None, full_attention=True)
+            meta = token_metadata(ids, jnp.ones_like(ids, bool))
+            teacher_logits, _ = Llama(cfg).apply({"params": teacher}, ids, meta, None, full_attention=True)
             teacher_logits = np.asarray(teacher_logits[0], np.float64)
             for t in where:
                 before = [j for j, o in enumerate(original) if o <= t]
