@@ -97,12 +97,17 @@ def data_for_run(rc: run_config.RunConfig, cfg: ModelConfig, tokenizer):
 
 
 def evaluate(trainer, params, val_it, n_val: int) -> dict[str, float]:
-    """Validation loss over the first `n_val` batches, full attention and anchor mask."""
-    sums = np.zeros(3)
+    """Validation loss over the first `n_val` batches, full attention and anchor mask (and the KL to the
+    teacher when distilling)."""
+    sums: dict[str, float] = {}
     for i in range(n_val):
         out = trainer.eval_step(params, sharding.host_batch_to_global(val_it.batch(i), trainer.mesh))
-        sums += [float(out["full"]), float(out["anchor"]), float(out["targets"])]
-    return {"val_loss_full": sums[0] / max(sums[2], 1), "val_loss_anchor": sums[1] / max(sums[2], 1)}
+        sums = {k: sums.get(k, 0.0) + float(v) for k, v in out.items()}
+    n = max(sums.get("targets", 0.0), 1)
+    result = {"val_loss_full": sums.get("full", 0.0) / n, "val_loss_anchor": sums.get("anchor", 0.0) / n}
+    if "kl" in sums:
+        result["val_kl"] = sums["kl"] / max(sums["kl_targets"], 1)
+    return result
 
 
 def train_loop(rc: run_config.RunConfig, trainer, state, train_it, validate, ckpt: checkpoint.Checkpointer,
@@ -136,6 +141,8 @@ def train_loop(rc: run_config.RunConfig, trainer, state, train_it, validate, ckp
                                        f"the last good checkpoint (step {saved}) in {ckpt.directory} is intact")
             record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": float(trainer.schedule(step - 1)),
                       "tokens_per_s": float(m["tokens"]) / (time.perf_counter() - t)}
+            if "kl" in m:
+                record["kl"] = float(m["kl"])
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             bar.update()
             if validate and (step % rc.eval.every == 0 or step == steps):
@@ -178,6 +185,8 @@ def train(rc: run_config.RunConfig) -> int:
         else:
             state, data_state = ckpt.restore(resumed, trainer.abstract_state)
             train_it.restore(data_state)
+        if trainer.distill:  # the teacher is the starting model: on resume rebuilt from model.path (or run.seed)
+            trainer.init_teacher(params if resumed is None else prepare_model(rc)[1])
         del params
         validate = (lambda p: evaluate(trainer, p, val_it, n_val)) if val_it is not None else None
         log = metrics.MetricsLog(run_dir, resumed, rc.log.tensorboard) if lead else None

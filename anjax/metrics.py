@@ -3,7 +3,8 @@
 metrics.jsonl holds one JSON object per logged step: `step`, `loss` (mean
 training cross-entropy of that step), `grad_norm`, `lr`, `tokens_per_s`, and on
 validation steps `val_loss_full` / `val_loss_anchor` (step 0 is the validation
-of the starting model and has no `loss`). On resume, lines after the restored
+of the starting model and has no `loss`); distillation runs add `kl` and `val_kl`
+(anjax.distill; `loss` stays the LM cross-entropy). On resume, lines after the restored
 step (written by the interrupted process after its last checkpoint) are dropped,
 so the file is one consistent history.
 """

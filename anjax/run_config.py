@@ -59,6 +59,8 @@ class TrainSection:
     eps: float = 1e-8                  # Adam epsilon
     weight_decay: float = 0.0          # AdamW decoupled weight decay
     clip_norm: float | None = 1.0      # global gradient-norm clipping; null = off
+    distill_weight: float = 0.0        # loss = lm + w * KL(teacher || student), teacher = frozen start model; 0 = off
+    distill_temperature: float = 1.0   # softmax temperature T of the distillation KL (scaled by T^2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +120,9 @@ class RunConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        if self.train.distill_weight < 0 or self.train.distill_temperature <= 0:
+            raise ValueError(f"train.distill_weight must be >= 0 and train.distill_temperature > 0, got "
+                             f"{self.train.distill_weight} and {self.train.distill_temperature}")
         _check_fields(ModelConfig, self.model.arch, "model.arch")
         elsewhere = sorted(set(self.model.arch) & {"dtype", "param_dtype", "remat", "scan_layers", "anchor_mode",
                                                   "anchor_tokens", "anchor_ids"})

@@ -103,6 +103,26 @@ def test_kill9_resume_logs_the_same_losses(finished_run, tmp_path):
     assert any((run_dir / "tb").iterdir())
 
 
+def test_distill_run_resumes_with_the_starting_model_as_teacher(finished_run, tmp_path):
+    """A distillation run from a pretrained model (the finished run's export) killed and resumed logs the same
+    losses and KL terms as an uninterrupted one: the teacher is rebuilt from model.path, not the resumed student."""
+    distill = [*FAST, f"model.path={finished_run() / 'export'}", "model.from_scratch=false", "train.distill_weight=1.0",
+               "train.steps=16"]
+    whole = start(tmp_path / "whole", *distill)
+    run_dir = tmp_path / "killed"
+    proc = start(run_dir, *distill)
+    wait_for_step(proc, run_dir, 9)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert max(r["step"] for r in records(run_dir)) < 16
+    out = run(run_dir, *distill)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert whole.wait(timeout=600) == 0, whole.communicate()[1][-3000:]
+    keys = ("step", "loss", "kl", "val_loss_full", "val_loss_anchor", "val_kl")
+    got, want = ([{k: r.get(k) for k in keys} for r in records(d)] for d in (run_dir, tmp_path / "whole"))
+    assert got == want and all(r["kl"] > 0 for r in want if r["loss"] is not None) and want[0]["val_kl"] > 0
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
     run_dir = tmp_path / "term"
     proc = start(run_dir, "data.seq_len=32", "train.steps=100000", "checkpoint.every=100000", "eval.every=0")

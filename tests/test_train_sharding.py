@@ -35,15 +35,33 @@ def batch(step: int, B: int = 8, L: int = 32) -> dict[str, np.ndarray]:
     return {"tokens": tokens, "doc": doc, "valid": valid, "labels": labels, "loss_mask": loss_mask}
 
 
-def run_steps(mesh_shape, grad_accum=1, steps=3, B=8):
-    """(trainer, final state, losses) of `steps` steps on the given mesh."""
+def run_steps(mesh_shape, grad_accum=1, steps=3, B=8, cfg=CFG, distill_weight=0.0):
+    """(trainer, final state, losses) of `steps` steps on the given mesh; when distilling, the losses are
+    (lm, kl) pairs and the teacher is the random init of seed 1."""
     mesh = sharding.make_mesh(*mesh_shape)
-    trainer = Trainer(CFG, TrainSection(steps=steps, lr=1e-2, warmup_steps=1, grad_accum=grad_accum), mesh)
+    tc = TrainSection(steps=steps, lr=1e-2, warmup_steps=1, grad_accum=grad_accum, distill_weight=distill_weight)
+    trainer = Trainer(cfg, tc, mesh)
     state, losses = trainer.init_state(), []
+    if distill_weight:
+        trainer.init_teacher(jax.device_get(Trainer(cfg, tc, mesh, seed=1).place_params()))
     for s in range(steps):
         state, m = trainer.train_step(state, sharding.host_batch_to_global(batch(s, B), mesh))
-        losses.append(float(m["loss"]))
+        losses.append([float(m["loss"]), float(m["kl"])] if distill_weight else float(m["loss"]))
     return trainer, state, losses
+
+
+DISTILL = dict(cfg=CFG.replace(anchor_mode="ac", anchor_tokens=("<AC>",)), distill_weight=0.5, grad_accum=2, steps=2)
+
+
+@functools.cache
+def eight_devices() -> dict:
+    """The `__main__` half of this file, run on 8 simulated devices (XLA_FLAGS must be set before jax starts)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8
+    return result
 
 
 def shard_report(state) -> dict:
@@ -58,11 +76,7 @@ def shard_report(state) -> dict:
 
 def test_one_vs_eight_devices():
     _, _, losses_1 = run_steps((1, 1, 1))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["devices"] == 8
+    result = eight_devices()
     np.testing.assert_allclose(result["losses"], losses_1, rtol=1e-5)
     assert losses_1[-1] < losses_1[0]
     for name, (shape, local, spec) in result["shards"].items():  # fsdp=2 and tensor=2 each halve a dimension
@@ -93,9 +107,21 @@ def test_grad_accumulation_equals_big_batch():
         np.testing.assert_allclose(a, b1, rtol=1e-5, atol=1e-6 * float(jnp.abs(b1).max()))
 
 
-if __name__ == "__main__":  # the 8-device half of test_one_vs_eight_devices (needs XLA_FLAGS before jax starts)
+def test_distillation_one_vs_eight_devices():
+    """AC distillation (the teacher's `<AC>`-free view, the alignment gather) under the same sharding: the same
+    LM losses and KL terms on 8 devices, the teacher split like the parameters."""
+    _, _, losses_1 = run_steps((1, 1, 1), **DISTILL)
+    result = eight_devices()
+    np.testing.assert_allclose(result["distill_losses"], losses_1, rtol=1e-5)
+    assert losses_1[-1][1] > 0 and result["teacher_q"] == result["shards"]["param.q"][2]
+
+
+if __name__ == "__main__":  # the 8-device half of the tests above (needs XLA_FLAGS before jax starts)
     _, state, losses = run_steps((2, 2, 2))
-    print(json.dumps({"devices": jax.device_count(), "losses": losses, "shards": shard_report(state)}))
+    trainer, _, distill_losses = run_steps((2, 2, 2), **DISTILL)
+    print(json.dumps({"devices": jax.device_count(), "losses": losses, "shards": shard_report(state),
+                      "distill_losses": distill_losses,
+                      "teacher_q": str(trainer.teacher["layer_0"]["attn"]["q"].sharding.spec)}))
 
 
 def test_bf16_compute_with_fp32_master_params_and_remat():
