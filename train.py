@@ -118,6 +118,7 @@ def train_loop(rc: run_config.RunConfig, trainer, state, train_it, validate, ckp
     stop = {"sigterm": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
     start, steps, saved = int(state.step), rc.train.steps, ckpt.latest_step()
+    train_s = log.last("train_s", 0.0) if log is not None else 0.0  # optimizer-step seconds, over all sittings
     with tqdm(total=steps, initial=start, unit="step", disable=log is None, dynamic_ncols=True) as bar:
         def write(record):
             if log is None:
@@ -135,12 +136,14 @@ def train_loop(rc: run_config.RunConfig, trainer, state, train_it, validate, ckp
             t = time.perf_counter()
             state, m = trainer.train_step(state, sharding.host_batch_to_global(next(train_it), trainer.mesh))
             loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+            seconds = time.perf_counter() - t
+            train_s += seconds
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 ckpt.wait()
                 raise TrainingDiverged(f"loss {loss}, gradient norm {grad_norm} at step {step}: training stopped; "
                                        f"the last good checkpoint (step {saved}) in {ckpt.directory} is intact")
             record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": float(trainer.schedule(step - 1)),
-                      "tokens_per_s": float(m["tokens"]) / (time.perf_counter() - t)}
+                      "tokens_per_s": float(m["tokens"]) / seconds, "train_s": train_s}
             if "kl" in m:
                 record["kl"] = float(m["kl"])
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)

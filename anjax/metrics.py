@@ -1,7 +1,8 @@
 """Training metrics: RUN/metrics.jsonl, TensorBoard event files (RUN/tb) and the loss-curve PNG.
 
 metrics.jsonl holds one JSON object per logged step: `step`, `loss` (mean
-training cross-entropy of that step), `grad_norm`, `lr`, `tokens_per_s`, and on
+training cross-entropy of that step), `grad_norm`, `lr`, `tokens_per_s`, `train_s` (seconds spent in optimizer steps
+since the run began, over all sittings; validation and start-up excluded), and on
 validation steps `val_loss_full` / `val_loss_anchor` (step 0 is the validation
 of the starting model and has no `loss`); distillation runs add `kl` and `val_kl`
 (anjax.distill; `loss` stays the LM cross-entropy). On resume, lines after the restored
@@ -25,6 +26,14 @@ class MetricsLog:
             from tensorboardX import SummaryWriter
             purge = resumed_step + 1 if resumed_step is not None else None
             self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
+
+    def last(self, key: str, default=None):
+        """`key` of the last record that has it (after the resume cut), else `default`."""
+        for line in reversed(self.path.read_text().splitlines()):
+            record = json.loads(line)
+            if key in record:
+                return record[key]
+        return default
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
