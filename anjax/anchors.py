@@ -70,7 +70,9 @@ def add_ac_token(tokenizer) -> int:
 
 def main(argv=None) -> int:
     """CLI entry point; returns the exit code (2 with a one-line message on bad input)."""
-    p = argparse.ArgumentParser(prog="python -m anjax.anchors", description="Show how a text is cut into anchored sentences.")
+    from anjax import cli
+
+    p = cli.ArgumentParser(prog="python -m anjax.anchors", description="Show how a text is cut into anchored sentences.")
     p.add_argument("--model", default=None, help="HF directory or GGUF file (default: the embedded model)")
     p.add_argument("--mode", required=True, help="ep | ac | none")
     p.add_argument("--anchors", nargs="+", default=None, help='EP anchor strings (default: . ? !)')
@@ -88,6 +90,7 @@ def main(argv=None) -> int:
             raise ValueError("--text is empty")
         if args.mode not in ANCHOR_MODES:
             raise ValueError(f"--mode must be one of {ANCHOR_MODES}, got {args.mode!r}")
+        cli.check_range("--max-sentence-tokens", args.max_sentence_tokens, 1)
         tokenizer = load_tokenizer(args.model)
         if args.mode == "ac":
             add_ac_token(tokenizer)
@@ -115,4 +118,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from anjax import cli
+    cli.run(main)
