@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 
+from anjax import cli
 from anjax.config import AC_TOKEN, ANCHOR_MODES
 
 EP_DEFAULT_TOKENS = (".", "?", "!")
@@ -70,8 +71,6 @@ def add_ac_token(tokenizer) -> int:
 
 def main(argv=None) -> int:
     """CLI entry point; returns the exit code (2 with a one-line message on bad input)."""
-    from anjax import cli
-
     p = cli.ArgumentParser(prog="python -m anjax.anchors", description="Show how a text is cut into anchored sentences.")
     p.add_argument("--model", default=None, help="HF directory or GGUF file (default: the embedded model)")
     p.add_argument("--mode", required=True, help="ep | ac | none")
@@ -118,5 +117,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from anjax import cli
     cli.run(main)

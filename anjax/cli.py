@@ -14,8 +14,9 @@ import os
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import NoReturn
 
 DEBUG_FLAG = "--debug"
 
@@ -49,7 +50,7 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # the one place a command's exceptions are turned into messages
+    except Exception as e:  # noqa: BLE001 -- the one place a command's exceptions are turned into messages
         if DEBUG_FLAG in argv:
             traceback.print_exc()
         if isinstance(e, (ValueError, OSError)):

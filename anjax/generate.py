@@ -442,7 +442,7 @@ class Engine:
         chunk = min(self.chunk_size, 1 << max(4, (longest - 1).bit_length()))
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=tuple(stop_ids),
                         max_sentence_tokens=max_sentence_tokens or 0)
-        order = sorted((i for i in range(len(ids)) if i not in results), key=lambda i: -len(ids[i]))  # similar lengths batch together
+        order = sorted((i for i in range(len(ids)) if i not in results), key=lambda i: -len(ids[i]))  # by length
         batch = min(self.batch_size, len(order))
         for start in range(0, len(order), batch):
             rows = order[start:start + batch]

@@ -44,7 +44,13 @@ except ImportError as e:   # pragma: no cover - depends on the environment
 
 from anjax import cli
 from anjax.generate import Engine
-from anjax.scoring import CACHE_KINDS, ScoreRequest, Scorer, ScoringModel, load_scoring_model
+from anjax.scoring import (
+    CACHE_KINDS,
+    Scorer,
+    ScoreRequest,
+    ScoringModel,
+    load_scoring_model,
+)
 
 
 @register_model("anjax")
@@ -133,9 +139,8 @@ def check_model_args(model, cache, batch_size, chunk_size, unknown: dict) -> Non
     hub_name = str(model).count("/") == 1 and not str(model).startswith((".", "/", "~"))
     if model not in (None, "") and not Path(str(model)).expanduser().exists() and not hub_name:
         raise ValueError(f"model_args model={model}: no such file or directory")
-    if not str(batch_size).startswith("auto"):
-        if not str(batch_size).isdigit() or int(batch_size) < 1:
-            raise ValueError(f"batch_size must be a positive integer or auto, got {batch_size!r}")
+    if not str(batch_size).startswith("auto") and (not str(batch_size).isdigit() or int(batch_size) < 1):
+        raise ValueError(f"batch_size must be a positive integer or auto, got {batch_size!r}")
     if not str(chunk_size).isdigit() or int(chunk_size) < 1:
         raise ValueError(f"model_args chunk_size must be a positive integer, got {chunk_size!r}")
 

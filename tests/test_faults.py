@@ -19,11 +19,11 @@ from types import SimpleNamespace
 
 import jax
 import pytest
+from cli_checks import assert_one_line_error
 
 from anjax import cli, hf, outputs
 from anjax.config import tiny_config
 from anjax.model import init_params
-from cli_checks import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 MISSING_MODEL = "/nonexistent/model"   # a bad flag must be reported before this is ever looked at
