@@ -360,10 +360,11 @@ def test_kill9_during_checkpoint_save_keeps_the_previous_checkpoint(work):
         ck = Checkpointer({str(work / 'run')!r}, keep=5, async_save=True)
         ck.save(state(1, 1.0), {{"epoch": 0}}); ck.wait()
         ck.save(state(2, 2.0), {{"epoch": 1}})   # in flight in a background thread
-        Path({str(work / 'ready')!r}).touch()
-        import time; time.sleep(600)
+        import os, signal; os.kill(os.getpid(), signal.SIGKILL)
     """
-    _kill_when_ready(code, work / "ready")
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     from anjax.checkpoint import Checkpointer
     device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     abstract = {"w": jax.ShapeDtypeStruct((2048, 2048), "float32", sharding=device),
