@@ -3,7 +3,8 @@
     python train.py --config configs/smollm2-135m-ac.yaml [--set key.path=value ...]
 
 Resumes from the latest checkpoint in run.dir; SIGTERM or Ctrl-C (SIGINT) saves a
-checkpoint and exits 0 (a second signal exits at once, the last checkpoint intact); a non-finite loss stops the run with the last good checkpoint intact.
+checkpoint and exits 0 (a second signal exits at once, the last checkpoint intact);
+a non-finite loss stops the run with the last good checkpoint intact.
 At the end: RUN/export (Hugging Face format) and RUN/loss.png. See README.
 """
 from __future__ import annotations
