@@ -12,19 +12,15 @@ is written atomically. Exit codes: 0 all served, 1 some requests failed, 2 inval
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from anjax import cli
+from anjax import cli, outputs
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python infer.py", description=__doc__.splitlines()[0])
+def parse_args(argv=None):
+    p = cli.ArgumentParser(prog="python infer.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None,
                    help="HF directory, GGUF file or anjax run (default: embedded SmolLM2-135M)")
     p.add_argument("--prompt", help="one prompt text")
@@ -60,15 +56,32 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise cli.UsageError("give either --prompt TEXT or --input prompts.jsonl --output out.jsonl")
     if args.input is not None and not args.output:
         raise cli.UsageError("--input needs --output out.jsonl")
-    if args.max_new_tokens <= 0:
-        raise cli.UsageError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
+    for name, low in (("max_new_tokens", 1), ("top_k", 0), ("batch_size", 1), ("chunk_size", 1), ("capacity", 1),
+                      ("sink_tokens", 0), ("max_sentence_tokens", 1), ("temperature", 0)):
+        cli.check_range(f"--{name.replace('_', '-')}", getattr(args, name), low)
+    cli.check_range("--top-p", args.top_p, 0, 1, low_open=True)
+    cli.check_seed("--seed", args.seed)
     if args.prompt is not None and not args.prompt.strip():
         raise cli.UsageError("--prompt is empty")
     if args.protect and args.prompt is None:
         raise cli.UsageError('--protect goes with --prompt; in a JSONL file give "protect": [...] per line')
     if bad := [t for t in args.protect if t not in (args.prompt or "") or not t]:
         raise cli.UsageError(f"--protect text {bad[0]!r} does not occur in the prompt")
+    if args.input is not None:
+        cli.check_readable_file(args.input, "--input")
+        cli.check_writable_file(args.output, "--output")
     return args
+
+
+def check_sizes(engine, args) -> None:
+    """Refuse --max-new-tokens that no prompt could fit in the model's positions (or a full cache's capacity)."""
+    positions = engine.cfg.max_position_embeddings
+    if args.max_new_tokens >= positions:
+        raise cli.UsageError(f"--max-new-tokens {args.max_new_tokens} cannot fit: the model has {positions} positions "
+                             "for the prompt and the new tokens together")
+    if engine.cache_kind == "full" and args.capacity is not None and args.max_new_tokens >= args.capacity:
+        raise cli.UsageError(f"--max-new-tokens {args.max_new_tokens} cannot fit in a full cache of --capacity "
+                             f"{args.capacity} slots (prompt + new tokens)")
 
 
 def read_requests(path: str) -> tuple[list[tuple[int, object, str, list[str]]], list[dict]]:
@@ -105,23 +118,8 @@ def _protected_parts(obj: dict) -> list[str] | None:
     return parts
 
 
-def write_atomically(path: str, records: list[dict]) -> None:
-    """Write JSONL to a temporary sibling, then rename it over `path`."""
-    out = Path(path).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def main() -> int:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from anjax.generate import Engine
 
     t0 = time.perf_counter()
@@ -130,6 +128,7 @@ def main() -> int:
                          positions=args.positions, sink_tokens=args.sink_tokens, raw_prompts=args.raw_prompt,
                          show_anchors=args.show_anchors)
     load_s = time.perf_counter() - t0
+    check_sizes(engine, args)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, max_sentence_tokens=args.max_sentence_tokens)
     if args.prompt is not None:
@@ -162,7 +161,7 @@ def main() -> int:
     for e in errors:
         records[e["line"]] = e
         print(f"{args.input}:{e['line']}: {e['error']}", file=sys.stderr)
-    write_atomically(args.output, [records[n] for n in sorted(records)])
+    outputs.write_jsonl(args.output, [records[n] for n in sorted(records)])
     served = len(records) - len(errors)
     print(f"wrote {served} results and {len(errors)} errors to {args.output}", file=sys.stderr)
     return 1 if errors else 0

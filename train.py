@@ -2,13 +2,13 @@
 
     python train.py --config configs/smollm2-135m-ac.yaml [--set key.path=value ...]
 
-Resumes from the latest checkpoint in run.dir; SIGTERM saves a checkpoint and
-exits 0; a non-finite loss stops the run with the last good checkpoint intact.
+Resumes from the latest checkpoint in run.dir; SIGTERM or Ctrl-C (SIGINT) saves a
+checkpoint and exits 0 (a second signal exits at once, the last checkpoint intact);
+a non-finite loss stops the run with the last good checkpoint intact.
 At the end: RUN/export (Hugging Face format) and RUN/loss.png. See README.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import signal
@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from anjax import checkpoint, cli, metrics, run_config, sharding
+from anjax import checkpoint, cli, metrics, outputs, run_config, sharding
 from anjax.anchors import add_ac_token, resolve_anchor_ids
 from anjax.config import ModelConfig
 from anjax.data import make_batches
@@ -110,13 +110,27 @@ def evaluate(trainer, params, val_it, n_val: int) -> dict[str, float]:
     return result
 
 
+def stop_on_signals() -> dict:
+    """{"signal": None}, set to "SIGTERM" / "SIGINT" by the first of them; a second one exits at once."""
+    stop = {"signal": None}
+
+    def handler(signum, _frame):
+        if stop["signal"]:
+            print(f"second signal ({signal.Signals(signum).name}): exiting now; the last finished checkpoint is intact",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        stop["signal"] = signal.Signals(signum).name
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, handler)
+    return stop
+
+
 def train_loop(rc: run_config.RunConfig, trainer, state, train_it, validate, ckpt: checkpoint.Checkpointer,
-               log: metrics.MetricsLog | None):
+               log: metrics.MetricsLog | None, stop: dict):
     """Steps state.step + 1 .. train.steps: log, validate, checkpoint. Returns the last state, which is
-    short of train.steps after SIGTERM; raises TrainingDiverged on a non-finite loss or gradient."""
+    short of train.steps once `stop["signal"]` is set; raises TrainingDiverged on a non-finite loss or gradient."""
     from tqdm import tqdm
-    stop = {"sigterm": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
     start, steps, saved = int(state.step), rc.train.steps, ckpt.latest_step()
     train_s = log.last("train_s", 0.0) if log is not None else 0.0  # optimizer-step seconds, over all sittings
     with tqdm(total=steps, initial=start, unit="step", disable=log is None, dynamic_ncols=True) as bar:
@@ -131,7 +145,7 @@ def train_loop(rc: run_config.RunConfig, trainer, state, train_it, validate, ckp
         if start == 0 and validate:
             write({"step": 0, **validate(state.params)})
         for step in range(start + 1, steps + 1):
-            if _any_process(stop["sigterm"]):
+            if _any_process(bool(stop["signal"])):
                 break
             t = time.perf_counter()
             state, m = trainer.train_step(state, sharding.host_batch_to_global(next(train_it), trainer.mesh))
@@ -155,7 +169,7 @@ def train_loop(rc: run_config.RunConfig, trainer, state, train_it, validate, ckp
             if step % rc.checkpoint.every == 0 or step == steps:
                 ckpt.save(state, train_it.state())
                 saved = step
-    if int(state.step) not in (saved, 0):  # stopped by SIGTERM between checkpoints
+    if int(state.step) not in (saved, 0):  # stopped by a signal between checkpoints
         ckpt.save(state, train_it.state())
     ckpt.wait()
     return state
@@ -171,12 +185,20 @@ def init_distributed(rc: run_config.RunConfig) -> None:
         jax.distributed.initialize(num_processes=int(num) if num else None, process_id=int(index) if index else None)
 
 
+def check_outputs(rc: run_config.RunConfig) -> None:
+    """run.dir must be writable, and RUN/export replaceable, before anything loads."""
+    run_dir = cli.check_writable_dir(rc.run.dir, "run.dir")
+    if rc.checkpoint.export_hf:
+        outputs.check_replaceable(run_dir / "export")
+
+
 def train(rc: run_config.RunConfig) -> int:
     init_distributed(rc)
     lead = jax.process_index() == 0
     mesh = make_run_mesh(rc)
     run_dir = Path(rc.run.dir)
     ckpt = checkpoint.Checkpointer(run_dir, rc.checkpoint.keep, rc.checkpoint.async_save)
+    stop = stop_on_signals()
     try:
         resumed = ckpt.latest_step()
         cfg, params, tokenizer = model_for_run(rc, run_dir, resumed)
@@ -194,10 +216,10 @@ def train(rc: run_config.RunConfig) -> int:
         validate = (lambda p: evaluate(trainer, p, val_it, n_val)) if val_it is not None else None
         log = metrics.MetricsLog(run_dir, resumed, rc.log.tensorboard) if lead else None
         t0, start = time.perf_counter(), int(state.step)
-        state = train_loop(rc, trainer, state, train_it, validate, ckpt, log)
+        state = train_loop(rc, trainer, state, train_it, validate, ckpt, log, stop)
         final = int(state.step)
         if final < rc.train.steps:
-            print(f"SIGTERM at step {final}: " + (f"checkpoint saved in {ckpt.directory}; rerun the same command "
+            print(f"{stop['signal'] or 'a signal on another process'} at step {final}: " + (f"checkpoint saved in {ckpt.directory}; rerun the same command "
                                                   "to resume" if final else "nothing to save yet"))
             return 0
         if rc.checkpoint.export_hf:
@@ -217,12 +239,13 @@ def train(rc: run_config.RunConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML run config (default: all defaults)")
     parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[],
                         metavar="KEY=VALUE", help="override a config field, e.g. --set train.steps=10 run.dir=runs/x")
     args = parser.parse_args(argv)
     rc = run_config.load(args.config, [o for group in args.overrides for o in group])
+    check_outputs(rc)
     try:
         return train(rc)
     except TrainingDiverged as e:

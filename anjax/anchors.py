@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 
+from anjax import cli
 from anjax.config import AC_TOKEN, ANCHOR_MODES
 
 EP_DEFAULT_TOKENS = (".", "?", "!")
@@ -70,7 +71,7 @@ def add_ac_token(tokenizer) -> int:
 
 def main(argv=None) -> int:
     """CLI entry point; returns the exit code (2 with a one-line message on bad input)."""
-    p = argparse.ArgumentParser(prog="python -m anjax.anchors", description="Show how a text is cut into anchored sentences.")
+    p = cli.ArgumentParser(prog="python -m anjax.anchors", description="Show how a text is cut into anchored sentences.")
     p.add_argument("--model", default=None, help="HF directory or GGUF file (default: the embedded model)")
     p.add_argument("--mode", required=True, help="ep | ac | none")
     p.add_argument("--anchors", nargs="+", default=None, help='EP anchor strings (default: . ? !)')
@@ -88,6 +89,7 @@ def main(argv=None) -> int:
             raise ValueError("--text is empty")
         if args.mode not in ANCHOR_MODES:
             raise ValueError(f"--mode must be one of {ANCHOR_MODES}, got {args.mode!r}")
+        cli.check_range("--max-sentence-tokens", args.max_sentence_tokens, 1)
         tokenizer = load_tokenizer(args.model)
         if args.mode == "ac":
             add_ac_token(tokenizer)
@@ -115,4 +117,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

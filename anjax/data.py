@@ -267,6 +267,29 @@ def _local_files(path: str) -> list[str] | None:
     return files
 
 
+def _first_non_utf8(files: list[str]) -> str | None:
+    """'FILE is not UTF-8 text (...)' for the first uncompressed text/JSON file that does not decode, else None.
+
+    Read in 16 MiB pieces: the JSON reader would otherwise accept invalid bytes silently.
+    """
+    import codecs
+    for f in files:
+        if _builder(f) not in ("text", "json") or os.path.splitext(f)[1] in _COMPRESSED:
+            continue
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(f, "rb") as fh:
+            while True:
+                piece = fh.read(1 << 24)
+                try:
+                    decoder.decode(piece, final=not piece)
+                except UnicodeDecodeError as e:
+                    return f"{f} is not UTF-8 text (invalid byte near offset {offset + e.start}): convert it to UTF-8"
+                if not piece:
+                    break
+                offset += len(piece)
+    return None
+
+
 def load_corpus(cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
     """The raw documents of `split` (default `cfg.split`) as a datasets.Dataset."""
     split = split or cfg.split
@@ -279,6 +302,8 @@ def load_corpus(cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
         saved = datasets.load_from_disk(path)  # a save_to_disk directory
         return saved[split] if isinstance(saved, datasets.DatasetDict) else saved
     files = _local_files(path)
+    if files and (bad := _first_non_utf8(files)):
+        raise ValueError(bad)
     try:
         if files is None:
             return datasets.load_dataset(cfg.path, cfg.name, split=split)

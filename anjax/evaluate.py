@@ -40,13 +40,13 @@ each cache's perplexity, anchor / full and the tokens scored, with intervals.
 """
 from __future__ import annotations
 
-import argparse
+import io
 import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from anjax import intervals, stats, tasks
+from anjax import cli, intervals, outputs, stats, tasks
 from anjax.scoring import CACHE_KINDS, Scorer, ScoringModel, load_scoring_model
 
 DEFAULT_TASKS = ("obqa", "winogrande", "arc_easy", "arc_challenge", "piqa", "hellaswag", "sciq", "boolq")
@@ -132,7 +132,7 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines + norm_lines) + "\n"
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(report: dict, path) -> None:
     """Panels: accuracy per task and on average (95% interval bars) for each cache; each cache − full
     (paired intervals); C↓ of each cache; T↑ of each cache."""
     import matplotlib
@@ -194,23 +194,24 @@ def plot_differences(ax, report: dict) -> None:
 
 
 def save(report: dict, text: str, out_dir: str | None, name: str, json_path: str | None, png: bool) -> None:
+    """NAME.md, NAME.json (and NAME.png) in `out_dir`, and the JSON at `json_path`; each file written atomically."""
     if out_dir:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.md").write_text(text)
-        (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+        outputs.write_text(out / f"{name}.md", text)
+        outputs.write_text(out / f"{name}.json", json.dumps(report, indent=1))
         if png:
-            plot(report, out / f"{name}.png")
+            buf = io.BytesIO()
+            plot(report, buf)
+            outputs.write_bytes_chunks(out / f"{name}.png", [buf.getvalue()])
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report, indent=1))
+        outputs.write_text(json_path, json.dumps(report, indent=1))
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m anjax.evaluate", description=__doc__.split("\n\n")[0])
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m anjax.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="HF directory, GGUF file or anjax run (default: embedded SmolLM2)")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                    help=f"comma list of {', '.join(tasks.TASKS)} or your own FILE.jsonl "
@@ -256,6 +257,14 @@ def check_args(args) -> tuple[list[str], list[str]]:
         raise ValueError("--seq-len must be >= 2 and --ac-every >= 1")
     if args.ac_every and args.anchor_mode != "ac":
         raise ValueError("--ac-every inserts <AC> tokens: it needs --anchor-mode ac")
+    cli.check_range("--batch-size", args.batch_size, 1)
+    cli.check_range("--chunk-size", args.chunk_size, 1)
+    if not args.name or "/" in args.name:
+        raise ValueError(f"--name must be a file stem without '/', got {args.name!r}")
+    if args.out_dir:   # outputs are probed now, not discovered unwritable after the scoring
+        cli.check_writable_dir(args.out_dir, "--out-dir")
+    if args.json:
+        cli.check_writable_file(args.json, "--json")
     return names, parse_caches(args.cache)
 
 
@@ -302,5 +311,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from anjax import cli
     cli.run(main)

@@ -424,16 +424,26 @@ class Engine:
             stop_ids = () if self.cfg.eos_token_id is None else (self.cfg.eos_token_id,)
         if len(stop_ids) > MAX_STOP_IDS:
             raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(stop_ids)}")
-        longest = max(len(r) for r in ids)
+        results: dict[int, Generation] = {}
+        positions = self.cfg.max_position_embeddings
+        for i, row in enumerate(ids):   # sizes that cannot fit are refused before any work
+            if len(row) + max_new_tokens > positions:
+                error = (f"{len(row)} prompt tokens + {max_new_tokens} new tokens exceed the model's {positions} "
+                         "positions: shorten the prompt or lower --max-new-tokens")
+                if raise_errors:
+                    raise ValueError(f"prompt {i}: {error}")
+                results[i] = Generation(prompt_ids=row, ids=row, text="", stats={}, error=error)
+        if len(results) == len(ids):
+            return [results[i] for i in range(len(ids))]
+        longest = max(len(r) for i, r in enumerate(ids) if i not in results)
         capacity = self.capacity or round_up(longest + max_new_tokens, 256)
         if self.capacity is None and self.spec.anchor_cache:
             capacity = min(capacity, DEFAULT_ANCHOR_CAPACITY)
         chunk = min(self.chunk_size, 1 << max(4, (longest - 1).bit_length()))
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=tuple(stop_ids),
                         max_sentence_tokens=max_sentence_tokens or 0)
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths batch together
-        batch = min(self.batch_size, len(ids))
-        results: dict[int, Generation] = {}
+        order = sorted((i for i in range(len(ids)) if i not in results), key=lambda i: -len(ids[i]))  # by length
+        batch = min(self.batch_size, len(order))
         for start in range(0, len(order), batch):
             rows = order[start:start + batch]
             pre = self.prefill([ids[i] for i in rows], batch, chunk, capacity, [flags[i] for i in rows])

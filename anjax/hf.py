@@ -7,9 +7,7 @@ and every shape before anything is copied and names the first offending tensor.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -201,16 +199,18 @@ def load_hf_dir(model_dir: str | Path, **overrides: Any) -> tuple[ModelConfig, d
     return cfg, params_from_hf_state(cfg, read_safetensors(model_dir))
 
 
-def save_hf_dir(cfg: ModelConfig, params: dict, tokenizer, out_dir: str | Path) -> Path:
+def save_hf_dir(cfg: ModelConfig, params: dict, tokenizer, out_dir: str | Path, force: bool = False) -> Path:
     """Write config.json, model.safetensors, generation_config.json and tokenizer files.
 
-    Written into a temporary sibling directory and renamed into place, so `out_dir`
-    is either complete or untouched.
+    Built in a hidden sibling directory and swapped into place (`anjax.outputs.replace_dir`),
+    so `out_dir` is either the previous directory or the complete new one. An existing
+    `out_dir` is replaced only when anjax wrote it; `force` moves any other one aside.
     """
     from safetensors.numpy import save_file
-    out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+
+    from anjax import outputs
+    out_dir = outputs.check_replaceable(out_dir, force)
+    tmp = outputs.make_temp_dir(out_dir)
     try:
         state = hf_state_from_params(cfg, params)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -220,9 +220,7 @@ def save_hf_dir(cfg: ModelConfig, params: dict, tokenizer, out_dir: str | Path) 
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        outputs.replace_dir(tmp, out_dir, [p.name for p in tmp.iterdir()], force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

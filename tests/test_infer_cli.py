@@ -30,7 +30,7 @@ def infer(*args, cwd=None):
 
 @pytest.mark.parametrize("args,message", [
     (["--prompt", "  "], "--prompt is empty"),
-    (["--prompt", "The cat.", "--max-new-tokens", "0"], "--max-new-tokens must be > 0"),
+    (["--prompt", "The cat.", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--max-new-tokens", "4"], "either --prompt"),
     (["--input", "x.jsonl"], "--input needs --output"),
 ])
