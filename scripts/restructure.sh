@@ -114,7 +114,8 @@ git commit -q -m "Restructure anjax into core/text/io/inference/train/eval/cli (
 # Thin shims: the commands users type keep working; nothing inside anjax imports them.
 shim() {  # name, new module, how its __main__ runs, extra import
     cat > anjax/$1.py <<PYEOF
-"""\`python -m anjax.$1\`: the command's established name; the code lives in \`$2\`."""
+"""\`python -m anjax.$1\`, the command's established name: a shim for \`$2\`."""
+
 $4
 if __name__ == "__main__":
     $3
