@@ -4,6 +4,10 @@
 # and module reference, add the packages' __init__.py and thin shims at the old command names.
 #
 #     bash scripts/restructure.sh          # from the repository root, on a clean work tree
+#     EXTRA_MOVES="encoder:text.encode serve:cli.serve" EXTRA_COMMANDS="serve" bash scripts/restructure.sh
+#
+# EXTRA_MOVES adds old:new pairs for modules created after this script was written; EXTRA_COMMANDS
+# names `python -m anjax.<name>` commands to keep as typed (write their shims by hand, like evaluate's).
 #
 # Only whole modules move (git mv, history kept); splitting modules (train.py's library part,
 # the encoder out of data.py, checkpoint into run files + orbax, the mains into anjax/cli/) is
@@ -25,7 +29,7 @@ generate:inference.engine  scoring:inference.scoring
 data:train.data  run_config:train.run_config  trainer:train.trainer  metrics:train.metrics
 tasks:eval.tasks  evaluate:eval.evaluate  perplexity:eval.perplexity  lm_eval_adapter:eval.lm_eval_adapter
 export:cli.export
-"
+${EXTRA_MOVES:-}"
 declare -A DOC=(
   [core]="The model and its invariants: config, mask predicate, KV cache, Llama, sharding rules (jax/flax/numpy only)."
   [text]="Text to ids: anchor ids and the one encoder shared by training, inference and evaluation (no jax, no datasets)."
@@ -55,7 +59,7 @@ done
 MOVED="${moved[*]}" python3 - <<'PY'
 import os, re, subprocess
 moves = dict(p.split(":") for p in os.environ["MOVED"].split())
-shims = {"evaluate", "export", "anchors", "lm_eval_adapter"}   # `python -m anjax.<name>` stays valid
+shims = {"evaluate", "export", "anchors", "lm_eval_adapter", *os.environ.get("EXTRA_COMMANDS", "").split()}
 files = subprocess.run(["git", "ls-files", "*.py", "*.md", "*.sh", "*.yaml", "*.txt", ".ci/*"],
                        capture_output=True, text=True, check=True).stdout.split()
 skip = {"scripts/restructure.sh", "docs/ARCH_PLAN.md"}
