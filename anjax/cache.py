@@ -1,4 +1,4 @@
-"""The fixed-capacity KV cache (DESIGN.md Invariant 3).
+"""The fixed-capacity KV cache (docs/DESIGN.md Invariant 3).
 
 Keys are stored after RoPE at their true positions, so a slot's content never
 changes once written; only its place in the cache does (compaction).

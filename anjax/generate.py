@@ -16,7 +16,7 @@ One batch of B prompts (rows are independent; any row gives what it gives alone)
    token is an anchor its sentence is dropped (`anjax.cache.close_sentence`, O(1 slot)).
 Only compaction differs between the anchor and the full cache (which uses plain causal attention).
 
-Positions (DESIGN.md Invariant 2): a token's RoPE position is its true position in the
+Positions (docs/DESIGN.md Invariant 2): a token's RoPE position is its true position in the
 row; the cache length is not a position, so the anchor cache is exact (logits equal
 one full forward pass under the AnSAN mask). `positions="reference"` reproduces the
 AnLLM authors' code instead: position = the token's slot index in the compacted cache

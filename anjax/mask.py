@@ -1,4 +1,4 @@
-"""Per-token metadata and the one attention predicate (DESIGN.md Invariant 1).
+"""Per-token metadata and the one attention predicate (docs/DESIGN.md Invariant 1).
 
 Every token carries `doc` (document id in its row), `pos` (true position in its
 document, used by RoPE), `seg` (sentence index: +1 after each anchor), `anchor`,

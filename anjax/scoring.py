@@ -16,7 +16,7 @@ per choice a context `tail` and a `continuation`. Cached paths (`recompute=False
    token is predicted by the prefix's last token).
 The recompute path (`recompute=True`, the paper's "no cache" baseline) runs one
 full forward of `prefix + tail + continuation` per choice, under the same mask.
-Both are exact: a cached score equals the recomputed one (DESIGN.md Invariant 2).
+Both are exact: a cached score equals the recomputed one (docs/DESIGN.md Invariant 2).
 
 Tokenization follows lm-evaluation-harness (`encode_pair`): trailing spaces of the
 context move to the continuation, `whole = enc(context + continuation)`, the

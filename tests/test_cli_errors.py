@@ -11,6 +11,8 @@ from anjax.config import tiny_config
 from anjax.model import init_params
 from cli_checks import assert_one_line_error
 
+pytestmark = pytest.mark.slow  # python -m anjax.export in subprocesses
+
 
 def run_export(model, out):
     return subprocess.run([sys.executable, "-m", "anjax.export", "--model", str(model), "--out", str(out)],

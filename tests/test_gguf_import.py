@@ -124,11 +124,13 @@ def test_truncated_missing_and_non_gguf_files(tmp_path):
         read_gguf(tmp_path / "absent.gguf")
 
 
+@pytest.mark.slow
 def test_import_does_not_pull_in_torch():
     code = "import sys, anjax.gguf_import; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow
 def test_weights_and_config_equal_transformers(smollm_path):
     """Every tensor equals transformers' GGUF loader for this file (the legacy path that
     `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` takes for llama, called directly
@@ -158,6 +160,7 @@ def test_weights_and_config_equal_transformers(smollm_path):
     assert (config["vocab_size"], config["num_hidden_layers"], config["hidden_size"]) == (49152, 30, 576)
 
 
+@pytest.mark.slow
 def test_tokenizer_equals_transformers(smollm_path):
     transformers = pytest.importorskip("transformers")
     reference = transformers.AutoTokenizer.from_pretrained(str(smollm_path.parent), gguf_file=smollm_path.name)

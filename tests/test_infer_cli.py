@@ -12,6 +12,8 @@ from anjax.config import tiny_config
 from anjax.model import init_params
 from cli_checks import assert_one_line_error
 
+pytestmark = pytest.mark.slow  # infer.py in subprocesses
+
 INFER = str(Path(__file__).resolve().parents[1] / "infer.py")
 STATS = {"prompt_tokens", "generated_tokens", "peak_cache_slots", "full_cache_slots", "cache_reduction",
          "prefill_tokens_per_s", "decode_tokens_per_s"}

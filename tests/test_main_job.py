@@ -8,6 +8,8 @@ import pytest
 
 from anjax.gguf_import import default_model_path
 
+pytestmark = pytest.mark.slow  # the whole main job in a subprocess
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

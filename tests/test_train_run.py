@@ -15,6 +15,8 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # train.py in subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["data.seq_len=32", "eval.batches=1", "eval.every=8", "checkpoint.every=4", "train.steps=24"]
 

@@ -12,11 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from anjax import sharding
 from anjax.config import tiny_config
 from anjax.run_config import TrainSection
 from anjax.trainer import Trainer, TrainState, train_step
+
+pytestmark = pytest.mark.slow  # 8 simulated devices in a subprocess; bf16/remat and accumulation steps
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = tiny_config(vocab_size=256, anchor_mode="ep", anchor_tokens=(".",), anchor_ids=(7,))
