@@ -12,14 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from anjax import sharding
+from anjax import sparse_attention
 from anjax.config import tiny_config
 from anjax.run_config import TrainSection
 from anjax.trainer import Trainer, TrainState, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = tiny_config(vocab_size=256, anchor_mode="ep", anchor_tokens=(".",), anchor_ids=(7,))
+SPARSE_TILE = 8  # several query/key tiles in a 32-token row
 
 
 def batch(step: int, B: int = 8, L: int = 32) -> dict[str, np.ndarray]:
@@ -35,10 +38,11 @@ def batch(step: int, B: int = 8, L: int = 32) -> dict[str, np.ndarray]:
     return {"tokens": tokens, "doc": doc, "valid": valid, "labels": labels, "loss_mask": loss_mask}
 
 
-def run_steps(mesh_shape, grad_accum=1, steps=3, B=8):
+def run_steps(mesh_shape, grad_accum=1, steps=3, B=8, attention="dense"):
     """(trainer, final state, losses) of `steps` steps on the given mesh."""
     mesh = sharding.make_mesh(*mesh_shape)
-    trainer = Trainer(CFG, TrainSection(steps=steps, lr=1e-2, warmup_steps=1, grad_accum=grad_accum), mesh)
+    tc = TrainSection(steps=steps, lr=1e-2, warmup_steps=1, grad_accum=grad_accum)
+    trainer = Trainer(CFG.replace(attention=attention), tc, mesh)
     state, losses = trainer.init_state(), []
     for s in range(steps):
         state, m = trainer.train_step(state, sharding.host_batch_to_global(batch(s, B), mesh))
@@ -56,10 +60,13 @@ def shard_report(state) -> dict:
             for kind, tree in (("param", state.params), ("mu", mu)) for name, get in pick.items()}
 
 
-def test_one_vs_eight_devices():
-    _, _, losses_1 = run_steps((1, 1, 1))
+@pytest.mark.parametrize("attention", ["dense", "sparse"])
+def test_one_vs_eight_devices(attention, monkeypatch):
+    monkeypatch.setattr(sparse_attention, "TILE", SPARSE_TILE)
+    _, _, losses_1 = run_steps((1, 1, 1), attention=attention)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = subprocess.run([sys.executable, __file__, attention], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["devices"] == 8
@@ -94,7 +101,8 @@ def test_grad_accumulation_equals_big_batch():
 
 
 if __name__ == "__main__":  # the 8-device half of test_one_vs_eight_devices (needs XLA_FLAGS before jax starts)
-    _, state, losses = run_steps((2, 2, 2))
+    sparse_attention.TILE = SPARSE_TILE
+    _, state, losses = run_steps((2, 2, 2), attention=sys.argv[1])
     print(json.dumps({"devices": jax.device_count(), "losses": losses, "shards": shard_report(state)}))
 
 
