@@ -3,7 +3,7 @@
     python benchmarks/bench_attention.py [--lengths 512 2048 4096 8192] [--layers 4] [--steps 3]
 
 Model: the SmolLM2-135M shape (hidden 576, 9 heads, 3 KV heads, head_dim 64, vocab 49153) with
-`--layers` layers (random weights), fp32, batch 1, AnLLM-AC rows (~4% anchors, as the embedded
+`--layers` layers (random weights), fp32 (`--dtype`), batch 1, AnLLM-AC rows (~4% anchors, as the embedded
 corpus) trained under the anchor mask, as `anjax.trainer` does. One step = value and gradient of
 the summed token loss (no optimizer). For each length, dense and sparse are compiled and timed in
 alternation (best of `--steps`, after one warm-up step), so the ratio is measured under the same
@@ -11,11 +11,12 @@ machine load. Memory: the compiled step's temporary buffers (XLA memory_analysis
 for the backward pass and workspace; parameters and gradients excluded, they are the same in both).
 A configuration whose compiled temporaries exceed `--max-gib` is compiled but not run. The full
 30-layer model (`--memory-layers`, layers scanned) is compiled only, for its memory.
-Prints a table and saves benchmarks/results/bench_attention.png and .json.
+Prints a table and saves bench_attention.png and .json in benchmarks/results/ (or `--out`).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -57,14 +58,16 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096, 8192])
     p.add_argument("--layers", type=int, default=4, help="decoder layers (SmolLM2-135M has 30)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (best kept)")
+    p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
     p.add_argument("--tile", type=int, default=sparse_attention.TILE, help="sparse query/key tile length")
     p.add_argument("--max-gib", type=float, default=8.0, help="run only steps whose temporaries fit in this")
+    p.add_argument("--out", type=Path, default=RESULTS, help="directory for the .json and .png")
     p.add_argument("--memory-layers", type=int, default=30, help="also compile (not run) this deep a model; 0: off")
     args = p.parse_args()
     sparse_attention.TILE = args.tile
 
-    base = ModelConfig(vocab_size=ANCHOR_ID + 1, num_layers=args.layers, anchor_mode="ac", anchor_tokens=("<AC>",),
-                       anchor_ids=(ANCHOR_ID,))
+    base = ModelConfig(vocab_size=ANCHOR_ID + 1, num_layers=args.layers, dtype=args.dtype, anchor_mode="ac",
+                       anchor_tokens=("<AC>",), anchor_ids=(ANCHOR_ID,))
     params = init_params(base, jax.random.PRNGKey(0))
     rows = []
     for L in args.lengths:
@@ -90,17 +93,18 @@ def main() -> None:
         del steps
         if args.memory_layers:  # compile only, from abstract parameters
             deep = base.replace(num_layers=args.memory_layers, scan_layers=True)
-            abstract = jax.eval_shape(lambda: init_params(deep, jax.random.PRNGKey(0)))
+            abstract = jax.eval_shape(functools.partial(init_params, deep), jax.random.PRNGKey(0))
             for attention in ("dense", "sparse"):
                 _, temp = compile_step(deep.replace(attention=attention), abstract, batch)
                 row[f"{attention}_temp_gib_deep"] = temp / 2 ** 30
         rows.append(row)
 
-    print(f"{jax.default_backend()} ({jax.devices()[0].device_kind}), fp32, batch 1, SmolLM2-135M shape with "
+    print(f"{jax.default_backend()} ({jax.devices()[0].device_kind}), {args.dtype}, batch 1, SmolLM2-135M shape with "
           f"{args.layers} layers, sparse tile {args.tile}; step = loss + gradient, anchor mask; best of {args.steps}")
     print(f"{'seq':>6} {'dense s':>8} {'sparse s':>9} {'speed-up':>9} {'dense GiB':>10} {'sparse GiB':>11} "
-          f"{'mem ratio':>10} {'loss diff':>10}" + (f" {'GiB dense/sparse/ratio at ' + str(args.memory_layers) + ' layers':>40}"
-                                                    if args.memory_layers else ""))
+          f"{'mem ratio':>10} {'loss diff':>10}", end="")
+    deep_header = f"GiB dense / sparse / ratio at {args.memory_layers} layers"
+    print(f" {deep_header:>40}" if args.memory_layers else "")
     fmt = lambda x, f: "n/a" if x is None else format(x, f)
     for r in rows:
         speed = r["dense_s"] / r["sparse_s"] if r["dense_s"] and r["sparse_s"] else None
@@ -114,10 +118,10 @@ def main() -> None:
             print(f" {dense:>20.2f} / {sparse:.2f} / {sparse / dense:.2f}", end="")
         print()
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "layers": args.layers,
-            "memory_layers": args.memory_layers, "tile": args.tile, "steps": args.steps, "rows": rows}
-    (RESULTS / "bench_attention.json").write_text(json.dumps(meta, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "dtype": args.dtype,
+            "layers": args.layers, "memory_layers": args.memory_layers, "tile": args.tile, "steps": args.steps, "rows": rows}
+    (args.out / "bench_attention.json").write_text(json.dumps(meta, indent=2))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -131,10 +135,10 @@ def main() -> None:
         ax.set_xlabel("sequence length")
         ax.set_ylabel(label)
         ax.legend()
-    fig.suptitle(f"dense vs sparse attention, {args.layers}-layer SmolLM2-135M shape, fp32, batch 1")
+    fig.suptitle(f"dense vs sparse attention, {args.layers}-layer SmolLM2-135M shape, {args.dtype}, batch 1")
     fig.tight_layout()
-    fig.savefig(RESULTS / "bench_attention.png", dpi=120)
-    print(f"saved {RESULTS / 'bench_attention.png'}")
+    fig.savefig(args.out / "bench_attention.png", dpi=120)
+    print(f"saved {args.out / 'bench_attention.png'}")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,10 @@ def test_outputs_and_gradients_equal_dense(kind, full):
         assert np.abs(np.asarray(g - w)).max() <= 1e-4
 
 
+def same_run(m, b, i, j, full):
+    return m.doc[b, j] == m.doc[b, i] and (full or m.seg[b, j] == m.seg[b, i])
+
+
 @pytest.mark.parametrize("kind", ["documents", "padding", "long_sentence"])
 def test_run_start_is_the_first_token_of_the_sentence(kind):
     """Brute force: the earliest j such that every valid token in [j, i] shares token i's (doc, seg)
@@ -102,9 +106,8 @@ def test_run_start_is_the_first_token_of_the_sentence(kind):
     for full in (False, True):
         start = np.asarray(sa._run_start(meta, full))
         for b, i in zip(*np.nonzero(m.valid)):
-            same = lambda j: m.doc[b, j] == m.doc[b, i] and (full or m.seg[b, j] == m.seg[b, i])
             j = i
-            while j > 0 and (not m.valid[b, j - 1] or same(j - 1)):
+            while j > 0 and (not m.valid[b, j - 1] or same_run(m, b, i, j - 1, full)):
                 j -= 1
             while not m.valid[b, j]:
                 j += 1
@@ -151,7 +154,7 @@ def test_model_logits_and_loss_gradients_sparse_equal_dense(full, monkeypatch):
         c = cfg.replace(attention=attention)
         logits[attention] = np.asarray(Llama(c).apply({"params": params}, batch["tokens"], meta,
                                                       full_attention=full)[0])
-        grads[attention] = jax.grad(lambda p: loss_sums(c, p, batch, full)[0])(params)
+        grads[attention] = jax.grad(lambda p, c=c: loss_sums(c, p, batch, full)[0])(params)
     np.testing.assert_allclose(logits["sparse"][valid], logits["dense"][valid], atol=1e-4)
     for g, w in zip(jax.tree.leaves(grads["sparse"]), jax.tree.leaves(grads["dense"])):
         np.testing.assert_allclose(g, w, atol=1e-4 * max(1.0, float(jnp.abs(w).max())))
