@@ -12,7 +12,9 @@ softmax (flash-attention style), so the parts merge by their log-sum-exp into on
   order into a compact per-row array of A = T slots (so it can never overflow), visited in tiles
   only as far as the anchors that precede the query tile; mask `attention_allowed(...) &
   other sentence`. Compute scales with the number of anchors, not with T.
-- cache (prefill chunks): a dense key block with its given mask (the compacted KV cache).
+- cache (prefill chunks): a dense key block with its given mask (the compacted KV cache), one tile.
+
+A query tile's key-tile ranges are the union over the batch's rows (loops are shared by the batch).
 
 Every mask is `anjax.mask.attention_allowed` on the tile's metadata: the predicate stays the single
 definition; the parts only decide which tiles are visited. Exact (to fp32 rounding) for valid
