@@ -34,7 +34,8 @@ def prepare_model(rc: run_config.RunConfig) -> tuple[ModelConfig, dict | None, o
     from anjax.hf import resize_embeddings
     from anjax.loading import load_model, load_tokenizer
     m = rc.model
-    runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers)
+    runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
+                   attention=m.attention)
     if m.from_scratch:
         tokenizer, params = load_tokenizer(m.path), None
         cfg = ModelConfig(**{"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
@@ -73,7 +74,7 @@ def model_for_run(rc: run_config.RunConfig, run_dir: Path, resumed: int | None):
     if resumed is not None:
         checkpoint.check_resumable(run_dir, rc.to_dict())
         cfg = checkpoint.load_model_config(run_dir, dtype=rc.model.dtype, param_dtype=rc.model.param_dtype,
-                                           remat=rc.model.remat)
+                                           remat=rc.model.remat, attention=rc.model.attention)
         return cfg, None, checkpoint.load_tokenizer(run_dir)
     cfg, params, tokenizer = prepare_model(rc)
     if jax.process_index() == 0:

@@ -185,14 +185,14 @@ def load_for_inference(run_dir: str | Path, **overrides: Any) -> tuple[ModelConf
     """(cfg, params as a numpy tree, tokenizer) from the latest checkpoint of a run directory.
 
     The same as loading RUN/export: the training-time settings (dtype, param_dtype,
-    scan_layers, remat) take ModelConfig's defaults unless given in `overrides`.
+    scan_layers, remat, attention) take ModelConfig's defaults unless given in `overrides`.
     """
     from anjax.hf import hf_state_from_params, params_from_hf_state
     from anjax.model import init_params
     run_dir = Path(run_dir)
     stored = load_model_config(run_dir)
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
-                if f.name in ("dtype", "param_dtype", "scan_layers", "remat")}
+                if f.name in ("dtype", "param_dtype", "scan_layers", "remat", "attention")}
     cfg = stored.replace(**{**defaults, **overrides})
     ckpt = Checkpointer(run_dir, read_only=True)
     try:

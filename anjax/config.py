@@ -36,6 +36,7 @@ class ModelConfig:
     param_dtype: str = "float32"        # storage dtype of parameters
     scan_layers: bool = False           # nn.scan over the layer stack
     remat: str = "none"                 # none | full | dots (activation checkpointing policy)
+    attention: str = "dense"            # dense | sparse (anjax.sparse_attention) | auto (sparse for long inputs)
     anchor_mode: str = "none"           # none | ep (punctuation anchors) | ac (<AC> token)
     anchor_tokens: tuple[str, ...] = () # token strings that are anchors
     anchor_ids: tuple[int, ...] = ()    # their ids in the vocabulary
@@ -47,6 +48,8 @@ class ModelConfig:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat must be none|full|dots, got {self.remat!r}")
+        if self.attention not in ("dense", "sparse", "auto"):
+            raise ValueError(f"attention must be dense|sparse|auto, got {self.attention!r}")
         if len(self.anchor_tokens) != len(self.anchor_ids):
             raise ValueError("anchor_tokens and anchor_ids must have the same length")
 

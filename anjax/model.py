@@ -4,7 +4,8 @@
                                            full_attention=False)
 
 `meta` is the per-token metadata of `anjax.mask`; attention follows
-`anjax.mask.attention_allowed` (AnSAN when `full_attention=False`). With a
+`anjax.mask.attention_allowed` (AnSAN when `full_attention=False`), dense or through
+`anjax.sparse_attention` (`cfg.attention`: the same softmax without the [T, T] logits). With a
 cache, the chunk attends to every slot of the cache plus itself (two key blocks,
 one softmax: the cache is never copied), then its keys/values are written at each
 row's `length` (slots from `length` on must be invalid; caller keeps length + T <= C);
@@ -22,6 +23,7 @@ import flax.linen as nn
 from anjax.cache import KVCache, append_meta, write_slots
 from anjax.config import ModelConfig
 from anjax.mask import TokenMeta, attention_allowed, token_metadata
+from anjax.sparse_attention import sparse_attention, use_sparse
 
 _init = nn.initializers.normal(0.02)
 
@@ -101,12 +103,15 @@ class Attention(nn.Module):
         k = rope(k, q_meta.pos, cfg.rope_theta, cfg.rope_scaling_factor)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         mask = lambda keys_meta: attention_allowed(q_meta, keys_meta, self.full_attention)
-        if layer_kv is None:  # keys are the chunk itself
-            out, new_kv = dot_attention(q, k, v, mask(k_meta)), None
+        sparse = use_sparse(cfg.attention, q.shape[1])  # the chunk's self-attention without its [T, T] logits
+        cache = None if layer_kv is None else (layer_kv[0].astype(dt), layer_kv[1].astype(dt), mask(k_meta))
+        new_kv = None if layer_kv is None else (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+        if sparse:
+            out = sparse_attention(q, k, v, q_meta, self.full_attention, cache)
+        elif layer_kv is None:  # keys are the chunk itself
+            out = dot_attention(q, k, v, mask(k_meta))
         else:  # the cache's slots, then the chunk itself (head-major [B, K, T, D], as the cache stores it)
-            new_kv = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-            blocks = [(layer_kv[0].astype(dt), layer_kv[1].astype(dt), mask(k_meta)), (*new_kv, mask(q_meta))]
-            out = blocked_attention(q, blocks)
+            out = blocked_attention(q, [cache, (*new_kv, mask(q_meta))])
         y = out.reshape(*out.shape[:2], H * D) @ wo.reshape(H * D, E)  # (h, d) as one axis: wo is read as stored
         return nn.with_logical_constraint(y, ("batch", "length", "embed")), new_kv
 

@@ -37,6 +37,7 @@ class ModelSection:
     param_dtype: str = "float32"       # master parameter (and optimizer) dtype
     remat: str = "none"                # activation checkpointing: none | full | dots
     scan_layers: bool = False          # nn.scan over the layer stack (faster compiles for deep models)
+    attention: str = "dense"           # dense | sparse (exact block-sparse, no [T x T] logits) | auto (sparse for long rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +107,7 @@ class RunConfig:
         choices = {"model.dtype": (self.model.dtype, ("float32", "bfloat16")),
                    "model.param_dtype": (self.model.param_dtype, ("float32", "bfloat16")),
                    "model.remat": (self.model.remat, ("none", "full", "dots")),
+                   "model.attention": (self.model.attention, ("dense", "sparse", "auto")),
                    "anchors.mode": (self.anchors.mode, ("none", "ep", "ac")),
                    "anchors.ac_init": (self.anchors.ac_init, ("mean", "copy")),
                    "train.schedule": (self.train.schedule, ("constant", "cosine"))}
@@ -126,8 +128,8 @@ class RunConfig:
             raise ValueError(f"train.distill_weight must be >= 0 and train.distill_temperature > 0, got "
                              f"{self.train.distill_weight} and {self.train.distill_temperature}")
         _check_fields(ModelConfig, self.model.arch, "model.arch")
-        elsewhere = sorted(set(self.model.arch) & {"dtype", "param_dtype", "remat", "scan_layers", "anchor_mode",
-                                                  "anchor_tokens", "anchor_ids"})
+        elsewhere = sorted(set(self.model.arch) & {"dtype", "param_dtype", "remat", "scan_layers", "attention",
+                                                  "anchor_mode", "anchor_tokens", "anchor_ids"})
         if elsewhere:
             raise ValueError(f"model.arch.{elsewhere[0]}: set it with model.{elsewhere[0]} or the anchors section")
 

@@ -8,6 +8,7 @@ PY=${PY:-.venv/bin/python}
 R=benchmarks/results
 $PY benchmarks/bench_train.py --batch-sizes 1 2 4 --steps 3
 $PY benchmarks/bench_decode.py
+$PY benchmarks/bench_attention.py --lengths 512 2048 4096 8192 --layers 2 --steps 2 --max-gib 6
 $PY -m anjax.evaluate --tasks obqa,winogrande,arc_easy,arc_challenge,piqa,hellaswag,sciq,boolq --shots 0 \
     --cache full,anchor --anchor-mode ep --limit 20 --out-dir $R --name eval_smollm2_base
 $PY -m anjax.evaluate --tasks obqa,winogrande,arc_easy,arc_challenge,piqa,hellaswag,sciq,boolq --shots 5 \

@@ -15,7 +15,8 @@ from anjax.model import Llama, blocked_attention, init_params
 
 EP_IDS = (5, 7)  # two "punctuation" anchors
 AC_ID = 255
-MODELS = {"tiny": {}, "gqa3_d64": dict(num_heads=6, num_kv_heads=3, head_dim=64)}  # the second: SmolLM2's heads
+MODELS = {"tiny": {}, "gqa3_d64": dict(num_heads=6, num_kv_heads=3, head_dim=64),  # the second: SmolLM2's heads
+          "sparse": dict(attention="sparse")}  # prefill chunks' self-attention through anjax.sparse_attention
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,7 +43,8 @@ def ac_row(rng, n):
 
 
 def reference_logits(cfg, params, row, anchor_ids, full, sink=0, protected=None):
-    """[T, V] logits of one full forward pass (AnSAN mask unless `full`; `protected` [T] bool)."""
+    """[T, V] logits of one full forward pass (AnSAN mask unless `full`; `protected` [T] bool), dense attention."""
+    cfg = cfg.replace(attention="dense")
     ids = jnp.asarray([row])
     flags = None if protected is None else jnp.asarray([protected])
     meta = token_metadata(ids, jnp.ones_like(ids, bool), anchor_ids=anchor_ids, protected_BxT=flags, sink_tokens=sink)
@@ -88,7 +90,8 @@ def engine_logits(cfg, params, spec, rows, n_prompt, chunk, capacity, protected=
 
 @pytest.mark.parametrize("kind,chunk,model,batch", [("ep", 1, "tiny", 3), ("ep", 5, "tiny", 3), ("ep", 16, "tiny", 3),
                                                     ("ac", 1, "tiny", 3), ("ac", 5, "tiny", 3), ("ac", 16, "tiny", 3),
-                                                    ("ep", 7, "gqa3_d64", 1), ("ac", 4, "gqa3_d64", 2)])
+                                                    ("ep", 7, "gqa3_d64", 1), ("ac", 4, "gqa3_d64", 2),
+                                                    ("ep", 16, "sparse", 3), ("ac", 5, "sparse", 3)])
 def test_anchor_cache_equals_full_forward_pass(kind, chunk, model, batch):
     cfg, params = tiny_model(model)
     rng = np.random.default_rng(chunk)
@@ -103,9 +106,9 @@ def test_anchor_cache_equals_full_forward_pass(kind, chunk, model, batch):
     assert int(state.cache.length[0]) < len(rows[0])
 
 
-@pytest.mark.parametrize("chunk", [3, 16])
-def test_full_cache_equals_causal_forward_pass(chunk):
-    cfg, params = tiny_model()
+@pytest.mark.parametrize("chunk,model", [(3, "tiny"), (16, "tiny"), (16, "sparse")])
+def test_full_cache_equals_causal_forward_pass(chunk, model):
+    cfg, params = tiny_model(model)
     rng = np.random.default_rng(1)
     rows = [ep_row(rng, n) for n in (30, 9)]
     spec = EngineSpec(anchor_cache=False, anchor_ids=EP_IDS)

@@ -38,6 +38,8 @@ def test_overrides_are_typed():
     ("model.arch.num_layerz=2", "model.arch.num_layerz"),
     ("model.arch.num_layers=two", "model.arch.num_layers"),
     ("model.remat=some", "model.remat"),
+    ("model.attention=flash", "model.attention"),
+    ("model.arch.attention=sparse", "model.arch.attention"),
     ("data.seq_len=x", "data.seq_len"),
     ("train.steps", "key.path=value"),
 ])

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from anjax import sharding
+from anjax import sparse_attention
 from anjax.config import tiny_config
 from anjax.run_config import TrainSection
 from anjax.trainer import Trainer, TrainState, train_step
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.slow  # 8 simulated devices in a subprocess; bf16/remat
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = tiny_config(vocab_size=256, anchor_mode="ep", anchor_tokens=(".",), anchor_ids=(7,))
+SPARSE_TILE = 8  # several query/key tiles in a 32-token row
 
 
 def batch(step: int, B: int = 8, L: int = 32) -> dict[str, np.ndarray]:
@@ -38,11 +40,12 @@ def batch(step: int, B: int = 8, L: int = 32) -> dict[str, np.ndarray]:
     return {"tokens": tokens, "doc": doc, "valid": valid, "labels": labels, "loss_mask": loss_mask}
 
 
-def run_steps(mesh_shape, grad_accum=1, steps=3, B=8, cfg=CFG, distill_weight=0.0):
+def run_steps(mesh_shape, grad_accum=1, steps=3, B=8, cfg=CFG, distill_weight=0.0, attention="dense"):
     """(trainer, final state, losses) of `steps` steps on the given mesh; when distilling, the losses are
     (lm, kl) pairs and the teacher is the random init of seed 1."""
     mesh = sharding.make_mesh(*mesh_shape)
     tc = TrainSection(steps=steps, lr=1e-2, warmup_steps=1, grad_accum=grad_accum, distill_weight=distill_weight)
+    cfg = cfg.replace(attention=attention)
     trainer = Trainer(cfg, tc, mesh)
     state, losses = trainer.init_state(), []
     if distill_weight:
@@ -57,10 +60,10 @@ DISTILL = dict(cfg=CFG.replace(anchor_mode="ac", anchor_tokens=("<AC>",)), disti
 
 
 @functools.cache
-def eight_devices() -> dict:
+def eight_devices(attention: str) -> dict:
     """The `__main__` half of this file, run on 8 simulated devices (XLA_FLAGS must be set before jax starts)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = subprocess.run([sys.executable, __file__, attention], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["devices"] == 8
@@ -77,9 +80,11 @@ def shard_report(state) -> dict:
             for kind, tree in (("param", state.params), ("mu", mu)) for name, get in pick.items()}
 
 
-def test_one_vs_eight_devices():
-    _, _, losses_1 = run_steps((1, 1, 1))
-    result = eight_devices()
+@pytest.mark.parametrize("attention", ["dense", "sparse"])
+def test_one_vs_eight_devices(attention, monkeypatch):
+    monkeypatch.setattr(sparse_attention, "TILE", SPARSE_TILE)
+    _, _, losses_1 = run_steps((1, 1, 1), attention=attention)
+    result = eight_devices(attention)
     np.testing.assert_allclose(result["losses"], losses_1, rtol=1e-5)
     assert losses_1[-1] < losses_1[0]
     for name, (shape, local, spec) in result["shards"].items():  # fsdp=2 and tensor=2 each halve a dimension
@@ -114,17 +119,20 @@ def test_distillation_one_vs_eight_devices():
     """AC distillation (the teacher's `<AC>`-free view, the alignment gather) under the same sharding: the same
     LM losses and KL terms on 8 devices, the teacher split like the parameters."""
     _, _, losses_1 = run_steps((1, 1, 1), **DISTILL)
-    result = eight_devices()
+    result = eight_devices("dense")
     np.testing.assert_allclose(result["distill_losses"], losses_1, rtol=1e-5)
     assert losses_1[-1][1] > 0 and result["teacher_q"] == result["shards"]["param.q"][2]
 
 
 if __name__ == "__main__":  # the 8-device half of the tests above (needs XLA_FLAGS before jax starts)
-    _, state, losses = run_steps((2, 2, 2))
-    trainer, _, distill_losses = run_steps((2, 2, 2), **DISTILL)
-    print(json.dumps({"devices": jax.device_count(), "losses": losses, "shards": shard_report(state),
-                      "distill_losses": distill_losses,
-                      "teacher_q": str(trainer.teacher["layer_0"]["attn"]["q"].sharding.spec)}))
+    sparse_attention.TILE = SPARSE_TILE
+    attention = sys.argv[1]
+    _, state, losses = run_steps((2, 2, 2), attention=attention)
+    result = {"devices": jax.device_count(), "losses": losses, "shards": shard_report(state)}
+    if attention == "dense":  # distillation is attention-independent: checked once
+        trainer, _, result["distill_losses"] = run_steps((2, 2, 2), **DISTILL)
+        result["teacher_q"] = str(trainer.teacher["layer_0"]["attn"]["q"].sharding.spec)
+    print(json.dumps(result))
 
 
 def test_bf16_compute_with_fp32_master_params_and_remat():

@@ -1,0 +1,160 @@
+"""The block-sparse attention equals the dense predicate's softmax: outputs, gradients, model logits."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from anjax import sparse_attention as sa
+from anjax.config import tiny_config
+from anjax.mask import attention_allowed, token_metadata
+from anjax.model import Llama, blocked_attention, dot_attention, init_params
+from anjax.trainer import loss_sums
+
+ANCHOR = 7
+B, H, K, D = 3, 4, 2, 16
+
+
+def rows(kind: str, T: int, seed: int):
+    """(ids, valid, doc, protected flags, sink_tokens) of B random rows of one layout `kind`."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(10, 50, (B, T))
+    ids[rng.random((B, T)) < 0.15] = ANCHOR
+    valid, doc, prot, sink = np.ones((B, T), bool), np.zeros((B, T), np.int32), np.zeros((B, T), bool), 0
+    if kind == "anchor_first_last":
+        ids[:, 0] = ids[:, -1] = ANCHOR
+    elif kind == "consecutive":
+        ids[:, 5:12] = ANCHOR
+    elif kind == "no_anchor":
+        ids[ids == ANCHOR] = 11
+    elif kind == "long_sentence":  # one sentence spanning many tiles, then short ones
+        ids[:, : T // 2] = 12
+    elif kind == "documents":  # packed documents of varying length, right padding (doc -1)
+        cuts = np.sort(rng.integers(1, T, (B, 3)), axis=1)
+        doc = (np.arange(T)[None, :, None] >= cuts[:, None, :]).sum(-1).astype(np.int32)
+        valid = np.arange(T) < rng.integers(T // 2, T + 1, (B, 1))
+        doc = np.where(valid, doc, -1)
+    elif kind == "padding":  # left, right and inner padding
+        valid[0, :9] = False
+        valid[1, -13:] = False
+        valid[2, 20:30] = False
+    elif kind == "protected_sinks":
+        prot = rng.random((B, T)) < 0.08
+        sink = 3
+    return ids, valid, doc, prot, sink
+
+
+def setup(kind: str, T: int, seed: int = 0):
+    ids, valid, doc, prot, sink = rows(kind, T, seed)
+    meta = token_metadata(jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(doc), anchor_ids=(ANCHOR,),
+                          protected_BxT=jnp.asarray(prot), sink_tokens=sink)
+    rng = np.random.default_rng(seed + 1)
+    q = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((B, T, K, D)), jnp.float32) for _ in range(2))
+    return meta, q, k, v
+
+
+KINDS = ["random", "anchor_first_last", "consecutive", "no_anchor", "long_sentence", "documents", "padding",
+         "protected_sinks"]
+
+
+WEIGHT_D = jnp.cos(jnp.arange(D, dtype=jnp.float32))
+
+
+def dense(q, k, v, meta, full):
+    return dot_attention(q, k, v, attention_allowed(meta, meta, full))
+
+
+def sparse(q, k, v, meta, full):
+    return sa.sparse_attention(q, k, v, meta, full, tile=16)
+
+
+def loss(attend, q, k, v, meta, full):
+    """A weighted sum of the outputs at valid queries (padding outputs are unspecified)."""
+    return jnp.sum(jnp.where(meta.valid[..., None, None], attend(q, k, v, meta, full), 0.0) * WEIGHT_D)
+
+
+# jitted once per `full`: every layout has the same shapes
+_outputs = jax.jit(lambda q, k, v, meta, full: (dense(q, k, v, meta, full), sparse(q, k, v, meta, full)),
+                   static_argnums=4)
+_grads = jax.jit(lambda q, k, v, meta, full: [jax.grad(loss, argnums=(1, 2, 3))(f, q, k, v, meta, full)
+                                              for f in (dense, sparse)], static_argnums=4)
+
+
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_outputs_and_gradients_equal_dense(kind, full):
+    meta, q, k, v = setup(kind, 77, seed=KINDS.index(kind))  # 77 tokens: not a multiple of the tile
+    want, got = _outputs(q, k, v, meta, full)
+    valid = np.asarray(meta.valid)
+    assert np.abs(np.asarray(got - want))[valid].max() <= 1e-5
+    assert np.isfinite(np.asarray(got)).all()
+    grads_want, grads_got = _grads(q, k, v, meta, full)
+    for g, w in zip(grads_got, grads_want):
+        assert np.abs(np.asarray(g - w)).max() <= 1e-4
+
+
+def same_run(m, b, i, j, full):
+    return m.doc[b, j] == m.doc[b, i] and (full or m.seg[b, j] == m.seg[b, i])
+
+
+@pytest.mark.parametrize("kind", ["documents", "padding", "long_sentence"])
+def test_run_start_is_the_first_token_of_the_sentence(kind):
+    """Brute force: the earliest j such that every valid token in [j, i] shares token i's (doc, seg)
+    (document only, when `full`); a query tile of whole short sentences visits only its own key tile."""
+    meta, _, _, _ = setup(kind, 77)
+    m = jax.tree.map(np.asarray, meta)
+    for full in (False, True):
+        start = np.asarray(sa._run_start(meta, full))
+        for b, i in zip(*np.nonzero(m.valid)):
+            j = i
+            while j > 0 and (not m.valid[b, j - 1] or same_run(m, b, i, j - 1, full)):
+                j -= 1
+            while not m.valid[b, j]:
+                j += 1
+            assert start[b, i] <= j and all(not m.valid[b, x] for x in range(start[b, i], j)), (b, i, full)
+    ids = np.tile(np.array([12, 13, 14, ANCHOR]), (1, 32))
+    meta = token_metadata(jnp.asarray(ids), jnp.ones(ids.shape, bool), anchor_ids=(ANCHOR,))
+    first = np.asarray(sa._run_start(meta, False)[:, ::16].min(0) // 16)
+    assert (first == np.arange(8)).all()
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_chunk_with_cache_block_equals_blocked_attention(full):
+    """A prefill chunk: a dense cache block plus the chunk's own sparse self-attention, one softmax."""
+    T, C = 40, 24
+    meta, q, k, v = setup("protected_sinks", T, seed=5)
+    rng = np.random.default_rng(6)
+    ck, cv = (jnp.asarray(rng.standard_normal((B, K, C, D)), jnp.float32) for _ in range(2))
+    cache_allowed = jnp.asarray(rng.random((B, T, C)) < 0.5)
+    want = blocked_attention(q, [(ck, cv, cache_allowed), (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                                                           attention_allowed(meta, meta, full))])
+    got = jax.jit(lambda q: sa.sparse_attention(q, k, v, meta, full, (ck, cv, cache_allowed), tile=8))(q)
+    assert np.abs(np.asarray(got - want)).max() <= 1e-5
+
+
+def test_use_sparse_by_config_and_length():
+    assert not sa.use_sparse("dense", 8192)
+    assert sa.use_sparse("sparse", 8) and not sa.use_sparse("sparse", 1)  # decode: one query row, dense
+    assert sa.use_sparse("auto", sa.AUTO_MIN_LENGTH) and not sa.use_sparse("auto", sa.AUTO_MIN_LENGTH - 1)
+    with pytest.raises(ValueError, match="attention must be"):
+        tiny_config(attention="flash")
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_model_logits_and_loss_gradients_sparse_equal_dense(full, monkeypatch):
+    monkeypatch.setattr(sa, "TILE", 8)  # several tiles on a short row
+    cfg = tiny_config(anchor_mode="ep", anchor_tokens=(".",), anchor_ids=(ANCHOR,))
+    params = init_params(cfg, jax.random.key(0))
+    ids, valid, doc, _, _ = rows("documents", 45, seed=3)
+    batch = {"tokens": jnp.asarray(ids, jnp.int32), "valid": jnp.asarray(valid), "doc": jnp.asarray(doc),
+             "labels": jnp.asarray(np.roll(ids, -1, 1), jnp.int32), "loss_mask": jnp.asarray(valid)}
+    meta = token_metadata(batch["tokens"], batch["valid"], batch["doc"], anchor_ids=cfg.anchor_ids)
+    logits, grads = {}, {}
+    for attention in ("dense", "sparse"):
+        c = cfg.replace(attention=attention)
+        logits[attention] = np.asarray(Llama(c).apply({"params": params}, batch["tokens"], meta,
+                                                      full_attention=full)[0])
+        grads[attention] = jax.grad(lambda p, c=c: loss_sums(c, p, batch, full)[0])(params)
+    np.testing.assert_allclose(logits["sparse"][valid], logits["dense"][valid], atol=1e-4)
+    for g, w in zip(jax.tree.leaves(grads["sparse"]), jax.tree.leaves(grads["dense"])):
+        np.testing.assert_allclose(g, w, atol=1e-4 * max(1.0, float(jnp.abs(w).max())))
