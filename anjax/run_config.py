@@ -120,7 +120,8 @@ class RunConfig:
                 raise ValueError(f"{key} must be >= 1, got {value}")
         _check_fields(ModelConfig, self.model.arch, "model.arch")
         elsewhere = sorted(set(self.model.arch) & {"dtype", "param_dtype", "remat", "scan_layers", "anchor_mode",
-                                                  "anchor_tokens", "anchor_ids"})
+                                                  "anchor_tokens", "anchor_ids", "add_bos", "max_sentence_tokens",
+                                                  "sentence_splitter", "final_sentence"})
         if elsewhere:
             raise ValueError(f"model.arch.{elsewhere[0]}: set it with model.{elsewhere[0]} or the anchors section")
 
