@@ -17,10 +17,12 @@ The rules (named in the scheme: splitter "pysbd-en", final_sentence "terminated"
   (generation) closes its last sentence iff `ends_sentence(text)`: it ends, trailing
   whitespace aside, with . ? ! … (optionally followed by closing quotes or brackets),
   or with a line break (the Alpaca prompt's "### Response:\\n"). A prompt cut from a
-  document at such a sentence boundary thus encodes to that document's own prefix.
+  document at such a sentence boundary thus encodes to that document's own prefix —
+  where pysbd splits the prompt alone as it splits it inside the document (pysbd looks
+  ahead: "Mr...." alone is one sentence, "Mr.", "..." before more text).
 - Continuations (`pair`): lm-eval's split, `whole = document(context + continuation)`,
-  context = the longest prefix of `whole` covering the context text plus the `<AC>`
-  that training puts right after it, continuation = the rest. Continuations therefore
+  context = the prefix of `whole` up to the last token that starts inside the context
+  text, plus the `<AC>` that training puts right after it; continuation = the rest. Continuations therefore
   carry `<AC>` exactly where training puts them in the whole text; an `<AC>` is fed
   to the model but is never a scored target (it is not text).
 """
@@ -197,8 +199,11 @@ class Encoder:
         if not context:
             prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
             return [prefix], self.document(continuation, bos=False)
-        whole = self.document(context + continuation)
-        n = len(self._texts([context], close=False)[0])
+        marked, starts = self._marked(context + continuation, close=True)
+        end = len(context) + len(AC_TOKEN) * (bisect.bisect_right(starts, len(context) - 1) - 1)
+        enc = tok(marked, add_special_tokens=False, return_offsets_mapping=True)
+        whole, in_context = self._finish(list(enc["input_ids"]), [s < end for s, _ in enc["offset_mapping"]])
+        n = max(i + 1 for i, f in enumerate(in_context) if f) if any(in_context) else int(self.scheme.add_bos)
         if self.scheme.mode == "ac" and n < len(whole) and whole[n] == self.scheme.ac_id:
             n += 1
         return whole[:n], whole[n:]
