@@ -203,3 +203,46 @@ def test_scheme_travels_with_the_export_and_overrides_say_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "add_bos=False overrides the model's add_bos=True" in err and "max_sentence_tokens=4" in err
     assert not over.add_bos and over.max_sentence_tokens == 4
+
+
+def test_tiny_ac_run_export_keeps_bos_and_forced_anchor_rule(tmp_path):
+    """train.py (tiny AC, data.add_bos=true, data.max_sentence_tokens=8) → export → fresh processes:
+    infer.py and anjax.evaluate's loader use the run's BOS and forced-<AC> rule (asserted on ids)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root, run_dir = Path(__file__).resolve().parents[1], tmp_path / "run"
+    done = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", "--set", f"run.dir={run_dir}",
+                           "train.steps=2", "eval.every=0", "checkpoint.every=2", "data.seq_len=32",
+                           "data.add_bos=true", "data.max_sentence_tokens=8"],
+                          cwd=root, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    export = run_dir / "export"
+    block = json.loads((export / "config.json").read_text())["anjax"]
+    assert block["add_bos"] is True and block["max_sentence_tokens"] == 8 and block["anchor_mode"] == "ac"
+    assert json.loads((run_dir / "model_config.json").read_text())["max_sentence_tokens"] == 8
+    prompt = "The cat sat on the mat and the dog sat on the mat too and then"
+    out = subprocess.run([sys.executable, "infer.py", "--model", str(export), "--prompt", prompt, "--json",
+                          "--max-new-tokens", "24"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stderr.count("note:") == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout)
+    code = ("import json, sys; from anjax import evaluate; "
+            "m = evaluate.load_model_for(evaluate.build_parser().parse_args(['--model', sys.argv[1]]), ['anchor']); "
+            "print(json.dumps({'scheme': m.scheme.to_dict(), 'ctx': m.encode_pair(sys.argv[2], ' x.')[0], "
+            "'prompt': m.encode_context(sys.argv[2])}))")
+    ev = subprocess.run([sys.executable, "-c", code, str(export), prompt], cwd=root, capture_output=True, text=True,
+                        timeout=600)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    ev = json.loads(ev.stdout)
+    scheme = ev["scheme"]
+    bos, ac = scheme["bos_id"], scheme["ids"][0]
+    assert scheme["add_bos"] and scheme["max_sentence_tokens"] == 8
+    assert got["prompt_ids"] == ev["prompt"]                        # the same ids on both paths
+    full_run = _runs(got["prompt_ids"], ac, bos)[-1] == 8           # training cuts before the next token,
+    assert ev["ctx"] == got["prompt_ids"] + [ac] * full_run         # the scorer keeps that <AC> in the context,
+    if full_run:
+        assert got["generated_ids"][0] == ac                        # and decoding forces it first
+    ids = got["prompt_ids"] + got["generated_ids"]
+    assert ids[0] == bos and ids[1 + 8] == ac                       # BOS, then <AC> after 8 text tokens
+    assert max(_runs(ids, ac, bos)) <= 8                            # decoding forces it as training cuts

@@ -148,7 +148,8 @@ def test_ac_context_anchors_every_demonstration(tiny):
     assert len(demos) == 2 and all(d.endswith(AC_TOKEN) for d in demos) and AC_TOKEN * 2 not in text
     assert question == "Question: What causes sound?" + AC_TOKEN + "\nAnswer:"   # open: no <AC> at the end
     ctx, cont = model.encode_pair(item.context, item.continuations[0])
-    assert model.ac_id not in cont
+    assert ctx == ids   # the continuation closes its sentence as training does; that <AC> is never scored
+    assert model.ac_id not in cont[:-1] and cont[-1] == model.ac_id
 
 
 def test_sequence_nll_equals_hand_computation(tiny):
