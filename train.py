@@ -48,8 +48,7 @@ def prepare_model(rc: run_config.RunConfig) -> tuple[ModelConfig, dict | None, o
                              **m.arch, **runtime})
     else:
         cfg, params, tokenizer = load_model(m.path, **m.arch, **runtime)
-    _, cfg, params = resolve_scheme(cfg, tokenizer, params, mode=rc.anchors.mode,
-                                    tokens=rc.anchors.tokens if rc.anchors.mode == "ep" else None,
+    _, cfg, params = resolve_scheme(cfg, tokenizer, params, mode=rc.anchors.mode, tokens=rc.anchors.tokens,
                                     add_bos=rc.data.add_bos, max_sentence_tokens=rc.data.max_sentence_tokens or 0,
                                     ac_init=rc.anchors.ac_init)
     return cfg, params, tokenizer
