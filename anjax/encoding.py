@@ -176,11 +176,6 @@ class Encoder:
         flags = [any(a < e and s < b for a, b in spans) for s, e in enc["offset_mapping"]]
         return self._finish(list(enc["input_ids"]), flags)
 
-    def plain(self, text: str) -> list[int]:
-        """The tokenizer's ids of `text` with the scheme's BOS, no `<AC>` inserted (raw prompts)."""
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return ([self.scheme.bos_id] if self.scheme.add_bos else []) + ids
-
     def alpaca(self, instruction: str, input: str, output: str) -> tuple[list[int], list[int]]:
         """SFT: (prompt ids, response ids); the prompt ends with a line break, so it is closed like any prompt."""
         prompt = self.prompt(alpaca_prompt(instruction, input or ""))[0]

@@ -374,15 +374,11 @@ class Engine:
             raise ValueError("the prompt is empty")
         from anjax.encoding import Encoder
         scheme = self.scheme
-        if max_sentence_tokens is not None and scheme.mode == "ac":
-            scheme = scheme.replace(max_sentence_tokens=max_sentence_tokens or None)
-        encoder = Encoder(self.tokenizer, scheme)
         if self.raw_prompts:
-            ids = encoder.plain(text)
-            if protect:
-                raise ValueError("protected text needs anchored prompts (not raw_prompts)")
-            return ids, [False] * len(ids)
-        return encoder.prompt(text, protect)
+            scheme = scheme.replace(mode="none", tokens=(), ids=(), max_sentence_tokens=None)
+        elif max_sentence_tokens is not None and scheme.mode == "ac":
+            scheme = scheme.replace(max_sentence_tokens=max_sentence_tokens or None)
+        return Encoder(self.tokenizer, scheme).prompt(text, protect)
 
     def decode_text(self, ids: Sequence[int], stop_ids: Sequence[int] = ()) -> str:
         """Printable text of generated ids: stop ids dropped, <AC> hidden unless `show_anchors`."""

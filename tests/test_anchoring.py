@@ -246,3 +246,13 @@ def test_tiny_ac_run_export_keeps_bos_and_forced_anchor_rule(tmp_path):
     ids = got["prompt_ids"] + got["generated_ids"]
     assert ids[0] == bos and ids[1 + 8] == ac                       # BOS, then <AC> after 8 text tokens
     assert max(_runs(ids, ac, bos)) <= 8                            # decoding forces it as training cuts
+
+
+def test_raw_prompts_are_plain_tokens_with_protect_flags():
+    encoder, engine, _ = _paths(True)
+    raw = Engine(engine.cfg, engine.params, _bpe(), raw_prompts=True)
+    ids, flags = raw.encode("The cat sat. The dog", protect=["dog"])
+    tok = _bpe()
+    assert ids == [tok.bos_token_id] + tok.encode("The cat sat. The dog", add_special_tokens=False)
+    assert tok.decode([t for t, f in zip(ids, flags) if f]).strip() == "dog"
+    assert encoder.scheme.ac_id not in ids and engine.encode("The cat sat. The dog")[0].count(encoder.scheme.ac_id) == 1
