@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from anjax import checkpoint, cli, metrics, outputs, run_config, sharding
-from anjax.anchors import add_ac_token, resolve_anchor_ids
+from anjax.anchors import AnchorScheme, resolve_scheme
 from anjax.config import ModelConfig
 from anjax.data import make_batches
 
@@ -30,29 +30,34 @@ class TrainingDiverged(RuntimeError):
 
 
 def prepare_model(rc: run_config.RunConfig) -> tuple[ModelConfig, dict | None, object]:
-    """(cfg with anchor settings, host params or None for random init, tokenizer) for a fresh run."""
-    from anjax.hf import resize_embeddings
+    """(cfg storing the run's anchor scheme, host params or None for random init, tokenizer) for a fresh run.
+
+    The scheme comes from `anchors` and `data.add_bos` / `data.max_sentence_tokens` (`resolve_scheme`,
+    which also gives `<AC>` an embedding row initialised by `anchors.ac_init`).
+    """
     from anjax.loading import load_model, load_tokenizer
     m = rc.model
     runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
                    attention=m.attention)
     if m.from_scratch:
         tokenizer, params = load_tokenizer(m.path), None
+        if rc.anchors.mode == "ac":
+            from anjax.anchors import add_ac_token
+            add_ac_token(tokenizer)
         cfg = ModelConfig(**{"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
                              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                              **m.arch, **runtime})
     else:
         cfg, params, tokenizer = load_model(m.path, **m.arch, **runtime)
-    if rc.anchors.mode == "ac":
-        add_ac_token(tokenizer)
-        if len(tokenizer) > cfg.vocab_size:
-            if params is None:
-                cfg = cfg.replace(vocab_size=len(tokenizer))
-            else:
-                period = resolve_anchor_ids(tokenizer, "ep", (".",))[1][0] if rc.anchors.ac_init == "copy" else None
-                cfg, params = resize_embeddings(cfg, params, len(tokenizer), rc.anchors.ac_init, period)
-    tokens, ids = resolve_anchor_ids(tokenizer, rc.anchors.mode, rc.anchors.tokens)
-    return cfg.replace(anchor_mode=rc.anchors.mode, anchor_tokens=tokens, anchor_ids=ids), params, tokenizer
+    _, cfg, params = resolve_scheme(cfg, tokenizer, params, mode=rc.anchors.mode, tokens=rc.anchors.tokens,
+                                    add_bos=rc.data.add_bos, max_sentence_tokens=rc.data.max_sentence_tokens or 0,
+                                    ac_init=rc.anchors.ac_init)
+    return cfg, params, tokenizer
+
+
+def run_scheme(cfg: ModelConfig, tokenizer) -> AnchorScheme:
+    """The anchor scheme stored in a run's model config."""
+    return resolve_scheme(cfg, tokenizer)[0]
 
 
 def _any_process(flag: bool) -> bool:
@@ -86,10 +91,11 @@ def data_for_run(rc: run_config.RunConfig, cfg: ModelConfig, tokenizer):
     """(training iterator, validation iterator or None, validation batches) of this process's data shard."""
     P = jax.process_count()
     shard = dict(shard_index=jax.process_index(), num_shards=P)
-    train_it = make_batches(rc.data, tokenizer, cfg.anchor_mode, cfg.anchor_ids, train=True, **shard)
+    scheme = run_scheme(cfg, tokenizer)
+    train_it = make_batches(rc.data, tokenizer, scheme, train=True, **shard)
     if not (rc.eval.every and rc.data.eval_split):
         return train_it, None, 0
-    val_it = make_batches(rc.data, tokenizer, cfg.anchor_mode, cfg.anchor_ids, train=False, **shard)
+    val_it = make_batches(rc.data, tokenizer, scheme, train=False, **shard)
     n_val = val_it.steps_per_epoch if rc.eval.batches is None else rc.eval.batches
     if P > 1:  # hosts' shards differ in length; past its end a host feeds padding rows
         from jax.experimental import multihost_utils

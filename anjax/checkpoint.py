@@ -37,10 +37,10 @@ def is_run_dir(path: str | Path) -> bool:
     return (path / "model_config.json").is_file() and (path / "checkpoints").is_dir()
 
 
-# Run-config fields that fix the parameter tree and the vocabulary: a run directory's checkpoints
-# are resumed only by a config that agrees on all of them.
+# Run-config fields that fix the parameter tree, the vocabulary and the anchor scheme: a run
+# directory's checkpoints are resumed only by a config that agrees on all of them.
 IDENTITY_KEYS = (("model", "path"), ("model", "from_scratch"), ("model", "arch"), ("model", "scan_layers"),
-                 ("anchors", "mode"), ("anchors", "tokens"))
+                 ("anchors", "mode"), ("anchors", "tokens"), ("data", "add_bos"), ("data", "max_sentence_tokens"))
 
 
 def save_run_files(run_dir: Path, run_config: dict, cfg: ModelConfig, tokenizer) -> None:

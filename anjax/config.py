@@ -1,8 +1,9 @@
 """Model configuration: one frozen, hashable dataclass shared by every module.
 
-The anchor settings (`anchor_mode`, `anchor_tokens`, `anchor_ids`) live here so
-that they travel with checkpoints and HF exports: a reloaded model is still an
-AnLLM.
+The anchor scheme (`anchor_mode`, `anchor_tokens`, `anchor_ids`, `add_bos`,
+`max_sentence_tokens`, `sentence_splitter`, `final_sentence`; see
+`anjax.anchors.AnchorScheme`) lives here so that it travels with checkpoints and
+HF exports: a reloaded model is still the same AnLLM.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 
 ANCHOR_MODES = ("none", "ep", "ac")
 AC_TOKEN = "<AC>"
+SENTENCE_SPLITTERS = ("pysbd-en",)      # anjax.encoding.split_sentences
+FINAL_SENTENCE_RULES = ("terminated",)  # anjax.encoding.ends_sentence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +42,11 @@ class ModelConfig:
     attention: str = "dense"            # dense | sparse (anjax.sparse_attention) | auto (sparse for long inputs)
     anchor_mode: str = "none"           # none | ep (punctuation anchors) | ac (<AC> token)
     anchor_tokens: tuple[str, ...] = () # token strings that are anchors
-    anchor_ids: tuple[int, ...] = ()    # their ids in the vocabulary
+    anchor_ids: tuple[int, ...] = ()    # their ids in the vocabulary (as they occur in running text)
+    add_bos: bool | None = None         # texts start with BOS (data.add_bos); None: not recorded, the tokenizer's way
+    max_sentence_tokens: int | None = None  # AC: an <AC> after every N tokens of a sentence (BOS not counted)
+    sentence_splitter: str = "pysbd-en"
+    final_sentence: str = "terminated"  # a prompt's last sentence is closed iff it ends one
 
     def __post_init__(self):
         if self.anchor_mode not in ANCHOR_MODES:
@@ -52,6 +59,11 @@ class ModelConfig:
             raise ValueError(f"attention must be dense|sparse|auto, got {self.attention!r}")
         if len(self.anchor_tokens) != len(self.anchor_ids):
             raise ValueError("anchor_tokens and anchor_ids must have the same length")
+        if self.sentence_splitter not in SENTENCE_SPLITTERS or self.final_sentence not in FINAL_SENTENCE_RULES:
+            raise ValueError(f"unknown anchoring: sentence_splitter={self.sentence_splitter!r} (known "
+                             f"{SENTENCE_SPLITTERS}), final_sentence={self.final_sentence!r} (known {FINAL_SENTENCE_RULES})")
+        if self.max_sentence_tokens is not None and (self.max_sentence_tokens < 1 or self.anchor_mode != "ac"):
+            raise ValueError(f"max_sentence_tokens={self.max_sentence_tokens} needs anchor mode 'ac' and a value >= 1")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

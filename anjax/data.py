@@ -1,12 +1,12 @@
 """Data pipeline: documents → sentences → anchors → token ids → fixed-shape batches.
 
     load_corpus      hub name or local json/jsonl/txt/parquet files, dirs, globs; or the embedded corpus
-    tokenize_corpus  (AC) pysbd sentences + `<AC>` after each, tokenized in batches → flat ids + offsets
+    tokenize_corpus  documents → ids with the anchors of an `AnchorScheme` (`anjax.encoding.Encoder`)
     BatchIterator    deterministic, resumable, sharded [B, L] numpy batches
 
 Every sequence of ids — training documents, SFT prompts and responses, and the
-prompts of the inference engine — comes from `encode_texts` (`encode_text` for
-one), so training and inference insert anchors identically.
+prompts of the inference engine — comes from `anjax.encoding.Encoder`, so
+training and inference insert anchors identically.
 
 Batch (numpy; B = rows on this host = batch_size / num_shards, L = seq_len):
 
@@ -27,13 +27,12 @@ next row as a new `doc` segment (its positions restart at 0 there, see
 `anjax.mask.token_metadata`); documents never attend to each other.
 
 SFT (`format=alpaca`): [BOS] + Alpaca prompt + response + EOS; only the
-response and EOS are targets. In AC mode prompt and response are segmented
-separately, so the prompt's last sentence is closed by an `<AC>`.
+response and EOS are targets (`Encoder.alpaca`: the prompt is closed by an `<AC>`
+in AC mode, as the engine closes the same prompt).
 """
 from __future__ import annotations
 
 import argparse
-import bisect
 import dataclasses
 import functools
 import glob
@@ -42,19 +41,13 @@ import re
 import sys
 import time
 import zlib
-from typing import Sequence
 
 import datasets
 import numpy as np
-import pysbd
 
-from anjax.config import AC_TOKEN, ANCHOR_MODES
+from anjax.anchors import AnchorScheme
+from anjax.encoding import Encoder
 
-ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                 "context. Write a response that appropriately completes the request.\n\n"
-                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
-                          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,18 +64,12 @@ class DataConfig:
     seq_len: int = 1024              # L
     batch_size: int = 8              # global rows per step; each of num_shards hosts gets batch_size / num_shards
     packing: bool = False            # False: one document per row (paper); True: concatenate and cut
-    add_bos: bool | None = None      # prepend BOS to each document; None: as the tokenizer itself does
+    add_bos: bool | None = None      # prepend BOS to each document; None: as the tokenizer itself does (saved in the scheme)
     ac_in_loss: bool = True          # <AC> labels count in the loss
-    max_sentence_tokens: int | None = None  # AC: an extra <AC> after every N tokens of a long sentence
+    max_sentence_tokens: int | None = None  # AC: an extra <AC> after every N tokens of a long sentence (saved in the scheme)
     shuffle: bool = True
     seed: int = 0
     num_proc: int | None = None      # processes for tokenization (datasets.map)
-
-    def use_bos(self, tokenizer) -> bool:
-        """Whether documents (and so inference prompts, `encode_text(add_bos=...)`) start with BOS."""
-        if self.add_bos and tokenizer.bos_token_id is None:
-            raise ValueError("data.add_bos is true but the tokenizer has no bos token")
-        return tokenizer_adds_bos(tokenizer) if self.add_bos is None else self.add_bos
 
     def __post_init__(self):
         if self.format not in ("text", "alpaca"):
@@ -91,146 +78,6 @@ class DataConfig:
             raise ValueError(f"data.max_sentence_tokens must be null or >= 1, got {self.max_sentence_tokens}")
         if self.seq_len < 2 or self.batch_size < 1:
             raise ValueError(f"data.seq_len must be >= 2 and data.batch_size >= 1, got {self.seq_len}, {self.batch_size}")
-
-
-def tokenizer_adds_bos(tokenizer) -> bool:
-    """The tokenizer's own convention: it prepends BOS when encoding with special tokens
-    (Llama 2: yes; SmolLM2 / GPT-2 style: no). The default of `DataConfig.add_bos`."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
-
-
-# ----------------------------------------------------------------------------- sentences and anchors
-
-@functools.lru_cache(maxsize=1)
-def _segmenter() -> pysbd.Segmenter:
-    return pysbd.Segmenter(language="en", clean=False)
-
-
-_LINE_BREAK = re.compile(r"(?<!\n)\n(?!\n)")
-
-
-def split_sentences(text: str) -> list[str]:
-    """pysbd sentences of `text`, cut so that `"".join(result) == text`.
-
-    Whitespace between two sentences opens the next one (" Next."), as BPE
-    tokenizers attach a space to the following word. A single newline is read as
-    a space (hard-wrapped paragraphs); a blank line always ends a sentence.
-    pysbd's sentences are located in the text left to right (linear time; its
-    own `char_span` search is quadratic); one it altered is merged with the next.
-    """
-    flat = _LINE_BREAK.sub(" ", text)
-    cuts = [0]
-    for sentence in _segmenter().processor(flat).process():
-        start = flat.find(sentence, cuts[-1])
-        if start >= 0 and start + len(sentence) < len(text.rstrip()):
-            cuts.append(start + len(sentence))
-    cuts.append(len(text))
-    return [text[a:b] for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-
-
-def _long_sentence_cuts(ids: list[int], ac_id: int, n: int) -> list[int]:
-    """Indices of `ids` before which an `ac_id` goes so that no sentence runs longer than `n` tokens."""
-    cuts, run = [], 0
-    for i, t in enumerate(ids):
-        if t == ac_id:
-            run = 0
-        elif run == n:
-            cuts.append(i)
-            run = 1
-        else:
-            run += 1
-    return cuts
-
-
-def _insert_at(xs: list, cuts: list[int], value) -> list:
-    """`xs` with `value` inserted before each index in `cuts` (ascending)."""
-    out, prev = [], 0
-    for c in cuts:
-        out += xs[prev:c] + [value]
-        prev = c
-    return out + xs[prev:]
-
-
-def _with_ac(text: str, end_anchor: bool) -> tuple[str, list[int]]:
-    """(text with `<AC>` after each pysbd sentence, the last one only if `end_anchor`; each sentence's start)."""
-    sentences = split_sentences(text)
-    starts = [0]
-    for sentence in sentences[:-1]:
-        starts.append(starts[-1] + len(sentence))
-    return AC_TOKEN.join(sentences) + (AC_TOKEN if end_anchor and sentences else ""), starts
-
-
-def _check_encoding(mode: str, ac_id: int | None, max_sentence_tokens: int | None) -> None:
-    if mode not in ANCHOR_MODES:
-        raise ValueError(f"anchor mode must be one of {ANCHOR_MODES}, got {mode!r}")
-    if mode != "ac" and max_sentence_tokens:
-        raise ValueError(f"max_sentence_tokens inserts <AC> tokens and needs anchor mode 'ac', not {mode!r}")
-    if mode == "ac" and ac_id is None:
-        raise ValueError("anchor mode 'ac' needs ac_id (anjax.anchors.resolve_anchor_ids)")
-
-
-def encode_texts(tokenizer, texts: list[str], mode: str, ac_id: int | None = None, add_bos: bool = False,
-                 max_sentence_tokens: int | None = None, end_anchor: bool = True) -> list[list[int]]:
-    """Token ids of each text with the anchors of `mode`: THE encoder of training and inference.
-
-    ac: `<AC>` after every pysbd sentence, the last one included unless
-        `end_anchor=False` (an open prompt); with `max_sentence_tokens=N` also
-        after every N tokens of a longer sentence.
-    ep, none: the plain tokenization (punctuation tokens are EP's anchors).
-    The text is tokenized with the `<AC>`s in it, so each sentence is tokenized
-    as in running text. A literal "<AC>" in the text also becomes an anchor.
-    """
-    _check_encoding(mode, ac_id, max_sentence_tokens)
-    if not texts:
-        return []
-    if mode == "ac":
-        texts = [_with_ac(t, end_anchor)[0] for t in texts]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    if max_sentence_tokens:
-        ids = [_insert_at(x, _long_sentence_cuts(x, ac_id, max_sentence_tokens), ac_id) for x in ids]
-    return [[tokenizer.bos_token_id] + x for x in ids] if add_bos else ids
-
-
-def encode_text(tokenizer, text: str, mode: str, ac_id: int | None, add_bos: bool,
-                max_sentence_tokens: int | None = None, end_anchor: bool = True) -> list[int]:
-    """Ids of one prompt exactly as the pipeline encodes a document (`encode_texts`).
-
-    For generation from an unfinished sentence pass `end_anchor=False`.
-    """
-    return list(encode_texts(tokenizer, [text], mode, ac_id, add_bos, max_sentence_tokens, end_anchor)[0])
-
-
-def encode_protected(tokenizer, text: str, protect: Sequence[str], mode: str, ac_id: int | None, add_bos: bool,
-                     max_sentence_tokens: int | None = None, end_anchor: bool = True) -> tuple[list[int], list[bool]]:
-    """(`encode_text`'s ids, per id: does it overlap an occurrence of a `protect` string in `text`).
-
-    Every occurrence of each string is protected; one that does not occur is an error.
-    """
-    _check_encoding(mode, ac_id, max_sentence_tokens)
-    spans = []
-    for s in protect:
-        if not isinstance(s, str) or not s or s not in text:
-            raise ValueError(f"protected text {s!r} does not occur in the prompt")
-        spans += [(m.start(), m.end()) for m in re.finditer(re.escape(s), text)]
-    if mode == "ac":  # the spans' places in the text with <AC>s inserted
-        text, starts = _with_ac(text, end_anchor)
-        shift = lambda i: i + len(AC_TOKEN) * (bisect.bisect_right(starts, i) - 1)
-        spans = [(shift(a), shift(b - 1) + 1) for a, b in spans]
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    flags = [any(a < e and s < b for a, b in spans) for s, e in enc["offset_mapping"]]
-    if max_sentence_tokens:
-        cuts = _long_sentence_cuts(ids, ac_id, max_sentence_tokens)
-        ids, flags = _insert_at(ids, cuts, ac_id), _insert_at(flags, cuts, False)
-    return ([tokenizer.bos_token_id] + ids, [False] + flags) if add_bos else (ids, flags)
-
-
-def alpaca_prompt(instruction: str, input: str = "") -> str:
-    """The Stanford Alpaca prompt; the response follows it directly."""
-    if input and input.strip():
-        return ALPACA_PROMPT.format(instruction=instruction, input=input)
-    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -400,28 +247,24 @@ class TokenizedCorpus:
         return np.diff(self.offsets)
 
 
-def tokenize_corpus(ds: datasets.Dataset, tokenizer, mode: str, anchor_ids: tuple[int, ...],
+def tokenize_corpus(ds: datasets.Dataset, tokenizer, scheme: AnchorScheme,
                     cfg: DataConfig = DataConfig()) -> TokenizedCorpus:
-    """Tokenize raw documents (format `cfg.format`) with anchors; empty documents are skipped and counted."""
-    ac_id = anchor_ids[0] if mode == "ac" and anchor_ids else None
-    if mode == "ac" and tokenizer.convert_tokens_to_ids(AC_TOKEN) != ac_id:
-        raise ValueError(f"anchor mode 'ac' needs {AC_TOKEN} as id {ac_id} in the tokenizer: add it with anjax.anchors.add_ac_token")
+    """Tokenize raw documents (format `cfg.format`) with the anchors of `scheme`; empty documents are skipped
+    and counted. BOS and `max_sentence_tokens` are the scheme's (train.py builds it from `cfg`)."""
+    encoder = Encoder(tokenizer, scheme)
     need = {"text": [cfg.text_field], "alpaca": ["instruction", "output"]}[cfg.format]
     if missing := [c for c in need if c not in ds.column_names]:
         raise ValueError(f"format {cfg.format!r} needs column(s) {missing}; the dataset has {ds.column_names} (set data.text_field)")
-    add_bos = cfg.use_bos(tokenizer)
-    encode = functools.partial(encode_texts, tokenizer, mode=mode, ac_id=ac_id, max_sentence_tokens=cfg.max_sentence_tokens)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def tokenize(batch):
         if cfg.format == "text":
             texts = [t for t in batch[cfg.text_field] if t and t.strip()]
-            return {"ids": encode(texts, add_bos=add_bos), "prompt_len": [0] * len(texts)}
+            return {"ids": encoder.documents(texts), "prompt_len": [0] * len(texts)}
         inputs = batch.get("input") or [""] * len(batch["output"])
         keep = [i for i, out in enumerate(batch["output"]) if out and out.strip()]
-        prompts = encode([alpaca_prompt(batch["instruction"][i], inputs[i] or "") for i in keep], add_bos=add_bos)
-        responses = encode([batch["output"][i] for i in keep])
-        return {"ids": [p + r + eos for p, r in zip(prompts, responses)], "prompt_len": [len(p) for p in prompts]}
+        pairs = [encoder.alpaca(batch["instruction"][i], inputs[i] or "", batch["output"][i]) for i in keep]
+        return {"ids": [p + r + eos for p, r in pairs], "prompt_len": [len(p) for p, _ in pairs]}
 
     features = datasets.Features({"ids": datasets.List(datasets.Value("int32")), "prompt_len": datasets.Value("int32")})
     out = ds.map(tokenize, batched=True, batch_size=1000, remove_columns=ds.column_names, features=features,
@@ -433,7 +276,7 @@ def tokenize_corpus(ds: datasets.Dataset, tokenizer, mode: str, anchor_ids: tupl
     offsets = ids.offsets.to_numpy().astype(np.int64)
     tokens = ids.flatten().to_numpy().astype(np.int32)
     offsets -= offsets[0]
-    anchor = np.isin(tokens, np.asarray(anchor_ids, np.int32))
+    anchor = np.isin(tokens, np.asarray(scheme.ids, np.int32))
     n_anchor = int(anchor.sum())
     stats = CorpusStats(documents=len(out), skipped=len(ds) - len(out), tokens=len(tokens), anchors=n_anchor,
                         sentences=n_anchor + int((~anchor[offsets[1:] - 1]).sum()))
@@ -532,7 +375,7 @@ class BatchIterator:
                 "loss_mask": loss_mask}
 
 
-def make_batches(cfg: DataConfig, tokenizer, mode: str, anchor_ids: tuple[int, ...], *, split: str | None = None,
+def make_batches(cfg: DataConfig, tokenizer, scheme: AnchorScheme, *, split: str | None = None,
                  train: bool = True, shard_index: int = 0, num_shards: int = 1) -> BatchIterator:
     """Load, shard, tokenize and batch `split` (default cfg.split, or cfg.eval_split when not train).
 
@@ -551,9 +394,9 @@ def make_batches(cfg: DataConfig, tokenizer, mode: str, anchor_ids: tuple[int, .
         if len(ds) < num_shards:
             raise ValueError(f"{len(ds)} documents cannot be sharded over {num_shards} hosts")
         ds = ds.shard(num_shards, shard_index, contiguous=True)
-    corpus = tokenize_corpus(ds, tokenizer, mode, anchor_ids, cfg)
+    corpus = tokenize_corpus(ds, tokenizer, scheme, cfg)
     return BatchIterator(corpus, cfg.batch_size // num_shards, cfg.seq_len, packing=cfg.packing, shuffle=cfg.shuffle and train,
-                         seed=cfg.seed, repeat=train, ac_id=anchor_ids[0] if mode == "ac" else None,
+                         seed=cfg.seed, repeat=train, ac_id=scheme.ac_id,
                          ac_in_loss=cfg.ac_in_loss)
 
 
@@ -570,19 +413,19 @@ def main(argv=None) -> int:
     p.add_argument("--packing", action="store_true")
     p.add_argument("--num-proc", type=int, default=None)
     args = p.parse_args(argv)
-    from anjax.anchors import add_ac_token, resolve_anchor_ids
+    from anjax.anchors import add_ac_token, make_scheme
     from anjax.loading import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(args.model)
         if args.mode == "ac":
             add_ac_token(tokenizer)
-        _, anchor_ids = resolve_anchor_ids(tokenizer, args.mode, args.anchors)
+        scheme = make_scheme(tokenizer, args.mode, args.anchors)
         cfg = DataConfig(path=args.path, split=args.split, seq_len=args.seq_len, batch_size=args.batch_size,
                          packing=args.packing, num_proc=args.num_proc)
         ds = load_corpus(cfg)
         t0 = time.perf_counter()
-        corpus = tokenize_corpus(ds, tokenizer, args.mode, anchor_ids, cfg)
+        corpus = tokenize_corpus(ds, tokenizer, scheme, cfg)
         t1 = time.perf_counter()
         it = BatchIterator(corpus, cfg.batch_size, cfg.seq_len, packing=cfg.packing)
         n = min(it.steps_per_epoch, 200)

@@ -255,7 +255,7 @@ def check_args(args) -> tuple[list[str], list[str]]:
         raise ValueError(f"--shots must be >= 0, got {args.shots}")
     if args.seq_len < 2 or (args.ac_every is not None and args.ac_every < 1):
         raise ValueError("--seq-len must be >= 2 and --ac-every >= 1")
-    if args.ac_every and args.anchor_mode != "ac":
+    if args.ac_every and args.anchor_mode not in (None, "ac"):
         raise ValueError("--ac-every inserts <AC> tokens: it needs --anchor-mode ac")
     cli.check_range("--batch-size", args.batch_size, 1)
     cli.check_range("--chunk-size", args.chunk_size, 1)
@@ -284,7 +284,8 @@ def task_report(args, items: dict[str, list[tasks.MCItem]], caches: Sequence[str
     scorer = Scorer(model, batch_size=args.batch_size, chunk_size=args.chunk_size)
     report: dict[str, Any] = {"model": model.name, "shots": args.shots, "limit": args.limit, "seed": args.seed,
                               "anchor_mode": model.anchor_mode, "anchor_ids": list(model.anchor_ids),
-                              "add_bos": model.add_bos, "caches": list(caches), "tasks": {}}
+                              "add_bos": model.add_bos, "anchor_scheme": model.scheme.to_dict(), "caches": list(caches),
+                              "tasks": {}}
     t0 = time.perf_counter()
     for name, task_items in items.items():
         report["tasks"][name] = evaluate_task(scorer, task_items, caches, timing=not args.no_timing)

@@ -27,7 +27,8 @@ The buffers add room for the tokens in flight (C + T in prefill, C + 1 in decode
 C shrinks to the power of two that holds what the batch can need (few shapes compile;
 decode reads every slot of its buffer). A row that would keep more than C
 slots stops and `CacheOverflowError` names it and the sizes; nothing is truncated.
-In AC mode `max_sentence_tokens=N` forces an `<AC>` after N tokens without one.
+In AC mode `max_sentence_tokens=N` (default: the model's anchor scheme) forces an `<AC>`
+after N tokens without one, counted like the encoder counts them (a leading BOS is not counted).
 Extensions (off by default, beyond the paper), both through `protected` tokens
 (`anjax.mask`), which stay visible to every later token and in the cache: `sink_tokens=N`
 protects each row's first N tokens; `protect=` in `generate` protects spans of a prompt
@@ -71,6 +72,7 @@ class EngineSpec:
     anchor_cache: bool                  # compact to anchors + open sentence; else full cache, causal attention
     anchor_ids: tuple[int, ...] = ()
     ac_id: int = -1                     # the <AC> id in AC mode (forced anchors), else -1
+    skip_bos: bool = False              # the token at true position 0 is BOS: not counted in its sentence
     sink_tokens: int = 0
     reference_positions: bool = False
 
@@ -135,14 +137,17 @@ def _rebase(cache: KVCache, spec: EngineSpec) -> KVCache:
 
 
 def _track(state: GenState, active_B: jax.Array, limit: int) -> GenState:
-    """Update the peak of rows that took a token; stop rows not done that use more than `limit` slots."""
+    """Stop (and flag) rows that took a token and use more than `limit` slots; update the peak of the others.
+
+    The peak never exceeds `limit`: an overflowing row reports what it held before.
+    """
     cache = state.cache
     held_B = cache.length
-    fresh_B = ~state.done & (held_B > limit)
+    fresh_B = active_B & (held_B > limit)
     count = lambda x_BxC: (cache.valid & x_BxC).sum(axis=1, dtype=jnp.int32)
     info_Bx4 = jnp.stack([held_B, count(cache.anchor), count(cache.seg == state.open_seg[:, None]),
                           count(cache.protected)], -1)
-    return state.replace(peak=jnp.where(active_B, jnp.maximum(state.peak, held_B), state.peak),
+    return state.replace(peak=jnp.where(active_B & ~fresh_B, jnp.maximum(state.peak, held_B), state.peak),
                          overflow=jnp.where(fresh_B[:, None], info_Bx4, state.overflow), done=state.done | fresh_B)
 
 
@@ -242,13 +247,17 @@ def decode(cfg: ModelConfig, spec: EngineSpec, slots: int, max_new_tokens: int, 
         keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, c.step)
         nxt_B = sample_tokens(logits_BxV, keys_B, sampling.temperature, sampling.top_k, sampling.top_p)
         if spec.ac_id >= 0:  # AC mode: force <AC> after max_sentence_tokens tokens without one
-            open_len_B = (st.cache.valid & (st.cache.seg == st.open_seg[:, None])).sum(1)
+            counted_BxC = st.cache.valid & (st.cache.seg == st.open_seg[:, None])
+            if spec.skip_bos:
+                counted_BxC &= st.cache.pos > 0
+            open_len_B = counted_BxC.sum(1)
             force_B = (sampling.max_sentence_tokens > 0) & (open_len_B >= sampling.max_sentence_tokens)
             nxt_B = jnp.where(force_B, spec.ac_id, nxt_B)
         generated_B = c.generated + active_B
         stop_B = (nxt_B[:, None] == sampling.stop_ids[None]).any(-1) | (generated_B >= max_new_tokens)
         tokens = c.tokens.at[:, c.step].set(jnp.where(active_B, nxt_B, -1))
-        st = _track(st.replace(done=st.done | (active_B & stop_B)), active_B, st.cache.capacity - 1)
+        st = _track(st, active_B, st.cache.capacity - 1)  # before stopping: the last fed token counts too
+        st = st.replace(done=st.done | (active_B & stop_B))
         return DecodeCarry(state=st, step=c.step + 1, token=nxt_B, protected=jnp.zeros_like(c.protected),
                            tokens=tokens, generated=generated_B)
 
@@ -302,7 +311,8 @@ class Engine:
     """Batched generation with an anchor or a full cache (see the module docstring).
 
     cache: "anchor" | "full" | None (anchor when the model has anchor settings).
-    anchor_mode / anchors: override the model's anchor settings (`anjax.anchors.resolve_anchor_ids`).
+    anchor_mode / anchors / max_sentence_tokens: override the model's anchor scheme
+    (`anjax.anchors.resolve_scheme`, which says so on stderr); `self.scheme` is the result.
     capacity: slots a row may keep (default: the whole request for a full cache,
     min(that, DEFAULT_ANCHOR_CAPACITY) for an anchor cache). chunk_size: prefill chunk T.
     raw_prompts: tokenize text prompts as they are (no <AC> inserted in AC mode).
@@ -312,16 +322,11 @@ class Engine:
     def __init__(self, cfg: ModelConfig, params, tokenizer=None, *, cache: str | None = None,
                  anchor_mode: str | None = None, anchors: Sequence[str] | None = None, chunk_size: int = 256,
                  capacity: int | None = None, batch_size: int = 8, positions: str = "true", sink_tokens: int = 0,
-                 raw_prompts: bool = False, show_anchors: bool = False):
-        mode, anchor_ids = cfg.anchor_mode, tuple(cfg.anchor_ids)
-        if anchor_mode is not None or anchors is not None:
-            if tokenizer is None:
-                raise ValueError("anchor overrides need a tokenizer")
-            from anjax.anchors import resolve_anchor_ids
-            mode = anchor_mode or ("ep" if cfg.anchor_mode == "none" else cfg.anchor_mode)
-            _, anchor_ids = resolve_anchor_ids(tokenizer, mode, anchors)
-        if bad := [i for i in anchor_ids if not 0 <= i < cfg.vocab_size]:
-            raise ValueError(f"anchor ids {bad} are outside the model's vocabulary of {cfg.vocab_size}")
+                 raw_prompts: bool = False, show_anchors: bool = False, max_sentence_tokens: int | None = None):
+        from anjax.anchors import resolve_scheme
+        scheme, cfg, params = resolve_scheme(cfg, tokenizer, params, mode=anchor_mode, tokens=anchors,
+                                             max_sentence_tokens=max_sentence_tokens)
+        mode, anchor_ids = scheme.mode, scheme.ids
         cache = cache or ("anchor" if anchor_ids else "full")
         if cache not in ("anchor", "full"):
             raise ValueError(f"cache must be 'anchor' or 'full', got {cache!r}")
@@ -335,10 +340,11 @@ class Engine:
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         ac_id = anchor_ids[0] if mode == "ac" else -1
-        self.cfg, self.tokenizer, self.anchor_mode = cfg, tokenizer, mode if anchor_ids else "none"
+        self.cfg, self.tokenizer, self.anchor_mode, self.scheme = cfg, tokenizer, mode, scheme
         self.params = jax.device_put(params)
         self.spec = EngineSpec(anchor_cache=cache == "anchor", anchor_ids=tuple(anchor_ids), ac_id=ac_id,
-                               sink_tokens=sink_tokens, reference_positions=positions == "reference")
+                               skip_bos=scheme.add_bos, sink_tokens=sink_tokens,
+                               reference_positions=positions == "reference")
         self.cache_kind, self.chunk_size, self.capacity, self.batch_size = cache, chunk_size, capacity, batch_size
         self.raw_prompts, self.show_anchors = raw_prompts, show_anchors
         self._executables: dict = {}
@@ -358,21 +364,21 @@ class Engine:
 
     def encode(self, text: str, max_sentence_tokens: int | None = None,
                protect: Sequence[str] = ()) -> tuple[list[int], list[bool]]:
-        """Prompt ids anchored like training data, and which of them `protect` covers
-        (`anjax.data.encode_protected`).
+        """Prompt ids anchored by the model's scheme (`anjax.encoding.Encoder.prompt`: like training;
+        the last sentence is closed iff the text ends one), and which of them `protect` covers.
 
-        AC mode: `<AC>` after each sentence; the last sentence stays open unless the
-        text ends with . ? or ! (generation continues it). `raw_prompts`: plain tokens.
+        `max_sentence_tokens` (not None) overrides the scheme's for this prompt (0: off).
+        `raw_prompts`: plain tokens (BOS by the scheme).
         """
         if not text.strip():
             raise ValueError("the prompt is empty")
-        from anjax.data import encode_protected, tokenizer_adds_bos
-        add_bos = tokenizer_adds_bos(self.tokenizer)
-        if self.raw_prompts or self.anchor_mode != "ac":
-            return encode_protected(self.tokenizer, text, protect, "none", None, add_bos)
-        return encode_protected(self.tokenizer, text, protect, "ac", self.spec.ac_id, add_bos,
-                                max_sentence_tokens=max_sentence_tokens,
-                                end_anchor=text.rstrip()[-1:] in (".", "?", "!"))
+        from anjax.encoding import Encoder
+        scheme = self.scheme
+        if self.raw_prompts:
+            scheme = scheme.replace(mode="none", tokens=(), ids=(), max_sentence_tokens=None)
+        elif max_sentence_tokens is not None and scheme.mode == "ac":
+            scheme = scheme.replace(max_sentence_tokens=max_sentence_tokens or None)
+        return Encoder(self.tokenizer, scheme).prompt(text, protect)
 
     def decode_text(self, ids: Sequence[int], stop_ids: Sequence[int] = ()) -> str:
         """Printable text of generated ids: stop ids dropped, <AC> hidden unless `show_anchors`."""
@@ -402,6 +408,8 @@ class Engine:
                              f"top_k={top_k}, top_p={top_p}")
         if max_sentence_tokens and self.spec.ac_id < 0:
             raise ValueError("max_sentence_tokens forces <AC> tokens and needs anchor mode 'ac'")
+        if max_sentence_tokens is None:
+            max_sentence_tokens = self.scheme.max_sentence_tokens
         if not prompts:
             return []
         protect = protect or [()] * len(prompts)

@@ -48,9 +48,20 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")),
         pad_token_id=hf.get("pad_token_id"),
-        anchor_mode=anchor.get("anchor_mode", "none"), anchor_tokens=tuple(anchor.get("anchor_tokens", ())),
-        anchor_ids=tuple(anchor.get("anchor_ids", ())),
+        **scheme_from_block(anchor),
     ).replace(**overrides)
+
+
+def scheme_from_block(block: dict[str, Any]) -> dict[str, Any]:
+    """The `ModelConfig` anchor-scheme fields of a config.json "anjax" block (older blocks lack some)."""
+    known = {"anchor_mode", "anchor_tokens", "anchor_ids", "add_bos", "max_sentence_tokens", "sentence_splitter",
+             "final_sentence"}
+    if unknown := sorted(set(block) - known):
+        raise ModelFormatError(f'config.json "anjax" block has unknown keys {unknown}: written by a newer anjax?')
+    out = {k: v for k, v in block.items()}
+    for k in ("anchor_tokens", "anchor_ids"):
+        out[k] = tuple(block.get(k, ()))
+    return out
 
 
 def _first(x):
@@ -72,7 +83,9 @@ def hf_config_from(cfg: ModelConfig) -> dict[str, Any]:
         "attention_bias": False, "mlp_bias": False, "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id, "torch_dtype": "float32",
         "anjax": {"anchor_mode": cfg.anchor_mode, "anchor_tokens": list(cfg.anchor_tokens),
-                  "anchor_ids": list(cfg.anchor_ids)},
+                  "anchor_ids": list(cfg.anchor_ids), "add_bos": cfg.add_bos,
+                  "max_sentence_tokens": cfg.max_sentence_tokens, "sentence_splitter": cfg.sentence_splitter,
+                  "final_sentence": cfg.final_sentence},
     }
 
 
@@ -248,3 +261,27 @@ def resize_embeddings(cfg: ModelConfig, params: dict, new_vocab: int, init: str 
     if not cfg.tie_embeddings:
         params["lm_head"] = grow(np.asarray(params["lm_head"]).T).T
     return cfg.replace(vocab_size=new_vocab), params
+
+
+def init_embedding_row(cfg: ModelConfig, params: dict, row: int, init: str = "mean",
+                       copy_from: int | None = None) -> tuple[ModelConfig, dict]:
+    """Give token `row` (a new token, e.g. `<AC>`) a fresh embedding (and untied output) row.
+
+    Past the matrix: `resize_embeddings` to row + 1. Inside it (a matrix padded past the
+    tokenizer's length, the id lands on a padding row): that row is set like a new row,
+    the mean of the rows before it (`init="mean"`) or a copy of row `copy_from` (`"copy"`).
+    """
+    if row >= cfg.vocab_size:
+        return resize_embeddings(cfg, params, row + 1, init, copy_from)
+    if init not in ("mean", "copy") or (init == "copy" and copy_from is None):
+        raise ValueError("init must be 'mean' or 'copy' (with copy_from=<token id>)")
+
+    def set_row(w_VxE):
+        w = np.array(w_VxE)
+        w[row] = w[:row].mean(0) if init == "mean" else w[copy_from]
+        return w
+
+    params = dict(params, embed=set_row(params["embed"]))
+    if not cfg.tie_embeddings:
+        params["lm_head"] = set_row(np.asarray(params["lm_head"]).T).T
+    return cfg, params

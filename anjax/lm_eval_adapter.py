@@ -121,10 +121,8 @@ class AnjaxLM(LM):
     def engine(self) -> Engine:
         """The generation engine over the scoring model's weights and anchor settings (built once)."""
         if self._engine is None:
-            m = self.model
-            cfg = m.cfg.replace(anchor_mode=m.anchor_mode, anchor_ids=m.anchor_ids,
-                                anchor_tokens=tuple(m.tokenizer.convert_ids_to_tokens(list(m.anchor_ids))))
-            self._engine = Engine(cfg, m.params, m.tokenizer, cache=self.cache, batch_size=self.batch_size,
+            m = self.model   # m.cfg stores m.scheme (anjax.anchors.resolve_scheme)
+            self._engine = Engine(m.cfg, m.params, m.tokenizer, cache=self.cache, batch_size=self.batch_size,
                                   chunk_size=self.scorer.chunk_size)
         return self._engine
 

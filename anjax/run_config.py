@@ -129,7 +129,8 @@ class RunConfig:
                              f"{self.train.distill_weight} and {self.train.distill_temperature}")
         _check_fields(ModelConfig, self.model.arch, "model.arch")
         elsewhere = sorted(set(self.model.arch) & {"dtype", "param_dtype", "remat", "scan_layers", "attention",
-                                                  "anchor_mode", "anchor_tokens", "anchor_ids"})
+                                                  "anchor_mode", "anchor_tokens", "anchor_ids", "add_bos",
+                                                  "max_sentence_tokens", "sentence_splitter", "final_sentence"})
         if elsewhere:
             raise ValueError(f"model.arch.{elsewhere[0]}: set it with model.{elsewhere[0]} or the anchors section")
 

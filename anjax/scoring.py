@@ -18,14 +18,15 @@ The recompute path (`recompute=True`, the paper's "no cache" baseline) runs one
 full forward of `prefix + tail + continuation` per choice, under the same mask.
 Both are exact: a cached score equals the recomputed one (docs/DESIGN.md Invariant 2).
 
-Tokenization follows lm-evaluation-harness (`encode_pair`): trailing spaces of the
-context move to the continuation, `whole = enc(context + continuation)`, the
-continuation is `whole[len(enc(context)):]`; a BOS is prepended only when the
-tokenizer adds one by default (as the harness's HF model does; SmolLM2: no BOS).
-AC mode: the context is anchored like training data (`anjax.data.encode_text`,
-`<AC>` after every sentence; a blank line always ends one, so every few-shot
-demonstration ends with `<AC>`); the last sentence stays open and the scored
-continuation is plain text.
+Tokenization: `anjax.encoding.Encoder.pair`, lm-evaluation-harness's split
+(`encode_pair`: trailing spaces of the context move to the continuation, `whole =
+enc(context + continuation)`, the continuation is the rest of `whole`) with the
+model's anchor scheme: BOS by the scheme (recorded at training; else the tokenizer's
+own way, as the harness's HF model does; SmolLM2: no BOS), and in AC mode `<AC>`
+wherever training puts it in the whole text — after every sentence of the context
+(a blank line always ends one, so every few-shot demonstration ends with `<AC>`),
+after the context when it ends a sentence, inside the continuation. `<AC>` targets
+are never scored.
 
 Memory: during prefill an anchor cache holds at most `kept_bound` slots (every
 anchor + the longest sentence) plus one chunk, a full cache the whole context plus
@@ -45,8 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anjax.data import tokenizer_adds_bos
+from anjax.anchors import AnchorScheme
 from anjax.config import ModelConfig
+from anjax.encoding import Encoder
 from anjax.generate import EngineSpec, GenState, init_state, prefill_step, right_align, round_up
 from anjax.mask import token_metadata
 from anjax.model import Llama
@@ -59,53 +61,57 @@ CACHE_KINDS = ("full", "anchor")
 
 @dataclasses.dataclass
 class ScoringModel:
-    """A model ready for scoring: layers stacked (`scan_layers`), anchors resolved."""
+    """A model ready for scoring: layers stacked (`scan_layers`), anchor scheme resolved."""
 
     cfg: ModelConfig
     params: Any
     tokenizer: Any
     name: str
-    anchor_mode: str                  # none | ep | ac
-    anchor_ids: tuple[int, ...]
-    add_bos: bool
+    scheme: AnchorScheme
+
+    @property
+    def anchor_mode(self) -> str:
+        return self.scheme.mode
+
+    @property
+    def anchor_ids(self) -> tuple[int, ...]:
+        return self.scheme.ids
+
+    @property
+    def add_bos(self) -> bool:
+        return self.scheme.add_bos
 
     @property
     def ac_id(self) -> int | None:
-        return self.anchor_ids[0] if self.anchor_mode == "ac" else None
+        return self.scheme.ac_id
+
+    @property
+    def encoder(self) -> Encoder:
+        return Encoder(self.tokenizer, self.scheme)
 
     def encode_context(self, context: str) -> list[int]:
-        """Context ids: plain (harness), or anchored like training data in AC mode (last sentence open)."""
+        """Context ids of a generation request: a prompt (`Encoder.prompt`); empty: the harness's prefix token."""
         tok = self.tokenizer
         if not context:   # the harness conditions an empty context on its prefix token
             return [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
-        if self.anchor_mode == "ac":
-            from anjax.data import encode_text
-            return encode_text(tok, context, "ac", self.ac_id, self.add_bos, end_anchor=False)
-        return self._enc(context)
+        return self.encoder.prompt(context)[0]
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """(context ids, continuation ids) as lm-eval's `TemplateLM._encode_pair` builds them."""
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-        if not context:
-            return self.encode_context(""), self._enc(continuation)
-        whole, ctx = self._enc(context + continuation), self._enc(context)
-        return self.encode_context(context), whole[len(ctx):]
+        """(context ids, continuation ids): `anjax.encoding.Encoder.pair`."""
+        return self.encoder.pair(context, continuation)
 
     def encode_request(self, pairs: Sequence[tuple[str, str]]) -> "ScoreRequest":
         """One item from its (context, continuation) pairs; the shared prefix is the longest common one."""
         return ScoreRequest.from_ids([self.encode_pair(c, t) for c, t in pairs])
 
     def encode_text(self, text: str, ac_every: int | None = None) -> list[int]:
-        """A whole text for perplexity: [BOS] + ids, anchored in AC mode (`<AC>` also every N tokens)."""
-        from anjax.data import encode_text
-        mode = "ac" if self.anchor_mode == "ac" else "none"
-        return encode_text(self.tokenizer, text, mode, self.ac_id, self.add_bos, max_sentence_tokens=ac_every)
-
-    def _enc(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ([self.tokenizer.bos_token_id] if self.add_bos else []) + list(ids)
+        """A whole text for perplexity (`Encoder.document`); `ac_every` overrides `max_sentence_tokens`."""
+        scheme = self.scheme
+        if ac_every is not None:
+            if scheme.mode != "ac":
+                raise ValueError("--ac-every inserts <AC> tokens: it needs anchor mode 'ac'")
+            scheme = scheme.replace(max_sentence_tokens=ac_every or None)
+        return Encoder(self.tokenizer, scheme).document(text)
 
 
 def _stack_layers(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
@@ -121,33 +127,21 @@ def _stack_layers(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
 def prepare_model(cfg: ModelConfig, params, tokenizer, *, anchor_mode: str | None = None,
                   anchors: Sequence[str] | None = None, need_anchors: bool = False,
                   name: str = "model") -> ScoringModel:
-    """Resolve the anchor settings (overrides as in `anjax.generate.Engine`) and stack the layers.
+    """Resolve the anchor scheme (`anjax.anchors.resolve_scheme`) and stack the layers.
 
-    The model's own anchor settings apply unless `anchor_mode`/`anchors` override them.
-    `need_anchors` (an anchor cache was asked for) with neither is an error. AC mode on a
-    model without `<AC>` adds the token with the mean embedding (`anjax.hf.resize_embeddings`):
-    an untrained anchor, meaningful only as a "before anchor training" baseline.
+    The model's own scheme applies unless `anchor_mode`/`anchors` override it (said on stderr).
+    `need_anchors` (an anchor cache was asked for) with no anchors is an error. AC mode on a
+    model without `<AC>` adds the token with the mean embedding: an untrained anchor,
+    meaningful only as a "before anchor training" baseline.
     """
-    from anjax.anchors import add_ac_token, resolve_anchor_ids
+    from anjax.anchors import resolve_scheme
 
-    mode, anchor_ids = cfg.anchor_mode, tuple(cfg.anchor_ids)
-    if anchors and anchor_mode is None and mode == "none":
-        anchor_mode = "ep"
-    if anchor_mode is not None or anchors:
-        mode = anchor_mode or mode
-        if mode == "ac" and (ac_id := add_ac_token(tokenizer)) >= cfg.vocab_size:
-            from anjax.hf import resize_embeddings
-            cfg, params = resize_embeddings(cfg, params, ac_id + 1)
-        _, anchor_ids = resolve_anchor_ids(tokenizer, mode, anchors)
-    if need_anchors and not anchor_ids:
+    scheme, cfg, params = resolve_scheme(cfg, tokenizer, params, mode=anchor_mode, tokens=anchors)
+    if need_anchors and not scheme.ids:
         raise ValueError("--cache anchor needs anchor settings, and the model has none: "
                          "pass --anchor-mode ep (or ac), or evaluate with --cache full")
-    if bad := [i for i in anchor_ids if not 0 <= i < cfg.vocab_size]:
-        raise ValueError(f"anchor ids {bad} are outside the model's vocabulary of {cfg.vocab_size}")
     cfg, params = _stack_layers(cfg, params)
-    add_bos = tokenizer_adds_bos(tokenizer)
-    return ScoringModel(cfg=cfg, params=jax.device_put(params), tokenizer=tokenizer, name=name,
-                        anchor_mode=mode if anchor_ids else "none", anchor_ids=tuple(anchor_ids), add_bos=add_bos)
+    return ScoringModel(cfg=cfg, params=jax.device_put(params), tokenizer=tokenizer, name=name, scheme=scheme)
 
 
 def load_scoring_model(model: str | None = None, **kwargs) -> ScoringModel:
@@ -363,10 +357,10 @@ class Scorer:
                        prefix: bool = False):
         """(tokens, valid, targets, scored) [B*K, width] of each choice's fed ids (with the prefix if asked).
 
-        Fed ids are `seq[:-1]`, targets `seq[1:]`, scored the last len(continuation) targets. Items with
+        Fed ids are `seq[:-1]`, targets `seq[1:]`, scored the last len(continuation) targets but `<AC>`. Items with
         fewer than K choices repeat their last choice (its result is dropped).
         """
-        N = len(batch) * k
+        N, ac = len(batch) * k, self.model.ac_id
         arrays = [np.zeros((N, width), np.int32), np.zeros((N, width), bool), np.zeros((N, width), np.int32),
                   np.zeros((N, width), bool)]
         for j, r in enumerate(batch):
@@ -377,7 +371,7 @@ class Scorer:
                 at = width - m if align_right else 0
                 tokens, valid, targets, scored = (a[j * k + c] for a in arrays)
                 tokens[at:at + m], valid[at:at + m], targets[at:at + m] = seq[:-1], True, seq[1:]
-                scored[at + m - len(r.continuations[i]):at + m] = True
+                scored[at + m - len(r.continuations[i]):at + m] = [t != ac for t in r.continuations[i]]
         return arrays
 
     def _cached_batch(self, spec, batch, shapes):

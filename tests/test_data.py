@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 import pytest
 
-from anjax import anchors, data
+from anjax import anchors, data, encoding
 from anjax.config import AC_TOKEN
 
 THREE = "The cat sat on the mat. Did the dog see it? Yes!"
@@ -19,8 +19,13 @@ def ac_tok(tiny_tokenizer):
 
 
 def _corpus(tok, texts, mode="ac", **cfg):
-    _, anchor_ids = anchors.resolve_anchor_ids(tok, mode)
-    return data.tokenize_corpus(datasets.Dataset.from_dict({"text": texts}), tok, mode, anchor_ids, data.DataConfig(**cfg))
+    dc = data.DataConfig(**cfg)
+    scheme = anchors.make_scheme(tok, mode, add_bos=dc.add_bos, max_sentence_tokens=dc.max_sentence_tokens)
+    return data.tokenize_corpus(datasets.Dataset.from_dict({"text": texts}), tok, scheme, dc)
+
+
+def _enc(tok, mode, add_bos=False, cap=None):
+    return encoding.Encoder(tok, anchors.make_scheme(tok, mode, add_bos=add_bos, max_sentence_tokens=cap))
 
 
 def _synthetic(lengths, prompt_len=None):
@@ -35,46 +40,48 @@ def _synthetic(lengths, prompt_len=None):
 
 def test_split_sentences_is_faithful():
     text = "Hello world.  This is Mr. Smith's test?\n\nYes! A wrapped\nline ends here. No end"
-    sents = data.split_sentences(text)
+    sents = encoding.split_sentences(text)
     assert "".join(sents) == text
     assert sents == ["Hello world.", "  This is Mr. Smith's test?", "\n\nYes!", " A wrapped\nline ends here.", " No end"]
     for doc in data.embedded_corpus("validation")["text"][:3]:
-        assert "".join(data.split_sentences(doc)) == doc
+        assert "".join(encoding.split_sentences(doc)) == doc
 
 
 def test_ac_three_sentences_exact_placement(ac_tok):
     ac = ac_tok.convert_tokens_to_ids(AC_TOKEN)
-    ids = data.encode_text(ac_tok, THREE, "ac", ac, add_bos=True)
+    ids = _enc(ac_tok, "ac", True).document(THREE)
     tokens = ac_tok.convert_ids_to_tokens(ids)
     assert ids[0] == ac_tok.bos_token_id and ids.count(ac) == 3
     assert [tokens[i - 1] for i, t in enumerate(ids) if t == ac] == [".", "?", "!"]
-    assert ids[-1] == ac and data.encode_text(ac_tok, THREE, "ac", ac, add_bos=False) == ids[1:]
+    assert ids[-1] == ac and _enc(ac_tok, "ac").document(THREE) == ids[1:]
     assert ac_tok.decode(ids, skip_special_tokens=True) == THREE          # whitespace kept
     assert [t for t in ids if t != ac] == [ac_tok.bos_token_id] + ac_tok.encode(THREE, add_special_tokens=False)
 
 
 def test_no_sentence_end_still_ends_with_ac_and_open_prompt(ac_tok):
     ac = ac_tok.convert_tokens_to_ids(AC_TOKEN)
-    ids = data.encode_text(ac_tok, "the cat sat on the mat", "ac", ac, add_bos=False)
+    ids = _enc(ac_tok, "ac").document("the cat sat on the mat")
     assert ids.count(ac) == 1 and ids[-1] == ac
-    open_ids = data.encode_text(ac_tok, "The cat sat. The dog", "ac", ac, add_bos=False, end_anchor=False)
+    open_ids = _enc(ac_tok, "ac").prompt("The cat sat. The dog")[0]
     assert open_ids.count(ac) == 1 and open_ids[-1] != ac
+    closed = _enc(ac_tok, "ac").prompt("The cat sat. The dog ran.")[0]
+    assert closed.count(ac) == 2 and closed[-1] == ac
 
 
 def test_ep_inserts_nothing(tiny_tokenizer):
-    ids = data.encode_text(tiny_tokenizer, THREE, "ep", None, add_bos=False)
+    ids = _enc(tiny_tokenizer, "ep").document(THREE)
     assert ids == tiny_tokenizer.encode(THREE, add_special_tokens=False)
     corpus = _corpus(tiny_tokenizer, [THREE], mode="ep")
     assert corpus.stats.anchors == 3 and corpus.stats.sentences == 3
     with pytest.raises(ValueError, match="needs anchor mode 'ac'"):
-        data.encode_text(tiny_tokenizer, THREE, "ep", None, add_bos=False, max_sentence_tokens=4)
+        _enc(tiny_tokenizer, "ep", cap=4)
 
 
 def test_max_sentence_tokens(ac_tok):
     ac = ac_tok.convert_tokens_to_ids(AC_TOKEN)
     text = "the cat sat on the mat and the dog sat on the mat too. Yes!"
-    plain = data.encode_text(ac_tok, text, "ac", ac, add_bos=False)
-    capped = data.encode_text(ac_tok, text, "ac", ac, add_bos=False, max_sentence_tokens=4)
+    plain = _enc(ac_tok, "ac").document(text)
+    capped = _enc(ac_tok, "ac", cap=4).document(text)
     runs = lambda ids: [len(r) for r in "".join("A" if t == ac else "x" for t in ids).split("A")]
     assert [t for t in capped if t != ac] == [t for t in plain if t != ac]
     assert max(runs(capped)) == 4 and runs(capped)[-1] == 0 and max(runs(plain)) > 4
@@ -86,16 +93,16 @@ def test_protected_text_marks_exactly_its_tokens(ac_tok, mode, cap):
     ac = ac_tok.convert_tokens_to_ids(AC_TOKEN) if mode == "ac" else None
     text = THREE + " The dog sat on the mat"
     protect = ["mat. Did the", "dog"]  # across a sentence end; "dog" occurs twice
-    ids, flags = data.encode_protected(ac_tok, text, protect, mode, ac, True, max_sentence_tokens=cap,
-                                       end_anchor=False)
-    assert ids == data.encode_text(ac_tok, text, mode, ac, True, max_sentence_tokens=cap, end_anchor=False)
+    enc = _enc(ac_tok, mode, True, cap)
+    ids, flags = enc.prompt(text, protect)
+    assert ids == enc.prompt(text)[0] and enc.document(text) == ids + ([ac] if mode == "ac" else [])
     covered = "".join(ac_tok.decode([t]) for t, f in zip(ids, flags) if f and t != ac)
     assert covered.replace(" ", "") == "mat.Didthedogdog"
     assert not flags[0]  # BOS
     if mode == "ac" and cap is None:  # the <AC> after "mat." lies inside the first span
         assert [f for t, f in zip(ids, flags) if t == ac] == [True, False, False]
     with pytest.raises(ValueError, match="does not occur"):
-        data.encode_protected(ac_tok, text, ["elephant"], mode, ac, True)
+        enc.prompt(text, ["elephant"])
 
 
 def test_stats_and_empty_documents_skipped(ac_tok):
@@ -109,16 +116,17 @@ def test_stats_and_empty_documents_skipped(ac_tok):
 
 def test_bos_follows_the_tokenizer_unless_set(ac_tok):
     bos = ac_tok.bos_token_id
-    assert not data.tokenizer_adds_bos(ac_tok)             # GPT-2/SmolLM2 style: no BOS of its own
+    assert not anchors.tokenizer_adds_bos(ac_tok)             # GPT-2/SmolLM2 style: no BOS of its own
     assert _corpus(ac_tok, [THREE]).tokens[0] != bos
     assert _corpus(ac_tok, [THREE], add_bos=True).tokens[0] == bos
     ac_tok.add_bos_token = True                            # Llama style
-    assert data.tokenizer_adds_bos(ac_tok) and _corpus(ac_tok, [THREE]).tokens[0] == bos
+    assert anchors.tokenizer_adds_bos(ac_tok) and _corpus(ac_tok, [THREE]).tokens[0] == bos
 
 
 def test_ac_mode_with_tokenizer_lacking_ac(tiny_tokenizer):
     with pytest.raises(ValueError, match="add_ac_token"):
-        data.tokenize_corpus(datasets.Dataset.from_dict({"text": [THREE]}), tiny_tokenizer, "ac", (7,))
+        scheme = anchors.AnchorScheme(mode="ac", tokens=(AC_TOKEN,), ids=(7,))
+        data.tokenize_corpus(datasets.Dataset.from_dict({"text": [THREE]}), tiny_tokenizer, scheme)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -228,15 +236,15 @@ def test_sft_prompt_tokens_are_not_targets(ac_tok, tmp_path, mode):
             {"instruction": "Nothing.", "input": "", "output": ""}]
     cfg = data.DataConfig(path=_write_jsonl(tmp_path / "sft.jsonl", rows), format="alpaca", seq_len=256, batch_size=2,
                           shuffle=False, add_bos=True)
-    _, anchor_ids = anchors.resolve_anchor_ids(ac_tok, mode)
-    it = data.make_batches(cfg, ac_tok, mode, anchor_ids)
+    scheme = anchors.make_scheme(ac_tok, mode, add_bos=True)
+    it = data.make_batches(cfg, ac_tok, scheme)
     assert it.corpus.stats.skipped == 1
-    ac = anchor_ids[0]
+    ac = scheme.ids[0]
     for r, row in enumerate(rows[:2]):
         b = it.batch(0)
         plen = int(it.corpus.prompt_len[r])
         ids = b["tokens"][r]
-        prompt = data.encode_text(ac_tok, data.alpaca_prompt(row["instruction"], row["input"]), mode, ac, add_bos=True)
+        prompt = encoding.Encoder(ac_tok, scheme).prompt(encoding.alpaca_prompt(row["instruction"], row["input"]))[0]
         assert ids[:plen].tolist() == prompt
         assert not b["loss_mask"][r, : plen - 1].any() and b["loss_mask"][r, plen - 1]
         n = int(b["valid"][r].sum())
@@ -253,7 +261,7 @@ def test_local_files_and_text_field(tiny_tokenizer, tmp_path):
     cfg = data.DataConfig(path=path, text_field="body")
     assert len(data.load_corpus(cfg)) == 3
     with pytest.raises(ValueError, match=r"needs column\(s\) \['text'\]; the dataset has \['body'\]"):
-        data.tokenize_corpus(data.load_corpus(data.DataConfig(path=path)), tiny_tokenizer, "ep", (16,))
+        data.tokenize_corpus(data.load_corpus(data.DataConfig(path=path)), tiny_tokenizer, anchors.make_scheme(tiny_tokenizer, "ep"))
     assert data.load_corpus(data.DataConfig(path=str(tmp_path / "*.txt")))["text"] == ["A dog. A cat.\n"]
     with pytest.raises(ValueError, match="files of one kind"):
         data.load_corpus(data.DataConfig(path=str(tmp_path)))
@@ -277,7 +285,7 @@ def test_shards_partition_the_documents(tiny_tokenizer, tmp_path):
     cfg = data.DataConfig(path=_write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts]), seq_len=16, batch_size=3)
     seen = []
     for shard in range(3):
-        it = data.make_batches(cfg, tiny_tokenizer, "ep", (16,), train=False, split="train", shard_index=shard, num_shards=3)
+        it = data.make_batches(cfg, tiny_tokenizer, anchors.make_scheme(tiny_tokenizer, "ep"), train=False, split="train", shard_index=shard, num_shards=3)
         seen += [tiny_tokenizer.decode(b["tokens"][0][b["valid"][0]], skip_special_tokens=True) for b in it]
     assert sorted(seen) == sorted(texts)
 
@@ -304,5 +312,5 @@ def test_real_tokenizer_anchors():
     assert len(set(ep_ids)) == 5
     ac = anchors.add_ac_token(tok)
     assert ac == 49152
-    ids = data.encode_text(tok, THREE, "ac", ac, add_bos=False)
+    ids = _enc(tok, "ac").document(THREE)
     assert ids.count(ac) == 3 and [t for t in ids if t != ac] == tok.encode(THREE, add_special_tokens=False)

@@ -55,10 +55,11 @@ def forward_logp(cfg, params, ids, anchor_ids, full):
     return np.asarray(logp)[:len(ids)]
 
 
-def hand_loglik(cfg, params, context, continuation, anchor_ids, full):
+def hand_loglik(cfg, params, context, continuation, anchor_ids, full, ac_id=None):
+    """Sum of log p of the continuation's tokens; an `<AC>` (`ac_id`) is fed but not scored."""
     logp = forward_logp(cfg, params, list(context) + list(continuation), anchor_ids, full)
     n = len(context)
-    return sum(float(logp[n - 1 + j, t]) for j, t in enumerate(continuation))
+    return sum(float(logp[n - 1 + j, t]) for j, t in enumerate(continuation) if t != ac_id)
 
 
 PAIRS = [   # items: a long shared context (several prefill chunks), winogrande-like per-choice contexts, 3 choices
@@ -88,7 +89,7 @@ def test_scores_equal_hand_computation(tiny, mode):
     for cache in ("full", "anchor"):
         cached, recomputed = scorer.run_paths(requests, [(cache, False), (cache, True)])
         for item, ll_c, ll_r in zip(encoded, cached.loglik, recomputed.loglik):
-            want = [hand_loglik(cfg, params, c, t, model.anchor_ids, cache == "full") for c, t in item]
+            want = [hand_loglik(cfg, params, c, t, model.anchor_ids, cache == "full", model.ac_id) for c, t in item]
             hand.setdefault(cache, []).append(want[0])
             np.testing.assert_allclose(ll_c, want, atol=2e-4, rtol=1e-5)
             np.testing.assert_allclose(ll_r, want, atol=2e-4, rtol=1e-5)
@@ -147,7 +148,8 @@ def test_ac_context_anchors_every_demonstration(tiny):
     assert len(demos) == 2 and all(d.endswith(AC_TOKEN) for d in demos) and AC_TOKEN * 2 not in text
     assert question == "Question: What causes sound?" + AC_TOKEN + "\nAnswer:"   # open: no <AC> at the end
     ctx, cont = model.encode_pair(item.context, item.continuations[0])
-    assert model.ac_id not in cont
+    assert ctx == ids   # the continuation closes its sentence as training does; that <AC> is never scored
+    assert model.ac_id not in cont[:-1] and cont[-1] == model.ac_id
 
 
 def test_sequence_nll_equals_hand_computation(tiny):

@@ -72,7 +72,7 @@ def test_unknown_anchor_token(model_dir, tmp_path):
     (tmp_path / "in.jsonl").write_text('{"prompt": "The cat."}\n')
     proc = infer("--model", model_dir, "--input", tmp_path / "in.jsonl", "--output", out, "--anchor-mode", "ep",
                  "--anchors", "xylophone", "--max-new-tokens", "3")
-    assert_one_line_error(proc, "xylophone", "not a single token")
+    assert_one_line_error(proc, "xylophone", "not one token in running text")
     assert not out.exists()
 
 

@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anjax.anchors import add_ac_token, resolve_anchor_ids
+from anjax.anchors import add_ac_token, make_scheme
 from anjax.config import tiny_config
-from anjax.data import DataConfig, alpaca_prompt, encode_text, make_batches
+from anjax.data import DataConfig, make_batches
+from anjax.encoding import Encoder, alpaca_prompt
 from anjax.mask import token_metadata
 from anjax.model import Llama, init_params
 from anjax.trainer import loss_sums
@@ -24,10 +25,11 @@ def test_prompt_tokens_are_out_of_the_loss(tmp_path, tiny_tokenizer):
     path = tmp_path / "alpaca.json"
     path.write_text(json.dumps(EXAMPLES))
     tokenizer = tiny_tokenizer
-    ac_id = add_ac_token(tokenizer)
-    _, anchor_ids = resolve_anchor_ids(tokenizer, "ac", None)
+    add_ac_token(tokenizer)
     data = DataConfig(path=str(path), format="alpaca", seq_len=512, batch_size=3, shuffle=False, eval_split=None)
-    batch = next(make_batches(data, tokenizer, "ac", anchor_ids))
+    scheme = make_scheme(tokenizer, "ac", add_bos=data.add_bos)
+    anchor_ids = scheme.ids
+    batch = next(make_batches(data, tokenizer, scheme))
 
     cfg = tiny_config(vocab_size=len(tokenizer), anchor_mode="ac", anchor_tokens=("<AC>",), anchor_ids=anchor_ids)
     params = init_params(cfg, jax.random.PRNGKey(0))
@@ -38,8 +40,7 @@ def test_prompt_tokens_are_out_of_the_loss(tmp_path, tiny_tokenizer):
     logp = np.asarray(jax.nn.log_softmax(logits, -1))
     expected_sum, expected_count = 0.0, 0
     for row, ex in enumerate(EXAMPLES):
-        prompt = encode_text(tokenizer, alpaca_prompt(ex["instruction"], ex["input"]), "ac", ac_id,
-                             add_bos=data.use_bos(tokenizer))
+        prompt = Encoder(tokenizer, scheme).prompt(alpaca_prompt(ex["instruction"], ex["input"]))[0]
         n = int(batch["valid"][row].sum())
         assert list(batch["tokens"][row, :len(prompt)]) == prompt and n < data.seq_len  # whole example, untruncated
         assert not batch["loss_mask"][row, :len(prompt) - 1].any()  # no target inside the prompt
