@@ -15,16 +15,17 @@ NAME.png (accuracy with error bars per task, anchor − full, perplexity).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
 
-from anjax import evaluate, intervals, perplexity, stats, tasks
+from anjax import cli, evaluate, intervals, outputs, perplexity, stats, tasks
 
 CACHES = ("full", "anchor")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python benchmarks/quality_report.py", description=__doc__.split("\n\n")[0])
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python benchmarks/quality_report.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="HF directory, GGUF file or anjax run (default: embedded SmolLM2)")
     p.add_argument("--tasks", default=",".join(evaluate.DEFAULT_TASKS),
                    help="comma list of built-in tasks and/or your own FILE.jsonl (default: the paper's 8)")
@@ -50,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Arguments with the fixed choices of the report (0-shot, full and anchor cache, no timing)."""
     args = build_parser().parse_args(argv)
     args.shots, args.seed, args.cache, args.no_timing = 0, tasks.DEFAULT_SEED, ",".join(CACHES), True
+    args.json = None  # the report writes NAME.json in --out-dir
     if args.ppl_limit is not None and args.ppl_limit <= 0:
         raise ValueError(f"--ppl-limit must be > 0, got {args.ppl_limit}")
     return args
@@ -101,9 +103,10 @@ def main(argv=None) -> int:
     text = markdown(report)
     print("\n" + text)
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.md").write_text(text)
-    (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-    plot(report, out / f"{args.name}.png")
+    outputs.write_text(out / f"{args.name}.md", text)
+    outputs.write_text(out / f"{args.name}.json", json.dumps(report, indent=1))
+    png = io.BytesIO()
+    plot(report, png)
+    outputs.write_bytes_chunks(out / f"{args.name}.png", [png.getvalue()])
     print(f"wrote {out / args.name}.md, .json, .png")
     return 0
