@@ -1,4 +1,4 @@
-"""Batched generation with an anchor or a full KV cache (anjax.generate.Engine).
+"""Batched generation with an anchor or a full KV cache (anjax.inference.engine.Engine).
 
     python infer.py --prompt "The cat sat on the mat." --max-new-tokens 32 [--json]
     python infer.py --input prompts.jsonl --output out.jsonl --cache anchor --anchor-mode ep
@@ -16,7 +16,8 @@ import json
 import sys
 import time
 
-from anjax import cli, outputs
+from anjax import cli
+from anjax.io import outputs
 
 
 def parse_args(argv=None):
@@ -120,7 +121,7 @@ def _protected_parts(obj: dict) -> list[str] | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from anjax.generate import Engine
+    from anjax.inference.engine import Engine
 
     t0 = time.perf_counter()
     engine = Engine.load(args.model, cache=args.cache, anchor_mode=args.anchor_mode, anchors=args.anchors,

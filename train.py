@@ -19,10 +19,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from anjax import checkpoint, cli, metrics, outputs, run_config, sharding
-from anjax.anchors import AnchorScheme, resolve_scheme
-from anjax.config import ModelConfig
-from anjax.data import make_batches
+from anjax import cli
+from anjax.core import sharding
+from anjax.core.config import ModelConfig
+from anjax.io import checkpoint, outputs
+from anjax.text.anchors import AnchorScheme, resolve_scheme
+from anjax.train import metrics, run_config
+from anjax.train.data import make_batches
 
 
 class TrainingDiverged(RuntimeError):
@@ -35,14 +38,14 @@ def prepare_model(rc: run_config.RunConfig) -> tuple[ModelConfig, dict | None, o
     The scheme comes from `anchors` and `data.add_bos` / `data.max_sentence_tokens` (`resolve_scheme`,
     which also gives `<AC>` an embedding row initialised by `anchors.ac_init`).
     """
-    from anjax.loading import load_model, load_tokenizer
+    from anjax.io.loading import load_model, load_tokenizer
     m = rc.model
     runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
                    attention=m.attention)
     if m.from_scratch:
         tokenizer, params = load_tokenizer(m.path), None
         if rc.anchors.mode == "ac":
-            from anjax.anchors import add_ac_token
+            from anjax.text.anchors import add_ac_token
             add_ac_token(tokenizer)
         cfg = ModelConfig(**{"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
                              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
@@ -210,7 +213,7 @@ def train(rc: run_config.RunConfig) -> int:
         resumed = ckpt.latest_step()
         cfg, params, tokenizer = model_for_run(rc, run_dir, resumed)
         train_it, val_it, n_val = data_for_run(rc, cfg, tokenizer)
-        from anjax.trainer import Trainer
+        from anjax.train.trainer import Trainer
         trainer = Trainer(cfg, rc.train, mesh, rc.run.seed)
         if resumed is None:
             state = trainer.init_state(params)
@@ -231,7 +234,8 @@ def train(rc: run_config.RunConfig) -> int:
             return 0
         if rc.checkpoint.export_hf:
             from jax.experimental import multihost_utils
-            from anjax.hf import save_hf_dir
+
+            from anjax.io.hf import save_hf_dir
             host_params = multihost_utils.process_allgather(state.params, tiled=True)
             if lead:
                 print(f"exported to {save_hf_dir(cfg, host_params, tokenizer, run_dir / 'export')}")

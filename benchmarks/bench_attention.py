@@ -4,7 +4,7 @@
 
 Model: the SmolLM2-135M shape (hidden 576, 9 heads, 3 KV heads, head_dim 64, vocab 49153) with
 `--layers` layers (random weights), fp32 (`--dtype`), batch 1, AnLLM-AC rows (~4% anchors, as the embedded
-corpus) trained under the anchor mask, as `anjax.trainer` does. One step = value and gradient of
+corpus) trained under the anchor mask, as `anjax.train.trainer` does. One step = value and gradient of
 the summed token loss (no optimizer). For each length, dense and sparse are compiled and timed in
 alternation (best of `--steps`, after one warm-up step), so the ratio is measured under the same
 machine load. Memory: the compiled step's temporary buffers (XLA memory_analysis: activations kept
@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anjax import sparse_attention
-from anjax.config import ModelConfig
-from anjax.model import init_params
-from anjax.trainer import loss_sums
+from anjax.core import sparse_attention
+from anjax.core.config import ModelConfig
+from anjax.core.model import init_params
+from anjax.train.trainer import loss_sums
 
 RESULTS = Path(__file__).parent / "results"
 ANCHOR_ID = 49152

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anjax.generate import Engine, Prefilled
-from anjax.loading import load_model
+from anjax.inference.engine import Engine, Prefilled
+from anjax.io.loading import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -75,7 +75,8 @@ def bench_engine(engine: Engine, prompt: list[int], batches, args) -> dict:
 def hf_model():
     import torch
     import transformers
-    from anjax.gguf_import import default_model_path
+
+    from anjax.io.gguf_import import default_model_path
 
     path = default_model_path()
     return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,

@@ -1,4 +1,4 @@
-"""Step-time cost of self-distillation (anjax.distill): the LM-only step and the distillation step of one
+"""Step-time cost of self-distillation (anjax.train.distill): the LM-only step and the distillation step of one
 run config, alternating in one process on the same batches after both are compiled (not a test).
 
     python benchmarks/bench_distill.py --config configs/smollm2-135m-ac.yaml --steps 2
@@ -20,8 +20,8 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from anjax import run_config, sharding  # noqa: E402
-from anjax.data import make_batches  # noqa: E402
-from anjax.trainer import Trainer  # noqa: E402
+from anjax.train.data import make_batches  # noqa: E402
+from anjax.train.trainer import Trainer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anjax import sharding
-from anjax.config import ModelConfig
-from anjax.run_config import TrainSection
-from anjax.trainer import Trainer
+from anjax.core import sharding
+from anjax.core.config import ModelConfig
+from anjax.train.run_config import TrainSection
+from anjax.train.trainer import Trainer
 
 RESULTS = Path(__file__).parent / "results"
 

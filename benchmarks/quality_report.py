@@ -1,4 +1,4 @@
-"""The quality report of a model (see anjax/quality.py): 8 tasks × 200 documents, full vs anchor
+"""The quality report of a model (see anjax/eval/quality.py): 8 tasks × 200 documents, full vs anchor
 cache with 95% intervals, plus held-out perplexity — markdown, JSON and PNG.
 
     python benchmarks/quality_report.py --model runs/main-job/hf [--limit 200] [--out-dir benchmarks/results]

@@ -12,18 +12,18 @@ import string
 import jax
 import numpy as np
 import pytest
+from conftest import _tiny_tokenizer_json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from anjax import anchors
-from anjax.config import AC_TOKEN, tiny_config
-from anjax.encoding import Encoder, ends_sentence, split_sentences
-from anjax.generate import CacheOverflowError, Engine
-from anjax.model import init_params
-from anjax.scoring import prepare_model
-from conftest import _tiny_tokenizer_json
+from anjax.core.config import AC_TOKEN, tiny_config
+from anjax.core.model import init_params
+from anjax.inference.engine import CacheOverflowError, Engine
+from anjax.inference.scoring import prepare_model
+from anjax.text import anchors
+from anjax.text.encode import Encoder, ends_sentence, split_sentences
 
 
 @functools.lru_cache(maxsize=1)
@@ -189,7 +189,7 @@ def test_ac_in_padding_rows_is_initialised_like_a_new_row(init):
 
 
 def test_scheme_travels_with_the_export_and_overrides_say_so(tmp_path, capsys):
-    from anjax.hf import load_hf_dir, save_hf_dir
+    from anjax.io.hf import load_hf_dir, save_hf_dir
     tok = _bpe()
     cfg = tiny_config(vocab_size=len(tok))
     params = init_params(cfg, jax.random.PRNGKey(0))
@@ -207,7 +207,7 @@ def test_scheme_travels_with_the_export_and_overrides_say_so(tmp_path, capsys):
 
 def test_tiny_ac_run_export_keeps_bos_and_forced_anchor_rule(tmp_path):
     """train.py (tiny AC, data.add_bos=true, data.max_sentence_tokens=8) → export → fresh processes:
-    infer.py and anjax.evaluate's loader use the run's BOS and forced-<AC> rule (asserted on ids)."""
+    infer.py and anjax.eval.evaluate's loader use the run's BOS and forced-<AC> rule (asserted on ids)."""
     import json
     import subprocess
     import sys

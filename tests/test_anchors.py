@@ -5,8 +5,8 @@ import types
 
 import pytest
 
-from anjax import anchors
-from anjax.config import AC_TOKEN
+from anjax.core.config import AC_TOKEN
+from anjax.text import anchors
 
 
 def test_ep_default_and_custom_tokens(tiny_tokenizer):
@@ -29,7 +29,7 @@ def test_bad_mode(tiny_tokenizer):
 
 
 def test_ac_needs_the_token_then_add_is_idempotent(tiny_tokenizer):
-    with pytest.raises(ValueError, match="no <AC> token; add it with anjax.anchors.add_ac_token"):
+    with pytest.raises(ValueError, match="no <AC> token; add it with anjax.text.anchors.add_ac_token"):
         anchors.resolve_anchor_ids(tiny_tokenizer, "ac")
     n = len(tiny_tokenizer)
     ac_id = anchors.add_ac_token(tiny_tokenizer)
@@ -42,8 +42,8 @@ def test_ac_needs_the_token_then_add_is_idempotent(tiny_tokenizer):
 
 @pytest.fixture
 def cli(tiny_tokenizer, monkeypatch, capsys):
-    """Run the CLI with `anjax.loading.load_tokenizer` returning the tiny tokenizer."""
-    monkeypatch.setitem(sys.modules, "anjax.loading", types.SimpleNamespace(load_tokenizer=lambda path: tiny_tokenizer))
+    """Run the CLI with `anjax.io.loading.load_tokenizer` returning the tiny tokenizer."""
+    monkeypatch.setitem(sys.modules, "anjax.io.loading", types.SimpleNamespace(load_tokenizer=lambda path: tiny_tokenizer))
 
     def run(*argv):
         rc = anchors.main(list(argv))

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation for a TPU topology (anjax.aot) through libtpu, in .venv-tpu (scripts/setup_tpu_aot.sh,
+"""Ahead-of-time compilation for a TPU topology (anjax.train.aot) through libtpu, in .venv-tpu (scripts/setup_tpu_aot.sh,
 run by setup.sh): the tiny config's real train step compiled for v5e:2x2 with a 2x2 (fsdp, tensor) mesh."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import jax
 import pytest
-
-from anjax import aot, run_config
-from anjax.model import init_params
 from cli_checks import assert_one_line_error
+
+from anjax.core.model import init_params
+from anjax.train import aot, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TPU_PYTHON = ROOT / ".venv-tpu" / "bin" / "python"

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anjax import corpus, data
+from anjax.train import corpus, data
 
 PAGE = """<html><head><title>Title words here</title><script>var x = "Hidden sentence in a script.";</script></head>
 <body><div class="related">Navigation: previous page | next page | index of all modules here.</div>

@@ -6,8 +6,10 @@ import datasets
 import numpy as np
 import pytest
 
-from anjax import anchors, data, encoding
-from anjax.config import AC_TOKEN
+from anjax.core.config import AC_TOKEN
+from anjax.text import anchors
+from anjax.text import encode as encoding
+from anjax.train import data
 
 THREE = "The cat sat on the mat. Did the dog see it? Yes!"
 
@@ -132,7 +134,7 @@ def test_ac_mode_with_tokenizer_lacking_ac(tiny_tokenizer):
 # ----------------------------------------------------------------------------- batches
 
 def test_packing_keeps_documents_apart():
-    from anjax.mask import token_metadata
+    from anjax.core.mask import token_metadata
 
     corpus = _synthetic([5, 9, 3, 12, 7])
     L = 8
@@ -303,7 +305,7 @@ def test_embedded_corpus_splits():
 
 
 def test_real_tokenizer_anchors():
-    gguf_import = pytest.importorskip("anjax.gguf_import")
+    gguf_import = pytest.importorskip("anjax.io.gguf_import")
     path = gguf_import.default_model_path()
     if not path or not os.path.exists(path):
         pytest.skip("embedded GGUF model absent")

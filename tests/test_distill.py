@@ -1,4 +1,4 @@
-"""Self-distillation (anjax.distill): weight 0 is the paper's LM loss exactly; the KL term equals a numpy
+"""Self-distillation (anjax.train.distill): weight 0 is the paper's LM loss exactly; the KL term equals a numpy
 computation from two separate full forward passes (the teacher's over each document with its `<AC>` tokens
 deleted), in EP and AC mode; the update is the gradient of lm + w * kl, also with gradient accumulation."""
 import functools
@@ -9,12 +9,13 @@ import numpy as np
 import optax
 import pytest
 
-from anjax import distill, sharding
-from anjax.config import tiny_config
-from anjax.mask import token_metadata
-from anjax.model import Llama, init_params
-from anjax.run_config import TrainSection
-from anjax.trainer import Trainer, TrainState, cross_entropy_sums, forward, train_step
+from anjax.core import sharding
+from anjax.core.config import tiny_config
+from anjax.core.mask import token_metadata
+from anjax.core.model import Llama, init_params
+from anjax.train import distill
+from anjax.train.run_config import TrainSection
+from anjax.train.trainer import Trainer, TrainState, cross_entropy_sums, forward, train_step
 
 AC = 7
 CFGS = {"ep": tiny_config(vocab_size=256, anchor_mode="ep", anchor_tokens=(".",), anchor_ids=(AC,)),

@@ -6,17 +6,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anjax.cache import compact, keep_slots
-from anjax.config import tiny_config
-from anjax.generate import (CacheOverflowError, Engine, EngineSpec, feed_token, init_state, prefill_step,
-                            right_align, sample_tokens, span_flags, start_decode)
-from anjax.mask import token_metadata
-from anjax.model import Llama, blocked_attention, init_params
+from anjax.core.cache import compact, keep_slots
+from anjax.core.config import tiny_config
+from anjax.core.mask import token_metadata
+from anjax.core.model import Llama, blocked_attention, init_params
+from anjax.inference.engine import (
+    CacheOverflowError,
+    Engine,
+    EngineSpec,
+    feed_token,
+    init_state,
+    prefill_step,
+    right_align,
+    sample_tokens,
+    span_flags,
+    start_decode,
+)
 
 EP_IDS = (5, 7)  # two "punctuation" anchors
 AC_ID = 255
 MODELS = {"tiny": {}, "gqa3_d64": dict(num_heads=6, num_kv_heads=3, head_dim=64),  # the second: SmolLM2's heads
-          "sparse": dict(attention="sparse")}  # prefill chunks' self-attention through anjax.sparse_attention
+          "sparse": dict(attention="sparse")}  # prefill chunks' self-attention through anjax.core.sparse_attention
 
 
 @functools.lru_cache(maxsize=None)

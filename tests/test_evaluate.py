@@ -1,4 +1,4 @@
-"""Evaluation (anjax/scoring.py, evaluate.py, perplexity.py, lm_eval_adapter.py).
+"""Evaluation (anjax/inference/scoring.py, evaluate.py, perplexity.py, lm_eval_adapter.py).
 
 Every score is checked against a hand computation: one full forward pass of the
 whole sequence under the mask of the cache (causal, or the AnSAN predicate),
@@ -13,12 +13,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
-from anjax import evaluate, hf, perplexity, quality, scoring, stats, tasks
-from anjax.config import AC_TOKEN, tiny_config
-from anjax.mask import token_metadata
-from anjax.model import Llama, init_params
 from cli_checks import assert_one_line_error
+
+from anjax.core.config import AC_TOKEN, tiny_config
+from anjax.core.mask import token_metadata
+from anjax.core.model import Llama, init_params
+from anjax.eval import evaluate, perplexity, quality, stats, tasks
+from anjax.inference import scoring
+from anjax.io import hf
 
 REPO = Path(__file__).resolve().parent.parent
 SLICES = Path(__file__).parent / "data" / "tasks"
@@ -239,7 +241,7 @@ def test_cli_perplexity(tiny_model_dir, tmp_path):
 
 
 def test_held_out_texts_sources(tmp_path):
-    from anjax import data
+    from anjax.train import data
     assert perplexity.held_out_texts("embedded", limit=3) == data.embedded_corpus("validation")["text"][:3]
     assert perplexity.held_out_texts("lambada", SLICES, limit=2) == tasks.lambada_texts(SLICES, limit=2)
     (tmp_path / "mine.jsonl").write_text('{"text": "One passage."}\n{"text": "Another one."}\n')
@@ -330,10 +332,11 @@ def harness_task(tmp_path, name, yaml_path, docs):
 @pytest.mark.slow
 def test_lm_eval_adapter_agrees_with_builtin_evaluator(tiny, tmp_path, monkeypatch):
     """The harness itself (its arc_easy and winogrande YAMLs, 2-shot) scoring through the adapter
-    gets the same prompts, log-likelihoods and accuracies as `anjax.evaluate`."""
+    gets the same prompts, log-likelihoods and accuracies as `anjax.eval.evaluate`."""
     lm_eval = pytest.importorskip("lm_eval")
     import lm_eval.tasks
-    from anjax.lm_eval_adapter import AnjaxLM
+
+    from anjax.eval.lm_eval_adapter import AnjaxLM
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg, params, tok = tiny
@@ -364,7 +367,8 @@ def test_lm_eval_adapter_agrees_with_builtin_evaluator(tiny, tmp_path, monkeypat
 def test_lm_eval_adapter_rolling_loglikelihood(tiny):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
-    from anjax.lm_eval_adapter import AnjaxLM
+
+    from anjax.eval.lm_eval_adapter import AnjaxLM
     cfg, params, tok = tiny
     lm = AnjaxLM(scoring_model=scoring.prepare_model(cfg, params, tok), cache="full")
     text = "The cat sat on the mat. Did the dog see it?"
@@ -379,7 +383,8 @@ def test_lm_eval_adapter_generate_until(tiny):
     """Greedy continuations equal the argmax chain of full forward passes (anchor mask), cut at `until`."""
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
-    from anjax.lm_eval_adapter import AnjaxLM
+
+    from anjax.eval.lm_eval_adapter import AnjaxLM
     cfg, params, tok = tiny
     model = scoring.prepare_model(cfg, params, tok, anchor_mode="ep")
     lm = AnjaxLM(scoring_model=model, cache="anchor")

@@ -21,9 +21,10 @@ import jax
 import pytest
 from cli_checks import assert_one_line_error
 
-from anjax import cli, hf, outputs
-from anjax.config import tiny_config
-from anjax.model import init_params
+from anjax import cli
+from anjax.core.config import tiny_config
+from anjax.core.model import init_params
+from anjax.io import hf, outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 MISSING_MODEL = "/nonexistent/model"   # a bad flag must be reported before this is ever looked at
@@ -109,7 +110,7 @@ def test_export_replaces_only_its_own_directory(model_dir, work, capsys):
 
 
 def _export_main():
-    from anjax import export
+    from anjax.cli import export
     return export.main
 
 
@@ -152,7 +153,7 @@ def test_infer_output_is_probed_before_the_model_loads(work, capsys, output, mes
                                                 ("--json", "notes.txt/r.json", "is not a directory"),
                                                 ("--out-dir", "/proc/anjax-faults", "cannot write in /proc")])
 def test_evaluate_outputs_are_probed_before_scoring(work, capsys, flag, value, message):
-    from anjax import evaluate
+    from anjax.eval import evaluate
     before = files(work)
     proc = run_main(evaluate.main, ["--model", MISSING_MODEL, "--tasks", "arc_easy", "--limit", 1, flag, value], capsys)
     assert_one_line_error(proc, flag, message)
@@ -186,7 +187,7 @@ def test_negative_seed_in_inference(work, capsys):
                                                 ("cache=full,temprature=0.5", "unknown model_args temprature"),
                                                 ("chunk_size=0", "chunk_size must be a positive integer")])
 def test_lm_eval_adapter_bad_model_args(work, capsys, model_args, message):
-    from anjax import lm_eval_adapter
+    from anjax.eval import lm_eval_adapter
     before = files(work)
     proc = run_main(lm_eval_adapter.main, ["--model", "anjax", "--model_args", model_args, "--tasks", "arc_easy"],
                     capsys)
@@ -226,7 +227,7 @@ def test_prompt_longer_than_the_models_positions(model_dir, work, capsys):
 
 
 def test_zero_and_negative_max_sentence_tokens(capsys):
-    from anjax import anchors
+    from anjax.text import anchors
     assert_one_line_error(run_main(infer.main, ["--model", MISSING_MODEL, "--prompt", "x", "--max-sentence-tokens", 0],
                                    capsys), "--max-sentence-tokens must be >= 1, got 0")
     assert_one_line_error(run_main(anchors.main, ["--mode", "ac", "--text", "One. Two", "--max-sentence-tokens", -1],
@@ -239,7 +240,7 @@ def test_zero_and_negative_max_sentence_tokens(capsys):
 @pytest.mark.parametrize("name,data", [("corpus.txt", b"Fine text. Then \xff\xfe bad bytes.\n"),
                                        ("corpus.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n')])
 def test_non_utf8_corpus_is_named(work, name, data):
-    from anjax.data import DataConfig, load_corpus
+    from anjax.train.data import DataConfig, load_corpus
     (work / name).write_bytes(data)
     with pytest.raises(ValueError) as e:
         load_corpus(DataConfig(path=str(work / name)))
@@ -261,7 +262,7 @@ def test_infer_flags_are_checked_before_the_model_loads(capsys, flag, value, mes
 
 
 def test_evaluate_flags_are_checked_before_the_model_loads(capsys):
-    from anjax import evaluate
+    from anjax.eval import evaluate
     for flag, value in (("--batch-size", 0), ("--chunk-size", -3)):
         proc = run_main(evaluate.main, ["--model", MISSING_MODEL, "--tasks", "arc_easy", flag, value], capsys)
         assert_one_line_error(proc, f"{flag} must be >= 1")
@@ -308,7 +309,7 @@ def test_kill9_during_jsonl_writing_keeps_the_previous_output(work):
     _kill_when_ready(f"""
         from pathlib import Path
         import time
-        from anjax import outputs
+        from anjax.io import outputs
         def records():
             yield {{"id": 1, "text": "new"}}
             Path({str(work / 'ready')!r}).touch()
@@ -328,16 +329,17 @@ def test_kill9_during_export_keeps_the_previous_export(model_dir, work, capsys):
         _kill_when_ready(f"""
             import time
             from pathlib import Path
-            import anjax.outputs, safetensors.numpy
+            import anjax.io.outputs, safetensors.numpy
             def hook(original):
                 def wrapped(*args, **kwargs):
                     {'original(*args, **kwargs)' if stage == 'save_file' else ''}
                     Path({str(work / 'ready')!r}).touch()
                     time.sleep(600)
                 return wrapped
-            {'safetensors.numpy.save_file' if stage == 'save_file' else 'anjax.outputs.replace_dir'} = hook(
-                {'safetensors.numpy.save_file' if stage == 'save_file' else 'anjax.outputs.replace_dir'})
-            from anjax import cli, export
+            {'safetensors.numpy.save_file' if stage == 'save_file' else 'anjax.io.outputs.replace_dir'} = hook(
+                {'safetensors.numpy.save_file' if stage == 'save_file' else 'anjax.io.outputs.replace_dir'})
+            from anjax import cli
+            from anjax.cli import export
             cli.run(export.main, ["--model", {str(model_dir)!r}, "--out", {str(out)!r}])
         """, work / "ready")
         (work / "ready").unlink()
@@ -351,8 +353,8 @@ def test_kill9_during_checkpoint_save_keeps_the_previous_checkpoint(work):
         import sys
         from pathlib import Path
         import jax, jax.numpy as jnp
-        from anjax.checkpoint import Checkpointer
-        from anjax.trainer import TrainState
+        from anjax.io.checkpoint import Checkpointer
+        from anjax.train.trainer import TrainState
         params = {{"w": jnp.ones((2048, 2048)), "b": jnp.arange(7.0)}}
         def state(step, scale):
             return TrainState(jnp.asarray(step), jax.tree.map(lambda x: x * scale, params), {{"m": jnp.zeros(3)}},
@@ -365,7 +367,7 @@ def test_kill9_during_checkpoint_save_keeps_the_previous_checkpoint(work):
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    from anjax.checkpoint import Checkpointer
+    from anjax.io.checkpoint import Checkpointer
     device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     abstract = {"w": jax.ShapeDtypeStruct((2048, 2048), "float32", sharding=device),
                 "b": jax.ShapeDtypeStruct((7,), "float32", sharding=device)}

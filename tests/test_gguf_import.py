@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 import pytest
 
-from anjax.gguf_import import default_model_path, gguf_tokenizer, open_gguf, read_gguf
+from anjax.io.gguf_import import default_model_path, gguf_tokenizer, open_gguf, read_gguf
 
 TEXTS = [
     "Hello, world! How's it going? I'm fine... really.",
@@ -126,7 +126,7 @@ def test_truncated_missing_and_non_gguf_files(tmp_path):
 
 @pytest.mark.slow
 def test_import_does_not_pull_in_torch():
-    code = "import sys, anjax.gguf_import; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sys, anjax.io.gguf_import; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

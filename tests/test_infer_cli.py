@@ -6,11 +6,11 @@ from pathlib import Path
 
 import jax
 import pytest
-
-from anjax import hf
-from anjax.config import tiny_config
-from anjax.model import init_params
 from cli_checks import assert_one_line_error
+
+from anjax.core.config import tiny_config
+from anjax.core.model import init_params
+from anjax.io import hf
 
 pytestmark = pytest.mark.slow  # infer.py in subprocesses
 

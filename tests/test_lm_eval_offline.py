@@ -8,9 +8,10 @@ from pathlib import Path
 import jax
 import pytest
 
-from anjax import hf, tasks
-from anjax.config import tiny_config
-from anjax.model import init_params
+from anjax.core.config import tiny_config
+from anjax.core.model import init_params
+from anjax.eval import tasks
+from anjax.io import hf
 
 lm_eval = pytest.importorskip("lm_eval")
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,10 +22,10 @@ needs_data = pytest.mark.skipif(not (tasks.DEFAULT_DATA_DIR / "hf_datasets").is_
 @needs_data
 @pytest.mark.parametrize("name", ["arc_easy", "winogrande"])
 def test_harness_task_reads_the_local_documents(tmp_path, monkeypatch, name):
-    """Our YAML wins over the built-in one of the same name; its documents are anjax.tasks' local ones."""
+    """Our YAML wins over the built-in one of the same name; its documents are anjax.eval.tasks' local ones."""
     import lm_eval.tasks
 
-    from anjax.lm_eval_tasks import write_local_tasks
+    from anjax.eval.lm_eval_tasks import write_local_tasks
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     harness_name = tasks.get_task(name).harness_name

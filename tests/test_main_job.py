@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from anjax.gguf_import import default_model_path
+from anjax.io.gguf_import import default_model_path
 
 pytestmark = pytest.mark.slow  # the whole main job in a subprocess
 

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anjax.config import tiny_config
-from anjax.mask import attention_allowed, token_metadata
-from anjax.model import Llama, dot_attention, init_params
+from anjax.core.config import tiny_config
+from anjax.core.mask import attention_allowed, token_metadata
+from anjax.core.model import Llama, dot_attention, init_params
 
 ANCHOR = 7  # the anchor token id in these tests
 

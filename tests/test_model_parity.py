@@ -10,9 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from anjax import hf
-from anjax.mask import token_metadata
-from anjax.model import Llama, RMSNorm
+from anjax.core.mask import token_metadata
+from anjax.core.model import Llama, RMSNorm
+from anjax.io import hf
 
 CASES = {
     "gqa_tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),

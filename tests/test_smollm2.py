@@ -1,7 +1,7 @@
 """The embedded SmolLM2-135M (GGUF): the engine's greedy tokens equal transformers' on the same file."""
 import pytest
 
-from anjax.gguf_import import default_model_path
+from anjax.io.gguf_import import default_model_path
 
 GGUF = default_model_path()
 pytestmark = [pytest.mark.slow,  # the 135M model in anjax and in transformers
@@ -13,7 +13,7 @@ PROMPT = "The three primary colors are red, yellow and"
 def test_greedy_32_tokens_match_transformers():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from anjax.generate import Engine
+    from anjax.inference.engine import Engine
 
     engine = Engine.load(None, chunk_size=8)  # 2 prefill chunks
     ours = engine.generate([PROMPT], max_new_tokens=32)[0]

@@ -4,11 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anjax import sparse_attention as sa
-from anjax.config import tiny_config
-from anjax.mask import attention_allowed, token_metadata
-from anjax.model import Llama, blocked_attention, dot_attention, init_params
-from anjax.trainer import loss_sums
+from anjax.core import sparse_attention as sa
+from anjax.core.config import tiny_config
+from anjax.core.mask import attention_allowed, token_metadata
+from anjax.core.model import Llama, blocked_attention, dot_attention, init_params
+from anjax.train.trainer import loss_sums
 
 ANCHOR = 7
 B, H, K, D = 3, 4, 2, 16

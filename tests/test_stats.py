@@ -1,10 +1,10 @@
-"""Bootstrap intervals (anjax/stats.py) against closed forms, seeds and simulated coverage."""
+"""Bootstrap intervals (anjax/eval/stats.py) against closed forms, seeds and simulated coverage."""
 import math
 
 import numpy as np
 import pytest
 
-from anjax import stats
+from anjax.eval import stats
 
 Z95 = 1.959963984540054
 
@@ -112,9 +112,9 @@ def test_bad_input(call, fragment):
 
 
 def test_report_intervals_pair_anchor_with_full():
-    """anjax.intervals on a hand-made report: per-task intervals, the task average and the paired
+    """anjax.eval.intervals on a hand-made report: per-task intervals, the task average and the paired
     difference are the `stats` calls on the stored per-document results; acc_norm only where reported."""
-    from anjax import intervals
+    from anjax.eval import intervals
     full = {"a": [1, 0, 1, 1, 0, 1], "b": [0, 1, 1, 0]}
     anchor = {"a": [1, 0, 0, 1, 0, 1], "b": [0, 0, 1, 0]}
     row = lambda x, norm: {"n": len(x), "acc": np.mean(x), "acc_per_doc": x,

@@ -1,4 +1,4 @@
-"""Benchmark formatting and scoring (anjax/tasks.py).
+"""Benchmark formatting and scoring (anjax/eval/tasks.py).
 
 Expected strings are written by hand from the lm-evaluation-harness YAMLs
 (lm_eval/tasks/{arc,openbookqa,piqa,hellaswag,sciq,winogrande,super_glue/boolq})
@@ -11,9 +11,10 @@ import math
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from anjax import tasks
+from anjax.eval import tasks
 
 SLICES = Path(__file__).parent / "data" / "tasks"
 HAVE_REAL = (tasks.DEFAULT_DATA_DIR / "hf_datasets").is_dir()

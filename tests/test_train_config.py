@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from anjax import run_config
+from anjax.train import run_config
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 

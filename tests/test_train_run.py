@@ -147,7 +147,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     bad_step = int(message.split("at step ")[1].split(":")[0])
     kept = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert kept and kept[-1] == bad_step - 1
-    from anjax.checkpoint import load_for_inference
+    from anjax.io.checkpoint import load_for_inference
     _, params, _ = load_for_inference(run_dir)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
@@ -227,7 +227,7 @@ def test_default_config_short_run_exports_for_transformers(tmp_path):
     cfg = json.loads((export / "config.json").read_text())["anjax"]
     assert cfg["anchor_mode"] == "ac" and cfg["anchor_tokens"] == ["<AC>"]
 
-    from anjax.loading import load_model  # infer.py and the evaluation take the run dir or its export
+    from anjax.io.loading import load_model  # infer.py and the evaluation take the run dir or its export
     (cfg_run, params_run, _), (cfg_export, params_export, _) = load_model(run_dir), load_model(export)
     assert cfg_run == cfg_export and cfg_run.anchor_ids == (49152,)
     for a, b in zip(jax.tree.leaves(params_run), jax.tree.leaves(params_export), strict=True):

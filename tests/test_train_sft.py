@@ -6,13 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anjax.anchors import add_ac_token, make_scheme
-from anjax.config import tiny_config
-from anjax.data import DataConfig, make_batches
-from anjax.encoding import Encoder, alpaca_prompt
-from anjax.mask import token_metadata
-from anjax.model import Llama, init_params
-from anjax.trainer import loss_sums
+from anjax.core.config import tiny_config
+from anjax.core.mask import token_metadata
+from anjax.core.model import Llama, init_params
+from anjax.text.anchors import add_ac_token, make_scheme
+from anjax.text.encode import Encoder, alpaca_prompt
+from anjax.train.data import DataConfig, make_batches
+from anjax.train.trainer import loss_sums
 
 EXAMPLES = [
     {"instruction": "Translate to French.", "input": "Good morning. How are you?", "output": "Bonjour. Comment allez-vous ?"},

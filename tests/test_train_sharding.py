@@ -1,12 +1,11 @@
 """The sharded train step: the same losses on 1 and 8 simulated devices with parameters, gradients
 and Adam moments really split; gradient accumulation equal to one k-times larger batch."""
+import functools
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +13,10 @@ import numpy as np
 import optax
 import pytest
 
-from anjax import sharding
-from anjax import sparse_attention
-from anjax.config import tiny_config
-from anjax.run_config import TrainSection
-from anjax.trainer import Trainer, TrainState, train_step
+from anjax.core import sharding, sparse_attention
+from anjax.core.config import tiny_config
+from anjax.train.run_config import TrainSection
+from anjax.train.trainer import Trainer, TrainState, train_step
 
 pytestmark = pytest.mark.slow  # 8 simulated devices in a subprocess; bf16/remat and accumulation steps
 
