@@ -107,7 +107,7 @@ def tpu_target(name: str) -> Target:
 
 
 def gpu_target(name: str) -> Target:
-    """`h100:N` -> N compile-only GPUs on one host, described by anjax/specs/h100_sxm.txtpb (CUDA plugin)."""
+    """`h100:N` -> N compile-only GPUs on one host, described by anjax/train/specs/h100_sxm.txtpb (CUDA plugin)."""
     from jax.experimental import topologies
     gen, n = name.split(":")
     plugin_dir = Path(sys.prefix) / "aot-cuda"  # apart from site-packages: loaded, it logs on every jax start
