@@ -23,6 +23,7 @@ from anjax import cli
 from anjax.core import sharding
 from anjax.core.config import ModelConfig
 from anjax.io import checkpoint, outputs
+from anjax.io import run_dir as run_dir_files
 from anjax.text.anchors import AnchorScheme, resolve_scheme
 from anjax.train import metrics, run_config
 from anjax.train.data import make_batches
@@ -80,13 +81,13 @@ def make_run_mesh(rc: run_config.RunConfig) -> jax.sharding.Mesh:
 def model_for_run(rc: run_config.RunConfig, run_dir: Path, resumed: int | None):
     """(cfg, host params or None, tokenizer): from the run directory when resuming, else `prepare_model`."""
     if resumed is not None:
-        checkpoint.check_resumable(run_dir, rc.to_dict())
-        cfg = checkpoint.load_model_config(run_dir, dtype=rc.model.dtype, param_dtype=rc.model.param_dtype,
+        run_dir_files.check_resumable(run_dir, rc.to_dict())
+        cfg = run_dir_files.load_model_config(run_dir, dtype=rc.model.dtype, param_dtype=rc.model.param_dtype,
                                            remat=rc.model.remat, attention=rc.model.attention)
-        return cfg, None, checkpoint.load_tokenizer(run_dir)
+        return cfg, None, run_dir_files.tokenizer(run_dir)
     cfg, params, tokenizer = prepare_model(rc)
     if jax.process_index() == 0:
-        checkpoint.save_run_files(run_dir, rc.to_dict(), cfg, tokenizer)
+        run_dir_files.save_run_files(run_dir, rc.to_dict(), cfg, tokenizer)
     return cfg, params, tokenizer
 
 

@@ -1,8 +1,8 @@
-"""`python -m anjax.anchors`, the command's established name: a shim for `anjax.text.anchors`."""
+"""`python -m anjax.anchors`, the command's established name: a shim for `anjax.cli.anchors`."""
 
 import sys
 
-from anjax.text.anchors import main
+from anjax.cli.anchors import main
 
 if __name__ == "__main__":
     sys.exit(main())

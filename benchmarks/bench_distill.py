@@ -19,7 +19,8 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-from anjax import run_config, sharding  # noqa: E402
+from anjax.core import sharding  # noqa: E402
+from anjax.train import run_config  # noqa: E402
 from anjax.train.data import make_batches  # noqa: E402
 from anjax.train.trainer import Trainer  # noqa: E402
 

@@ -227,7 +227,7 @@ def test_tiny_ac_run_export_keeps_bos_and_forced_anchor_rule(tmp_path):
                           "--max-new-tokens", "24"], cwd=root, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stderr.count("note:") == 0, out.stderr[-3000:]
     got = json.loads(out.stdout)
-    code = ("import json, sys; from anjax import evaluate; "
+    code = ("import json, sys; from anjax.cli import evaluate; "
             "m = evaluate.load_model_for(evaluate.build_parser().parse_args(['--model', sys.argv[1]]), ['anchor']); "
             "print(json.dumps({'scheme': m.scheme.to_dict(), 'ctx': m.encode_pair(sys.argv[2], ' x.')[0], "
             "'prompt': m.encode_context(sys.argv[2])}))")

@@ -1,11 +1,10 @@
 """Anchor ids (EP punctuation, AC special token) and the segmentation CLI."""
 import json
-import sys
-import types
 
 import pytest
 
 from anjax.core.config import AC_TOKEN
+from anjax.cli import anchors as anchors_cli
 from anjax.text import anchors
 
 
@@ -42,11 +41,11 @@ def test_ac_needs_the_token_then_add_is_idempotent(tiny_tokenizer):
 
 @pytest.fixture
 def cli(tiny_tokenizer, monkeypatch, capsys):
-    """Run the CLI with `anjax.io.loading.load_tokenizer` returning the tiny tokenizer."""
-    monkeypatch.setitem(sys.modules, "anjax.io.loading", types.SimpleNamespace(load_tokenizer=lambda path: tiny_tokenizer))
+    """Run the CLI with its `load_tokenizer` returning the tiny tokenizer."""
+    monkeypatch.setattr(anchors_cli, "load_tokenizer", lambda path: tiny_tokenizer)
 
     def run(*argv):
-        rc = anchors.main(list(argv))
+        rc = anchors_cli.main(list(argv))
         out, err = capsys.readouterr()
         return rc, out, err
     return run

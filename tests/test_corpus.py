@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from anjax.cli import corpus as corpus_cli
 from anjax.train import corpus, data
 
 PAGE = """<html><head><title>Title words here</title><script>var x = "Hidden sentence in a script.";</script></head>
@@ -113,7 +114,7 @@ def test_cli_refuses_foreign_output_and_bad_args(tmp_path, capsys):
     with pytest.raises(ValueError, match="not a corpus this script built"):
         corpus._write(mine, {"train": ["x"], "validation": ["y"]}, {})
     assert (mine / "notes.txt").read_text() == "keep me"
-    assert corpus.main(["--packages", "nonexistent-doc"]) == 2
-    assert corpus.main(["--validation-fraction", "1.5"]) == 2
+    assert corpus_cli.main(["--packages", "nonexistent-doc"]) == 2
+    assert corpus_cli.main(["--validation-fraction", "1.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)

@@ -18,7 +18,10 @@ from cli_checks import assert_one_line_error
 from anjax.core.config import AC_TOKEN, tiny_config
 from anjax.core.mask import token_metadata
 from anjax.core.model import Llama, init_params
-from anjax.eval import evaluate, perplexity, quality, stats, tasks
+from anjax.core.params import resize_embeddings
+from anjax.cli import evaluate as evaluate_cli
+from anjax.cli import quality
+from anjax.eval import evaluate, perplexity, stats, tasks
 from anjax.inference import scoring
 from anjax.io import hf
 
@@ -83,7 +86,7 @@ def test_scores_equal_hand_computation(tiny, mode):
     cfg, params, tok = tiny
     model = scoring.prepare_model(cfg, params, tok, anchor_mode=mode)
     if mode == "ac":
-        cfg, params = hf.resize_embeddings(cfg, params, model.cfg.vocab_size)   # the same <AC> row
+        cfg, params = resize_embeddings(cfg, params, model.cfg.vocab_size)   # the same <AC> row
     scorer = scoring.Scorer(model, batch_size=2, chunk_size=4)
     requests = [model.encode_request(p) for p in PAIRS]
     encoded = [[model.encode_pair(c, t) for c, t in p] for p in PAIRS]
@@ -197,7 +200,7 @@ def test_cli_writes_table_json_and_plot(tiny_model_dir, tmp_path, capsys):
     argv = ["--model", str(tiny_model_dir), "--data-dir", str(SLICES), "--tasks", "arc_easy",
             "--limit", "3", "--cache", "full,anchor", "--anchor-mode", "ep", "--batch-size", "2",
             "--out-dir", str(tmp_path), "--name", "t", "--json", str(tmp_path / "copy.json")]
-    assert evaluate.main(argv) == 0
+    assert evaluate_cli.main(argv) == 0
     table = (tmp_path / "t.md").read_text()
     assert "| tiny | full |" in table and "| tiny | anchor (ep) |" in table and "| arc_easy | avg |" in table
     assert table in capsys.readouterr().out
@@ -226,7 +229,7 @@ def test_cli_perplexity(tiny_model_dir, tmp_path):
     argv = ["--perplexity", "--model", str(tiny_model_dir), "--data-dir", str(SLICES), "--cache", "full,anchor",
             "--anchor-mode", "ac", "--ac-every", "16", "--seq-len", "64", "--chunk-size", "16",
             "--out-dir", str(tmp_path), "--name", "p"]
-    assert evaluate.main(argv) == 0
+    assert evaluate_cli.main(argv) == 0
     res = json.loads((tmp_path / "p.json").read_text())["results"]
     assert res["full"]["tokens"] == res["anchor"]["tokens"] > 100
     assert 1 < res["full"]["ppl"] < 1e4 and 1 < res["anchor"]["ppl"] < 1e4

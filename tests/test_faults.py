@@ -153,7 +153,7 @@ def test_infer_output_is_probed_before_the_model_loads(work, capsys, output, mes
                                                 ("--json", "notes.txt/r.json", "is not a directory"),
                                                 ("--out-dir", "/proc/anjax-faults", "cannot write in /proc")])
 def test_evaluate_outputs_are_probed_before_scoring(work, capsys, flag, value, message):
-    from anjax.eval import evaluate
+    from anjax.cli import evaluate
     before = files(work)
     proc = run_main(evaluate.main, ["--model", MISSING_MODEL, "--tasks", "arc_easy", "--limit", 1, flag, value], capsys)
     assert_one_line_error(proc, flag, message)
@@ -187,7 +187,7 @@ def test_negative_seed_in_inference(work, capsys):
                                                 ("cache=full,temprature=0.5", "unknown model_args temprature"),
                                                 ("chunk_size=0", "chunk_size must be a positive integer")])
 def test_lm_eval_adapter_bad_model_args(work, capsys, model_args, message):
-    from anjax.eval import lm_eval_adapter
+    from anjax.cli import lm_eval as lm_eval_adapter
     before = files(work)
     proc = run_main(lm_eval_adapter.main, ["--model", "anjax", "--model_args", model_args, "--tasks", "arc_easy"],
                     capsys)
@@ -227,7 +227,7 @@ def test_prompt_longer_than_the_models_positions(model_dir, work, capsys):
 
 
 def test_zero_and_negative_max_sentence_tokens(capsys):
-    from anjax.text import anchors
+    from anjax.cli import anchors
     assert_one_line_error(run_main(infer.main, ["--model", MISSING_MODEL, "--prompt", "x", "--max-sentence-tokens", 0],
                                    capsys), "--max-sentence-tokens must be >= 1, got 0")
     assert_one_line_error(run_main(anchors.main, ["--mode", "ac", "--text", "One. Two", "--max-sentence-tokens", -1],
@@ -262,7 +262,7 @@ def test_infer_flags_are_checked_before_the_model_loads(capsys, flag, value, mes
 
 
 def test_evaluate_flags_are_checked_before_the_model_loads(capsys):
-    from anjax.eval import evaluate
+    from anjax.cli import evaluate
     for flag, value in (("--batch-size", 0), ("--chunk-size", -3)):
         proc = run_main(evaluate.main, ["--model", MISSING_MODEL, "--tasks", "arc_easy", flag, value], capsys)
         assert_one_line_error(proc, f"{flag} must be >= 1")

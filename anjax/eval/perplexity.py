@@ -33,6 +33,7 @@ import numpy as np
 
 from anjax.eval import stats, tasks
 from anjax.inference.scoring import Scorer, ScoringModel
+from anjax.train import data
 
 SOURCES = {"lambada": "LAMBADA test passages", "embedded": "the embedded corpus' validation split"}
 
@@ -41,7 +42,6 @@ def held_out_texts(source: str, data_dir: str | None = None, limit: int | None =
     """The passages of `--ppl-data`: "lambada", "embedded" or local files (their `text` field)."""
     if source == "lambada":
         return tasks.lambada_texts(data_dir, limit)
-    from anjax.train import data
     texts = data.load_corpus(data.DataConfig(path=None if source == "embedded" else source),
                              "validation" if source == "embedded" else "train")
     if "text" not in texts.column_names:
@@ -137,15 +137,3 @@ def report(args, texts: Sequence[str], caches: Sequence[str], model: ScoringMode
            "ratios": ratios(results, **kw), "bootstrap": {**kw, "level": stats.LEVEL, "unit": "row"}}
     out.update(wall_seconds=time.perf_counter() - t0, compile_seconds=scorer.compile_seconds)
     return out
-
-
-def main(args, caches: Sequence[str]) -> int:
-    """The `--perplexity` mode of `python -m anjax.evaluate` (arguments parsed there)."""
-    from anjax.eval.evaluate import load_model_for, save
-
-    texts = held_out_texts(args.ppl_data, args.data_dir, args.limit)
-    out = report(args, texts, caches, load_model_for(args, caches))
-    text = markdown(out)
-    print(text)
-    save(out, text, args.out_dir, args.name, args.json, png=False)
-    return 0

@@ -56,6 +56,9 @@ from anjax.core.cache import KVCache, close_sentence, compact, init_cache, keep_
 from anjax.core.config import ModelConfig
 from anjax.core.mask import TokenMeta, is_anchor, protected_tokens
 from anjax.core.model import Llama
+from anjax.io.loading import load_model
+from anjax.text.anchors import resolve_scheme
+from anjax.text.encode import Encoder
 
 DEFAULT_ANCHOR_CAPACITY = 2048  # slots kept per row by default with an anchor cache
 MAX_STOP_IDS = 8
@@ -323,7 +326,6 @@ class Engine:
                  anchor_mode: str | None = None, anchors: Sequence[str] | None = None, chunk_size: int = 256,
                  capacity: int | None = None, batch_size: int = 8, positions: str = "true", sink_tokens: int = 0,
                  raw_prompts: bool = False, show_anchors: bool = False, max_sentence_tokens: int | None = None):
-        from anjax.text.anchors import resolve_scheme
         scheme, cfg, params = resolve_scheme(cfg, tokenizer, params, mode=anchor_mode, tokens=anchors,
                                              max_sentence_tokens=max_sentence_tokens)
         mode, anchor_ids = scheme.mode, scheme.ids
@@ -356,7 +358,6 @@ class Engine:
 
         Layers are loaded stacked (`scan_layers`): one layer body to compile, and faster decoding on CPU.
         """
-        from anjax.io.loading import load_model
         cfg, params, tokenizer = load_model(model, scan_layers=True)
         return cls(cfg, params, tokenizer, **kwargs)
 
@@ -372,7 +373,6 @@ class Engine:
         """
         if not text.strip():
             raise ValueError("the prompt is empty")
-        from anjax.text.encode import Encoder
         scheme = self.scheme
         if self.raw_prompts:
             scheme = scheme.replace(mode="none", tokens=(), ids=(), max_sentence_tokens=None)

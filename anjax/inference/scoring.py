@@ -50,7 +50,8 @@ from anjax.core.config import ModelConfig
 from anjax.core.mask import token_metadata
 from anjax.core.model import Llama
 from anjax.inference.engine import EngineSpec, GenState, init_state, prefill_step, right_align, round_up
-from anjax.text.anchors import AnchorScheme
+from anjax.io.loading import load_model
+from anjax.text.anchors import AnchorScheme, resolve_scheme
 from anjax.text.encode import Encoder
 
 CACHE_KINDS = ("full", "anchor")
@@ -134,7 +135,6 @@ def prepare_model(cfg: ModelConfig, params, tokenizer, *, anchor_mode: str | Non
     model without `<AC>` adds the token with the mean embedding: an untrained anchor,
     meaningful only as a "before anchor training" baseline.
     """
-    from anjax.text.anchors import resolve_scheme
 
     scheme, cfg, params = resolve_scheme(cfg, tokenizer, params, mode=anchor_mode, tokens=anchors)
     if need_anchors and not scheme.ids:
@@ -146,7 +146,6 @@ def prepare_model(cfg: ModelConfig, params, tokenizer, *, anchor_mode: str | Non
 
 def load_scoring_model(model: str | None = None, **kwargs) -> ScoringModel:
     """`prepare_model` for any model argument of `anjax.io.loading.load_model` (None: embedded SmolLM2)."""
-    from anjax.io.loading import load_model
     cfg, params, tokenizer = load_model(model)
     if tokenizer is None:
         raise ValueError(f"{model}: the model directory has no tokenizer files; scoring needs text")

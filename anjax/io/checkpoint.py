@@ -1,4 +1,4 @@
-"""Run directories and their orbax checkpoints.
+"""The orbax checkpoints of a run directory (its other files: `anjax.io.run_dir`).
 
     RUN/config.yaml          the run config it started with (IDENTITY_KEYS are checked on resume)
     RUN/model_config.json    anjax ModelConfig (vocabulary, anchor settings) of the checkpoints
@@ -26,61 +26,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from anjax.core.config import ModelConfig
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that exists but cannot be used; the message names it and says why."""
-
-
-def is_run_dir(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / "model_config.json").is_file() and (path / "checkpoints").is_dir()
-
-
-# Run-config fields that fix the parameter tree, the vocabulary and the anchor scheme: a run
-# directory's checkpoints are resumed only by a config that agrees on all of them.
-IDENTITY_KEYS = (("model", "path"), ("model", "from_scratch"), ("model", "arch"), ("model", "scan_layers"),
-                 ("anchors", "mode"), ("anchors", "tokens"), ("data", "add_bos"), ("data", "max_sentence_tokens"))
-
-
-def save_run_files(run_dir: Path, run_config: dict, cfg: ModelConfig, tokenizer) -> None:
-    """config.yaml, model_config.json and tokenizer/ of a fresh run (call on one process)."""
-    import yaml
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
-    (run_dir / "model_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    tokenizer.save_pretrained(str(run_dir / "tokenizer"))
-
-
-def check_resumable(run_dir: Path, run_config: dict) -> None:
-    """Raise CheckpointError unless RUN/config.yaml agrees with `run_config` on every IDENTITY_KEYS field."""
-    import yaml
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing, so the checkpoints in {run_dir} cannot be matched to this config; "
-                              "use another run.dir")
-    stored = yaml.safe_load(path.read_text()) or {}
-    for section, key in IDENTITY_KEYS:
-        was, now = stored.get(section, {}).get(key), run_config[section][key]
-        if was != now:
-            raise CheckpointError(f"the checkpoints in {run_dir} were trained with {section}.{key}={was!r}, this "
-                                  f"config has {now!r}: use another run.dir (checkpoints are never overwritten)")
-
-
-def load_model_config(run_dir: str | Path, **overrides: Any) -> ModelConfig:
-    path = Path(run_dir) / "model_config.json"
-    try:
-        return ModelConfig.from_dict(json.loads(path.read_text())).replace(**overrides)
-    except (OSError, json.JSONDecodeError, TypeError) as e:
-        raise CheckpointError(f"{path}: unreadable model config ({e})") from None
-
-
-def load_tokenizer(run_dir: str | Path):
-    from transformers import AutoTokenizer
-    path = Path(run_dir) / "tokenizer"
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: missing (the run directory has no tokenizer)")
-    return AutoTokenizer.from_pretrained(str(path))
+from anjax.core.model import init_params
+from anjax.io.hf import hf_state_from_params, params_from_hf_state
+from anjax.io.run_dir import CheckpointError, load_model_config
+from anjax.io.run_dir import tokenizer as run_tokenizer
 
 
 def _bits_sum(x: jax.Array) -> jax.Array:
@@ -147,13 +96,17 @@ class Checkpointer:
             meta=ocp.args.JsonSave(meta)))
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
-        """(TrainState, data-iterator state) of `step`, sharded like `abstract_state`."""
-        from anjax.train.trainer import TrainState
+        """(state, data-iterator state) of `step`, sharded like `abstract_state`.
+
+        `abstract_state` is a trainer.TrainState (a flax.struct dataclass) of abstract arrays; the
+        restored state is that value with its arrays replaced, so this module needs no trainer.
+        """
         a = abstract_state
         train = {"step": a.step, "opt_state": a.opt_state, "rng": a.rng}
         out = self._restore(step, params=ocp.args.StandardRestore(a.params), train=ocp.args.StandardRestore(train))
         t = out["train"]
-        return TrainState(t["step"], out["params"], t["opt_state"], t["rng"]), dict(out["meta"]["data"])
+        state = a.replace(step=t["step"], params=out["params"], opt_state=t["opt_state"], rng=t["rng"])
+        return state, dict(out["meta"]["data"])
 
     def restore_params(self, step: int, abstract_params) -> dict:
         return self._restore(step, params=ocp.args.StandardRestore(abstract_params))["params"]
@@ -187,8 +140,6 @@ def load_for_inference(run_dir: str | Path, **overrides: Any) -> tuple[ModelConf
     The same as loading RUN/export: the training-time settings (dtype, param_dtype,
     scan_layers, remat, attention) take ModelConfig's defaults unless given in `overrides`.
     """
-    from anjax.core.model import init_params
-    from anjax.io.hf import hf_state_from_params, params_from_hf_state
     run_dir = Path(run_dir)
     stored = load_model_config(run_dir)
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
@@ -208,4 +159,4 @@ def load_for_inference(run_dir: str | Path, **overrides: Any) -> tuple[ModelConf
     if cfg.scan_layers != stored.scan_layers:  # restack the layers through the HF tensor map
         params = params_from_hf_state(cfg, hf_state_from_params(stored, params))
     params = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(cfg.param_dtype)), params)
-    return cfg, params, load_tokenizer(run_dir)
+    return cfg, params, run_tokenizer(run_dir)

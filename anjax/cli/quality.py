@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from anjax import cli
+from anjax.cli import evaluate as evaluate_cli
 from anjax.eval import evaluate, intervals, perplexity, stats, tasks
 from anjax.io import outputs
 
@@ -96,11 +97,11 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    names, caches = evaluate.check_args(args)
-    items = evaluate.load_items(args, names)
+    names, caches = evaluate_cli.check_args(args)
+    items = evaluate_cli.load_items(args, names)
     texts = perplexity.held_out_texts(args.ppl_data, args.data_dir, args.ppl_limit)   # before the model loads
-    model = evaluate.load_model_for(args, caches)
-    report = {"accuracy": evaluate.task_report(args, items, caches, model),
+    model = evaluate_cli.load_model_for(args, caches)
+    report = {"accuracy": evaluate_cli.task_report(args, items, caches, model),
               "perplexity": perplexity.report(args, texts, caches, model)}
     text = markdown(report)
     print("\n" + text)
