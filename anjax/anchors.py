@@ -1,8 +1,7 @@
 """`python -m anjax.anchors`, the command's established name: a shim for `anjax.cli.anchors`."""
 
-import sys
-
+from anjax import cli
 from anjax.cli.anchors import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

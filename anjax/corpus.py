@@ -1,8 +1,7 @@
 """`python -m anjax.corpus`, the command's established name: a shim for `anjax.cli.corpus`."""
 
-import sys
-
+from anjax import cli
 from anjax.cli.corpus import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from anjax import cli
 from anjax.io.loading import load_tokenizer
 from anjax.text.anchors import add_ac_token, make_scheme
 from anjax.train.data import BatchIterator, DataConfig, load_corpus, tokenize_corpus
@@ -50,3 +51,7 @@ def main(argv=None) -> int:
     print(f"speed: tokenize {t1 - t0:.2f} s, {s.tokens / (t1 - t0):,.0f} tokens/s; "
           f"batches: {n * cfg.batch_size * cfg.seq_len / (t2 - t1):,.0f} slots/s")
     return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
