@@ -17,11 +17,11 @@ from anjax.inference.engine import (
     feed_token,
     init_state,
     prefill_step,
-    right_align,
     sample_tokens,
     span_flags,
     start_decode,
 )
+from anjax.inference.runtime import right_align
 
 EP_IDS = (5, 7)  # two "punctuation" anchors
 AC_ID = 255
@@ -278,7 +278,7 @@ def test_same_shapes_and_new_sampling_values_compile_once():
     assert first > 0
     again, out = count_compiles(lambda: eng.generate([ep_row(rng, 19), ep_row(rng, 14)], max_new_tokens=6,
                                                      temperature=0.7, top_p=0.9, top_k=5, seed=3))
-    assert again == 0 and len(eng._executables) == 2
+    assert again == 0 and len(eng.runtime.executables) == 2
     assert [len(o.ids) - len(o.prompt_ids) for o in out] == [6, 6]
 
 

@@ -36,7 +36,7 @@ def inference_report(step: str, cfg: ModelConfig, target: Target, batch: int, ca
                      new_tokens: int, anchor_cache: bool) -> dict[str, Any]:
     """The engine's prefill chunk or decode loop for [batch] rows on one device of `target`.
 
-    Prefill: one chunk of `chunk` tokens into a cache of capacity + chunk slots (`_prefill`).
+    Prefill: one chunk of `chunk` tokens into a cache of capacity + chunk slots (`prefill`).
     Decode: `decode` for `new_tokens` steps from a cache of `capacity` slots; FLOPs and time per token."""
     dev = SingleDeviceSharding(target.devices[0])
     ac_id = cfg.anchor_ids[0] if cfg.anchor_mode == "ac" else -1
@@ -49,7 +49,7 @@ def inference_report(step: str, cfg: ModelConfig, target: Target, batch: int, ca
     if step == "prefill":
         chunk_BxT = lambda dtype: jax.ShapeDtypeStruct((batch, chunk), dtype, sharding=dev)
         args = (params, state, chunk_BxT(jnp.int32), chunk_BxT(jnp.bool_), chunk_BxT(jnp.bool_))
-        fn, donate, tokens, keys = functools.partial(generate._prefill, cfg, spec), (1,), batch * chunk, slots
+        fn, donate, tokens, keys = functools.partial(generate.prefill, cfg, spec), (1,), batch * chunk, slots
         extra = {"chunk": chunk}
     else:
         samp = generate.Sampling(temperature=row(jnp.float32), top_k=row(jnp.int32), top_p=row(jnp.float32),

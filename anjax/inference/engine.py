@@ -24,7 +24,7 @@ AnLLM authors' code instead: position = the token's slot index in the compacted 
 
 Capacity: `capacity` C bounds the slots a row keeps between steps (after compaction).
 The buffers add room for the tokens in flight (C + T in prefill, C + 1 in decode), and
-C shrinks to the power of two that holds what the batch can need (few shapes compile;
+C shrinks to the bucket size (`anjax.inference.runtime.bucket`) that holds what the batch can need (few shapes compile;
 decode reads every slot of its buffer). A row that would keep more than C
 slots stops and `CacheOverflowError` names it and the sizes; nothing is truncated.
 In AC mode `max_sentence_tokens=N` (default: the model's anchor scheme) forces an `<AC>`
@@ -43,8 +43,6 @@ contents, temperature, top_k, top_p, seed, stop ids, max_sentence_tokens.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import time
 from typing import Any, Callable, Sequence
 
 import flax.struct
@@ -56,12 +54,14 @@ from anjax.core.cache import KVCache, close_sentence, compact, init_cache, keep_
 from anjax.core.config import ModelConfig
 from anjax.core.mask import TokenMeta, is_anchor, protected_tokens
 from anjax.core.model import Llama
+from anjax.inference.runtime import Runtime, bucket, right_align, round_up
 from anjax.io.loading import load_model
 from anjax.text.anchors import resolve_scheme
 from anjax.text.encode import Encoder
 
 DEFAULT_ANCHOR_CAPACITY = 2048  # slots kept per row by default with an anchor cache
 MAX_STOP_IDS = 8
+BUCKET_LOW = 128  # the smallest cache buffer (`anjax.inference.runtime.bucket`)
 
 
 class CacheOverflowError(ValueError):
@@ -301,15 +301,6 @@ class Prefilled:
     seconds: float
 
 
-def round_up(n: int, multiple: int) -> int:
-    return max(multiple, -(-n // multiple) * multiple)
-
-
-def bucket(n: int) -> int:
-    """The power of two (at least 128) that holds n: buffer sizes, so few shapes compile."""
-    return max(128, 1 << (n - 1).bit_length())
-
-
 class Engine:
     """Batched generation with an anchor or a full cache (see the module docstring).
 
@@ -349,8 +340,11 @@ class Engine:
                                reference_positions=positions == "reference")
         self.cache_kind, self.chunk_size, self.capacity, self.batch_size = cache, chunk_size, capacity, batch_size
         self.raw_prompts, self.show_anchors = raw_prompts, show_anchors
-        self._executables: dict = {}
-        self.compile_seconds = 0.0
+        self.runtime = Runtime()
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.runtime.compile_seconds
 
     @classmethod
     def load(cls, model: str | None = None, **kwargs) -> "Engine":
@@ -476,15 +470,14 @@ class Engine:
         flags += [[False]] * (batch - n)
         tokens, valid = right_align([r[:-1] for r in rows], chunk)
         protected_BxW = right_align([f[:-1] for f in flags], chunk)[0].astype(bool)
-        slots = min(capacity, bucket(max(len(r) for r in rows)))
-        compile_before, t0 = self.compile_seconds, time.perf_counter()
-        state = init_state(self.cfg, batch, slots + chunk, np.arange(batch) >= n)
-        for c in range(0, tokens.shape[1], chunk):
-            state = self._run("prefill", _prefill, (self.cfg, self.spec), True, self.params, state,
-                              tokens[:, c:c + chunk], valid[:, c:c + chunk], protected_BxW[:, c:c + chunk])
-        jax.block_until_ready(state)
-        seconds = time.perf_counter() - t0 - (self.compile_seconds - compile_before)
-        return Prefilled(state=state, rows=rows, protected=flags, n=n, capacity=capacity, seconds=seconds)
+        slots = min(capacity, bucket(max(len(r) for r in rows), BUCKET_LOW))
+        with self.runtime.timer() as timer:
+            state = init_state(self.cfg, batch, slots + chunk, np.arange(batch) >= n)
+            for c in range(0, tokens.shape[1], chunk):
+                state = self.runtime.call(prefill, (self.cfg, self.spec), self.params, state, tokens[:, c:c + chunk],
+                                          valid[:, c:c + chunk], protected_BxW[:, c:c + chunk], donate=(1,))
+            jax.block_until_ready(state)
+        return Prefilled(state=state, rows=rows, protected=flags, n=n, capacity=capacity, seconds=timer.seconds)
 
     def decode(self, pre: Prefilled, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = (),
@@ -492,7 +485,7 @@ class Engine:
         """Generate for the real rows of a prefilled batch; the decode buffer is sized to what they can need."""
         batch = len(pre.rows)
         held = np.asarray(pre.state.cache.length)
-        slots = min(pre.capacity, bucket(int(held[:pre.n].max()) + max_new_tokens))
+        slots = min(pre.capacity, bucket(int(held[:pre.n].max()) + max_new_tokens, BUCKET_LOW))
         stops = np.full((MAX_STOP_IDS,), -1, np.int32)
         stops[:len(stop_ids)] = stop_ids
         samp = Sampling(temperature=np.full(batch, temperature, np.float32), top_k=np.full(batch, top_k, np.int32),
@@ -500,11 +493,11 @@ class Engine:
                         stop_ids=stops, max_sentence_tokens=np.int32(max_sentence_tokens))
         last = np.array([r[-1] for r in pre.rows], np.int32)
         last_protected = np.array([f[-1] for f in pre.protected], bool)
-        compile_before, t0 = self.compile_seconds, time.perf_counter()
-        carry = self._run("decode", decode, (self.cfg, self.spec, slots, max_new_tokens), False, self.params,
-                          pre.state, last, last_protected, samp)
-        generated, out_ids = np.asarray(carry.generated), np.asarray(carry.tokens)
-        decode_s = time.perf_counter() - t0 - (self.compile_seconds - compile_before)
+        with self.runtime.timer() as timer:
+            carry = self.runtime.call(decode, (self.cfg, self.spec, slots, max_new_tokens), self.params, pre.state,
+                                      last, last_protected, samp)
+            generated, out_ids = np.asarray(carry.generated), np.asarray(carry.tokens)
+        decode_s = timer.seconds
         peak, overflow = np.asarray(carry.state.peak), np.asarray(carry.state.overflow)
         cfg = self.cfg
         kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
@@ -535,25 +528,10 @@ class Engine:
                 f"but the capacity is {capacity}: raise --capacity" +
                 (" or set --max-sentence-tokens" if self.spec.ac_id >= 0 else ""))
 
-    def _run(self, name: str, fn: Callable, static: tuple, donate_state: bool, *args):
-        """Call `fn(*static, *args)` through an executable compiled once per static settings and shapes.
 
-        With `donate_state` the state (args[1]) is donated, so the cache is updated in place.
-        """
-        leaves, tree = jax.tree.flatten(args)
-        key = (name, static, tree, tuple((np.shape(x), np.result_type(getattr(x, "dtype", x))) for x in leaves))
-        exe = self._executables.get(key)
-        if exe is None:
-            t0 = time.perf_counter()
-            donate = (1,) if donate_state else ()
-            exe = jax.jit(functools.partial(fn, *static), donate_argnums=donate).lower(*args).compile()
-            self.compile_seconds += time.perf_counter() - t0
-            self._executables[key] = exe
-        return exe(*args)
-
-
-def _prefill(cfg, spec, params, state, tokens_BxT, valid_BxT, protected_BxT) -> GenState:
-    """`prefill_step` without its logits (XLA then skips the vocabulary projection)."""
+def prefill(cfg, spec, params, state, tokens_BxT, valid_BxT, protected_BxT=None) -> GenState:
+    """`prefill_step` without its logits (XLA then skips the vocabulary projection): the engine's and the
+    scorer's one prefill of a chunk [B, T]."""
     return prefill_step(cfg, spec, params, state, tokens_BxT, valid_BxT, protected_BxT)[1]
 
 
@@ -566,15 +544,3 @@ def span_flags(n: int, spans: Sequence[Sequence[int]]) -> list[bool]:
             raise ValueError(f"a protected span must be (start, end) with 0 <= start < end <= {n}, got {span!r}")
         flags[span[0]:span[1]] = [True] * (span[1] - span[0])
     return flags
-
-
-def right_align(rows: Sequence[Sequence[int]], chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, valid) [B, W]: rows right-aligned in a width W that is a multiple of `chunk`."""
-    width = round_up(max(len(r) for r in rows), chunk) if any(rows) else 0
-    tokens = np.zeros((len(rows), width), np.int32)
-    valid = np.zeros((len(rows), width), bool)
-    for b, r in enumerate(rows):
-        if len(r):
-            tokens[b, width - len(r):] = r
-            valid[b, width - len(r):] = True
-    return tokens, valid

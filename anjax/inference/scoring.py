@@ -31,16 +31,14 @@ are never scored.
 Memory: during prefill an anchor cache holds at most `kept_bound` slots (every
 anchor + the longest sentence) plus one chunk, a full cache the whole context plus
 one chunk; the choices see the cache cut to the slots in use. Shapes are bucketed
-(`bucket`) so that a task compiles a handful of executables; `Scorer.compile_seconds`
+(`anjax.inference.runtime.bucket`) so that a task compiles a handful of executables; `Scorer.compile_seconds`
 is kept apart from the timed seconds.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +47,8 @@ import numpy as np
 from anjax.core.config import ModelConfig
 from anjax.core.mask import token_metadata
 from anjax.core.model import Llama
-from anjax.inference.engine import EngineSpec, GenState, init_state, prefill_step, right_align, round_up
+from anjax.inference.engine import EngineSpec, GenState, init_state, prefill, prefill_step
+from anjax.inference.runtime import Runtime, bucket, right_align, round_up
 from anjax.io.loading import load_model
 from anjax.text.anchors import AnchorScheme, resolve_scheme
 from anjax.text.encode import Encoder
@@ -209,19 +208,7 @@ def kept_bound(ids: Sequence[int], anchor_ids: Sequence[int]) -> int:
     return anchors + longest
 
 
-def bucket(n: int, low: int = 16) -> int:
-    """The smallest of low * {1, 1.5, 2, 3, 4, 6, ...} >= n: few shapes, at most 50% padding."""
-    size = low
-    while size < n:
-        size = size * 3 // 2 if (size & (size - 1)) == 0 else size * 4 // 3
-    return size
-
-
 # ----------------------------------------------------------------------------- jitted steps
-
-
-def _prefill(cfg, spec, params, state, tokens_BxT, valid_BxT) -> GenState:
-    return prefill_step(cfg, spec, params, state, tokens_BxT, valid_BxT)[1]
 
 
 def _token_logprobs(logits_NxWxV, targets_NxW, scored_NxW) -> tuple[jax.Array, jax.Array]:
@@ -290,8 +277,11 @@ class Scorer:
         if batch_size < 1 or chunk_size < 1:
             raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size}, {chunk_size}")
         self.model, self.batch_size, self.chunk_size = model, batch_size, chunk_size
-        self._executables: dict = {}
-        self.compile_seconds = 0.0
+        self.runtime = Runtime()
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.runtime.compile_seconds
 
     def spec(self, cache: str) -> EngineSpec:
         if cache not in CACHE_KINDS:
@@ -299,17 +289,6 @@ class Scorer:
         if cache == "anchor" and not self.model.anchor_ids:
             raise ValueError("an anchor cache needs anchor ids (prepare_model(anchor_mode=...))")
         return EngineSpec(anchor_cache=cache == "anchor", anchor_ids=self.model.anchor_ids)
-
-    def _call(self, fn: Callable, static: tuple, *args):
-        """`fn(*static, *args)` through an executable compiled once per static settings and shapes."""
-        leaves, tree = jax.tree.flatten(args)
-        key = (fn.__name__, static, tree, tuple((np.shape(x), x.dtype) for x in leaves))
-        if (exe := self._executables.get(key)) is None:
-            t0 = time.perf_counter()
-            exe = jax.jit(functools.partial(fn, *static)).lower(*args).compile()
-            self.compile_seconds += time.perf_counter() - t0
-            self._executables[key] = exe
-        return exe(*args)
 
     def run(self, requests: Sequence[ScoreRequest], cache: str, recompute: bool = False) -> PathResult:
         """Score every choice of every request with one path (see `run_paths`)."""
@@ -328,7 +307,7 @@ class Scorer:
         n, B = len(requests), self.batch_size
         order = sorted(range(n), key=lambda i: -(len(requests[i].prefix) + max(map(len, requests[i].chunks()))))
         longest = max(len(r.prefix) for r in requests) - 1
-        chunk = min(self.chunk_size, bucket(longest))
+        chunk = min(self.chunk_size, bucket(longest, 16))
         anchor_bound = max(kept_bound(r.prefix[:-1], self.model.anchor_ids) for r in requests)
         capacity = {False: round_up(max(longest, 1), chunk), True: round_up(max(anchor_bound, 1), chunk)}
         shapes = dict(k=max(r.k for r in requests), chunk=chunk, capacity=capacity,
@@ -339,10 +318,10 @@ class Scorer:
             rows = order[start:start + B]
             batch = [requests[i] for i in rows] + [requests[rows[-1]]] * (B - len(rows))
             for (spec, recompute), out in zip(specs, outs):
-                compile_before, t0 = self.compile_seconds, time.perf_counter()
                 step = self._recompute_batch if recompute else self._cached_batch
-                ll, greedy, held, fed = step(spec, batch, shapes)
-                out.seconds += time.perf_counter() - t0 - (self.compile_seconds - compile_before)
+                with self.runtime.timer() as timer:
+                    ll, greedy, held, fed = step(spec, batch, shapes)
+                out.seconds += timer.seconds
                 for j, i in enumerate(rows):
                     kk = requests[i].k
                     out.loglik[i] = ll[j * k:j * k + kk].tolist()
@@ -380,13 +359,13 @@ class Scorer:
         capacity = shapes["capacity"][spec.anchor_cache]
         state = init_state(m.cfg, B, capacity + T, np.zeros(B, bool))
         for c in range(0, tokens.shape[1], T):
-            state = self._call(_prefill, (m.cfg, spec), m.params, state, tokens[:, c:c + T], valid[:, c:c + T])
+            state = self.runtime.call(prefill, (m.cfg, spec), m.params, state, tokens[:, c:c + T], valid[:, c:c + T])
         held = np.asarray(state.cache.length)
         if np.asarray(state.overflow)[:, 0].any():   # cannot happen with `kept_bound`; never truncate silently
             raise ValueError(f"a context needed more than the {capacity} cache slots reserved for it")
         slots = min(bucket(int(held.max()), 16), capacity + T)
         arrays = self._choice_arrays(batch, k, shapes["width"], align_right=False)
-        ll, greedy = self._call(_score_choices, (m.cfg, spec, slots, k), m.params, state, *arrays)
+        ll, greedy = self.runtime.call(_score_choices, (m.cfg, spec, slots, k), m.params, state, *arrays)
         fed = [len(r.prefix) - 1 + sum(len(c) - 1 for c in r.chunks()) for r in batch]
         return np.asarray(ll), np.asarray(greedy), held, fed
 
@@ -396,7 +375,7 @@ class Scorer:
         longest = max(len(r.prefix) + len(t) + len(c) for r in batch for t, c in zip(r.tails, r.continuations))
         L = bucket(longest - 1, 32)
         tokens, valid, targets, scored = self._choice_arrays(batch, k, L, align_right=True, prefix=True)
-        ll, greedy = self._call(_recompute, (m.cfg, spec), m.params, tokens, valid, targets[:, -W:], scored[:, -W:])
+        ll, greedy = self.runtime.call(_recompute, (m.cfg, spec), m.params, tokens, valid, targets[:, -W:], scored[:, -W:])
         fed = [sum(len(r.prefix) + len(t) + len(c) - 1 for t, c in zip(r.tails, r.continuations)) for r in batch]
         return np.asarray(ll), np.asarray(greedy), np.zeros(len(batch), int), fed
 
@@ -420,12 +399,13 @@ class Scorer:
                 tokens[b, :n], valid[b, :n], targets[b, :n], counted[b, :n] = r[:-1], True, r[1:], s[1:]
             state = init_state(m.cfg, B, width + T, np.arange(B) >= len(batch))
             nll_B = np.zeros(B)
-            compile_before, t0 = self.compile_seconds, time.perf_counter()
-            for c in range(0, width, T):
-                state, part_B, held_B = self._call(_nll_chunk, (m.cfg, spec), m.params, state, tokens[:, c:c + T],
-                                                   valid[:, c:c + T], targets[:, c:c + T], counted[:, c:c + T])
-                nll_B += np.asarray(part_B)
-            out["seconds"] += time.perf_counter() - t0 - (self.compile_seconds - compile_before)
+            with self.runtime.timer() as timer:
+                for c in range(0, width, T):
+                    state, part_B, held_B = self.runtime.call(_nll_chunk, (m.cfg, spec), m.params, state,
+                                                              tokens[:, c:c + T], valid[:, c:c + T],
+                                                              targets[:, c:c + T], counted[:, c:c + T])
+                    nll_B += np.asarray(part_B)
+            out["seconds"] += timer.seconds
             out["nll"] += nll_B[:len(batch)].tolist()
             out["tokens"] += [int(sum(s[1:])) for s in marks]
             out["held_slots"] += np.asarray(held_B)[:len(batch)].tolist()
