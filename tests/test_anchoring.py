@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerFast
 from anjax.core.config import AC_TOKEN, tiny_config
 from anjax.core.model import init_params
 from anjax.inference.engine import CacheOverflowError, Engine
-from anjax.inference.scoring import prepare_model
+from anjax.inference.scoring import scoring_model
 from anjax.text import anchors
 from anjax.text.encode import Encoder, ends_sentence, split_sentences
 
@@ -41,7 +41,7 @@ def _paths(add_bos: bool):
     cfg = tiny_config(vocab_size=len(tok))
     params = init_params(cfg, jax.random.PRNGKey(0))
     scheme, cfg, params = anchors.resolve_scheme(cfg, tok, params, mode="ac", add_bos=add_bos)
-    return Encoder(tok, scheme), Engine(cfg, params, tok), prepare_model(cfg, params, tok)
+    return Encoder(tok, scheme), Engine(cfg, params, tok), scoring_model(cfg, params, tok)
 
 
 WORDS = ["the", "cat", "Dr.", "Smith", "e.g.", "U.S.", "3.14", "café", "naïve", "日本語", "😀", "a", "mat", "Mr.",

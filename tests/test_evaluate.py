@@ -84,7 +84,7 @@ def test_scores_equal_hand_computation(tiny, mode):
     after each: the anchor cache's scores equal a full forward under the AnSAN mask.
     """
     cfg, params, tok = tiny
-    model = scoring.prepare_model(cfg, params, tok, anchor_mode=mode)
+    model = scoring.scoring_model(cfg, params, tok, anchor_mode=mode)
     if mode == "ac":
         cfg, params = resize_embeddings(cfg, params, model.cfg.vocab_size)   # the same <AC> row
     scorer = scoring.Scorer(model, batch_size=2, chunk_size=4)
@@ -110,7 +110,7 @@ def test_c_reduction_hand_example(tiny):
     (the last one is fed with each choice); an anchor cache keeps the anchors '.' '.' and the
     open sentence ' The': 3 of 9 slots, C↓ = 1 − 3/9."""
     cfg, params, tok = tiny
-    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ep")
+    model = scoring.scoring_model(cfg, params, tok, anchor_mode="ep")
     context = "The cat sat. The dog ran. The cat"
     assert tok.convert_ids_to_tokens(model.encode_context(context)) == \
         ["The", "Ġcat", "Ġsat", ".", "ĠThe", "Ġdog", "Ġran", ".", "ĠThe", "Ġcat"]
@@ -130,7 +130,7 @@ def test_c_reduction_hand_example(tiny):
 def test_harness_tokenization(tiny):
     """lm-eval's _encode_pair: trailing spaces move to the continuation; whole-string split."""
     cfg, params, tok = tiny
-    model = scoring.prepare_model(cfg, params, tok)
+    model = scoring.scoring_model(cfg, params, tok)
     ctx, cont = model.encode_pair("Did the dog see it? ", "Yes!")
     assert tok.decode(ctx) == "Did the dog see it?" and tok.decode(cont) == " Yes!"
     assert ctx + cont == tok("Did the dog see it? Yes!", add_special_tokens=False)["input_ids"]
@@ -142,7 +142,7 @@ def test_harness_tokenization(tiny):
 def test_ac_context_anchors_every_demonstration(tiny):
     """AC mode: <AC> after every sentence and every demonstration; the scored sentence stays open."""
     cfg, params, tok = tiny
-    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ac")
+    model = scoring.scoring_model(cfg, params, tok, anchor_mode="ac")
     assert model.cfg.vocab_size == len(tok) and model.anchor_mode == "ac"
     docs = tasks.load_task("arc_easy", SLICES, limit=2)
     (item, _) = tasks.build_requests("arc_easy", docs, shots=2, pool=tasks.load_fewshot_pool("arc_easy", SLICES))
@@ -159,7 +159,7 @@ def test_ac_context_anchors_every_demonstration(tiny):
 
 def test_sequence_nll_equals_hand_computation(tiny):
     cfg, params, tok = tiny
-    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ep")
+    model = scoring.scoring_model(cfg, params, tok, anchor_mode="ep")
     scorer = scoring.Scorer(model, batch_size=2, chunk_size=4)
     rows = [tok(t, add_special_tokens=False)["input_ids"] for t in
             ("The cat sat on the mat. Did the dog see it? Yes! The dog saw the cat.", "Mr. Smith went to Washington.",
@@ -175,7 +175,7 @@ def test_sequence_nll_equals_hand_computation(tiny):
 
 def test_perplexity_rows_skip_ac_targets(tiny):
     cfg, params, tok = tiny
-    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ac")
+    model = scoring.scoring_model(cfg, params, tok, anchor_mode="ac")
     texts = tasks.lambada_texts(SLICES, limit=2)
     rows, scored = perplexity.text_rows(model, texts, seq_len=64, ac_every=8)
     assert all(len(r) <= 64 for r in rows) and sum(map(len, rows)) > 64
@@ -260,7 +260,7 @@ def test_user_task_scores_like_the_builtin_task(tiny, tmp_path):
     """ARC-Easy's documents written as a user's .jsonl (context, choices, gold) get the same prompts,
     log-likelihoods and accuracies as the built-in arc_easy task, with the same cache."""
     cfg, params, tok = tiny
-    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ep")
+    model = scoring.scoring_model(cfg, params, tok, anchor_mode="ep")
     builtin = tasks.build_requests("arc_easy", tasks.load_task("arc_easy", SLICES, limit=4))
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(json.dumps({"context": it.question, "choices": list(it.choices), "gold": it.gold,
@@ -343,7 +343,7 @@ def test_lm_eval_adapter_agrees_with_builtin_evaluator(tiny, tmp_path, monkeypat
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg, params, tok = tiny
-    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ep")
+    model = scoring.scoring_model(cfg, params, tok, anchor_mode="ep")
     harness = Path(lm_eval.__file__).parent / "tasks"
     docs = {"arc_easy": tasks.load_task("arc_easy", SLICES, limit=6),
             "winogrande": tasks.load_task("winogrande", SLICES, limit=6)}
@@ -373,7 +373,7 @@ def test_lm_eval_adapter_rolling_loglikelihood(tiny):
 
     from anjax.eval.lm_eval_adapter import AnjaxLM
     cfg, params, tok = tiny
-    lm = AnjaxLM(scoring_model=scoring.prepare_model(cfg, params, tok), cache="full")
+    lm = AnjaxLM(scoring_model=scoring.scoring_model(cfg, params, tok), cache="full")
     text = "The cat sat on the mat. Did the dog see it?"
     (got,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
     ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
@@ -389,7 +389,7 @@ def test_lm_eval_adapter_generate_until(tiny):
 
     from anjax.eval.lm_eval_adapter import AnjaxLM
     cfg, params, tok = tiny
-    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ep")
+    model = scoring.scoring_model(cfg, params, tok, anchor_mode="ep")
     lm = AnjaxLM(scoring_model=model, cache="anchor")
     contexts = ["The cat sat on the mat. Did the dog", "Yes! The dog saw"]
     full = lm.generate_until([Instance("generate_until", {}, (c, {"until": [], "max_gen_toks": 6}), i)

@@ -37,7 +37,7 @@ def inference_report(step: str, cfg: ModelConfig, target: Target, batch: int, ca
     """The engine's prefill chunk or decode loop for [batch] rows on one device of `target`.
 
     Prefill: one chunk of `chunk` tokens into a cache of capacity + chunk slots (`prefill`).
-    Decode: `decode` for `new_tokens` steps from a cache of `capacity` slots; FLOPs and time per token."""
+    Decode: `decode_loop` for `new_tokens` steps from a cache of `capacity` slots; FLOPs and time per token."""
     dev = SingleDeviceSharding(target.devices[0])
     ac_id = cfg.anchor_ids[0] if cfg.anchor_mode == "ac" else -1
     spec = generate.EngineSpec(anchor_cache=anchor_cache, anchor_ids=cfg.anchor_ids, ac_id=ac_id)
@@ -56,7 +56,7 @@ def inference_report(step: str, cfg: ModelConfig, target: Target, batch: int, ca
                                  seed=row(jnp.uint32), stop_ids=jax.ShapeDtypeStruct((generate.MAX_STOP_IDS,), jnp.int32, sharding=dev),
                                  max_sentence_tokens=jax.ShapeDtypeStruct((), jnp.int32, sharding=dev))
         args = (params, state, row(jnp.int32), row(jnp.bool_), samp)
-        fn = functools.partial(generate.decode, cfg, spec, capacity, new_tokens)
+        fn = functools.partial(generate.decode_loop, cfg, spec, capacity, new_tokens)
         donate, tokens, keys = (), batch, capacity + 1
         extra = {"new_tokens": new_tokens, "per": "token"}
     flops = forward_flops(cfg, tokens, keys)

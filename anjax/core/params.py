@@ -1,13 +1,34 @@
-"""Parameter surgery on the model's parameter tree: embedding rows for new tokens (`<AC>`).
+"""Parameter surgery on the model's parameter tree: layer stacking and embedding rows for new tokens.
 
-`resize_embeddings` grows the input (and untied output) embedding matrices; `init_embedding_row`
-gives one token a fresh row. Host-side numpy; shapes [V, E] (embed) and [E, V] (lm_head).
+`stack_layers` / `with_scan_layers`: the one conversion between per-layer trees (`layer_0`, ...) and
+one stacked tree `layers` [L, ...] (`ModelConfig.scan_layers`). `resize_embeddings` grows the input (and
+untied output) embedding matrices; `init_embedding_row` gives one token (`<AC>`) a fresh row. Host-side
+numpy; shapes [V, E] (embed) and [E, V] (lm_head).
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from anjax.core.config import ModelConfig
+
+
+def stack_layers(layers: list[dict]) -> dict:
+    """L per-layer trees -> one tree whose leaves are stacked on a leading [L] axis."""
+    return jax.tree.map(lambda *xs: np.stack(xs), *layers)
+
+
+def with_scan_layers(cfg: ModelConfig, params: dict, scan: bool) -> tuple[ModelConfig, dict]:
+    """(cfg, params) with the layers stacked (`scan`) or one tree per layer; the math is the same."""
+    if cfg.scan_layers == scan:
+        return cfg, params
+    params = dict(params)
+    if scan:
+        params["layers"] = stack_layers([params.pop(f"layer_{i}") for i in range(cfg.num_layers)])
+    else:
+        stacked = params.pop("layers")
+        params.update({f"layer_{i}": jax.tree.map(lambda x: np.asarray(x[i]), stacked) for i in range(cfg.num_layers)})
+    return cfg.replace(scan_layers=scan), params
 
 
 def resize_embeddings(cfg: ModelConfig, params: dict, new_vocab: int, init: str = "mean",

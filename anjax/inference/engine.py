@@ -233,7 +233,7 @@ def sample_tokens(logits_BxV: jax.Array, keys_B: jax.Array, temperature_B: jax.A
     return jnp.where(temperature_B > 0, drawn_B, greedy_B)
 
 
-def decode(cfg: ModelConfig, spec: EngineSpec, slots: int, max_new_tokens: int, params, state: GenState,
+def decode_loop(cfg: ModelConfig, spec: EngineSpec, slots: int, max_new_tokens: int, params, state: GenState,
            token_B: jax.Array, protected_B: jax.Array, sampling: Sampling) -> DecodeCarry:
     """Generate up to `max_new_tokens` per row in one `lax.while_loop`, starting by feeding `token_B`
     (the last prompt token; `protected_B` [B] bool: it is protected)."""
@@ -494,7 +494,7 @@ class Engine:
         last = np.array([r[-1] for r in pre.rows], np.int32)
         last_protected = np.array([f[-1] for f in pre.protected], bool)
         with self.runtime.timer() as timer:
-            carry = self.runtime.call(decode, (self.cfg, self.spec, slots, max_new_tokens), self.params, pre.state,
+            carry = self.runtime.call(decode_loop, (self.cfg, self.spec, slots, max_new_tokens), self.params, pre.state,
                                       last, last_protected, samp)
             generated, out_ids = np.asarray(carry.generated), np.asarray(carry.tokens)
         decode_s = timer.seconds

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 
 from anjax.core.config import ModelConfig
 from anjax.core.model import init_params
-from anjax.io.hf import hf_state_from_params, params_from_hf_state
+from anjax.core.params import with_scan_layers
 from anjax.io.run_dir import CheckpointError, load_model_config
 from anjax.io.run_dir import tokenizer as run_tokenizer
 
@@ -156,7 +156,6 @@ def load_for_inference(run_dir: str | Path, **overrides: Any) -> tuple[ModelConf
         params = jax.device_get(ckpt.restore_params(step, abstract))
     finally:
         ckpt.close()
-    if cfg.scan_layers != stored.scan_layers:  # restack the layers through the HF tensor map
-        params = params_from_hf_state(cfg, hf_state_from_params(stored, params))
+    params = with_scan_layers(stored, params, cfg.scan_layers)[1]
     params = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(cfg.param_dtype)), params)
     return cfg, params, run_tokenizer(run_dir)

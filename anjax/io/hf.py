@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from anjax.core.config import ModelConfig
+from anjax.core.params import stack_layers
 from anjax.io import outputs
 
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -163,8 +164,7 @@ def params_from_hf_state(cfg: ModelConfig, state: dict[str, np.ndarray]) -> dict
     if not cfg.tie_embeddings:
         params["lm_head"] = cast(state["lm_head.weight"]).T
     if cfg.scan_layers:
-        import jax
-        params["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+        params["layers"] = stack_layers(layers)
     else:
         params.update({f"layer_{i}": layer for i, layer in enumerate(layers)})
     return params
