@@ -1,4 +1,4 @@
-"""A training run's pieces, built the same way by train.py (`anjax.train.loop`) and the AOT compiler.
+"""A training run's pieces, built once for train.py (`anjax.train.loop`) and reusable by other tools.
 
 `fresh_model` (load or random-init, `<AC>` row, the run's anchor scheme), `make_run_mesh` (batch,
 process and mesh divisibility checked), `model_for_run` (resume from the run directory or start fresh),
