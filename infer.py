@@ -10,6 +10,7 @@ parts of the prompt kept visible to every later token}; output lines are
 failed (it is reported on stderr; the other lines are still served). The output file
 is written atomically. Exit codes: 0 all served, 1 some requests failed, 2 invalid run.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,16 +23,21 @@ from anjax.io import outputs
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="python infer.py", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None,
-                   help="HF directory, GGUF file or anjax run (default: embedded SmolLM2-135M)")
+    p.add_argument(
+        "--model", default=None, help="HF directory, GGUF file or anjax run (default: embedded SmolLM2-135M)"
+    )
     p.add_argument("--prompt", help="one prompt text")
-    p.add_argument("--input", help="JSONL file of {\"prompt\": ..., \"id\": ...} objects")
+    p.add_argument("--input", help='JSONL file of {"prompt": ..., "id": ...} objects')
     p.add_argument("--output", help="JSONL results (with --input)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print {prompt_ids, generated_ids, text, stats} (--prompt)")
-    p.add_argument("--cache", choices=("anchor", "full"), default=None,
-                   help="anchor: keep anchors + open sentence; full: plain causal attention "
-                        "(default: anchor if the model has anchor settings)")
+    p.add_argument(
+        "--cache",
+        choices=("anchor", "full"),
+        default=None,
+        help="anchor: keep anchors + open sentence; full: plain causal attention "
+        "(default: anchor if the model has anchor settings)",
+    )
     p.add_argument("--anchor-mode", choices=("none", "ep", "ac"), default=None, help="override the model's anchor mode")
     p.add_argument("--anchors", nargs="+", default=None, help="EP anchor tokens (default . ? !)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -40,16 +46,30 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk (tokens per row)")
-    p.add_argument("--capacity", type=int, default=None,
-                   help="cache slots a row may keep (default: the whole request, at most 2048 with an anchor cache)")
-    p.add_argument("--positions", choices=("true", "reference"), default="true",
-                   help="reference: the AnLLM authors' re-based positions (inexact, for comparison)")
+    p.add_argument(
+        "--capacity",
+        type=int,
+        default=None,
+        help="cache slots a row may keep (default: the whole request, at most 2048 with an anchor cache)",
+    )
+    p.add_argument(
+        "--positions",
+        choices=("true", "reference"),
+        default="true",
+        help="reference: the AnLLM authors' re-based positions (inexact, for comparison)",
+    )
     p.add_argument("--sink-tokens", type=int, default=0, help="keep the first N tokens visible (extension, off)")
-    p.add_argument("--protect", action="append", default=[], metavar="TEXT",
-                   help="with --prompt: keep this part of the prompt visible to every later token and in the "
-                        "cache (repeatable; extension)")
-    p.add_argument("--max-sentence-tokens", type=int, default=None,
-                   help="AC mode: force <AC> after N tokens without one")
+    p.add_argument(
+        "--protect",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="with --prompt: keep this part of the prompt visible to every later token and in the "
+        "cache (repeatable; extension)",
+    )
+    p.add_argument(
+        "--max-sentence-tokens", type=int, default=None, help="AC mode: force <AC> after N tokens without one"
+    )
     p.add_argument("--raw-prompt", action="store_true", help="tokenize prompts as they are (no <AC> inserted)")
     p.add_argument("--show-anchors", action="store_true", help="keep generated <AC> tokens in the printed text")
     args = p.parse_args(argv)
@@ -57,8 +77,16 @@ def parse_args(argv=None):
         raise cli.UsageError("give either --prompt TEXT or --input prompts.jsonl --output out.jsonl")
     if args.input is not None and not args.output:
         raise cli.UsageError("--input needs --output out.jsonl")
-    for name, low in (("max_new_tokens", 1), ("top_k", 0), ("batch_size", 1), ("chunk_size", 1), ("capacity", 1),
-                      ("sink_tokens", 0), ("max_sentence_tokens", 1), ("temperature", 0)):
+    for name, low in (
+        ("max_new_tokens", 1),
+        ("top_k", 0),
+        ("batch_size", 1),
+        ("chunk_size", 1),
+        ("capacity", 1),
+        ("sink_tokens", 0),
+        ("max_sentence_tokens", 1),
+        ("temperature", 0),
+    ):
         cli.check_range(f"--{name.replace('_', '-')}", getattr(args, name), low)
     cli.check_range("--top-p", args.top_p, 0, 1, low_open=True)
     cli.check_seed("--seed", args.seed)
@@ -78,11 +106,15 @@ def check_sizes(engine, args) -> None:
     """Refuse --max-new-tokens that no prompt could fit in the model's positions (or a full cache's capacity)."""
     positions = engine.cfg.max_position_embeddings
     if args.max_new_tokens >= positions:
-        raise cli.UsageError(f"--max-new-tokens {args.max_new_tokens} cannot fit: the model has {positions} positions "
-                             "for the prompt and the new tokens together")
+        raise cli.UsageError(
+            f"--max-new-tokens {args.max_new_tokens} cannot fit: the model has {positions} positions "
+            "for the prompt and the new tokens together"
+        )
     if engine.cache_kind == "full" and args.capacity is not None and args.max_new_tokens >= args.capacity:
-        raise cli.UsageError(f"--max-new-tokens {args.max_new_tokens} cannot fit in a full cache of --capacity "
-                             f"{args.capacity} slots (prompt + new tokens)")
+        raise cli.UsageError(
+            f"--max-new-tokens {args.max_new_tokens} cannot fit in a full cache of --capacity "
+            f"{args.capacity} slots (prompt + new tokens)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,25 +123,51 @@ def main(argv: list[str] | None = None) -> int:
     from anjax.inference.requests import read_requests
 
     t0 = time.perf_counter()
-    engine = Engine.load(args.model, cache=args.cache, anchor_mode=args.anchor_mode, anchors=args.anchors,
-                         chunk_size=args.chunk_size, capacity=args.capacity, batch_size=args.batch_size,
-                         positions=args.positions, sink_tokens=args.sink_tokens, raw_prompts=args.raw_prompt,
-                         show_anchors=args.show_anchors)
+    engine = Engine.load(
+        args.model,
+        cache=args.cache,
+        anchor_mode=args.anchor_mode,
+        anchors=args.anchors,
+        chunk_size=args.chunk_size,
+        capacity=args.capacity,
+        batch_size=args.batch_size,
+        positions=args.positions,
+        sink_tokens=args.sink_tokens,
+        raw_prompts=args.raw_prompt,
+        show_anchors=args.show_anchors,
+    )
     load_s = time.perf_counter() - t0
     check_sizes(engine, args)
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed, max_sentence_tokens=args.max_sentence_tokens)
+    sampling = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_sentence_tokens=args.max_sentence_tokens,
+    )
     if args.prompt is not None:
         out = engine.generate([args.prompt], **sampling, protect=[args.protect])[0]
         stats = dict(out.stats, load_s=round(load_s, 2), compile_s=round(engine.compile_seconds, 2))
         if args.json:
-            print(json.dumps({"prompt_ids": out.prompt_ids, "generated_ids": out.ids[len(out.prompt_ids):],
-                              "text": out.text, "stats": stats}, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {
+                        "prompt_ids": out.prompt_ids,
+                        "generated_ids": out.ids[len(out.prompt_ids) :],
+                        "text": out.text,
+                        "stats": stats,
+                    },
+                    ensure_ascii=False,
+                )
+            )
         else:
             print(out.text)
-            print(f"[{stats['generated_tokens']} tokens, decode {stats['decode_tokens_per_s']} tok/s, "
-                  f"cache {stats['peak_cache_slots']}/{stats['full_cache_slots']} slots ({engine.cache_kind})]",
-                  file=sys.stderr)
+            print(
+                f"[{stats['generated_tokens']} tokens, decode {stats['decode_tokens_per_s']} tok/s, "
+                f"cache {stats['peak_cache_slots']}/{stats['full_cache_slots']} slots ({engine.cache_kind})]",
+                file=sys.stderr,
+            )
         return 0
 
     from tqdm import tqdm
@@ -119,8 +177,17 @@ def main(argv: list[str] | None = None) -> int:
         raise cli.UsageError(f"{args.input}: no requests")
     records = {}
     with tqdm(total=len(requests), unit="prompt", file=sys.stderr) as bar:
-        results = engine.generate([r[2] for r in requests], **sampling, protect=[r[3] for r in requests],
-                                  raise_errors=False, progress=bar.update) if requests else []
+        results = (
+            engine.generate(
+                [r[2] for r in requests],
+                **sampling,
+                protect=[r[3] for r in requests],
+                raise_errors=False,
+                progress=bar.update,
+            )
+            if requests
+            else []
+        )
     for (line, rid, prompt, _), g in zip(requests, results):
         if g.error:
             errors.append({"id": rid, "line": line, "error": g.error})

@@ -7,6 +7,7 @@ checkpoint and exits 0 (a second signal exits at once, the last checkpoint intac
 a non-finite loss stops the run with the last good checkpoint intact.
 At the end: RUN/export (Hugging Face format) and RUN/loss.png. See README.
 """
+
 from __future__ import annotations
 
 import sys
@@ -25,8 +26,15 @@ def check_outputs(rc) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML run config (default: all defaults)")
-    parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[],
-                        metavar="KEY=VALUE", help="override a config field, e.g. --set train.steps=10 run.dir=runs/x")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.steps=10 run.dir=runs/x",
+    )
     args = parser.parse_args(argv)
     from anjax.train import loop, run_config  # after parsing: --help and bad arguments fail before jax loads
 

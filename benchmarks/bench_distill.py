@@ -6,6 +6,7 @@ run config, alternating in one process on the same batches after both are compil
 Prints the median seconds per step of each and their ratio. Alternating keeps a shared machine's load
 the same for both.
 """
+
 from __future__ import annotations
 
 import argparse

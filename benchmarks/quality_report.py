@@ -3,6 +3,7 @@ cache with 95% intervals, plus held-out perplexity — markdown, JSON and PNG.
 
     python benchmarks/quality_report.py --model runs/main-job/hf [--limit 200] [--out-dir benchmarks/results]
 """
+
 import sys
 from pathlib import Path
 

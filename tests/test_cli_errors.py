@@ -1,4 +1,5 @@
 """Bad model inputs: one line on stderr naming the problem, exit code 2, no traceback."""
+
 import json
 import subprocess
 import sys
@@ -15,8 +16,12 @@ pytestmark = pytest.mark.slow  # python -m anjax.export in subprocesses
 
 
 def run_export(model, out):
-    return subprocess.run([sys.executable, "-m", "anjax.export", "--model", str(model), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "anjax.export", "--model", str(model), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """The inference engine: compacted-cache logits equal the full forward pass; compaction; compile counts."""
+
 import functools
 
 import jax
@@ -25,11 +26,14 @@ from anjax.inference.runtime import right_align
 
 EP_IDS = (5, 7)  # two "punctuation" anchors
 AC_ID = 255
-MODELS = {"tiny": {}, "gqa3_d64": dict(num_heads=6, num_kv_heads=3, head_dim=64),  # the second: SmolLM2's heads
-          "sparse": dict(attention="sparse")}  # prefill chunks' self-attention through anjax.core.sparse_attention
+MODELS = {
+    "tiny": {},
+    "gqa3_d64": dict(num_heads=6, num_kv_heads=3, head_dim=64),  # the second: SmolLM2's heads
+    "sparse": dict(attention="sparse"),
+}  # prefill chunks' self-attention through anjax.core.sparse_attention
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_model(name: str = "tiny"):
     cfg = tiny_config(**MODELS[name])
     return cfg, init_params(cfg, jax.random.key(0))
@@ -79,11 +83,12 @@ def engine_logits(cfg, params, spec, rows, n_prompt, chunk, capacity, protected=
     state = init_state(cfg, B, capacity + chunk, np.zeros(B, bool))
     logits = [[] for _ in rows]
     for c in range(0, tokens.shape[1], chunk):
-        lg, state = _prefill(cfg, spec, params, state, tokens[:, c:c + chunk], valid[:, c:c + chunk],
-                             flags[:, c:c + chunk])
+        lg, state = _prefill(
+            cfg, spec, params, state, tokens[:, c : c + chunk], valid[:, c : c + chunk], flags[:, c : c + chunk]
+        )
         lg = np.asarray(lg)
         for b in range(B):
-            logits[b] += list(lg[b][valid[b, c:c + chunk]])
+            logits[b] += list(lg[b][valid[b, c : c + chunk]])
     state = _start(state, spec, capacity)
     for t in range(max(len(r) - p for r, p in zip(rows, n_prompt))):
         active = np.array([p + t < len(r) for r, p in zip(rows, n_prompt)])
@@ -98,10 +103,21 @@ def engine_logits(cfg, params, spec, rows, n_prompt, chunk, capacity, protected=
     return [np.stack(x) for x in logits], state
 
 
-@pytest.mark.parametrize("kind,chunk,model,batch", [("ep", 1, "tiny", 3), ("ep", 5, "tiny", 3), ("ep", 16, "tiny", 3),
-                                                    ("ac", 1, "tiny", 3), ("ac", 5, "tiny", 3), ("ac", 16, "tiny", 3),
-                                                    ("ep", 7, "gqa3_d64", 1), ("ac", 4, "gqa3_d64", 2),
-                                                    ("ep", 16, "sparse", 3), ("ac", 5, "sparse", 3)])
+@pytest.mark.parametrize(
+    "kind,chunk,model,batch",
+    [
+        ("ep", 1, "tiny", 3),
+        ("ep", 5, "tiny", 3),
+        ("ep", 16, "tiny", 3),
+        ("ac", 1, "tiny", 3),
+        ("ac", 5, "tiny", 3),
+        ("ac", 16, "tiny", 3),
+        ("ep", 7, "gqa3_d64", 1),
+        ("ac", 4, "gqa3_d64", 2),
+        ("ep", 16, "sparse", 3),
+        ("ac", 5, "sparse", 3),
+    ],
+)
 def test_anchor_cache_equals_full_forward_pass(kind, chunk, model, batch):
     cfg, params = tiny_model(model)
     rng = np.random.default_rng(chunk)
@@ -152,9 +168,9 @@ def test_protected_spans_stay_visible_and_exact(kind, chunk):
             row = make(rng, n)
         f = [False] * n
         start = int(rng.integers(0, p // 2))
-        f[start:start + 4] = [True] * 4   # an early span
-        f[p - 2] = True                   # a span inside the open sentence (an unprotected token before it)
-        f[p + 3] = True                   # a decoded token
+        f[start : start + 4] = [True] * 4  # an early span
+        f[p - 2] = True  # a span inside the open sentence (an unprotected token before it)
+        f[p + 3] = True  # a decoded token
         rows.append(row), n_prompt.append(p), flags.append(f)
     spec = EngineSpec(anchor_cache=True, anchor_ids=ids)
     got, state = engine_logits(cfg, params, spec, rows, n_prompt, chunk, capacity=40, protected=flags)
@@ -201,11 +217,14 @@ def test_prefill_keeps_exactly_anchors_and_open_sentence():
 def test_compact_is_stable_and_moves_kept_slots_to_front():
     cfg, _ = tiny_model()
     state = init_state(cfg, 2, 6, np.zeros(2, bool))
-    cache = state.cache.replace(pos=jnp.array([[0, 1, 2, 3, 4, 5]] * 2), seg=jnp.array([[0, 0, 1, 1, 2, 2]] * 2),
-                                anchor=jnp.array([[0, 1, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]], bool),
-                                valid=jnp.array([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], bool),
-                                keys=jnp.arange(6.0)[None, None, None, :, None] * jnp.ones(cache_shape(cfg)),
-                                length=jnp.array([5, 6]))
+    cache = state.cache.replace(
+        pos=jnp.array([[0, 1, 2, 3, 4, 5]] * 2),
+        seg=jnp.array([[0, 0, 1, 1, 2, 2]] * 2),
+        anchor=jnp.array([[0, 1, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]], bool),
+        valid=jnp.array([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], bool),
+        keys=jnp.arange(6.0)[None, None, None, :, None] * jnp.ones(cache_shape(cfg)),
+        length=jnp.array([5, 6]),
+    )
     out = compact(cache, keep_slots(cache, jnp.array([2, 1]), full=False))
     assert out.length.tolist() == [3, 2]
     assert np.asarray(out.pos).tolist() == [[1, 3, 4, 0, 0, 0], [2, 3, 0, 0, 0, 0]]
@@ -242,6 +261,7 @@ def test_one_query_attention_matches_numpy(batch, slots, heads, kv_heads, head_d
     k, v = rng.standard_normal((2, batch, slots, kv_heads, head_dim), np.float32)
     allowed = rng.random((batch, 1, slots)) < 0.7
     allowed[..., 0] = True
+
     def attend(q, k, v, allowed):  # the cache, then its first slot again as the new token
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # head-major, as the cache stores them
         return blocked_attention(q, [(k, v, allowed), (k[:, :, :1], v[:, :, :1], allowed[..., :1])])
@@ -271,13 +291,21 @@ def count_compiles(fn):
 
 def test_same_shapes_and_new_sampling_values_compile_once():
     cfg, params = tiny_model()
-    eng = Engine(cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!")), params,
-                 chunk_size=8, capacity=64, batch_size=2)
+    eng = Engine(
+        cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!")),
+        params,
+        chunk_size=8,
+        capacity=64,
+        batch_size=2,
+    )
     rng = np.random.default_rng(4)
     first, _ = count_compiles(lambda: eng.generate([ep_row(rng, 20), ep_row(rng, 9)], max_new_tokens=6))
     assert first > 0
-    again, out = count_compiles(lambda: eng.generate([ep_row(rng, 19), ep_row(rng, 14)], max_new_tokens=6,
-                                                     temperature=0.7, top_p=0.9, top_k=5, seed=3))
+    again, out = count_compiles(
+        lambda: eng.generate(
+            [ep_row(rng, 19), ep_row(rng, 14)], max_new_tokens=6, temperature=0.7, top_p=0.9, top_k=5, seed=3
+        )
+    )
     assert again == 0 and len(eng.runtime.executables) == 2
     assert [len(o.ids) - len(o.prompt_ids) for o in out] == [6, 6]
 
@@ -289,7 +317,7 @@ def test_greedy_generation_matches_argmax_of_full_forward():
     prompts = [ep_row(rng, 13), ep_row(rng, 2)]
     for out in eng.generate(prompts, max_new_tokens=8, stop_ids=()):
         logits = reference_logits(cfg, params, out.ids[:-1], EP_IDS, full=False)
-        assert out.ids[len(out.prompt_ids):] == np.argmax(logits, -1)[len(out.prompt_ids) - 1:].tolist()
+        assert out.ids[len(out.prompt_ids) :] == np.argmax(logits, -1)[len(out.prompt_ids) - 1 :].tolist()
         assert out.stats["generated_tokens"] == 8 and out.stats["full_cache_slots"] == len(out.ids) - 1
 
 
@@ -301,7 +329,7 @@ def test_greedy_generation_with_protected_spans_matches_full_forward():
     for out, sp in zip(eng.generate(prompts, max_new_tokens=8, stop_ids=(), protect=spans), spans):
         flags = span_flags(len(out.ids) - 1, sp)
         logits = reference_logits(cfg, params, out.ids[:-1], EP_IDS, False, protected=flags)
-        assert out.ids[len(out.prompt_ids):] == np.argmax(logits, -1)[len(out.prompt_ids) - 1:].tolist()
+        assert out.ids[len(out.prompt_ids) :] == np.argmax(logits, -1)[len(out.prompt_ids) - 1 :].tolist()
         assert out.stats["protected_tokens"] == sum(flags)
     for bad, message in (([[(3, 2)], []], "start < end"), ([[(0, 99)], []], "end <= 15"), ([[]], "one entry")):
         with pytest.raises(ValueError, match=message):
@@ -319,7 +347,7 @@ def test_stop_ids_end_rows_independently():
     out = eng.generate(prompts, max_new_tokens=6, stop_ids=(first,))
     assert out[0].ids[3:] == [first]
     stops_b = first in greedy[1].ids[5:]
-    assert out[1].ids[5:] == (greedy[1].ids[5:greedy[1].ids.index(first, 5) + 1] if stops_b else greedy[1].ids[5:])
+    assert out[1].ids[5:] == (greedy[1].ids[5 : greedy[1].ids.index(first, 5) + 1] if stops_b else greedy[1].ids[5:])
 
 
 def test_sampling_filters():
@@ -329,8 +357,9 @@ def test_sampling_filters():
     assert greedy.tolist() == [1, 1, 1]
     top1 = sample_tokens(logits, keys, jnp.full(3, 5.0), jnp.ones(3, jnp.int32), jnp.ones(3))
     assert top1.tolist() == [1, 1, 1]
-    draws = jax.vmap(lambda k: sample_tokens(logits[:1], k[None], jnp.ones(1), jnp.zeros(1, jnp.int32),
-                                             jnp.full(1, 0.8)))(jax.random.split(jax.random.key(0), 200))
+    draws = jax.vmap(
+        lambda k: sample_tokens(logits[:1], k[None], jnp.ones(1), jnp.zeros(1, jnp.int32), jnp.full(1, 0.8))
+    )(jax.random.split(jax.random.key(0), 200))
     assert set(np.asarray(draws).ravel().tolist()) == {1, 3}  # top-p 0.8 keeps the two likeliest ids
 
 

@@ -7,6 +7,7 @@ traceback is printed only with `--debug`. The `check_*` functions validate paths
 before any model loads: an input must be a readable file, an output must be
 creatable — probed by making and removing a file where it will be written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,10 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         if isinstance(e, (ValueError, OSError)):
             print(f"error: {one_line(e)}", file=sys.stderr)
             sys.exit(2)
-        print(f"error: internal error ({type(e).__name__}: {one_line(e)}); rerun with {DEBUG_FLAG} for the traceback",
-              file=sys.stderr)
+        print(
+            f"error: internal error ({type(e).__name__}: {one_line(e)}); rerun with {DEBUG_FLAG} for the traceback",
+            file=sys.stderr,
+        )
         sys.exit(1)
     sys.exit(code or 0)
 
@@ -65,8 +68,9 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
 # ----------------------------------------------------------------------------- argument checks
 
 
-def check_range(name: str, value: float | None, low: float | None = None, high: float | None = None,
-                low_open: bool = False) -> None:
+def check_range(
+    name: str, value: float | None, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> None:
     """UsageError unless low <= value <= high (low < value with `low_open`); None passes."""
     if value is None:
         return
@@ -77,7 +81,7 @@ def check_range(name: str, value: float | None, low: float | None = None, high: 
 
 
 def check_seed(name: str, seed: int) -> None:
-    check_range(name, seed, 0, 2 ** 32 - 1)
+    check_range(name, seed, 0, 2**32 - 1)
 
 
 def check_readable_file(path: str | os.PathLike, what: str) -> Path:

@@ -1,8 +1,9 @@
 """`python -m anjax.anchors`: how a text is cut into anchored sentences (`anjax.text.anchors`).
 
-    python -m anjax.anchors --mode ac --text "One. Two? Three"        # table
-    python -m anjax.anchors --mode ep --anchors . '?' '!' , --text "One, two. Three" --json
+python -m anjax.anchors --mode ac --text "One. Two? Three"        # table
+python -m anjax.anchors --mode ep --anchors . '?' '!' , --text "One, two. Three" --json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,18 +22,25 @@ from anjax.text.encode import Encoder
 
 def main(argv=None) -> int:
     """CLI entry point; returns the exit code (2 with a one-line message on bad input)."""
-    p = cli.ArgumentParser(prog="python -m anjax.anchors", description="Show how a text is cut into anchored sentences.")
+    p = cli.ArgumentParser(
+        prog="python -m anjax.anchors", description="Show how a text is cut into anchored sentences."
+    )
     p.add_argument("--model", default=None, help="HF directory or GGUF file (default: the embedded model)")
     p.add_argument("--mode", required=True, help="ep | ac | none")
-    p.add_argument("--anchors", nargs="+", default=None, help='EP anchor strings (default: . ? !)')
+    p.add_argument("--anchors", nargs="+", default=None, help="EP anchor strings (default: . ? !)")
     p.add_argument("--text", required=True)
-    p.add_argument("--max-sentence-tokens", type=int, default=None, help="AC: an <AC> every N tokens of a long sentence")
-    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
-                   help="prepend BOS (default: as the tokenizer itself does)")
+    p.add_argument(
+        "--max-sentence-tokens", type=int, default=None, help="AC: an <AC> every N tokens of a long sentence"
+    )
+    p.add_argument(
+        "--bos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prepend BOS (default: as the tokenizer itself does)",
+    )
     p.add_argument("--json", action="store_true", help='print {"ids", "tokens", "seg", "anchor"}')
     args = p.parse_args(argv)
     try:
-
         if not args.text.strip():
             raise ValueError("--text is empty")
         if args.mode not in ANCHOR_MODES:
@@ -52,8 +60,16 @@ def main(argv=None) -> int:
     meta = token_metadata(ids_1xT, np.ones_like(ids_1xT, bool), None, anchor_ids=tuple(anchor_ids))
     seg, anchor = np.asarray(meta.seg[0]), np.asarray(meta.anchor[0])
     if args.json:
-        print(json.dumps({"ids": ids, "tokens": tokenizer.convert_ids_to_tokens(ids), "seg": seg.tolist(),
-                          "anchor": anchor.tolist()}))
+        print(
+            json.dumps(
+                {
+                    "ids": ids,
+                    "tokens": tokenizer.convert_ids_to_tokens(ids),
+                    "seg": seg.tolist(),
+                    "anchor": anchor.tolist(),
+                }
+            )
+        )
         return 0
     print(f"{'i':>5} {'id':>7} {'seg':>4} {'anchor':>6}  text")
     for i, (t, s, a) in enumerate(zip(ids, seg, anchor)):

@@ -2,6 +2,7 @@
 
 The command and the engine's prefill/decode report (the engine is inference, the library is train: both meet here).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,16 @@ from anjax.train.aot import (
 )
 
 
-def inference_report(step: str, cfg: ModelConfig, target: Target, batch: int, capacity: int, chunk: int,
-                     new_tokens: int, anchor_cache: bool) -> dict[str, Any]:
+def inference_report(
+    step: str,
+    cfg: ModelConfig,
+    target: Target,
+    batch: int,
+    capacity: int,
+    chunk: int,
+    new_tokens: int,
+    anchor_cache: bool,
+) -> dict[str, Any]:
     """The engine's prefill chunk or decode loop for [batch] rows on one device of `target`.
 
     Prefill: one chunk of `chunk` tokens into a cache of capacity + chunk slots (`prefill`).
@@ -52,9 +61,14 @@ def inference_report(step: str, cfg: ModelConfig, target: Target, batch: int, ca
         fn, donate, tokens, keys = functools.partial(generate.prefill, cfg, spec), (1,), batch * chunk, slots
         extra = {"chunk": chunk}
     else:
-        samp = generate.Sampling(temperature=row(jnp.float32), top_k=row(jnp.int32), top_p=row(jnp.float32),
-                                 seed=row(jnp.uint32), stop_ids=jax.ShapeDtypeStruct((generate.MAX_STOP_IDS,), jnp.int32, sharding=dev),
-                                 max_sentence_tokens=jax.ShapeDtypeStruct((), jnp.int32, sharding=dev))
+        samp = generate.Sampling(
+            temperature=row(jnp.float32),
+            top_k=row(jnp.int32),
+            top_p=row(jnp.float32),
+            seed=row(jnp.uint32),
+            stop_ids=jax.ShapeDtypeStruct((generate.MAX_STOP_IDS,), jnp.int32, sharding=dev),
+            max_sentence_tokens=jax.ShapeDtypeStruct((), jnp.int32, sharding=dev),
+        )
         args = (params, state, row(jnp.int32), row(jnp.bool_), samp)
         fn = functools.partial(generate.decode_loop, cfg, spec, capacity, new_tokens)
         donate, tokens, keys = (), batch, capacity + 1
@@ -63,11 +77,18 @@ def inference_report(step: str, cfg: ModelConfig, target: Target, batch: int, ca
     hbm = num_params(cfg) * jnp.dtype(cfg.param_dtype).itemsize + kv_bytes(cfg, batch, keys)
     lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
     report = compile_report(lowered, target, {"params": params, "state": state}, flops, flops, hbm)
-    return {"step": step, "batch": batch, "capacity": capacity, "cache": "anchor" if anchor_cache else "full",
-            **extra, **report}
+    return {
+        "step": step,
+        "batch": batch,
+        "capacity": capacity,
+        "cache": "anchor" if anchor_cache else "full",
+        **extra,
+        **report,
+    }
 
 
 # ----------------------------------------------------------------------------- CLI
+
 
 def _gib(n: float | None) -> str:
     return "-" if n is None else f"{n / GiB:.2f} GiB"
@@ -77,24 +98,47 @@ def format_report(r: dict[str, Any]) -> str:
     head = {k: r[k] for k in ("topology", "devices", "device_kind", "model") if k in r}
     lines = [" ".join(f"{k}={v}" for k, v in head.items())]
     for s in r["steps"]:
-        lines.append(f"[{s['step']}] " + ", ".join(f"{k}={s[k]}" for k in ("mesh", "global_batch", "seq_len",
-                     "grad_accum", "rows_per_device", "batch", "capacity", "chunk", "new_tokens", "cache") if k in s))
+        lines.append(
+            f"[{s['step']}] "
+            + ", ".join(
+                f"{k}={s[k]}"
+                for k in (
+                    "mesh",
+                    "global_batch",
+                    "seq_len",
+                    "grad_accum",
+                    "rows_per_device",
+                    "batch",
+                    "capacity",
+                    "chunk",
+                    "new_tokens",
+                    "cache",
+                )
+                if k in s
+            )
+        )
         lines.append(f"  fits: {str(s['fits']).lower()}  HBM per device {_gib(s['hbm_bytes'])}")
         if "total_bytes" in s:
-            lines.append("  per device: " + ", ".join(f"{k} {_gib(s[k + '_bytes'])}" for k in
-                                                     ("argument", "output", "alias", "temp", "total")))
+            lines.append(
+                "  per device: "
+                + ", ".join(f"{k} {_gib(s[k + '_bytes'])}" for k in ("argument", "output", "alias", "temp", "total"))
+            )
             per = " per token" if s.get("per") == "token" else " per step"
-            lines.append(f"  model FLOPs{per} {s['model_flops']:.3e}, hardware {s['hardware_flops']:.3e}, "
-                         f"HBM traffic {_gib(s['hbm_traffic_bytes'])}; estimated time {s['step_s'] * 1e3:.2f} ms "
-                         f"(compute {s['compute_bound_s'] * 1e3:.2f}, memory {s['memory_bound_s'] * 1e3:.2f}), "
-                         f"MFU {s['mfu']:.1%}")
+            lines.append(
+                f"  model FLOPs{per} {s['model_flops']:.3e}, hardware {s['hardware_flops']:.3e}, "
+                f"HBM traffic {_gib(s['hbm_traffic_bytes'])}; estimated time {s['step_s'] * 1e3:.2f} ms "
+                f"(compute {s['compute_bound_s'] * 1e3:.2f}, memory {s['memory_bound_s'] * 1e3:.2f}), "
+                f"MFU {s['mfu']:.1%}"
+            )
         else:
             lines += [f"  compiler: {ln}" for ln in s["compiler_error"][:6]]
         if not s["fits"] or "total_bytes" not in s:
-            lines.append("  largest arguments: " + ", ".join(f"{a['name']} {_gib(a['bytes'])}"
-                                                             for a in s["largest_arguments"]))
-            lines.append("  arguments by group: " + ", ".join(f"{g} {_gib(b)}"
-                                                             for g, b in s["argument_bytes_by_group"].items()))
+            lines.append(
+                "  largest arguments: " + ", ".join(f"{a['name']} {_gib(a['bytes'])}" for a in s["largest_arguments"])
+            )
+            lines.append(
+                "  arguments by group: " + ", ".join(f"{g} {_gib(b)}" for g, b in s["argument_bytes_by_group"].items())
+            )
     return "\n".join(lines)
 
 
@@ -102,28 +146,56 @@ def _quiet_libtpu() -> None:
     """Compile-only use of libtpu and the CUDA plugin: the host backend is the CPU, libtpu skips its TPU-host
     discovery and the CUDA plugin registers without CUDA libraries (it only compiles)."""
     jax.config.update("jax_platforms", "cpu")
-    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                       ("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1"),
-                       ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+    for key, value in (
+        ("TPU_SKIP_MDS_QUERY", "1"),
+        ("TPU_WORKER_HOSTNAMES", "localhost"),
+        ("TPU_ACCELERATOR_TYPE", "v5litepod-4"),
+        ("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1"),
+        ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+    ):
         os.environ.setdefault(key, value)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m anjax.aot", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML run config (as for train.py)")
-    parser.add_argument("--topology", required=True, help="TPU topology GEN:AxB[xC] (e.g. v5e:16x16, v5p:4x4x4, v4:2x2x4) or h100:N (N <= 8 GPUs)")
-    parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set data.batch_size=64 mesh.fsdp=-1")
-    parser.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default=None,
-                        help="model shape to use instead of model.path (weights are never read)")
-    parser.add_argument("--step", action="append", choices=("train", "prefill", "decode"), default=None,
-                        help="what to compile (repeatable; default train)")
+    parser.add_argument(
+        "--topology",
+        required=True,
+        help="TPU topology GEN:AxB[xC] (e.g. v5e:16x16, v5p:4x4x4, v4:2x2x4) or h100:N (N <= 8 GPUs)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set data.batch_size=64 mesh.fsdp=-1",
+    )
+    parser.add_argument(
+        "--model-shape",
+        choices=sorted(MODEL_SHAPES),
+        default=None,
+        help="model shape to use instead of model.path (weights are never read)",
+    )
+    parser.add_argument(
+        "--step",
+        action="append",
+        choices=("train", "prefill", "decode"),
+        default=None,
+        help="what to compile (repeatable; default train)",
+    )
     parser.add_argument("--batch", type=int, default=8, help="inference rows")
     parser.add_argument("--capacity", type=int, default=2048, help="inference cache slots kept per row")
     parser.add_argument("--chunk", type=int, default=256, help="prefill chunk in tokens")
     parser.add_argument("--new-tokens", type=int, default=128, help="decode loop length")
-    parser.add_argument("--cache", choices=("anchor", "full"), default=None,
-                        help="inference cache (default: anchor when the model has anchors)")
+    parser.add_argument(
+        "--cache",
+        choices=("anchor", "full"),
+        default=None,
+        help="inference cache (default: anchor when the model has anchors)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     for name in ("batch", "capacity", "chunk", "new_tokens"):
@@ -141,13 +213,27 @@ def main(argv: list[str] | None = None) -> int:
             steps.append(train_report(rc, cfg, target))
         else:
             anchor = (args.cache or ("anchor" if cfg.anchor_ids else "full")) == "anchor"
-            steps.append(inference_report(step, cfg, target, args.batch, args.capacity, args.chunk,
-                                          args.new_tokens, anchor))
-    report = {"config": args.config, "topology": target.name, "devices": len(target.devices),
-              "device_kind": target.devices[0].device_kind, "model": dict(
-                  params=num_params(cfg), layers=cfg.num_layers, hidden=cfg.hidden_size, vocab=cfg.vocab_size,
-                  dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers),
-              "peak_flops_per_device": target.peak_flops, "hbm_bytes_per_s_per_device": target.hbm_bytes_per_s,
-              "steps": steps}
+            steps.append(
+                inference_report(step, cfg, target, args.batch, args.capacity, args.chunk, args.new_tokens, anchor)
+            )
+    report = {
+        "config": args.config,
+        "topology": target.name,
+        "devices": len(target.devices),
+        "device_kind": target.devices[0].device_kind,
+        "model": dict(
+            params=num_params(cfg),
+            layers=cfg.num_layers,
+            hidden=cfg.hidden_size,
+            vocab=cfg.vocab_size,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            remat=cfg.remat,
+            scan_layers=cfg.scan_layers,
+        ),
+        "peak_flops_per_device": target.peak_flops,
+        "hbm_bytes_per_s_per_device": target.hbm_bytes_per_s,
+        "steps": steps,
+    }
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0

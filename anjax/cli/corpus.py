@@ -1,5 +1,5 @@
-"""`python -m anjax.corpus`: build the offline training corpus (`anjax.train.corpus`).
-"""
+"""`python -m anjax.corpus`: build the offline training corpus (`anjax.train.corpus`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--packages", default=",".join(PACKAGES), help=f"comma-separated subset of {','.join(PACKAGES)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--validation-fraction", type=float, default=0.02)
-    p.add_argument("--eval-data", default=None, help="evaluation data directory (default: as anjax.eval.tasks finds it)")
+    p.add_argument(
+        "--eval-data", default=None, help="evaluation data directory (default: as anjax.eval.tasks finds it)"
+    )
     args = p.parse_args(argv)
     packages = [x for x in args.packages.split(",") if x]
     try:
@@ -45,10 +47,20 @@ def main(argv: list[str] | None = None) -> int:
         for tool in ("apt-get", "dpkg-deb"):
             if shutil.which(tool) is None:
                 raise ValueError(f"{tool} not found: this script needs a Debian/Ubuntu system")
-        summary = corpus.build(Path(args.out), Path(args.cache), packages, args.seed, args.validation_fraction,
-                              eval_texts(args.eval_data), load_tokenizer(None))
+        summary = corpus.build(
+            Path(args.out),
+            Path(args.cache),
+            packages,
+            args.seed,
+            args.validation_fraction,
+            eval_texts(args.eval_data),
+            load_tokenizer(None),
+        )
     except subprocess.CalledProcessError as e:
-        print(f"error: {' '.join(e.cmd)} failed: {(e.stderr or '').strip().splitlines()[-1:] or e.returncode}", file=sys.stderr)
+        print(
+            f"error: {' '.join(e.cmd)} failed: {(e.stderr or '').strip().splitlines()[-1:] or e.returncode}",
+            file=sys.stderr,
+        )
         return 2
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

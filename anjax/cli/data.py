@@ -1,5 +1,5 @@
-"""`python -m anjax.cli.data`: statistics of the training data as a run config builds it (`anjax.train.data`).
-"""
+"""`python -m anjax.cli.data`: statistics of the training data as a run config builds it (`anjax.train.data`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +31,14 @@ def main(argv=None) -> int:
         if args.mode == "ac":
             add_ac_token(tokenizer)
         scheme = make_scheme(tokenizer, args.mode, args.anchors)
-        cfg = DataConfig(path=args.path, split=args.split, seq_len=args.seq_len, batch_size=args.batch_size,
-                         packing=args.packing, num_proc=args.num_proc)
+        cfg = DataConfig(
+            path=args.path,
+            split=args.split,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            packing=args.packing,
+            num_proc=args.num_proc,
+        )
         ds = load_corpus(cfg)
         t0 = time.perf_counter()
         corpus = tokenize_corpus(ds, tokenizer, scheme, cfg)
@@ -46,10 +52,14 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = corpus.stats
-    print(f"{args.mode}: {s.documents} documents ({s.skipped} skipped), {s.sentences} sentences, {s.tokens} tokens, "
-          f"{s.anchors} anchors ({100 * s.anchor_share:.2f}% of tokens)")
-    print(f"speed: tokenize {t1 - t0:.2f} s, {s.tokens / (t1 - t0):,.0f} tokens/s; "
-          f"batches: {n * cfg.batch_size * cfg.seq_len / (t2 - t1):,.0f} slots/s")
+    print(
+        f"{args.mode}: {s.documents} documents ({s.skipped} skipped), {s.sentences} sentences, {s.tokens} tokens, "
+        f"{s.anchors} anchors ({100 * s.anchor_share:.2f}% of tokens)"
+    )
+    print(
+        f"speed: tokenize {t1 - t0:.2f} s, {s.tokens / (t1 - t0):,.0f} tokens/s; "
+        f"batches: {n * cfg.batch_size * cfg.seq_len / (t2 - t1):,.0f} slots/s"
+    )
     return 0
 
 

@@ -5,6 +5,7 @@ carries the anchor settings in config.json ("anjax" key), so anjax reloads it as
 An existing DIR is replaced only when anjax wrote it (its `.anjax-export` lists every
 file in it); `--force` moves any other directory aside instead of refusing.
 """
+
 from __future__ import annotations
 
 import sys
@@ -15,10 +16,15 @@ from anjax.io import outputs
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(prog="python -m anjax.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="HF directory, GGUF file or anjax run directory (default: embedded SmolLM2-135M)")
+    parser.add_argument(
+        "--model", default=None, help="HF directory, GGUF file or anjax run directory (default: embedded SmolLM2-135M)"
+    )
     parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
-    parser.add_argument("--force", action="store_true",
-                        help="if DIR exists and anjax did not write it, move it aside to DIR.replaced-<time>")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="if DIR exists and anjax did not write it, move it aside to DIR.replaced-<time>",
+    )
     args = parser.parse_args(argv)
     out = outputs.check_replaceable(args.out, args.force)
     cli.check_creatable(out, "--out")

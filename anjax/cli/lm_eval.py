@@ -1,5 +1,8 @@
-"""`python -m anjax.lm_eval_adapter`: lm-eval's command line with the "anjax" model registered (`anjax.eval.lm_eval_adapter`).
+"""`python -m anjax.lm_eval_adapter`: lm-eval's command line with the "anjax" model registered.
+
+The model itself is `anjax.eval.lm_eval_adapter.AnjaxLM`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,6 +21,7 @@ def precheck_model_args(argv: list[str]) -> None:
     """With `--model anjax`, check `--model_args` as AnjaxLM will, before the harness starts."""
 
     from lm_eval.utils import simple_parse_args_string
+
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model")
     pre.add_argument("--model_args", "-a", nargs="+", default=[])
@@ -28,8 +32,13 @@ def precheck_model_args(argv: list[str]) -> None:
     params = inspect.signature(AnjaxLM.__init__).parameters
     names = set(params) - {"self", "unknown", "scoring_model"}
     value = lambda k: given.get(k, params[k].default)
-    check_model_args(value("model"), value("cache"), value("batch_size"), value("chunk_size"),
-                     {k: v for k, v in given.items() if k not in names})
+    check_model_args(
+        value("model"),
+        value("cache"),
+        value("batch_size"),
+        value("chunk_size"),
+        {k: v for k, v in given.items() if k not in names},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         source = argv[i + 1] if i + 1 < len(argv) else ""
         if source not in ("auto", "local", "hub"):
             raise cli.UsageError(f"{DATA_FLAG} must be auto, local or hub, got {source!r}")
-        del argv[i:i + 2]
+        del argv[i : i + 2]
     precheck_model_args(argv)
     with tempfile.TemporaryDirectory(prefix="anjax-lm-eval-tasks-") as include:
         if source != "hub" and "--include_path" not in argv and lm_eval_tasks.local_data_available(source == "local"):

@@ -12,6 +12,7 @@ by default) with both caches, their ratio and its interval (`anjax.eval.perplexi
 Writes OUT_DIR/NAME.md, NAME.json (both reports, every per-document result) and
 NAME.png (accuracy with error bars per task, anchor − full, perplexity).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,11 +31,17 @@ CACHES = ("full", "anchor")
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python benchmarks/quality_report.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="HF directory, GGUF file or anjax run (default: embedded SmolLM2)")
-    p.add_argument("--tasks", default=",".join(evaluate.DEFAULT_TASKS),
-                   help="comma list of built-in tasks and/or your own FILE.jsonl (default: the paper's 8)")
+    p.add_argument(
+        "--tasks",
+        default=",".join(evaluate.DEFAULT_TASKS),
+        help="comma list of built-in tasks and/or your own FILE.jsonl (default: the paper's 8)",
+    )
     p.add_argument("--limit", type=int, default=200, help="first N documents per task (all where a task has fewer)")
-    p.add_argument("--ppl-data", default="embedded",
-                   help="held-out text: embedded (the embedded corpus' validation split) | lambada | local files")
+    p.add_argument(
+        "--ppl-data",
+        default="embedded",
+        help="held-out text: embedded (the embedded corpus' validation split) | lambada | local files",
+    )
     p.add_argument("--ppl-limit", type=int, default=None, help="first N passages of --ppl-data (default all)")
     p.add_argument("--anchor-mode", default=None, choices=("ep", "ac"), help="override the model's anchor mode")
     p.add_argument("--anchors", nargs="+", default=None, help="EP anchor strings (default . ? !)")
@@ -62,15 +69,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def markdown(report: dict) -> str:
     acc, ppl = report["accuracy"], report["perplexity"]
-    return "\n".join([f"# Quality report: {acc['model']}", "",
-                      f"0-shot, the first {acc['limit']} documents of each task (all where a task has fewer), "
-                      f"full vs anchor cache (anchors: {acc['anchor_mode']}).", "",
-                      intervals.markdown(acc), evaluate.markdown_table(acc), perplexity.markdown(ppl)])
+    return "\n".join(
+        [
+            f"# Quality report: {acc['model']}",
+            "",
+            f"0-shot, the first {acc['limit']} documents of each task (all where a task has fewer), "
+            f"full vs anchor cache (anchors: {acc['anchor_mode']}).",
+            "",
+            intervals.markdown(acc),
+            evaluate.markdown_table(acc),
+            perplexity.markdown(ppl),
+        ]
+    )
 
 
 def plot(report: dict, path: Path) -> None:
     """Accuracy with error bars per task (full vs anchor), anchor − full, and perplexity."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -81,15 +97,19 @@ def plot(report: dict, path: Path) -> None:
     res = ppl["results"]
     ys = [res[c]["ppl"] for c in res]
     err = [[res[c]["ppl"] - res[c]["ppl_ci"][0] for c in res], [res[c]["ppl_ci"][1] - res[c]["ppl"] for c in res]]
-    axes[2].bar(list(res), ys, yerr=err, capsize=3, color=["C0", "C1"][:len(res)])
+    axes[2].bar(list(res), ys, yerr=err, capsize=3, color=["C0", "C1"][: len(res)])
     ratio = ppl["ratios"].get("anchor / full")
-    title = "held-out perplexity" + (f"\nanchor / full = {ratio['ppl_ratio']:.3f}\n"
-                                     f"[{ratio['ppl_ratio_ci'][0]:.3f}, {ratio['ppl_ratio_ci'][1]:.3f}]"
-                                     if ratio else "")
+    title = "held-out perplexity" + (
+        f"\nanchor / full = {ratio['ppl_ratio']:.3f}\n[{ratio['ppl_ratio_ci'][0]:.3f}, {ratio['ppl_ratio_ci'][1]:.3f}]"
+        if ratio
+        else ""
+    )
     axes[2].set_title(title)
     axes[2].grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{acc['model']}: 0-shot, ≤{acc['limit']} docs per task, anchors {acc['anchor_mode']}; "
-                 f"perplexity on {ppl['text']} ({ppl['results']['full']['tokens']} tokens)")
+    fig.suptitle(
+        f"{acc['model']}: 0-shot, ≤{acc['limit']} docs per task, anchors {acc['anchor_mode']}; "
+        f"perplexity on {ppl['text']} ({ppl['results']['full']['tokens']} tokens)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -99,10 +119,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     names, caches = evaluate_cli.check_args(args)
     items = evaluate_cli.load_items(args, names)
-    texts = perplexity.held_out_texts(args.ppl_data, args.data_dir, args.ppl_limit)   # before the model loads
+    texts = perplexity.held_out_texts(args.ppl_data, args.data_dir, args.ppl_limit)  # before the model loads
     model = evaluate_cli.load_model_for(args, caches)
-    report = {"accuracy": evaluate_cli.task_report(args, items, caches, model),
-              "perplexity": perplexity.report(args, texts, caches, model)}
+    report = {
+        "accuracy": evaluate_cli.task_report(args, items, caches, model),
+        "perplexity": perplexity.report(args, texts, caches, model),
+    }
     text = markdown(report)
     print("\n" + text)
     out = Path(args.out_dir)

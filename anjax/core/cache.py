@@ -3,6 +3,7 @@
 Keys are stored after RoPE at their true positions, so a slot's content never
 changes once written; only its place in the cache does (compaction).
 """
+
 from __future__ import annotations
 
 import flax.struct
@@ -34,23 +35,38 @@ class KVCache:
 
     def slot_meta(self) -> TokenMeta:
         """Metadata of the C slots as keys (one document per row)."""
-        return TokenMeta(doc=jnp.zeros_like(self.pos), pos=self.pos, seg=self.seg, anchor=self.anchor,
-                         protected=self.protected, valid=self.valid)
+        return TokenMeta(
+            doc=jnp.zeros_like(self.pos),
+            pos=self.pos,
+            seg=self.seg,
+            anchor=self.anchor,
+            protected=self.protected,
+            valid=self.valid,
+        )
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
     """An empty cache: no valid slot, length 0."""
     kv_shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
     meta = lambda dtype: jnp.zeros((batch, capacity), dtype)  # distinct buffers (donation-safe)
-    return KVCache(keys=jnp.zeros(kv_shape, dtype), values=jnp.zeros(kv_shape, dtype),
-                   pos=meta(jnp.int32), seg=meta(jnp.int32), anchor=meta(bool), protected=meta(bool),
-                   valid=meta(bool), length=jnp.zeros((batch,), jnp.int32))
+    return KVCache(
+        keys=jnp.zeros(kv_shape, dtype),
+        values=jnp.zeros(kv_shape, dtype),
+        pos=meta(jnp.int32),
+        seg=meta(jnp.int32),
+        anchor=meta(bool),
+        protected=meta(bool),
+        valid=meta(bool),
+        length=jnp.zeros((batch,), jnp.int32),
+    )
 
 
 def write_rows(buffer_BxCx: jax.Array, chunk_BxTx: jax.Array, offset_B: jax.Array) -> jax.Array:
     """Write each row's chunk at its own offset along axis 1 (caller guarantees offset + T <= C)."""
+
     def one(buf, chunk, off):
         return jax.lax.dynamic_update_slice_in_dim(buf, chunk.astype(buf.dtype), off, axis=0)
+
     return jax.vmap(one)(buffer_BxCx, chunk_BxTx, offset_B)
 
 
@@ -63,7 +79,8 @@ def write_slots(buffer_LxBxKxCxD: jax.Array, chunk_LxBxKxTxD: jax.Array, offset_
     B, K, T = chunk_LxBxKxTxD.shape[1:4]
     slot_BxT = jnp.clip(offset_B, 0, buffer_LxBxKxCxD.shape[3] - T)[:, None] + jnp.arange(T)
     return buffer_LxBxKxCxD.at[:, jnp.arange(B)[:, None, None], jnp.arange(K)[:, None], slot_BxT[:, None]].set(
-        chunk_LxBxKxTxD.astype(buffer_LxBxKxCxD.dtype), mode="promise_in_bounds")
+        chunk_LxBxKxTxD.astype(buffer_LxBxKxCxD.dtype), mode="promise_in_bounds"
+    )
 
 
 def append_meta(cache: KVCache, meta: TokenMeta) -> KVCache:
@@ -72,11 +89,14 @@ def append_meta(cache: KVCache, meta: TokenMeta) -> KVCache:
     The model writes the chunk's keys/values for all layers (`write_slots`).
     """
     off = cache.length
-    return cache.replace(pos=write_rows(cache.pos, meta.pos, off), seg=write_rows(cache.seg, meta.seg, off),
-                         anchor=write_rows(cache.anchor, meta.anchor, off),
-                         protected=write_rows(cache.protected, meta.protected, off),
-                         valid=write_rows(cache.valid, meta.valid, off),
-                         length=cache.length + meta.pos.shape[1])
+    return cache.replace(
+        pos=write_rows(cache.pos, meta.pos, off),
+        seg=write_rows(cache.seg, meta.seg, off),
+        anchor=write_rows(cache.anchor, meta.anchor, off),
+        protected=write_rows(cache.protected, meta.protected, off),
+        valid=write_rows(cache.valid, meta.valid, off),
+        length=cache.length + meta.pos.shape[1],
+    )
 
 
 def keep_slots(cache: KVCache, open_seg_B: jax.Array, full: bool) -> jax.Array:
@@ -109,9 +129,16 @@ def compact(cache: KVCache, keep_BxC: jax.Array) -> KVCache:
         x = jnp.take_along_axis(x_LxBxKxCxD, order_BxC[None, :, None, :, None], axis=3)
         return jnp.where(live_BxC[None, :, None, :, None], x, jnp.zeros((), x.dtype))
 
-    return KVCache(keys=take_kv(cache.keys), values=take_kv(cache.values), pos=take_meta(cache.pos),
-                   seg=take_meta(cache.seg), anchor=take_meta(cache.anchor), protected=take_meta(cache.protected),
-                   valid=take_meta(cache.valid), length=length_B)
+    return KVCache(
+        keys=take_kv(cache.keys),
+        values=take_kv(cache.values),
+        pos=take_meta(cache.pos),
+        seg=take_meta(cache.seg),
+        anchor=take_meta(cache.anchor),
+        protected=take_meta(cache.protected),
+        valid=take_meta(cache.valid),
+        length=length_B,
+    )
 
 
 def close_sentence(cache: KVCache, close_B: jax.Array, open_start_B: jax.Array) -> KVCache:
@@ -136,22 +163,38 @@ def close_sentence(cache: KVCache, close_B: jax.Array, open_start_B: jax.Array) 
         return write_rows(x_BxC, slot_Bx1, dst_B)
 
     def move_kv(x_LxBxKxCxD):
-        return write_slots(x_LxBxKxCxD, jnp.take_along_axis(x_LxBxKxCxD, src_B[None, :, None, None, None], axis=3),
-                           dst_B)
+        return write_slots(
+            x_LxBxKxCxD, jnp.take_along_axis(x_LxBxKxCxD, src_B[None, :, None, None, None], axis=3), dst_B
+        )
 
     live_BxC = jnp.arange(cache.capacity) < length_B[:, None]
-    return KVCache(keys=move_kv(cache.keys), values=move_kv(cache.values), pos=move_meta(cache.pos),
-                   seg=move_meta(cache.seg), anchor=move_meta(cache.anchor), protected=move_meta(cache.protected),
-                   valid=move_meta(cache.valid & ~hole_BxC) & live_BxC, length=length_B)
+    return KVCache(
+        keys=move_kv(cache.keys),
+        values=move_kv(cache.values),
+        pos=move_meta(cache.pos),
+        seg=move_meta(cache.seg),
+        anchor=move_meta(cache.anchor),
+        protected=move_meta(cache.protected),
+        valid=move_meta(cache.valid & ~hole_BxC) & live_BxC,
+        length=length_B,
+    )
 
 
 def resize(cache: KVCache, capacity: int) -> KVCache:
     """The cache with `capacity` slots: cut or padded with empty slots (caller keeps length <= capacity)."""
+
     def fit(x, axis):
         extra = capacity - x.shape[axis]
         if extra <= 0:
             return jax.lax.slice_in_dim(x, 0, capacity, axis=axis)
         return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
-    return cache.replace(keys=fit(cache.keys, 3), values=fit(cache.values, 3), pos=fit(cache.pos, 1),
-                         seg=fit(cache.seg, 1), anchor=fit(cache.anchor, 1), protected=fit(cache.protected, 1),
-                         valid=fit(cache.valid, 1))
+
+    return cache.replace(
+        keys=fit(cache.keys, 3),
+        values=fit(cache.values, 3),
+        pos=fit(cache.pos, 1),
+        seg=fit(cache.seg, 1),
+        anchor=fit(cache.anchor, 1),
+        protected=fit(cache.protected, 1),
+        valid=fit(cache.valid, 1),
+    )

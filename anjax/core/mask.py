@@ -14,9 +14,10 @@ protected spans (e.g. a question or a translation source).
 
 Training, prefill and decode all call `attention_allowed`; nothing else builds a mask.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.struct
 import jax
@@ -27,12 +28,12 @@ import jax.numpy as jnp
 class TokenMeta:
     """Metadata of a block of tokens; every field is [B, T]."""
 
-    doc: jax.Array     # int32 document id within the row
-    pos: jax.Array     # int32 true position within the document
-    seg: jax.Array     # int32 sentence index within the document
+    doc: jax.Array  # int32 document id within the row
+    pos: jax.Array  # int32 true position within the document
+    seg: jax.Array  # int32 sentence index within the document
     anchor: jax.Array  # bool, the token closes its sentence
     protected: jax.Array  # bool, visible to every later token of its document (extension)
-    valid: jax.Array   # bool, not padding
+    valid: jax.Array  # bool, not padding
 
 
 def _restart_at_doc(count_BxT: jax.Array, doc_BxT: jax.Array) -> jax.Array:
@@ -52,9 +53,14 @@ def is_anchor(ids_BxT: jax.Array, anchor_ids: Sequence[int]) -> jax.Array:
 
 
 @jax.jit(static_argnames="anchor_ids")
-def token_metadata(ids_BxT: jax.Array, valid_BxT: jax.Array, doc_BxT: jax.Array | None = None,
-                   anchor_ids: tuple[int, ...] = (), protected_BxT: jax.Array | None = None,
-                   sink_tokens: int | jax.Array = 0) -> TokenMeta:
+def token_metadata(
+    ids_BxT: jax.Array,
+    valid_BxT: jax.Array,
+    doc_BxT: jax.Array | None = None,
+    anchor_ids: tuple[int, ...] = (),
+    protected_BxT: jax.Array | None = None,
+    sink_tokens: int | jax.Array = 0,
+) -> TokenMeta:
     """Metadata for a batch of rows (left or right padding, several packed documents).
 
     Padding (valid=False) does not advance `pos` or `seg`; positions and sentence
@@ -70,12 +76,19 @@ def token_metadata(ids_BxT: jax.Array, valid_BxT: jax.Array, doc_BxT: jax.Array 
     a = anchor_BxT.astype(jnp.int32)
     pos_BxT = _restart_at_doc(jnp.cumsum(v, axis=1) - v, doc_BxT)
     seg_BxT = _restart_at_doc(jnp.cumsum(a, axis=1) - a, doc_BxT)
-    return TokenMeta(doc=doc_BxT, pos=pos_BxT, seg=seg_BxT, anchor=anchor_BxT,
-                     protected=protected_tokens(protected_BxT, pos_BxT, valid_BxT, sink_tokens), valid=valid_BxT)
+    return TokenMeta(
+        doc=doc_BxT,
+        pos=pos_BxT,
+        seg=seg_BxT,
+        anchor=anchor_BxT,
+        protected=protected_tokens(protected_BxT, pos_BxT, valid_BxT, sink_tokens),
+        valid=valid_BxT,
+    )
 
 
-def protected_tokens(flags: jax.Array | None, pos: jax.Array, valid: jax.Array,
-                     sink_tokens: int | jax.Array = 0) -> jax.Array:
+def protected_tokens(
+    flags: jax.Array | None, pos: jax.Array, valid: jax.Array, sink_tokens: int | jax.Array = 0
+) -> jax.Array:
     """The `protected` field (any shape, e.g. [B, T]): valid tokens that are flagged (None: none)
     or among their document's first `sink_tokens` positions."""
     sink = pos < sink_tokens

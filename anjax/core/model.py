@@ -12,6 +12,7 @@ row's `length` (slots from `length` on must be invalid; caller keeps length + T 
 the updated cache is returned.
 Parameters and activations carry logical axis names; `anjax.core.sharding` maps them to a mesh.
 """
+
 from __future__ import annotations
 
 import functools
@@ -56,10 +57,13 @@ class RMSNorm(nn.Module):
         return (x * scale_D.astype(jnp.float32)).astype(self.cfg.dtype)
 
 
-def dot_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, allowed_BxTxS: jax.Array) -> jax.Array:
+def dot_attention(
+    q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, allowed_BxTxS: jax.Array
+) -> jax.Array:
     """Grouped-query softmax attention; disallowed logits are replaced (jnp.where), fp32 softmax."""
-    return blocked_attention(q_BxTxHxD, [(k_BxSxKxD.transpose(0, 2, 1, 3), v_BxSxKxD.transpose(0, 2, 1, 3),
-                                          allowed_BxTxS)])
+    return blocked_attention(
+        q_BxTxHxD, [(k_BxSxKxD.transpose(0, 2, 1, 3), v_BxSxKxD.transpose(0, 2, 1, 3), allowed_BxTxS)]
+    )
 
 
 def blocked_attention(q_BxTxHxD: jax.Array, blocks) -> jax.Array:
@@ -72,9 +76,14 @@ def blocked_attention(q_BxTxHxD: jax.Array, blocks) -> jax.Array:
     B, T, H, D = q_BxTxHxD.shape
     K = blocks[0][0].shape[1]
     q = q_BxTxHxD.reshape(B, T, K, H // K, D)
-    logits = [jnp.where(allowed[:, None, None],
-                        jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * (D ** -0.5),
-                        jnp.finfo(jnp.float32).min) for k, _, allowed in blocks]
+    logits = [
+        jnp.where(
+            allowed[:, None, None],
+            jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * (D**-0.5),
+            jnp.finfo(jnp.float32).min,
+        )
+        for k, _, allowed in blocks
+    ]
     max_BxKxGxTx1 = functools.reduce(jnp.maximum, [x.max(-1, keepdims=True) for x in logits])
     exps = [jnp.exp(x - max_BxKxGxTx1) for x in logits]  # a softmax over all blocks, normalized at the end
     total_BxKxGxTx1 = sum(e.sum(-1, keepdims=True) for e in exps)
@@ -140,7 +149,8 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxE, layer_kv, q_meta, k_meta):
         h, new_kv = Attention(self.cfg, self.full_attention, name="attn")(
-            RMSNorm(self.cfg, name="attn_norm")(x_BxTxE), q_meta, k_meta, layer_kv)
+            RMSNorm(self.cfg, name="attn_norm")(x_BxTxE), q_meta, k_meta, layer_kv
+        )
         x_BxTxE = x_BxTxE + h
         x_BxTxE = x_BxTxE + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxTxE))
         return nn.with_logical_constraint(x_BxTxE, ("batch", "length", "embed")), new_kv
@@ -153,8 +163,9 @@ class Llama(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BxT: jax.Array, meta: TokenMeta, cache: KVCache | None = None,
-                 full_attention: bool = True):
+    def __call__(
+        self, tokens_BxT: jax.Array, meta: TokenMeta, cache: KVCache | None = None, full_attention: bool = True
+    ):
         cfg = self.cfg
         embed_VxE = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
         table_VxE = nn.with_logical_constraint(embed_VxE.astype(cfg.dtype), ("vocab", None))  # gathered whole over fsdp
@@ -170,9 +181,14 @@ class Llama(nn.Module):
         if cfg.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
             x, new_kv = stack(cfg, full_attention, name="layers")(x, layers_kv, meta, k_meta)
         else:
             new = []
@@ -192,8 +208,9 @@ class Llama(nn.Module):
         if cache is not None:  # the chunk's keys/values [L, B, K, T, D] go to slots [length, length + T)
             offset_B = cache.length
             cache = append_meta(cache, meta)
-            cache = cache.replace(keys=write_slots(cache.keys, new_kv[0], offset_B),
-                                  values=write_slots(cache.values, new_kv[1], offset_B))
+            cache = cache.replace(
+                keys=write_slots(cache.keys, new_kv[0], offset_B), values=write_slots(cache.values, new_kv[1], offset_B)
+            )
         return logits, cache
 
 

@@ -5,6 +5,7 @@ one stacked tree `layers` [L, ...] (`ModelConfig.scan_layers`). `resize_embeddin
 untied output) embedding matrices; `init_embedding_row` gives one token (`<AC>`) a fresh row. Host-side
 numpy; shapes [V, E] (embed) and [E, V] (lm_head).
 """
+
 from __future__ import annotations
 
 import jax
@@ -27,12 +28,15 @@ def with_scan_layers(cfg: ModelConfig, params: dict, scan: bool) -> tuple[ModelC
         params["layers"] = stack_layers([params.pop(f"layer_{i}") for i in range(cfg.num_layers)])
     else:
         stacked = params.pop("layers")
-        params.update({f"layer_{i}": jax.tree.map(lambda x: np.asarray(x[i]), stacked) for i in range(cfg.num_layers)})
+        params.update(
+            {f"layer_{i}": jax.tree.map(lambda x, i=i: np.asarray(x[i]), stacked) for i in range(cfg.num_layers)}
+        )
     return cfg.replace(scan_layers=scan), params
 
 
-def resize_embeddings(cfg: ModelConfig, params: dict, new_vocab: int, init: str = "mean",
-                      copy_from: int | None = None) -> tuple[ModelConfig, dict]:
+def resize_embeddings(
+    cfg: ModelConfig, params: dict, new_vocab: int, init: str = "mean", copy_from: int | None = None
+) -> tuple[ModelConfig, dict]:
     """Grow the input (and untied output) embeddings to `new_vocab` rows.
 
     New rows are the mean of the existing rows (`init="mean"`, the paper) or a copy
@@ -55,8 +59,9 @@ def resize_embeddings(cfg: ModelConfig, params: dict, new_vocab: int, init: str 
     return cfg.replace(vocab_size=new_vocab), params
 
 
-def init_embedding_row(cfg: ModelConfig, params: dict, row: int, init: str = "mean",
-                       copy_from: int | None = None) -> tuple[ModelConfig, dict]:
+def init_embedding_row(
+    cfg: ModelConfig, params: dict, row: int, init: str = "mean", copy_from: int | None = None
+) -> tuple[ModelConfig, dict]:
     """Give token `row` (a new token, e.g. `<AC>`) a fresh embedding (and untied output) row.
 
     Past the matrix: `resize_embeddings` to row + 1. Inside it (a matrix padded past the

@@ -9,6 +9,7 @@ FSDP: every parameter, gradient and optimizer moment is split over fsdp).
 A dimension that a mesh axis does not divide evenly (e.g. a vocabulary of
 49153 after adding `<AC>`) stays replicated along that axis.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,10 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices=None) -> jax.sharding.M
             raise ValueError(f"the mesh axes given ({sizes}) do not divide the {n} devices")
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
-        raise ValueError(f"mesh data x fsdp x tensor = {sizes}, {math.prod(sizes)} devices, but there are {n} "
-                         "(set one axis to -1 to use all of them)")
+        raise ValueError(
+            f"mesh data x fsdp x tensor = {sizes}, {math.prod(sizes)} devices, but there are {n} "
+            "(set one axis to -1 to use all of them)"
+        )
     axis_types = (AxisType.Auto,) * 3
     try:
         return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices)
@@ -59,8 +62,10 @@ def check_batch(mesh: jax.sharding.Mesh, batch_size: int, grad_accum: int, proce
     """The global batch must split over processes and, per micro-batch, over data x fsdp devices."""
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % processes or (batch_size // grad_accum) % rows:
-        raise ValueError(f"data.batch_size={batch_size} must split over {processes} processes and, per micro-batch "
-                         f"(/ train.grad_accum={grad_accum}), over mesh data x fsdp = {rows} devices")
+        raise ValueError(
+            f"data.batch_size={batch_size} must split over {processes} processes and, per micro-batch "
+            f"(/ train.grad_accum={grad_accum}), over mesh data x fsdp = {rows} devices"
+        )
 
 
 @contextlib.contextmanager
@@ -72,9 +77,11 @@ def active(mesh: jax.sharding.Mesh):
 
 def _divisible(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
     """`spec` with the mesh axes that do not divide their dimension dropped."""
+
     def fits(axes, dim):
         names = axes if isinstance(axes, tuple) else (axes,)
         return axes is None or dim % math.prod(mesh.shape[a] for a in names) == 0
+
     return P(*(axes if fits(axes, dim) else None for axes, dim in zip(spec, shape)))
 
 
@@ -82,8 +89,12 @@ def logical_shardings(boxed_abstract, mesh: jax.sharding.Mesh):
     """NamedShardings of a tree of `nn.LogicallyPartitioned` ShapeDtypeStructs (from jax.eval_shape(init))."""
     specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_abstract), RULES)
     shapes = nn.meta.unbox(boxed_abstract)
-    return jax.tree.map(lambda s, x: NamedSharding(mesh, _divisible(s, x.shape, mesh)), specs, shapes,
-                        is_leaf=lambda s: isinstance(s, P))
+    return jax.tree.map(
+        lambda s, x: NamedSharding(mesh, _divisible(s, x.shape, mesh)),
+        specs,
+        shapes,
+        is_leaf=lambda s: isinstance(s, P),
+    )
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -97,8 +108,9 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def put(tree, shardings):
     """Place host (numpy) arrays, identical on every process, onto the mesh; works multi-host."""
-    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
-                        tree, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]), tree, shardings
+    )
 
 
 def host_batch_to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

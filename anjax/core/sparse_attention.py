@@ -26,6 +26,7 @@ Differentiable through a custom VJP (the FlashAttention-2 backward, tile by tile
 are q, k, v, the output and the per-row log-sum-exp, O(T) memory in forward and backward.
 GQA: H query heads share K key/value heads in groups of G = H / K, as in `anjax.core.model`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,7 +38,7 @@ import numpy as np
 
 from anjax.core.mask import TokenMeta, attention_allowed
 
-TILE = 128            # query and key tile length (tokens)
+TILE = 128  # query and key tile length (tokens)
 AUTO_MIN_LENGTH = 1024  # `attention: auto` uses the sparse path for sequences at least this long
 
 
@@ -59,7 +60,7 @@ class _Part(NamedTuple):
     meta: TokenMeta | None
     allowed: jax.Array | None
     first: jax.Array  # [nq] int32
-    stop: jax.Array   # [nq] int32
+    stop: jax.Array  # [nq] int32
 
 
 # static description of a part: (kind, key tile length); kind: "band" | "anchors" | "given"
@@ -99,6 +100,7 @@ def _forward(specs: tuple[_Spec, ...], full: bool, tq: int, q_BxKxGxTxD, q_meta:
         l = jnp.zeros((B, K, G, tq), jnp.float32)
         acc = jnp.zeros((B, K, G, tq, D), jnp.float32)
         for (kind, tk), part in zip(specs, parts):
+
             def key_tile(j, c, kind=kind, tk=tk, part=part):
                 m, l, acc = c
                 k0 = j * tk
@@ -111,6 +113,7 @@ def _forward(specs: tuple[_Spec, ...], full: bool, tq: int, q_BxKxGxTxD, q_meta:
                 v_t = _slice(part.values, k0, tk, 1)
                 pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v_t.dtype), v_t, preferred_element_type=jnp.float32)
                 return m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + pv
+
             m, l, acc = jax.lax.fori_loop(part.first[i], part.stop[i], key_tile, (m, l, acc))
         o_t = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
         lse_t = jnp.where(l > 0, jnp.where(m == -jnp.inf, 0.0, m) + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
@@ -150,6 +153,7 @@ def _attend_bwd(specs, full, tq, res, dout_BxKxGxTxD):
         dq_t = jnp.zeros(q_t.shape, jnp.float32)
         new_grads = []
         for (kind, tk), part, (dk, dv) in zip(specs, parts, grads):
+
             def key_tile(j, c, kind=kind, tk=tk, part=part):
                 dq_t, dk, dv = c
                 k0 = j * tk
@@ -163,15 +167,17 @@ def _attend_bwd(specs, full, tq, res, dout_BxKxGxTxD):
                 dv_t = jnp.einsum("bkgqs,bkgqd->bskd", p, do_t.astype(jnp.float32))
                 add = lambda g, d: jax.lax.dynamic_update_slice_in_dim(g, _slice(g, k0, tk, 1) + d, k0, axis=1)
                 return dq_t, add(dk, dk_t), add(dv, dv_t)
+
             dq_t, dk, dv = jax.lax.fori_loop(part.first[i], part.stop[i], key_tile, (dq_t, dk, dv))
             new_grads.append((dk, dv))
         return jax.lax.dynamic_update_slice_in_dim(dq, dq_t, q0, axis=3), tuple(new_grads)
 
     grads0 = tuple((jnp.zeros(p.keys.shape, jnp.float32), jnp.zeros(p.values.shape, jnp.float32)) for p in parts)
     dq, grads = jax.lax.fori_loop(0, q.shape[3] // tq, query_tile, (jnp.zeros(q.shape, jnp.float32), grads0))
-    d_parts = tuple(jax.tree.map(_zero_cotangent, p)._replace(keys=dk.astype(p.keys.dtype),
-                                                              values=dv.astype(p.values.dtype))
-                    for p, (dk, dv) in zip(parts, grads))
+    d_parts = tuple(
+        jax.tree.map(_zero_cotangent, p)._replace(keys=dk.astype(p.keys.dtype), values=dv.astype(p.values.dtype))
+        for p, (dk, dv) in zip(parts, grads)
+    )
     return dq.astype(q.dtype), jax.tree.map(_zero_cotangent, q_meta), d_parts
 
 
@@ -199,9 +205,15 @@ def _pad_to(x: jax.Array, length: int, axis: int = 1, value=0) -> jax.Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
-def sparse_attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, meta: TokenMeta,
-                     full: bool, cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
-                     tile: int | None = None) -> jax.Array:
+def sparse_attention(
+    q_BxTxHxD: jax.Array,
+    k_BxTxKxD: jax.Array,
+    v_BxTxKxD: jax.Array,
+    meta: TokenMeta,
+    full: bool,
+    cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    tile: int | None = None,
+) -> jax.Array:
     """[B, T, H, D] softmax attention of a block of tokens to itself under `attention_allowed(meta, meta, full)`,
     plus, with `cache` = (keys [B, K, C, D], values [B, K, C, D], allowed [B, T, C]), to a dense key block
     in the same softmax. Equal to `anjax.core.model.blocked_attention` on the same keys for valid queries.
@@ -215,7 +227,7 @@ def sparse_attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.
     Tp = -(-T // tile) * tile
     nq = Tp // tile
     meta = jax.tree.map(lambda x: _pad_to(x, Tp), meta)  # padding: valid=False
-    q = _pad_to(q_BxTxHxD * jnp.asarray(D ** -0.5, q_BxTxHxD.dtype), Tp)
+    q = _pad_to(q_BxTxHxD * jnp.asarray(D**-0.5, q_BxTxHxD.dtype), Tp)
     q_BxKxGxTxD = q.reshape(B, Tp, K, H // K, D).transpose(0, 2, 3, 1, 4)
     k, v = _pad_to(k_BxTxKxD, Tp), _pad_to(v_BxTxKxD, Tp)
     tile_idx = jnp.arange(nq, dtype=jnp.int32)
@@ -230,15 +242,26 @@ def sparse_attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.
         gather = lambda x: jnp.take_along_axis(x, order_BxT.reshape(B, Tp, *([1] * (x.ndim - 2))), axis=1)
         a_meta = jax.tree.map(gather, meta).replace(valid=jnp.arange(Tp) < count_B[:, None])
         # anchors at or before each query tile's last token, most over the batch -> anchor tiles to visit
-        before_nq = jnp.cumsum(chosen_BxT, axis=1)[:, tile - 1::tile].max(0)
+        before_nq = jnp.cumsum(chosen_BxT, axis=1)[:, tile - 1 :: tile].max(0)
         specs.append(("anchors", tile))
-        parts.append(_Part(gather(k), gather(v), a_meta, None, jnp.zeros(nq, jnp.int32),
-                           (-(-before_nq // tile)).astype(jnp.int32)))
+        parts.append(
+            _Part(
+                gather(k), gather(v), a_meta, None, jnp.zeros(nq, jnp.int32), (-(-before_nq // tile)).astype(jnp.int32)
+            )
+        )
     if cache is not None:
         ck_BxKxCxD, cv_BxKxCxD, allowed_BxTxC = cache
         C = ck_BxKxCxD.shape[2]
         specs.append(("given", C))
-        parts.append(_Part(ck_BxKxCxD.transpose(0, 2, 1, 3), cv_BxKxCxD.transpose(0, 2, 1, 3), None,
-                           _pad_to(allowed_BxTxC, Tp), jnp.zeros(nq, jnp.int32), jnp.ones(nq, jnp.int32)))
+        parts.append(
+            _Part(
+                ck_BxKxCxD.transpose(0, 2, 1, 3),
+                cv_BxKxCxD.transpose(0, 2, 1, 3),
+                None,
+                _pad_to(allowed_BxTxC, Tp),
+                jnp.zeros(nq, jnp.int32),
+                jnp.ones(nq, jnp.int32),
+            )
+        )
     out = _attend(tuple(specs), full, tile, q_BxKxGxTxD, meta, tuple(parts))
     return out.transpose(0, 3, 1, 2, 4).reshape(B, Tp, H, D)[:, :T]

@@ -40,12 +40,14 @@ concatenated (a blank line between passages) and cut into rows of `--seq-len`
 tokens, scored through chunked prefill with each cache (`anjax.eval.perplexity`):
 each cache's perplexity, anchor / full and the tokens scored, with intervals.
 """
+
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from anjax.eval import tasks
 from anjax.inference.scoring import CACHE_KINDS, Scorer
@@ -62,8 +64,9 @@ def parse_caches(text: str) -> list[str]:
     return list(dict.fromkeys(caches))
 
 
-def evaluate_task(scorer: Scorer, items: Sequence[tasks.MCItem], caches: Sequence[str],
-                  timing: bool = True) -> dict[str, dict[str, Any]]:
+def evaluate_task(
+    scorer: Scorer, items: Sequence[tasks.MCItem], caches: Sequence[str], timing: bool = True
+) -> dict[str, dict[str, Any]]:
     """Scores, C↓ and T↑ of one task's items for each cache in `caches` -> {cache: result}.
 
     With `timing`, the full-cache path (if not asked for) and the recompute path also
@@ -71,7 +74,7 @@ def evaluate_task(scorer: Scorer, items: Sequence[tasks.MCItem], caches: Sequenc
     """
     model = scorer.model
     requests = [model.encode_request(it.pairs()) for it in items]
-    paths = {c: (c, False) for c in caches}   # name -> (cache, recompute)
+    paths = {c: (c, False) for c in caches}  # name -> (cache, recompute)
     if timing:
         paths.setdefault("full", ("full", False))
         paths[RECOMPUTE] = ("full", True)
@@ -81,19 +84,29 @@ def evaluate_task(scorer: Scorer, items: Sequence[tasks.MCItem], caches: Sequenc
     for cache in caches:
         res = results[cache]
         flat = [x for ll in res.loglik for x in ll]
-        scores = tasks.score_items(lambda pairs: flat, items)
+        scores = tasks.score_items(lambda pairs, flat=flat: flat, items)
         row = {k: v for k, v in scores.items() if k not in ("task", "preds")}
-        row.update(cache_slots=sum(res.held_slots), full_cache_slots=full_slots,
-                   c_reduction=1 - sum(res.held_slots) / max(full_slots, 1), seconds=res.seconds,
-                   tokens=res.tokens, preds=scores["preds"], loglik=res.loglik,
-                   doc_ids=[it.doc.fields.get("id", it.doc.index) for it in items])
+        row.update(
+            cache_slots=sum(res.held_slots),
+            full_cache_slots=full_slots,
+            c_reduction=1 - sum(res.held_slots) / max(full_slots, 1),
+            seconds=res.seconds,
+            tokens=res.tokens,
+            preds=scores["preds"],
+            loglik=res.loglik,
+            doc_ids=[it.doc.fields.get("id", it.doc.index) for it in items],
+        )
         if timing:
-            row.update(t_vs_full=results["full"].seconds / res.seconds,
-                       t_vs_recompute=results[RECOMPUTE].seconds / res.seconds,
-                       full_seconds=results["full"].seconds, recompute_seconds=results[RECOMPUTE].seconds)
+            row.update(
+                t_vs_full=results["full"].seconds / res.seconds,
+                t_vs_recompute=results[RECOMPUTE].seconds / res.seconds,
+                full_seconds=results["full"].seconds,
+                recompute_seconds=results[RECOMPUTE].seconds,
+            )
             if cache == "full":
-                row["recompute_max_abs_diff"] = max(abs(a - b) for x, y in zip(res.loglik, results[RECOMPUTE].loglik)
-                                                    for a, b in zip(x, y))
+                row["recompute_max_abs_diff"] = max(
+                    abs(a - b) for x, y in zip(res.loglik, results[RECOMPUTE].loglik) for a, b in zip(x, y)
+                )
         out[cache] = row
     return out
 
@@ -118,9 +131,13 @@ def markdown_table(report: dict) -> str:
     """Table 1 layout: rows model × cache, columns tasks + average; cells Acc / C↓ / T↑(full) / T↑(recompute)."""
     names = list(report["tasks"])
     head = "| model | cache | " + " | ".join(names) + " | avg |"
-    lines = [f"Acc / C↓ / T↑ vs full cache / T↑ vs recompute — {report['shots']}-shot, "
-             f"{report['limit'] or 'all'} docs per task, anchors: {report['anchor_mode']}", "",
-             head, "|" + "---|" * (len(names) + 3)]
+    lines = [
+        f"Acc / C↓ / T↑ vs full cache / T↑ vs recompute — {report['shots']}-shot, "
+        f"{report['limit'] or 'all'} docs per task, anchors: {report['anchor_mode']}",
+        "",
+        head,
+        "|" + "---|" * (len(names) + 3),
+    ]
     norm_lines = ["", "acc_norm (where the harness reports it)", "", head, "|" + "---|" * (len(names) + 3)]
     for cache in report["caches"]:
         rows = [report["tasks"][t][cache] for t in names]
@@ -138,6 +155,7 @@ def plot(report: dict, path) -> None:
     """Panels: accuracy per task and on average (95% interval bars) for each cache; each cache − full
     (paired intervals); C↓ of each cache; T↑ of each cache."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -153,8 +171,12 @@ def plot(report: dict, path) -> None:
             ax.bar([i + j * width for i in range(len(names))], ys, width, label=cache)
         if key == "t_vs_recompute":
             ys = [report["tasks"][t][caches[-1]].get("t_vs_full") or 0 for t in names]
-            ax.plot([i + (len(caches) - 1) * width for i in range(len(names))], ys, "k^",
-                    label=f"{caches[-1]}: T↑ vs full cache")
+            ax.plot(
+                [i + (len(caches) - 1) * width for i in range(len(names))],
+                ys,
+                "k^",
+                label=f"{caches[-1]}: T↑ vs full cache",
+            )
         _axis(ax, names, width, len(caches), title)
     fig.suptitle(f"{report['model']}, {report['shots']}-shot, anchors {report['anchor_mode']}")
     fig.tight_layout()

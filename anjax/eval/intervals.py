@@ -14,9 +14,10 @@ keeps (`acc_per_doc`, `acc_norm_per_doc`: 0/1 per document, in order) and adds
 (the same for `acc_norm` where the harness reports it). `markdown(report)` is
 the table of those numbers, in percent. Statistics: `anjax.eval.stats`.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -29,8 +30,9 @@ def difference_name(cache: str, base: str = "full") -> str:
     return f"{cache} - {base}"
 
 
-def add_accuracy_intervals(report: dict, samples: int = stats.SAMPLES, seed: int = stats.SEED,
-                           level: float = stats.LEVEL) -> dict:
+def add_accuracy_intervals(
+    report: dict, samples: int = stats.SAMPLES, seed: int = stats.SEED, level: float = stats.LEVEL
+) -> dict:
     """Add the intervals described in the module docstring to `report` (in place; returned)."""
     kw = dict(samples=samples, seed=seed, level=level)
     names, caches = list(report["tasks"]), list(report["caches"])
@@ -47,8 +49,14 @@ def add_accuracy_intervals(report: dict, samples: int = stats.SAMPLES, seed: int
             for t, x in zip(have, per_doc[c]):
                 report["tasks"][t][c][f"{metric}_ci"] = stats.mean_ci(x, **kw).as_list()
             avg = stats.task_average_ci(per_doc[c], **kw)
-            report["average"][c].update({metric: avg.estimate, f"{metric}_ci": avg.as_list(),
-                                         f"{metric}_tasks": have, f"{metric}_docs": sum(map(len, per_doc[c]))})
+            report["average"][c].update(
+                {
+                    metric: avg.estimate,
+                    f"{metric}_ci": avg.as_list(),
+                    f"{metric}_tasks": have,
+                    f"{metric}_docs": sum(map(len, per_doc[c])),
+                }
+            )
         for c in others:
             diff = report["differences"][difference_name(c)]
             deltas = [a - b for a, b in zip(per_doc[c], per_doc["full"])]
@@ -76,19 +84,39 @@ def markdown(report: dict) -> str:
         if metric not in avg:
             continue
         have = avg[f"{metric}_tasks"]
-        out += [f"{metric} (%) with {100 * b['level']:g}% intervals: bootstrap over documents ({b['samples']} "
-                f"resamples, seed {b['seed']}); the average resamples documents within each task; "
-                + ("differences are paired (same documents)" if diffs else "no differences (no full cache)"), "",
-                "| task | docs | " + " | ".join([label[c] for c in caches] + [d.replace("-", "−") for d in diffs])
-                + " |", "|" + "---|" * (2 + len(caches) + len(diffs))]
+        out += [
+            f"{metric} (%) with {100 * b['level']:g}% intervals: bootstrap over documents ({b['samples']} "
+            f"resamples, seed {b['seed']}); the average resamples documents within each task; "
+            + ("differences are paired (same documents)" if diffs else "no differences (no full cache)"),
+            "",
+            "| task | docs | " + " | ".join([label[c] for c in caches] + [d.replace("-", "−") for d in diffs]) + " |",
+            "|" + "---|" * (2 + len(caches) + len(diffs)),
+        ]
         for t in have:
             rows = report["tasks"][t]
             cells = [_cell(rows[c][metric], rows[c][f"{metric}_ci"]) for c in caches]
-            cells += [_cell(report["differences"][d]["tasks"][t][metric],
-                            report["differences"][d]["tasks"][t][f"{metric}_ci"], signed=True) for d in diffs]
+            cells += [
+                _cell(
+                    report["differences"][d]["tasks"][t][metric],
+                    report["differences"][d]["tasks"][t][f"{metric}_ci"],
+                    signed=True,
+                )
+                for d in diffs
+            ]
             out.append(f"| {t} | {rows[caches[0]]['n']} | " + " | ".join(cells) + " |")
         cells = [_cell(report["average"][c][metric], report["average"][c][f"{metric}_ci"]) for c in caches]
-        cells += [_cell(report["differences"][d]["average"][metric],
-                        report["differences"][d]["average"][f"{metric}_ci"], signed=True) for d in diffs]
-        out += [f"| average ({len(have)} task{'s' * (len(have) != 1)}) | {avg[f'{metric}_docs']} | " + " | ".join(cells) + " |", ""]
+        cells += [
+            _cell(
+                report["differences"][d]["average"][metric],
+                report["differences"][d]["average"][f"{metric}_ci"],
+                signed=True,
+            )
+            for d in diffs
+        ]
+        out += [
+            f"| average ({len(have)} task{'s' * (len(have) != 1)}) | {avg[f'{metric}_docs']} | "
+            + " | ".join(cells)
+            + " |",
+            "",
+        ]
     return "\n".join(out)

@@ -29,6 +29,7 @@ path that does not exist) are one `error:` line, exit 2, before anything loads.
 lm-eval (`pip install lm-eval==0.4.13`) is a test-only dependency: importing this
 module without it raises an ImportError that says so.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import Any
 try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
-except ImportError as e:   # pragma: no cover - depends on the environment
+except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("anjax.eval.lm_eval_adapter needs lm-evaluation-harness: pip install lm-eval==0.4.13") from e
 
 from anjax.inference.engine import Engine
@@ -54,20 +55,32 @@ from anjax.inference.scoring import (
 class AnjaxLM(LM):
     """An anjax model behind the harness's `LM` interface (see the module docstring)."""
 
-    def __init__(self, model: str | None = None, cache: str = "full", anchor_mode: str | None = None,
-                 anchors: str | None = None, batch_size: int | str = 8, chunk_size: int = 128,
-                 scoring_model: ScoringModel | None = None, max_batch_size: Any = None, device: Any = None,
-                 **unknown: Any):
+    def __init__(
+        self,
+        model: str | None = None,
+        cache: str = "full",
+        anchor_mode: str | None = None,
+        anchors: str | None = None,
+        batch_size: int | str = 8,
+        chunk_size: int = 128,
+        scoring_model: ScoringModel | None = None,
+        max_batch_size: Any = None,
+        device: Any = None,
+        **unknown: Any,
+    ):
         super().__init__()
         check_model_args(model, cache, batch_size, chunk_size, unknown)
         if scoring_model is None:
-            scoring_model = load_scoring_model(None if model in (None, "") else str(model), anchor_mode=anchor_mode,
-                                               anchors=str(anchors).split() if anchors else None,
-                                               need_anchors=cache == "anchor")
+            scoring_model = load_scoring_model(
+                None if model in (None, "") else str(model),
+                anchor_mode=anchor_mode,
+                anchors=str(anchors).split() if anchors else None,
+                need_anchors=cache == "anchor",
+            )
         batch = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.scorer = Scorer(scoring_model, batch_size=batch, chunk_size=int(chunk_size))
         self.cache, self.batch_size = cache, batch
-        self.scorer.spec(cache)   # validates the cache kind early
+        self.scorer.spec(cache)  # validates the cache kind early
         self._engine: Engine | None = None
 
     @property
@@ -93,7 +106,7 @@ class AnjaxLM(LM):
         """Log-likelihood of each whole string (`<AC>` targets, in AC mode, not counted)."""
         tok, m = self.model.tokenizer, self.model
         prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        rows = [[prefix] + m.encode_text(r.args[0])[int(m.add_bos):] for r in requests]
+        rows = [[prefix] + m.encode_text(r.args[0])[int(m.add_bos) :] for r in requests]
         scored = [[t > 0 and x != m.ac_id for t, x in enumerate(row)] for row in rows]
         return [-x for x in self.scorer.sequence_nll(rows, self.cache, scored)["nll"]]
 
@@ -107,8 +120,9 @@ class AnjaxLM(LM):
         for idx in groups.values():
             s = settings[idx[0]]
             prompts = [self.model.encode_context(requests[i].args[0]) for i in idx]
-            gens = self.engine().generate(prompts, max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
-                                          seed=s["seed"])
+            gens = self.engine().generate(
+                prompts, max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], seed=s["seed"]
+            )
             for i, g in zip(idx, gens):
                 text = g.text
                 cut = min([text.find(u) for u in settings[i]["until"] if u in text] or [len(text)])
@@ -118,17 +132,25 @@ class AnjaxLM(LM):
     def engine(self) -> Engine:
         """The generation engine over the scoring model's weights and anchor settings (built once)."""
         if self._engine is None:
-            m = self.model   # m.cfg stores m.scheme (anjax.text.anchors.resolve_scheme)
-            self._engine = Engine(m.cfg, m.params, m.tokenizer, cache=self.cache, batch_size=self.batch_size,
-                                  chunk_size=self.scorer.chunk_size)
+            m = self.model  # m.cfg stores m.scheme (anjax.text.anchors.resolve_scheme)
+            self._engine = Engine(
+                m.cfg,
+                m.params,
+                m.tokenizer,
+                cache=self.cache,
+                batch_size=self.batch_size,
+                chunk_size=self.scorer.chunk_size,
+            )
         return self._engine
 
 
 def check_model_args(model, cache, batch_size, chunk_size, unknown: dict) -> None:
     """ValueError naming the first bad model_arg, before any model loads (max_batch_size, device: harness's own)."""
     if unknown:
-        raise ValueError(f"unknown model_args {', '.join(sorted(unknown))}; the anjax model takes model, cache, "
-                         "anchor_mode, anchors, chunk_size (and the harness's batch_size)")
+        raise ValueError(
+            f"unknown model_args {', '.join(sorted(unknown))}; the anjax model takes model, cache, "
+            "anchor_mode, anchors, chunk_size (and the harness's batch_size)"
+        )
     if cache not in CACHE_KINDS:
         raise ValueError(f"model_args cache must be one of {', '.join(CACHE_KINDS)}, got {cache!r}")
     hub_name = str(model).count("/") == 1 and not str(model).startswith((".", "/", "~"))
@@ -144,7 +166,9 @@ def _generation_settings(gen_kwargs: dict) -> dict:
     """The harness's gen_kwargs as Engine arguments (greedy unless do_sample; 256 new tokens by default)."""
     until = gen_kwargs.get("until", [])
     sample = bool(gen_kwargs.get("do_sample", False))
-    return {"until": [until] if isinstance(until, str) else list(until),
-            "max_new_tokens": int(gen_kwargs.get("max_gen_toks", 256)),
-            "temperature": float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0,
-            "seed": int(gen_kwargs.get("seed", 0))}
+    return {
+        "until": [until] if isinstance(until, str) else list(until),
+        "max_new_tokens": int(gen_kwargs.get("max_gen_toks", 256)),
+        "temperature": float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0,
+        "seed": int(gen_kwargs.get("seed", 0)),
+    }

@@ -12,6 +12,7 @@ documents; its other splits (train, validation) hold the local demonstration
 pool (`anjax.eval.tasks.load_fewshot_pool`; the hub's train split is not stored
 locally, so few-shot demonstrations are drawn from the validation split).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,15 +21,22 @@ from typing import Any
 from anjax.eval import tasks
 
 # harness task name -> its YAML under lm_eval/tasks (lm-eval 0.4.13)
-HARNESS_YAMLS = {"openbookqa": "openbookqa/openbookqa.yaml", "winogrande": "winogrande/default.yaml",
-                 "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
-                 "piqa": "piqa/piqa.yaml", "hellaswag": "hellaswag/hellaswag.yaml", "sciq": "sciq/sciq.yaml",
-                 "boolq": "super_glue/boolq/default.yaml"}
+HARNESS_YAMLS = {
+    "openbookqa": "openbookqa/openbookqa.yaml",
+    "winogrande": "winogrande/default.yaml",
+    "arc_easy": "arc/arc_easy.yaml",
+    "arc_challenge": "arc/arc_challenge.yaml",
+    "piqa": "piqa/piqa.yaml",
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "sciq": "sciq/sciq.yaml",
+    "boolq": "super_glue/boolq/default.yaml",
+}
 
 
 def local_dataset(anjax_task: str, anjax_data_dir: str | None = None, **_metadata: Any):
     """datasets.DatasetDict of one task from the local data (the harness's `custom_dataset` hook)."""
     import datasets
+
     task = tasks.get_task(anjax_task)
     as_dataset = lambda docs: datasets.Dataset.from_list([dict(d.fields) for d in docs])
     pool = as_dataset(tasks.load_fewshot_pool(anjax_task, anjax_data_dir))
@@ -42,6 +50,7 @@ def write_local_tasks(directory: str | Path, data_dir: str | None = None) -> Pat
     import json
 
     import lm_eval.tasks
+
     harness = Path(lm_eval.tasks.__file__).resolve().parent
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -51,7 +60,8 @@ def write_local_tasks(directory: str | Path, data_dir: str | None = None) -> Pat
             f"include: {json.dumps(str(harness / HARNESS_YAMLS[task.harness_name]))}\n"
             f"task: {task.harness_name}\n"
             "custom_dataset: !function anjax.eval.lm_eval_tasks.local_dataset\n"
-            f"dataset_kwargs: {json.dumps(kwargs)}\n")
+            f"dataset_kwargs: {json.dumps(kwargs)}\n"
+        )
     return directory
 
 

@@ -16,17 +16,18 @@ Pairing matters: anchor and full cache are scored on the same documents, so the
 difference of their accuracies varies much less than either accuracy; the
 paired interval resamples the per-document differences and is that much narrower.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-SAMPLES = 10_000        # bootstrap resamples
+SAMPLES = 10_000  # bootstrap resamples
 SEED = 0
 LEVEL = 0.95
-_CHUNK_ELEMENTS = 1 << 22   # resampled indices drawn per chunk (bounds memory for large N)
+_CHUNK_ELEMENTS = 1 << 22  # resampled indices drawn per chunk (bounds memory for large N)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Interval:
     low: float
     high: float
 
-    def scaled(self, factor: float) -> "Interval":
+    def scaled(self, factor: float) -> Interval:
         return Interval(self.estimate * factor, self.low * factor, self.high * factor)
 
     def as_list(self) -> list[float]:
@@ -103,8 +104,7 @@ def paired_difference_ci(a, b, samples: int = SAMPLES, seed: int = SEED, level: 
     return mean_ci(a_N - b_N, samples, seed, level)
 
 
-def task_average_ci(per_task: Sequence, samples: int = SAMPLES, seed: int = SEED,
-                    level: float = LEVEL) -> Interval:
+def task_average_ci(per_task: Sequence, samples: int = SAMPLES, seed: int = SEED, level: float = LEVEL) -> Interval:
     """Unweighted average over tasks of each task's mean (per_task: one 1-d array per task).
 
     Each replicate resamples documents within every task (tasks keep their sizes)

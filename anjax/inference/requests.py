@@ -3,6 +3,7 @@
 `read_requests` never raises on a line's content: malformed JSON, a missing or empty prompt and an invalid
 "protect" list each become {"id", "line", "error"}, so the other lines are still served.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ def read_requests(path: str) -> tuple[list[tuple[int, object, str, list[str]]], 
             elif not obj["prompt"].strip():
                 errors.append({"id": rid, "line": n, "error": "the prompt is empty"})
             elif (protect := _protected_parts(obj)) is None:
-                errors.append({"id": rid, "line": n, "error": '"protect" must be a list of non-empty parts of the '
-                                                              'prompt'})
+                errors.append(
+                    {"id": rid, "line": n, "error": '"protect" must be a list of non-empty parts of the prompt'}
+                )
             else:
                 requests.append((n, rid, obj["prompt"], protect))
     return requests, errors

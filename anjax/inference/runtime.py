@@ -6,14 +6,14 @@
 (device time only). `bucket` rounds a length up to one of few sizes, so few shapes compile;
 `round_up` and `right_align` lay rows out in whole chunks.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
 import time
-from collections.abc import Iterator
-from typing import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -39,8 +39,8 @@ def right_align(rows: Sequence[Sequence[int]], chunk: int) -> tuple[np.ndarray, 
     valid = np.zeros((len(rows), width), bool)
     for b, r in enumerate(rows):
         if len(r):
-            tokens[b, width - len(r):] = r
-            valid[b, width - len(r):] = True
+            tokens[b, width - len(r) :] = r
+            valid[b, width - len(r) :] = True
     return tokens, valid
 
 

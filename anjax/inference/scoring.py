@@ -34,11 +34,13 @@ one chunk; the choices see the cache cut to the slots in use. Shapes are buckete
 (`anjax.inference.runtime.bucket`) so that a task compiles a handful of executables; `Scorer.compile_seconds`
 is kept apart from the timed seconds.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +95,7 @@ class ScoringModel:
     def encode_context(self, context: str) -> list[int]:
         """Context ids of a generation request: a prompt (`Encoder.prompt`); empty: the harness's prefix token."""
         tok = self.tokenizer
-        if not context:   # the harness conditions an empty context on its prefix token
+        if not context:  # the harness conditions an empty context on its prefix token
             return [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
         return self.encoder.prompt(context)[0]
 
@@ -101,7 +103,7 @@ class ScoringModel:
         """(context ids, continuation ids): `anjax.text.encode.Encoder.pair`."""
         return self.encoder.pair(context, continuation)
 
-    def encode_request(self, pairs: Sequence[tuple[str, str]]) -> "ScoreRequest":
+    def encode_request(self, pairs: Sequence[tuple[str, str]]) -> ScoreRequest:
         """One item from its (context, continuation) pairs; the shared prefix is the longest common one."""
         return ScoreRequest.from_ids([self.encode_pair(c, t) for c, t in pairs])
 
@@ -115,9 +117,16 @@ class ScoringModel:
         return Encoder(self.tokenizer, scheme).document(text)
 
 
-def scoring_model(cfg: ModelConfig, params, tokenizer, *, anchor_mode: str | None = None,
-                  anchors: Sequence[str] | None = None, need_anchors: bool = False,
-                  name: str = "model") -> ScoringModel:
+def scoring_model(
+    cfg: ModelConfig,
+    params,
+    tokenizer,
+    *,
+    anchor_mode: str | None = None,
+    anchors: Sequence[str] | None = None,
+    need_anchors: bool = False,
+    name: str = "model",
+) -> ScoringModel:
     """Resolve the anchor scheme (`anjax.text.anchors.resolve_scheme`) and stack the layers.
 
     The model's own scheme applies unless `anchor_mode`/`anchors` override it (said on stderr).
@@ -128,8 +137,10 @@ def scoring_model(cfg: ModelConfig, params, tokenizer, *, anchor_mode: str | Non
 
     scheme, cfg, params = resolve_scheme(cfg, tokenizer, params, mode=anchor_mode, tokens=anchors)
     if need_anchors and not scheme.ids:
-        raise ValueError("--cache anchor needs anchor settings, and the model has none: "
-                         "pass --anchor-mode ep (or ac), or evaluate with --cache full")
+        raise ValueError(
+            "--cache anchor needs anchor settings, and the model has none: "
+            "pass --anchor-mode ep (or ac), or evaluate with --cache full"
+        )
     cfg, params = with_scan_layers(cfg, params, True)  # one layer body to compile (~2x faster than unrolled)
     return ScoringModel(cfg=cfg, params=jax.device_put(params), tokenizer=tokenizer, name=name, scheme=scheme)
 
@@ -156,7 +167,7 @@ class ScoreRequest:
     continuations: tuple[tuple[int, ...], ...]
 
     @classmethod
-    def from_ids(cls, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> "ScoreRequest":
+    def from_ids(cls, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> ScoreRequest:
         contexts = [tuple(c) for c, _ in pairs]
         n = 0
         while all(len(c) > n for c in contexts) and len({c[n] for c in contexts}) == 1:
@@ -178,12 +189,12 @@ class ScoreRequest:
 class PathResult:
     """One scoring path over a list of requests."""
 
-    loglik: list[list[float]]   # per item, per choice
-    greedy: list[list[bool]]    # the continuation is the argmax at every token
-    held_slots: list[int]       # per item: cache slots after the prefix prefill
-    prefix_slots: list[int]     # per item: prefilled prefix tokens (= what a full cache holds)
-    seconds: float              # wall time of the device work, compilation excluded
-    tokens: int                 # tokens the path fed through the model (padding excluded)
+    loglik: list[list[float]]  # per item, per choice
+    greedy: list[list[bool]]  # the continuation is the argmax at every token
+    held_slots: list[int]  # per item: cache slots after the prefix prefill
+    prefix_slots: list[int]  # per item: prefilled prefix tokens (= what a full cache holds)
+    seconds: float  # wall time of the device work, compilation excluded
+    tokens: int  # tokens the path fed through the model (padding excluded)
 
 
 def kept_bound(ids: Sequence[int], anchor_ids: Sequence[int]) -> int:
@@ -204,14 +215,16 @@ def kept_bound(ids: Sequence[int], anchor_ids: Sequence[int]) -> int:
 
 def _token_logprobs(logits_NxWxV, targets_NxW, scored_NxW) -> tuple[jax.Array, jax.Array]:
     """(sum of log p(target) over scored positions [N], every scored target is the argmax [N])."""
-    logp_NxW = jnp.take_along_axis(logits_NxWxV, targets_NxW[..., None], -1)[..., 0] - \
-        jax.nn.logsumexp(logits_NxWxV, axis=-1)
+    logp_NxW = jnp.take_along_axis(logits_NxWxV, targets_NxW[..., None], -1)[..., 0] - jax.nn.logsumexp(
+        logits_NxWxV, axis=-1
+    )
     greedy_NxW = jnp.argmax(logits_NxWxV, axis=-1) == targets_NxW
     return jnp.where(scored_NxW, logp_NxW, 0.0).sum(-1), jnp.all(greedy_NxW | ~scored_NxW, -1)
 
 
 def _broadcast(state: GenState, slots: int, k: int) -> GenState:
     """Cut (or zero-pad) each row's cache to `slots` slots and repeat every row k times (rows b*k .. b*k+k-1)."""
+
     def fit(x, axis, batch_axis):  # axis: the slot axis
         have = x.shape[axis]
         x = jax.lax.slice_in_dim(x, 0, min(have, slots), axis=axis)
@@ -220,10 +233,16 @@ def _broadcast(state: GenState, slots: int, k: int) -> GenState:
         return jnp.repeat(jnp.pad(x, pad), k, axis=batch_axis)
 
     c = state.cache
-    cache = c.replace(keys=fit(c.keys, 3, 1), values=fit(c.values, 3, 1), pos=fit(c.pos, 1, 0),
-                      seg=fit(c.seg, 1, 0), anchor=fit(c.anchor, 1, 0), protected=fit(c.protected, 1, 0),
-                      valid=fit(c.valid, 1, 0),
-                      length=jnp.repeat(c.length, k))
+    cache = c.replace(
+        keys=fit(c.keys, 3, 1),
+        values=fit(c.values, 3, 1),
+        pos=fit(c.pos, 1, 0),
+        seg=fit(c.seg, 1, 0),
+        anchor=fit(c.anchor, 1, 0),
+        protected=fit(c.protected, 1, 0),
+        valid=fit(c.valid, 1, 0),
+        length=jnp.repeat(c.length, k),
+    )
     rep = lambda x: jnp.repeat(x, k, axis=0)
     return jax.tree.map(rep, state.replace(cache=None)).replace(cache=cache)
 
@@ -242,10 +261,16 @@ def _recompute(cfg, spec, params, tokens_NxL, valid_NxL, targets_NxW, scored_NxW
     all-position logits are dropped, so XLA never computes them), as in the cached path.
     """
     meta = token_metadata(tokens_NxL, valid_NxL, None, anchor_ids=spec.anchor_ids, sink_tokens=spec.sink_tokens)
-    _, state = Llama(cfg).apply({"params": params}, tokens_NxL, meta, None, full_attention=not spec.anchor_cache,
-                                mutable=["intermediates"],
-                                capture_intermediates=lambda mdl, _: mdl.name == "final_norm")
-    hidden_NxWxE = state["intermediates"]["final_norm"]["__call__"][0][:, -targets_NxW.shape[1]:]
+    _, state = Llama(cfg).apply(
+        {"params": params},
+        tokens_NxL,
+        meta,
+        None,
+        full_attention=not spec.anchor_cache,
+        mutable=["intermediates"],
+        capture_intermediates=lambda mdl, _: mdl.name == "final_norm",
+    )
+    hidden_NxWxE = state["intermediates"]["final_norm"]["__call__"][0][:, -targets_NxW.shape[1] :]
     head_ExV = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
     logits = jnp.einsum("bte,ev->btv", hidden_NxWxE, head_ExV.astype(cfg.dtype), preferred_element_type=jnp.float32)
     return _token_logprobs(logits, targets_NxW, scored_NxW)
@@ -301,12 +326,16 @@ class Scorer:
         chunk = min(self.chunk_size, bucket(longest, 16))
         anchor_bound = max(kept_bound(r.prefix[:-1], self.model.anchor_ids) for r in requests)
         capacity = {False: round_up(max(longest, 1), chunk), True: round_up(max(anchor_bound, 1), chunk)}
-        shapes = dict(k=max(r.k for r in requests), chunk=chunk, capacity=capacity,
-                      width=bucket(max(len(c) for r in requests for c in r.chunks()) - 1, 8))
+        shapes = dict(
+            k=max(r.k for r in requests),
+            chunk=chunk,
+            capacity=capacity,
+            width=bucket(max(len(c) for r in requests for c in r.chunks()) - 1, 8),
+        )
         k = shapes["k"]
         outs = [PathResult([[]] * n, [[]] * n, [0] * n, [0] * n, 0.0, 0) for _ in paths]
         for start in range(0, n, B):
-            rows = order[start:start + B]
+            rows = order[start : start + B]
             batch = [requests[i] for i in rows] + [requests[rows[-1]]] * (B - len(rows))
             for (spec, recompute), out in zip(specs, outs):
                 step = self._recompute_batch if recompute else self._cached_batch
@@ -315,23 +344,28 @@ class Scorer:
                 out.seconds += timer.seconds
                 for j, i in enumerate(rows):
                     kk = requests[i].k
-                    out.loglik[i] = ll[j * k:j * k + kk].tolist()
-                    out.greedy[i] = greedy[j * k:j * k + kk].tolist()
+                    out.loglik[i] = ll[j * k : j * k + kk].tolist()
+                    out.greedy[i] = greedy[j * k : j * k + kk].tolist()
                     out.held_slots[i] = int(held[j])
                     out.prefix_slots[i] = max(len(requests[i].prefix) - 1, 0)
                     out.tokens += fed[j]
         return outs
 
-    def _choice_arrays(self, batch: Sequence[ScoreRequest], k: int, width: int, align_right: bool,
-                       prefix: bool = False):
+    def _choice_arrays(
+        self, batch: Sequence[ScoreRequest], k: int, width: int, align_right: bool, prefix: bool = False
+    ):
         """(tokens, valid, targets, scored) [B*K, width] of each choice's fed ids (with the prefix if asked).
 
         Fed ids are `seq[:-1]`, targets `seq[1:]`, scored the last len(continuation) targets but `<AC>`. Items with
         fewer than K choices repeat their last choice (its result is dropped).
         """
         N, ac = len(batch) * k, self.model.ac_id
-        arrays = [np.zeros((N, width), np.int32), np.zeros((N, width), bool), np.zeros((N, width), np.int32),
-                  np.zeros((N, width), bool)]
+        arrays = [
+            np.zeros((N, width), np.int32),
+            np.zeros((N, width), bool),
+            np.zeros((N, width), np.int32),
+            np.zeros((N, width), bool),
+        ]
         for j, r in enumerate(batch):
             for c in range(k):
                 i = min(c, r.k - 1)
@@ -339,8 +373,8 @@ class Scorer:
                 m = len(seq) - 1
                 at = width - m if align_right else 0
                 tokens, valid, targets, scored = (a[j * k + c] for a in arrays)
-                tokens[at:at + m], valid[at:at + m], targets[at:at + m] = seq[:-1], True, seq[1:]
-                scored[at + m - len(r.continuations[i]):at + m] = [t != ac for t in r.continuations[i]]
+                tokens[at : at + m], valid[at : at + m], targets[at : at + m] = seq[:-1], True, seq[1:]
+                scored[at + m - len(r.continuations[i]) : at + m] = [t != ac for t in r.continuations[i]]
         return arrays
 
     def _cached_batch(self, spec, batch, shapes):
@@ -350,9 +384,11 @@ class Scorer:
         capacity = shapes["capacity"][spec.anchor_cache]
         state = init_state(m.cfg, B, capacity + T, np.zeros(B, bool))
         for c in range(0, tokens.shape[1], T):
-            state = self.runtime.call(prefill, (m.cfg, spec), m.params, state, tokens[:, c:c + T], valid[:, c:c + T])
+            state = self.runtime.call(
+                prefill, (m.cfg, spec), m.params, state, tokens[:, c : c + T], valid[:, c : c + T]
+            )
         held = np.asarray(state.cache.length)
-        if np.asarray(state.overflow)[:, 0].any():   # cannot happen with `kept_bound`; never truncate silently
+        if np.asarray(state.overflow)[:, 0].any():  # cannot happen with `kept_bound`; never truncate silently
             raise ValueError(f"a context needed more than the {capacity} cache slots reserved for it")
         slots = min(bucket(int(held.max()), 16), capacity + T)
         arrays = self._choice_arrays(batch, k, shapes["width"], align_right=False)
@@ -366,12 +402,15 @@ class Scorer:
         longest = max(len(r.prefix) + len(t) + len(c) for r in batch for t, c in zip(r.tails, r.continuations))
         L = bucket(longest - 1, 32)
         tokens, valid, targets, scored = self._choice_arrays(batch, k, L, align_right=True, prefix=True)
-        ll, greedy = self.runtime.call(_recompute, (m.cfg, spec), m.params, tokens, valid, targets[:, -W:], scored[:, -W:])
+        ll, greedy = self.runtime.call(
+            _recompute, (m.cfg, spec), m.params, tokens, valid, targets[:, -W:], scored[:, -W:]
+        )
         fed = [sum(len(r.prefix) + len(t) + len(c) - 1 for t, c in zip(r.tails, r.continuations)) for r in batch]
         return np.asarray(ll), np.asarray(greedy), np.zeros(len(batch), int), fed
 
-    def sequence_nll(self, rows: Sequence[Sequence[int]], cache: str,
-                     scored: Sequence[Sequence[bool]] | None = None) -> dict:
+    def sequence_nll(
+        self, rows: Sequence[Sequence[int]], cache: str, scored: Sequence[Sequence[bool]] | None = None
+    ) -> dict:
         """Negative log-likelihood of each row's tokens given the ones before, through chunked prefill.
 
         rows: id lists (each >= 2 ids); scored[i][t]: token t of row i counts (default: all but the
@@ -382,7 +421,7 @@ class Scorer:
         scored = scored or [[False] + [True] * (len(r) - 1) for r in rows]
         out = {"nll": [], "tokens": [], "held_slots": [], "seconds": 0.0}
         for start in range(0, len(rows), B):
-            batch, marks = rows[start:start + B], scored[start:start + B]
+            batch, marks = rows[start : start + B], scored[start : start + B]
             width = round_up(max(len(r) for r in batch) - 1, T)
             tokens, valid, targets, counted = (np.zeros((B, width), dt) for dt in (np.int32, bool, np.int32, bool))
             for b, (r, s) in enumerate(zip(batch, marks)):
@@ -392,12 +431,19 @@ class Scorer:
             nll_B = np.zeros(B)
             with self.runtime.timer() as timer:
                 for c in range(0, width, T):
-                    state, part_B, held_B = self.runtime.call(_nll_chunk, (m.cfg, spec), m.params, state,
-                                                              tokens[:, c:c + T], valid[:, c:c + T],
-                                                              targets[:, c:c + T], counted[:, c:c + T])
+                    state, part_B, held_B = self.runtime.call(
+                        _nll_chunk,
+                        (m.cfg, spec),
+                        m.params,
+                        state,
+                        tokens[:, c : c + T],
+                        valid[:, c : c + T],
+                        targets[:, c : c + T],
+                        counted[:, c : c + T],
+                    )
                     nll_B += np.asarray(part_B)
             out["seconds"] += timer.seconds
-            out["nll"] += nll_B[:len(batch)].tolist()
+            out["nll"] += nll_B[: len(batch)].tolist()
             out["tokens"] += [int(sum(s[1:])) for s in marks]
-            out["held_slots"] += np.asarray(held_B)[:len(batch)].tolist()
+            out["held_slots"] += np.asarray(held_B)[: len(batch)].tolist()
         return out

@@ -11,6 +11,7 @@ checkpoint, so `anjax.io.loading.load_model` (infer.py, evaluation) accepts a ru
 directory as well as its export. A checkpoint that cannot be restored is
 reported (the step directory, the file or the mismatch) and never replaced.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -91,9 +92,15 @@ class Checkpointer:
         """Start saving `state` (a trainer.TrainState) at its step; returns once arrays are copied off device."""
         train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
         meta = {"data": data_state, "fingerprints": fingerprints({"params": state.params, "train": train})}
-        self.manager.save(int(state.step), force=True, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train),
-            meta=ocp.args.JsonSave(meta)))
+        self.manager.save(
+            int(state.step),
+            force=True,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                train=ocp.args.StandardSave(train),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
         """(state, data-iterator state) of `step`, sharded like `abstract_state`.
@@ -118,13 +125,17 @@ class Checkpointer:
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items))
         except Exception as e:  # orbax/tensorstore raise many types; all mean "this checkpoint is unusable"
-            raise CheckpointError(f"checkpoint {step_dir} cannot be restored: {_describe(e, step_dir)} {advice}") from None
+            raise CheckpointError(
+                f"checkpoint {step_dir} cannot be restored: {_describe(e, step_dir)} {advice}"
+            ) from None
         saved = out["meta"]["fingerprints"]
         for key, value in fingerprints({k: out[k] for k in items}).items():
             if saved.get(key) != value:
                 item = step_dir / key.split("'")[1]
-                raise CheckpointError(f"checkpoint {step_dir}: array {key} does not match the fingerprint saved "
-                                      f"with it (damaged data file under {item}) {advice}")
+                raise CheckpointError(
+                    f"checkpoint {step_dir}: array {key} does not match the fingerprint saved "
+                    f"with it (damaged data file under {item}) {advice}"
+                )
         return out
 
     def wait(self) -> None:
@@ -142,8 +153,11 @@ def load_for_inference(run_dir: str | Path, **overrides: Any) -> tuple[ModelConf
     """
     run_dir = Path(run_dir)
     stored = load_model_config(run_dir)
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
-                if f.name in ("dtype", "param_dtype", "scan_layers", "remat", "attention")}
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(ModelConfig)
+        if f.name in ("dtype", "param_dtype", "scan_layers", "remat", "attention")
+    }
     cfg = stored.replace(**{**defaults, **overrides})
     ckpt = Checkpointer(run_dir, read_only=True)
     try:
@@ -151,8 +165,10 @@ def load_for_inference(run_dir: str | Path, **overrides: Any) -> tuple[ModelConf
         if step is None:
             raise CheckpointError(f"{run_dir}: the run directory has no finished checkpoint yet")
         device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                                jax.eval_shape(lambda: init_params(stored, jax.random.PRNGKey(0))))
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+            jax.eval_shape(lambda: init_params(stored, jax.random.PRNGKey(0))),
+        )
         params = jax.device_get(ckpt.restore_params(step, abstract))
     finally:
         ckpt.close()

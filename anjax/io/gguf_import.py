@@ -10,6 +10,7 @@ tokenizer builders, as `AutoTokenizer.from_pretrained(dir, gguf_file=...)` does.
 Parsing the metadata (~100k vocabulary and merge strings) costs about as much as dequantizing a
 small model, so both functions also take the reader `open_gguf` returns, to parse a file once.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -42,8 +43,12 @@ _LAYER_TENSORS = {  # blk.{i}.<gguf>.weight -> model.layers.{i}.<hf>.weight
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
-                   "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+_SPECIAL_TOKENS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
 
 
 def default_model_path() -> pathlib.Path | None:
@@ -79,8 +84,10 @@ def read_gguf(source: GGUFSource) -> tuple[dict, dict[str, np.ndarray]]:
     reader, path = _reader(source)
     arch = _field(reader, "general.architecture")
     if arch not in LLAMA_ARCHITECTURES:
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported "
-                         f"(anjax imports Llama-family files, general.architecture in {LLAMA_ARCHITECTURES})")
+        raise ValueError(
+            f"{path}: GGUF architecture {arch!r} is not supported "
+            f"(anjax imports Llama-family files, general.architecture in {LLAMA_ARCHITECTURES})"
+        )
     state_dict = {}
     for tensor in reader.tensors:
         try:
@@ -93,7 +100,8 @@ def read_gguf(source: GGUFSource) -> tuple[dict, dict[str, np.ndarray]]:
 
     num_layers = _field(reader, f"{arch}.block_count") or 0
     expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
-        f"model.layers.{i}.{name}.weight" for i in range(num_layers) for name in _LAYER_TENSORS.values()}
+        f"model.layers.{i}.{name}.weight" for i in range(num_layers) for name in _LAYER_TENSORS.values()
+    }
     if missing := sorted(expected - state_dict.keys()):
         raise ValueError(f"{path}: {len(missing)} tensors missing, e.g. the one for {missing[0]}")
     config = _hf_config(reader, arch, state_dict, path)
@@ -114,8 +122,11 @@ def gguf_tokenizer(source: GGUFSource) -> transformers.PreTrainedTokenizerFast:
 
     def renamed(group: str) -> dict:  # {transformers name: value} for the `tokenizer.*` keys the file has
         renames = gguf_tokenizer_mapping.GGUF_TOKENIZER_MAPPING[group]
-        return {name: _field(reader, f"tokenizer.{key}") for key, name in renames.items()
-                if f"tokenizer.{key}" in reader.fields}
+        return {
+            name: _field(reader, f"tokenizer.{key}")
+            for key, name in renames.items()
+            if f"tokenizer.{key}" in reader.fields
+        }
 
     tokenizer_dict, init_kwargs = renamed("tokenizer"), renamed("tokenizer_config")
     if "tokens" not in tokenizer_dict:
@@ -153,6 +164,7 @@ def _hf_name(gguf_name: str, path: str) -> str:
 
 def _hf_config(reader: gguf.GGUFReader, arch: str, state_dict: dict[str, np.ndarray], path: str) -> dict:
     """HF LlamaConfig dict from the `{arch}.*` and `tokenizer.ggml.*` metadata."""
+
     def meta(key, *default):
         value = _field(reader, f"{arch}.{key}")
         if value is None and not default:

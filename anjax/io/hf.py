@@ -4,12 +4,14 @@ The key map is declarative: one table from HF tensor names to our per-layer
 parameter paths, each with a reversible reshape. Import checks the full key set
 and every shape before anything is copied and names the first offending tensor.
 """
+
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -26,11 +28,14 @@ class ModelFormatError(ValueError):
 
 # ---------------------------------------------------------------- config
 
+
 def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     """ModelConfig from a config.json dict (transformers 4 or 5 layout); rejects non-Llama models."""
     arch = (hf.get("architectures") or [None])[0]
     if hf.get("model_type") != "llama" and arch not in LLAMA_ARCHITECTURES:
-        raise ModelFormatError(f"not a Llama-family model: model_type={hf.get('model_type')!r}, architectures={hf.get('architectures')}")
+        raise ModelFormatError(
+            f"not a Llama-family model: model_type={hf.get('model_type')!r}, architectures={hf.get('architectures')}"
+        )
     for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
         if hf.get(key, ok) != ok:
             raise ModelFormatError(f"unsupported Llama variant: {key}={hf[key]!r} (anjax supports {key}={ok!r})")
@@ -41,14 +46,20 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     heads = hf["num_attention_heads"]
     anchor = hf.get("anjax", {})
     return ModelConfig(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         rope_scaling_factor=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=_first(hf.get("eos_token_id")),
         pad_token_id=hf.get("pad_token_id"),
         **scheme_from_block(anchor),
     ).replace(**overrides)
@@ -56,8 +67,15 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
 
 def scheme_from_block(block: dict[str, Any]) -> dict[str, Any]:
     """The `ModelConfig` anchor-scheme fields of a config.json "anjax" block (older blocks lack some)."""
-    known = {"anchor_mode", "anchor_tokens", "anchor_ids", "add_bos", "max_sentence_tokens", "sentence_splitter",
-             "final_sentence"}
+    known = {
+        "anchor_mode",
+        "anchor_tokens",
+        "anchor_ids",
+        "add_bos",
+        "max_sentence_tokens",
+        "sentence_splitter",
+        "final_sentence",
+    }
     if unknown := sorted(set(block) - known):
         raise ModelFormatError(f'config.json "anjax" block has unknown keys {unknown}: written by a newer anjax?')
     out = {k: v for k, v in block.items()}
@@ -76,18 +94,36 @@ def hf_config_from(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.rope_scaling_factor != 1.0:
         rope = {"rope_type": "linear", "factor": cfg.rope_scaling_factor, "rope_theta": cfg.rope_theta}
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_parameters": rope, "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False, "mlp_bias": False, "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id, "torch_dtype": "float32",
-        "anjax": {"anchor_mode": cfg.anchor_mode, "anchor_tokens": list(cfg.anchor_tokens),
-                  "anchor_ids": list(cfg.anchor_ids), "add_bos": cfg.add_bos,
-                  "max_sentence_tokens": cfg.max_sentence_tokens, "sentence_splitter": cfg.sentence_splitter,
-                  "final_sentence": cfg.final_sentence},
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": rope,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "torch_dtype": "float32",
+        "anjax": {
+            "anchor_mode": cfg.anchor_mode,
+            "anchor_tokens": list(cfg.anchor_tokens),
+            "anchor_ids": list(cfg.anchor_ids),
+            "add_bos": cfg.add_bos,
+            "max_sentence_tokens": cfg.max_sentence_tokens,
+            "sentence_splitter": cfg.sentence_splitter,
+            "final_sentence": cfg.final_sentence,
+        },
     }
 
 
@@ -101,8 +137,10 @@ def _layer_map(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], Reshape]]:
     E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     t = (lambda w: w.T, lambda w: w.T)
     ident = (lambda w: w, lambda w: w)
+
     def heads(n):  # [n*D, E] <-> [E, n, D]
         return (lambda w: w.T.reshape(E, n, D), lambda w: w.reshape(E, n * D).T)
+
     return {
         "self_attn.q_proj.weight": (("attn", "q"), heads(H)),
         "self_attn.k_proj.weight": (("attn", "k"), heads(K)),
@@ -118,12 +156,25 @@ def _layer_map(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], Reshape]]:
 
 def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name an HF checkpoint of this config holds, with its shape."""
-    E, F, H, K, D, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                        cfg.head_dim, cfg.vocab_size)
-    per_layer = {"self_attn.q_proj.weight": (H * D, E), "self_attn.k_proj.weight": (K * D, E),
-                 "self_attn.v_proj.weight": (K * D, E), "self_attn.o_proj.weight": (E, H * D),
-                 "mlp.gate_proj.weight": (F, E), "mlp.up_proj.weight": (F, E), "mlp.down_proj.weight": (E, F),
-                 "input_layernorm.weight": (E,), "post_attention_layernorm.weight": (E,)}
+    E, F, H, K, D, V = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+    )
+    per_layer = {
+        "self_attn.q_proj.weight": (H * D, E),
+        "self_attn.k_proj.weight": (K * D, E),
+        "self_attn.v_proj.weight": (K * D, E),
+        "self_attn.o_proj.weight": (E, H * D),
+        "mlp.gate_proj.weight": (F, E),
+        "mlp.up_proj.weight": (F, E),
+        "mlp.down_proj.weight": (E, F),
+        "input_layernorm.weight": (E,),
+        "post_attention_layernorm.weight": (E,),
+    }
     shapes = {"model.embed_tokens.weight": (V, E), "model.norm.weight": (E,)}
     if not cfg.tie_embeddings:
         shapes["lm_head.weight"] = (V, E)
@@ -159,8 +210,10 @@ def params_from_hf_state(cfg: ModelConfig, state: dict[str, np.ndarray]) -> dict
         for hf_name, (path, (to_ours, _)) in _layer_map(cfg).items():
             layer.setdefault(path[0], {})[path[1]] = cast(to_ours(state[f"model.layers.{i}.{hf_name}"]))
         layers.append(layer)
-    params: dict = {"embed": cast(state["model.embed_tokens.weight"]),
-                    "final_norm": {"scale": cast(state["model.norm.weight"])}}
+    params: dict = {
+        "embed": cast(state["model.embed_tokens.weight"]),
+        "final_norm": {"scale": cast(state["model.norm.weight"])},
+    }
     if not cfg.tie_embeddings:
         params["lm_head"] = cast(state["lm_head.weight"]).T
     if cfg.scan_layers:
@@ -186,11 +239,15 @@ def hf_state_from_params(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray
 
 # ---------------------------------------------------------------- files
 
+
 def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
     """All tensors of model.safetensors or of the shards listed in model.safetensors.index.json."""
     from safetensors.numpy import load_file
+
     index = model_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     state: dict[str, np.ndarray] = {}
     for name in files:
         path = model_dir / name
@@ -228,8 +285,12 @@ def save_hf_dir(cfg: ModelConfig, params: dict, tokenizer, out_dir: str | Path, 
         state = hf_state_from_params(cfg, params)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config_from(cfg), indent=2))
-        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
-               "do_sample": False}
+        gen = {
+            "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": cfg.eos_token_id,
+            "pad_token_id": cfg.pad_token_id,
+            "do_sample": False,
+        }
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

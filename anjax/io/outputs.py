@@ -13,6 +13,7 @@ replaces only such a directory holding nothing else (or an empty one): anything
 a user put there is never deleted. With `force`, a directory that is not anjax's
 is moved aside to `<dir>.replaced-<time>` rather than deleted.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -52,7 +53,7 @@ _AT_FDCWD, _AT_SYMLINK_FOLLOW, _RENAME_EXCHANGE = -100, 0x400, 2
 def _link_into_place(fd: int, path: Path) -> None:
     """Give the anonymous file `fd` the name `path` (replacing it) through a uniquely named sibling."""
     tmp = path.parent / f".{path.name}{_TMP}.{os.getpid()}.{time.monotonic_ns()}"
-    linkat = _libc().linkat   # os.link does not follow the /proc/self/fd link
+    linkat = _libc().linkat  # os.link does not follow the /proc/self/fd link
     linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
     if linkat(_AT_FDCWD, f"/proc/self/fd/{fd}".encode(), _AT_FDCWD, os.fsencode(tmp), _AT_SYMLINK_FOLLOW) != 0:
         err = ctypes.get_errno()
@@ -77,8 +78,8 @@ def write_bytes_chunks(path: str | os.PathLike, chunks: Iterable[bytes]) -> Path
     path = Path(path).expanduser().absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, 0o666)   # mode & ~umask, like open()
-    except (AttributeError, OSError):   # no O_TMPFILE here: a hidden sibling, left behind only by kill -9
+        fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, 0o666)  # mode & ~umask, like open()
+    except (AttributeError, OSError):  # no O_TMPFILE here: a hidden sibling, left behind only by kill -9
         fd = None
     if fd is not None:
         try:
@@ -131,9 +132,11 @@ def check_replaceable(path: str | os.PathLike, force: bool = False) -> Path:
     if not path.is_dir() or path.is_symlink():
         raise ValueError(f"{path} exists and is not a directory: choose another output path")
     if not force and not written_by_anjax(path):
-        raise ValueError(f"{path} exists and holds files anjax did not write (no {MARKER} listing them): "
-                         "choose another output directory, or pass --force to move it aside to "
-                         f"{path.name}.replaced-<time> (nothing is deleted)")
+        raise ValueError(
+            f"{path} exists and holds files anjax did not write (no {MARKER} listing them): "
+            "choose another output directory, or pass --force to move it aside to "
+            f"{path.name}.replaced-<time> (nothing is deleted)"
+        )
     return path
 
 
@@ -141,7 +144,7 @@ def make_temp_dir(target: str | os.PathLike) -> Path:
     """A hidden sibling of `target` to build it in, with mode 0777 & ~umask (parents created)."""
     target = Path(target).expanduser().absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}{_TMP}.*"):   # left by a run killed -9
+    for stale in target.parent.glob(f".{target.name}{_TMP}.*"):  # left by a run killed -9
         pid = stale.name.rsplit(".", 2)[-2]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
@@ -182,20 +185,20 @@ def replace_dir(tmp: Path, target: str | os.PathLike, files: Iterable[str], forc
     """
     target = check_replaceable(target, force)
     mask = umask()
-    for p in tmp.rglob("*"):   # some writers (safetensors) make 0600 files
+    for p in tmp.rglob("*"):  # some writers (safetensors) make 0600 files
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
     write_text(tmp / MARKER, json.dumps({"files": sorted(files)}, indent=1) + "\n")
     if not target.exists():
         os.rename(tmp, target)
         return None
     moved = None
-    if not written_by_anjax(target):   # force: keep the user's directory, under a new name
+    if not written_by_anjax(target):  # force: keep the user's directory, under a new name
         moved = target.with_name(f"{target.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         os.rename(target, moved)
         os.rename(tmp, target)
         return moved
     if _exchange(tmp, target):
-        shutil.rmtree(tmp)   # now the previous export
+        shutil.rmtree(tmp)  # now the previous export
         return None
     aside = target.with_name(f".{target.name}{_TMP}.{os.getpid()}.old")
     os.rename(target, aside)

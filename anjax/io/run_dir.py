@@ -1,10 +1,11 @@
 """A run directory's plain files (no orbax): what identifies a run, its model config, its tokenizer.
 
-    RUN/config.yaml          the run config it started with (IDENTITY_KEYS are checked on resume)
-    RUN/model_config.json    anjax ModelConfig (vocabulary, anchor settings) of the checkpoints
-    RUN/tokenizer/           the tokenizer (with `<AC>` for AC runs)
-    RUN/checkpoints/<step>/  orbax checkpoints (`anjax.io.checkpoint`)
+RUN/config.yaml          the run config it started with (IDENTITY_KEYS are checked on resume)
+RUN/model_config.json    anjax ModelConfig (vocabulary, anchor settings) of the checkpoints
+RUN/tokenizer/           the tokenizer (with `<AC>` for AC runs)
+RUN/checkpoints/<step>/  orbax checkpoints (`anjax.io.checkpoint`)
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,16 @@ def is_run_dir(path: str | Path) -> bool:
 
 # Run-config fields that fix the parameter tree, the vocabulary and the anchor scheme: a run
 # directory's checkpoints are resumed only by a config that agrees on all of them.
-IDENTITY_KEYS = (("model", "path"), ("model", "from_scratch"), ("model", "arch"), ("model", "scan_layers"),
-                 ("anchors", "mode"), ("anchors", "tokens"), ("data", "add_bos"), ("data", "max_sentence_tokens"))
+IDENTITY_KEYS = (
+    ("model", "path"),
+    ("model", "from_scratch"),
+    ("model", "arch"),
+    ("model", "scan_layers"),
+    ("anchors", "mode"),
+    ("anchors", "tokens"),
+    ("data", "add_bos"),
+    ("data", "max_sentence_tokens"),
+)
 
 
 def save_run_files(run_dir: Path, run_config: dict, cfg: ModelConfig, tokenizer) -> None:
@@ -43,14 +52,17 @@ def check_resumable(run_dir: Path, run_config: dict) -> None:
     """Raise CheckpointError unless RUN/config.yaml agrees with `run_config` on every IDENTITY_KEYS field."""
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing, so the checkpoints in {run_dir} cannot be matched to this config; "
-                              "use another run.dir")
+        raise CheckpointError(
+            f"{path}: missing, so the checkpoints in {run_dir} cannot be matched to this config; use another run.dir"
+        )
     stored = yaml.safe_load(path.read_text()) or {}
     for section, key in IDENTITY_KEYS:
         was, now = stored.get(section, {}).get(key), run_config[section][key]
         if was != now:
-            raise CheckpointError(f"the checkpoints in {run_dir} were trained with {section}.{key}={was!r}, this "
-                                  f"config has {now!r}: use another run.dir (checkpoints are never overwritten)")
+            raise CheckpointError(
+                f"the checkpoints in {run_dir} were trained with {section}.{key}={was!r}, this "
+                f"config has {now!r}: use another run.dir (checkpoints are never overwritten)"
+            )
 
 
 def load_model_config(run_dir: str | Path, **overrides: Any) -> ModelConfig:

@@ -14,17 +14,18 @@ CLI, to see how a text is segmented:
     python -m anjax.anchors --mode ac --text "One. Two? Three"        # table
     python -m anjax.anchors --mode ep --anchors . '?' '!' , --text "One, two. Three" --json
 """
+
 from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from anjax.core.config import AC_TOKEN, ANCHOR_MODES, ModelConfig
 from anjax.core.params import init_embedding_row
 
 EP_DEFAULT_TOKENS = (".", "?", "!")
-PROBE = "Word{0} Word"   # running text in which an EP anchor string is looked up
+PROBE = "Word{0} Word"  # running text in which an EP anchor string is looked up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +53,10 @@ class AnchorScheme:
         if self.add_bos and self.bos_id is None:
             raise ValueError("add_bos is true but the tokenizer has no bos token")
         if self.max_sentence_tokens is not None and (self.mode != "ac" or self.max_sentence_tokens < 1):
-            raise ValueError(f"max_sentence_tokens inserts <AC> tokens: it needs anchor mode 'ac' and a value >= 1, "
-                             f"got {self.max_sentence_tokens} in mode {self.mode!r}")
+            raise ValueError(
+                f"max_sentence_tokens inserts <AC> tokens: it needs anchor mode 'ac' and a value >= 1, "
+                f"got {self.max_sentence_tokens} in mode {self.mode!r}"
+            )
         if self.mode == "ac" and len(self.ids) != 1:
             raise ValueError("anchor mode 'ac' has exactly one anchor id, the <AC> token")
 
@@ -63,14 +66,20 @@ class AnchorScheme:
 
     def config_fields(self) -> dict:
         """The `ModelConfig` fields that store this scheme."""
-        return dict(anchor_mode=self.mode, anchor_tokens=self.tokens, anchor_ids=self.ids, add_bos=self.add_bos,
-                    max_sentence_tokens=self.max_sentence_tokens, sentence_splitter=self.splitter,
-                    final_sentence=self.final_sentence)
+        return dict(
+            anchor_mode=self.mode,
+            anchor_tokens=self.tokens,
+            anchor_ids=self.ids,
+            add_bos=self.add_bos,
+            max_sentence_tokens=self.max_sentence_tokens,
+            sentence_splitter=self.splitter,
+            final_sentence=self.final_sentence,
+        )
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "tokens": list(self.tokens), "ids": list(self.ids)}
 
-    def replace(self, **changes) -> "AnchorScheme":
+    def replace(self, **changes) -> AnchorScheme:
         return dataclasses.replace(self, **changes)
 
 
@@ -85,8 +94,10 @@ def running_text_id(tokenizer, token: str) -> int:
     hit = [(i, s, e) for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]) if s < end and e > start]
     pieces = tokenizer.convert_ids_to_tokens([i for i, _, _ in hit])
     if len(hit) != 1 or hit[0][1] < start or hit[0][2] > end:
-        raise ValueError(f"anchor {token!r} is not one token in running text: in {text!r} it is part of the pieces "
-                         f"{pieces} (ids {[i for i, _, _ in hit]}); choose strings that are one token each")
+        raise ValueError(
+            f"anchor {token!r} is not one token in running text: in {text!r} it is part of the pieces "
+            f"{pieces} (ids {[i for i, _, _ in hit]}); choose strings that are one token each"
+        )
     return int(hit[0][0])
 
 
@@ -106,8 +117,10 @@ def resolve_anchor_ids(tokenizer, mode: str, tokens=None) -> tuple[tuple[str, ..
             raise ValueError(f"anchor mode 'ac' uses only {AC_TOKEN}, got anchor tokens {list(tokens)}")
         ac_id = tokenizer.convert_tokens_to_ids(AC_TOKEN)
         if AC_TOKEN not in tokenizer.get_vocab() or ac_id is None or ac_id == tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {AC_TOKEN} token; add it with anjax.text.anchors.add_ac_token(tokenizer) "
-                             "and resize the embeddings with anjax.core.params.resize_embeddings")
+            raise ValueError(
+                f"the tokenizer has no {AC_TOKEN} token; add it with anjax.text.anchors.add_ac_token(tokenizer) "
+                "and resize the embeddings with anjax.core.params.resize_embeddings"
+            )
         return (AC_TOKEN,), (int(ac_id),)
     tokens = tuple(tokens) if tokens else EP_DEFAULT_TOKENS
     if len(set(tokens)) != len(tokens):
@@ -133,25 +146,43 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
-def make_scheme(tokenizer, mode: str, tokens: Sequence[str] | None = None, add_bos: bool | None = None,
-                max_sentence_tokens: int | None = None) -> AnchorScheme:
+def make_scheme(
+    tokenizer,
+    mode: str,
+    tokens: Sequence[str] | None = None,
+    add_bos: bool | None = None,
+    max_sentence_tokens: int | None = None,
+) -> AnchorScheme:
     """A scheme for `tokenizer` from settings (AC: `<AC>` must be in it); add_bos None: the tokenizer's way."""
     names, ids = resolve_anchor_ids(tokenizer, mode, tokens)
     if add_bos and tokenizer.bos_token_id is None:
         raise ValueError("data.add_bos is true but the tokenizer has no bos token")
-    return AnchorScheme(mode=mode, tokens=names, ids=ids, bos_id=tokenizer.bos_token_id,
-                        add_bos=tokenizer_adds_bos(tokenizer) if add_bos is None else bool(add_bos),
-                        max_sentence_tokens=max_sentence_tokens or None)
+    return AnchorScheme(
+        mode=mode,
+        tokens=names,
+        ids=ids,
+        bos_id=tokenizer.bos_token_id,
+        add_bos=tokenizer_adds_bos(tokenizer) if add_bos is None else bool(add_bos),
+        max_sentence_tokens=max_sentence_tokens or None,
+    )
 
 
 def _note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
-def resolve_scheme(cfg: ModelConfig, tokenizer=None, params=None, *, mode: str | None = None,
-                   tokens: Sequence[str] | None = None, add_bos: bool | None = None,
-                   max_sentence_tokens: int | None = None, ac_init: str = "mean",
-                   note: Callable[[str], None] = _note) -> tuple[AnchorScheme, ModelConfig, object]:
+def resolve_scheme(
+    cfg: ModelConfig,
+    tokenizer=None,
+    params=None,
+    *,
+    mode: str | None = None,
+    tokens: Sequence[str] | None = None,
+    add_bos: bool | None = None,
+    max_sentence_tokens: int | None = None,
+    ac_init: str = "mean",
+    note: Callable[[str], None] = _note,
+) -> tuple[AnchorScheme, ModelConfig, object]:
     """THE place anchor settings are resolved: (scheme, cfg storing it, params) of a model.
 
     The model's stored scheme (`cfg`) applies; each argument that is not None overrides
@@ -188,8 +219,10 @@ def resolve_scheme(cfg: ModelConfig, tokenizer=None, params=None, *, mode: str |
         names, ids = resolve_anchor_ids(tokenizer, new_mode, tokens)
     if bad := [i for i in ids if not 0 <= i < cfg.vocab_size]:
         raise ValueError(f"anchor ids {bad} are outside the model's vocabulary of {cfg.vocab_size}")
-    for name, new, old in (("add_bos", add_bos, cfg.add_bos), ("max_sentence_tokens", max_sentence_tokens,
-                                                                cfg.max_sentence_tokens)):
+    for name, new, old in (
+        ("add_bos", add_bos, cfg.add_bos),
+        ("max_sentence_tokens", max_sentence_tokens, cfg.max_sentence_tokens),
+    ):
         if new is not None and old is not None and new != old:
             note(f"{name}={new} overrides the model's {name}={old}")
     bos_rule = cfg.add_bos if add_bos is None else add_bos
@@ -197,7 +230,14 @@ def resolve_scheme(cfg: ModelConfig, tokenizer=None, params=None, *, mode: str |
         bos_rule = tokenizer_adds_bos(tokenizer) if tokenizer is not None else False
     cap = cfg.max_sentence_tokens if max_sentence_tokens is None else (max_sentence_tokens or None)
     bos_id = tokenizer.bos_token_id if tokenizer is not None else cfg.bos_token_id
-    scheme = AnchorScheme(mode=new_mode if ids else "none", tokens=names, ids=ids, add_bos=bool(bos_rule),
-                          bos_id=bos_id, max_sentence_tokens=cap if new_mode == "ac" else None,
-                          splitter=cfg.sentence_splitter, final_sentence=cfg.final_sentence)
+    scheme = AnchorScheme(
+        mode=new_mode if ids else "none",
+        tokens=names,
+        ids=ids,
+        add_bos=bool(bos_rule),
+        bos_id=bos_id,
+        max_sentence_tokens=cap if new_mode == "ac" else None,
+        splitter=cfg.sentence_splitter,
+        final_sentence=cfg.final_sentence,
+    )
     return scheme, cfg.replace(**scheme.config_fields()), params

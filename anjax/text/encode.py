@@ -26,23 +26,28 @@ The rules (named in the scheme: splitter "pysbd-en", final_sentence "terminated"
   carry `<AC>` exactly where training puts them in the whole text; an `<AC>` is fed
   to the model but is never a scored target (it is not text).
 """
+
 from __future__ import annotations
 
 import bisect
 import functools
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import pysbd
 
 from anjax.core.config import AC_TOKEN
 from anjax.text.anchors import AnchorScheme
 
-ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                 "context. Write a response that appropriately completes the request.\n\n"
-                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
-                          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
 
 _LINE_BREAK = re.compile(r"(?<!\n)\n(?!\n)")
 _SENTENCE_END = re.compile(r"(?:[.?!…][\"'”’»)\]]*|\n)\s*\Z")
@@ -112,8 +117,10 @@ class Encoder:
 
     def __init__(self, tokenizer, scheme: AnchorScheme):
         if scheme.mode == "ac" and tokenizer.convert_tokens_to_ids(AC_TOKEN) != scheme.ac_id:
-            raise ValueError(f"anchor mode 'ac' needs {AC_TOKEN} as id {scheme.ac_id} in the tokenizer: "
-                             "add it with anjax.text.anchors.add_ac_token")
+            raise ValueError(
+                f"anchor mode 'ac' needs {AC_TOKEN} as id {scheme.ac_id} in the tokenizer: "
+                "add it with anjax.text.anchors.add_ac_token"
+            )
         self.tokenizer, self.scheme = tokenizer, scheme
 
     # ------------------------------------------------------------------ the one pipeline

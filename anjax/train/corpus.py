@@ -20,6 +20,7 @@ column text), which `anjax.train.data.load_corpus` reads for `data.path=<out>`; 
 written to a temporary directory and moved into place, with the build summary in
 `<out>/corpus_summary.json`.
 """
+
 from __future__ import annotations
 
 import glob
@@ -60,14 +61,57 @@ MIN_DOC_WORDS = 50
 
 # ----------------------------------------------------------------------------- HTML -> prose
 
-_SKIP_TAGS = {"script", "style", "pre", "table", "nav", "head", "header", "footer", "code-block", "svg",
-              "math", "form", "select", "button", "samp", "kbd"}
-_SKIP_CLASS = re.compile(r"\b(sphinxsidebar|related|footer|header|headerlink|navheader|navfooter|nav-panel|"
-                         r"toc|toctree-wrapper|highlight|literal-block|listingblock|programlisting|screen|"
-                         r"synopsis|cmdsynopsis|funcsynopsis|example|verbatim|doctest|breadcrumb|"
-                         r"rst-versions|wy-nav-side|sig|versionmodified)\b")
-_BLOCK_TAGS = {"p", "li", "dd", "dt", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "div", "td", "th",
-               "section", "article", "body", "caption", "figcaption", "ul", "ol", "dl", "br", "hr", "tr"}
+_SKIP_TAGS = {
+    "script",
+    "style",
+    "pre",
+    "table",
+    "nav",
+    "head",
+    "header",
+    "footer",
+    "code-block",
+    "svg",
+    "math",
+    "form",
+    "select",
+    "button",
+    "samp",
+    "kbd",
+}
+_SKIP_CLASS = re.compile(
+    r"\b(sphinxsidebar|related|footer|header|headerlink|navheader|navfooter|nav-panel|"
+    r"toc|toctree-wrapper|highlight|literal-block|listingblock|programlisting|screen|"
+    r"synopsis|cmdsynopsis|funcsynopsis|example|verbatim|doctest|breadcrumb|"
+    r"rst-versions|wy-nav-side|sig|versionmodified)\b"
+)
+_BLOCK_TAGS = {
+    "p",
+    "li",
+    "dd",
+    "dt",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "blockquote",
+    "div",
+    "td",
+    "th",
+    "section",
+    "article",
+    "body",
+    "caption",
+    "figcaption",
+    "ul",
+    "ol",
+    "dl",
+    "br",
+    "hr",
+    "tr",
+}
 _VOID_TAGS = {"br", "hr", "img", "meta", "link", "input", "wbr", "area", "base", "col", "embed", "source"}
 
 
@@ -77,7 +121,7 @@ class _ProseParser(html.parser.HTMLParser):
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.paragraphs: list[str] = []
-        self._stack: list[tuple[str, bool]] = []   # (tag, skipping from here)
+        self._stack: list[tuple[str, bool]] = []  # (tag, skipping from here)
         self._buffer: list[str] = []
 
     def _skipping(self) -> bool:
@@ -95,7 +139,11 @@ class _ProseParser(html.parser.HTMLParser):
         if tag in _VOID_TAGS:
             return
         a = dict(attrs)
-        skip = self._skipping() or tag in _SKIP_TAGS or bool(_SKIP_CLASS.search(f"{a.get('class') or ''} {a.get('id') or ''}"))
+        skip = (
+            self._skipping()
+            or tag in _SKIP_TAGS
+            or bool(_SKIP_CLASS.search(f"{a.get('class') or ''} {a.get('id') or ''}"))
+        )
         self._stack.append((tag, skip))
 
     def handle_endtag(self, tag):
@@ -155,7 +203,7 @@ def words(text: str) -> list[str]:
 def ngram_hashes(text: str, n: int = NGRAM) -> set[int]:
     """Hashes of the word n-grams of `text` (none when it has fewer than n words)."""
     w = words(text)
-    return {hash(" ".join(w[i:i + n])) for i in range(len(w) - n + 1)}
+    return {hash(" ".join(w[i : i + n])) for i in range(len(w) - n + 1)}
 
 
 def strings(value) -> Iterator[str]:
@@ -175,6 +223,7 @@ def contamination(documents: Iterable[str], eval_ngrams: set[int]) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- packages
+
 
 def fetch_package(package: str, cache: Path) -> Path:
     """The unpacked root of `package` in `cache` (apt-get download + dpkg-deb -x, once)."""
@@ -211,12 +260,15 @@ def held_out(doc_id: str, seed: int, fraction: float) -> bool:
 
 # ----------------------------------------------------------------------------- build
 
+
 def _write(out: Path, splits: dict[str, list[str]], summary: dict) -> None:
     """Save the splits to `out` atomically; a previous build there is replaced, anything else refused."""
     import datasets
 
     if out.exists() and not (out / SUMMARY_FILE).is_file():
-        raise ValueError(f"{out} exists and is not a corpus this script built ({SUMMARY_FILE} missing); choose another --out")
+        raise ValueError(
+            f"{out} exists and is not a corpus this script built ({SUMMARY_FILE} missing); choose another --out"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in splits.items()}).save_to_disk(str(tmp))
@@ -230,12 +282,13 @@ def _write(out: Path, splits: dict[str, list[str]], summary: dict) -> None:
         os.replace(tmp, out)
 
 
-def build(out: Path, cache: Path, packages: list[str], seed: int, validation_fraction: float,
-          evaluation: list[str], tokenizer) -> dict:
+def build(
+    out: Path, cache: Path, packages: list[str], seed: int, validation_fraction: float, evaluation: list[str], tokenizer
+) -> dict:
     """Fetch, extract, decontaminate against the `evaluation` texts, split, count (tokens of `tokenizer`)
     and save; returns the summary."""
     t0 = time.time()
-    docs: dict[str, str] = {}   # text -> doc_id (identical pages kept once)
+    docs: dict[str, str] = {}  # text -> doc_id (identical pages kept once)
     per_package = {}
     for package in packages:
         n = 0
@@ -254,7 +307,7 @@ def build(out: Path, cache: Path, packages: list[str], seed: int, validation_fra
     summary = {
         "packages": per_package,
         "documents": {k: len(v) for k, v in splits.items()},
-        "tokens": {k: sum(count(v[i:i + 1000]) for i in range(0, len(v), 1000)) for k, v in splits.items()},
+        "tokens": {k: sum(count(v[i : i + 1000]) for i in range(0, len(v), 1000)) for k, v in splits.items()},
         "words": {k: sum(len(t.split()) for t in v) for k, v in splits.items()},
         "eval_documents": len(evaluation),
         "eval_13grams": len(eval_ngrams),

@@ -30,6 +30,7 @@ SFT (`format=alpaca`): [BOS] + Alpaca prompt + response + EOS; only the
 response and EOS are targets (`Encoder.alpaca`: the prompt is closed by an `<AC>`
 in AC mode, as the engine closes the same prompt).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,22 +51,26 @@ from anjax.text.encode import Encoder
 class DataConfig:
     """The `data:` section of a run config."""
 
-    path: str | None = None          # None: embedded corpus; a hub dataset name; or local files/dir/glob
-    name: str | None = None          # hub dataset config name
-    split: str = "train"             # training split; slicing works: "train[:99%]"
+    path: str | None = None  # None: embedded corpus; a hub dataset name; or local files/dir/glob
+    name: str | None = None  # hub dataset config name
+    split: str = "train"  # training split; slicing works: "train[:99%]"
     eval_split: str | None = "validation"  # held out; for local files e.g. "train[99%:]"; None: no eval
-    format: str = "text"             # text | alpaca (SFT: instruction, input, output)
-    text_field: str = "text"         # column holding the text (format=text)
-    text_sample_by: str = "document" # .txt files: document | paragraph | line is one document
-    seq_len: int = 1024              # L
-    batch_size: int = 8              # global rows per step; each of num_shards hosts gets batch_size / num_shards
-    packing: bool = False            # False: one document per row (paper); True: concatenate and cut
-    add_bos: bool | None = None      # prepend BOS to each document; None: as the tokenizer itself does (saved in the scheme)
-    ac_in_loss: bool = True          # <AC> labels count in the loss
-    max_sentence_tokens: int | None = None  # AC: an extra <AC> after every N tokens of a long sentence (saved in the scheme)
+    format: str = "text"  # text | alpaca (SFT: instruction, input, output)
+    text_field: str = "text"  # column holding the text (format=text)
+    text_sample_by: str = "document"  # .txt files: document | paragraph | line is one document
+    seq_len: int = 1024  # L
+    batch_size: int = 8  # global rows per step; each of num_shards hosts gets batch_size / num_shards
+    packing: bool = False  # False: one document per row (paper); True: concatenate and cut
+    add_bos: bool | None = (
+        None  # prepend BOS to each document; None: as the tokenizer itself does (saved in the scheme)
+    )
+    ac_in_loss: bool = True  # <AC> labels count in the loss
+    max_sentence_tokens: int | None = (
+        None  # AC: an extra <AC> after every N tokens of a long sentence (saved in the scheme)
+    )
     shuffle: bool = True
     seed: int = 0
-    num_proc: int | None = None      # processes for tokenization (datasets.map)
+    num_proc: int | None = None  # processes for tokenization (datasets.map)
 
     def __post_init__(self):
         if self.format not in ("text", "alpaca"):
@@ -73,7 +78,9 @@ class DataConfig:
         if self.max_sentence_tokens is not None and self.max_sentence_tokens < 1:
             raise ValueError(f"data.max_sentence_tokens must be null or >= 1, got {self.max_sentence_tokens}")
         if self.seq_len < 2 or self.batch_size < 1:
-            raise ValueError(f"data.seq_len must be >= 2 and data.batch_size >= 1, got {self.seq_len}, {self.batch_size}")
+            raise ValueError(
+                f"data.seq_len must be >= 2 and data.batch_size >= 1, got {self.seq_len}, {self.batch_size}"
+            )
 
 
 # ----------------------------------------------------------------------------- sources
@@ -106,7 +113,9 @@ def _local_files(path: str) -> list[str] | None:
         return None
     builders = {_builder(f) for f in files}
     if len(builders) != 1 or None in builders:
-        raise ValueError(f"{path!r}: need files of one kind (json/jsonl, txt, parquet), got {sorted(map(str, builders))}")
+        raise ValueError(
+            f"{path!r}: need files of one kind (json/jsonl, txt, parquet), got {sorted(map(str, builders))}"
+        )
     return files
 
 
@@ -116,6 +125,7 @@ def _first_non_utf8(files: list[str]) -> str | None:
     Read in 16 MiB pieces: the JSON reader would otherwise accept invalid bytes silently.
     """
     import codecs
+
     for f in files:
         if _builder(f) not in ("text", "json") or os.path.splitext(f)[1] in _COMPRESSED:
             continue
@@ -138,7 +148,9 @@ def load_corpus(cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
     split = split or cfg.split
     if cfg.path in (None, "", "embedded"):
         if cfg.format != "text":
-            raise ValueError("the embedded corpus is plain text: set data.path to an Alpaca json file for format=alpaca")
+            raise ValueError(
+                "the embedded corpus is plain text: set data.path to an Alpaca json file for format=alpaca"
+            )
         return embedded_corpus(split)
     path = os.path.expanduser(cfg.path)
     if any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
@@ -162,7 +174,12 @@ def load_corpus(cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
 def _heading(lines: list[str], i: int) -> bool:
     """lines[i] is a reST title: a text line underlined by a run of one of * = - ~ ^."""
     under = lines[i + 1] if i + 1 < len(lines) else ""
-    return bool(lines[i].strip()) and len(under) >= max(3, len(lines[i].rstrip())) and len(set(under)) == 1 and under[0] in "*=-~^"
+    return (
+        bool(lines[i].strip())
+        and len(under) >= max(3, len(lines[i].rstrip()))
+        and len(set(under)) == 1
+        and under[0] in "*=-~^"
+    )
 
 
 def _unwrap(body: str) -> str:
@@ -216,13 +233,14 @@ def embedded_corpus(split: str = "train") -> datasets.Dataset:
 
 # ----------------------------------------------------------------------------- tokenization
 
+
 @dataclasses.dataclass(frozen=True)
 class CorpusStats:
-    documents: int   # non-empty documents kept
-    skipped: int     # empty documents (SFT: empty output) dropped
-    sentences: int   # sentence segments as the mask sees them: anchors + documents not ending in one
-    tokens: int      # all ids incl. BOS/EOS and inserted <AC>
-    anchors: int     # anchor tokens
+    documents: int  # non-empty documents kept
+    skipped: int  # empty documents (SFT: empty output) dropped
+    sentences: int  # sentence segments as the mask sees them: anchors + documents not ending in one
+    tokens: int  # all ids incl. BOS/EOS and inserted <AC>
+    anchors: int  # anchor tokens
 
     @property
     def anchor_share(self) -> float:
@@ -233,8 +251,8 @@ class CorpusStats:
 class TokenizedCorpus:
     """All documents' ids back to back: doc i is `tokens[offsets[i]:offsets[i+1]]`."""
 
-    tokens: np.ndarray      # [total] int32
-    offsets: np.ndarray     # [N+1] int64
+    tokens: np.ndarray  # [total] int32
+    offsets: np.ndarray  # [N+1] int64
     prompt_len: np.ndarray  # [N] int32, leading ids that are never targets (SFT prompt); 0 for text
     stats: CorpusStats
 
@@ -243,14 +261,17 @@ class TokenizedCorpus:
         return np.diff(self.offsets)
 
 
-def tokenize_corpus(ds: datasets.Dataset, tokenizer, scheme: AnchorScheme,
-                    cfg: DataConfig = DataConfig()) -> TokenizedCorpus:
+def tokenize_corpus(
+    ds: datasets.Dataset, tokenizer, scheme: AnchorScheme, cfg: DataConfig = DataConfig()
+) -> TokenizedCorpus:
     """Tokenize raw documents (format `cfg.format`) with the anchors of `scheme`; empty documents are skipped
     and counted. BOS and `max_sentence_tokens` are the scheme's (train.py builds it from `cfg`)."""
     encoder = Encoder(tokenizer, scheme)
     need = {"text": [cfg.text_field], "alpaca": ["instruction", "output"]}[cfg.format]
     if missing := [c for c in need if c not in ds.column_names]:
-        raise ValueError(f"format {cfg.format!r} needs column(s) {missing}; the dataset has {ds.column_names} (set data.text_field)")
+        raise ValueError(
+            f"format {cfg.format!r} needs column(s) {missing}; the dataset has {ds.column_names} (set data.text_field)"
+        )
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def tokenize(batch):
@@ -263,8 +284,15 @@ def tokenize_corpus(ds: datasets.Dataset, tokenizer, scheme: AnchorScheme,
         return {"ids": [p + r + eos for p, r in pairs], "prompt_len": [len(p) for p, _ in pairs]}
 
     features = datasets.Features({"ids": datasets.List(datasets.Value("int32")), "prompt_len": datasets.Value("int32")})
-    out = ds.map(tokenize, batched=True, batch_size=1000, remove_columns=ds.column_names, features=features,
-                 num_proc=cfg.num_proc, desc="tokenize")
+    out = ds.map(
+        tokenize,
+        batched=True,
+        batch_size=1000,
+        remove_columns=ds.column_names,
+        features=features,
+        num_proc=cfg.num_proc,
+        desc="tokenize",
+    )
     if len(out) == 0:
         raise ValueError(f"the corpus has no non-empty documents ({len(ds)} read, all empty)")
     table = out.with_format("arrow")[:]
@@ -274,12 +302,18 @@ def tokenize_corpus(ds: datasets.Dataset, tokenizer, scheme: AnchorScheme,
     offsets -= offsets[0]
     anchor = np.isin(tokens, np.asarray(scheme.ids, np.int32))
     n_anchor = int(anchor.sum())
-    stats = CorpusStats(documents=len(out), skipped=len(ds) - len(out), tokens=len(tokens), anchors=n_anchor,
-                        sentences=n_anchor + int((~anchor[offsets[1:] - 1]).sum()))
+    stats = CorpusStats(
+        documents=len(out),
+        skipped=len(ds) - len(out),
+        tokens=len(tokens),
+        anchors=n_anchor,
+        sentences=n_anchor + int((~anchor[offsets[1:] - 1]).sum()),
+    )
     return TokenizedCorpus(tokens, offsets, table.column("prompt_len").to_numpy().astype(np.int32), stats)
 
 
 # ----------------------------------------------------------------------------- batches
+
 
 class BatchIterator:
     """Deterministic, resumable iterator of [B, L] batches (module docstring: format).
@@ -293,9 +327,19 @@ class BatchIterator:
     shuffled, padding the last batch with empty rows.
     """
 
-    def __init__(self, corpus: TokenizedCorpus, batch_size: int, seq_len: int, *, packing: bool = False,
-                 shuffle: bool = True, seed: int = 0, repeat: bool = True, ac_id: int | None = None,
-                 ac_in_loss: bool = True):
+    def __init__(
+        self,
+        corpus: TokenizedCorpus,
+        batch_size: int,
+        seq_len: int,
+        *,
+        packing: bool = False,
+        shuffle: bool = True,
+        seed: int = 0,
+        repeat: bool = True,
+        ac_id: int | None = None,
+        ac_in_loss: bool = True,
+    ):
         self.corpus, self.B, self.L = corpus, batch_size, seq_len
         self.packing, self.shuffle, self.seed, self.repeat = packing, shuffle, seed, repeat
         self.ac_id, self.ac_in_loss = ac_id, ac_in_loss
@@ -356,23 +400,39 @@ class BatchIterator:
             off_BxL1 = np.broadcast_to(t_L1, k_BxL1.shape)
         ok_BxL1 = k_BxL1 >= 0
         doc_BxL1 = perm[k_BxL1]
-        ids_BxL1 = np.where(ok_BxL1, self.corpus.tokens[np.where(ok_BxL1, self.corpus.offsets[doc_BxL1] + off_BxL1, 0)], 0)
+        ids_BxL1 = np.where(
+            ok_BxL1, self.corpus.tokens[np.where(ok_BxL1, self.corpus.offsets[doc_BxL1] + off_BxL1, 0)], 0
+        )
         valid = ok_BxL1[:, :L]
         labels = ids_BxL1[:, 1:]
-        loss_mask = (valid & ok_BxL1[:, 1:] & (k_BxL1[:, 1:] == k_BxL1[:, :L])
-                     & (off_BxL1[:, 1:] >= self.corpus.prompt_len[doc_BxL1[:, 1:]]))
+        loss_mask = (
+            valid
+            & ok_BxL1[:, 1:]
+            & (k_BxL1[:, 1:] == k_BxL1[:, :L])
+            & (off_BxL1[:, 1:] >= self.corpus.prompt_len[doc_BxL1[:, 1:]])
+        )
         if not self.ac_in_loss and self.ac_id is not None:
             loss_mask &= labels != self.ac_id
-        new_doc = np.concatenate([np.zeros((B, 1), bool), k_BxL1[:, 1:L] != k_BxL1[:, :L - 1]], axis=1)
-        return {"tokens": ids_BxL1[:, :L].astype(np.int32),
-                "doc": np.where(valid, np.cumsum(new_doc, axis=1), -1).astype(np.int32),
-                "valid": valid,
-                "labels": np.where(loss_mask, labels, 0).astype(np.int32),
-                "loss_mask": loss_mask}
+        new_doc = np.concatenate([np.zeros((B, 1), bool), k_BxL1[:, 1:L] != k_BxL1[:, : L - 1]], axis=1)
+        return {
+            "tokens": ids_BxL1[:, :L].astype(np.int32),
+            "doc": np.where(valid, np.cumsum(new_doc, axis=1), -1).astype(np.int32),
+            "valid": valid,
+            "labels": np.where(loss_mask, labels, 0).astype(np.int32),
+            "loss_mask": loss_mask,
+        }
 
 
-def make_batches(cfg: DataConfig, tokenizer, scheme: AnchorScheme, *, split: str | None = None,
-                 train: bool = True, shard_index: int = 0, num_shards: int = 1) -> BatchIterator:
+def make_batches(
+    cfg: DataConfig,
+    tokenizer,
+    scheme: AnchorScheme,
+    *,
+    split: str | None = None,
+    train: bool = True,
+    shard_index: int = 0,
+    num_shards: int = 1,
+) -> BatchIterator:
     """Load, shard, tokenize and batch `split` (default cfg.split, or cfg.eval_split when not train).
 
     Host `shard_index` of `num_shards` gets a contiguous 1/num_shards of the
@@ -391,6 +451,14 @@ def make_batches(cfg: DataConfig, tokenizer, scheme: AnchorScheme, *, split: str
             raise ValueError(f"{len(ds)} documents cannot be sharded over {num_shards} hosts")
         ds = ds.shard(num_shards, shard_index, contiguous=True)
     corpus = tokenize_corpus(ds, tokenizer, scheme, cfg)
-    return BatchIterator(corpus, cfg.batch_size // num_shards, cfg.seq_len, packing=cfg.packing, shuffle=cfg.shuffle and train,
-                         seed=cfg.seed, repeat=train, ac_id=scheme.ac_id,
-                         ac_in_loss=cfg.ac_in_loss)
+    return BatchIterator(
+        corpus,
+        cfg.batch_size // num_shards,
+        cfg.seq_len,
+        packing=cfg.packing,
+        shuffle=cfg.shuffle and train,
+        seed=cfg.seed,
+        repeat=train,
+        ac_id=scheme.ac_id,
+        ac_in_loss=cfg.ac_in_loss,
+    )

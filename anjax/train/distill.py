@@ -25,6 +25,7 @@ over the vocabulary without `<AC>` and renormalised: the teacher never learned `
 whether to emit it is the LM loss's business, so the KL only shapes which original token
 comes next.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,8 @@ _EXCLUDED = jnp.finfo(jnp.float32).min  # logit of a token outside the KL's voca
 class Distill:
     """The distillation term's settings (static: fixed for a run)."""
 
-    weight: float               # w in loss = lm + w * kl
-    temperature: float = 1.0    # T of both softmaxes
+    weight: float  # w in loss = lm + w * kl
+    temperature: float = 1.0  # T of both softmaxes
 
 
 def ac_id(cfg: ModelConfig) -> int | None:
@@ -57,8 +58,10 @@ def alignment(cfg: ModelConfig, batch: dict[str, jax.Array]) -> dict[str, jax.Ar
     """{"kl_src": [B, L] int32 src(t), "kl_mask": [B, L] bool: position t gets a KL term} (module docstring)."""
     ac = ac_id(cfg)
     if ac is None:
-        return {"kl_src": jnp.broadcast_to(jnp.arange(batch["tokens"].shape[1]), batch["tokens"].shape),
-                "kl_mask": batch["loss_mask"].astype(bool)}
+        return {
+            "kl_src": jnp.broadcast_to(jnp.arange(batch["tokens"].shape[1]), batch["tokens"].shape),
+            "kl_mask": batch["loss_mask"].astype(bool),
+        }
     original_BxL = batch["valid"].astype(bool) & (batch["tokens"] != ac)
     src_BxL = jax.lax.cummax(jnp.where(original_BxL, jnp.arange(original_BxL.shape[1]), -1), axis=1)
     same_doc_BxL = (src_BxL >= 0) & (jnp.take_along_axis(batch["doc"], jnp.maximum(src_BxL, 0), axis=1) == batch["doc"])
@@ -75,8 +78,9 @@ def _log_probs(cfg: ModelConfig, logits_BxLxV: jax.Array, temperature: float) ->
     return jax.nn.log_softmax(z, axis=-1)
 
 
-def teacher_log_probs(cfg: ModelConfig, teacher_params: dict, batch: dict[str, jax.Array],
-                      temperature: float) -> jax.Array:
+def teacher_log_probs(
+    cfg: ModelConfig, teacher_params: dict, batch: dict[str, jax.Array], temperature: float
+) -> jax.Array:
     """[B, L, V] teacher log-probabilities aligned to the student's positions: row t holds the teacher's
     prediction at src(t) (`batch` carries "kl_src" from `alignment`). No gradient flows to the teacher."""
     ac = ac_id(cfg)
@@ -89,11 +93,16 @@ def teacher_log_probs(cfg: ModelConfig, teacher_params: dict, batch: dict[str, j
     return nn.with_logical_constraint(logp_BxLxV, ("batch", "length", "vocab"))
 
 
-def kl_sums(cfg: ModelConfig, teacher_logp_BxLxV: jax.Array, student_logits_BxLxV: jax.Array,
-            mask_BxL: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
+def kl_sums(
+    cfg: ModelConfig,
+    teacher_logp_BxLxV: jax.Array,
+    student_logits_BxLxV: jax.Array,
+    mask_BxL: jax.Array,
+    temperature: float,
+) -> tuple[jax.Array, jax.Array]:
     """(T^2 * sum over mask of KL(teacher || student), number of KL positions), fp32 scalars."""
     student_logp_BxLxV = _log_probs(cfg, student_logits_BxLxV, temperature)
     p_BxLxV = jnp.exp(teacher_logp_BxLxV)
     kl_BxL = jnp.sum(p_BxLxV * (teacher_logp_BxLxV - student_logp_BxLxV), axis=-1)
     mask = mask_BxL.astype(jnp.float32)
-    return temperature ** 2 * jnp.sum(kl_BxL * mask), jnp.sum(mask)
+    return temperature**2 * jnp.sum(kl_BxL * mask), jnp.sum(mask)

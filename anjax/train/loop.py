@@ -6,6 +6,7 @@ Resumes from the latest checkpoint in run.dir; SIGTERM or Ctrl-C (SIGINT) saves 
 stops (a second signal exits at once, the last checkpoint intact); a non-finite loss raises
 TrainingDiverged with the last good checkpoint intact. At the end: RUN/export and RUN/loss.png.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,11 @@ def stop_on_signals() -> dict:
 
     def handler(signum, _frame):
         if stop["signal"]:
-            print(f"second signal ({signal.Signals(signum).name}): exiting now; the last finished checkpoint is intact",
-                  file=sys.stderr, flush=True)
+            print(
+                f"second signal ({signal.Signals(signum).name}): exiting now; the last finished checkpoint is intact",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(128 + signum)
         stop["signal"] = signal.Signals(signum).name
 
@@ -60,20 +64,31 @@ def stop_on_signals() -> dict:
     return stop
 
 
-def train_loop(rc: run_config.RunConfig, trainer, state, train_it, validate, ckpt: checkpoint.Checkpointer,
-               log: metrics.MetricsLog | None, stop: dict):
+def train_loop(
+    rc: run_config.RunConfig,
+    trainer,
+    state,
+    train_it,
+    validate,
+    ckpt: checkpoint.Checkpointer,
+    log: metrics.MetricsLog | None,
+    stop: dict,
+):
     """Steps state.step + 1 .. train.steps: log, validate, checkpoint. Returns the last state, which is
     short of train.steps once `stop["signal"]` is set; raises TrainingDiverged on a non-finite loss or gradient."""
     start, steps, saved = int(state.step), rc.train.steps, ckpt.latest_step()
     train_s = log.last("train_s", 0.0) if log is not None else 0.0  # optimizer-step seconds, over all sittings
     with tqdm(total=steps, initial=start, unit="step", disable=log is None, dynamic_ncols=True) as bar:
+
         def write(record):
             if log is None:
                 return
             log.write(record)
             if "val_loss_full" in record:
-                bar.write(f"step {record['step']}: validation loss full {record['val_loss_full']:.4f}, "
-                          f"anchor {record['val_loss_anchor']:.4f}")
+                bar.write(
+                    f"step {record['step']}: validation loss full {record['val_loss_full']:.4f}, "
+                    f"anchor {record['val_loss_anchor']:.4f}"
+                )
 
         if start == 0 and validate:
             write({"step": 0, **validate(state.params)})
@@ -87,10 +102,18 @@ def train_loop(rc: run_config.RunConfig, trainer, state, train_it, validate, ckp
             train_s += seconds
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 ckpt.wait()
-                raise TrainingDiverged(f"loss {loss}, gradient norm {grad_norm} at step {step}: training stopped; "
-                                       f"the last good checkpoint (step {saved}) in {ckpt.directory} is intact")
-            record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": float(trainer.schedule(step - 1)),
-                      "tokens_per_s": float(m["tokens"]) / seconds, "train_s": train_s}
+                raise TrainingDiverged(
+                    f"loss {loss}, gradient norm {grad_norm} at step {step}: training stopped; "
+                    f"the last good checkpoint (step {saved}) in {ckpt.directory} is intact"
+                )
+            record = {
+                "step": step,
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "lr": float(trainer.schedule(step - 1)),
+                "tokens_per_s": float(m["tokens"]) / seconds,
+                "train_s": train_s,
+            }
             if "kl" in m:
                 record["kl"] = float(m["kl"])
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
@@ -136,8 +159,14 @@ def train(rc: run_config.RunConfig) -> int:
         state = train_loop(rc, trainer, state, train_it, validate, ckpt, log, stop)
         final = int(state.step)
         if final < rc.train.steps:
-            print(f"{stop['signal'] or 'a signal on another process'} at step {final}: " + (f"checkpoint saved in {ckpt.directory}; rerun the same command "
-                                                  "to resume" if final else "nothing to save yet"))
+            print(
+                f"{stop['signal'] or 'a signal on another process'} at step {final}: "
+                + (
+                    f"checkpoint saved in {ckpt.directory}; rerun the same command to resume"
+                    if final
+                    else "nothing to save yet"
+                )
+            )
             return 0
         if rc.checkpoint.export_hf:
             host_params = multihost_utils.process_allgather(state.params, tiled=True)
@@ -146,8 +175,10 @@ def train(rc: run_config.RunConfig) -> int:
         if lead:
             log.close()
             metrics.plot_losses(log.path, run_dir / "loss.png")
-            print(f"done: {final} steps ({final - start} in this process, {time.perf_counter() - t0:.0f} s); "
-                  f"metrics in {log.path}, curve in {run_dir / 'loss.png'}")
+            print(
+                f"done: {final} steps ({final - start} in this process, {time.perf_counter() - t0:.0f} s); "
+                f"metrics in {log.path}, curve in {run_dir / 'loss.png'}"
+            )
         return 0
     finally:
         ckpt.close()

@@ -9,6 +9,7 @@ of the starting model and has no `loss`); distillation runs add `kl` and `val_kl
 step (written by the interrupted process after its last checkpoint) are dropped,
 so the file is one consistent history.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,16 @@ from pathlib import Path
 class MetricsLog:
     def __init__(self, run_dir: Path, resumed_step: int | None, tensorboard: bool):
         self.path = run_dir / "metrics.jsonl"
-        kept = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= resumed_step] \
-            if resumed_step is not None and self.path.exists() else []
+        kept = (
+            [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= resumed_step]
+            if resumed_step is not None and self.path.exists()
+            else []
+        )
         self.path.write_text("".join(ln + "\n" for ln in kept))
         self.tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
+
             purge = resumed_step + 1 if resumed_step is not None else None
             self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
 
@@ -55,13 +60,17 @@ def read(path: Path) -> list[dict]:
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
     """Training loss and both validation losses against the step."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read(metrics_path)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "train (anchor mask)"), ("val_loss_full", "validation, full attention"),
-                       ("val_loss_anchor", "validation, anchor mask")):
+    for key, label in (
+        ("loss", "train (anchor mask)"),
+        ("val_loss_full", "validation, full attention"),
+        ("val_loss_anchor", "validation, anchor mask"),
+    ):
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if points:
             ax.plot(*zip(*points), marker="o" if key != "loss" else None, markersize=3, label=label)

@@ -5,6 +5,7 @@ rejected (naming the key) before anything is loaded or compiled. Override
 values are parsed as YAML (`--set train.steps=100`, `--set anchors.tokens=[".", "?"]`,
 `--set model.path=null`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,73 +23,73 @@ from anjax.train.data import DataConfig
 
 @dataclasses.dataclass(frozen=True)
 class RunSection:
-    dir: str = "runs/default"          # run directory: checkpoints/, metrics.jsonl, tb/, loss.png, export/
-    seed: int = 0                      # parameter init of from-scratch models; the train-state RNG
-    resume: bool = True                # continue from the latest checkpoint in `dir` if there is one
-    distributed: bool = False          # jax.distributed.initialize() (multi-host); env JAX_COORDINATOR_ADDRESS also turns it on
+    dir: str = "runs/default"  # run directory: checkpoints/, metrics.jsonl, tb/, loss.png, export/
+    seed: int = 0  # parameter init of from-scratch models; the train-state RNG
+    resume: bool = True  # continue from the latest checkpoint in `dir` if there is one
+    distributed: bool = False  # jax.distributed.initialize() (multi-host); env JAX_COORDINATOR_ADDRESS also turns it on
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-    path: str | None = None            # HF dir, GGUF file or hub name; null = embedded SmolLM2-135M-Instruct
-    from_scratch: bool = False         # random init from `arch` (the tokenizer still comes from `path`)
+    path: str | None = None  # HF dir, GGUF file or hub name; null = embedded SmolLM2-135M-Instruct
+    from_scratch: bool = False  # random init from `arch` (the tokenizer still comes from `path`)
     arch: dict = dataclasses.field(default_factory=dict)  # ModelConfig overrides, e.g. {num_layers: 2}
-    dtype: str = "float32"             # compute dtype: float32 | bfloat16
-    param_dtype: str = "float32"       # master parameter (and optimizer) dtype
-    remat: str = "none"                # activation checkpointing: none | full | dots
-    scan_layers: bool = False          # nn.scan over the layer stack (faster compiles for deep models)
-    attention: str = "dense"           # dense | sparse (exact block-sparse, no [T x T] logits) | auto (sparse for long rows)
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    param_dtype: str = "float32"  # master parameter (and optimizer) dtype
+    remat: str = "none"  # activation checkpointing: none | full | dots
+    scan_layers: bool = False  # nn.scan over the layer stack (faster compiles for deep models)
+    attention: str = "dense"  # dense | sparse (exact block-sparse, no [T x T] logits) | auto (sparse for long rows)
 
 
 @dataclasses.dataclass(frozen=True)
 class AnchorSection:
-    mode: str = "ac"                   # none | ep (punctuation anchors) | ac (<AC> after each sentence)
+    mode: str = "ac"  # none | ep (punctuation anchors) | ac (<AC> after each sentence)
     tokens: tuple[str, ...] | None = None  # EP anchor strings; null = [".", "?", "!"]
-    ac_init: str = "mean"              # new <AC> embedding row: mean of all rows | copy (of ".")
+    ac_init: str = "mean"  # new <AC> embedding row: mean of all rows | copy (of ".")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
-    steps: int = 100                   # optimizer steps in total (a resumed run stops here too)
-    grad_accum: int = 1                # micro-batches per step; data.batch_size is split into them
-    lr: float = 1e-4                   # peak learning rate
-    warmup_steps: int = 10             # linear warm-up from 0
-    schedule: str = "constant"         # after warm-up: constant | cosine
-    min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio at `steps`
-    b1: float = 0.9                    # Adam beta1
-    b2: float = 0.999                  # Adam beta2
-    eps: float = 1e-8                  # Adam epsilon
-    weight_decay: float = 0.0          # AdamW decoupled weight decay
-    clip_norm: float | None = 1.0      # global gradient-norm clipping; null = off
-    distill_weight: float = 0.0        # loss = lm + w * KL(teacher || student), teacher = frozen start model; 0 = off
-    distill_temperature: float = 1.0   # softmax temperature T of the distillation KL (scaled by T^2)
+    steps: int = 100  # optimizer steps in total (a resumed run stops here too)
+    grad_accum: int = 1  # micro-batches per step; data.batch_size is split into them
+    lr: float = 1e-4  # peak learning rate
+    warmup_steps: int = 10  # linear warm-up from 0
+    schedule: str = "constant"  # after warm-up: constant | cosine
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at `steps`
+    b1: float = 0.9  # Adam beta1
+    b2: float = 0.999  # Adam beta2
+    eps: float = 1e-8  # Adam epsilon
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    clip_norm: float | None = 1.0  # global gradient-norm clipping; null = off
+    distill_weight: float = 0.0  # loss = lm + w * KL(teacher || student), teacher = frozen start model; 0 = off
+    distill_temperature: float = 1.0  # softmax temperature T of the distillation KL (scaled by T^2)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSection:
-    every: int = 50                    # validation every N steps (and before the first and after the last); 0 = off
-    batches: int | None = 4            # validation batches per evaluation; null = the whole split
+    every: int = 50  # validation every N steps (and before the first and after the last); 0 = off
+    batches: int | None = 4  # validation batches per evaluation; null = the whole split
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
-    every: int = 50                    # save every N steps (and at the end)
-    keep: int = 2                      # keep the last K checkpoints
-    async_save: bool = True            # write in a background thread while training continues
-    export_hf: bool = True             # write RUN/export (Hugging Face format) at the end
+    every: int = 50  # save every N steps (and at the end)
+    keep: int = 2  # keep the last K checkpoints
+    async_save: bool = True  # write in a background thread while training continues
+    export_hf: bool = True  # write RUN/export (Hugging Face format) at the end
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
-    data: int = -1                     # data-parallel replicas (one axis may be -1: all devices left)
-    fsdp: int = 1                      # parameter/optimizer/gradient sharding (ZeRO-3)
-    tensor: int = 1                    # tensor parallelism over heads / kv_heads / mlp / vocab
+    data: int = -1  # data-parallel replicas (one axis may be -1: all devices left)
+    fsdp: int = 1  # parameter/optimizer/gradient sharding (ZeRO-3)
+    tensor: int = 1  # tensor parallelism over heads / kv_heads / mlp / vocab
 
 
 @dataclasses.dataclass(frozen=True)
 class LogSection:
-    every: int = 1                     # metrics.jsonl / TensorBoard / progress-bar period in steps
-    tensorboard: bool = True           # TensorBoard event files in RUN/tb
+    every: int = 1  # metrics.jsonl / TensorBoard / progress-bar period in steps
+    tensorboard: bool = True  # TensorBoard event files in RUN/tb
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +97,7 @@ class RunConfig:
     run: RunSection = RunSection()
     model: ModelSection = ModelSection()
     anchors: AnchorSection = AnchorSection()
-    data: DataConfig = DataConfig()    # anjax.train.data.DataConfig; data.batch_size is the GLOBAL batch (all hosts)
+    data: DataConfig = DataConfig()  # anjax.train.data.DataConfig; data.batch_size is the GLOBAL batch (all hosts)
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
@@ -104,33 +105,57 @@ class RunConfig:
     log: LogSection = LogSection()
 
     def __post_init__(self):
-        choices = {"model.dtype": (self.model.dtype, ("float32", "bfloat16")),
-                   "model.param_dtype": (self.model.param_dtype, ("float32", "bfloat16")),
-                   "model.remat": (self.model.remat, ("none", "full", "dots")),
-                   "model.attention": (self.model.attention, ("dense", "sparse", "auto")),
-                   "anchors.mode": (self.anchors.mode, ("none", "ep", "ac")),
-                   "anchors.ac_init": (self.anchors.ac_init, ("mean", "copy")),
-                   "train.schedule": (self.train.schedule, ("constant", "cosine"))}
+        choices = {
+            "model.dtype": (self.model.dtype, ("float32", "bfloat16")),
+            "model.param_dtype": (self.model.param_dtype, ("float32", "bfloat16")),
+            "model.remat": (self.model.remat, ("none", "full", "dots")),
+            "model.attention": (self.model.attention, ("dense", "sparse", "auto")),
+            "anchors.mode": (self.anchors.mode, ("none", "ep", "ac")),
+            "anchors.ac_init": (self.anchors.ac_init, ("mean", "copy")),
+            "train.schedule": (self.train.schedule, ("constant", "cosine")),
+        }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{key} must be one of {'|'.join(allowed)}, got {value!r}")
         if self.data.batch_size % self.train.grad_accum:
-            raise ValueError(f"data.batch_size={self.data.batch_size} is not a multiple of train.grad_accum={self.train.grad_accum}")
-        positive = {"train.steps": self.train.steps, "train.grad_accum": self.train.grad_accum,
-                    "checkpoint.every": self.checkpoint.every, "checkpoint.keep": self.checkpoint.keep,
-                    "log.every": self.log.every}
-        if not 0 <= self.run.seed < 2 ** 32:
+            raise ValueError(
+                f"data.batch_size={self.data.batch_size} is not a multiple of train.grad_accum={self.train.grad_accum}"
+            )
+        positive = {
+            "train.steps": self.train.steps,
+            "train.grad_accum": self.train.grad_accum,
+            "checkpoint.every": self.checkpoint.every,
+            "checkpoint.keep": self.checkpoint.keep,
+            "log.every": self.log.every,
+        }
+        if not 0 <= self.run.seed < 2**32:
             raise ValueError(f"run.seed must be in [0, 2**32), got {self.run.seed}")
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
         if self.train.distill_weight < 0 or self.train.distill_temperature <= 0:
-            raise ValueError(f"train.distill_weight must be >= 0 and train.distill_temperature > 0, got "
-                             f"{self.train.distill_weight} and {self.train.distill_temperature}")
+            raise ValueError(
+                f"train.distill_weight must be >= 0 and train.distill_temperature > 0, got "
+                f"{self.train.distill_weight} and {self.train.distill_temperature}"
+            )
         _check_fields(ModelConfig, self.model.arch, "model.arch")
-        elsewhere = sorted(set(self.model.arch) & {"dtype", "param_dtype", "remat", "scan_layers", "attention",
-                                                  "anchor_mode", "anchor_tokens", "anchor_ids", "add_bos",
-                                                  "max_sentence_tokens", "sentence_splitter", "final_sentence"})
+        elsewhere = sorted(
+            set(self.model.arch)
+            & {
+                "dtype",
+                "param_dtype",
+                "remat",
+                "scan_layers",
+                "attention",
+                "anchor_mode",
+                "anchor_tokens",
+                "anchor_ids",
+                "add_bos",
+                "max_sentence_tokens",
+                "sentence_splitter",
+                "final_sentence",
+            }
+        )
         if elsewhere:
             raise ValueError(f"model.arch.{elsewhere[0]}: set it with model.{elsewhere[0]} or the anchors section")
 

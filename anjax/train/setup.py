@@ -4,6 +4,7 @@
 process and mesh divisibility checked), `model_for_run` (resume from the run directory or start fresh),
 `data_for_run` (this process's data shard), `init_distributed`.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,20 +30,35 @@ def fresh_model(rc: run_config.RunConfig) -> tuple[ModelConfig, dict | None, obj
     which also gives `<AC>` an embedding row initialised by `anchors.ac_init`).
     """
     m = rc.model
-    runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
-                   attention=m.attention)
+    runtime = dict(
+        dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers, attention=m.attention
+    )
     if m.from_scratch:
         tokenizer, params = load_tokenizer(m.path), None
         if rc.anchors.mode == "ac":
             add_ac_token(tokenizer)
-        cfg = ModelConfig(**{"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-                             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-                             **m.arch, **runtime})
+        cfg = ModelConfig(
+            **{
+                "vocab_size": len(tokenizer),
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+                **m.arch,
+                **runtime,
+            }
+        )
     else:
         cfg, params, tokenizer = load_model(m.path, **m.arch, **runtime)
-    _, cfg, params = resolve_scheme(cfg, tokenizer, params, mode=rc.anchors.mode, tokens=rc.anchors.tokens,
-                                    add_bos=rc.data.add_bos, max_sentence_tokens=rc.data.max_sentence_tokens or 0,
-                                    ac_init=rc.anchors.ac_init)
+    _, cfg, params = resolve_scheme(
+        cfg,
+        tokenizer,
+        params,
+        mode=rc.anchors.mode,
+        tokens=rc.anchors.tokens,
+        add_bos=rc.data.add_bos,
+        max_sentence_tokens=rc.data.max_sentence_tokens or 0,
+        ac_init=rc.anchors.ac_init,
+    )
     return cfg, params, tokenizer
 
 
@@ -68,8 +84,13 @@ def model_for_run(rc: run_config.RunConfig, run_dir: Path, resumed: int | None):
     """(cfg, host params or None, tokenizer): from the run directory when resuming, else `fresh_model`."""
     if resumed is not None:
         run_dir_files.check_resumable(run_dir, rc.to_dict())
-        cfg = run_dir_files.load_model_config(run_dir, dtype=rc.model.dtype, param_dtype=rc.model.param_dtype,
-                                           remat=rc.model.remat, attention=rc.model.attention)
+        cfg = run_dir_files.load_model_config(
+            run_dir,
+            dtype=rc.model.dtype,
+            param_dtype=rc.model.param_dtype,
+            remat=rc.model.remat,
+            attention=rc.model.attention,
+        )
         return cfg, None, run_dir_files.tokenizer(run_dir)
     cfg, params, tokenizer = fresh_model(rc)
     if jax.process_index() == 0:

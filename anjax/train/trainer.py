@@ -12,6 +12,7 @@ With `train.distill_weight` > 0 the objective is `lm + w * kl` against a frozen 
 c = w * targets / kl_positions (both counted over the global batch before the scan), so
 the final division by the target count gives exactly `lm + w * kl`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,10 +36,10 @@ BATCH_KEYS = ("tokens", "doc", "valid", "labels", "loss_mask")
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array       # int32 scalar: optimizer steps taken
+    step: jax.Array  # int32 scalar: optimizer steps taken
     params: dict
     opt_state: optax.OptState
-    rng: jax.Array        # uint32[2] base key, folded with `step` for stochastic layers (none in Llama today)
+    rng: jax.Array  # uint32[2] base key, folded with `step` for stochastic layers (none in Llama today)
 
 
 def learning_rate(tc: TrainSection) -> optax.Schedule:
@@ -51,6 +52,7 @@ def learning_rate(tc: TrainSection) -> optax.Schedule:
         s = count + 1
         after = tc.lr if tc.schedule == "constant" else cosine(jnp.maximum(s - warmup, 0))
         return jnp.where(s < warmup, tc.lr * s / warmup, after)
+
     return schedule
 
 
@@ -75,31 +77,45 @@ def cross_entropy_sums(logits_BxLxV: jax.Array, batch: dict[str, jax.Array]) -> 
     return jnp.sum((logz_BxL - target_BxL) * mask_BxL), jnp.sum(mask_BxL)
 
 
-def loss_sums(cfg: ModelConfig, params: dict, batch: dict[str, jax.Array], full_attention: bool) -> tuple[jax.Array, jax.Array]:
+def loss_sums(
+    cfg: ModelConfig, params: dict, batch: dict[str, jax.Array], full_attention: bool
+) -> tuple[jax.Array, jax.Array]:
     """(sum of token cross-entropies over loss_mask, number of target tokens), both fp32 scalars."""
     return cross_entropy_sums(forward(cfg, params, batch, full_attention), batch)
 
 
-def train_step(cfg: ModelConfig, tx: optax.GradientTransformation, grad_accum: int, param_shardings,
-               state: TrainState, batch: dict[str, jax.Array], teacher: dict | None = None,
-               spec: distill.Distill | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    grad_accum: int,
+    param_shardings,
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    teacher: dict | None = None,
+    spec: distill.Distill | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch [B, L], scanned over `grad_accum` micro-batches of B/k rows;
     with `teacher` params and a `spec`, the objective is lm + spec.weight * kl (module docstring).
 
     Micro-batch m takes rows m, m+k, m+2k, ... so every device keeps its own rows.
     """
+
     def split(x_BxL):
         x = x_BxL.reshape(x_BxL.shape[0] // grad_accum, grad_accum, *x_BxL.shape[1:]).swapaxes(0, 1)
         return nn.with_logical_constraint(x, (None, "batch", "length"))
 
     if teacher is None:
+
         def objective(p, mb):
             loss, n = loss_sums(cfg, p, mb, False)
             return loss, (loss, n, 0.0, 0.0)
     else:
         batch = {**batch, **distill.alignment(cfg, batch)}
-        kl_weight = spec.weight * jnp.sum(batch["loss_mask"].astype(jnp.float32)) / jnp.maximum(
-            jnp.sum(batch["kl_mask"].astype(jnp.float32)), 1.0)
+        kl_weight = (
+            spec.weight
+            * jnp.sum(batch["loss_mask"].astype(jnp.float32))
+            / jnp.maximum(jnp.sum(batch["kl_mask"].astype(jnp.float32)), 1.0)
+        )
 
         def objective(p, mb):
             teacher_logp = distill.teacher_log_probs(cfg, teacher, mb, spec.temperature)
@@ -114,21 +130,31 @@ def train_step(cfg: ModelConfig, tx: optax.GradientTransformation, grad_accum: i
         return (jax.tree.map(jnp.add, grads, g), tuple(a + b for a, b in zip(sums, aux))), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, (loss_sum, count, kl_sum, kl_count)), _ = jax.lax.scan(micro, (zeros, (0.0,) * 4),
-                                                                   jax.tree.map(split, batch))
+    (grads, (loss_sum, count, kl_sum, kl_count)), _ = jax.lax.scan(
+        micro, (zeros, (0.0,) * 4), jax.tree.map(split, batch)
+    )
     grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
     grads = jax.lax.with_sharding_constraint(grads, param_shardings)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "grad_norm": optax.tree.norm(grads),
-               "targets": count, "tokens": jnp.sum(batch["valid"].astype(jnp.float32))}
+    metrics = {
+        "loss": loss_sum / jnp.maximum(count, 1.0),
+        "grad_norm": optax.tree.norm(grads),
+        "targets": count,
+        "tokens": jnp.sum(batch["valid"].astype(jnp.float32)),
+    }
     if teacher is not None:
         metrics["kl"] = kl_sum / jnp.maximum(kl_count, 1.0)
     return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
 
-def eval_step(cfg: ModelConfig, params: dict, batch: dict[str, jax.Array], teacher: dict | None = None,
-              spec: distill.Distill | None = None) -> dict[str, jax.Array]:
+def eval_step(
+    cfg: ModelConfig,
+    params: dict,
+    batch: dict[str, jax.Array],
+    teacher: dict | None = None,
+    spec: distill.Distill | None = None,
+) -> dict[str, jax.Array]:
     """Summed validation loss and target count, in full-attention and anchor (AnSAN) modes; with a teacher
     also the summed KL(teacher || anchor-mode student) and its position count."""
     full, n = loss_sums(cfg, params, batch, True)
@@ -154,23 +180,36 @@ class Trainer:
         abstract_params = nn.meta.unbox(boxed)
         repl = sharding.replicated(mesh)
         opt_abstract = jax.eval_shape(self.tx.init, abstract_params)
-        opt_shardings = optax.tree_map_params(self.tx, lambda _, s: s, opt_abstract, self.param_shardings,
-                                              transform_non_params=lambda _: repl)
+        opt_shardings = optax.tree_map_params(
+            self.tx, lambda _, s: s, opt_abstract, self.param_shardings, transform_non_params=lambda _: repl
+        )
         self.state_shardings = TrainState(repl, self.param_shardings, opt_shardings, repl)
         self.abstract_state = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, opt_abstract,
-                       jax.ShapeDtypeStruct((2,), jnp.uint32)), self.state_shardings)
+            TrainState(
+                jax.ShapeDtypeStruct((), jnp.int32),
+                abstract_params,
+                opt_abstract,
+                jax.ShapeDtypeStruct((2,), jnp.uint32),
+            ),
+            self.state_shardings,
+        )
         batch_sh = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
         self.distill = distill.Distill(tc.distill_weight, tc.distill_temperature) if tc.distill_weight else None
         self.teacher = None  # frozen starting params, sharded like params; set by init_teacher when distilling
         teacher_sh = self.param_shardings if self.distill else None  # the teacher argument is None otherwise
         steps = functools.partial(train_step, cfg, self.tx, tc.grad_accum, self.param_shardings, spec=self.distill)
-        self._train = jax.jit(lambda state, teacher, batch: steps(state, batch, teacher),
-                              in_shardings=(self.state_shardings, teacher_sh, batch_sh),
-                              out_shardings=(self.state_shardings, repl), donate_argnums=0)
-        self._eval = jax.jit(lambda p, teacher, b: eval_step(cfg, p, b, teacher, self.distill),
-                             in_shardings=(self.param_shardings, teacher_sh, batch_sh), out_shardings=repl)
+        self._train = jax.jit(
+            lambda state, teacher, batch: steps(state, batch, teacher),
+            in_shardings=(self.state_shardings, teacher_sh, batch_sh),
+            out_shardings=(self.state_shardings, repl),
+            donate_argnums=0,
+        )
+        self._eval = jax.jit(
+            lambda p, teacher, b: eval_step(cfg, p, b, teacher, self.distill),
+            in_shardings=(self.param_shardings, teacher_sh, batch_sh),
+            out_shardings=repl,
+        )
 
     def place_params(self, params: dict | None = None) -> dict:
         """Sharded params from host params (numpy, identical on every host) or, if None, the random init of `seed`."""
@@ -186,8 +225,10 @@ class Trainer:
         params = self.place_params(params)
         with sharding.active(self.mesh):
             opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
-            step, rng = sharding.put((jnp.zeros((), jnp.int32), jax.random.PRNGKey(self.seed)),
-                                     (self.state_shardings.step, self.state_shardings.rng))
+            step, rng = sharding.put(
+                (jnp.zeros((), jnp.int32), jax.random.PRNGKey(self.seed)),
+                (self.state_shardings.step, self.state_shardings.rng),
+            )
         return TrainState(step, params, opt_state, rng)
 
     def lower_train_step(self, batch: dict[str, jax.ShapeDtypeStruct]) -> jax.stages.Lowered:
