@@ -119,12 +119,10 @@ def check_sizes(engine, args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from anjax.inference.engine import Engine
+    from anjax.inference.engine import Engine, EngineConfig
     from anjax.inference.requests import read_requests
 
-    t0 = time.perf_counter()
-    engine = Engine.load(
-        args.model,
+    config = EngineConfig(
         cache=args.cache,
         anchor_mode=args.anchor_mode,
         anchors=args.anchors,
@@ -136,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         raw_prompts=args.raw_prompt,
         show_anchors=args.show_anchors,
     )
+    t0 = time.perf_counter()
+    engine = Engine.load(args.model, config)
     load_s = time.perf_counter() - t0
     check_sizes(engine, args)
     sampling = dict(

@@ -25,20 +25,11 @@ def check_outputs(rc) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML run config (default: all defaults)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.steps=10 run.dir=runs/x",
-    )
+    cli.add_run_config_args(parser, "YAML run config (default: all defaults)", "train.steps=10 run.dir=runs/x")
     args = parser.parse_args(argv)
     from anjax.train import loop, run_config  # after parsing: --help and bad arguments fail before jax loads
 
-    rc = run_config.load(args.config, [o for group in args.overrides for o in group])
+    rc = run_config.load(args.config, cli.overrides(args))
     check_outputs(rc)
     try:
         return loop.train(rc)

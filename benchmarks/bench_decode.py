@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import jax
 import jax.numpy as jnp
 
-from anjax.inference.engine import Engine, Prefilled
+from anjax.inference.engine import Engine, EngineConfig, Prefilled
 from anjax.io.loading import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -144,8 +144,8 @@ def main() -> None:
 
     cfg, params, tokenizer = load_model(None, scan_layers=True)
     engines = {
-        "anchor": Engine(cfg, params, tokenizer, cache="anchor", anchor_mode="ep"),
-        "full": Engine(cfg, params, tokenizer, cache="full"),
+        "anchor": Engine(cfg, params, tokenizer, config=EngineConfig(cache="anchor", anchor_mode="ep")),
+        "full": Engine(cfg, params, tokenizer, config=EngineConfig(cache="full")),
     }
     text = english_tokens(tokenizer, max(args.lengths))
     hf_lengths = [n for n in args.lengths if n <= args.hf_max_length]

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerFast
 
 from anjax.core.config import AC_TOKEN, tiny_config
 from anjax.core.model import init_params
-from anjax.inference.engine import CacheOverflowError, Engine
+from anjax.inference.engine import CacheOverflowError, Engine, EngineConfig
 from anjax.inference.scoring import scoring_model
 from anjax.text import anchors
 from anjax.text.encode import Encoder, ends_sentence, split_sentences
@@ -155,7 +155,7 @@ def test_capacity_edge_and_peak_never_above_capacity():
     prompt, new = list(range(8, 20)), 5
     need = len(prompt) + new - 1  # a full cache: every token fed (the last sampled one is not)
     for capacity, fails in ((need - 1, True), (need, False), (need + 1, False)):
-        out = Engine(cfg, params, cache="full", chunk_size=4, capacity=capacity).generate(
+        out = Engine(cfg, params, config=EngineConfig(cache="full", chunk_size=4, capacity=capacity)).generate(
             [prompt], max_new_tokens=new, stop_ids=(), raise_errors=False
         )[0]
         assert bool(out.error) == fails, (capacity, out.error)
@@ -163,7 +163,7 @@ def test_capacity_edge_and_peak_never_above_capacity():
         if not fails:
             assert out.stats["peak_cache_slots"] == need and len(out.ids) == len(prompt) + new
     with pytest.raises(CacheOverflowError, match=f"capacity is {need - 1}"):
-        Engine(cfg, params, cache="full", chunk_size=4, capacity=need - 1).generate(
+        Engine(cfg, params, config=EngineConfig(cache="full", chunk_size=4, capacity=need - 1)).generate(
             [prompt], max_new_tokens=new, stop_ids=()
         )
 
@@ -304,7 +304,7 @@ def test_tiny_ac_run_export_keeps_bos_and_forced_anchor_rule(tmp_path):
 
 def test_raw_prompts_are_plain_tokens_with_protect_flags():
     encoder, engine, _ = _paths(True)
-    raw = Engine(engine.cfg, engine.params, _bpe(), raw_prompts=True)
+    raw = Engine(engine.cfg, engine.params, _bpe(), config=EngineConfig(raw_prompts=True))
     ids, flags = raw.encode("The cat sat. The dog", protect=["dog"])
     tok = _bpe()
     assert ids == [tok.bos_token_id] + tok.encode("The cat sat. The dog", add_special_tokens=False)

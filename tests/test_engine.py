@@ -14,6 +14,7 @@ from anjax.core.model import Llama, blocked_attention, init_params
 from anjax.inference.engine import (
     CacheOverflowError,
     Engine,
+    EngineConfig,
     EngineSpec,
     feed_token,
     init_state,
@@ -294,9 +295,7 @@ def test_same_shapes_and_new_sampling_values_compile_once():
     eng = Engine(
         cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!")),
         params,
-        chunk_size=8,
-        capacity=64,
-        batch_size=2,
+        config=EngineConfig(chunk_size=8, capacity=64, batch_size=2),
     )
     rng = np.random.default_rng(4)
     first, _ = count_compiles(lambda: eng.generate([ep_row(rng, 20), ep_row(rng, 9)], max_new_tokens=6))
@@ -312,7 +311,11 @@ def test_same_shapes_and_new_sampling_values_compile_once():
 
 def test_greedy_generation_matches_argmax_of_full_forward():
     cfg, params = tiny_model()
-    eng = Engine(cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!")), params, chunk_size=4)
+    eng = Engine(
+        cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!")),
+        params,
+        config=EngineConfig(chunk_size=4),
+    )
     rng = np.random.default_rng(5)
     prompts = [ep_row(rng, 13), ep_row(rng, 2)]
     for out in eng.generate(prompts, max_new_tokens=8, stop_ids=()):
@@ -323,7 +326,11 @@ def test_greedy_generation_matches_argmax_of_full_forward():
 
 def test_greedy_generation_with_protected_spans_matches_full_forward():
     cfg, params = tiny_model()
-    eng = Engine(cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!")), params, chunk_size=4)
+    eng = Engine(
+        cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!")),
+        params,
+        config=EngineConfig(chunk_size=4),
+    )
     rng = np.random.default_rng(6)
     prompts, spans = [ep_row(rng, 15), ep_row(rng, 6)], [[(1, 4), (12, 15)], [(5, 6)]]
     for out, sp in zip(eng.generate(prompts, max_new_tokens=8, stop_ids=(), protect=spans), spans):
@@ -335,12 +342,14 @@ def test_greedy_generation_with_protected_spans_matches_full_forward():
         with pytest.raises(ValueError, match=message):
             eng.generate(prompts, max_new_tokens=2, protect=bad)
     with pytest.raises(ValueError, match="true positions"):
-        Engine(eng.cfg, params, positions="reference").generate(prompts, max_new_tokens=2, protect=spans)
+        Engine(eng.cfg, params, config=EngineConfig(positions="reference")).generate(
+            prompts, max_new_tokens=2, protect=spans
+        )
 
 
 def test_stop_ids_end_rows_independently():
     cfg, params = tiny_model()
-    eng = Engine(cfg, params, chunk_size=4)
+    eng = Engine(cfg, params, config=EngineConfig(chunk_size=4))
     prompts = [[9, 10, 11], [12, 13, 14, 15, 16]]
     greedy = eng.generate(prompts, max_new_tokens=6, stop_ids=())
     first = greedy[0].ids[3]
@@ -365,7 +374,8 @@ def test_sampling_filters():
 
 def test_capacity_overflow_names_the_row_and_sizes():
     cfg, params = tiny_model()
-    eng = Engine(cfg, params, chunk_size=4, capacity=10)  # full cache: a 30-token prompt cannot fit
+    # full cache: a 30-token prompt cannot fit
+    eng = Engine(cfg, params, config=EngineConfig(chunk_size=4, capacity=10))
     with pytest.raises(CacheOverflowError, match=r"prompt 1: .*need \d+ slots.*capacity is 10"):
         eng.generate([[9, 10], list(range(8, 38))], max_new_tokens=4)
     out = eng.generate([[9, 10], list(range(8, 38))], max_new_tokens=4, raise_errors=False)
@@ -377,10 +387,14 @@ def test_anchor_cache_fits_where_the_full_cache_cannot():
     cfg, params = tiny_model()
     cfg = cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!"))
     row = ([9, 10, 11, 5] * 12)[:-1]
-    out = Engine(cfg, params, chunk_size=8, capacity=24).generate([row], max_new_tokens=3, stop_ids=())
+    out = Engine(cfg, params, config=EngineConfig(chunk_size=8, capacity=24)).generate(
+        [row], max_new_tokens=3, stop_ids=()
+    )
     assert out[0].stats["peak_cache_slots"] <= 24 and out[0].stats["cache_reduction"] > 0.5
     with pytest.raises(CacheOverflowError):
-        Engine(cfg, params, chunk_size=8, capacity=24, cache="full").generate([row], max_new_tokens=3)
+        Engine(cfg, params, config=EngineConfig(chunk_size=8, capacity=24, cache="full")).generate(
+            [row], max_new_tokens=3
+        )
 
 
 def test_bad_arguments_raise_value_errors():
@@ -391,4 +405,4 @@ def test_bad_arguments_raise_value_errors():
     with pytest.raises(ValueError, match="empty"):
         eng.generate([[9], []], max_new_tokens=1)
     with pytest.raises(ValueError, match="anchor settings"):
-        Engine(cfg, params, cache="anchor")
+        Engine(cfg, params, config=EngineConfig(cache="anchor"))

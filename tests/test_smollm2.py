@@ -18,9 +18,9 @@ PROMPT = "The three primary colors are red, yellow and"
 def test_greedy_32_tokens_match_transformers():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from anjax.inference.engine import Engine
+    from anjax.inference.engine import Engine, EngineConfig
 
-    engine = Engine.load(None, chunk_size=8)  # 2 prefill chunks
+    engine = Engine.load(None, config=EngineConfig(chunk_size=8))  # 2 prefill chunks
     ours = engine.generate([PROMPT], max_new_tokens=32)[0]
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(GGUF.parent), gguf_file=GGUF.name, dtype=torch.float32

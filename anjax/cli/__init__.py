@@ -65,6 +65,25 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     sys.exit(code or 0)
 
 
+def add_run_config_args(parser: argparse.ArgumentParser, config_help: str, set_example: str) -> None:
+    """`--config FILE` and repeatable `--set KEY=VALUE ...` (a run config: `anjax.train.run_config.load`)."""
+    parser.add_argument("--config", default=None, help=config_help)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config field, e.g. --set {set_example}",
+    )
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """Every `--set` KEY=VALUE of `add_run_config_args`, in order."""
+    return [o for group in args.overrides for o in group]
+
+
 # ----------------------------------------------------------------------------- argument checks
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
+from anjax import cli
 from anjax.core.config import ModelConfig
 from anjax.core.model import init_params
 from anjax.inference import engine as generate
@@ -158,21 +159,12 @@ def _quiet_libtpu() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m anjax.aot", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML run config (as for train.py)")
     parser.add_argument(
         "--topology",
         required=True,
         help="TPU topology GEN:AxB[xC] (e.g. v5e:16x16, v5p:4x4x4, v4:2x2x4) or h100:N (N <= 8 GPUs)",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set data.batch_size=64 mesh.fsdp=-1",
-    )
+    cli.add_run_config_args(parser, "YAML run config (as for train.py)", "data.batch_size=64 mesh.fsdp=-1")
     parser.add_argument(
         "--model-shape",
         choices=sorted(MODEL_SHAPES),
@@ -201,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch", "capacity", "chunk", "new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    rc = run_config.load(args.config, [o for group in args.overrides for o in group])
+    rc = run_config.load(args.config, cli.overrides(args))
     cfg = model_config(rc, args.model_shape)
     if args.cache == "anchor" and not cfg.anchor_ids:
         raise ValueError("--cache anchor needs anchors: the config's anchors.mode is none")

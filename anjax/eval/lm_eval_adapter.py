@@ -41,7 +41,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("anjax.eval.lm_eval_adapter needs lm-evaluation-harness: pip install lm-eval==0.4.13") from e
 
-from anjax.inference.engine import Engine
+from anjax.inference.engine import Engine, EngineConfig
 from anjax.inference.scoring import (
     CACHE_KINDS,
     Scorer,
@@ -137,9 +137,7 @@ class AnjaxLM(LM):
                 m.cfg,
                 m.params,
                 m.tokenizer,
-                cache=self.cache,
-                batch_size=self.batch_size,
-                chunk_size=self.scorer.chunk_size,
+                config=EngineConfig(cache=self.cache, batch_size=self.batch_size, chunk_size=self.scorer.chunk_size),
             )
         return self._engine
 

@@ -365,71 +365,81 @@ class Prefilled:
     seconds: float
 
 
-class Engine:
-    """Batched generation with an anchor or a full cache (see the module docstring).
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """An engine's settings in one frozen value, checked when it is made (before any model loads).
 
     cache: "anchor" | "full" | None (anchor when the model has anchor settings).
     anchor_mode / anchors / max_sentence_tokens: override the model's anchor scheme
-    (`anjax.text.anchors.resolve_scheme`, which says so on stderr); `self.scheme` is the result.
+    (`anjax.text.anchors.resolve_scheme`, which says so on stderr).
     capacity: slots a row may keep (default: the whole request for a full cache,
     min(that, DEFAULT_ANCHOR_CAPACITY) for an anchor cache). chunk_size: prefill chunk T.
-    raw_prompts: tokenize text prompts as they are (no <AC> inserted in AC mode).
-    show_anchors: keep generated <AC> tokens in `text`.
+    positions: "true" | "reference" (the AnLLM authors' re-based positions, inexact).
+    sink_tokens: keep each row's first N tokens visible (extension). raw_prompts: tokenize
+    text prompts as they are (no <AC> inserted in AC mode). show_anchors: keep generated <AC>
+    tokens in `text`.
     """
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        params,
-        tokenizer=None,
-        *,
-        cache: str | None = None,
-        anchor_mode: str | None = None,
-        anchors: Sequence[str] | None = None,
-        chunk_size: int = 256,
-        capacity: int | None = None,
-        batch_size: int = 8,
-        positions: str = "true",
-        sink_tokens: int = 0,
-        raw_prompts: bool = False,
-        show_anchors: bool = False,
-        max_sentence_tokens: int | None = None,
-    ):
+    cache: str | None = None
+    anchor_mode: str | None = None
+    anchors: tuple[str, ...] | None = None
+    max_sentence_tokens: int | None = None
+    chunk_size: int = 256
+    capacity: int | None = None
+    batch_size: int = 8
+    positions: str = "true"
+    sink_tokens: int = 0
+    raw_prompts: bool = False
+    show_anchors: bool = False
+
+    def __post_init__(self):
+        if self.anchors is not None:
+            object.__setattr__(self, "anchors", tuple(self.anchors))
+        if self.cache not in (None, "anchor", "full"):
+            raise ValueError(f"cache must be 'anchor' or 'full', got {self.cache!r}")
+        if self.positions not in ("true", "reference"):
+            raise ValueError(f"positions must be 'true' or 'reference', got {self.positions!r}")
+        for name, value, low in (
+            ("chunk_size", self.chunk_size, 1),
+            ("batch_size", self.batch_size, 1),
+            ("capacity", 1 if self.capacity is None else self.capacity, 1),
+            ("sink_tokens", self.sink_tokens, 0),
+        ):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+class Engine:
+    """Batched generation with an anchor or a full cache (see the module docstring), set by an `EngineConfig`.
+
+    `self.scheme` is the model's anchor scheme with the config's overrides applied.
+    """
+
+    def __init__(self, cfg: ModelConfig, params, tokenizer=None, config: EngineConfig = EngineConfig()):
+        c = config
         scheme, cfg, params = resolve_scheme(
-            cfg, tokenizer, params, mode=anchor_mode, tokens=anchors, max_sentence_tokens=max_sentence_tokens
+            cfg, tokenizer, params, mode=c.anchor_mode, tokens=c.anchors, max_sentence_tokens=c.max_sentence_tokens
         )
         mode, anchor_ids = scheme.mode, scheme.ids
-        cache = cache or ("anchor" if anchor_ids else "full")
-        if cache not in ("anchor", "full"):
-            raise ValueError(f"cache must be 'anchor' or 'full', got {cache!r}")
+        cache = c.cache or ("anchor" if anchor_ids else "full")
         if cache == "anchor" and not anchor_ids:
             raise ValueError(
                 "an anchor cache needs anchor settings: the model has none; pass anchor_mode='ep' "
                 "(--anchor-mode ep) or use the full cache"
             )
-        if positions not in ("true", "reference"):
-            raise ValueError(f"positions must be 'true' or 'reference', got {positions!r}")
-        for name, value, low in (
-            ("chunk_size", chunk_size, 1),
-            ("batch_size", batch_size, 1),
-            ("capacity", 1 if capacity is None else capacity, 1),
-            ("sink_tokens", sink_tokens, 0),
-        ):
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
         ac_id = anchor_ids[0] if mode == "ac" else -1
-        self.cfg, self.tokenizer, self.anchor_mode, self.scheme = cfg, tokenizer, mode, scheme
+        self.cfg, self.tokenizer, self.anchor_mode, self.scheme, self.config = cfg, tokenizer, mode, scheme, c
         self.params = jax.device_put(params)
         self.spec = EngineSpec(
             anchor_cache=cache == "anchor",
             anchor_ids=tuple(anchor_ids),
             ac_id=ac_id,
             skip_bos=scheme.add_bos,
-            sink_tokens=sink_tokens,
-            reference_positions=positions == "reference",
+            sink_tokens=c.sink_tokens,
+            reference_positions=c.positions == "reference",
         )
-        self.cache_kind, self.chunk_size, self.capacity, self.batch_size = cache, chunk_size, capacity, batch_size
-        self.raw_prompts, self.show_anchors = raw_prompts, show_anchors
+        self.cache_kind, self.chunk_size, self.capacity, self.batch_size = cache, c.chunk_size, c.capacity, c.batch_size
+        self.raw_prompts, self.show_anchors = c.raw_prompts, c.show_anchors
         self.runtime = Runtime()
 
     @property
@@ -437,13 +447,13 @@ class Engine:
         return self.runtime.compile_seconds
 
     @classmethod
-    def load(cls, model: str | None = None, **kwargs) -> Engine:
+    def load(cls, model: str | None = None, config: EngineConfig = EngineConfig()) -> Engine:
         """An engine for any model argument of `anjax.io.loading.load_model` (None: the embedded SmolLM2).
 
         Layers are loaded stacked (`scan_layers`): one layer body to compile, and faster decoding on CPU.
         """
         cfg, params, tokenizer = load_model(model, scan_layers=True)
-        return cls(cfg, params, tokenizer, **kwargs)
+        return cls(cfg, params, tokenizer, config)
 
     # ------------------------------------------------------------------ prompts
 
