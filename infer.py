@@ -1,4 +1,4 @@
-"""Batched generation with an anchor or a full KV cache (anjax.generate.Engine).
+"""Batched generation with an anchor or a full KV cache (anjax.inference.engine.Engine).
 
     python infer.py --prompt "The cat sat on the mat." --max-new-tokens 32 [--json]
     python infer.py --input prompts.jsonl --output out.jsonl --cache anchor --anchor-mode ep
@@ -10,27 +10,34 @@ parts of the prompt kept visible to every later token}; output lines are
 failed (it is reported on stderr; the other lines are still served). The output file
 is written atomically. Exit codes: 0 all served, 1 some requests failed, 2 invalid run.
 """
+
 from __future__ import annotations
 
 import json
 import sys
 import time
 
-from anjax import cli, outputs
+from anjax import cli
+from anjax.io import outputs
 
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="python infer.py", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None,
-                   help="HF directory, GGUF file or anjax run (default: embedded SmolLM2-135M)")
+    p.add_argument(
+        "--model", default=None, help="HF directory, GGUF file or anjax run (default: embedded SmolLM2-135M)"
+    )
     p.add_argument("--prompt", help="one prompt text")
-    p.add_argument("--input", help="JSONL file of {\"prompt\": ..., \"id\": ...} objects")
+    p.add_argument("--input", help='JSONL file of {"prompt": ..., "id": ...} objects')
     p.add_argument("--output", help="JSONL results (with --input)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print {prompt_ids, generated_ids, text, stats} (--prompt)")
-    p.add_argument("--cache", choices=("anchor", "full"), default=None,
-                   help="anchor: keep anchors + open sentence; full: plain causal attention "
-                        "(default: anchor if the model has anchor settings)")
+    p.add_argument(
+        "--cache",
+        choices=("anchor", "full"),
+        default=None,
+        help="anchor: keep anchors + open sentence; full: plain causal attention "
+        "(default: anchor if the model has anchor settings)",
+    )
     p.add_argument("--anchor-mode", choices=("none", "ep", "ac"), default=None, help="override the model's anchor mode")
     p.add_argument("--anchors", nargs="+", default=None, help="EP anchor tokens (default . ? !)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -39,16 +46,30 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk (tokens per row)")
-    p.add_argument("--capacity", type=int, default=None,
-                   help="cache slots a row may keep (default: the whole request, at most 2048 with an anchor cache)")
-    p.add_argument("--positions", choices=("true", "reference"), default="true",
-                   help="reference: the AnLLM authors' re-based positions (inexact, for comparison)")
+    p.add_argument(
+        "--capacity",
+        type=int,
+        default=None,
+        help="cache slots a row may keep (default: the whole request, at most 2048 with an anchor cache)",
+    )
+    p.add_argument(
+        "--positions",
+        choices=("true", "reference"),
+        default="true",
+        help="reference: the AnLLM authors' re-based positions (inexact, for comparison)",
+    )
     p.add_argument("--sink-tokens", type=int, default=0, help="keep the first N tokens visible (extension, off)")
-    p.add_argument("--protect", action="append", default=[], metavar="TEXT",
-                   help="with --prompt: keep this part of the prompt visible to every later token and in the "
-                        "cache (repeatable; extension)")
-    p.add_argument("--max-sentence-tokens", type=int, default=None,
-                   help="AC mode: force <AC> after N tokens without one")
+    p.add_argument(
+        "--protect",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="with --prompt: keep this part of the prompt visible to every later token and in the "
+        "cache (repeatable; extension)",
+    )
+    p.add_argument(
+        "--max-sentence-tokens", type=int, default=None, help="AC mode: force <AC> after N tokens without one"
+    )
     p.add_argument("--raw-prompt", action="store_true", help="tokenize prompts as they are (no <AC> inserted)")
     p.add_argument("--show-anchors", action="store_true", help="keep generated <AC> tokens in the printed text")
     args = p.parse_args(argv)
@@ -56,8 +77,16 @@ def parse_args(argv=None):
         raise cli.UsageError("give either --prompt TEXT or --input prompts.jsonl --output out.jsonl")
     if args.input is not None and not args.output:
         raise cli.UsageError("--input needs --output out.jsonl")
-    for name, low in (("max_new_tokens", 1), ("top_k", 0), ("batch_size", 1), ("chunk_size", 1), ("capacity", 1),
-                      ("sink_tokens", 0), ("max_sentence_tokens", 1), ("temperature", 0)):
+    for name, low in (
+        ("max_new_tokens", 1),
+        ("top_k", 0),
+        ("batch_size", 1),
+        ("chunk_size", 1),
+        ("capacity", 1),
+        ("sink_tokens", 0),
+        ("max_sentence_tokens", 1),
+        ("temperature", 0),
+    ):
         cli.check_range(f"--{name.replace('_', '-')}", getattr(args, name), low)
     cli.check_range("--top-p", args.top_p, 0, 1, low_open=True)
     cli.check_seed("--seed", args.seed)
@@ -77,71 +106,68 @@ def check_sizes(engine, args) -> None:
     """Refuse --max-new-tokens that no prompt could fit in the model's positions (or a full cache's capacity)."""
     positions = engine.cfg.max_position_embeddings
     if args.max_new_tokens >= positions:
-        raise cli.UsageError(f"--max-new-tokens {args.max_new_tokens} cannot fit: the model has {positions} positions "
-                             "for the prompt and the new tokens together")
+        raise cli.UsageError(
+            f"--max-new-tokens {args.max_new_tokens} cannot fit: the model has {positions} positions "
+            "for the prompt and the new tokens together"
+        )
     if engine.cache_kind == "full" and args.capacity is not None and args.max_new_tokens >= args.capacity:
-        raise cli.UsageError(f"--max-new-tokens {args.max_new_tokens} cannot fit in a full cache of --capacity "
-                             f"{args.capacity} slots (prompt + new tokens)")
-
-
-def read_requests(path: str) -> tuple[list[tuple[int, object, str, list[str]]], list[dict]]:
-    """([(line number, id, prompt, protected parts)], [error records]) from a JSONL file; bad lines become errors."""
-    requests, errors = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append({"id": None, "line": n, "error": f"malformed JSON ({e.msg})"})
-                continue
-            rid = obj.get("id", n) if isinstance(obj, dict) else n
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                errors.append({"id": rid, "line": n, "error": 'expected an object with a "prompt" string'})
-            elif not obj["prompt"].strip():
-                errors.append({"id": rid, "line": n, "error": "the prompt is empty"})
-            elif (protect := _protected_parts(obj)) is None:
-                errors.append({"id": rid, "line": n, "error": '"protect" must be a list of non-empty parts of the '
-                                                              'prompt'})
-            else:
-                requests.append((n, rid, obj["prompt"], protect))
-    return requests, errors
-
-
-def _protected_parts(obj: dict) -> list[str] | None:
-    """The request's "protect" list (a single string is a list of one), or None when it is invalid."""
-    parts = obj.get("protect", [])
-    parts = [parts] if isinstance(parts, str) else parts
-    if not isinstance(parts, list) or not all(isinstance(t, str) and t and t in obj["prompt"] for t in parts):
-        return None
-    return parts
+        raise cli.UsageError(
+            f"--max-new-tokens {args.max_new_tokens} cannot fit in a full cache of --capacity "
+            f"{args.capacity} slots (prompt + new tokens)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from anjax.generate import Engine
+    from anjax.inference.engine import Engine, EngineConfig
+    from anjax.inference.requests import read_requests
 
+    config = EngineConfig(
+        cache=args.cache,
+        anchor_mode=args.anchor_mode,
+        anchors=args.anchors,
+        chunk_size=args.chunk_size,
+        capacity=args.capacity,
+        batch_size=args.batch_size,
+        positions=args.positions,
+        sink_tokens=args.sink_tokens,
+        raw_prompts=args.raw_prompt,
+        show_anchors=args.show_anchors,
+    )
     t0 = time.perf_counter()
-    engine = Engine.load(args.model, cache=args.cache, anchor_mode=args.anchor_mode, anchors=args.anchors,
-                         chunk_size=args.chunk_size, capacity=args.capacity, batch_size=args.batch_size,
-                         positions=args.positions, sink_tokens=args.sink_tokens, raw_prompts=args.raw_prompt,
-                         show_anchors=args.show_anchors)
+    engine = Engine.load(args.model, config)
     load_s = time.perf_counter() - t0
     check_sizes(engine, args)
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed, max_sentence_tokens=args.max_sentence_tokens)
+    sampling = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_sentence_tokens=args.max_sentence_tokens,
+    )
     if args.prompt is not None:
         out = engine.generate([args.prompt], **sampling, protect=[args.protect])[0]
         stats = dict(out.stats, load_s=round(load_s, 2), compile_s=round(engine.compile_seconds, 2))
         if args.json:
-            print(json.dumps({"prompt_ids": out.prompt_ids, "generated_ids": out.ids[len(out.prompt_ids):],
-                              "text": out.text, "stats": stats}, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {
+                        "prompt_ids": out.prompt_ids,
+                        "generated_ids": out.ids[len(out.prompt_ids) :],
+                        "text": out.text,
+                        "stats": stats,
+                    },
+                    ensure_ascii=False,
+                )
+            )
         else:
             print(out.text)
-            print(f"[{stats['generated_tokens']} tokens, decode {stats['decode_tokens_per_s']} tok/s, "
-                  f"cache {stats['peak_cache_slots']}/{stats['full_cache_slots']} slots ({engine.cache_kind})]",
-                  file=sys.stderr)
+            print(
+                f"[{stats['generated_tokens']} tokens, decode {stats['decode_tokens_per_s']} tok/s, "
+                f"cache {stats['peak_cache_slots']}/{stats['full_cache_slots']} slots ({engine.cache_kind})]",
+                file=sys.stderr,
+            )
         return 0
 
     from tqdm import tqdm
@@ -151,8 +177,17 @@ def main(argv: list[str] | None = None) -> int:
         raise cli.UsageError(f"{args.input}: no requests")
     records = {}
     with tqdm(total=len(requests), unit="prompt", file=sys.stderr) as bar:
-        results = engine.generate([r[2] for r in requests], **sampling, protect=[r[3] for r in requests],
-                                  raise_errors=False, progress=bar.update) if requests else []
+        results = (
+            engine.generate(
+                [r[2] for r in requests],
+                **sampling,
+                protect=[r[3] for r in requests],
+                raise_errors=False,
+                progress=bar.update,
+            )
+            if requests
+            else []
+        )
     for (line, rid, prompt, _), g in zip(requests, results):
         if g.error:
             errors.append({"id": rid, "line": line, "error": g.error})

@@ -13,6 +13,7 @@ Choose by held-out loss: the arm with the lowest anchor-mode validation loss at 
 common end of the clock, with the full-attention loss beside it (forgetting shows there).
 Prints a table and saves OUT/ab.{json,md,png}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,16 @@ def run_arms(config: str, arms: dict[str, list[str]], out: Path, seconds: float,
     procs = {}
     for name, overrides in arms.items():
         (out / name).mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(ROOT / "train.py"), "--config", config,
-               "--set", f"run.dir={out / name}", *common, *overrides]
+        cmd = [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--config",
+            config,
+            "--set",
+            f"run.dir={out / name}",
+            *common,
+            *overrides,
+        ]
         log = (out / name / "train.log").open("a")
         procs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         print(f"[ab] {name}: {' '.join(cmd[2:])}", flush=True)
@@ -75,27 +84,41 @@ def summarize(curves_by_arm: dict[str, list[dict]]) -> list[dict]:
         if not upto:
             continue
         r, first = upto[-1], c[0]
-        rows.append({"arm": name, "step": r["step"], "train_s": round(r.get("train_s", 0.0), 1),
-                     "val_loss_full": r["val_loss_full"], "val_loss_anchor": r["val_loss_anchor"],
-                     "gap": r["val_loss_anchor"] - r["val_loss_full"],
-                     "full_change": r["val_loss_full"] - first["val_loss_full"],
-                     "last_step": c[-1]["step"], "last_val_loss_anchor": c[-1]["val_loss_anchor"]})
+        rows.append(
+            {
+                "arm": name,
+                "step": r["step"],
+                "train_s": round(r.get("train_s", 0.0), 1),
+                "val_loss_full": r["val_loss_full"],
+                "val_loss_anchor": r["val_loss_anchor"],
+                "gap": r["val_loss_anchor"] - r["val_loss_full"],
+                "full_change": r["val_loss_full"] - first["val_loss_full"],
+                "last_step": c[-1]["step"],
+                "last_val_loss_anchor": c[-1]["val_loss_anchor"],
+            }
+        )
     return sorted(rows, key=lambda row: row["val_loss_anchor"])
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| arm | step | train s | val loss full | val loss anchor | anchor − full | full vs step 0 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| arm | step | train s | val loss full | val loss anchor | anchor − full | full vs step 0 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['arm']} | {r['step']} | {r['train_s']:.0f} | {r['val_loss_full']:.4f} | "
-                     f"{r['val_loss_anchor']:.4f} | {r['gap']:+.4f} | {r['full_change']:+.4f} |")
+        lines.append(
+            f"| {r['arm']} | {r['step']} | {r['train_s']:.0f} | {r['val_loss_full']:.4f} | "
+            f"{r['val_loss_anchor']:.4f} | {r['gap']:+.4f} | {r['full_change']:+.4f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def plot(curves_by_arm: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, c in curves_by_arm.items():
         if not c:
@@ -114,12 +137,16 @@ def plot(curves_by_arm: dict[str, list[dict]], path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="the YAML config every arm starts from")
-    p.add_argument("--arm", action="append", required=True, metavar="NAME=OVERRIDES",
-                   help="an arm: NAME=key=value,key=value (NAME= for the config as is); repeatable")
+    p.add_argument(
+        "--arm",
+        action="append",
+        required=True,
+        metavar="NAME=OVERRIDES",
+        help="an arm: NAME=key=value,key=value (NAME= for the config as is); repeatable",
+    )
     p.add_argument("--seconds", type=float, default=1800, help="wall-clock budget of the side-by-side run")
     p.add_argument("--out", default="runs/ab", help="one run directory per arm below this")
-    p.add_argument("--set", dest="common", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="overrides for every arm")
+    p.add_argument("--set", dest="common", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every arm")
     p.add_argument("--report-only", action="store_true", help="only summarize existing runs")
     args = p.parse_args(argv)
     arms = dict(parse_arm(a) for a in args.arm)
@@ -138,8 +165,11 @@ def main(argv=None) -> int:
     print(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ab.md").write_text(table)
-    (out / "ab.json").write_text(json.dumps({"config": args.config, "arms": arms, "seconds": args.seconds,
-                                             "rows": rows, "curves": by_arm}, indent=1))
+    (out / "ab.json").write_text(
+        json.dumps(
+            {"config": args.config, "arms": arms, "seconds": args.seconds, "rows": rows, "curves": by_arm}, indent=1
+        )
+    )
     plot(by_arm, out / "ab.png")
     print(f"[ab] wrote {out / 'ab.md'}, {out / 'ab.json'}, {out / 'ab.png'}")
     return 0

@@ -4,7 +4,7 @@
 
 Model: the SmolLM2-135M shape (hidden 576, 9 heads, 3 KV heads, head_dim 64, vocab 49153) with
 `--layers` layers (random weights), fp32 (`--dtype`), batch 1, AnLLM-AC rows (~4% anchors, as the embedded
-corpus) trained under the anchor mask, as `anjax.trainer` does. One step = value and gradient of
+corpus) trained under the anchor mask, as `anjax.train.trainer` does. One step = value and gradient of
 the summed token loss (no optimizer). For each length, dense and sparse are compiled and timed in
 alternation (best of `--steps`, after one warm-up step), so the ratio is measured under the same
 machine load. Memory: the compiled step's temporary buffers (XLA memory_analysis: activations kept
@@ -13,6 +13,7 @@ A configuration whose compiled temporaries exceed `--max-gib` is compiled but no
 30-layer model (`--memory-layers`, layers scanned) is compiled only, for its memory.
 Prints a table and saves bench_attention.png and .json in benchmarks/results/ (or `--out`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anjax import sparse_attention
-from anjax.config import ModelConfig
-from anjax.model import init_params
-from anjax.trainer import loss_sums
+from anjax.core import sparse_attention
+from anjax.core.config import ModelConfig
+from anjax.core.model import init_params
+from anjax.train.trainer import loss_sums
 
 RESULTS = Path(__file__).parent / "results"
 ANCHOR_ID = 49152
@@ -42,8 +43,16 @@ def ac_batch(L: int, rng: np.random.Generator) -> dict[str, jax.Array]:
     tokens = rng.integers(3, ANCHOR_ID, (1, L)).astype(np.int32)
     tokens[rng.random((1, L)) < 0.04] = ANCHOR_ID
     valid = np.ones((1, L), bool)
-    return {k: jnp.asarray(v) for k, v in {"tokens": tokens, "doc": np.zeros((1, L), np.int32), "valid": valid,
-                                           "labels": np.roll(tokens, -1, axis=1), "loss_mask": valid}.items()}
+    return {
+        k: jnp.asarray(v)
+        for k, v in {
+            "tokens": tokens,
+            "doc": np.zeros((1, L), np.int32),
+            "valid": valid,
+            "labels": np.roll(tokens, -1, axis=1),
+            "loss_mask": valid,
+        }.items()
+    }
 
 
 def compile_step(cfg: ModelConfig, params, batch):
@@ -66,17 +75,24 @@ def main() -> None:
     args = p.parse_args()
     sparse_attention.TILE = args.tile
 
-    base = ModelConfig(vocab_size=ANCHOR_ID + 1, num_layers=args.layers, dtype=args.dtype, anchor_mode="ac",
-                       anchor_tokens=("<AC>",), anchor_ids=(ANCHOR_ID,))
+    base = ModelConfig(
+        vocab_size=ANCHOR_ID + 1,
+        num_layers=args.layers,
+        dtype=args.dtype,
+        anchor_mode="ac",
+        anchor_tokens=("<AC>",),
+        anchor_ids=(ANCHOR_ID,),
+    )
     params = init_params(base, jax.random.PRNGKey(0))
     rows = []
     for L in args.lengths:
         batch = ac_batch(L, np.random.default_rng(L))
         steps, row = {}, {"seq_len": L}
         for attention in ("dense", "sparse"):
-            steps[attention], row[f"{attention}_temp_gib"] = compile_step(base.replace(attention=attention), params,
-                                                                         batch)
-            row[f"{attention}_temp_gib"] /= 2 ** 30
+            steps[attention], row[f"{attention}_temp_gib"] = compile_step(
+                base.replace(attention=attention), params, batch
+            )
+            row[f"{attention}_temp_gib"] /= 2**30
         times = {a: [] for a in steps}
         for i in range(args.steps + 1):  # alternate dense and sparse: the same load for both
             for attention, compiled in steps.items():
@@ -96,13 +112,18 @@ def main() -> None:
             abstract = jax.eval_shape(functools.partial(init_params, deep), jax.random.PRNGKey(0))
             for attention in ("dense", "sparse"):
                 _, temp = compile_step(deep.replace(attention=attention), abstract, batch)
-                row[f"{attention}_temp_gib_deep"] = temp / 2 ** 30
+                row[f"{attention}_temp_gib_deep"] = temp / 2**30
         rows.append(row)
 
-    print(f"{jax.default_backend()} ({jax.devices()[0].device_kind}), {args.dtype}, batch 1, SmolLM2-135M shape with "
-          f"{args.layers} layers, sparse tile {args.tile}; step = loss + gradient, anchor mask; best of {args.steps}")
-    print(f"{'seq':>6} {'dense s':>8} {'sparse s':>9} {'speed-up':>9} {'dense GiB':>10} {'sparse GiB':>11} "
-          f"{'mem ratio':>10} {'loss diff':>10}", end="")
+    print(
+        f"{jax.default_backend()} ({jax.devices()[0].device_kind}), {args.dtype}, batch 1, SmolLM2-135M shape with "
+        f"{args.layers} layers, sparse tile {args.tile}; step = loss + gradient, anchor mask; best of {args.steps}"
+    )
+    print(
+        f"{'seq':>6} {'dense s':>8} {'sparse s':>9} {'speed-up':>9} {'dense GiB':>10} {'sparse GiB':>11} "
+        f"{'mem ratio':>10} {'loss diff':>10}",
+        end="",
+    )
     deep_header = f"GiB dense / sparse / ratio at {args.memory_layers} layers"
     print(f" {deep_header:>40}" if args.memory_layers else "")
     fmt = lambda x, f: "n/a" if x is None else format(x, f)
@@ -110,21 +131,34 @@ def main() -> None:
         speed = r["dense_s"] / r["sparse_s"] if r["dense_s"] and r["sparse_s"] else None
         diff = abs(r["dense_loss"] - r["sparse_loss"]) if "dense_loss" in r and "sparse_loss" in r else None
         r["speedup"], r["mem_ratio"] = speed, r["sparse_temp_gib"] / r["dense_temp_gib"]
-        print(f"{r['seq_len']:>6} {fmt(r['dense_s'], '8.2f'):>8} {fmt(r['sparse_s'], '9.2f'):>9} "
-              f"{fmt(speed, '8.2f') + 'x':>9} {r['dense_temp_gib']:>10.2f} {r['sparse_temp_gib']:>11.2f} "
-              f"{r['mem_ratio']:>10.2f} {fmt(diff, '10.1e'):>10}", end="")
+        print(
+            f"{r['seq_len']:>6} {fmt(r['dense_s'], '8.2f'):>8} {fmt(r['sparse_s'], '9.2f'):>9} "
+            f"{fmt(speed, '8.2f') + 'x':>9} {r['dense_temp_gib']:>10.2f} {r['sparse_temp_gib']:>11.2f} "
+            f"{r['mem_ratio']:>10.2f} {fmt(diff, '10.1e'):>10}",
+            end="",
+        )
         if args.memory_layers:
             dense, sparse = r["dense_temp_gib_deep"], r["sparse_temp_gib_deep"]
             print(f" {dense:>20.2f} / {sparse:.2f} / {sparse / dense:.2f}", end="")
         print()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "dtype": args.dtype,
-            "layers": args.layers, "memory_layers": args.memory_layers, "tile": args.tile, "steps": args.steps, "rows": rows}
+    meta = {
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "dtype": args.dtype,
+        "layers": args.layers,
+        "memory_layers": args.memory_layers,
+        "tile": args.tile,
+        "steps": args.steps,
+        "rows": rows,
+    }
     (args.out / "bench_attention.json").write_text(json.dumps(meta, indent=2))
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(9, 3.5))
     x = np.arange(len(rows))
     for offset, attention in ((-0.2, "dense"), (0.2, "sparse")):

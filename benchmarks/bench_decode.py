@@ -16,6 +16,7 @@ tokens) - time(1 token)).
 Configurations whose full-cache KV would exceed --max-kv-gb are skipped. Timings on a shared
 machine are noisy: each number is the best of --repeats runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from anjax.generate import Engine, Prefilled
-from anjax.loading import load_model
+from anjax.inference.engine import Engine, EngineConfig, Prefilled
+from anjax.io.loading import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -40,6 +40,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def english_tokens(tokenizer, n: int) -> list[int]:
     """At least n token ids of English prose (the pydoc topics, repeated if needed)."""
     import pydoc_data.topics
+
     text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
     ids = tokenizer.encode(text, add_special_tokens=False)
     return (ids * (n // len(ids) + 1))[:n]
@@ -55,8 +56,7 @@ def bench_engine(engine: Engine, prompt: list[int], batches, args) -> dict:
     """{"prefill": tok/s at batch 1, B: {"decode": tok/s, "kv_mb": decode buffer MB, "held": slots}}."""
     capacity = args.anchor_capacity if engine.spec.anchor_cache else len(prompt) + args.new_tokens
     pres = [engine.prefill([prompt], 1, args.chunk_size, capacity) for _ in range(args.repeats)]
-    out = {"prefill": max((len(prompt) - 1) / p.seconds for p in pres),
-           "held": int(pres[0].state.cache.length[0])}
+    out = {"prefill": max((len(prompt) - 1) / p.seconds for p in pres), "held": int(pres[0].state.cache.length[0])}
     pre = pres[-1]
     for b in batches:
         cfg = engine.cfg
@@ -66,8 +66,12 @@ def bench_engine(engine: Engine, prompt: list[int], batches, args) -> dict:
         runs = []
         for _ in range(args.repeats):
             g = engine.decode(tile(pre, b), args.new_tokens)
-            runs.append((sum(x.stats["generated_tokens"] for x in g) / g[0].stats["decode_s"],
-                         g[0].stats["decode_buffer_bytes"] * b / 1e6))
+            runs.append(
+                (
+                    sum(x.stats["generated_tokens"] for x in g) / g[0].stats["decode_s"],
+                    g[0].stats["decode_buffer_bytes"] * b / 1e6,
+                )
+            )
         out[b] = {"decode": max(r[0] for r in runs), "kv_mb": runs[0][1]}
     return out
 
@@ -75,11 +79,13 @@ def bench_engine(engine: Engine, prompt: list[int], batches, args) -> dict:
 def hf_model():
     import torch
     import transformers
-    from anjax.gguf_import import default_model_path
+
+    from anjax.io.gguf_import import default_model_path
 
     path = default_model_path()
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                             dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
 
 
 def bench_hf(model, prompt: list[int], args) -> dict:
@@ -121,8 +127,13 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--anchor-capacity", type=int, default=2048, help="slots an anchor-cache row may keep")
     p.add_argument("--hf-max-length", type=int, default=4096, help="longest prompt for the HF column (0: none)")
-    p.add_argument("--hf-threads", type=int, nargs="+", default=[1, 2],
-                   help="torch thread counts to try (best kept: 2 OpenMP threads suffer on a busy 2-core machine)")
+    p.add_argument(
+        "--hf-threads",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="torch thread counts to try (best kept: 2 OpenMP threads suffer on a busy 2-core machine)",
+    )
     p.add_argument("--max-kv-gb", type=float, default=6.0, help="skip full-cache runs whose KV exceeds this")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="1k/4k prompts, batch 1/16, 16 new tokens, 1 repeat")
@@ -132,8 +143,10 @@ def main() -> None:
         args.lengths, args.batches, args.new_tokens, args.repeats = [1024, 4096], [1, 16], 16, 1
 
     cfg, params, tokenizer = load_model(None, scan_layers=True)
-    engines = {"anchor": Engine(cfg, params, tokenizer, cache="anchor", anchor_mode="ep"),
-               "full": Engine(cfg, params, tokenizer, cache="full")}
+    engines = {
+        "anchor": Engine(cfg, params, tokenizer, config=EngineConfig(cache="anchor", anchor_mode="ep")),
+        "full": Engine(cfg, params, tokenizer, config=EngineConfig(cache="full")),
+    }
     text = english_tokens(tokenizer, max(args.lengths))
     hf_lengths = [n for n in args.lengths if n <= args.hf_max_length]
     peer = hf_model() if hf_lengths else None
@@ -144,26 +157,40 @@ def main() -> None:
         hf = bench_hf(peer, prompt, args) if length in hf_lengths else None
         for b in args.batches:
             a, f = res["anchor"][b], res["full"][b]
-            rows.append(dict(length=length, batch=b, anchor_slots=res["anchor"]["held"],
-                             prefill_anchor=res["anchor"]["prefill"] if b == 1 else None,
-                             prefill_full=res["full"]["prefill"] if b == 1 else None,
-                             prefill_hf=hf["prefill"] if hf and b == 1 else None,
-                             decode_anchor=a and a["decode"], decode_full=f and f["decode"],
-                             decode_hf=hf["decode"] if hf and b == 1 else None,
-                             kv_mb_anchor=a and a["kv_mb"], kv_mb_full=f and f["kv_mb"]))
+            rows.append(
+                dict(
+                    length=length,
+                    batch=b,
+                    anchor_slots=res["anchor"]["held"],
+                    prefill_anchor=res["anchor"]["prefill"] if b == 1 else None,
+                    prefill_full=res["full"]["prefill"] if b == 1 else None,
+                    prefill_hf=hf["prefill"] if hf and b == 1 else None,
+                    decode_anchor=a and a["decode"],
+                    decode_full=f and f["decode"],
+                    decode_hf=hf["decode"] if hf and b == 1 else None,
+                    kv_mb_anchor=a and a["kv_mb"],
+                    kv_mb_full=f and f["kv_mb"],
+                )
+            )
             print(json.dumps(rows[-1]), flush=True)
 
-    header = ("prompt batch | prefill tok/s anchor  full    HF | decode tok/s anchor   full     HF | "
-              "anchor/full  full/HF | KV MB anchor    full | anchor slots")
-    print(f"\nSmolLM2-135M fp32, {jax.devices()[0].platform}, {args.new_tokens} new tokens, chunk {args.chunk_size}, "
-          f"anchor capacity {args.anchor_capacity}\n{header}")
+    header = (
+        "prompt batch | prefill tok/s anchor  full    HF | decode tok/s anchor   full     HF | "
+        "anchor/full  full/HF | KV MB anchor    full | anchor slots"
+    )
+    print(
+        f"\nSmolLM2-135M fp32, {jax.devices()[0].platform}, {args.new_tokens} new tokens, chunk {args.chunk_size}, "
+        f"anchor capacity {args.anchor_capacity}\n{header}"
+    )
     for r in rows:
         speed = r["decode_anchor"] / r["decode_full"] if r["decode_anchor"] and r["decode_full"] else None
         vs_hf = r["decode_full"] / r["decode_hf"] if r["decode_full"] and r["decode_hf"] else None
-        print(f"{r['length']:>6} {r['batch']:>5} | {fmt(r['prefill_anchor']):>20} {fmt(r['prefill_full']):>5} "
-              f"{fmt(r['prefill_hf']):>5} | {fmt(r['decode_anchor']):>19} {fmt(r['decode_full']):>6} "
-              f"{fmt(r['decode_hf']):>6} | {fmt(speed, '.2f'):>11} {fmt(vs_hf, '.2f'):>8} | "
-              f"{fmt(r['kv_mb_anchor']):>12} {fmt(r['kv_mb_full']):>7} | {r['anchor_slots']:>12}")
+        print(
+            f"{r['length']:>6} {r['batch']:>5} | {fmt(r['prefill_anchor']):>20} {fmt(r['prefill_full']):>5} "
+            f"{fmt(r['prefill_hf']):>5} | {fmt(r['decode_anchor']):>19} {fmt(r['decode_full']):>6} "
+            f"{fmt(r['decode_hf']):>6} | {fmt(speed, '.2f'):>11} {fmt(vs_hf, '.2f'):>8} | "
+            f"{fmt(r['kv_mb_anchor']):>12} {fmt(r['kv_mb_full']):>7} | {r['anchor_slots']:>12}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
@@ -173,6 +200,7 @@ def main() -> None:
 
 def plot(rows, args, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -180,8 +208,11 @@ def plot(rows, args, path: Path) -> None:
     for i, b in enumerate(args.batches):
         sel = [r for r in rows if r["batch"] == b]
         color = f"C{i}"
-        for key, style, label in (("decode_anchor", "-o", "anchor"), ("decode_full", "--s", "full"),
-                                  ("decode_hf", ":^", "HF transformers")):
+        for key, style, label in (
+            ("decode_anchor", "-o", "anchor"),
+            ("decode_full", "--s", "full"),
+            ("decode_hf", ":^", "HF transformers"),
+        ):
             pts = [(r["length"], r[key]) for r in sel if r[key]]
             if pts:
                 ax1.plot(*zip(*pts), style, color=color, label=f"{label}, batch {b}")

@@ -1,4 +1,4 @@
-"""Step-time cost of self-distillation (anjax.distill): the LM-only step and the distillation step of one
+"""Step-time cost of self-distillation (anjax.train.distill): the LM-only step and the distillation step of one
 run config, alternating in one process on the same batches after both are compiled (not a test).
 
     python benchmarks/bench_distill.py --config configs/smollm2-135m-ac.yaml --steps 2
@@ -6,6 +6,7 @@ run config, alternating in one process on the same batches after both are compil
 Prints the median seconds per step of each and their ratio. Alternating keeps a shared machine's load
 the same for both.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,10 @@ from pathlib import Path
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402
-from anjax import run_config, sharding  # noqa: E402
-from anjax.data import make_batches  # noqa: E402
-from anjax.trainer import Trainer  # noqa: E402
+from anjax.core import sharding  # noqa: E402
+from anjax.train import run_config, setup  # noqa: E402
+from anjax.train.data import make_batches  # noqa: E402
+from anjax.train.trainer import Trainer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight", type=float, default=1.0, help="train.distill_weight of the distillation step")
     args = parser.parse_args(argv)
     rc = run_config.load(args.config)
-    cfg, params, tokenizer = train.prepare_model(rc)
-    mesh = train.make_run_mesh(rc)
+    cfg, params, tokenizer = setup.fresh_model(rc)
+    mesh = setup.make_run_mesh(rc)
     it = make_batches(rc.data, tokenizer, cfg.anchor_mode, cfg.anchor_ids, train=True)
     batches = [sharding.host_batch_to_global(it.batch(i), mesh) for i in range(args.steps + 1)]
     runs = {}

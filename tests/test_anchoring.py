@@ -4,6 +4,7 @@ The training encoding of a document equals what the engine and the scorer make o
 text cut at a sentence boundary (hypothesis); EP/AC anchors on a Llama-2-style SentencePiece
 tokenizer; the forced `<AC>` rule with BOS; the capacity edge; `<AC>` in padding rows.
 """
+
 from __future__ import annotations
 
 import functools
@@ -12,24 +13,28 @@ import string
 import jax
 import numpy as np
 import pytest
+from conftest import _tiny_tokenizer_json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from anjax import anchors
-from anjax.config import AC_TOKEN, tiny_config
-from anjax.encoding import Encoder, ends_sentence, split_sentences
-from anjax.generate import CacheOverflowError, Engine
-from anjax.model import init_params
-from anjax.scoring import prepare_model
-from conftest import _tiny_tokenizer_json
+from anjax.core.config import AC_TOKEN, tiny_config
+from anjax.core.model import init_params
+from anjax.inference.engine import CacheOverflowError, Engine, EngineConfig
+from anjax.inference.scoring import scoring_model
+from anjax.text import anchors
+from anjax.text.encode import Encoder, ends_sentence, split_sentences
 
 
 @functools.lru_cache(maxsize=1)
 def _bpe() -> PreTrainedTokenizerFast:
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
-                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
     anchors.add_ac_token(tok)
     return tok
 
@@ -41,11 +46,28 @@ def _paths(add_bos: bool):
     cfg = tiny_config(vocab_size=len(tok))
     params = init_params(cfg, jax.random.PRNGKey(0))
     scheme, cfg, params = anchors.resolve_scheme(cfg, tok, params, mode="ac", add_bos=add_bos)
-    return Encoder(tok, scheme), Engine(cfg, params, tok), prepare_model(cfg, params, tok)
+    return Encoder(tok, scheme), Engine(cfg, params, tok), scoring_model(cfg, params, tok)
 
 
-WORDS = ["the", "cat", "Dr.", "Smith", "e.g.", "U.S.", "3.14", "café", "naïve", "日本語", "😀", "a", "mat", "Mr.",
-         "p.m.", "«quote»", "x"]
+WORDS = [
+    "the",
+    "cat",
+    "Dr.",
+    "Smith",
+    "e.g.",
+    "U.S.",
+    "3.14",
+    "café",
+    "naïve",
+    "日本語",
+    "😀",
+    "a",
+    "mat",
+    "Mr.",
+    "p.m.",
+    "«quote»",
+    "x",
+]
 ENDS = [".", "?", "!", "...", '."', ".”", "?)", "!'", "。"]
 SEPS = [" ", "  ", "\n", "\n\n", " \n", "\n\n\n"]
 
@@ -80,15 +102,15 @@ def test_training_engine_and_scorer_agree_at_every_sentence_boundary(add_bos, te
     for k in range(1, len(sentences)):
         context, rest = "".join(sentences[:k]), "".join(sentences[k:])
         ctx, cont = model.encode_pair(context, rest)
-        assert ctx + cont == doc                                  # scorer: the training ids, split
-        if context.strip() == context:                            # (trailing spaces move to the continuation)
-            assert ctx[-1] == ac                                  # a context ending a sentence is closed
-        if context.strip() and split_sentences(context) == sentences[:k]:   # pysbd looks ahead (encoding docs)
+        assert ctx + cont == doc  # scorer: the training ids, split
+        if context.strip() == context:  # (trailing spaces move to the continuation)
+            assert ctx[-1] == ac  # a context ending a sentence is closed
+        if context.strip() and split_sentences(context) == sentences[:k]:  # pysbd looks ahead (encoding docs)
             prompt, _ = engine.encode(context)
             if ends_sentence(context):
-                assert prompt == doc[:len(prompt)] and prompt[-1] == ac   # engine: the training prefix
-            else:                                                 # an unfinished prompt stays open
-                assert prompt + [ac] == doc[:len(prompt) + 1]
+                assert prompt == doc[: len(prompt)] and prompt[-1] == ac  # engine: the training prefix
+            else:  # an unfinished prompt stays open
+                assert prompt + [ac] == doc[: len(prompt) + 1]
 
 
 def _llama2_style_tokenizer() -> PreTrainedTokenizerFast:
@@ -131,17 +153,19 @@ def test_capacity_edge_and_peak_never_above_capacity():
     cfg = tiny_config()
     params = init_params(cfg, jax.random.PRNGKey(0))
     prompt, new = list(range(8, 20)), 5
-    need = len(prompt) + new - 1            # a full cache: every token fed (the last sampled one is not)
+    need = len(prompt) + new - 1  # a full cache: every token fed (the last sampled one is not)
     for capacity, fails in ((need - 1, True), (need, False), (need + 1, False)):
-        out = Engine(cfg, params, cache="full", chunk_size=4, capacity=capacity).generate(
-            [prompt], max_new_tokens=new, stop_ids=(), raise_errors=False)[0]
+        out = Engine(cfg, params, config=EngineConfig(cache="full", chunk_size=4, capacity=capacity)).generate(
+            [prompt], max_new_tokens=new, stop_ids=(), raise_errors=False
+        )[0]
         assert bool(out.error) == fails, (capacity, out.error)
         assert out.stats["peak_cache_slots"] <= capacity
         if not fails:
             assert out.stats["peak_cache_slots"] == need and len(out.ids) == len(prompt) + new
     with pytest.raises(CacheOverflowError, match=f"capacity is {need - 1}"):
-        Engine(cfg, params, cache="full", chunk_size=4, capacity=need - 1).generate([prompt], max_new_tokens=new,
-                                                                                    stop_ids=())
+        Engine(cfg, params, config=EngineConfig(cache="full", chunk_size=4, capacity=need - 1)).generate(
+            [prompt], max_new_tokens=new, stop_ids=()
+        )
 
 
 def _runs(ids, ac, bos=None):
@@ -163,20 +187,24 @@ def test_forced_ac_counts_like_training(add_bos):
     params = init_params(cfg, jax.random.PRNGKey(1))
     scheme, cfg, params = anchors.resolve_scheme(cfg, tok, params, mode="ac", add_bos=add_bos, max_sentence_tokens=n)
     params = dict(params, embed=np.asarray(params["embed"]).copy())
-    params["embed"][scheme.ac_id] = 0.0       # logit 0: the model never picks <AC> itself, every <AC> is forced
+    params["embed"][scheme.ac_id] = 0.0  # logit 0: the model never picks <AC> itself, every <AC> is forced
     out = Engine(cfg, params, tok).generate(["The cat"], max_new_tokens=20, stop_ids=())[0]
     assert (out.ids[0] == tok.bos_token_id) == add_bos
     runs = _runs(out.ids, scheme.ac_id, tok.bos_token_id if add_bos else None)
     assert runs[:-1] == [n] * (len(runs) - 1) and len(runs) >= 3 and runs[-1] <= n
-    assert Encoder(tok, scheme).prompt("The cat sat on the mat and the dog")[0][:n + 1 + add_bos][-1] == scheme.ac_id
+    assert Encoder(tok, scheme).prompt("The cat sat on the mat and the dog")[0][: n + 1 + add_bos][-1] == scheme.ac_id
 
 
 @pytest.mark.parametrize("init", ["mean", "copy"])
 def test_ac_in_padding_rows_is_initialised_like_a_new_row(init):
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
-                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
     n = len(tok)
-    cfg = tiny_config(vocab_size=n + 64, tie_embeddings=False)   # padded past the tokenizer
+    cfg = tiny_config(vocab_size=n + 64, tie_embeddings=False)  # padded past the tokenizer
     params = init_params(cfg, jax.random.PRNGKey(0))
     scheme, cfg2, new = anchors.resolve_scheme(cfg, tok, params, mode="ac", ac_init=init)
     ac = scheme.ac_id
@@ -189,7 +217,8 @@ def test_ac_in_padding_rows_is_initialised_like_a_new_row(init):
 
 
 def test_scheme_travels_with_the_export_and_overrides_say_so(tmp_path, capsys):
-    from anjax.hf import load_hf_dir, save_hf_dir
+    from anjax.io.hf import load_hf_dir, save_hf_dir
+
     tok = _bpe()
     cfg = tiny_config(vocab_size=len(tok))
     params = init_params(cfg, jax.random.PRNGKey(0))
@@ -207,50 +236,75 @@ def test_scheme_travels_with_the_export_and_overrides_say_so(tmp_path, capsys):
 
 def test_tiny_ac_run_export_keeps_bos_and_forced_anchor_rule(tmp_path):
     """train.py (tiny AC, data.add_bos=true, data.max_sentence_tokens=8) → export → fresh processes:
-    infer.py and anjax.evaluate's loader use the run's BOS and forced-<AC> rule (asserted on ids)."""
+    infer.py and anjax.eval.evaluate's loader use the run's BOS and forced-<AC> rule (asserted on ids)."""
     import json
     import subprocess
     import sys
     from pathlib import Path
+
     root, run_dir = Path(__file__).resolve().parents[1], tmp_path / "run"
-    done = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", "--set", f"run.dir={run_dir}",
-                           "train.steps=2", "eval.every=0", "checkpoint.every=2", "data.seq_len=32",
-                           "data.add_bos=true", "data.max_sentence_tokens=8"],
-                          cwd=root, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "configs/tiny.yaml",
+            "--set",
+            f"run.dir={run_dir}",
+            "train.steps=2",
+            "eval.every=0",
+            "checkpoint.every=2",
+            "data.seq_len=32",
+            "data.add_bos=true",
+            "data.max_sentence_tokens=8",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     export = run_dir / "export"
     block = json.loads((export / "config.json").read_text())["anjax"]
     assert block["add_bos"] is True and block["max_sentence_tokens"] == 8 and block["anchor_mode"] == "ac"
     assert json.loads((run_dir / "model_config.json").read_text())["max_sentence_tokens"] == 8
     prompt = "The cat sat on the mat and the dog sat on the mat too and then"
-    out = subprocess.run([sys.executable, "infer.py", "--model", str(export), "--prompt", prompt, "--json",
-                          "--max-new-tokens", "24"], cwd=root, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "infer.py", "--model", str(export), "--prompt", prompt, "--json", "--max-new-tokens", "24"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0 and out.stderr.count("note:") == 0, out.stderr[-3000:]
     got = json.loads(out.stdout)
-    code = ("import json, sys; from anjax import evaluate; "
-            "m = evaluate.load_model_for(evaluate.build_parser().parse_args(['--model', sys.argv[1]]), ['anchor']); "
-            "print(json.dumps({'scheme': m.scheme.to_dict(), 'ctx': m.encode_pair(sys.argv[2], ' x.')[0], "
-            "'prompt': m.encode_context(sys.argv[2])}))")
-    ev = subprocess.run([sys.executable, "-c", code, str(export), prompt], cwd=root, capture_output=True, text=True,
-                        timeout=600)
+    code = (
+        "import json, sys; from anjax.cli import evaluate; "
+        "m = evaluate.load_model_for(evaluate.build_parser().parse_args(['--model', sys.argv[1]]), ['anchor']); "
+        "print(json.dumps({'scheme': m.scheme.to_dict(), 'ctx': m.encode_pair(sys.argv[2], ' x.')[0], "
+        "'prompt': m.encode_context(sys.argv[2])}))"
+    )
+    ev = subprocess.run(
+        [sys.executable, "-c", code, str(export), prompt], cwd=root, capture_output=True, text=True, timeout=600
+    )
     assert ev.returncode == 0, ev.stderr[-3000:]
     ev = json.loads(ev.stdout)
     scheme = ev["scheme"]
     bos, ac = scheme["bos_id"], scheme["ids"][0]
     assert scheme["add_bos"] and scheme["max_sentence_tokens"] == 8
-    assert got["prompt_ids"] == ev["prompt"]                        # the same ids on both paths
-    full_run = _runs(got["prompt_ids"], ac, bos)[-1] == 8           # training cuts before the next token,
-    assert ev["ctx"] == got["prompt_ids"] + [ac] * full_run         # the scorer keeps that <AC> in the context,
+    assert got["prompt_ids"] == ev["prompt"]  # the same ids on both paths
+    full_run = _runs(got["prompt_ids"], ac, bos)[-1] == 8  # training cuts before the next token,
+    assert ev["ctx"] == got["prompt_ids"] + [ac] * full_run  # the scorer keeps that <AC> in the context,
     if full_run:
-        assert got["generated_ids"][0] == ac                        # and decoding forces it first
+        assert got["generated_ids"][0] == ac  # and decoding forces it first
     ids = got["prompt_ids"] + got["generated_ids"]
-    assert ids[0] == bos and ids[1 + 8] == ac                       # BOS, then <AC> after 8 text tokens
-    assert max(_runs(ids, ac, bos)) <= 8                            # decoding forces it as training cuts
+    assert ids[0] == bos and ids[1 + 8] == ac  # BOS, then <AC> after 8 text tokens
+    assert max(_runs(ids, ac, bos)) <= 8  # decoding forces it as training cuts
 
 
 def test_raw_prompts_are_plain_tokens_with_protect_flags():
     encoder, engine, _ = _paths(True)
-    raw = Engine(engine.cfg, engine.params, _bpe(), raw_prompts=True)
+    raw = Engine(engine.cfg, engine.params, _bpe(), config=EngineConfig(raw_prompts=True))
     ids, flags = raw.encode("The cat sat. The dog", protect=["dog"])
     tok = _bpe()
     assert ids == [tok.bos_token_id] + tok.encode("The cat sat. The dog", add_special_tokens=False)

@@ -1,12 +1,12 @@
 """Anchor ids (EP punctuation, AC special token) and the segmentation CLI."""
+
 import json
-import sys
-import types
 
 import pytest
 
-from anjax import anchors
-from anjax.config import AC_TOKEN
+from anjax.cli import anchors as anchors_cli
+from anjax.core.config import AC_TOKEN
+from anjax.text import anchors
 
 
 def test_ep_default_and_custom_tokens(tiny_tokenizer):
@@ -29,26 +29,27 @@ def test_bad_mode(tiny_tokenizer):
 
 
 def test_ac_needs_the_token_then_add_is_idempotent(tiny_tokenizer):
-    with pytest.raises(ValueError, match="no <AC> token; add it with anjax.anchors.add_ac_token"):
+    with pytest.raises(ValueError, match="no <AC> token; add it with anjax.text.anchors.add_ac_token"):
         anchors.resolve_anchor_ids(tiny_tokenizer, "ac")
     n = len(tiny_tokenizer)
     ac_id = anchors.add_ac_token(tiny_tokenizer)
     assert anchors.add_ac_token(tiny_tokenizer) == ac_id and len(tiny_tokenizer) == n + 1
     assert anchors.resolve_anchor_ids(tiny_tokenizer, "ac") == ((AC_TOKEN,), (ac_id,))
     ids = tiny_tokenizer.encode(f"Hi.{AC_TOKEN} Yes", add_special_tokens=False)
-    assert ids.count(ac_id) == 1                                       # never split
+    assert ids.count(ac_id) == 1  # never split
     assert AC_TOKEN not in tiny_tokenizer.decode(ids, skip_special_tokens=True)  # special
 
 
 @pytest.fixture
 def cli(tiny_tokenizer, monkeypatch, capsys):
-    """Run the CLI with `anjax.loading.load_tokenizer` returning the tiny tokenizer."""
-    monkeypatch.setitem(sys.modules, "anjax.loading", types.SimpleNamespace(load_tokenizer=lambda path: tiny_tokenizer))
+    """Run the CLI with its `load_tokenizer` returning the tiny tokenizer."""
+    monkeypatch.setattr(anchors_cli, "load_tokenizer", lambda path: tiny_tokenizer)
 
     def run(*argv):
-        rc = anchors.main(list(argv))
+        rc = anchors_cli.main(list(argv))
         out, err = capsys.readouterr()
         return rc, out, err
+
     return run
 
 
@@ -68,11 +69,14 @@ def test_cli_table_ep(cli):
     assert rc == 0 and "2 anchors, 2 sentences" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--mode", "ep", "--anchors", "Hello world", "--text", "x."], "is not one token in running text"),
-    (["--mode", "punct", "--text", "x."], "--mode must be one of"),
-    (["--mode", "ac", "--text", "  "], "--text is empty"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--mode", "ep", "--anchors", "Hello world", "--text", "x."], "is not one token in running text"),
+        (["--mode", "punct", "--text", "x."], "--mode must be one of"),
+        (["--mode", "ac", "--text", "  "], "--text is empty"),
+    ],
+)
 def test_cli_errors_one_line_exit_2(cli, argv, message):
     rc, out, err = cli(*argv)
     assert rc == 2 and out == ""

@@ -1,5 +1,7 @@
-"""Ahead-of-time compilation for a TPU topology (anjax.aot) through libtpu, in .venv-tpu (scripts/setup_tpu_aot.sh,
-run by setup.sh): the tiny config's real train step compiled for v5e:2x2 with a 2x2 (fsdp, tensor) mesh."""
+"""Ahead-of-time compilation for a TPU topology (anjax.train.aot) through libtpu, in .venv-tpu
+(scripts/setup_tpu_aot.sh, run by setup.sh): the tiny config's real train step compiled for v5e:2x2
+with a 2x2 (fsdp, tensor) mesh."""
+
 from __future__ import annotations
 
 import json
@@ -9,22 +11,32 @@ from pathlib import Path
 
 import jax
 import pytest
-
-from anjax import aot, run_config
-from anjax.model import init_params
 from cli_checks import assert_one_line_error
+
+from anjax.core.model import init_params
+from anjax.train import aot, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TPU_PYTHON = ROOT / ".venv-tpu" / "bin" / "python"
-TINY_2X2 = ["--config", "configs/tiny.yaml", "--topology", "v5e:2x2",
-            "--set", "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "anchors.mode=ep"]
+TINY_2X2 = [
+    "--config",
+    "configs/tiny.yaml",
+    "--topology",
+    "v5e:2x2",
+    "--set",
+    "mesh.data=1",
+    "mesh.fsdp=2",
+    "mesh.tensor=2",
+    "anchors.mode=ep",
+]
 
 pytestmark = pytest.mark.skipif(not TPU_PYTHON.exists(), reason="no .venv-tpu: run `bash scripts/setup_tpu_aot.sh`")
 
 
 def run_aot(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(TPU_PYTHON), "-m", "anjax.aot", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run(
+        [str(TPU_PYTHON), "-m", "anjax.aot", *args], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
 
 
 def test_tiny_train_step_argument_bytes_are_the_sharded_params_and_adam_state():
@@ -52,6 +64,7 @@ def test_unknown_topology_is_one_line():
 
 
 def test_mesh_that_does_not_divide_the_devices_is_one_line():
-    proc = run_aot("--config", "configs/tiny.yaml", "--topology", "v5e:2x2", "--set", "mesh.data=1", "mesh.fsdp=3",
-                   "mesh.tensor=1")
+    proc = run_aot(
+        "--config", "configs/tiny.yaml", "--topology", "v5e:2x2", "--set", "mesh.data=1", "mesh.fsdp=3", "mesh.tensor=1"
+    )
     assert_one_line_error(proc, "mesh data x fsdp x tensor = [1, 3, 1]", "but there are 4")

@@ -1,22 +1,27 @@
 """Bad model inputs: one line on stderr naming the problem, exit code 2, no traceback."""
+
 import json
 import subprocess
 import sys
 
 import jax
 import pytest
-
-from anjax import hf
-from anjax.config import tiny_config
-from anjax.model import init_params
 from cli_checks import assert_one_line_error
+
+from anjax.core.config import tiny_config
+from anjax.core.model import init_params
+from anjax.io import hf
 
 pytestmark = pytest.mark.slow  # python -m anjax.export in subprocesses
 
 
 def run_export(model, out):
-    return subprocess.run([sys.executable, "-m", "anjax.export", "--model", str(model), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "anjax.export", "--model", str(model), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")

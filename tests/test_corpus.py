@@ -1,4 +1,5 @@
 """Offline corpus builder: HTML -> prose, 13-gram decontamination, document split, output layout."""
+
 import html
 import json
 
@@ -6,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anjax import corpus, data
+from anjax.cli import corpus as corpus_cli
+from anjax.train import corpus, data
 
 PAGE = """<html><head><title>Title words here</title><script>var x = "Hidden sentence in a script.";</script></head>
 <body><div class="related">Navigation: previous page | next page | index of all modules here.</div>
@@ -46,32 +48,42 @@ def test_html_paragraphs_roundtrip_escaped_text(text):
     assert corpus.html_paragraphs(f"<p>{html.escape(text)}</p>") == expect
 
 
-@pytest.mark.parametrize("paragraph, prose", [
-    ("The quick brown fox jumps over the lazy dog.", True),
-    ("Configure the server as follows:", False),          # 5 words
-    ("Configure the new server exactly as follows:", True),
-    ("see the socket module for details and more", False),  # no sentence end
-    ("--enable-shared builds a shared library instead of a static one.", False),  # starts with a symbol
-    ("Call foo(bar[0], {baz: 1}) and then qux(x=y) to get <z>.", False),   # code characters
-    ("1234 5678 9012 3456 7890 1234 5678.", False),       # digits, not words
-])
+@pytest.mark.parametrize(
+    "paragraph, prose",
+    [
+        ("The quick brown fox jumps over the lazy dog.", True),
+        ("Configure the server as follows:", False),  # 5 words
+        ("Configure the new server exactly as follows:", True),
+        ("see the socket module for details and more", False),  # no sentence end
+        ("--enable-shared builds a shared library instead of a static one.", False),  # starts with a symbol
+        ("Call foo(bar[0], {baz: 1}) and then qux(x=y) to get <z>.", False),  # code characters
+        ("1234 5678 9012 3456 7890 1234 5678.", False),  # digits, not words
+    ],
+)
 def test_is_prose(paragraph, prose):
     assert corpus.is_prose(paragraph) is prose
 
 
 def test_words_normalisation():
-    assert corpus.words("Don't PANIC: it's (only) a test—really!") == ["dont", "panic", "its", "only", "a", "test—really"]
+    assert corpus.words("Don't PANIC: it's (only) a test—really!") == [
+        "dont",
+        "panic",
+        "its",
+        "only",
+        "a",
+        "test—really",
+    ]
 
 
 THIRTEEN = "one two three four five six seven eight nine ten eleven twelve thirteen"
 
 
 def test_contamination_counts_shared_13grams():
-    eval_ngrams = corpus.ngram_hashes(f"Question: {THIRTEEN} fourteen?")   # 2 distinct 13-grams
+    eval_ngrams = corpus.ngram_hashes(f"Question: {THIRTEEN} fourteen?")  # 2 distinct 13-grams
     docs = [
         "Intro text. ONE, two; three four five six seven eight nine ten eleven twelve Thirteen! Outro.",
-        "one two three four five six seven eight nine ten eleven twelve",              # a 12-gram only
-        f"{THIRTEEN} fourteen and {THIRTEEN} again",                                 # both, one repeated
+        "one two three four five six seven eight nine ten eleven twelve",  # a 12-gram only
+        f"{THIRTEEN} fourteen and {THIRTEEN} again",  # both, one repeated
         "Completely unrelated text about something else entirely with many more words than needed.",
     ]
     assert corpus.contamination(docs, eval_ngrams) == [1, 0, 2, 0]
@@ -100,10 +112,10 @@ def test_output_is_read_by_load_corpus(tmp_path):
     cfg = data.DataConfig(path=str(out))
     assert data.load_corpus(cfg)["text"] == splits["train"]
     assert data.load_corpus(cfg, cfg.eval_split)["text"] == splits["validation"]
-    corpus._write(out, {"train": ["Rebuilt."], "validation": ["Again."]}, {"documents": 2})   # a rebuild replaces it
+    corpus._write(out, {"train": ["Rebuilt."], "validation": ["Again."]}, {"documents": 2})  # a rebuild replaces it
     assert data.load_corpus(cfg)["text"] == ["Rebuilt."]
     assert json.loads((out / corpus.SUMMARY_FILE).read_text()) == {"documents": 2}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]   # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no temporary left behind
 
 
 def test_cli_refuses_foreign_output_and_bad_args(tmp_path, capsys):
@@ -113,7 +125,7 @@ def test_cli_refuses_foreign_output_and_bad_args(tmp_path, capsys):
     with pytest.raises(ValueError, match="not a corpus this script built"):
         corpus._write(mine, {"train": ["x"], "validation": ["y"]}, {})
     assert (mine / "notes.txt").read_text() == "keep me"
-    assert corpus.main(["--packages", "nonexistent-doc"]) == 2
-    assert corpus.main(["--validation-fraction", "1.5"]) == 2
+    assert corpus_cli.main(["--packages", "nonexistent-doc"]) == 2
+    assert corpus_cli.main(["--validation-fraction", "1.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)

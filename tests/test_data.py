@@ -1,4 +1,5 @@
 """Data pipeline: sentences, anchors, packing, padding, labels, resumption, SFT, sources."""
+
 import json
 import os
 
@@ -6,8 +7,10 @@ import datasets
 import numpy as np
 import pytest
 
-from anjax import anchors, data, encoding
-from anjax.config import AC_TOKEN
+from anjax.core.config import AC_TOKEN
+from anjax.text import anchors
+from anjax.text import encode as encoding
+from anjax.train import data
 
 THREE = "The cat sat on the mat. Did the dog see it? Yes!"
 
@@ -38,11 +41,18 @@ def _synthetic(lengths, prompt_len=None):
 
 # ----------------------------------------------------------------------------- sentences and anchors
 
+
 def test_split_sentences_is_faithful():
     text = "Hello world.  This is Mr. Smith's test?\n\nYes! A wrapped\nline ends here. No end"
     sents = encoding.split_sentences(text)
     assert "".join(sents) == text
-    assert sents == ["Hello world.", "  This is Mr. Smith's test?", "\n\nYes!", " A wrapped\nline ends here.", " No end"]
+    assert sents == [
+        "Hello world.",
+        "  This is Mr. Smith's test?",
+        "\n\nYes!",
+        " A wrapped\nline ends here.",
+        " No end",
+    ]
     for doc in data.embedded_corpus("validation")["text"][:3]:
         assert "".join(encoding.split_sentences(doc)) == doc
 
@@ -54,7 +64,7 @@ def test_ac_three_sentences_exact_placement(ac_tok):
     assert ids[0] == ac_tok.bos_token_id and ids.count(ac) == 3
     assert [tokens[i - 1] for i, t in enumerate(ids) if t == ac] == [".", "?", "!"]
     assert ids[-1] == ac and _enc(ac_tok, "ac").document(THREE) == ids[1:]
-    assert ac_tok.decode(ids, skip_special_tokens=True) == THREE          # whitespace kept
+    assert ac_tok.decode(ids, skip_special_tokens=True) == THREE  # whitespace kept
     assert [t for t in ids if t != ac] == [ac_tok.bos_token_id] + ac_tok.encode(THREE, add_special_tokens=False)
 
 
@@ -85,7 +95,7 @@ def test_max_sentence_tokens(ac_tok):
     runs = lambda ids: [len(r) for r in "".join("A" if t == ac else "x" for t in ids).split("A")]
     assert [t for t in capped if t != ac] == [t for t in plain if t != ac]
     assert max(runs(capped)) == 4 and runs(capped)[-1] == 0 and max(runs(plain)) > 4
-    assert capped.count(ac) == sum(-(-n // 4) for n in runs(plain)[:-1])   # an <AC> after every 4 tokens
+    assert capped.count(ac) == sum(-(-n // 4) for n in runs(plain)[:-1])  # an <AC> after every 4 tokens
 
 
 @pytest.mark.parametrize("mode,cap", [("none", None), ("ac", None), ("ac", 3)])
@@ -116,10 +126,10 @@ def test_stats_and_empty_documents_skipped(ac_tok):
 
 def test_bos_follows_the_tokenizer_unless_set(ac_tok):
     bos = ac_tok.bos_token_id
-    assert not anchors.tokenizer_adds_bos(ac_tok)             # GPT-2/SmolLM2 style: no BOS of its own
+    assert not anchors.tokenizer_adds_bos(ac_tok)  # GPT-2/SmolLM2 style: no BOS of its own
     assert _corpus(ac_tok, [THREE]).tokens[0] != bos
     assert _corpus(ac_tok, [THREE], add_bos=True).tokens[0] == bos
-    ac_tok.add_bos_token = True                            # Llama style
+    ac_tok.add_bos_token = True  # Llama style
     assert anchors.tokenizer_adds_bos(ac_tok) and _corpus(ac_tok, [THREE]).tokens[0] == bos
 
 
@@ -131,8 +141,9 @@ def test_ac_mode_with_tokenizer_lacking_ac(tiny_tokenizer):
 
 # ----------------------------------------------------------------------------- batches
 
+
 def test_packing_keeps_documents_apart():
-    from anjax.mask import token_metadata
+    from anjax.core.mask import token_metadata
 
     corpus = _synthetic([5, 9, 3, 12, 7])
     L = 8
@@ -154,11 +165,13 @@ def test_packing_keeps_documents_apart():
         same = b["doc"][:, 1:] == b["doc"][:, :-1]
         assert (same == (b["tokens"][:, 1:] // 1000 == b["tokens"][:, :-1] // 1000)).all()
         m = b["loss_mask"]
-        assert (b["labels"][m] == b["tokens"][m] + 1).all()                     # next token of the same doc
-        assert not m[:, :-1][~same].any()                                      # no loss across a boundary
+        assert (b["labels"][m] == b["tokens"][m] + 1).all()  # next token of the same doc
+        assert not m[:, :-1][~same].any()  # no loss across a boundary
         assert (m == (np.concatenate([b["tokens"][:, 1:], b["labels"][:, -1:]], 1) == b["tokens"] + 1)).all()
         meta = token_metadata(b["tokens"], b["valid"], b["doc"])
-        assert (np.asarray(meta.pos) == b["tokens"] % 1000 - np.where(b["doc"] == 0, b["tokens"][:, :1] % 1000, 0)).all()
+        assert (
+            np.asarray(meta.pos) == b["tokens"] % 1000 - np.where(b["doc"] == 0, b["tokens"][:, :1] % 1000, 0)
+        ).all()
     assert doc.max() >= 1
 
 
@@ -168,7 +181,7 @@ def test_one_document_per_row_truncates_and_pads():
     np.testing.assert_array_equal(b["valid"].sum(1), [3, 6, 6])
     np.testing.assert_array_equal(b["doc"][0], [0, 0, 0, -1, -1, -1])
     assert (b["tokens"][~b["valid"]] == 0).all() and (b["doc"][b["valid"]] == 0).all()
-    np.testing.assert_array_equal(b["loss_mask"].sum(1), [2, 6, 5])   # truncated doc: its 7th token is the last label
+    np.testing.assert_array_equal(b["loss_mask"].sum(1), [2, 6, 5])  # truncated doc: its 7th token is the last label
     assert b["labels"][1, 5] == 2006 and not b["loss_mask"][2, 5]
     assert (b["labels"][b["loss_mask"]] == b["tokens"][b["loss_mask"]] + 1).all()
     assert (b["labels"][~b["loss_mask"]] == 0).all()
@@ -182,8 +195,8 @@ def test_determinism_and_resume_across_epochs():
     for x, y in zip(first, [next(b) for _ in range(5)]):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
-    state = json.loads(json.dumps(a.state()))          # survives a checkpoint round trip
-    expected = [next(a) for _ in range(2 * a.steps_per_epoch)]   # crosses epoch boundaries
+    state = json.loads(json.dumps(a.state()))  # survives a checkpoint round trip
+    expected = [next(a) for _ in range(2 * a.steps_per_epoch)]  # crosses epoch boundaries
     c = make()
     c.restore(state)
     for x, y in zip(expected, [next(c) for _ in range(len(expected))]):
@@ -194,7 +207,7 @@ def test_determinism_and_resume_across_epochs():
     assert any((x["tokens"] != next(other)["tokens"]).any() for x in first)
     e0 = np.concatenate([a.batch(s)["tokens"] for s in range(a.steps_per_epoch)])
     e1 = np.concatenate([a.batch(s + a.steps_per_epoch)["tokens"] for s in range(a.steps_per_epoch)])
-    assert (e0 != e1).any()                            # each epoch reshuffles
+    assert (e0 != e1).any()  # each epoch reshuffles
 
 
 def test_eval_pass_covers_every_document_once():
@@ -224,6 +237,7 @@ def test_too_small_for_one_batch():
 
 # ----------------------------------------------------------------------------- SFT and sources
 
+
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -231,11 +245,19 @@ def _write_jsonl(path, rows):
 
 @pytest.mark.parametrize("mode", ["ep", "ac"])
 def test_sft_prompt_tokens_are_not_targets(ac_tok, tmp_path, mode):
-    rows = [{"instruction": "Say yes.", "input": "", "output": "Yes! The cat sat."},
-            {"instruction": "Count.", "input": "1, 2", "output": "3"},
-            {"instruction": "Nothing.", "input": "", "output": ""}]
-    cfg = data.DataConfig(path=_write_jsonl(tmp_path / "sft.jsonl", rows), format="alpaca", seq_len=256, batch_size=2,
-                          shuffle=False, add_bos=True)
+    rows = [
+        {"instruction": "Say yes.", "input": "", "output": "Yes! The cat sat."},
+        {"instruction": "Count.", "input": "1, 2", "output": "3"},
+        {"instruction": "Nothing.", "input": "", "output": ""},
+    ]
+    cfg = data.DataConfig(
+        path=_write_jsonl(tmp_path / "sft.jsonl", rows),
+        format="alpaca",
+        seq_len=256,
+        batch_size=2,
+        shuffle=False,
+        add_bos=True,
+    )
     scheme = anchors.make_scheme(ac_tok, mode, add_bos=True)
     it = data.make_batches(cfg, ac_tok, scheme)
     assert it.corpus.stats.skipped == 1
@@ -261,7 +283,9 @@ def test_local_files_and_text_field(tiny_tokenizer, tmp_path):
     cfg = data.DataConfig(path=path, text_field="body")
     assert len(data.load_corpus(cfg)) == 3
     with pytest.raises(ValueError, match=r"needs column\(s\) \['text'\]; the dataset has \['body'\]"):
-        data.tokenize_corpus(data.load_corpus(data.DataConfig(path=path)), tiny_tokenizer, anchors.make_scheme(tiny_tokenizer, "ep"))
+        data.tokenize_corpus(
+            data.load_corpus(data.DataConfig(path=path)), tiny_tokenizer, anchors.make_scheme(tiny_tokenizer, "ep")
+        )
     assert data.load_corpus(data.DataConfig(path=str(tmp_path / "*.txt")))["text"] == ["A dog. A cat.\n"]
     with pytest.raises(ValueError, match="files of one kind"):
         data.load_corpus(data.DataConfig(path=str(tmp_path)))
@@ -270,11 +294,14 @@ def test_local_files_and_text_field(tiny_tokenizer, tmp_path):
     assert len(data.load_corpus(cfg, "train[:2]")) == 2
 
 
-@pytest.mark.parametrize("path, message", [
-    ("/nonexistent/corpus.jsonl", "no such file or directory"),
-    ("./missing_dir", "no such file or directory"),
-    ("/nonexistent/*.jsonl", "no files match"),
-])
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("/nonexistent/corpus.jsonl", "no such file or directory"),
+        ("./missing_dir", "no such file or directory"),
+        ("/nonexistent/*.jsonl", "no files match"),
+    ],
+)
 def test_missing_path(path, message):
     with pytest.raises(ValueError, match=message):
         data.load_corpus(data.DataConfig(path=path))
@@ -282,10 +309,20 @@ def test_missing_path(path, message):
 
 def test_shards_partition_the_documents(tiny_tokenizer, tmp_path):
     texts = [f"Doc {i} says {'yes' if i % 2 else 'no'}." for i in range(10)]
-    cfg = data.DataConfig(path=_write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts]), seq_len=16, batch_size=3)
+    cfg = data.DataConfig(
+        path=_write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts]), seq_len=16, batch_size=3
+    )
     seen = []
     for shard in range(3):
-        it = data.make_batches(cfg, tiny_tokenizer, anchors.make_scheme(tiny_tokenizer, "ep"), train=False, split="train", shard_index=shard, num_shards=3)
+        it = data.make_batches(
+            cfg,
+            tiny_tokenizer,
+            anchors.make_scheme(tiny_tokenizer, "ep"),
+            train=False,
+            split="train",
+            shard_index=shard,
+            num_shards=3,
+        )
         seen += [tiny_tokenizer.decode(b["tokens"][0][b["valid"][0]], skip_special_tokens=True) for b in it]
     assert sorted(seen) == sorted(texts)
 
@@ -296,14 +333,14 @@ def test_embedded_corpus_splits():
     assert len(train) >= 100 and 10 <= len(val) < len(train) / 5
     assert all(t.strip() for t in train + val) and list(data.embedded_corpus("validation")["text"]) == val
     paragraphs = lambda docs: {p for d in docs for p in d.split("\n\n") if len(p) > 80}
-    assert not paragraphs(train) & paragraphs(val)     # held out: no shared paragraph
+    assert not paragraphs(train) & paragraphs(val)  # held out: no shared paragraph
     assert sum(len(t.split()) for t in train + val) > 40_000
     with pytest.raises(ValueError, match="splits train and validation"):
         data.embedded_corpus("test")
 
 
 def test_real_tokenizer_anchors():
-    gguf_import = pytest.importorskip("anjax.gguf_import")
+    gguf_import = pytest.importorskip("anjax.io.gguf_import")
     path = gguf_import.default_model_path()
     if not path or not os.path.exists(path):
         pytest.skip("embedded GGUF model absent")

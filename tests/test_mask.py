@@ -1,12 +1,13 @@
 """The AnSAN predicate against a brute-force reading of the paper, and its effect inside attention."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anjax.config import tiny_config
-from anjax.mask import attention_allowed, token_metadata
-from anjax.model import Llama, dot_attention, init_params
+from anjax.core.config import tiny_config
+from anjax.core.mask import attention_allowed, token_metadata
+from anjax.core.model import Llama, dot_attention, init_params
 
 ANCHOR = 7  # the anchor token id in these tests
 
@@ -45,8 +46,11 @@ def brute_force_mask(ids, valid, doc, full, protected=None, sink=0):
                 else:
                     earlier_anchors = [s[-1] for s in sentences[:si] if ids[s[-1]] == ANCHOR]
                     visible = earlier_anchors + [k for k in sentence if k <= q]
-                visible += [k for i, k in enumerate(members)
-                            if k <= q and ((protected is not None and protected[k]) or i < sink)]
+                visible += [
+                    k
+                    for i, k in enumerate(members)
+                    if k <= q and ((protected is not None and protected[k]) or i < sink)
+                ]
                 allowed[q, visible] = True
     return allowed
 
@@ -66,7 +70,7 @@ def random_row(rng, T):
     if rng.random() < 0.5:
         valid[:pad] = False  # left padding
     else:
-        valid[T - pad:] = False  # right padding
+        valid[T - pad :] = False  # right padding
     return ids, valid, doc
 
 
@@ -96,8 +100,14 @@ def test_protected_tokens_and_sinks_match_brute_force():
             ids, valid, doc = (np.stack(x) for x in zip(*rows))
             protected = rng.random(ids.shape) < rng.uniform(0, 0.4)
             sink = int(rng.integers(0, 4))
-            meta = token_metadata(jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(doc), anchor_ids=(ANCHOR,),
-                                  protected_BxT=jnp.asarray(protected), sink_tokens=sink)
+            meta = token_metadata(
+                jnp.asarray(ids),
+                jnp.asarray(valid),
+                jnp.asarray(doc),
+                anchor_ids=(ANCHOR,),
+                protected_BxT=jnp.asarray(protected),
+                sink_tokens=sink,
+            )
             got = np.asarray(attention_allowed(meta, meta, False))
             for b in range(2):
                 want = brute_force_mask(ids[b], valid[b], doc[b], False, protected[b], sink)

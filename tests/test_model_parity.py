@@ -1,4 +1,5 @@
 """Golden tests against transformers' LlamaForCausalLM (torch, CPU, fp32): layer, logits, round trip."""
+
 import json
 
 import flax.linen as nn
@@ -10,22 +11,34 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from anjax import hf
-from anjax.mask import token_metadata
-from anjax.model import Llama, RMSNorm
+from anjax.core.mask import token_metadata
+from anjax.core.model import Llama, RMSNorm
+from anjax.io import hf
 
 CASES = {
     "gqa_tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     "mha_untied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
-    "rope_linear": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
-                        rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_theta=500.0),
+    "rope_linear": dict(
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+        rope_scaling={"rope_type": "linear", "factor": 4.0},
+        rope_theta=500.0,
+    ),
 }
 
 
 def make_hf_model(tmp_path, **kw):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   max_position_embeddings=512, rms_norm_eps=1e-5, **kw)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        **kw,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # random norms so that a missing norm scale would show
         for name, p in model.named_parameters():
@@ -69,7 +82,6 @@ def test_first_layer_matches_transformers(tmp_path):
     captured = {}
     jids = jnp.asarray(ids)
     meta = token_metadata(jids, jnp.ones_like(jids, bool))
-
 
     def interceptor(next_fun, args, kwargs, context):
         if isinstance(context.module, RMSNorm) and context.module.name == "final_norm":

@@ -1,14 +1,15 @@
 """The block-sparse attention equals the dense predicate's softmax: outputs, gradients, model logits."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anjax import sparse_attention as sa
-from anjax.config import tiny_config
-from anjax.mask import attention_allowed, token_metadata
-from anjax.model import Llama, blocked_attention, dot_attention, init_params
-from anjax.trainer import loss_sums
+from anjax.core import sparse_attention as sa
+from anjax.core.config import tiny_config
+from anjax.core.mask import attention_allowed, token_metadata
+from anjax.core.model import Llama, blocked_attention, dot_attention, init_params
+from anjax.train.trainer import loss_sums
 
 ANCHOR = 7
 B, H, K, D = 3, 4, 2, 16
@@ -45,16 +46,30 @@ def rows(kind: str, T: int, seed: int):
 
 def setup(kind: str, T: int, seed: int = 0):
     ids, valid, doc, prot, sink = rows(kind, T, seed)
-    meta = token_metadata(jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(doc), anchor_ids=(ANCHOR,),
-                          protected_BxT=jnp.asarray(prot), sink_tokens=sink)
+    meta = token_metadata(
+        jnp.asarray(ids),
+        jnp.asarray(valid),
+        jnp.asarray(doc),
+        anchor_ids=(ANCHOR,),
+        protected_BxT=jnp.asarray(prot),
+        sink_tokens=sink,
+    )
     rng = np.random.default_rng(seed + 1)
     q = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((B, T, K, D)), jnp.float32) for _ in range(2))
     return meta, q, k, v
 
 
-KINDS = ["random", "anchor_first_last", "consecutive", "no_anchor", "long_sentence", "documents", "padding",
-         "protected_sinks"]
+KINDS = [
+    "random",
+    "anchor_first_last",
+    "consecutive",
+    "no_anchor",
+    "long_sentence",
+    "documents",
+    "padding",
+    "protected_sinks",
+]
 
 
 WEIGHT_D = jnp.cos(jnp.arange(D, dtype=jnp.float32))
@@ -74,10 +89,13 @@ def loss(attend, q, k, v, meta, full):
 
 
 # jitted once per `full`: every layout has the same shapes
-_outputs = jax.jit(lambda q, k, v, meta, full: (dense(q, k, v, meta, full), sparse(q, k, v, meta, full)),
-                   static_argnums=4)
-_grads = jax.jit(lambda q, k, v, meta, full: [jax.grad(loss, argnums=(1, 2, 3))(f, q, k, v, meta, full)
-                                              for f in (dense, sparse)], static_argnums=4)
+_outputs = jax.jit(
+    lambda q, k, v, meta, full: (dense(q, k, v, meta, full), sparse(q, k, v, meta, full)), static_argnums=4
+)
+_grads = jax.jit(
+    lambda q, k, v, meta, full: [jax.grad(loss, argnums=(1, 2, 3))(f, q, k, v, meta, full) for f in (dense, sparse)],
+    static_argnums=4,
+)
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -126,8 +144,13 @@ def test_chunk_with_cache_block_equals_blocked_attention(full):
     rng = np.random.default_rng(6)
     ck, cv = (jnp.asarray(rng.standard_normal((B, K, C, D)), jnp.float32) for _ in range(2))
     cache_allowed = jnp.asarray(rng.random((B, T, C)) < 0.5)
-    want = blocked_attention(q, [(ck, cv, cache_allowed), (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-                                                           attention_allowed(meta, meta, full))])
+    want = blocked_attention(
+        q,
+        [
+            (ck, cv, cache_allowed),
+            (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), attention_allowed(meta, meta, full)),
+        ],
+    )
     got = jax.jit(lambda q: sa.sparse_attention(q, k, v, meta, full, (ck, cv, cache_allowed), tile=8))(q)
     assert np.abs(np.asarray(got - want)).max() <= 1e-5
 
@@ -146,14 +169,20 @@ def test_model_logits_and_loss_gradients_sparse_equal_dense(full, monkeypatch):
     cfg = tiny_config(anchor_mode="ep", anchor_tokens=(".",), anchor_ids=(ANCHOR,))
     params = init_params(cfg, jax.random.key(0))
     ids, valid, doc, _, _ = rows("documents", 45, seed=3)
-    batch = {"tokens": jnp.asarray(ids, jnp.int32), "valid": jnp.asarray(valid), "doc": jnp.asarray(doc),
-             "labels": jnp.asarray(np.roll(ids, -1, 1), jnp.int32), "loss_mask": jnp.asarray(valid)}
+    batch = {
+        "tokens": jnp.asarray(ids, jnp.int32),
+        "valid": jnp.asarray(valid),
+        "doc": jnp.asarray(doc),
+        "labels": jnp.asarray(np.roll(ids, -1, 1), jnp.int32),
+        "loss_mask": jnp.asarray(valid),
+    }
     meta = token_metadata(batch["tokens"], batch["valid"], batch["doc"], anchor_ids=cfg.anchor_ids)
     logits, grads = {}, {}
     for attention in ("dense", "sparse"):
         c = cfg.replace(attention=attention)
-        logits[attention] = np.asarray(Llama(c).apply({"params": params}, batch["tokens"], meta,
-                                                      full_attention=full)[0])
+        logits[attention] = np.asarray(
+            Llama(c).apply({"params": params}, batch["tokens"], meta, full_attention=full)[0]
+        )
         grads[attention] = jax.grad(lambda p, c=c: loss_sums(c, p, batch, full)[0])(params)
     np.testing.assert_allclose(logits["sparse"][valid], logits["dense"][valid], atol=1e-4)
     for g, w in zip(jax.tree.leaves(grads["sparse"]), jax.tree.leaves(grads["dense"])):

@@ -1,10 +1,11 @@
-"""Bootstrap intervals (anjax/stats.py) against closed forms, seeds and simulated coverage."""
+"""Bootstrap intervals (anjax/eval/stats.py) against closed forms, seeds and simulated coverage."""
+
 import math
 
 import numpy as np
 import pytest
 
-from anjax import stats
+from anjax.eval import stats
 
 Z95 = 1.959963984540054
 
@@ -30,7 +31,7 @@ def test_same_seed_same_interval_other_seed_other_interval():
     x = (np.random.default_rng(0).random(200) < 0.6).astype(float)
     assert stats.mean_ci(x, seed=7) == stats.mean_ci(x, seed=7)
     assert stats.task_average_ci([x, x[:50]], seed=7) == stats.task_average_ci([x, x[:50]], seed=7)
-    y = np.random.default_rng(0).normal(size=200)   # continuous: quantiles do not sit on a 1/n grid
+    y = np.random.default_rng(0).normal(size=200)  # continuous: quantiles do not sit on a 1/n grid
     assert stats.mean_ci(y, seed=7) != stats.mean_ci(y, seed=8)
 
 
@@ -93,16 +94,19 @@ def test_ratio_of_sums_ci():
     assert (same.low, same.high) == pytest.approx((mean.low, mean.high), abs=1e-12)
 
 
-@pytest.mark.parametrize("call, fragment", [
-    (lambda: stats.mean_ci([]), "non-empty"),
-    (lambda: stats.mean_ci([[1.0, 0.0]]), "1-d"),
-    (lambda: stats.mean_ci([1.0, float("nan")]), "non-finite"),
-    (lambda: stats.paired_difference_ci([1, 0], [1, 0, 1]), "differ in length"),
-    (lambda: stats.task_average_ci([]), "at least one task"),
-    (lambda: stats.ratio_of_sums_ci([1.0], [0.0]), "den must be > 0"),
-    (lambda: stats.mean_ci([1.0], samples=0), "samples"),
-    (lambda: stats.mean_ci([1.0], level=1.0), "level"),
-])
+@pytest.mark.parametrize(
+    "call, fragment",
+    [
+        (lambda: stats.mean_ci([]), "non-empty"),
+        (lambda: stats.mean_ci([[1.0, 0.0]]), "1-d"),
+        (lambda: stats.mean_ci([1.0, float("nan")]), "non-finite"),
+        (lambda: stats.paired_difference_ci([1, 0], [1, 0, 1]), "differ in length"),
+        (lambda: stats.task_average_ci([]), "at least one task"),
+        (lambda: stats.ratio_of_sums_ci([1.0], [0.0]), "den must be > 0"),
+        (lambda: stats.mean_ci([1.0], samples=0), "samples"),
+        (lambda: stats.mean_ci([1.0], level=1.0), "level"),
+    ],
+)
 def test_bad_input(call, fragment):
     with pytest.raises(ValueError, match=fragment):
         call()
@@ -112,15 +116,23 @@ def test_bad_input(call, fragment):
 
 
 def test_report_intervals_pair_anchor_with_full():
-    """anjax.intervals on a hand-made report: per-task intervals, the task average and the paired
+    """anjax.eval.intervals on a hand-made report: per-task intervals, the task average and the paired
     difference are the `stats` calls on the stored per-document results; acc_norm only where reported."""
-    from anjax import intervals
+    from anjax.eval import intervals
+
     full = {"a": [1, 0, 1, 1, 0, 1], "b": [0, 1, 1, 0]}
     anchor = {"a": [1, 0, 0, 1, 0, 1], "b": [0, 0, 1, 0]}
-    row = lambda x, norm: {"n": len(x), "acc": np.mean(x), "acc_per_doc": x,
-                           **({"acc_norm": np.mean(x), "acc_norm_per_doc": x} if norm else {})}
-    report = {"anchor_mode": "ep", "caches": ["full", "anchor"],
-              "tasks": {t: {"full": row(full[t], t == "a"), "anchor": row(anchor[t], t == "a")} for t in full}}
+    row = lambda x, norm: {
+        "n": len(x),
+        "acc": np.mean(x),
+        "acc_per_doc": x,
+        **({"acc_norm": np.mean(x), "acc_norm_per_doc": x} if norm else {}),
+    }
+    report = {
+        "anchor_mode": "ep",
+        "caches": ["full", "anchor"],
+        "tasks": {t: {"full": row(full[t], t == "a"), "anchor": row(anchor[t], t == "a")} for t in full},
+    }
     intervals.add_accuracy_intervals(report, samples=500, seed=3)
     kw = dict(samples=500, seed=3)
     assert report["tasks"]["a"]["anchor"]["acc_ci"] == stats.mean_ci(anchor["a"], **kw).as_list()
@@ -137,6 +149,9 @@ def test_report_intervals_pair_anchor_with_full():
     assert "| task | docs | full | anchor (ep) | anchor − full |" in table
     assert "| b | 4 | 50.0 [" in table and "| average (2 tasks) | 10 |" in table and "| average (1 task) | 6 |" in table
     assert "−25.0 [" in table
-    only_anchor = {**report, "caches": ["anchor"],
-                   "tasks": {t: {"anchor": dict(r["anchor"])} for t, r in report["tasks"].items()}}
+    only_anchor = {
+        **report,
+        "caches": ["anchor"],
+        "tasks": {t: {"anchor": dict(r["anchor"])} for t, r in report["tasks"].items()},
+    }
     assert intervals.add_accuracy_intervals(only_anchor, samples=10)["differences"] == {}

@@ -1,4 +1,4 @@
-"""Benchmark formatting and scoring (anjax/tasks.py).
+"""Benchmark formatting and scoring (anjax/eval/tasks.py).
 
 Expected strings are written by hand from the lm-evaluation-harness YAMLs
 (lm_eval/tasks/{arc,openbookqa,piqa,hellaswag,sciq,winogrande,super_glue/boolq})
@@ -6,14 +6,16 @@ applied to the real documents in tests/data/tasks/, not produced by the code.
 Tests marked `real_data` also run on the full copies when
 scripts/fetch_eval_data.sh has been run, and are skipped otherwise.
 """
+
 import json
 import math
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from anjax import tasks
+from anjax.eval import tasks
 
 SLICES = Path(__file__).parent / "data" / "tasks"
 HAVE_REAL = (tasks.DEFAULT_DATA_DIR / "hf_datasets").is_dir()
@@ -41,7 +43,7 @@ def test_arc_easy_format():
     assert item.continuations == (" sunlight", " vibrations", " x-rays", " pitch")
     assert item.gold == 1
     assert item.pairs() == [("Question: What causes sound?\nAnswer:", c) for c in item.continuations]
-    five = one("arc_easy", 500)          # a 5-choice question, answer B
+    five = one("arc_easy", 500)  # a 5-choice question, answer B
     assert five.continuations == (" nitrogen", " oxygen", " carbon dioxide", " hydrogen", " water vapor")
     assert five.gold == 1
 
@@ -49,8 +51,9 @@ def test_arc_easy_format():
 def test_arc_numeric_answer_key():
     # validation doc whose labels are "1".."4" and answerKey "1"
     item = one("arc_easy", 8, pool=True)
-    assert item.context == ("Question: A green plant absorbs light. A frog eats flies. "
-                            "These are both examples of how organisms\nAnswer:")
+    assert item.context == (
+        "Question: A green plant absorbs light. A frog eats flies. These are both examples of how organisms\nAnswer:"
+    )
     assert item.gold == 0 and item.continuations[0] == " obtain energy"
 
 
@@ -77,32 +80,42 @@ def test_piqa_format_keeps_trailing_spaces():
 
 
 def test_hellaswag_format():
-    item = one("hellaswag", 3)            # ctx_b "the boy" is capitalized
+    item = one("hellaswag", 3)  # ctx_b "the boy" is capitalized
     assert item.context == "High jump: A boy is running down a track. The boy"
-    assert item.continuations == (" runs into a car.", " gets in a mat.",
-                                  " lifts his body above the height of a pole.",
-                                  " stands on his hands and springs.")
+    assert item.continuations == (
+        " runs into a car.",
+        " gets in a mat.",
+        " lifts his body above the height of a pole.",
+        " stands on his hands and springs.",
+    )
     assert item.gold == 2
 
 
 def test_hellaswag_wikihow_preprocessing():
     # " [title]" -> ". ", other [tags] removed, "  " -> " " once (the harness keeps "..").
     item = one("hellaswag", 3469)
-    assert item.context == ("Food and Entertaining: How to make turkey stuffing. Preheat the oven. "
-                            "Set it to 275ºf (135ºc).. Cube the bread.")
-    assert item.continuations[0] == ("  Thinly slice two to three large cloves of garlic, then place them "
-                                     "in a wok over medium-high heat.. Add in the fresh vegetables "
-                                     "(pesto or marinara).")
-    assert item.continuations[1] == ("  Cut the bread into cubes roughly ¾ inches (1.9 centimeters) wide. "
-                                     "If using unsliced bread, slice lengthwise down the loaf first, "
-                                     "then cut through the stacked slices.")
+    assert item.context == (
+        "Food and Entertaining: How to make turkey stuffing. Preheat the oven. "
+        "Set it to 275ºf (135ºc).. Cube the bread."
+    )
+    assert item.continuations[0] == (
+        "  Thinly slice two to three large cloves of garlic, then place them "
+        "in a wok over medium-high heat.. Add in the fresh vegetables "
+        "(pesto or marinara)."
+    )
+    assert item.continuations[1] == (
+        "  Cut the bread into cubes roughly ¾ inches (1.9 centimeters) wide. "
+        "If using unsliced bread, slice lengthwise down the loaf first, "
+        "then cut through the stacked slices."
+    )
     assert item.gold == 1
 
 
 def test_sciq_format():
     item = one("sciq", 699)
-    assert item.context == ("Kinetic energy is the energy of motion.\n"
-                            "Question: Kinetic energy is the energy of what?\nAnswer:")
+    assert item.context == (
+        "Kinetic energy is the energy of motion.\nQuestion: Kinetic energy is the energy of what?\nAnswer:"
+    )
     assert item.continuations == (" heat", " light", " wind", " motion")
     assert item.gold == 3
     # an empty support still leaves its newline, as in the harness template
@@ -111,16 +124,20 @@ def test_sciq_format():
 
 def test_boolq_format_superglue_passage():
     item = one("boolq", 2644)
-    assert item.context == ("The Punisher (season 2) -- The season is set for release in 2019.\n"
-                            "Question: are they going to make a punisher season 2?\nAnswer:")
+    assert item.context == (
+        "The Punisher (season 2) -- The season is set for release in 2019.\n"
+        "Question: are they going to make a punisher season 2?\nAnswer:"
+    )
     assert item.continuations == (" no", " yes")
     assert item.gold == 1
 
 
 def test_winogrande_partial_evaluation():
     item = one("winogrande", 81)
-    assert item.contexts == ["God liked to control the day and the night, but the day",
-                             "God liked to control the day and the night, but the night"]
+    assert item.contexts == [
+        "God liked to control the day and the night, but the day",
+        "God liked to control the day and the night, but the night",
+    ]
     assert item.context == "God liked to control the day and the night, but the "
     assert item.continuations == (" was too bright.", " was too bright.")
     assert item.gold == 0
@@ -132,9 +149,11 @@ def test_winogrande_partial_evaluation():
 def test_arc_one_shot_context():
     pool = [doc("arc_easy", 8, pool=True)]
     (item,) = tasks.build_requests("arc_easy", [doc("arc_easy", 29)], shots=1, pool=pool)
-    assert item.context == ("Question: A green plant absorbs light. A frog eats flies. These are both "
-                            "examples of how organisms\nAnswer: obtain energy\n\n"
-                            "Question: What causes sound?\nAnswer:")
+    assert item.context == (
+        "Question: A green plant absorbs light. A frog eats flies. These are both "
+        "examples of how organisms\nAnswer: obtain energy\n\n"
+        "Question: What causes sound?\nAnswer:"
+    )
 
 
 def test_obqa_one_shot_context():
@@ -149,10 +168,14 @@ def test_winogrande_one_shot_and_ac_suffix():
     (item,) = tasks.build_requests("winogrande", [d81], shots=1, pool=[d81, d95])
     demo = "The arrow stuck to the bark but not the stone because the stone was hard."
     assert item.demos == (demo,)
-    assert item.contexts == [demo + "\n\nGod liked to control the day and the night, but the day",
-                             demo + "\n\nGod liked to control the day and the night, but the night"]
+    assert item.contexts == [
+        demo + "\n\nGod liked to control the day and the night, but the day",
+        demo + "\n\nGod liked to control the day and the night, but the night",
+    ]
     assert item.pairs(demo_suffix="<AC>")[1] == (
-        demo + "<AC>\n\nGod liked to control the day and the night, but the night", " was too bright.")
+        demo + "<AC>\n\nGod liked to control the day and the night, but the night",
+        " was too bright.",
+    )
 
 
 def test_boolq_one_shot_context():
@@ -162,7 +185,8 @@ def test_boolq_one_shot_context():
         "Skunks as pets -- It is currently legal to keep skunks as pets in Britain without a license.\n"
         "Question: can you own a skunk in the uk?\nAnswer: yes\n\n"
         "The Punisher (season 2) -- The season is set for release in 2019.\n"
-        "Question: are they going to make a punisher season 2?\nAnswer:")
+        "Question: are they going to make a punisher season 2?\nAnswer:"
+    )
 
 
 # ----------------------------------------------------------------- few-shot sampling
@@ -171,7 +195,7 @@ def test_boolq_one_shot_context():
 @pytest.mark.parametrize("name", list(tasks.TASKS))
 def test_fewshot_deterministic_and_never_self(name):
     docs = tasks.load_task(name, SLICES)
-    a = tasks.build_requests(name, docs, shots=5, seed=1234)   # pool: the same slice dir
+    a = tasks.build_requests(name, docs, shots=5, seed=1234)  # pool: the same slice dir
     b = tasks.build_requests(name, docs, shots=5, seed=1234)
     assert a == b
     for item in a:
@@ -202,13 +226,22 @@ def test_fewshot_never_self_real(name):
 
 @real_data
 def test_real_split_sizes():
-    sizes = {"obqa": 500, "winogrande": 1267, "arc_easy": 2376, "arc_challenge": 1172,
-             "piqa": 1838, "hellaswag": 10042, "sciq": 1000, "boolq": 3270}
+    sizes = {
+        "obqa": 500,
+        "winogrande": 1267,
+        "arc_easy": 2376,
+        "arc_challenge": 1172,
+        "piqa": 1838,
+        "hellaswag": 10042,
+        "sciq": 1000,
+        "boolq": 3270,
+    }
     assert {n: len(tasks.load_task(n)) for n in tasks.TASKS} == sizes
     assert len(tasks.lambada_texts()) == 5153
     first = tasks.build_requests("arc_easy", tasks.load_task("arc_easy", limit=1))[0]
-    assert first.context == ("Question: Which statement best explains why photosynthesis is the "
-                             "foundation of most food webs?\nAnswer:")
+    assert first.context == (
+        "Question: Which statement best explains why photosynthesis is the foundation of most food webs?\nAnswer:"
+    )
     assert first.gold == 0
 
 
@@ -218,14 +251,21 @@ def test_real_split_sizes():
 def fake_loglik(table):
     def fn(pairs):
         return [table[cont] for _, cont in pairs]
+
     return fn
 
 
 def test_score_acc_and_acc_norm_by_hand():
     items = tasks.build_requests("arc_easy", [doc("arc_easy", 29), doc("arc_easy", 913)])
     table = {  # doc 29, gold " vibrations" (1); doc 913, gold " kg/m^3" (3)
-        " sunlight": -8.0, " vibrations": -9.0, " x-rays": -7.0, " pitch": -6.0,
-        " lb": -4.0, " kg": -4.0, " lb/ft^3": -3.0, " kg/m^3": -2.9,
+        " sunlight": -8.0,
+        " vibrations": -9.0,
+        " x-rays": -7.0,
+        " pitch": -6.0,
+        " lb": -4.0,
+        " kg": -4.0,
+        " lb/ft^3": -3.0,
+        " kg/m^3": -2.9,
     }
     # doc 29: acc -> pitch (wrong); per char -1, -0.9, -1.17, -1.2 -> vibrations (right)
     # doc 913: acc -> kg/m^3 (right); per char -2, -2, -0.43, -0.48 -> lb/ft^3 (wrong)
@@ -247,7 +287,7 @@ def test_acc_norm_divides_by_choice_length_without_delimiter():
 def test_score_ties_take_first_and_winogrande_reports_acc_only():
     items = [one("winogrande", 81), one("winogrande", 95)]
     out = tasks.score_items(lambda pairs: [0.0] * len(pairs), items)
-    assert out["preds"] == [0, 0] and out["acc"] == 0.5      # golds are 0 and 1
+    assert out["preds"] == [0, 0] and out["acc"] == 0.5  # golds are 0 and 1
     assert "acc_norm" not in out
     assert "acc_norm" not in tasks.score_items(lambda p: [0.0] * len(p), [one("boolq", 2644)])
 
@@ -282,12 +322,12 @@ def test_missing_data_dir_says_how_to_fetch(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="fetch_eval_data.sh"):
         tasks.load_task("piqa", tmp_path / "absent")
     with pytest.raises(ValueError, match="fetch_eval_data.sh"):
-        tasks.load_task("piqa", tmp_path)                  # exists but empty
+        tasks.load_task("piqa", tmp_path)  # exists but empty
     monkeypatch.setenv("ANJAX_EVAL_DATA", str(tmp_path / "absent"))
     with pytest.raises(ValueError, match="fetch_eval_data.sh"):
         tasks.load_task("piqa")
     monkeypatch.delenv("ANJAX_EVAL_DATA")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")               # default dir missing, hub off
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # default dir missing, hub off
     monkeypatch.setattr(tasks, "DEFAULT_DATA_DIR", tmp_path / "absent")
     with pytest.raises(ValueError, match="fetch_eval_data.sh"):
         tasks.lambada_texts()
@@ -303,7 +343,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="task 'piqa'"):
         tasks.build_requests("boolq", piqa)
     with pytest.raises(ValueError, match="pool docs"):
-        tasks.build_requests("piqa", piqa, shots=2, pool=piqa[:2])   # needs shots + 1
+        tasks.build_requests("piqa", piqa, shots=2, pool=piqa[:2])  # needs shots + 1
     items = tasks.build_requests("piqa", piqa)
     with pytest.raises(ValueError, match="at least one"):
         tasks.score_items(lambda p: [], [])
@@ -331,12 +371,12 @@ USER_DOCS = [
 
 
 def test_user_task_is_formatted_like_a_builtin_task(tmp_path):
-    path = user_file(tmp_path, USER_DOCS[:1] + [""] + USER_DOCS[1:])   # a blank line is skipped
+    path = user_file(tmp_path, USER_DOCS[:1] + [""] + USER_DOCS[1:])  # a blank line is skipped
     docs = tasks.load_task(path)
     assert [d.index for d in docs] == [0, 1, 2] and docs[0].fields["id"] == "q1"
     assert [d.index for d in tasks.load_task(path, limit=2)] == [0, 1]
     (item, *_) = tasks.build_requests(path, docs)
-    builtin = one("arc_easy", 29)   # the same question as ARC-Easy formats it
+    builtin = one("arc_easy", 29)  # the same question as ARC-Easy formats it
     assert item.pairs() == builtin.pairs()[:2] and item.gold == 1 and item.choices == ("sunlight", "vibrations")
     out = tasks.score_items(lambda pairs: [-len(c) for _, c in pairs], tasks.build_requests(path, docs))
     assert out["preds"] == [0, 0, 0] and out["acc_per_doc"] == [0, 1, 1] and "acc_norm" in out
@@ -351,22 +391,25 @@ def test_user_task_demonstrations_come_from_its_file(tmp_path):
     assert "The sky is blue" in items[0].context and "Two plus two is four" in items[0].context
 
 
-@pytest.mark.parametrize("lines, fragment", [
-    ([USER_DOCS[0], "{not json"], ":2: not valid JSON"),
-    ([USER_DOCS[0], "[1, 2]"], ":2: expected a JSON object"),
-    ([{"context": "a", "choices": ["x", "y"]}], ":1: missing field 'gold'"),
-    ([{"context": "a", "choices": ["x", "y"], "gold": 0, "answer": 1}], ":1: unknown field 'answer'"),
-    ([{"context": 3, "choices": ["x", "y"], "gold": 0}], ":1: 'context' must be a string"),
-    ([{"context": "a", "choices": ["x"], "gold": 0}], ":1: 'choices' must be a list of at least 2"),
-    ([{"context": "a", "choices": "xy", "gold": 0}], ":1: 'choices' must be a list"),
-    ([{"context": "a", "choices": ["x", ""], "gold": 0}], ":1: every choice must be a non-empty string"),
-    ([{"context": "a", "choices": ["x", "y"], "gold": 2}], ":1: 'gold' must be an int index into choices (0..1)"),
-    ([{"context": "a", "choices": ["x", "y"], "gold": True}], ":1: 'gold' must be an int"),
-    ([{"context": "a", "choices": ["x", "y"], "gold": "0"}], ":1: 'gold' must be an int"),
-    ([{"context": "a", "choices": ["x", "y"], "gold": 0, "id": [1]}], ":1: 'id' must be a string or an int"),
-    ([USER_DOCS[0], USER_DOCS[1], USER_DOCS[0]], ":3: duplicate id 'q1' (first on line 1)"),
-    (["", " "], "holds no documents"),
-])
+@pytest.mark.parametrize(
+    "lines, fragment",
+    [
+        ([USER_DOCS[0], "{not json"], ":2: not valid JSON"),
+        ([USER_DOCS[0], "[1, 2]"], ":2: expected a JSON object"),
+        ([{"context": "a", "choices": ["x", "y"]}], ":1: missing field 'gold'"),
+        ([{"context": "a", "choices": ["x", "y"], "gold": 0, "answer": 1}], ":1: unknown field 'answer'"),
+        ([{"context": 3, "choices": ["x", "y"], "gold": 0}], ":1: 'context' must be a string"),
+        ([{"context": "a", "choices": ["x"], "gold": 0}], ":1: 'choices' must be a list of at least 2"),
+        ([{"context": "a", "choices": "xy", "gold": 0}], ":1: 'choices' must be a list"),
+        ([{"context": "a", "choices": ["x", ""], "gold": 0}], ":1: every choice must be a non-empty string"),
+        ([{"context": "a", "choices": ["x", "y"], "gold": 2}], ":1: 'gold' must be an int index into choices (0..1)"),
+        ([{"context": "a", "choices": ["x", "y"], "gold": True}], ":1: 'gold' must be an int"),
+        ([{"context": "a", "choices": ["x", "y"], "gold": "0"}], ":1: 'gold' must be an int"),
+        ([{"context": "a", "choices": ["x", "y"], "gold": 0, "id": [1]}], ":1: 'id' must be a string or an int"),
+        ([USER_DOCS[0], USER_DOCS[1], USER_DOCS[0]], ":3: duplicate id 'q1' (first on line 1)"),
+        (["", " "], "holds no documents"),
+    ],
+)
 def test_user_task_bad_lines(tmp_path, lines, fragment):
     path = user_file(tmp_path, lines)
     with pytest.raises(ValueError) as e:
@@ -392,9 +435,14 @@ def test_user_task_file_edits_are_seen(tmp_path):
 
 
 @settings(max_examples=40, deadline=None)
-@given(docs=st.lists(st.fixed_dictionaries(
-    {"context": st.text(), "choices": st.lists(st.text(min_size=1), min_size=2, max_size=5)}),
-    min_size=1, max_size=4), data=st.data())
+@given(
+    docs=st.lists(
+        st.fixed_dictionaries({"context": st.text(), "choices": st.lists(st.text(min_size=1), min_size=2, max_size=5)}),
+        min_size=1,
+        max_size=4,
+    ),
+    data=st.data(),
+)
 def test_user_task_round_trips_any_text(tmp_path_factory, docs, data):
     """Any valid document (any unicode, newlines and quotes included) is read back as written and
     scored as context -> " " + choice."""

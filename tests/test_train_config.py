@@ -1,9 +1,10 @@
 """Run configs: every shipped YAML loads; unknown keys and wrong types are rejected with the key named."""
+
 from pathlib import Path
 
 import pytest
 
-from anjax import run_config
+from anjax.train import run_config
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -23,26 +24,39 @@ def test_paper_recipe():
 
 
 def test_overrides_are_typed():
-    rc = run_config.load(None, ["run.dir=/tmp/x", "train.steps=7", "checkpoint.every=3", "train.lr=2e-5",
-                                "model.path=null", "anchors.tokens=['.', '?']", "model.arch.num_layers=2"])
+    rc = run_config.load(
+        None,
+        [
+            "run.dir=/tmp/x",
+            "train.steps=7",
+            "checkpoint.every=3",
+            "train.lr=2e-5",
+            "model.path=null",
+            "anchors.tokens=['.', '?']",
+            "model.arch.num_layers=2",
+        ],
+    )
     assert (rc.run.dir, rc.train.steps, rc.checkpoint.every, rc.train.lr) == ("/tmp/x", 7, 3, 2e-5)
     assert rc.model.path is None and rc.anchors.tokens == (".", "?") and rc.model.arch == {"num_layers": 2}
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.stepz=3", "train.stepz"),
-    ("trian.steps=3", "trian"),
-    ("train.steps=three", "train.steps"),
-    ("train.steps=2.5", "train.steps"),
-    ("checkpoint.async_save=maybe", "checkpoint.async_save"),
-    ("model.arch.num_layerz=2", "model.arch.num_layerz"),
-    ("model.arch.num_layers=two", "model.arch.num_layers"),
-    ("model.remat=some", "model.remat"),
-    ("model.attention=flash", "model.attention"),
-    ("model.arch.attention=sparse", "model.arch.attention"),
-    ("data.seq_len=x", "data.seq_len"),
-    ("train.steps", "key.path=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=3", "train.stepz"),
+        ("trian.steps=3", "trian"),
+        ("train.steps=three", "train.steps"),
+        ("train.steps=2.5", "train.steps"),
+        ("checkpoint.async_save=maybe", "checkpoint.async_save"),
+        ("model.arch.num_layerz=2", "model.arch.num_layerz"),
+        ("model.arch.num_layers=two", "model.arch.num_layers"),
+        ("model.remat=some", "model.remat"),
+        ("model.attention=flash", "model.attention"),
+        ("model.arch.attention=sparse", "model.arch.attention"),
+        ("data.seq_len=x", "data.seq_len"),
+        ("train.steps", "key.path=value"),
+    ],
+)
 def test_bad_overrides_rejected(override, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         run_config.load(None, [override])

@@ -1,5 +1,6 @@
 """train.py end to end (subprocesses, tiny config): resume after kill -9, SIGTERM, NaN, bad checkpoints,
 bad data, and a short version of the default SmolLM2 config with its Hugging Face export."""
+
 import functools
 import hashlib
 import json
@@ -26,13 +27,15 @@ def command(run_dir, *overrides, config="tiny.yaml"):
 
 
 def run(run_dir, *overrides, config="tiny.yaml", timeout=600):
-    return subprocess.run(command(run_dir, *overrides, config=config), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        command(run_dir, *overrides, config=config), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def start(run_dir, *overrides):
-    return subprocess.Popen(command(run_dir, *overrides), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        command(run_dir, *overrides), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def records(run_dir):
@@ -57,16 +60,21 @@ def losses(recs):
 
 
 def tree_digest(path):
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory):
     """The train.py subprocesses share a persistent XLA compilation cache: reruns of a config skip compiling."""
     saved = dict(os.environ)
-    os.environ.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jit-cache")),
-                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    os.environ.update(
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jit-cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
     yield
     os.environ.clear()
     os.environ.update(saved)
@@ -83,6 +91,7 @@ def finished_run(tmp_path_factory):
         _, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stderr[-3000:]
         return run_dir
+
     yield finished
     if proc.poll() is None:
         proc.kill()
@@ -108,8 +117,13 @@ def test_kill9_resume_logs_the_same_losses(finished_run, tmp_path):
 def test_distill_run_resumes_with_the_starting_model_as_teacher(finished_run, tmp_path):
     """A distillation run from a pretrained model (the finished run's export) killed and resumed logs the same
     losses and KL terms as an uninterrupted one: the teacher is rebuilt from model.path, not the resumed student."""
-    distill = [*FAST, f"model.path={finished_run() / 'export'}", "model.from_scratch=false", "train.distill_weight=1.0",
-               "train.steps=16"]
+    distill = [
+        *FAST,
+        f"model.path={finished_run() / 'export'}",
+        "model.from_scratch=false",
+        "train.distill_weight=1.0",
+        "train.steps=16",
+    ]
     whole = start(tmp_path / "whole", *distill)
     run_dir = tmp_path / "killed"
     proc = start(run_dir, *distill)
@@ -139,21 +153,32 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "nan"
-    out = run(run_dir, "data.seq_len=32", "train.lr=1e30", "train.warmup_steps=0", "train.clip_norm=null",
-              "checkpoint.every=1", "checkpoint.async_save=false", "eval.every=0", "train.steps=20")
+    out = run(
+        run_dir,
+        "data.seq_len=32",
+        "train.lr=1e30",
+        "train.warmup_steps=0",
+        "train.clip_norm=null",
+        "checkpoint.every=1",
+        "checkpoint.async_save=false",
+        "eval.every=0",
+        "train.steps=20",
+    )
     assert out.returncode == 1, out.stderr[-3000:]
     message = out.stderr.strip().splitlines()[-1]
     assert "at step" in message and "is intact" in message, message
     bad_step = int(message.split("at step ")[1].split(":")[0])
     kept = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert kept and kept[-1] == bad_step - 1
-    from anjax.checkpoint import load_for_inference
+    from anjax.io.checkpoint import load_for_inference
+
     _, params, _ = load_for_inference(run_dir)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
 def test_damaged_or_incompatible_checkpoint_is_reported_not_overwritten(finished_run, tmp_path):
     import shutil
+
     run_dir = tmp_path / "damaged"
     shutil.copytree(finished_run(), run_dir)
     data_file = max((run_dir / "checkpoints" / "24" / "params").rglob("d/*"), key=lambda p: p.stat().st_size)
@@ -177,13 +202,27 @@ def test_two_processes_train_one_model(tmp_path):
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     run_dir = tmp_path / "multi"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2")
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+        JAX_NUM_PROCESSES="2",
+    )
     env.pop("JAX_COMPILATION_CACHE_DIR")  # two processes would write the same cache entries at once
-    cmd = command(run_dir, "data.seq_len=32", "train.steps=4", "eval.every=2", "checkpoint.every=2",
-                  "mesh.data=2", "mesh.fsdp=2")
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    cmd = command(
+        run_dir, "data.seq_len=32", "train.steps=4", "eval.every=2", "checkpoint.every=2", "mesh.data=2", "mesh.fsdp=2"
+    )
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=dict(env, JAX_PROCESS_ID=str(i)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     recs = records(run_dir)
@@ -193,10 +232,13 @@ def test_two_processes_train_one_model(tmp_path):
     assert (run_dir / "export" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("data, message", [
-    ("/nonexistent/corpus.jsonl", "no such file"),
-    ("EMPTY", "no non-empty documents"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ("/nonexistent/corpus.jsonl", "no such file"),
+        ("EMPTY", "no non-empty documents"),
+    ],
+)
 def test_missing_or_empty_dataset(tmp_path, data, message):
     if data == "EMPTY":
         data = tmp_path / "empty.jsonl"
@@ -210,8 +252,16 @@ def test_default_config_short_run_exports_for_transformers(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     run_dir = tmp_path / "smol"
-    out = run(run_dir, "train.steps=2", "data.seq_len=32", "data.batch_size=2", "eval.every=2", "eval.batches=1",
-              "checkpoint.every=2", config="smollm2-135m-ac.yaml")
+    out = run(
+        run_dir,
+        "train.steps=2",
+        "data.seq_len=32",
+        "data.batch_size=2",
+        "eval.every=2",
+        "eval.batches=1",
+        "checkpoint.every=2",
+        config="smollm2-135m-ac.yaml",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert (run_dir / "checkpoints" / "2").is_dir()
     recs = records(run_dir)
@@ -227,7 +277,8 @@ def test_default_config_short_run_exports_for_transformers(tmp_path):
     cfg = json.loads((export / "config.json").read_text())["anjax"]
     assert cfg["anchor_mode"] == "ac" and cfg["anchor_tokens"] == ["<AC>"]
 
-    from anjax.loading import load_model  # infer.py and the evaluation take the run dir or its export
+    from anjax.io.loading import load_model  # infer.py and the evaluation take the run dir or its export
+
     (cfg_run, params_run, _), (cfg_export, params_export, _) = load_model(run_dir), load_model(export)
     assert cfg_run == cfg_export and cfg_run.anchor_ids == (49152,)
     for a, b in zip(jax.tree.leaves(params_run), jax.tree.leaves(params_export), strict=True):

@@ -1,21 +1,26 @@
 """SFT: on Alpaca data the training loss is exactly the cross-entropy of the response tokens;
 the prompt's tokens contribute nothing."""
+
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anjax.anchors import add_ac_token, make_scheme
-from anjax.config import tiny_config
-from anjax.data import DataConfig, make_batches
-from anjax.encoding import Encoder, alpaca_prompt
-from anjax.mask import token_metadata
-from anjax.model import Llama, init_params
-from anjax.trainer import loss_sums
+from anjax.core.config import tiny_config
+from anjax.core.mask import token_metadata
+from anjax.core.model import Llama, init_params
+from anjax.text.anchors import add_ac_token, make_scheme
+from anjax.text.encode import Encoder, alpaca_prompt
+from anjax.train.data import DataConfig, make_batches
+from anjax.train.trainer import loss_sums
 
 EXAMPLES = [
-    {"instruction": "Translate to French.", "input": "Good morning. How are you?", "output": "Bonjour. Comment allez-vous ?"},
+    {
+        "instruction": "Translate to French.",
+        "input": "Good morning. How are you?",
+        "output": "Bonjour. Comment allez-vous ?",
+    },
     {"instruction": "Name a prime number.", "input": "", "output": "Seven is prime. So is eleven."},
     {"instruction": "Say hi.", "input": "", "output": "Hi!"},
 ]
@@ -42,8 +47,8 @@ def test_prompt_tokens_are_out_of_the_loss(tmp_path, tiny_tokenizer):
     for row, ex in enumerate(EXAMPLES):
         prompt = Encoder(tokenizer, scheme).prompt(alpaca_prompt(ex["instruction"], ex["input"]))[0]
         n = int(batch["valid"][row].sum())
-        assert list(batch["tokens"][row, :len(prompt)]) == prompt and n < data.seq_len  # whole example, untruncated
-        assert not batch["loss_mask"][row, :len(prompt) - 1].any()  # no target inside the prompt
+        assert list(batch["tokens"][row, : len(prompt)]) == prompt and n < data.seq_len  # whole example, untruncated
+        assert not batch["loss_mask"][row, : len(prompt) - 1].any()  # no target inside the prompt
         for t in range(len(prompt) - 1, n - 1):  # each response token (and EOS) predicted from its prefix
             expected_sum -= logp[row, t, batch["tokens"][row, t + 1]]
             expected_count += 1

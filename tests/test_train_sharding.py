@@ -1,12 +1,12 @@
 """The sharded train step: the same losses on 1 and 8 simulated devices with parameters, gradients
 and Adam moments really split; gradient accumulation equal to one k-times larger batch."""
+
+import functools
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +14,10 @@ import numpy as np
 import optax
 import pytest
 
-from anjax import sharding
-from anjax import sparse_attention
-from anjax.config import tiny_config
-from anjax.run_config import TrainSection
-from anjax.trainer import Trainer, TrainState, train_step
+from anjax.core import sharding, sparse_attention
+from anjax.core.config import tiny_config
+from anjax.train.run_config import TrainSection
+from anjax.train.trainer import Trainer, TrainState, train_step
 
 pytestmark = pytest.mark.slow  # 8 simulated devices in a subprocess; bf16/remat and accumulation steps
 
@@ -63,7 +62,9 @@ DISTILL = dict(cfg=CFG.replace(anchor_mode="ac", anchor_tokens=("<AC>",)), disti
 def eight_devices(attention: str) -> dict:
     """The `__main__` half of this file, run on 8 simulated devices (XLA_FLAGS must be set before jax starts)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, __file__, attention], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, __file__, attention], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["devices"] == 8
@@ -73,11 +74,20 @@ def eight_devices(attention: str) -> dict:
 def shard_report(state) -> dict:
     """Global and per-device shapes of a few parameters and their Adam first moments."""
     mu = state.opt_state[1][0].mu
-    pick = {"q": lambda t: t["layer_0"]["attn"]["q"], "gate": lambda t: t["layer_1"]["mlp"]["gate"],
-            "embed": lambda t: t["embed"]}
-    return {f"{kind}.{name}": [list(get(tree).shape), list(get(tree).addressable_shards[0].data.shape),
-                               str(get(tree).sharding.spec)]
-            for kind, tree in (("param", state.params), ("mu", mu)) for name, get in pick.items()}
+    pick = {
+        "q": lambda t: t["layer_0"]["attn"]["q"],
+        "gate": lambda t: t["layer_1"]["mlp"]["gate"],
+        "embed": lambda t: t["embed"],
+    }
+    return {
+        f"{kind}.{name}": [
+            list(get(tree).shape),
+            list(get(tree).addressable_shards[0].data.shape),
+            str(get(tree).sharding.spec),
+        ]
+        for kind, tree in (("param", state.params), ("mu", mu))
+        for name, get in pick.items()
+    }
 
 
 @pytest.mark.parametrize("attention", ["dense", "sparse"])
@@ -141,8 +151,7 @@ def test_bf16_compute_with_fp32_master_params_and_remat():
     mesh = sharding.make_mesh(1, 1, 1)
     b = sharding.host_batch_to_global(batch(0), mesh)
     losses = {}
-    for name, cfg in {"fp32": CFG, "bf16": CFG.replace(dtype="bfloat16"),
-                      "remat": CFG.replace(remat="full")}.items():
+    for name, cfg in {"fp32": CFG, "bf16": CFG.replace(dtype="bfloat16"), "remat": CFG.replace(remat="full")}.items():
         trainer = Trainer(cfg, TrainSection(lr=1e-2, warmup_steps=1), mesh)
         state = trainer.init_state()
         state, m = trainer.train_step(state, b)

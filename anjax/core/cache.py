@@ -1,0 +1,200 @@
+"""The fixed-capacity KV cache (docs/DESIGN.md Invariant 3).
+
+Keys are stored after RoPE at their true positions, so a slot's content never
+changes once written; only its place in the cache does (compaction).
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from anjax.core.config import ModelConfig
+from anjax.core.mask import TokenMeta
+
+
+@flax.struct.dataclass
+class KVCache:
+    """keys/values [L, B, K, C, D] (head-major: a head's slots are contiguous, so attention reads them in place);
+    per-slot metadata [B, C]; `length` [B] slots in use (front-packed; in decode a protected span may
+    leave holes below it, see `close_sentence`)."""
+
+    keys: jax.Array
+    values: jax.Array
+    pos: jax.Array
+    seg: jax.Array
+    anchor: jax.Array
+    protected: jax.Array
+    valid: jax.Array
+    length: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    def slot_meta(self) -> TokenMeta:
+        """Metadata of the C slots as keys (one document per row)."""
+        return TokenMeta(
+            doc=jnp.zeros_like(self.pos),
+            pos=self.pos,
+            seg=self.seg,
+            anchor=self.anchor,
+            protected=self.protected,
+            valid=self.valid,
+        )
+
+
+def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache: no valid slot, length 0."""
+    kv_shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+    meta = lambda dtype: jnp.zeros((batch, capacity), dtype)  # distinct buffers (donation-safe)
+    return KVCache(
+        keys=jnp.zeros(kv_shape, dtype),
+        values=jnp.zeros(kv_shape, dtype),
+        pos=meta(jnp.int32),
+        seg=meta(jnp.int32),
+        anchor=meta(bool),
+        protected=meta(bool),
+        valid=meta(bool),
+        length=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+def write_rows(buffer_BxCx: jax.Array, chunk_BxTx: jax.Array, offset_B: jax.Array) -> jax.Array:
+    """Write each row's chunk at its own offset along axis 1 (caller guarantees offset + T <= C)."""
+
+    def one(buf, chunk, off):
+        return jax.lax.dynamic_update_slice_in_dim(buf, chunk.astype(buf.dtype), off, axis=0)
+
+    return jax.vmap(one)(buffer_BxCx, chunk_BxTx, offset_B)
+
+
+def write_slots(buffer_LxBxKxCxD: jax.Array, chunk_LxBxKxTxD: jax.Array, offset_B: jax.Array) -> jax.Array:
+    """Write every layer's chunk at each row's offset along the slot axis (caller keeps offset + T <= C).
+
+    One scatter, updated in place under jit (a vmap over the batch axis would transpose the whole
+    cache). Offsets are clamped to [0, C - T] like `write_rows`, so a write never leaves the buffer.
+    """
+    B, K, T = chunk_LxBxKxTxD.shape[1:4]
+    slot_BxT = jnp.clip(offset_B, 0, buffer_LxBxKxCxD.shape[3] - T)[:, None] + jnp.arange(T)
+    return buffer_LxBxKxCxD.at[:, jnp.arange(B)[:, None, None], jnp.arange(K)[:, None], slot_BxT[:, None]].set(
+        chunk_LxBxKxTxD.astype(buffer_LxBxKxCxD.dtype), mode="promise_in_bounds"
+    )
+
+
+def append_meta(cache: KVCache, meta: TokenMeta) -> KVCache:
+    """Record a chunk's metadata [B, T] in slots [length, length + T) and advance `length`.
+
+    The model writes the chunk's keys/values for all layers (`write_slots`).
+    """
+    off = cache.length
+    return cache.replace(
+        pos=write_rows(cache.pos, meta.pos, off),
+        seg=write_rows(cache.seg, meta.seg, off),
+        anchor=write_rows(cache.anchor, meta.anchor, off),
+        protected=write_rows(cache.protected, meta.protected, off),
+        valid=write_rows(cache.valid, meta.valid, off),
+        length=cache.length + meta.pos.shape[1],
+    )
+
+
+def keep_slots(cache: KVCache, open_seg_B: jax.Array, full: bool) -> jax.Array:
+    """[B, C] bool: the slots a compaction keeps.
+
+    Anchor cache: valid and (anchor or protected or in the open sentence `open_seg_B`).
+    Full cache (`full=True`): every valid slot. Other slots can never be attended to
+    again under `anjax.core.mask.attention_allowed`.
+    """
+    if full:
+        return cache.valid
+    open_sentence = cache.seg == open_seg_B[:, None]
+    return cache.valid & (cache.anchor | cache.protected | open_sentence)
+
+
+def compact(cache: KVCache, keep_BxC: jax.Array) -> KVCache:
+    """Move each row's kept slots to the front in their order (stable); `length` = kept count.
+
+    Freed slots are zeroed and invalid. Cost: one gather over the whole cache.
+    """
+    C = cache.capacity
+    order_BxC = jnp.argsort(~keep_BxC, axis=1, stable=True)  # kept slots first, in order
+    length_B = keep_BxC.sum(axis=1, dtype=jnp.int32)
+    live_BxC = jnp.arange(C) < length_B[:, None]
+
+    def take_meta(x_BxC):
+        return jnp.where(live_BxC, jnp.take_along_axis(x_BxC, order_BxC, axis=1), jnp.zeros((), x_BxC.dtype))
+
+    def take_kv(x_LxBxKxCxD):
+        x = jnp.take_along_axis(x_LxBxKxCxD, order_BxC[None, :, None, :, None], axis=3)
+        return jnp.where(live_BxC[None, :, None, :, None], x, jnp.zeros((), x.dtype))
+
+    return KVCache(
+        keys=take_kv(cache.keys),
+        values=take_kv(cache.values),
+        pos=take_meta(cache.pos),
+        seg=take_meta(cache.seg),
+        anchor=take_meta(cache.anchor),
+        protected=take_meta(cache.protected),
+        valid=take_meta(cache.valid),
+        length=length_B,
+    )
+
+
+def close_sentence(cache: KVCache, close_B: jax.Array, open_start_B: jax.Array) -> KVCache:
+    """Decode-time compaction after one appended token: O(one slot) instead of a gather.
+
+    Precondition: the open sentence's slots from `open_start` on are its tail after its
+    last protected slot, `[open_start, length)`. In rows where `close_B` (the last slot
+    holds an anchor) that anchor moves to `open_start`, the rest of the tail is freed
+    (marked invalid, not zeroed) and `length = open_start + 1`; the sentence's other
+    unprotected slots (before a protected span inside it) become holes: invalid slots
+    below `length`, never attended to, reclaimed by the next `compact`. The valid slots
+    are then those of `compact(cache, keep_slots(...))`; other rows are unchanged.
+    """
+    src_B = jnp.maximum(cache.length - 1, 0)
+    dst_B = jnp.where(close_B, open_start_B, src_B)
+    length_B = jnp.where(close_B, open_start_B + 1, cache.length)
+    closed_seg_Bx1 = jnp.take_along_axis(cache.seg, src_B[:, None], axis=1)
+    hole_BxC = close_B[:, None] & (cache.seg == closed_seg_Bx1) & ~cache.anchor & ~cache.protected
+
+    def move_meta(x_BxC):
+        slot_Bx1 = jnp.take_along_axis(x_BxC, src_B[:, None], axis=1)
+        return write_rows(x_BxC, slot_Bx1, dst_B)
+
+    def move_kv(x_LxBxKxCxD):
+        return write_slots(
+            x_LxBxKxCxD, jnp.take_along_axis(x_LxBxKxCxD, src_B[None, :, None, None, None], axis=3), dst_B
+        )
+
+    live_BxC = jnp.arange(cache.capacity) < length_B[:, None]
+    return KVCache(
+        keys=move_kv(cache.keys),
+        values=move_kv(cache.values),
+        pos=move_meta(cache.pos),
+        seg=move_meta(cache.seg),
+        anchor=move_meta(cache.anchor),
+        protected=move_meta(cache.protected),
+        valid=move_meta(cache.valid & ~hole_BxC) & live_BxC,
+        length=length_B,
+    )
+
+
+def resize(cache: KVCache, capacity: int) -> KVCache:
+    """The cache with `capacity` slots: cut or padded with empty slots (caller keeps length <= capacity)."""
+
+    def fit(x, axis):
+        extra = capacity - x.shape[axis]
+        if extra <= 0:
+            return jax.lax.slice_in_dim(x, 0, capacity, axis=axis)
+        return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+
+    return cache.replace(
+        keys=fit(cache.keys, 3),
+        values=fit(cache.values, 3),
+        pos=fit(cache.pos, 1),
+        seg=fit(cache.seg, 1),
+        anchor=fit(cache.anchor, 1),
+        protected=fit(cache.protected, 1),
+        valid=fit(cache.valid, 1),
+    )

@@ -1,0 +1,109 @@
+"""Model configuration: one frozen, hashable dataclass shared by every module.
+
+The anchor scheme (`anchor_mode`, `anchor_tokens`, `anchor_ids`, `add_bos`,
+`max_sentence_tokens`, `sentence_splitter`, `final_sentence`; see
+`anjax.text.anchors.AnchorScheme`) lives here so that it travels with checkpoints and
+HF exports: a reloaded model is still the same AnLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+ANCHOR_MODES = ("none", "ep", "ac")
+AC_TOKEN = "<AC>"
+SENTENCE_SPLITTERS = ("pysbd-en",)  # anjax.text.encode.split_sentences
+FINAL_SENTENCE_RULES = ("terminated",)  # anjax.text.encode.ends_sentence
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Llama-family decoder hyper-parameters (HF names in comments)."""
+
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_layers: int = 30  # num_hidden_layers
+    num_heads: int = 9  # num_attention_heads
+    num_kv_heads: int = 3  # num_key_value_heads
+    head_dim: int = 64
+    rope_theta: float = 100000.0
+    rope_scaling_factor: float = 1.0  # rope_scaling {"rope_type": "linear", "factor": f}
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # tie_word_embeddings
+    max_position_embeddings: int = 8192
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = 2
+    dtype: str = "float32"  # compute dtype of activations
+    param_dtype: str = "float32"  # storage dtype of parameters
+    scan_layers: bool = False  # nn.scan over the layer stack
+    remat: str = "none"  # none | full | dots (activation checkpointing policy)
+    attention: str = "dense"  # dense | sparse (anjax.core.sparse_attention) | auto (sparse for long inputs)
+    anchor_mode: str = "none"  # none | ep (punctuation anchors) | ac (<AC> token)
+    anchor_tokens: tuple[str, ...] = ()  # token strings that are anchors
+    anchor_ids: tuple[int, ...] = ()  # their ids in the vocabulary (as they occur in running text)
+    add_bos: bool | None = None  # texts start with BOS (data.add_bos); None: not recorded, the tokenizer's way
+    max_sentence_tokens: int | None = None  # AC: an <AC> after every N tokens of a sentence (BOS not counted)
+    sentence_splitter: str = "pysbd-en"
+    final_sentence: str = "terminated"  # a prompt's last sentence is closed iff it ends one
+
+    def __post_init__(self):
+        if self.anchor_mode not in ANCHOR_MODES:
+            raise ValueError(f"anchor_mode must be one of {ANCHOR_MODES}, got {self.anchor_mode!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"remat must be none|full|dots, got {self.remat!r}")
+        if self.attention not in ("dense", "sparse", "auto"):
+            raise ValueError(f"attention must be dense|sparse|auto, got {self.attention!r}")
+        if len(self.anchor_tokens) != len(self.anchor_ids):
+            raise ValueError("anchor_tokens and anchor_ids must have the same length")
+        if self.sentence_splitter not in SENTENCE_SPLITTERS or self.final_sentence not in FINAL_SENTENCE_RULES:
+            raise ValueError(
+                f"unknown anchoring: sentence_splitter={self.sentence_splitter!r} (known "
+                f"{SENTENCE_SPLITTERS}), final_sentence={self.final_sentence!r} (known {FINAL_SENTENCE_RULES})"
+            )
+        if self.max_sentence_tokens is not None and (self.max_sentence_tokens < 1 or self.anchor_mode != "ac"):
+            raise ValueError(f"max_sentence_tokens={self.max_sentence_tokens} needs anchor mode 'ac' and a value >= 1")
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["anchor_tokens"] = list(self.anchor_tokens)
+        d["anchor_ids"] = list(self.anchor_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        d = dict(d)
+        for k in ("anchor_tokens", "anchor_ids"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def tiny_config(**changes: Any) -> ModelConfig:
+    """The test-sized model: 2 layers, width 64, GQA 4/2 heads."""
+    base = ModelConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=10000.0,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return base.replace(**changes)

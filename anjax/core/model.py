@@ -1,0 +1,225 @@
+"""A Llama-family decoder as a Flax linen module, applied as a pure function.
+
+    logits_BxTxV, cache = Llama(cfg).apply({"params": params}, tokens_BxT, meta, cache,
+                                           full_attention=False)
+
+`meta` is the per-token metadata of `anjax.core.mask`; attention follows
+`anjax.core.mask.attention_allowed` (AnSAN when `full_attention=False`), dense or through
+`anjax.core.sparse_attention` (`cfg.attention`: the same softmax without the [T, T] logits). With a
+cache, the chunk attends to every slot of the cache plus itself (two key blocks,
+one softmax: the cache is never copied), then its keys/values are written at each
+row's `length` (slots from `length` on must be invalid; caller keeps length + T <= C);
+the updated cache is returned.
+Parameters and activations carry logical axis names; `anjax.core.sharding` maps them to a mesh.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from anjax.core.cache import KVCache, append_meta, write_slots
+from anjax.core.config import ModelConfig
+from anjax.core.mask import TokenMeta, attention_allowed, token_metadata
+from anjax.core.sparse_attention import sparse_attention, use_sparse
+
+_init = nn.initializers.normal(0.02)
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init=_init):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(module.cfg.param_dtype))
+
+
+def rope(x_BxTxNxD: jax.Array, pos_BxT: jax.Array, theta: float, scaling_factor: float) -> jax.Array:
+    """Rotary embedding, HF `rotate_half` layout; linear scaling divides positions by the factor."""
+    d = x_BxTxNxD.shape[-1]
+    inv_freq_H = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles_BxTxH = (pos_BxT.astype(jnp.float32) / scaling_factor)[..., None] * inv_freq_H
+    cos = jnp.cos(jnp.concatenate([angles_BxTxH] * 2, -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angles_BxTxH] * 2, -1))[:, :, None, :]
+    x = x_BxTxNxD.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos + rotated * sin).astype(x_BxTxNxD.dtype)
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        scale_D = _param(self, "scale", (x_BxTxD.shape[-1],), ("embed",), nn.initializers.ones)
+        x = x_BxTxD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        return (x * scale_D.astype(jnp.float32)).astype(self.cfg.dtype)
+
+
+def dot_attention(
+    q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, allowed_BxTxS: jax.Array
+) -> jax.Array:
+    """Grouped-query softmax attention; disallowed logits are replaced (jnp.where), fp32 softmax."""
+    return blocked_attention(
+        q_BxTxHxD, [(k_BxSxKxD.transpose(0, 2, 1, 3), v_BxSxKxD.transpose(0, 2, 1, 3), allowed_BxTxS)]
+    )
+
+
+def blocked_attention(q_BxTxHxD: jax.Array, blocks) -> jax.Array:
+    """`dot_attention` over the concatenation of head-major key blocks [(k_BxKxSxD, v_BxKxSxD, allowed_BxTxS)],
+    one softmax.
+
+    The keys are never concatenated (a KV cache and a chunk are attended to in place); head-major
+    blocks make q.k and p.v batched matmuls over (B, K) that read the keys and values without a transpose.
+    """
+    B, T, H, D = q_BxTxHxD.shape
+    K = blocks[0][0].shape[1]
+    q = q_BxTxHxD.reshape(B, T, K, H // K, D)
+    logits = [
+        jnp.where(
+            allowed[:, None, None],
+            jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * (D**-0.5),
+            jnp.finfo(jnp.float32).min,
+        )
+        for k, _, allowed in blocks
+    ]
+    max_BxKxGxTx1 = functools.reduce(jnp.maximum, [x.max(-1, keepdims=True) for x in logits])
+    exps = [jnp.exp(x - max_BxKxGxTx1) for x in logits]  # a softmax over all blocks, normalized at the end
+    total_BxKxGxTx1 = sum(e.sum(-1, keepdims=True) for e in exps)
+    out_BxKxGxTxD = sum(jnp.einsum("bkgts,bksd->bkgtd", e.astype(v.dtype), v) for e, (_, v, _) in zip(exps, blocks))
+    out_BxTxKxGxD = (out_BxKxGxTxD / total_BxKxGxTx1).transpose(0, 3, 1, 2, 4)
+    return out_BxTxKxGxD.astype(q_BxTxHxD.dtype).reshape(B, T, H, D)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    full_attention: bool
+
+    @nn.compact
+    def __call__(self, x_BxTxE, q_meta: TokenMeta, k_meta: TokenMeta, layer_kv):
+        """Returns (y, (k, v) of the chunk) with a cache (`layer_kv`, metadata `k_meta`), else (y, None)."""
+        cfg, dt = self.cfg, self.cfg.dtype
+        E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        wq = _param(self, "q", (E, H, D), ("embed", "heads", "head_dim")).astype(dt)
+        wk = _param(self, "k", (E, K, D), ("embed", "kv_heads", "head_dim")).astype(dt)
+        wv = _param(self, "v", (E, K, D), ("embed", "kv_heads", "head_dim")).astype(dt)
+        wo = _param(self, "o", (H, D, E), ("heads", "head_dim", "embed")).astype(dt)
+        q = jnp.einsum("bte,ehd->bthd", x_BxTxE, wq)
+        k = jnp.einsum("bte,ekd->btkd", x_BxTxE, wk)
+        v = jnp.einsum("bte,ekd->btkd", x_BxTxE, wv)
+        q = rope(q, q_meta.pos, cfg.rope_theta, cfg.rope_scaling_factor)
+        k = rope(k, q_meta.pos, cfg.rope_theta, cfg.rope_scaling_factor)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        mask = lambda keys_meta: attention_allowed(q_meta, keys_meta, self.full_attention)
+        sparse = use_sparse(cfg.attention, q.shape[1])  # the chunk's self-attention without its [T, T] logits
+        cache = None if layer_kv is None else (layer_kv[0].astype(dt), layer_kv[1].astype(dt), mask(k_meta))
+        new_kv = None if layer_kv is None else (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+        if sparse:
+            out = sparse_attention(q, k, v, q_meta, self.full_attention, cache)
+        elif layer_kv is None:  # keys are the chunk itself
+            out = dot_attention(q, k, v, mask(k_meta))
+        else:  # the cache's slots, then the chunk itself (head-major [B, K, T, D], as the cache stores it)
+            out = blocked_attention(q, [cache, (*new_kv, mask(q_meta))])
+        y = out.reshape(*out.shape[:2], H * D) @ wo.reshape(H * D, E)  # (h, d) as one axis: wo is read as stored
+        return nn.with_logical_constraint(y, ("batch", "length", "embed")), new_kv
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxE):
+        cfg, dt = self.cfg, self.cfg.dtype
+        E, F = cfg.hidden_size, cfg.intermediate_size
+        gate = _param(self, "gate", (E, F), ("embed", "mlp")).astype(dt)
+        up = _param(self, "up", (E, F), ("embed", "mlp")).astype(dt)
+        down = _param(self, "down", (F, E), ("mlp", "embed")).astype(dt)
+        h_BxTxF = nn.silu(x_BxTxE @ gate) * (x_BxTxE @ up)
+        h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "length", "mlp"))
+        return h_BxTxF @ down
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer. Call signature fits nn.scan: (x, layer_kv, *broadcast) -> (x, chunk_kv)."""
+
+    cfg: ModelConfig
+    full_attention: bool
+
+    @nn.compact
+    def __call__(self, x_BxTxE, layer_kv, q_meta, k_meta):
+        h, new_kv = Attention(self.cfg, self.full_attention, name="attn")(
+            RMSNorm(self.cfg, name="attn_norm")(x_BxTxE), q_meta, k_meta, layer_kv
+        )
+        x_BxTxE = x_BxTxE + h
+        x_BxTxE = x_BxTxE + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxTxE))
+        return nn.with_logical_constraint(x_BxTxE, ("batch", "length", "embed")), new_kv
+
+
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
+
+
+class Llama(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self, tokens_BxT: jax.Array, meta: TokenMeta, cache: KVCache | None = None, full_attention: bool = True
+    ):
+        cfg = self.cfg
+        embed_VxE = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        table_VxE = nn.with_logical_constraint(embed_VxE.astype(cfg.dtype), ("vocab", None))  # gathered whole over fsdp
+        x = table_VxE[tokens_BxT]
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        if cache is None:
+            k_meta, layers_kv = meta, None
+        else:
+            k_meta, layers_kv = cache.slot_meta(), (cache.keys, cache.values)
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, new_kv = stack(cfg, full_attention, name="layers")(x, layers_kv, meta, k_meta)
+        else:
+            new = []
+            for i in range(cfg.num_layers):
+                layer_kv = None if layers_kv is None else (layers_kv[0][i], layers_kv[1][i])
+                x, kv = block(cfg, full_attention, name=f"layer_{i}")(x, layer_kv, meta, k_meta)
+                new.append(kv)
+            new_kv = None if cache is None else tuple(jnp.stack(t) for t in zip(*new))
+
+        x = RMSNorm(cfg, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            head_ExV = embed_VxE.astype(cfg.dtype).T
+        else:
+            head_ExV = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab")).astype(cfg.dtype)
+        logits = jnp.einsum("bte,ev->btv", x, head_ExV, preferred_element_type=jnp.float32)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        if cache is not None:  # the chunk's keys/values [L, B, K, T, D] go to slots [length, length + T)
+            offset_B = cache.length
+            cache = append_meta(cache, meta)
+            cache = cache.replace(
+                keys=write_slots(cache.keys, new_kv[0], offset_B), values=write_slots(cache.values, new_kv[1], offset_B)
+            )
+        return logits, cache
+
+
+def init_boxed(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
+    """Random parameters boxed with their logical axis names (nn.LogicallyPartitioned leaves)."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return Llama(cfg).init(rng, tokens, token_metadata(tokens, jnp.ones_like(tokens, bool)))["params"]
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
+    """Random parameters as a plain nested dict (logical axis names stripped)."""
+    return nn.meta.unbox(init_boxed(cfg, rng, seq_len))

@@ -1,0 +1,119 @@
+"""All partitioning in one place: the (data, fsdp, tensor) mesh and one table of logical-axis rules.
+
+Parameters and activations carry logical axis names (`anjax.core.model`); `RULES` maps
+them to mesh axes. Flax applies the rules in order and skips a rule whose mesh
+axis is already taken by an earlier dimension, so an activation
+(batch, length, embed) gets batch -> (data, fsdp) and leaves embed unsharded,
+while a parameter (vocab, embed) gets vocab -> tensor, embed -> fsdp (ZeRO-3 /
+FSDP: every parameter, gradient and optimizer moment is split over fsdp).
+A dimension that a mesh axis does not divide evenly (e.g. a vocabulary of
+49153 after adding `<AC>`) stays replicated along that axis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+RULES = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("length", None),
+    ("head_dim", None),
+    ("layers", None),
+)
+
+
+def make_mesh(data: int, fsdp: int, tensor: int, devices=None) -> jax.sharding.Mesh:
+    """The global mesh over `devices` (default: all); one axis may be -1: it takes every device the other two leave."""
+    n, sizes = (jax.device_count() if devices is None else len(devices)), [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one of mesh.data/fsdp/tensor may be -1, got {sizes}")
+    if -1 in sizes:
+        known = -math.prod(sizes)
+        if n % known:
+            raise ValueError(f"the mesh axes given ({sizes}) do not divide the {n} devices")
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
+        raise ValueError(
+            f"mesh data x fsdp x tensor = {sizes}, {math.prod(sizes)} devices, but there are {n} "
+            "(set one axis to -1 to use all of them)"
+        )
+    axis_types = (AxisType.Auto,) * 3
+    try:
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices)
+    except AssertionError:  # compile-only TPU v4 devices are single cores, which jax's physical layout rejects
+        return jax.sharding.Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=axis_types)
+
+
+def check_batch(mesh: jax.sharding.Mesh, batch_size: int, grad_accum: int, processes: int) -> None:
+    """The global batch must split over processes and, per micro-batch, over data x fsdp devices."""
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % processes or (batch_size // grad_accum) % rows:
+        raise ValueError(
+            f"data.batch_size={batch_size} must split over {processes} processes and, per micro-batch "
+            f"(/ train.grad_accum={grad_accum}), over mesh data x fsdp = {rows} devices"
+        )
+
+
+@contextlib.contextmanager
+def active(mesh: jax.sharding.Mesh):
+    """Mesh and logical-axis rules in force while jitted steps trace (for nn.with_logical_constraint)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+        yield
+
+
+def _divisible(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
+    """`spec` with the mesh axes that do not divide their dimension dropped."""
+
+    def fits(axes, dim):
+        names = axes if isinstance(axes, tuple) else (axes,)
+        return axes is None or dim % math.prod(mesh.shape[a] for a in names) == 0
+
+    return P(*(axes if fits(axes, dim) else None for axes, dim in zip(spec, shape)))
+
+
+def logical_shardings(boxed_abstract, mesh: jax.sharding.Mesh):
+    """NamedShardings of a tree of `nn.LogicallyPartitioned` ShapeDtypeStructs (from jax.eval_shape(init))."""
+    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_abstract), RULES)
+    shapes = nn.meta.unbox(boxed_abstract)
+    return jax.tree.map(
+        lambda s, x: NamedSharding(mesh, _divisible(s, x.shape, mesh)),
+        specs,
+        shapes,
+        is_leaf=lambda s: isinstance(s, P),
+    )
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """[B, L] arrays: rows split over data x fsdp."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def put(tree, shardings):
+    """Place host (numpy) arrays, identical on every process, onto the mesh; works multi-host."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]), tree, shardings
+    )
+
+
+def host_batch_to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """This process's rows [B/processes, L] -> the global sharded batch [B, L]."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

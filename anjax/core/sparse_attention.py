@@ -1,0 +1,267 @@
+"""Exact block-sparse attention under the AnSAN predicate, never building the dense [T, S] logits.
+
+    out_BxTxHxD = sparse_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, meta, full, cache=None, tile=None)
+
+The keys of a query are split into disjoint parts, each visited tile by tile with one online
+softmax (flash-attention style), so the parts merge by their log-sum-exp into one softmax:
+
+- band: the query's own sentence (anchor mode) or document (full mode). Query tile i visits only
+  the key tiles from the start of its first query's sentence/document to the diagonal; the mask
+  is `attention_allowed(...) & same sentence` (anchor mode) or `attention_allowed(...)` (full).
+- anchors (anchor mode only): every valid anchor or protected token of the row, gathered in
+  order into a compact per-row array of A = T slots (so it can never overflow), visited in tiles
+  only as far as the anchors that precede the query tile; mask `attention_allowed(...) &
+  other sentence`. Compute scales with the number of anchors, not with T.
+- cache (prefill chunks): a dense key block with its given mask (the compacted KV cache), one tile.
+
+A query tile's key-tile ranges are the union over the batch's rows (loops are shared by the batch).
+
+Every mask is `anjax.core.mask.attention_allowed` on the tile's metadata: the predicate stays the single
+definition; the parts only decide which tiles are visited. Exact (to fp32 rounding) for valid
+queries under the layout that `token_metadata` and the engine produce: in each row, a document's
+valid tokens are contiguous and in the order of their positions (padding anywhere). Outputs at
+padding queries are finite and unspecified (the dense path gives them a uniform average).
+
+Differentiable through a custom VJP (the FlashAttention-2 backward, tile by tile): the residuals
+are q, k, v, the output and the per-row log-sum-exp, O(T) memory in forward and backward.
+GQA: H query heads share K key/value heads in groups of G = H / K, as in `anjax.core.model`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anjax.core.mask import TokenMeta, attention_allowed
+
+TILE = 128  # query and key tile length (tokens)
+AUTO_MIN_LENGTH = 1024  # `attention: auto` uses the sparse path for sequences at least this long
+
+
+def use_sparse(attention: str, length: int) -> bool:
+    """Whether a model with `attention` (dense | sparse | auto) takes the sparse path for `length` queries.
+
+    A single query row (decode) is always dense: it has no logits matrix to avoid."""
+    if length < 2 or attention == "dense":
+        return False
+    return attention == "sparse" or length >= AUTO_MIN_LENGTH
+
+
+class _Part(NamedTuple):
+    """One key set: keys/values [B, S, K, D], the key metadata [B, S] (or a given mask [B, T, S]) and, per
+    query tile, the key tiles [first, stop) to visit."""
+
+    keys: jax.Array
+    values: jax.Array
+    meta: TokenMeta | None
+    allowed: jax.Array | None
+    first: jax.Array  # [nq] int32
+    stop: jax.Array  # [nq] int32
+
+
+# static description of a part: (kind, key tile length); kind: "band" | "anchors" | "given"
+_Spec = tuple[str, int]
+
+
+def _slice(x: jax.Array, start, size: int, axis: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+def _tile_mask(kind: str, full: bool, q_meta: TokenMeta, part: _Part, q0, k0, tq: int, tk: int) -> jax.Array:
+    """[B, tq, tk] bool: the predicate on query tile [q0, q0 + tq) x key tile [k0, k0 + tk) of a part."""
+    if kind == "given":
+        return _slice(_slice(part.allowed, q0, tq, 1), k0, tk, 2)
+    qm = jax.tree.map(lambda x: _slice(x, q0, tq, 1), q_meta)
+    km = jax.tree.map(lambda x: _slice(x, k0, tk, 1), part.meta)
+    allowed = attention_allowed(qm, km, full)
+    if full:
+        return allowed
+    same_sentence = km.seg[:, None, :] == qm.seg[:, :, None]
+    return allowed & (same_sentence if kind == "band" else ~same_sentence)
+
+
+def _scores(q_BxKxGxQxD, k_BxSxKxD):
+    return jnp.einsum("bkgqd,bskd->bkgqs", q_BxKxGxQxD, k_BxSxKxD, preferred_element_type=jnp.float32)
+
+
+def _forward(specs: tuple[_Spec, ...], full: bool, tq: int, q_BxKxGxTxD, q_meta: TokenMeta, parts):
+    """(out [B, K, G, T, D] in q's dtype, lse [B, K, G, T] fp32; +inf where a query has no allowed key)."""
+    B, K, G, T, D = q_BxKxGxTxD.shape
+
+    def query_tile(i, carry):
+        out, lse = carry
+        q0 = i * tq
+        q_t = _slice(q_BxKxGxTxD, q0, tq, 3)
+        m = jnp.full((B, K, G, tq), -jnp.inf, jnp.float32)
+        l = jnp.zeros((B, K, G, tq), jnp.float32)
+        acc = jnp.zeros((B, K, G, tq, D), jnp.float32)
+        for (kind, tk), part in zip(specs, parts):
+
+            def key_tile(j, c, kind=kind, tk=tk, part=part):
+                m, l, acc = c
+                k0 = j * tk
+                allowed = _tile_mask(kind, full, q_meta, part, q0, k0, tq, tk)[:, None, None]
+                s = jnp.where(allowed, _scores(q_t, _slice(part.keys, k0, tk, 1)), -jnp.inf)
+                m_new = jnp.maximum(m, s.max(-1))
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                alpha = jnp.exp(m - m_use)
+                p = jnp.exp(s - m_use[..., None])
+                v_t = _slice(part.values, k0, tk, 1)
+                pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v_t.dtype), v_t, preferred_element_type=jnp.float32)
+                return m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + pv
+
+            m, l, acc = jax.lax.fori_loop(part.first[i], part.stop[i], key_tile, (m, l, acc))
+        o_t = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+        lse_t = jnp.where(l > 0, jnp.where(m == -jnp.inf, 0.0, m) + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
+        out = jax.lax.dynamic_update_slice_in_dim(out, o_t.astype(out.dtype), q0, axis=3)
+        return out, jax.lax.dynamic_update_slice_in_dim(lse, lse_t, q0, axis=3)
+
+    init = (jnp.zeros_like(q_BxKxGxTxD), jnp.zeros((B, K, G, T), jnp.float32))
+    return jax.lax.fori_loop(0, T // tq, query_tile, init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _attend(specs, full, tq, q_BxKxGxTxD, q_meta, parts):
+    return _forward(specs, full, tq, q_BxKxGxTxD, q_meta, parts)[0]
+
+
+def _attend_fwd(specs, full, tq, q_BxKxGxTxD, q_meta, parts):
+    out, lse = _forward(specs, full, tq, q_BxKxGxTxD, q_meta, parts)
+    return out, (q_BxKxGxTxD, q_meta, parts, out, lse)
+
+
+def _zero_cotangent(x):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+def _attend_bwd(specs, full, tq, res, dout_BxKxGxTxD):
+    """FlashAttention-2 backward: P = exp(S - lse) recomputed per tile; dS = P (dP - rowsum(dO * O))."""
+    q, q_meta, parts, out, lse = res
+    delta = jnp.sum(dout_BxKxGxTxD.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [B, K, G, T]
+
+    def query_tile(i, carry):
+        dq, grads = carry
+        q0 = i * tq
+        q_t, do_t = _slice(q, q0, tq, 3), _slice(dout_BxKxGxTxD, q0, tq, 3)
+        lse_t, delta_t = _slice(lse, q0, tq, 3)[..., None], _slice(delta, q0, tq, 3)[..., None]
+        dq_t = jnp.zeros(q_t.shape, jnp.float32)
+        new_grads = []
+        for (kind, tk), part, (dk, dv) in zip(specs, parts, grads):
+
+            def key_tile(j, c, kind=kind, tk=tk, part=part):
+                dq_t, dk, dv = c
+                k0 = j * tk
+                k_t, v_t = _slice(part.keys, k0, tk, 1), _slice(part.values, k0, tk, 1)
+                allowed = _tile_mask(kind, full, q_meta, part, q0, k0, tq, tk)[:, None, None]
+                p = jnp.where(allowed, jnp.exp(_scores(q_t, k_t) - lse_t), 0.0)
+                dp = jnp.einsum("bkgqd,bskd->bkgqs", do_t, v_t, preferred_element_type=jnp.float32)
+                ds = p * (dp - delta_t)
+                dq_t = dq_t + jnp.einsum("bkgqs,bskd->bkgqd", ds, k_t.astype(jnp.float32))
+                dk_t = jnp.einsum("bkgqs,bkgqd->bskd", ds, q_t.astype(jnp.float32))
+                dv_t = jnp.einsum("bkgqs,bkgqd->bskd", p, do_t.astype(jnp.float32))
+                add = lambda g, d: jax.lax.dynamic_update_slice_in_dim(g, _slice(g, k0, tk, 1) + d, k0, axis=1)
+                return dq_t, add(dk, dk_t), add(dv, dv_t)
+
+            dq_t, dk, dv = jax.lax.fori_loop(part.first[i], part.stop[i], key_tile, (dq_t, dk, dv))
+            new_grads.append((dk, dv))
+        return jax.lax.dynamic_update_slice_in_dim(dq, dq_t, q0, axis=3), tuple(new_grads)
+
+    grads0 = tuple((jnp.zeros(p.keys.shape, jnp.float32), jnp.zeros(p.values.shape, jnp.float32)) for p in parts)
+    dq, grads = jax.lax.fori_loop(0, q.shape[3] // tq, query_tile, (jnp.zeros(q.shape, jnp.float32), grads0))
+    d_parts = tuple(
+        jax.tree.map(_zero_cotangent, p)._replace(keys=dk.astype(p.keys.dtype), values=dv.astype(p.values.dtype))
+        for p, (dk, dv) in zip(parts, grads)
+    )
+    return dq.astype(q.dtype), jax.tree.map(_zero_cotangent, q_meta), d_parts
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def _run_start(meta: TokenMeta, full: bool) -> jax.Array:
+    """[B, T] index where each token's sentence (document when `full`) begins: the first of the run of
+    valid tokens with its (doc, seg); a padding token continues the run of the valid token before it."""
+    B, T = meta.valid.shape
+    idx_T = jnp.arange(T)
+    last_valid_BxT = jax.lax.cummax(jnp.where(meta.valid, idx_T, -1), axis=1)
+    prev_BxT = jnp.concatenate([jnp.full((B, 1), -1), last_valid_BxT[:, :-1]], axis=1)  # last valid before t
+    at_prev = lambda x: jnp.take_along_axis(x, jnp.maximum(prev_BxT, 0), axis=1)
+    changed = meta.doc != at_prev(meta.doc)
+    if not full:
+        changed |= meta.seg != at_prev(meta.seg)
+    new_run_BxT = meta.valid & ((prev_BxT < 0) | changed)
+    return jax.lax.cummax(jnp.where(new_run_BxT, idx_T, 0), axis=1)
+
+
+def _pad_to(x: jax.Array, length: int, axis: int = 1, value=0) -> jax.Array:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def sparse_attention(
+    q_BxTxHxD: jax.Array,
+    k_BxTxKxD: jax.Array,
+    v_BxTxKxD: jax.Array,
+    meta: TokenMeta,
+    full: bool,
+    cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    tile: int | None = None,
+) -> jax.Array:
+    """[B, T, H, D] softmax attention of a block of tokens to itself under `attention_allowed(meta, meta, full)`,
+    plus, with `cache` = (keys [B, K, C, D], values [B, K, C, D], allowed [B, T, C]), to a dense key block
+    in the same softmax. Equal to `anjax.core.model.blocked_attention` on the same keys for valid queries.
+
+    `full` is static (a Python bool). T is padded to a multiple of `tile` (default `TILE`) with invalid tokens.
+    """
+    B, T, H, D = q_BxTxHxD.shape
+    K = k_BxTxKxD.shape[2]
+    full = bool(full)
+    tile = min(tile or TILE, T)
+    Tp = -(-T // tile) * tile
+    nq = Tp // tile
+    meta = jax.tree.map(lambda x: _pad_to(x, Tp), meta)  # padding: valid=False
+    q = _pad_to(q_BxTxHxD * jnp.asarray(D**-0.5, q_BxTxHxD.dtype), Tp)
+    q_BxKxGxTxD = q.reshape(B, Tp, K, H // K, D).transpose(0, 2, 3, 1, 4)
+    k, v = _pad_to(k_BxTxKxD, Tp), _pad_to(v_BxTxKxD, Tp)
+    tile_idx = jnp.arange(nq, dtype=jnp.int32)
+
+    start_BxT = _run_start(meta, full)
+    first_nq = (start_BxT[:, ::tile].min(0) // tile).astype(jnp.int32)  # starts are non-decreasing in a row
+    specs, parts = [("band", tile)], [_Part(k, v, meta, None, first_nq, tile_idx + 1)]
+    if not full:  # anchors and protected tokens, front-packed in order; slots past each row's count invalid
+        chosen_BxT = meta.valid & (meta.anchor | meta.protected)
+        order_BxT = jnp.argsort(~chosen_BxT, axis=1, stable=True)
+        count_B = chosen_BxT.sum(1)
+        gather = lambda x: jnp.take_along_axis(x, order_BxT.reshape(B, Tp, *([1] * (x.ndim - 2))), axis=1)
+        a_meta = jax.tree.map(gather, meta).replace(valid=jnp.arange(Tp) < count_B[:, None])
+        # anchors at or before each query tile's last token, most over the batch -> anchor tiles to visit
+        before_nq = jnp.cumsum(chosen_BxT, axis=1)[:, tile - 1 :: tile].max(0)
+        specs.append(("anchors", tile))
+        parts.append(
+            _Part(
+                gather(k), gather(v), a_meta, None, jnp.zeros(nq, jnp.int32), (-(-before_nq // tile)).astype(jnp.int32)
+            )
+        )
+    if cache is not None:
+        ck_BxKxCxD, cv_BxKxCxD, allowed_BxTxC = cache
+        C = ck_BxKxCxD.shape[2]
+        specs.append(("given", C))
+        parts.append(
+            _Part(
+                ck_BxKxCxD.transpose(0, 2, 1, 3),
+                cv_BxKxCxD.transpose(0, 2, 1, 3),
+                None,
+                _pad_to(allowed_BxTxC, Tp),
+                jnp.zeros(nq, jnp.int32),
+                jnp.ones(nq, jnp.int32),
+            )
+        )
+    out = _attend(tuple(specs), full, tile, q_BxKxGxTxD, meta, tuple(parts))
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, Tp, H, D)[:, :T]

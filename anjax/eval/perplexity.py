@@ -1,0 +1,175 @@
+"""Perplexity on long held-out text through the engine, with a full and an anchor cache.
+
+    python -m anjax.evaluate --perplexity --cache full,anchor --anchor-mode ep --limit 200
+    python -m anjax.evaluate --perplexity --cache full,anchor --anchor-mode ac --ac-every 32
+    python -m anjax.evaluate --perplexity --cache full,anchor --ppl-data embedded
+
+Text (`--ppl-data`): LAMBADA (OpenAI) test passages (`lambada`, the default), the
+embedded corpus' held-out validation split (`embedded`), or local text files
+(anything `anjax.train.data.load_corpus` reads; field `text`). Each passage is encoded
+like training data (AC: `<AC>`
+after every sentence, and with `--ac-every N` after every N tokens of a longer
+one), joined by a blank line into one stream and cut into rows of `--seq-len`
+tokens (the last row may be shorter). Each row is fed through chunked prefill
+(`anjax.inference.scoring.Scorer.sequence_nll`): every token is predicted from the cache
+as it stands, so the anchor row is the model's perplexity under the AnSAN mask,
+reached with a compacted cache. Scored targets: every text token after the
+row's first; inserted `<AC>` targets are not scored (they are not text), so
+every mode scores the same text (AC tokenization may split a few sentence
+boundaries differently: the token counts can differ slightly). C↓ = 1 − slots
+held at the end of the rows / row tokens.
+
+Every cache scores the same rows, so anchor / full perplexity is paired: its
+95% interval (like each perplexity's) is a bootstrap over rows (`anjax.eval.stats`,
+seeded): ratio = exp((Σ NLL_anchor − Σ NLL_full) / Σ tokens) over resampled rows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from anjax.eval import stats, tasks
+from anjax.inference.scoring import Scorer, ScoringModel
+from anjax.train import data
+
+SOURCES = {"lambada": "LAMBADA test passages", "embedded": "the embedded corpus' validation split"}
+
+
+def held_out_texts(source: str, data_dir: str | None = None, limit: int | None = None) -> list[str]:
+    """The passages of `--ppl-data`: "lambada", "embedded" or local files (their `text` field)."""
+    if source == "lambada":
+        return tasks.lambada_texts(data_dir, limit)
+    texts = data.load_corpus(
+        data.DataConfig(path=None if source == "embedded" else source),
+        "validation" if source == "embedded" else "train",
+    )
+    if "text" not in texts.column_names:
+        raise ValueError(f"--ppl-data {source}: no 'text' field (fields: {', '.join(texts.column_names)})")
+    texts = [t for t in texts["text"][:limit] if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise ValueError(f"--ppl-data {source}: no text")
+    return texts
+
+
+def text_rows(
+    model: ScoringModel, texts: Sequence[str], seq_len: int, ac_every: int | None = None
+) -> tuple[list[list[int]], list[list[bool]]]:
+    """(rows of ids, scored flags): passages joined by a blank line, cut every `seq_len` ids."""
+    if not texts:
+        raise ValueError("no text to score")
+    sep = model.tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    stream: list[int] = []
+    for text in texts:
+        stream += (sep if stream else []) + model.encode_text(text, ac_every)[int(model.add_bos) :]
+    bos = [model.tokenizer.bos_token_id] if model.add_bos else []
+    width = seq_len - len(bos)
+    rows = [bos + stream[i : i + width] for i in range(0, len(stream), width)]
+    rows = [r for r in rows if len(r) >= 2]
+    ac = model.ac_id
+    scored = [[t > 0 and (r[t] != ac) for t in range(len(r))] for r in rows]
+    return rows, scored
+
+
+def perplexity(
+    scorer: Scorer, rows, scored, caches: Sequence[str], samples: int = stats.SAMPLES, seed: int = stats.SEED
+) -> dict[str, dict]:
+    """{cache: ppl and its interval, nll per token, scored tokens, C↓, seconds, per-row nll/tokens}."""
+    out = {}
+    for cache in caches:
+        res = scorer.sequence_nll(rows, cache, scored)
+        n = sum(res["tokens"])
+        nll = sum(res["nll"]) / n
+        full = sum(len(r) - 1 for r in rows)
+        keep = [t > 0 for t in res["tokens"]]  # a row with no scored token has no weight
+        ci = stats.ratio_of_sums_ci(np.compress(keep, res["nll"]), np.compress(keep, res["tokens"]), samples, seed)
+        out[cache] = {
+            "ppl": math.exp(nll),
+            "ppl_ci": [math.exp(ci.low), math.exp(ci.high)],
+            "nll_per_token": nll,
+            "tokens": n,
+            "rows": len(rows),
+            "cache_slots": sum(res["held_slots"]),
+            "full_cache_slots": full,
+            "c_reduction": 1 - sum(res["held_slots"]) / full,
+            "seconds": res["seconds"],
+            "nll_per_row": res["nll"],
+            "tokens_per_row": res["tokens"],
+        }
+    return out
+
+
+def ratios(results: dict[str, dict], samples: int = stats.SAMPLES, seed: int = stats.SEED) -> dict[str, dict]:
+    """{"anchor / full": ppl ratio, its paired interval over rows, tokens} for every cache besides full."""
+    if "full" not in results:
+        return {}
+    full = results["full"]
+    out = {}
+    for cache, res in results.items():
+        if cache == "full":
+            continue
+        if res["tokens_per_row"] != full["tokens_per_row"]:
+            raise ValueError(f"{cache} and full scored different tokens: no paired ratio")
+        keep = [t > 0 for t in full["tokens_per_row"]]
+        delta_R = np.asarray(res["nll_per_row"]) - np.asarray(full["nll_per_row"])
+        ci = stats.ratio_of_sums_ci(delta_R[keep], np.compress(keep, full["tokens_per_row"]), samples, seed)
+        out[f"{cache} / full"] = {
+            "ppl_ratio": math.exp(ci.estimate),
+            "ppl_ratio_ci": [math.exp(ci.low), math.exp(ci.high)],
+            "nll_gap_per_token": ci.estimate,
+            "tokens": full["tokens"],
+        }
+    return out
+
+
+def markdown(report: dict) -> str:
+    b = report["bootstrap"]
+    lines = [
+        f"Perplexity, {report['text']} in rows of {report['seq_len']} tokens "
+        f"({report['passages']} passages, anchors: {report['anchor_mode']}"
+        + (f", <AC> every {report['ac_every']} tokens" if report["ac_every"] else "")
+        + f"); {100 * b['level']:g}% intervals: bootstrap over rows ({b['samples']} resamples, seed {b['seed']})",
+        "",
+        "| model | cache | ppl | ppl / full ppl | tokens | C↓ | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cache, r in report["results"].items():
+        ratio = report["ratios"].get(f"{cache} / full")
+        ratio = (
+            f"{ratio['ppl_ratio']:.3f} [{ratio['ppl_ratio_ci'][0]:.3f}, {ratio['ppl_ratio_ci'][1]:.3f}]"
+            if ratio
+            else "1"
+            if cache == "full"
+            else "–"
+        )
+        lines.append(
+            f"| {report['model']} | {cache} | {r['ppl']:.2f} [{r['ppl_ci'][0]:.2f}, {r['ppl_ci'][1]:.2f}] | "
+            f"{ratio} | {r['tokens']} | {100 * r['c_reduction']:.1f}% | {r['seconds']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def report(args, texts: Sequence[str], caches: Sequence[str], model: ScoringModel) -> dict:
+    """The perplexity report of `texts` for evaluate's arguments (`seq_len`, `ac_every`, batch, bootstrap)."""
+    scorer = Scorer(model, batch_size=args.batch_size, chunk_size=args.chunk_size)
+    rows, scored = text_rows(model, texts, args.seq_len, args.ac_every)
+    t0 = time.perf_counter()
+    kw = dict(samples=args.bootstrap_samples, seed=args.bootstrap_seed)
+    results = perplexity(scorer, rows, scored, caches, **kw)
+    out = {
+        "model": model.name,
+        "anchor_mode": model.anchor_mode,
+        "ac_every": args.ac_every,
+        "seq_len": args.seq_len,
+        "text": SOURCES.get(args.ppl_data, args.ppl_data),
+        "passages": len(texts),
+        "caches": list(caches),
+        "results": results,
+        "ratios": ratios(results, **kw),
+        "bootstrap": {**kw, "level": stats.LEVEL, "unit": "row"},
+    }
+    out.update(wall_seconds=time.perf_counter() - t0, compile_seconds=scorer.compile_seconds)
+    return out

@@ -1,0 +1,726 @@
+"""The inference engine: exact chunked prefill, a compacted anchor cache, jitted decode.
+
+    from anjax.inference.engine import Engine
+    eng = Engine.load()                          # embedded SmolLM2, or Engine.load("path/to/model")
+    out = eng.generate(["The cat sat on the mat."], max_new_tokens=32)
+    print(out[0].text, out[0].stats)
+
+One batch of B prompts (rows are independent; any row gives what it gives alone):
+1. Prefill: each row's prompt minus its last token, right-aligned in chunks of T
+   tokens (padding is invalid). The model appends a chunk to the cache, the chunk
+   attends to the compacted cache plus itself under `anjax.core.mask.attention_allowed`,
+   then the cache is compacted (`anjax.core.cache.keep_slots`: the anchor cache keeps
+   anchors + the open sentence (+ protected tokens), the full cache keeps every valid slot).
+2. Decode: a `lax.while_loop` feeds the last prompt token, then each sampled token,
+   one per step; per-row done flags (stop ids, max_new_tokens, overflow). When a fed
+   token is an anchor its sentence is dropped (`anjax.core.cache.close_sentence`, O(1 slot)).
+Only compaction differs between the anchor and the full cache (which uses plain causal attention).
+
+Positions (docs/DESIGN.md Invariant 2): a token's RoPE position is its true position in the
+row; the cache length is not a position, so the anchor cache is exact (logits equal
+one full forward pass under the AnSAN mask). `positions="reference"` reproduces the
+AnLLM authors' code instead: position = the token's slot index in the compacted cache
+(stored slots re-based after every compaction). It is inexact; for comparison only.
+
+Capacity: `capacity` C bounds the slots a row keeps between steps (after compaction).
+The buffers add room for the tokens in flight (C + T in prefill, C + 1 in decode), and
+C shrinks to the bucket size (`anjax.inference.runtime.bucket`) that holds what the batch can need (few shapes compile;
+decode reads every slot of its buffer). A row that would keep more than C
+slots stops and `CacheOverflowError` names it and the sizes; nothing is truncated.
+In AC mode `max_sentence_tokens=N` (default: the model's anchor scheme) forces an `<AC>`
+after N tokens without one, counted like the encoder counts them (a leading BOS is not counted).
+Extensions (off by default, beyond the paper), both through `protected` tokens
+(`anjax.core.mask`), which stay visible to every later token and in the cache: `sink_tokens=N`
+protects each row's first N tokens; `protect=` in `generate` protects spans of a prompt
+(a question, a translation source). A span inside the prompt's last, open sentence
+leaves holes in the decode cache when that sentence closes (`anjax.core.cache.close_sentence`);
+`peak_cache_slots` counts them.
+
+Static (recompile): model config, anchor ids, cache kind, positions, sinks, and the
+shapes batch, chunk T, capacity and max_new_tokens. Arrays (never recompile): prompt
+contents, temperature, top_k, top_p, seed, stop ids, max_sentence_tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anjax.core.cache import KVCache, close_sentence, compact, init_cache, keep_slots, resize
+from anjax.core.config import ModelConfig
+from anjax.core.mask import TokenMeta, is_anchor, protected_tokens
+from anjax.core.model import Llama
+from anjax.inference.runtime import Runtime, bucket, right_align, round_up
+from anjax.io.loading import load_model
+from anjax.text.anchors import resolve_scheme
+from anjax.text.encode import Encoder
+
+DEFAULT_ANCHOR_CAPACITY = 2048  # slots kept per row by default with an anchor cache
+MAX_STOP_IDS = 8
+BUCKET_LOW = 128  # the smallest cache buffer (`anjax.inference.runtime.bucket`)
+
+
+class CacheOverflowError(ValueError):
+    """A row needs more cache slots than the capacity allows (message names row and sizes)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """Graph-defining settings: hashable, static under jit."""
+
+    anchor_cache: bool  # compact to anchors + open sentence; else full cache, causal attention
+    anchor_ids: tuple[int, ...] = ()
+    ac_id: int = -1  # the <AC> id in AC mode (forced anchors), else -1
+    skip_bos: bool = False  # the token at true position 0 is BOS: not counted in its sentence
+    sink_tokens: int = 0
+    reference_positions: bool = False
+
+
+@flax.struct.dataclass
+class GenState:
+    """Per-row bookkeeping beside the cache; every field but `cache` is [B] (overflow [B, 4])."""
+
+    cache: KVCache
+    next_pos: jax.Array  # true position of the row's next token
+    open_seg: jax.Array  # sentence index of the next token (the open sentence)
+    open_start: jax.Array  # decode: first slot of the open sentence's tail after its last protected slot
+    done: jax.Array  # bool: the row takes no more tokens
+    peak: jax.Array  # most slots the row used (`length`) after a compaction
+    overflow: jax.Array  # [B, 4] (slots needed, anchors, open-sentence, protected tokens) at overflow, else 0
+
+
+@flax.struct.dataclass
+class Sampling:
+    """Per-row [B] sampling arrays; `stop_ids` [MAX_STOP_IDS] padded with -1."""
+
+    temperature: jax.Array  # float, 0 = greedy
+    top_k: jax.Array  # int, 0 = off
+    top_p: jax.Array  # float, 1 = off
+    seed: jax.Array  # uint32
+    stop_ids: jax.Array
+    max_sentence_tokens: jax.Array  # int scalar, 0 = off (AC mode: force <AC>)
+
+
+@flax.struct.dataclass
+class DecodeCarry:
+    """The `lax.while_loop` carry."""
+
+    state: GenState
+    step: jax.Array  # scalar
+    token: jax.Array  # [B] next token to feed
+    protected: jax.Array  # [B] bool, that token is protected
+    tokens: jax.Array  # [B, N] generated ids
+    generated: jax.Array  # [B] count
+
+
+def init_state(cfg: ModelConfig, batch: int, slots: int, done_B: jax.Array) -> GenState:
+    """An empty state with a cache of `slots` slots; rows flagged in `done_B` [B] take no tokens."""
+    zeros_B = lambda: jnp.zeros((batch,), jnp.int32)  # distinct buffers (donation-safe)
+    return GenState(
+        cache=init_cache(cfg, batch, slots, jnp.dtype(cfg.dtype)),
+        next_pos=zeros_B(),
+        open_seg=zeros_B(),
+        open_start=zeros_B(),
+        done=jnp.array(done_B, bool),
+        peak=zeros_B(),
+        overflow=jnp.zeros((batch, 4), jnp.int32),
+    )
+
+
+def _next_positions(state: GenState, spec: EngineSpec) -> jax.Array:
+    """[B] position of the next token: true, or the reference (number of kept slots)."""
+    if spec.reference_positions:
+        return state.cache.valid.sum(axis=1, dtype=jnp.int32)
+    return state.next_pos
+
+
+def _rebase(cache: KVCache, spec: EngineSpec) -> KVCache:
+    """Reference positions: every kept slot's position becomes its slot index."""
+    if not spec.reference_positions:
+        return cache
+    return cache.replace(pos=jnp.where(cache.valid, jnp.arange(cache.capacity), 0))
+
+
+def _track(state: GenState, active_B: jax.Array, limit: int) -> GenState:
+    """Stop (and flag) rows that took a token and use more than `limit` slots; update the peak of the others.
+
+    The peak never exceeds `limit`: an overflowing row reports what it held before.
+    """
+    cache = state.cache
+    held_B = cache.length
+    fresh_B = active_B & (held_B > limit)
+    count = lambda x_BxC: (cache.valid & x_BxC).sum(axis=1, dtype=jnp.int32)
+    info_Bx4 = jnp.stack(
+        [held_B, count(cache.anchor), count(cache.seg == state.open_seg[:, None]), count(cache.protected)], -1
+    )
+    return state.replace(
+        peak=jnp.where(active_B & ~fresh_B, jnp.maximum(state.peak, held_B), state.peak),
+        overflow=jnp.where(fresh_B[:, None], info_Bx4, state.overflow),
+        done=state.done | fresh_B,
+    )
+
+
+def prefill_step(
+    cfg: ModelConfig,
+    spec: EngineSpec,
+    params,
+    state: GenState,
+    tokens_BxT: jax.Array,
+    valid_BxT: jax.Array,
+    protected_BxT: jax.Array | None = None,
+) -> tuple[jax.Array, GenState]:
+    """Append one chunk [B, T] (exact under the predicate), then compact. Returns (logits [B, T, V], state).
+
+    The cache has C + T slots; a row that keeps more than C afterwards is flagged (`overflow`).
+    """
+    T = tokens_BxT.shape[1]
+    valid = valid_BxT.astype(bool)
+    v = valid.astype(jnp.int32)
+    anchor = is_anchor(tokens_BxT, spec.anchor_ids) & valid
+    a = anchor.astype(jnp.int32)
+    offset_BxT = jnp.cumsum(v, 1) - v
+    protected = protected_tokens(protected_BxT, state.next_pos[:, None] + offset_BxT, valid, spec.sink_tokens)
+    meta = TokenMeta(
+        doc=jnp.zeros_like(v),
+        pos=_next_positions(state, spec)[:, None] + offset_BxT,
+        seg=state.open_seg[:, None] + jnp.cumsum(a, 1) - a,
+        anchor=anchor,
+        protected=protected,
+        valid=valid,
+    )
+    logits, cache = Llama(cfg).apply(
+        {"params": params}, tokens_BxT, meta, state.cache, full_attention=not spec.anchor_cache
+    )
+    open_seg = state.open_seg + a.sum(1)
+    cache = compact(cache, keep_slots(cache, open_seg, not spec.anchor_cache))
+    state = state.replace(cache=_rebase(cache, spec), next_pos=state.next_pos + v.sum(1), open_seg=open_seg)
+    return logits, _track(state, ~state.done, cache.capacity - T)
+
+
+def start_decode(state: GenState, spec: EngineSpec, slots: int) -> GenState:
+    """Resize the cache to `slots` (+1 for the token in flight) and locate each open sentence's tail
+    (the slots after the last one that is protected or not in the open sentence)."""
+    cache = resize(state.cache, slots + 1)
+    before_BxC = cache.valid & ((cache.seg != state.open_seg[:, None]) | cache.protected)
+    open_start_B = jnp.max(jnp.where(before_BxC, jnp.arange(1, cache.capacity + 1), 0), axis=1)
+    return state.replace(cache=cache, open_start=open_start_B.astype(jnp.int32))
+
+
+def feed_token(
+    cfg: ModelConfig,
+    spec: EngineSpec,
+    params,
+    state: GenState,
+    token_B: jax.Array,
+    protected_B: jax.Array | None = None,
+) -> tuple[jax.Array, GenState]:
+    """One decode step for the rows not done: append `token_B`, close its sentence if it is an anchor.
+
+    Returns (logits [B, V], state); the caller checks the capacity (`_track`).
+    """
+    active_B = ~state.done
+    anchor_B = is_anchor(token_B, spec.anchor_ids) & active_B
+    protected_B = protected_tokens(protected_B, state.next_pos, active_B, spec.sink_tokens)  # sinks: true positions
+    meta = TokenMeta(
+        doc=jnp.zeros_like(token_B)[:, None],
+        pos=_next_positions(state, spec)[:, None],
+        seg=state.open_seg[:, None],
+        anchor=anchor_B[:, None],
+        protected=protected_B[:, None],
+        valid=active_B[:, None],
+    )
+    logits, cache = Llama(cfg).apply(
+        {"params": params}, token_B[:, None], meta, state.cache, full_attention=not spec.anchor_cache
+    )
+    cache = cache.replace(length=jnp.where(active_B, cache.length, state.cache.length))
+    open_start = state.open_start
+    if spec.anchor_cache:
+        cache = close_sentence(cache, anchor_B, open_start)
+        open_start = jnp.where(anchor_B | protected_B, cache.length, open_start)
+    state = state.replace(
+        cache=_rebase(cache, spec),
+        next_pos=state.next_pos + active_B,
+        open_seg=state.open_seg + anchor_B,
+        open_start=open_start,
+    )
+    return logits[:, 0], state
+
+
+def sample_tokens(
+    logits_BxV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array
+) -> jax.Array:
+    """[B] next ids: argmax where temperature <= 0, else a draw after top-k then top-p filtering."""
+    greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+
+    def draw():
+        V = logits_BxV.shape[-1]
+        x_BxV = logits_BxV / jnp.maximum(temperature_B, 1e-6)[:, None]
+        sorted_BxV = jnp.flip(jnp.sort(x_BxV, axis=-1), axis=-1)
+        k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, V), V)
+        in_top_k = sorted_BxV >= jnp.take_along_axis(sorted_BxV, k_B[:, None] - 1, axis=1)
+        probs_BxV = jax.nn.softmax(jnp.where(in_top_k, sorted_BxV, -jnp.inf), axis=-1)
+        mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+        n_keep_B = jnp.maximum(jnp.sum(in_top_k & (mass_before_BxV < top_p_B[:, None]), axis=-1), 1)
+        cutoff_Bx1 = jnp.take_along_axis(sorted_BxV, n_keep_B[:, None] - 1, axis=1)
+        x_BxV = jnp.where(x_BxV >= cutoff_Bx1, x_BxV, -jnp.inf)
+        return jax.vmap(jax.random.categorical)(keys_B, x_BxV).astype(jnp.int32)
+
+    drawn_B = jax.lax.cond(jnp.any(temperature_B > 0), draw, lambda: greedy_B)
+    return jnp.where(temperature_B > 0, drawn_B, greedy_B)
+
+
+def decode_loop(
+    cfg: ModelConfig,
+    spec: EngineSpec,
+    slots: int,
+    max_new_tokens: int,
+    params,
+    state: GenState,
+    token_B: jax.Array,
+    protected_B: jax.Array,
+    sampling: Sampling,
+) -> DecodeCarry:
+    """Generate up to `max_new_tokens` per row in one `lax.while_loop`, starting by feeding `token_B`
+    (the last prompt token; `protected_B` [B] bool: it is protected)."""
+    state = start_decode(state, spec, slots)
+    B = token_B.shape[0]
+    row_keys = jax.vmap(jax.random.key)(sampling.seed)
+
+    def cond(c: DecodeCarry):
+        return (c.step < max_new_tokens) & ~jnp.all(c.state.done)
+
+    def body(c: DecodeCarry):
+        active_B = ~c.state.done
+        logits_BxV, st = feed_token(cfg, spec, params, c.state, c.token, c.protected)
+        keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, c.step)
+        nxt_B = sample_tokens(logits_BxV, keys_B, sampling.temperature, sampling.top_k, sampling.top_p)
+        if spec.ac_id >= 0:  # AC mode: force <AC> after max_sentence_tokens tokens without one
+            counted_BxC = st.cache.valid & (st.cache.seg == st.open_seg[:, None])
+            if spec.skip_bos:
+                counted_BxC &= st.cache.pos > 0
+            open_len_B = counted_BxC.sum(1)
+            force_B = (sampling.max_sentence_tokens > 0) & (open_len_B >= sampling.max_sentence_tokens)
+            nxt_B = jnp.where(force_B, spec.ac_id, nxt_B)
+        generated_B = c.generated + active_B
+        stop_B = (nxt_B[:, None] == sampling.stop_ids[None]).any(-1) | (generated_B >= max_new_tokens)
+        tokens = c.tokens.at[:, c.step].set(jnp.where(active_B, nxt_B, -1))
+        st = _track(st, active_B, st.cache.capacity - 1)  # before stopping: the last fed token counts too
+        st = st.replace(done=st.done | (active_B & stop_B))
+        return DecodeCarry(
+            state=st,
+            step=c.step + 1,
+            token=nxt_B,
+            protected=jnp.zeros_like(c.protected),
+            tokens=tokens,
+            generated=generated_B,
+        )
+
+    carry = DecodeCarry(
+        state=state,
+        step=jnp.zeros((), jnp.int32),
+        token=token_B,
+        protected=protected_B,
+        tokens=jnp.full((B, max_new_tokens), -1, jnp.int32),
+        generated=jnp.zeros((B,), jnp.int32),
+    )
+    return jax.lax.while_loop(cond, body, carry)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+@dataclasses.dataclass
+class Generation:
+    """One request's result: ids (prompt and generated), printable text, stats, or an error.
+
+    stats: prompt_tokens, generated_tokens; peak_cache_slots, the most slots the row kept
+    between steps (after compaction; a prefill chunk adds up to T in flight); full_cache_slots,
+    the tokens whose keys/values were computed (what a full cache holds at the end);
+    cache_reduction = 1 - peak / full; prefill/decode tokens per second of the row over its
+    batch's wall time (compilation excluded); the capacity and the decode buffer's size.
+    """
+
+    prompt_ids: list[int]
+    ids: list[int]
+    text: str
+    stats: dict[str, Any]
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class Prefilled:
+    """A prefilled batch: the state, its rows (dummies last), the number of real rows, capacity, seconds."""
+
+    state: GenState
+    rows: list[list[int]]
+    protected: list[list[bool]]  # per row and token
+    n: int
+    capacity: int
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """An engine's settings in one frozen value, checked when it is made (before any model loads).
+
+    cache: "anchor" | "full" | None (anchor when the model has anchor settings).
+    anchor_mode / anchors / max_sentence_tokens: override the model's anchor scheme
+    (`anjax.text.anchors.resolve_scheme`, which says so on stderr).
+    capacity: slots a row may keep (default: the whole request for a full cache,
+    min(that, DEFAULT_ANCHOR_CAPACITY) for an anchor cache). chunk_size: prefill chunk T.
+    positions: "true" | "reference" (the AnLLM authors' re-based positions, inexact).
+    sink_tokens: keep each row's first N tokens visible (extension). raw_prompts: tokenize
+    text prompts as they are (no <AC> inserted in AC mode). show_anchors: keep generated <AC>
+    tokens in `text`.
+    """
+
+    cache: str | None = None
+    anchor_mode: str | None = None
+    anchors: tuple[str, ...] | None = None
+    max_sentence_tokens: int | None = None
+    chunk_size: int = 256
+    capacity: int | None = None
+    batch_size: int = 8
+    positions: str = "true"
+    sink_tokens: int = 0
+    raw_prompts: bool = False
+    show_anchors: bool = False
+
+    def __post_init__(self):
+        if self.anchors is not None:
+            object.__setattr__(self, "anchors", tuple(self.anchors))
+        if self.cache not in (None, "anchor", "full"):
+            raise ValueError(f"cache must be 'anchor' or 'full', got {self.cache!r}")
+        if self.positions not in ("true", "reference"):
+            raise ValueError(f"positions must be 'true' or 'reference', got {self.positions!r}")
+        for name, value, low in (
+            ("chunk_size", self.chunk_size, 1),
+            ("batch_size", self.batch_size, 1),
+            ("capacity", 1 if self.capacity is None else self.capacity, 1),
+            ("sink_tokens", self.sink_tokens, 0),
+        ):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+class Engine:
+    """Batched generation with an anchor or a full cache (see the module docstring), set by an `EngineConfig`.
+
+    `self.scheme` is the model's anchor scheme with the config's overrides applied.
+    """
+
+    def __init__(self, cfg: ModelConfig, params, tokenizer=None, config: EngineConfig = EngineConfig()):
+        c = config
+        scheme, cfg, params = resolve_scheme(
+            cfg, tokenizer, params, mode=c.anchor_mode, tokens=c.anchors, max_sentence_tokens=c.max_sentence_tokens
+        )
+        mode, anchor_ids = scheme.mode, scheme.ids
+        cache = c.cache or ("anchor" if anchor_ids else "full")
+        if cache == "anchor" and not anchor_ids:
+            raise ValueError(
+                "an anchor cache needs anchor settings: the model has none; pass anchor_mode='ep' "
+                "(--anchor-mode ep) or use the full cache"
+            )
+        ac_id = anchor_ids[0] if mode == "ac" else -1
+        self.cfg, self.tokenizer, self.anchor_mode, self.scheme, self.config = cfg, tokenizer, mode, scheme, c
+        self.params = jax.device_put(params)
+        self.spec = EngineSpec(
+            anchor_cache=cache == "anchor",
+            anchor_ids=tuple(anchor_ids),
+            ac_id=ac_id,
+            skip_bos=scheme.add_bos,
+            sink_tokens=c.sink_tokens,
+            reference_positions=c.positions == "reference",
+        )
+        self.cache_kind, self.chunk_size, self.capacity, self.batch_size = cache, c.chunk_size, c.capacity, c.batch_size
+        self.raw_prompts, self.show_anchors = c.raw_prompts, c.show_anchors
+        self.runtime = Runtime()
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.runtime.compile_seconds
+
+    @classmethod
+    def load(cls, model: str | None = None, config: EngineConfig = EngineConfig()) -> Engine:
+        """An engine for any model argument of `anjax.io.loading.load_model` (None: the embedded SmolLM2).
+
+        Layers are loaded stacked (`scan_layers`): one layer body to compile, and faster decoding on CPU.
+        """
+        cfg, params, tokenizer = load_model(model, scan_layers=True)
+        return cls(cfg, params, tokenizer, config)
+
+    # ------------------------------------------------------------------ prompts
+
+    def encode(
+        self, text: str, max_sentence_tokens: int | None = None, protect: Sequence[str] = ()
+    ) -> tuple[list[int], list[bool]]:
+        """Prompt ids anchored by the model's scheme (`anjax.text.encode.Encoder.prompt`: like training;
+        the last sentence is closed iff the text ends one), and which of them `protect` covers.
+
+        `max_sentence_tokens` (not None) overrides the scheme's for this prompt (0: off).
+        `raw_prompts`: plain tokens (BOS by the scheme).
+        """
+        if not text.strip():
+            raise ValueError("the prompt is empty")
+        scheme = self.scheme
+        if self.raw_prompts:
+            scheme = scheme.replace(mode="none", tokens=(), ids=(), max_sentence_tokens=None)
+        elif max_sentence_tokens is not None and scheme.mode == "ac":
+            scheme = scheme.replace(max_sentence_tokens=max_sentence_tokens or None)
+        return Encoder(self.tokenizer, scheme).prompt(text, protect)
+
+    def decode_text(self, ids: Sequence[int], stop_ids: Sequence[int] = ()) -> str:
+        """Printable text of generated ids: stop ids dropped, <AC> hidden unless `show_anchors`."""
+        hidden = set(stop_ids) | ({self.spec.ac_id} if self.spec.ac_id >= 0 and not self.show_anchors else set())
+        return self.tokenizer.decode([i for i in ids if i not in hidden]) if self.tokenizer else ""
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop_ids: Sequence[int] | None = None,
+        max_sentence_tokens: int | None = None,
+        protect: Sequence[Sequence] | None = None,
+        raise_errors: bool = True,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Generation]:
+        """Generate for text prompts or id lists, in batches of `batch_size` (order preserved).
+
+        Greedy by default. `protect`, one entry per prompt: the parts that stay visible to
+        every later token and in the cache (extension) — strings of a text prompt (every
+        occurrence), or (start, end) token ranges of an id prompt.
+        A request whose cache would overflow raises CacheOverflowError,
+        or, with `raise_errors=False`, comes back with `error` set while the others are served.
+        `progress(n)` is called after each batch with the number of requests it finished.
+        """
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+        if not 0.0 < top_p <= 1.0 or top_k < 0 or temperature < 0:
+            raise ValueError(
+                f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got temperature={temperature}, "
+                f"top_k={top_k}, top_p={top_p}"
+            )
+        if max_sentence_tokens and self.spec.ac_id < 0:
+            raise ValueError("max_sentence_tokens forces <AC> tokens and needs anchor mode 'ac'")
+        if max_sentence_tokens is None:
+            max_sentence_tokens = self.scheme.max_sentence_tokens
+        if not prompts:
+            return []
+        protect = protect or [()] * len(prompts)
+        if len(protect) != len(prompts):
+            raise ValueError(f"protect needs one entry per prompt: {len(protect)} for {len(prompts)} prompts")
+        if self.spec.reference_positions and any(protect):
+            raise ValueError("protected spans need true positions (positions='true')")
+        ids, flags = [], []
+        for p, spans in zip(prompts, protect):
+            row, row_flags = (
+                self.encode(p, max_sentence_tokens, spans)
+                if isinstance(p, str)
+                else ([int(t) for t in p], span_flags(len(p), spans))
+            )
+            ids.append(row)
+            flags.append(row_flags)
+        for i, row in enumerate(ids):
+            if not row:
+                raise ValueError(f"prompt {i} is empty")
+            if bad := [t for t in row if not 0 <= t < self.cfg.vocab_size]:
+                raise ValueError(f"prompt {i} holds ids outside the vocabulary of {self.cfg.vocab_size}: {bad[:3]}")
+        if stop_ids is None:
+            stop_ids = () if self.cfg.eos_token_id is None else (self.cfg.eos_token_id,)
+        if len(stop_ids) > MAX_STOP_IDS:
+            raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(stop_ids)}")
+        results: dict[int, Generation] = {}
+        positions = self.cfg.max_position_embeddings
+        for i, row in enumerate(ids):  # sizes that cannot fit are refused before any work
+            if len(row) + max_new_tokens > positions:
+                error = (
+                    f"{len(row)} prompt tokens + {max_new_tokens} new tokens exceed the model's {positions} "
+                    "positions: shorten the prompt or lower --max-new-tokens"
+                )
+                if raise_errors:
+                    raise ValueError(f"prompt {i}: {error}")
+                results[i] = Generation(prompt_ids=row, ids=row, text="", stats={}, error=error)
+        if len(results) == len(ids):
+            return [results[i] for i in range(len(ids))]
+        longest = max(len(r) for i, r in enumerate(ids) if i not in results)
+        capacity = self.capacity or round_up(longest + max_new_tokens, 256)
+        if self.capacity is None and self.spec.anchor_cache:
+            capacity = min(capacity, DEFAULT_ANCHOR_CAPACITY)
+        chunk = min(self.chunk_size, 1 << max(4, (longest - 1).bit_length()))
+        sampling = dict(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_ids=tuple(stop_ids),
+            max_sentence_tokens=max_sentence_tokens or 0,
+        )
+        order = sorted((i for i in range(len(ids)) if i not in results), key=lambda i: -len(ids[i]))  # by length
+        batch = min(self.batch_size, len(order))
+        for start in range(0, len(order), batch):
+            rows = order[start : start + batch]
+            pre = self.prefill([ids[i] for i in rows], batch, chunk, capacity, [flags[i] for i in rows])
+            for i, g in zip(rows, self.decode(pre, max_new_tokens, **sampling)):
+                if g.error and raise_errors:
+                    raise CacheOverflowError(f"prompt {i}: {g.error}")
+                results[i] = g
+            if progress:
+                progress(len(rows))
+        return [results[i] for i in range(len(ids))]
+
+    def prefill(
+        self,
+        prompt_ids: list[list[int]],
+        batch: int,
+        chunk: int,
+        capacity: int,
+        protected: list[list[bool]] | None = None,
+    ) -> Prefilled:
+        """Prefill up to `batch` prompts (missing rows are dummies, done from the start).
+
+        `protected`: per prompt and token (default none). The buffer has
+        min(capacity, what the longest prompt can keep) + chunk slots.
+        """
+        n = len(prompt_ids)
+        rows = [list(r) for r in prompt_ids] + [[0]] * (batch - n)
+        flags = [list(map(bool, f)) for f in protected] if protected else [[False] * len(r) for r in prompt_ids]
+        flags += [[False]] * (batch - n)
+        tokens, valid = right_align([r[:-1] for r in rows], chunk)
+        protected_BxW = right_align([f[:-1] for f in flags], chunk)[0].astype(bool)
+        slots = min(capacity, bucket(max(len(r) for r in rows), BUCKET_LOW))
+        with self.runtime.timer() as timer:
+            state = init_state(self.cfg, batch, slots + chunk, np.arange(batch) >= n)
+            for c in range(0, tokens.shape[1], chunk):
+                state = self.runtime.call(
+                    prefill,
+                    (self.cfg, self.spec),
+                    self.params,
+                    state,
+                    tokens[:, c : c + chunk],
+                    valid[:, c : c + chunk],
+                    protected_BxW[:, c : c + chunk],
+                    donate=(1,),
+                )
+            jax.block_until_ready(state)
+        return Prefilled(state=state, rows=rows, protected=flags, n=n, capacity=capacity, seconds=timer.seconds)
+
+    def decode(
+        self,
+        pre: Prefilled,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop_ids: Sequence[int] = (),
+        max_sentence_tokens: int = 0,
+    ) -> list[Generation]:
+        """Generate for the real rows of a prefilled batch; the decode buffer is sized to what they can need."""
+        batch = len(pre.rows)
+        held = np.asarray(pre.state.cache.length)
+        slots = min(pre.capacity, bucket(int(held[: pre.n].max()) + max_new_tokens, BUCKET_LOW))
+        stops = np.full((MAX_STOP_IDS,), -1, np.int32)
+        stops[: len(stop_ids)] = stop_ids
+        samp = Sampling(
+            temperature=np.full(batch, temperature, np.float32),
+            top_k=np.full(batch, top_k, np.int32),
+            top_p=np.full(batch, top_p, np.float32),
+            seed=np.full(batch, seed, np.uint32),
+            stop_ids=stops,
+            max_sentence_tokens=np.int32(max_sentence_tokens),
+        )
+        last = np.array([r[-1] for r in pre.rows], np.int32)
+        last_protected = np.array([f[-1] for f in pre.protected], bool)
+        with self.runtime.timer() as timer:
+            carry = self.runtime.call(
+                decode_loop,
+                (self.cfg, self.spec, slots, max_new_tokens),
+                self.params,
+                pre.state,
+                last,
+                last_protected,
+                samp,
+            )
+            generated, out_ids = np.asarray(carry.generated), np.asarray(carry.tokens)
+        decode_s = timer.seconds
+        peak, overflow = np.asarray(carry.state.peak), np.asarray(carry.state.overflow)
+        cfg = self.cfg
+        kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+        results = []
+        for b, row in enumerate(pre.rows[: pre.n]):
+            new = out_ids[b, : generated[b]].tolist()
+            full = len(row) + len(new) - 1  # tokens whose keys/values were computed
+            stats = dict(
+                prompt_tokens=len(row),
+                generated_tokens=len(new),
+                protected_tokens=sum(pre.protected[b]),
+                peak_cache_slots=int(peak[b]),
+                full_cache_slots=full,
+                cache_reduction=round(1 - int(peak[b]) / max(full, 1), 4),
+                prefill_tokens_per_s=round((len(row) - 1) / max(pre.seconds, 1e-9), 1),
+                decode_tokens_per_s=round(len(new) / max(decode_s, 1e-9), 1),
+                prefill_s=round(pre.seconds, 4),
+                decode_s=round(decode_s, 4),
+                cache=self.cache_kind,
+                capacity=pre.capacity,
+                decode_buffer_slots=slots + 1,
+                decode_buffer_bytes=(slots + 1) * kv_bytes,
+            )
+            results.append(
+                Generation(
+                    prompt_ids=row,
+                    ids=row + new,
+                    text=self.decode_text(new, stop_ids),
+                    stats=stats,
+                    error=self._overflow_message(overflow[b], pre.capacity),
+                )
+            )
+        return results
+
+    def _overflow_message(self, info: np.ndarray, capacity: int) -> str | None:
+        need, anchors, open_len, protected = info.tolist()
+        if not need:
+            return None
+        if not self.spec.anchor_cache:
+            return f"the full cache would need {need} slots but the capacity is {capacity}: raise --capacity"
+        held = f"{anchors} anchors, " + (f"{protected} protected tokens, " if protected else "")
+        return (
+            f"the anchor cache would need {need} slots ({held}an open sentence of {open_len} tokens) "
+            f"but the capacity is {capacity}: raise --capacity"
+            + (" or set --max-sentence-tokens" if self.spec.ac_id >= 0 else "")
+        )
+
+
+def prefill(cfg, spec, params, state, tokens_BxT, valid_BxT, protected_BxT=None) -> GenState:
+    """`prefill_step` without its logits (XLA then skips the vocabulary projection): the engine's and the
+    scorer's one prefill of a chunk [B, T]."""
+    return prefill_step(cfg, spec, params, state, tokens_BxT, valid_BxT, protected_BxT)[1]
+
+
+def span_flags(n: int, spans: Sequence[Sequence[int]]) -> list[bool]:
+    """[n] bool: token i lies in one of the (start, end) ranges (end exclusive; 0 <= start < end <= n)."""
+    flags = [False] * n
+    for span in spans:
+        if (
+            isinstance(span, str)
+            or len(span) != 2
+            or not all(isinstance(x, int) for x in span)
+            or not 0 <= span[0] < span[1] <= n
+        ):
+            raise ValueError(f"a protected span must be (start, end) with 0 <= start < end <= {n}, got {span!r}")
+        flags[span[0] : span[1]] = [True] * (span[1] - span[0])
+    return flags

