@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             param_dtype=cfg.param_dtype,
             remat=cfg.remat,
             scan_layers=cfg.scan_layers,
+            attention=cfg.attention,
         ),
         "peak_flops_per_device": target.peak_flops,
         "hbm_bytes_per_s_per_device": target.hbm_bytes_per_s,

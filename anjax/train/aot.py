@@ -169,7 +169,7 @@ def model_config(rc: run_config.RunConfig, shape: str | None = None) -> ModelCon
                 f"({', '.join(MODEL_SHAPES)}) or a local HF directory with config.json"
             )
         base = MODEL_SHAPES[shape]
-    runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers)
+    runtime = m.runtime()
     if m.from_scratch:  # train.py: defaults + the tokenizer's vocabulary and special ids + arch
         base = ModelConfig(
             vocab_size=base.vocab_size,

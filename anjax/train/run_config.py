@@ -40,6 +40,16 @@ class ModelSection:
     scan_layers: bool = False  # nn.scan over the layer stack (faster compiles for deep models)
     attention: str = "dense"  # dense | sparse (exact block-sparse, no [T x T] logits) | auto (sparse for long rows)
 
+    def runtime(self) -> dict:
+        """The ModelConfig fields this section sets on top of the model's own (how it runs, not what it is)."""
+        return dict(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            remat=self.remat,
+            scan_layers=self.scan_layers,
+            attention=self.attention,
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class AnchorSection:

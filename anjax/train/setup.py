@@ -30,9 +30,7 @@ def fresh_model(rc: run_config.RunConfig) -> tuple[ModelConfig, dict | None, obj
     which also gives `<AC>` an embedding row initialised by `anchors.ac_init`).
     """
     m = rc.model
-    runtime = dict(
-        dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers, attention=m.attention
-    )
+    runtime = m.runtime()
     if m.from_scratch:
         tokenizer, params = load_tokenizer(m.path), None
         if rc.anchors.mode == "ac":
