@@ -13,6 +13,16 @@ from typing import Any
 
 ANCHOR_MODES = ("none", "ep", "ac")
 AC_TOKEN = "<AC>"
+# The ModelConfig fields that store the anchor scheme (anjax.text.anchors.AnchorScheme); the HF export's "anjax" block.
+ANCHOR_SCHEME_FIELDS = (
+    "anchor_mode",
+    "anchor_tokens",
+    "anchor_ids",
+    "add_bos",
+    "max_sentence_tokens",
+    "sentence_splitter",
+    "final_sentence",
+)
 SENTENCE_SPLITTERS = ("pysbd-en",)  # anjax.text.encode.split_sentences
 FINAL_SENTENCE_RULES = ("terminated",)  # anjax.text.encode.ends_sentence
 

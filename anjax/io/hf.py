@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from anjax.core.config import ModelConfig
+from anjax.core.config import ANCHOR_SCHEME_FIELDS, ModelConfig
 from anjax.core.params import stack_layers
 from anjax.io import outputs
 
@@ -67,15 +67,7 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
 
 def scheme_from_block(block: dict[str, Any]) -> dict[str, Any]:
     """The `ModelConfig` anchor-scheme fields of a config.json "anjax" block (older blocks lack some)."""
-    known = {
-        "anchor_mode",
-        "anchor_tokens",
-        "anchor_ids",
-        "add_bos",
-        "max_sentence_tokens",
-        "sentence_splitter",
-        "final_sentence",
-    }
+    known = set(ANCHOR_SCHEME_FIELDS)
     if unknown := sorted(set(block) - known):
         raise ModelFormatError(f'config.json "anjax" block has unknown keys {unknown}: written by a newer anjax?')
     out = {k: v for k, v in block.items()}
@@ -115,15 +107,7 @@ def hf_config_from(cfg: ModelConfig) -> dict[str, Any]:
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
         "torch_dtype": "float32",
-        "anjax": {
-            "anchor_mode": cfg.anchor_mode,
-            "anchor_tokens": list(cfg.anchor_tokens),
-            "anchor_ids": list(cfg.anchor_ids),
-            "add_bos": cfg.add_bos,
-            "max_sentence_tokens": cfg.max_sentence_tokens,
-            "sentence_splitter": cfg.sentence_splitter,
-            "final_sentence": cfg.final_sentence,
-        },
+        "anjax": {k: v for k, v in cfg.to_dict().items() if k in ANCHOR_SCHEME_FIELDS},
     }
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from anjax.core.config import ModelConfig
+from anjax.core.config import ANCHOR_SCHEME_FIELDS, ModelConfig
 from anjax.train.data import DataConfig
 
 
@@ -149,23 +149,7 @@ class RunConfig:
                 f"{self.train.distill_weight} and {self.train.distill_temperature}"
             )
         _check_fields(ModelConfig, self.model.arch, "model.arch")
-        elsewhere = sorted(
-            set(self.model.arch)
-            & {
-                "dtype",
-                "param_dtype",
-                "remat",
-                "scan_layers",
-                "attention",
-                "anchor_mode",
-                "anchor_tokens",
-                "anchor_ids",
-                "add_bos",
-                "max_sentence_tokens",
-                "sentence_splitter",
-                "final_sentence",
-            }
-        )
+        elsewhere = sorted(set(self.model.arch) & {*self.model.runtime(), *ANCHOR_SCHEME_FIELDS})
         if elsewhere:
             raise ValueError(f"model.arch.{elsewhere[0]}: set it with model.{elsewhere[0]} or the anchors section")
 
