@@ -219,10 +219,12 @@ def test_compact_is_stable_and_moves_kept_slots_to_front():
     cfg, _ = tiny_model()
     state = init_state(cfg, 2, 6, np.zeros(2, bool))
     cache = state.cache.replace(
-        pos=jnp.array([[0, 1, 2, 3, 4, 5]] * 2),
-        seg=jnp.array([[0, 0, 1, 1, 2, 2]] * 2),
-        anchor=jnp.array([[0, 1, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]], bool),
-        valid=jnp.array([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], bool),
+        meta=state.cache.meta.replace(
+            pos=jnp.array([[0, 1, 2, 3, 4, 5]] * 2),
+            seg=jnp.array([[0, 0, 1, 1, 2, 2]] * 2),
+            anchor=jnp.array([[0, 1, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]], bool),
+            valid=jnp.array([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], bool),
+        ),
         keys=jnp.arange(6.0)[None, None, None, :, None] * jnp.ones(cache_shape(cfg)),
         length=jnp.array([5, 6]),
     )

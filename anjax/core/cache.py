@@ -22,11 +22,7 @@ class KVCache:
 
     keys: jax.Array
     values: jax.Array
-    pos: jax.Array
-    seg: jax.Array
-    anchor: jax.Array
-    protected: jax.Array
-    valid: jax.Array
+    meta: TokenMeta  # per slot, every field [B, C]; doc is 0 (one document per row)
     length: jax.Array
 
     @property
@@ -34,29 +30,38 @@ class KVCache:
         return self.keys.shape[3]
 
     def slot_meta(self) -> TokenMeta:
-        """Metadata of the C slots as keys (one document per row)."""
-        return TokenMeta(
-            doc=jnp.zeros_like(self.pos),
-            pos=self.pos,
-            seg=self.seg,
-            anchor=self.anchor,
-            protected=self.protected,
-            valid=self.valid,
-        )
+        """Metadata of the C slots as keys."""
+        return self.meta
+
+    pos = property(lambda self: self.meta.pos)
+    seg = property(lambda self: self.meta.seg)
+    anchor = property(lambda self: self.meta.anchor)
+    protected = property(lambda self: self.meta.protected)
+    valid = property(lambda self: self.meta.valid)
+
+    def map_slots(self, slot_fn, meta_fn=None) -> KVCache:
+        """The cache with `slot_fn` applied to keys/values [L, B, K, C, D] and `meta_fn` (default: `slot_fn`) to
+        every metadata field [B, C]: the one place that lists what a slot holds."""
+        meta_fn = meta_fn or slot_fn
+        return self.replace(keys=slot_fn(self.keys), values=slot_fn(self.values), meta=jax.tree.map(meta_fn, self.meta))
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
     """An empty cache: no valid slot, length 0."""
     kv_shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
-    meta = lambda dtype: jnp.zeros((batch, capacity), dtype)  # distinct buffers (donation-safe)
+    slots = lambda dtype: jnp.zeros((batch, capacity), dtype)  # distinct buffers (donation-safe)
+    meta = TokenMeta(
+        doc=slots(jnp.int32),
+        pos=slots(jnp.int32),
+        seg=slots(jnp.int32),
+        anchor=slots(bool),
+        protected=slots(bool),
+        valid=slots(bool),
+    )
     return KVCache(
         keys=jnp.zeros(kv_shape, dtype),
         values=jnp.zeros(kv_shape, dtype),
-        pos=meta(jnp.int32),
-        seg=meta(jnp.int32),
-        anchor=meta(bool),
-        protected=meta(bool),
-        valid=meta(bool),
+        meta=meta,
         length=jnp.zeros((batch,), jnp.int32),
     )
 
@@ -89,12 +94,9 @@ def append_meta(cache: KVCache, meta: TokenMeta) -> KVCache:
     The model writes the chunk's keys/values for all layers (`write_slots`).
     """
     off = cache.length
+    meta = meta.replace(doc=jnp.zeros_like(meta.doc))  # one document per cache row
     return cache.replace(
-        pos=write_rows(cache.pos, meta.pos, off),
-        seg=write_rows(cache.seg, meta.seg, off),
-        anchor=write_rows(cache.anchor, meta.anchor, off),
-        protected=write_rows(cache.protected, meta.protected, off),
-        valid=write_rows(cache.valid, meta.valid, off),
+        meta=jax.tree.map(lambda slot, chunk: write_rows(slot, chunk, off), cache.meta, meta),
         length=cache.length + meta.pos.shape[1],
     )
 
@@ -129,16 +131,7 @@ def compact(cache: KVCache, keep_BxC: jax.Array) -> KVCache:
         x = jnp.take_along_axis(x_LxBxKxCxD, order_BxC[None, :, None, :, None], axis=3)
         return jnp.where(live_BxC[None, :, None, :, None], x, jnp.zeros((), x.dtype))
 
-    return KVCache(
-        keys=take_kv(cache.keys),
-        values=take_kv(cache.values),
-        pos=take_meta(cache.pos),
-        seg=take_meta(cache.seg),
-        anchor=take_meta(cache.anchor),
-        protected=take_meta(cache.protected),
-        valid=take_meta(cache.valid),
-        length=length_B,
-    )
+    return cache.map_slots(take_kv, take_meta).replace(length=length_B)
 
 
 def close_sentence(cache: KVCache, close_B: jax.Array, open_start_B: jax.Array) -> KVCache:
@@ -168,16 +161,9 @@ def close_sentence(cache: KVCache, close_B: jax.Array, open_start_B: jax.Array) 
         )
 
     live_BxC = jnp.arange(cache.capacity) < length_B[:, None]
-    return KVCache(
-        keys=move_kv(cache.keys),
-        values=move_kv(cache.values),
-        pos=move_meta(cache.pos),
-        seg=move_meta(cache.seg),
-        anchor=move_meta(cache.anchor),
-        protected=move_meta(cache.protected),
-        valid=move_meta(cache.valid & ~hole_BxC) & live_BxC,
-        length=length_B,
-    )
+    moved = cache.map_slots(move_kv, move_meta)
+    valid_BxC = move_meta(cache.valid & ~hole_BxC) & live_BxC
+    return moved.replace(meta=moved.meta.replace(valid=valid_BxC), length=length_B)
 
 
 def resize(cache: KVCache, capacity: int) -> KVCache:
@@ -189,12 +175,4 @@ def resize(cache: KVCache, capacity: int) -> KVCache:
             return jax.lax.slice_in_dim(x, 0, capacity, axis=axis)
         return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
 
-    return cache.replace(
-        keys=fit(cache.keys, 3),
-        values=fit(cache.values, 3),
-        pos=fit(cache.pos, 1),
-        seg=fit(cache.seg, 1),
-        anchor=fit(cache.anchor, 1),
-        protected=fit(cache.protected, 1),
-        valid=fit(cache.valid, 1),
-    )
+    return cache.map_slots(lambda kv: fit(kv, 3), lambda meta: fit(meta, 1))

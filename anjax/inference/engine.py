@@ -144,7 +144,7 @@ def _rebase(cache: KVCache, spec: EngineSpec) -> KVCache:
     """Reference positions: every kept slot's position becomes its slot index."""
     if not spec.reference_positions:
         return cache
-    return cache.replace(pos=jnp.where(cache.valid, jnp.arange(cache.capacity), 0))
+    return cache.replace(meta=cache.meta.replace(pos=jnp.where(cache.valid, jnp.arange(cache.capacity), 0)))
 
 
 def _track(state: GenState, active_B: jax.Array, limit: int) -> GenState:

@@ -233,16 +233,7 @@ def _broadcast(state: GenState, slots: int, k: int) -> GenState:
         return jnp.repeat(jnp.pad(x, pad), k, axis=batch_axis)
 
     c = state.cache
-    cache = c.replace(
-        keys=fit(c.keys, 3, 1),
-        values=fit(c.values, 3, 1),
-        pos=fit(c.pos, 1, 0),
-        seg=fit(c.seg, 1, 0),
-        anchor=fit(c.anchor, 1, 0),
-        protected=fit(c.protected, 1, 0),
-        valid=fit(c.valid, 1, 0),
-        length=jnp.repeat(c.length, k),
-    )
+    cache = c.map_slots(lambda kv: fit(kv, 3, 1), lambda meta: fit(meta, 1, 0)).replace(length=jnp.repeat(c.length, k))
     rep = lambda x: jnp.repeat(x, k, axis=0)
     return jax.tree.map(rep, state.replace(cache=None)).replace(cache=cache)
 
