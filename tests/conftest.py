@@ -31,11 +31,10 @@ def _tiny_tokenizer_json() -> str:
     return tok.to_str()
 
 
-@pytest.fixture
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
+def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A fresh byte-level BPE tokenizer (vocab ~400; pad 0, bos <s> 1, eos </s> 2; no <AC>).
 
-    ".", "?", "!", "," are single tokens. Function-scoped: tests may add tokens.
+    ".", "?", "!", "," are single tokens.
     """
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
@@ -43,3 +42,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         eos_token="</s>",
         pad_token="<pad>",
     )
+
+
+@pytest.fixture
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """`make_tiny_tokenizer()`, function-scoped: tests may add tokens."""
+    return make_tiny_tokenizer()

@@ -13,7 +13,7 @@ import string
 import jax
 import numpy as np
 import pytest
-from conftest import _tiny_tokenizer_json
+from conftest import make_tiny_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -29,12 +29,7 @@ from anjax.text.encode import Encoder, ends_sentence, split_sentences
 
 @functools.lru_cache(maxsize=1)
 def _bpe() -> PreTrainedTokenizerFast:
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-    )
+    tok = make_tiny_tokenizer()
     anchors.add_ac_token(tok)
     return tok
 
@@ -197,12 +192,7 @@ def test_forced_ac_counts_like_training(add_bos):
 
 @pytest.mark.parametrize("init", ["mean", "copy"])
 def test_ac_in_padding_rows_is_initialised_like_a_new_row(init):
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-    )
+    tok = make_tiny_tokenizer()
     n = len(tok)
     cfg = tiny_config(vocab_size=n + 64, tie_embeddings=False)  # padded past the tokenizer
     params = init_params(cfg, jax.random.PRNGKey(0))

@@ -63,16 +63,9 @@ def files(root):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from conftest import _tiny_tokenizer_json
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
+    from conftest import make_tiny_tokenizer
 
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-    )
+    tok = make_tiny_tokenizer()
     cfg = tiny_config(vocab_size=len(tok))
     return hf.save_hf_dir(cfg, init_params(cfg, jax.random.key(0)), tok, tmp_path_factory.mktemp("m") / "model")
 

@@ -43,16 +43,9 @@ def test_harness_task_reads_the_local_documents(tmp_path, monkeypatch, name):
 @needs_data
 def test_readme_command_offline(tmp_path):
     """`python -m anjax.lm_eval_adapter --model anjax ... --tasks arc_easy` with no network."""
-    from conftest import _tiny_tokenizer_json
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
+    from conftest import make_tiny_tokenizer
 
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-    )
+    tok = make_tiny_tokenizer()
     cfg = tiny_config(vocab_size=len(tok))
     model = hf.save_hf_dir(cfg, init_params(cfg, jax.random.key(0)), tok, tmp_path / "model")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
