@@ -15,6 +15,7 @@ BASE_MODEL=${BASE_MODEL:-}            # empty = the embedded SmolLM2-135M-Instru
 TASKS=${TASKS:-obqa,winogrande,arc_easy,arc_challenge,piqa,hellaswag,sciq,boolq}
 LIMIT=${LIMIT:-10}                    # documents per task
 TRAIN_SET=${TRAIN_SET:-}              # extra train.py overrides, e.g. "train.steps=10"
+DATA=${DATA:-auto}                    # auto = data/corpus when built (python -m anjax.corpus), else the embedded corpus
 PROMPT=${PROMPT:-"The Python interpreter reads a program. It parses the text into tokens. Then"}
 base_arg=(); [ -n "$BASE_MODEL" ] && base_arg=(--model "$BASE_MODEL")
 stage() { echo; echo "=== [$1/5] $2 ($(date +%H:%M:%S))"; }
@@ -23,9 +24,14 @@ stage 1 "evaluate the base model: $TASKS, $LIMIT docs each, zero-shot"
 $PY -m anjax.evaluate "${base_arg[@]}" --tasks "$TASKS" --limit "$LIMIT" --shots 0 --cache full,anchor \
     --anchor-mode ep --out-dir "$RUN/eval" --name before
 
-stage 2 "continued pre-training as AnLLM-AC ($CONFIG)"
+if [ "$DATA" = auto ]; then
+    if [ -f data/corpus/dataset_dict.json ]; then DATA=data/corpus; else
+        DATA=embedded; echo "note: training on the embedded corpus; build the larger one with: $PY -m anjax.corpus"; fi
+fi
+data_arg=(); [ "$DATA" != embedded ] && data_arg=("data.path=$DATA")
+stage 2 "continued pre-training as AnLLM-AC ($CONFIG, data: $DATA)"
 # shellcheck disable=SC2086
-$PY train.py --config "$CONFIG" --set run.dir="$RUN" checkpoint.export_hf=false $TRAIN_SET
+$PY train.py --config "$CONFIG" --set run.dir="$RUN" checkpoint.export_hf=false "${data_arg[@]}" $TRAIN_SET
 
 stage 3 "export to Hugging Face format"
 $PY -m anjax.export --model "$RUN" --out "$RUN/hf"

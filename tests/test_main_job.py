@@ -23,6 +23,7 @@ def test_main_job_smoke(tmp_path):
         RUN=str(run),
         TASKS="arc_easy",
         LIMIT="2",
+        DATA="embedded",
         TRAIN_SET="train.steps=3 eval.every=3 checkpoint.every=3",
         ANJAX_EVAL_DATA=str(ROOT / "tests/data/tasks"),
     )
