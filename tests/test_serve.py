@@ -102,7 +102,7 @@ def get(url: str) -> str:
 
 
 def metric(url: str, name: str) -> float:
-    return float(re.search(rf"^{name} (\S+)$", get(url + "/metrics"), re.M).group(1))
+    return float(re.search(rf"^{re.escape(name)} (\S+)$", get(url + "/metrics"), re.M).group(1))
 
 
 def test_greedy_and_seeded_completions_equal_engine_generate(served):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+OUTCOMES = ("ok", "cancelled", "error")  # ok: served to its end; cancelled: the client left; error: refused late
+
 
 class Metrics:
     """Counters and gauges that `GET /metrics` shows; `text()` is the Prometheus text format."""
@@ -11,6 +13,8 @@ class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("anjax_requests", "Requests ended, by outcome", ["outcome"], registry=r)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
         self.prompt_tokens = Counter("anjax_prompt_tokens", "Prompt tokens of served requests", registry=r)
         self.generation_tokens = Counter("anjax_generation_tokens", "Tokens generated", registry=r)
         self.queue_length = Gauge("anjax_queue_length", "Requests waiting for a slot", registry=r)
