@@ -278,7 +278,7 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path):
 
         def run(prompt):
             stream = client.completions.create(
-                model="m", prompt=prompt, temperature=0, max_tokens=60, stream=True, stop=["never"]
+                model="m", prompt=prompt, temperature=0, max_tokens=100, stream=True, stop=["never"]
             )
             chunks = [next(iter(stream))]
             started.wait()
