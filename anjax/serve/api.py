@@ -30,6 +30,7 @@ from anjax.serve import scheduler as sched
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 DEFAULT_CHAT_TOKENS = 256  # chat's default, cut to what fits the model's positions
+DISCONNECT_POLL_S = 1.0  # a waiting non-streamed request checks this often whether its client left
 
 
 class _Body(BaseModel):
@@ -166,16 +167,16 @@ def create_app(scheduler: sched.Scheduler, model_name: str) -> FastAPI:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "anjax"}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
+    async def completions(body: CompletionBody, http: Request):
         prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
         try:
             ids, flags = engine.encode(prompt) if isinstance(prompt, str) else (list(prompt), [False] * len(prompt))
         except ValueError as e:
             return error(400, str(e), "prompt")
-        return await serve(body, ids, flags, body.max_tokens or DEFAULT_COMPLETION_TOKENS, chat=False)
+        return await serve(http, body, ids, flags, body.max_tokens or DEFAULT_COMPLETION_TOKENS, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody):
+    async def chat(body: ChatBody, http: Request):
         tok = engine.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             return error(400, "the model's tokenizer has no chat template: use /v1/completions", "messages")
@@ -188,9 +189,23 @@ def create_app(scheduler: sched.Scheduler, model_name: str) -> FastAPI:
         if not engine.spec.anchor_cache:
             room = min(room, scheduler.capacity - len(ids) + 1)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, min(DEFAULT_CHAT_TOKENS, room))
-        return await serve(body, ids, flags, max_tokens, chat=True)
+        return await serve(http, body, ids, flags, max_tokens, chat=True)
 
-    async def serve(body: _Body, ids, flags, max_tokens: int, chat: bool):
+    async def next_event(http: Request, events: asyncio.Queue, request: sched.Request) -> sched.Event:
+        """The request's next event; a Failure, with the request cancelled, if the client leaves before it comes."""
+        try:
+            while True:
+                try:
+                    return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                except TimeoutError:
+                    if await http.is_disconnected():
+                        scheduler.cancel(request)
+                        return sched.Failure("the client closed the connection", 499)
+        except asyncio.CancelledError:
+            scheduler.cancel(request)
+            raise
+
+    async def serve(http: Request, body: _Body, ids, flags, max_tokens: int, chat: bool):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         temperature = 1.0 if body.temperature is None else body.temperature
@@ -214,25 +229,17 @@ def create_app(scheduler: sched.Scheduler, model_name: str) -> FastAPI:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         head = dict(id=rid, created=created, model=body.model or model_name)
-        try:
-            first = await events.get()
-        except asyncio.CancelledError:
-            scheduler.cancel(request)
-            raise
+        first = await next_event(http, events, request)
         if isinstance(first, sched.Failure):
             return error(first.status, first.message)
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
             return EventStream(stream(head, first, events, chat, usage), lambda: scheduler.cancel(request))
         text, token_ids, event = [], [], first
-        try:
-            while isinstance(event, sched.Delta):
-                text.append(event.text)
-                token_ids += event.ids
-                event = await events.get()
-        except asyncio.CancelledError:
-            scheduler.cancel(request)
-            raise
+        while isinstance(event, sched.Delta):
+            text.append(event.text)
+            token_ids += event.ids
+            event = await next_event(http, events, request)
         if isinstance(event, sched.Failure):
             return error(event.status, event.message)
         choice = dict(index=0, finish_reason=event.reason, logprobs=None, token_ids=token_ids)

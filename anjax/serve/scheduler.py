@@ -6,7 +6,7 @@
 
 The device holds one `Slots` value: N rows of a decode cache of C + 1 slots (C = `capacity`) and
 per-row sampling arrays [N]. One host thread (`Scheduler.run`) loops:
-1. insert: while a slot is free and a request waits, prefill it alone (batch 1, chunks of the engine's
+1. insert: if a slot is free and a request waits, prefill it alone (batch 1, chunks of the engine's
    chunk size: `Engine.prefill`, the one prefill) and write its row into the free slot (`insert`, the
    slot index a traced argument: one executable per prefill bucket);
 2. generate: one `generate_step` for all N rows (`anjax.inference.engine.decode_step`; free rows are
@@ -309,7 +309,8 @@ class Scheduler:
             return request
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free slots."""
+        """Prefill the first waiting request into a free slot: one per decode step, so the requests
+        in the slots keep generating while the queue drains."""
         eng = self.engine
         while None in self.owner and (r := self._pop()) is not None:
             try:
@@ -339,6 +340,7 @@ class Scheduler:
             )
             self.owner[b] = r
             self.metrics.slots_in_use.set(self.slots_in_use())
+            return
 
     def _step(self) -> None:
         """One decode step; deliver each new id; free the slots whose request stopped."""
