@@ -25,6 +25,8 @@ import pytest
 import uvicorn
 from conftest import make_tiny_tokenizer
 
+from anjax import cli
+from anjax.cli.serve import parse_args
 from anjax.core.config import tiny_config
 from anjax.core.model import init_params
 from anjax.inference.engine import Engine, EngineConfig
@@ -170,6 +172,7 @@ def test_visible_text_holds_back_stop_prefixes_and_partial_characters():
     assert visible_text("hello wo", ["world"]) == 6
     assert visible_text("hello", ["xyz"]) == 5
     assert visible_text("caf\ufffd", []) == 3
+    assert visible_text("xab", ["abc", "bz"]) == 1
 
 
 def test_client_disconnect_frees_the_slot(served):
@@ -252,6 +255,20 @@ def test_full_queue_refuses_and_full_cache_admission_checks_capacity():
     full.check(make(60, 5))
     with pytest.raises(ValueError, match="full cache"):
         full.check(make(60, 6))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--slots", "0"], "--slots must be >= 1"),
+        (["--capacity", "-5"], "--capacity must be >= 1"),
+        (["--port", "70000"], "--port must be <= 65535"),
+        (["--drain-seconds", "-1"], "--drain-seconds must be >= 0"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(args, message):
+    with pytest.raises(cli.UsageError, match=message):
+        parse_args(args)
 
 
 @pytest.mark.slow  # a server subprocess

@@ -192,11 +192,11 @@ def generate_step(cfg: ModelConfig, spec: EngineSpec, params, slots: Slots, canc
 
 def visible_text(text: str, stops: Sequence[str]) -> int:
     """How much of `text` may be sent now: not an incomplete UTF-8 character, nor a start of a stop string."""
-    safe = len(text.rstrip("\ufffd"))
+    end = safe = len(text.rstrip("\ufffd"))
     for s in stops:
-        for k in range(min(len(s) - 1, safe), 0, -1):
-            if text[:safe].endswith(s[:k]):
-                safe -= k
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[:end].endswith(s[:k]):
+                safe = min(safe, end - k)
                 break
     return safe
 
