@@ -79,13 +79,13 @@ class ServerThread:
 
 @pytest.fixture(scope="module")
 def served():
-    """(openai client, base url, a second Engine on the same model for reference outputs)."""
+    """(openai client, base url, a second Engine on the same model for reference outputs, the scheduler)."""
     cfg, params, tok = tiny_model()
     engine = Engine(cfg, params, tok, CONFIG)
     scheduler = Scheduler(engine, slots=8, capacity=CONFIG.capacity, metrics=Metrics(), max_queue=32)
     server = ServerThread(create_app(scheduler, "tiny"))
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-    yield client, server.url, Engine(cfg, params, make_tiny_tokenizer(), CONFIG)
+    yield client, server.url, Engine(cfg, params, make_tiny_tokenizer(), CONFIG), scheduler
     server.stop()
 
 
@@ -108,7 +108,7 @@ def metric(url: str, name: str) -> float:
 
 
 def test_greedy_and_seeded_completions_equal_engine_generate(served):
-    client, _, engine = served
+    client, _, engine, _ = served
     for prompt in PROMPTS[:3]:
         want = engine.generate([prompt], max_new_tokens=12)[0]
         got = complete(client, prompt)
@@ -122,7 +122,7 @@ def test_greedy_and_seeded_completions_equal_engine_generate(served):
 
 
 def test_batch_invariance_eight_concurrent_requests_equal_each_alone(served):
-    client, _, _ = served
+    client, *_ = served
     for kw in (dict(), dict(temperature=1.0, seed=11)):
         alone = [ids_of(complete(client, p, max_tokens=16, **kw)) for p in PROMPTS]
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -130,8 +130,21 @@ def test_batch_invariance_eight_concurrent_requests_equal_each_alone(served):
         assert together == alone
 
 
+def test_new_sampling_values_stops_and_lengths_compile_nothing(served):
+    client, _, _, scheduler = served
+    complete(client, PROMPTS[0])  # compiles what prompts of this bucket need
+    before = dict(scheduler.engine.runtime.executables)
+    for kw in (
+        dict(temperature=0.5, top_p=0.9, seed=3),
+        dict(temperature=1.3, seed=4, stop=["e", "th"], extra_body={"top_k": 5}),
+        dict(max_tokens=3),
+    ):
+        complete(client, PROMPTS[1], **kw)
+    assert scheduler.engine.runtime.executables == before
+
+
 def test_streaming_chat_and_completions_equal_non_streaming(served):
-    client, _, _ = served
+    client, *_ = served
     whole = complete(client, PROMPTS[0])
     parts = list(client.completions.create(model="tiny", prompt=PROMPTS[0], temperature=0, max_tokens=12, stream=True))
     assert "".join(c.choices[0].text for c in parts) == whole.text
@@ -155,7 +168,7 @@ def test_streaming_chat_and_completions_equal_non_streaming(served):
 
 
 def test_stop_strings_and_max_tokens(served):
-    client, _, _ = served
+    client, *_ = served
     full = complete(client, PROMPTS[2], max_tokens=20)
     assert full.finish_reason == "length" and len(ids_of(full)) == 20
     stop = full.text[len(full.text) // 2 :][:2]
@@ -176,7 +189,7 @@ def test_visible_text_holds_back_stop_prefixes_and_partial_characters():
 
 
 def test_client_disconnect_frees_the_slot(served):
-    client, url, _ = served
+    client, url, *_ = served
     before = metric(url, 'anjax_requests_total{outcome="cancelled"}')
     stream = client.completions.create(model="tiny", prompt=PROMPTS[3], temperature=0, max_tokens=100, stream=True)
     next(iter(stream))
@@ -226,7 +239,7 @@ MALFORMED = [
 
 
 def test_malformed_requests_are_400_with_a_message_and_the_server_stays_healthy(served):
-    client, url, _ = served
+    client, url, *_ = served
     for body in MALFORMED:
         path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
         req = urllib.request.Request(url + path, data=body, headers={"Content-Type": "application/json"})

@@ -30,6 +30,7 @@ from anjax.serve import scheduler as sched
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 DEFAULT_CHAT_TOKENS = 256  # chat's default, cut to what fits the model's positions
+ERROR_TYPES = {429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}  # else invalid_request
 DISCONNECT_POLL_S = 1.0  # a waiting non-streamed request checks this often whether its client left
 
 
@@ -114,7 +115,7 @@ class ChatBody(_Body):
 
 def error(status: int, message: str, param: str | None = None) -> JSONResponse:
     """OpenAI's error body."""
-    kind = {429: "rate_limit_error", 503: "service_unavailable"}.get(status, "invalid_request_error")
+    kind = ERROR_TYPES.get(status, "invalid_request_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
 
 
@@ -130,6 +131,12 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()
+
+
+def emit(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, event) -> None:
+    """Hand an event from the scheduler's thread to the request's handler (dropped once the loop has closed)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(events.put_nowait, event)
 
 
 def sse(obj) -> str:
@@ -156,6 +163,8 @@ def create_app(scheduler: sched.Scheduler, model_name: str) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if scheduler.failed:
+            return error(503, f"the scheduler stopped: {scheduler.failed}")
         return {"status": "ok", "slots": scheduler.n, "slots_in_use": scheduler.slots_in_use()}
 
     @app.get("/metrics")
@@ -213,7 +222,7 @@ def create_app(scheduler: sched.Scheduler, model_name: str) -> FastAPI:
             prompt_ids=ids,
             protected=flags,
             max_tokens=max_tokens,
-            emit=lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
+            emit=lambda e: emit(loop, events, e),
             temperature=temperature,
             top_k=body.top_k,
             top_p=1.0 if body.top_p is None else body.top_p,

@@ -216,6 +216,7 @@ class Scheduler:
         self.queue: collections.deque[Request] = collections.deque()
         self.cv = threading.Condition()
         self.stopping = False
+        self.failed: str | None = None  # why the loop stopped on an unexpected error
         self.thread: threading.Thread | None = None
         metrics.slots_total.set(slots)
 
@@ -292,15 +293,27 @@ class Scheduler:
             r.emit(Failure("the server shut down before the request finished", 503))
 
     def run(self) -> None:
-        while True:
+        """The loop; an unexpected error fails every request (500), stops it and sets `failed`."""
+        try:
+            while True:
+                with self.cv:
+                    while not self.stopping and not self.queue and not any(self.owner):
+                        self.cv.wait()
+                    if self.stopping:
+                        return
+                self._admit()
+                if any(self.owner):
+                    self._step()
+        except Exception as e:  # noqa: BLE001 -- reported to every waiting client and on /health
+            self.failed = f"{type(e).__name__}: {e}"
             with self.cv:
-                while not self.stopping and not self.queue and not any(self.owner):
-                    self.cv.wait()
-                if self.stopping:
-                    return
-            self._admit()
-            if any(self.owner):
-                self._step()
+                self.stopping = True
+                left = list(self.queue) + [r for r in self.owner if r is not None]
+                self.queue.clear()
+                self.owner = [None] * self.n
+            for r in left:
+                r.emit(Failure(f"internal error ({self.failed})", 500))
+            raise
 
     def _pop(self) -> Request | None:
         with self.cv:
