@@ -284,6 +284,12 @@ def test_bad_arguments_are_usage_errors(args, message):
         parse_args(args)
 
 
+def test_a_port_in_use_is_a_usage_error():
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        with pytest.raises(cli.UsageError, match="cannot listen on 127.0.0.1"):
+            parse_args(["--port", str(s.getsockname()[1])])
+
+
 @pytest.mark.slow  # a server subprocess
 def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path):
     cfg, params, tok = tiny_model()

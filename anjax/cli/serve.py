@@ -11,6 +11,7 @@ finish for up to --drain-seconds, and exits 0.
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -35,7 +36,19 @@ def parse_args(argv=None):
     for name in ("slots", "capacity", "chunk_size", "max_queue"):
         cli.check_range(f"--{name.replace('_', '-')}", getattr(args, name), 1)
     cli.check_range("--drain-seconds", args.drain_seconds, 0)
+    check_listen(args.host, args.port)
     return args
+
+
+def check_listen(host: str, port: int) -> None:
+    """UsageError unless the address can be listened on (checked before the model loads)."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise cli.UsageError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}): pick another --port or --host"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
