@@ -270,6 +270,26 @@ def test_full_queue_refuses_and_full_cache_admission_checks_capacity():
         full.check(make(60, 6))
 
 
+def test_an_internal_error_fails_the_request_with_500_and_health_says_so(monkeypatch):
+    cfg, params, tok = tiny_model()
+    engine = Engine(cfg, params, tok, CONFIG)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine, "prefill", broken)
+    server = ServerThread(create_app(Scheduler(engine, slots=2, capacity=128, metrics=Metrics()), "tiny"))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        with pytest.raises(openai.InternalServerError, match="device lost"):
+            complete(client, PROMPTS[0])
+        with pytest.raises(urllib.error.HTTPError) as e:
+            get(server.url + "/health")
+        assert e.value.code == 503
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +47,7 @@ from anjax.inference.engine import (
 from anjax.serve.metrics import Metrics
 
 SEED_LIMIT = 2**32
+LOG = logging.getLogger(__name__)
 
 
 class AdmissionError(ValueError):
@@ -213,6 +215,7 @@ class Scheduler:
         self.max_sentence_tokens = engine.scheme.max_sentence_tokens or 0
         self.slots = init_slots(cfg, slots, capacity, self.stop_ids, self.max_sentence_tokens)
         self.owner: list[Request | None] = [None] * slots
+        self.admitting: Request | None = None  # popped from the queue, not yet in a slot
         self.queue: collections.deque[Request] = collections.deque()
         self.cv = threading.Condition()
         self.stopping = False
@@ -304,16 +307,17 @@ class Scheduler:
                 self._admit()
                 if any(self.owner):
                     self._step()
-        except Exception as e:  # noqa: BLE001 -- reported to every waiting client and on /health
+        except Exception as e:  # noqa: BLE001 -- reported to every waiting client, on /health and in the log
+            LOG.exception("the scheduler stopped")
             self.failed = f"{type(e).__name__}: {e}"
             with self.cv:
                 self.stopping = True
-                left = list(self.queue) + [r for r in self.owner if r is not None]
+                left = [self.admitting] + list(self.queue) + self.owner
                 self.queue.clear()
                 self.owner = [None] * self.n
             for r in left:
-                r.emit(Failure(f"internal error ({self.failed})", 500))
-            raise
+                if r is not None:
+                    r.emit(Failure(f"internal error ({self.failed})", 500))
 
     def _pop(self) -> Request | None:
         with self.cv:
@@ -326,6 +330,7 @@ class Scheduler:
         in the slots keep generating while the queue drains."""
         eng = self.engine
         while None in self.owner and (r := self._pop()) is not None:
+            self.admitting = r
             try:
                 pre = eng.prefill([r.prompt_ids], 1, eng.chunk_size, self.capacity, [r.protected])
                 if message := eng._overflow_message(np.asarray(pre.state.overflow)[0], self.capacity):
@@ -333,6 +338,7 @@ class Scheduler:
             except ValueError as e:
                 self.metrics.requests.labels("error").inc()
                 r.emit(Failure(str(e), 400))
+                self.admitting = None
                 continue
             self.metrics.prefill(len(r.prompt_ids) - 1, pre.seconds)
             b = self.owner.index(None)
@@ -351,7 +357,7 @@ class Scheduler:
                 np.int32(b),
                 donate=(0,),
             )
-            self.owner[b] = r
+            self.owner[b], self.admitting = r, None
             self.metrics.slots_in_use.set(self.slots_in_use())
             return
 
