@@ -275,6 +275,40 @@ def sample_tokens(
     return jnp.where(temperature_B > 0, drawn_B, greedy_B)
 
 
+def decode_step(
+    cfg: ModelConfig,
+    spec: EngineSpec,
+    params,
+    state: GenState,
+    token_B: jax.Array,
+    protected_B: jax.Array,
+    sampling: Sampling,
+    index_B: jax.Array,
+    limit_B: jax.Array,
+) -> tuple[jax.Array, GenState]:
+    """One decode step for the rows not done: feed `token_B`, then pick each row's next id [B].
+
+    Row b's draw uses the key fold_in(key(seed[b]), index_B[b]) (index: the id's place among the
+    row's generated ids), so a row's output depends on its own seed and ids only, never on the
+    other rows or on when it started. A row that picks a stop id, reaches `limit_B` ids or
+    overflows the cache is marked done. Returns (next ids [B], state).
+    """
+    active_B = ~state.done
+    logits_BxV, st = feed_token(cfg, spec, params, state, token_B, protected_B)
+    keys_B = jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.key)(sampling.seed), index_B)
+    nxt_B = sample_tokens(logits_BxV, keys_B, sampling.temperature, sampling.top_k, sampling.top_p)
+    if spec.ac_id >= 0:  # AC mode: force <AC> after max_sentence_tokens tokens without one
+        counted_BxC = st.cache.valid & (st.cache.seg == st.open_seg[:, None])
+        if spec.skip_bos:
+            counted_BxC &= st.cache.pos > 0
+        open_len_B = counted_BxC.sum(1)
+        force_B = (sampling.max_sentence_tokens > 0) & (open_len_B >= sampling.max_sentence_tokens)
+        nxt_B = jnp.where(force_B, spec.ac_id, nxt_B)
+    stop_B = (nxt_B[:, None] == sampling.stop_ids[None]).any(-1) | (index_B + 1 >= limit_B)
+    st = _track(st, active_B, st.cache.capacity - 1)  # before stopping: the last fed token counts too
+    return nxt_B, st.replace(done=st.done | (active_B & stop_B))
+
+
 def decode_loop(
     cfg: ModelConfig,
     spec: EngineSpec,
@@ -286,39 +320,24 @@ def decode_loop(
     protected_B: jax.Array,
     sampling: Sampling,
 ) -> DecodeCarry:
-    """Generate up to `max_new_tokens` per row in one `lax.while_loop`, starting by feeding `token_B`
-    (the last prompt token; `protected_B` [B] bool: it is protected)."""
+    """Generate up to `max_new_tokens` per row in one `lax.while_loop` of `decode_step`s, starting by
+    feeding `token_B` (the last prompt token; `protected_B` [B] bool: it is protected)."""
     state = start_decode(state, spec, slots)
     B = token_B.shape[0]
-    row_keys = jax.vmap(jax.random.key)(sampling.seed)
 
     def cond(c: DecodeCarry):
         return (c.step < max_new_tokens) & ~jnp.all(c.state.done)
 
     def body(c: DecodeCarry):
         active_B = ~c.state.done
-        logits_BxV, st = feed_token(cfg, spec, params, c.state, c.token, c.protected)
-        keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, c.step)
-        nxt_B = sample_tokens(logits_BxV, keys_B, sampling.temperature, sampling.top_k, sampling.top_p)
-        if spec.ac_id >= 0:  # AC mode: force <AC> after max_sentence_tokens tokens without one
-            counted_BxC = st.cache.valid & (st.cache.seg == st.open_seg[:, None])
-            if spec.skip_bos:
-                counted_BxC &= st.cache.pos > 0
-            open_len_B = counted_BxC.sum(1)
-            force_B = (sampling.max_sentence_tokens > 0) & (open_len_B >= sampling.max_sentence_tokens)
-            nxt_B = jnp.where(force_B, spec.ac_id, nxt_B)
-        generated_B = c.generated + active_B
-        stop_B = (nxt_B[:, None] == sampling.stop_ids[None]).any(-1) | (generated_B >= max_new_tokens)
-        tokens = c.tokens.at[:, c.step].set(jnp.where(active_B, nxt_B, -1))
-        st = _track(st, active_B, st.cache.capacity - 1)  # before stopping: the last fed token counts too
-        st = st.replace(done=st.done | (active_B & stop_B))
+        nxt_B, st = decode_step(cfg, spec, params, c.state, c.token, c.protected, sampling, c.generated, max_new_tokens)
         return DecodeCarry(
             state=st,
             step=c.step + 1,
             token=nxt_B,
             protected=jnp.zeros_like(c.protected),
-            tokens=tokens,
-            generated=generated_B,
+            tokens=c.tokens.at[:, c.step].set(jnp.where(active_B, nxt_B, -1)),
+            generated=c.generated + active_B,
         )
 
     carry = DecodeCarry(

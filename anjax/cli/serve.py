@@ -1,0 +1,88 @@
+"""`python -m anjax.serve`: an OpenAI-compatible HTTP server with continuous batching (anjax.serve).
+
+    python -m anjax.serve --model PATH --port 8000 --slots 8 --capacity 1024 --cache anchor
+
+--model takes what infer.py takes (an HF directory, a GGUF file, an anjax run; default: the embedded
+SmolLM2-135M-Instruct). Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
+GET /health, GET /metrics. SIGTERM (or Ctrl-C) stops accepting requests, lets the ones in flight
+finish for up to --drain-seconds, and exits 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from anjax import cli
+
+
+def parse_args(argv=None):
+    p = cli.ArgumentParser(prog="python -m anjax.serve", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="HF directory, GGUF file or anjax run (default: embedded SmolLM2)")
+    p.add_argument("--model-name", default=None, help="the name /v1/models reports (default: from --model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--slots", type=int, default=8, help="decode slots: requests generated together")
+    p.add_argument("--capacity", type=int, default=1024, help="KV cache slots per decode slot")
+    p.add_argument("--cache", choices=("anchor", "full"), default=None, help="default: anchor if the model has anchors")
+    p.add_argument("--anchor-mode", choices=("none", "ep", "ac"), default=None, help="override the model's anchor mode")
+    p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk (tokens)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (then 429)")
+    p.add_argument("--drain-seconds", type=float, default=30.0, help="on SIGTERM, wait this long for requests")
+    args = p.parse_args(argv)
+    cli.check_range("--port", args.port, 0, 65535)
+    for name in ("slots", "capacity", "chunk_size", "max_queue"):
+        cli.check_range(f"--{name.replace('_', '-')}", getattr(args, name), 1)
+    cli.check_range("--drain-seconds", args.drain_seconds, 0)
+    check_listen(args.host, args.port)
+    return args
+
+
+def check_listen(host: str, port: int) -> None:
+    """UsageError unless the address can be listened on (checked before the model loads)."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise cli.UsageError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}): pick another --port or --host"
+        ) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import uvicorn
+
+    from anjax.inference.engine import Engine, EngineConfig
+    from anjax.serve.api import create_app
+    from anjax.serve.metrics import Metrics
+    from anjax.serve.scheduler import Scheduler
+
+    config = EngineConfig(
+        cache=args.cache, anchor_mode=args.anchor_mode, chunk_size=args.chunk_size, capacity=args.capacity
+    )
+    engine = Engine.load(args.model, config)
+    scheduler = Scheduler(engine, args.slots, args.capacity, Metrics(), args.max_queue)
+    name = args.model_name or (Path(args.model).name if args.model else "SmolLM2-135M-Instruct")
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(scheduler, name),
+            host=args.host,
+            port=args.port,
+            http="h11",
+            timeout_graceful_shutdown=args.drain_seconds,
+            log_level="warning",
+        )
+    )
+    # uvicorn drains on SIGTERM, then re-raises the signal: a no-op handler makes that a clean exit 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    print(
+        f"serving {name} on http://{args.host}:{args.port}/v1 ({args.slots} slots x {args.capacity} "
+        f"{engine.cache_kind}-cache slots)",
+        file=sys.stderr,
+        flush=True,
+    )
+    server.run()
+    return 0

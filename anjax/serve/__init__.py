@@ -1,0 +1,1 @@
+"""Serving: continuous batching over fixed decode slots (scheduler) behind an OpenAI-compatible API (api)."""
