@@ -225,12 +225,17 @@ def test_scheme_travels_with_the_export_and_overrides_say_so(tmp_path, capsys):
 
 
 def test_tiny_ac_run_export_keeps_bos_and_forced_anchor_rule(tmp_path):
-    """train.py (tiny AC, data.add_bos=true, data.max_sentence_tokens=8) → export → fresh processes:
-    infer.py and anjax.eval.evaluate's loader use the run's BOS and forced-<AC> rule (asserted on ids)."""
+    """train.py (tiny AC, data.add_bos=true, data.max_sentence_tokens=8) → export → a fresh infer.py
+    process and anjax.eval.evaluate's loader use the run's BOS and forced-<AC> rule (asserted on ids).
+
+    The fast tier's subprocess smoke test of `python train.py` and `python infer.py`; the loader runs
+    in this process, which never trained."""
     import json
     import subprocess
     import sys
     from pathlib import Path
+
+    from anjax.cli import evaluate
 
     root, run_dir = Path(__file__).resolve().parents[1], tmp_path / "run"
     done = subprocess.run(
@@ -268,17 +273,8 @@ def test_tiny_ac_run_export_keeps_bos_and_forced_anchor_rule(tmp_path):
     )
     assert out.returncode == 0 and out.stderr.count("note:") == 0, out.stderr[-3000:]
     got = json.loads(out.stdout)
-    code = (
-        "import json, sys; from anjax.cli import evaluate; "
-        "m = evaluate.load_model_for(evaluate.build_parser().parse_args(['--model', sys.argv[1]]), ['anchor']); "
-        "print(json.dumps({'scheme': m.scheme.to_dict(), 'ctx': m.encode_pair(sys.argv[2], ' x.')[0], "
-        "'prompt': m.encode_context(sys.argv[2])}))"
-    )
-    ev = subprocess.run(
-        [sys.executable, "-c", code, str(export), prompt], cwd=root, capture_output=True, text=True, timeout=600
-    )
-    assert ev.returncode == 0, ev.stderr[-3000:]
-    ev = json.loads(ev.stdout)
+    m = evaluate.load_model_for(evaluate.build_parser().parse_args(["--model", str(export)]), ["anchor"])
+    ev = {"scheme": m.scheme.to_dict(), "ctx": m.encode_pair(prompt, " x.")[0], "prompt": m.encode_context(prompt)}
     scheme = ev["scheme"]
     bos, ac = scheme["bos_id"], scheme["ids"][0]
     assert scheme["add_bos"] and scheme["max_sentence_tokens"] == 8

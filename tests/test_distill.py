@@ -45,6 +45,15 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum())
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def full_attention_logits(cfg, params, ids_1xL, valid_1xL):
+    """[L, V] logits of one full-attention forward pass of a right-padded row (padding changes nothing before it)."""
+    logits, _ = Llama(cfg).apply(
+        {"params": params}, ids_1xL, token_metadata(ids_1xL, valid_1xL), None, full_attention=True
+    )
+    return logits[0]
+
+
 def hand_kl(cfg, student, teacher, b, temperature):
     """(sum, count) of T^2 KL(teacher || student) from the module docstring's words: the student's logits from
     one AnSAN forward of the rows; the teacher's from one full-attention forward of each document's original
@@ -58,10 +67,9 @@ def hand_kl(cfg, student, teacher, b, temperature):
         for d in sorted(set(b["doc"][r]) - {-1}):
             where = np.flatnonzero(b["doc"][r] == d)
             original = [t for t in where if b["tokens"][r, t] != ac]
-            ids = jnp.asarray(b["tokens"][r, original][None])
-            meta = token_metadata(ids, jnp.ones_like(ids, bool))
-            teacher_logits, _ = Llama(cfg).apply({"params": teacher}, ids, meta, None, full_attention=True)
-            teacher_logits = np.asarray(teacher_logits[0], np.float64)
+            ids, valid = np.zeros((1, b["tokens"].shape[1]), np.int32), np.zeros((1, b["tokens"].shape[1]), bool)
+            ids[0, : len(original)], valid[0, : len(original)] = b["tokens"][r, original], True  # the document alone
+            teacher_logits = np.asarray(full_attention_logits(cfg, teacher, ids, valid), np.float64)
             for t in where:
                 before = [j for j, o in enumerate(original) if o <= t]
                 if not b["loss_mask"][r, t] or b["labels"][r, t] == ac or not before:

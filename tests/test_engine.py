@@ -57,14 +57,27 @@ def ac_row(rng, n):
     return out[:n]
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _forward_logits(cfg, params, ids_1xW, anchor_ids, full, sink, valid_1xW, flags_1xW):
+    meta = token_metadata(ids_1xW, valid_1xW, anchor_ids=anchor_ids, protected_BxT=flags_1xW, sink_tokens=sink)
+    logits, _ = Llama(cfg).apply({"params": params}, ids_1xW, meta, full_attention=full)
+    return logits[0]
+
+
 def reference_logits(cfg, params, row, anchor_ids, full, sink=0, protected=None):
-    """[T, V] logits of one full forward pass (AnSAN mask unless `full`; `protected` [T] bool), dense attention."""
-    cfg = cfg.replace(attention="dense")
-    ids = jnp.asarray([row])
-    flags = None if protected is None else jnp.asarray([protected])
-    meta = token_metadata(ids, jnp.ones_like(ids, bool), anchor_ids=anchor_ids, protected_BxT=flags, sink_tokens=sink)
-    logits, _ = Llama(cfg).apply({"params": params}, ids, meta, full_attention=full)
-    return np.asarray(logits[0])
+    """[T, V] logits of one full forward pass (AnSAN mask unless `full`; `protected` [T] bool), dense attention.
+
+    Right-padded to a multiple of 64 (padding is invalid, so it changes nothing before it) to compile once."""
+    T = len(row)
+    width = -(-T // 64) * 64
+    ids, valid = np.zeros((1, width), np.int32), np.arange(width)[None] < T
+    ids[0, :T] = row
+    flags = None
+    if protected is not None:
+        flags = np.zeros((1, width), bool)
+        flags[0, :T] = protected
+    logits = _forward_logits(cfg.replace(attention="dense"), params, ids, tuple(anchor_ids), full, sink, valid, flags)
+    return np.asarray(logits)[:T]
 
 
 _prefill = jax.jit(prefill_step, static_argnums=(0, 1))

@@ -503,6 +503,23 @@ def test_lm_eval_adapter_rolling_loglikelihood(tiny):
     assert got == pytest.approx(sum(logp[t - 1, ids[t]] for t in range(1, len(ids))), abs=2e-4)
 
 
+def test_lm_eval_adapter_scorer_and_engine_share_one_runtime_and_the_weights(tiny, monkeypatch):
+    """One `Runtime` is made (the scorer's), the engine uses it, and it holds the scoring model's arrays
+    themselves: the weights are on the device once."""
+    pytest.importorskip("lm_eval")
+    from anjax.eval.lm_eval_adapter import AnjaxLM
+    from anjax.inference.runtime import Runtime
+
+    made, original = [], Runtime.__init__
+    monkeypatch.setattr(Runtime, "__init__", lambda self: (made.append(self), original(self))[1])
+    cfg, params, tok = tiny
+    lm = AnjaxLM(scoring_model=scoring.scoring_model(cfg, params, tok, anchor_mode="ep"), cache="anchor")
+    engine = lm.engine()
+    assert lm.engine() is engine and engine.runtime is lm.scorer.runtime and made == [lm.scorer.runtime]
+    weights, held = jax.tree.leaves(lm.model.params), jax.tree.leaves(engine.params)
+    assert len(held) == len(weights) > 0 and all(a is b for a, b in zip(held, weights))
+
+
 @pytest.mark.slow
 def test_lm_eval_adapter_generate_until(tiny):
     """Greedy continuations equal the argmax chain of full forward passes (anchor mask), cut at `until`."""

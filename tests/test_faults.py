@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -482,11 +483,14 @@ def test_kill9_during_checkpoint_save_keeps_the_previous_checkpoint(work):
 # ----------------------------------------------------------------------------- Ctrl-C in training
 
 
-def test_ctrl_c_saves_like_sigterm_and_a_second_one_exits_at_once(work):
-    run_dir = work / "run"
-    cmd = [
-        sys.executable,
-        "train.py",
+def _logged_steps(run_dir) -> int:
+    path = run_dir / "metrics.jsonl"
+    return sum(1 for ln in path.read_text().splitlines() if '"loss"' in ln) if path.exists() else 0
+
+
+def _endless_tiny_run(run_dir) -> list[str]:
+    """train.py's arguments for a tiny run that only a signal ends (no validation, no periodic checkpoint)."""
+    return [
         "--config",
         "configs/tiny.yaml",
         "--set",
@@ -498,14 +502,45 @@ def test_ctrl_c_saves_like_sigterm_and_a_second_one_exits_at_once(work):
         "checkpoint.export_hf=false",
     ]
 
+
+def test_first_ctrl_c_saves_a_checkpoint_and_exits_0_in_process(work, monkeypatch, capsys):
+    """train.py's main in this process: the first SIGINT (to this process, from another thread once 3 steps
+    are logged) stops after the current step with a checkpoint of it. The second signal's immediate exit
+    needs a process of its own: the slow test below."""
+    monkeypatch.chdir(ROOT)
+    run_dir = work / "run"
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def interrupt_after_3_steps():
+        deadline = time.time() + 600
+        while _logged_steps(run_dir) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_after_3_steps, daemon=True).start()
+    try:
+        proc = run_main(train.main, _endless_tiny_run(run_dir), capsys)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SIGINT at step" in proc.stdout and "checkpoint saved" in proc.stdout and "Traceback" not in proc.stderr
+    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [_logged_steps(run_dir)] and saved[-1] >= 3  # the last step taken, and only it
+
+
+@pytest.mark.slow  # two training processes
+def test_ctrl_c_saves_like_sigterm_and_a_second_one_exits_at_once(work):
+    run_dir = work / "run"
+    cmd = [sys.executable, "train.py", *_endless_tiny_run(run_dir)]
+
     def start():
         return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def wait_for_steps(proc, n):
         deadline = time.time() + 300
         while time.time() < deadline:
-            path = run_dir / "metrics.jsonl"
-            if path.exists() and sum(1 for ln in path.read_text().splitlines() if '"loss"' in ln) >= n:
+            if _logged_steps(run_dir) >= n:
                 return
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             time.sleep(0.05)

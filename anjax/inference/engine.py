@@ -434,7 +434,15 @@ class Engine:
     `self.scheme` is the model's anchor scheme with the config's overrides applied.
     """
 
-    def __init__(self, cfg: ModelConfig, params, tokenizer=None, config: EngineConfig = EngineConfig()):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params,
+        tokenizer=None,
+        config: EngineConfig = EngineConfig(),
+        runtime: Runtime | None = None,
+    ):
+        """`runtime`: a compile cache to share (a `Scorer`'s over the same weights); default a new one."""
         c = config
         scheme, cfg, params = resolve_scheme(
             cfg, tokenizer, params, mode=c.anchor_mode, tokens=c.anchors, max_sentence_tokens=c.max_sentence_tokens
@@ -459,7 +467,7 @@ class Engine:
         )
         self.cache_kind, self.chunk_size, self.capacity, self.batch_size = cache, c.chunk_size, c.capacity, c.batch_size
         self.raw_prompts, self.show_anchors = c.raw_prompts, c.show_anchors
-        self.runtime = Runtime()
+        self.runtime = Runtime() if runtime is None else runtime
 
     @property
     def compile_seconds(self) -> float:
