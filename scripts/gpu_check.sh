@@ -31,5 +31,5 @@ cp "$OUT/run/metrics.jsonl" "$OUT/run/loss.png" "$OUT/" 2>/dev/null || true
 
 echo "=== [4/4] dense vs sparse attention, train step, bf16"
 timeout 300 $PY benchmarks/bench_attention.py --dtype bfloat16 --lengths 4096 8192 16384 --layers 30 \
-    --memory-layers 0 --steps 3 --tile 512 --max-gib 100 --out "$OUT" 2>&1 | tee "$OUT/bench_attention.txt"
+    --scan-layers --memory-layers 0 --steps 3 --tile 512 --max-gib 100 --out "$OUT" 2>&1 | tee "$OUT/bench_attention.txt"
 echo "=== outputs in $OUT/"
