@@ -47,7 +47,7 @@ from anjax.core.flash_kernels import Kernel, block_multiple, kernel_for, segment
 from anjax.core.mask import TokenMeta, attention_allowed
 
 TILE = 128  # query and key tile length (tokens)
-AUTO_MIN_LENGTH = 1024  # `attention: auto` uses the sparse path for sequences at least this long
+AUTO_MIN_LENGTH = 256  # `attention: auto`: the sparse path from this many queries (a prefill chunk, a row)
 
 
 def use_sparse(attention: str, length: int) -> bool:
