@@ -206,6 +206,9 @@ def main() -> None:
         )
         rows.append(row)
         print(json.dumps(row), flush=True)
+        partial = Path(args.out).with_suffix(".partial.json")  # each length as it finishes (a time limit keeps it)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"args": vars(args), "peaks": peaks, "rows": rows}, indent=1))
 
     peaks.append(machine_peaks())
     print(f"machine at end: {json.dumps(peaks[1])}", flush=True)
@@ -225,6 +228,7 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps({**meta, "peaks": peaks, "peak": peak, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(table + "\n")
     plot(rows, args, out.with_suffix(".png"))
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
     print(f"saved {out.with_suffix('.json')}, .md and .png")
 
 
