@@ -72,6 +72,7 @@ def main() -> None:
     p.add_argument("--max-gib", type=float, default=8.0, help="run only steps whose temporaries fit in this")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for the .json and .png")
     p.add_argument("--memory-layers", type=int, default=30, help="also compile (not run) this deep a model; 0: off")
+    p.add_argument("--scan-layers", action="store_true", help="scan the layers (a deep model compiles faster)")
     args = p.parse_args()
     sparse_attention.TILE = args.tile
 
@@ -82,6 +83,7 @@ def main() -> None:
         anchor_mode="ac",
         anchor_tokens=("<AC>",),
         anchor_ids=(ANCHOR_ID,),
+        scan_layers=args.scan_layers,
     )
     params = init_params(base, jax.random.PRNGKey(0))
     rows = []
@@ -114,6 +116,8 @@ def main() -> None:
                 _, temp = compile_step(deep.replace(attention=attention), abstract, batch)
                 row[f"{attention}_temp_gib_deep"] = temp / 2**30
         rows.append(row)
+        args.out.mkdir(parents=True, exist_ok=True)  # each length as it finishes (a time limit keeps the rest)
+        (args.out / "bench_attention.json").write_text(json.dumps({"partial": True, "rows": rows}, indent=2))
 
     print(
         f"{jax.default_backend()} ({jax.devices()[0].device_kind}), {args.dtype}, batch 1, SmolLM2-135M shape with "

@@ -97,7 +97,7 @@ def bench_hf(model, prompt: list[int], args) -> dict:
         torch.set_num_threads(threads)
         runs.append(hf_run(model, torch.tensor([prompt]), args))
         print(f"HF transformers, {len(prompt)} tokens, {threads} torch threads: {json.dumps(runs[-1])}", flush=True)
-    return {key: max(r[key] for r in runs) for key in runs[0]}
+    return {key: max((r[key] for r in runs if r[key]), default=None) for key in runs[0]}
 
 
 def hf_run(model, ids, args) -> dict:
@@ -112,7 +112,8 @@ def hf_run(model, ids, args) -> dict:
     run(1)  # warm-up
     first = min(run(1) for _ in range(args.repeats))
     total = min(run(args.new_tokens + 1) for _ in range(args.repeats))
-    return {"prefill": ids.shape[1] / first, "decode": args.new_tokens / max(total - first, 1e-9)}
+    # decode: None when the difference of the two timings is lost in their noise (long prompts, busy machine)
+    return {"prefill": ids.shape[1] / first, "decode": args.new_tokens / (total - first) if total > first else None}
 
 
 def fmt(x, spec=".1f"):

@@ -3,7 +3,8 @@
 #   1. training throughput and MFU in bf16 (SmolLM2-135M shape, seq 512; target MFU >= 40% on an H100)
 #   2. decode throughput, anchor vs full cache (SmolLM2-135M; prompts 1k/4k, batch 1/16)
 #   3. a 10-minute continued pre-training of SmolLM2-135M as AnLLM-AC in bf16
-#   4. the train step with dense vs sparse attention (anjax.core.sparse_attention), bf16, seq 4k/8k/16k,
+#   4. the train step with dense vs sparse attention (anjax.core.sparse_attention; its band on the Triton
+#      Pallas flash kernel, anjax.core.flash_kernels), bf16, seq 4k/8k/16k,
 #      the full 30 layers: step time and compiled memory (a dense step that cannot fit is compiled only)
 # Outputs go to ${OUT:-gpu_results}/. Run from the repository root with a Python that has
 # requirements.txt installed (PY=...) and the embedded model present (setup.sh; on a machine
@@ -31,5 +32,5 @@ cp "$OUT/run/metrics.jsonl" "$OUT/run/loss.png" "$OUT/" 2>/dev/null || true
 
 echo "=== [4/4] dense vs sparse attention, train step, bf16"
 timeout 300 $PY benchmarks/bench_attention.py --dtype bfloat16 --lengths 4096 8192 16384 --layers 30 \
-    --memory-layers 0 --steps 3 --tile 512 --max-gib 100 --out "$OUT" 2>&1 | tee "$OUT/bench_attention.txt"
+    --scan-layers --memory-layers 0 --steps 3 --tile 512 --max-gib 100 --out "$OUT" 2>&1 | tee "$OUT/bench_attention.txt"
 echo "=== outputs in $OUT/"

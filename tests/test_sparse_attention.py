@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from anjax.core import flash_kernels as fk
 from anjax.core import sparse_attention as sa
 from anjax.core.config import tiny_config
 from anjax.core.mask import attention_allowed, token_metadata
@@ -187,3 +188,55 @@ def test_model_logits_and_loss_gradients_sparse_equal_dense(full, monkeypatch):
     np.testing.assert_allclose(logits["sparse"][valid], logits["dense"][valid], atol=1e-4)
     for g, w in zip(jax.tree.leaves(grads["sparse"]), jax.tree.leaves(grads["dense"])):
         np.testing.assert_allclose(g, w, atol=1e-4 * max(1.0, float(jnp.abs(w).max())))
+
+
+KERNEL_CASES = [  # interpret mode is slow: one layout per kernel and mode, each with several features
+    ("gpu", "documents", False),  # packed documents, right padding, anchors
+    ("gpu", "padding", True),  # left/right/inner padding, full attention
+    ("tpu", "protected_sinks", False),  # protected tokens and sinks in the anchor part
+]
+
+
+@pytest.mark.parametrize("name,kind,full", KERNEL_CASES)
+def test_kernel_path_in_interpret_mode_equals_dense(name, kind, full):
+    """The band on the Pallas kernel (interpret mode on CPU), the anchors on the tiled path, merged by
+    LSE: outputs and gradients equal the dense predicate's softmax."""
+    kernel = fk.Kernel(name, interpret=True)
+    meta, q, k, v = setup(kind, 40, seed=KINDS.index(kind))  # one GPU block (64) after padding
+    on_kernel = lambda q, k, v, meta, full: sa.sparse_attention(q, k, v, meta, full, tile=16, kernel=kernel)
+    valid = np.asarray(meta.valid)
+    want, got = dense(q, k, v, meta, full), on_kernel(q, k, v, meta, full)
+    assert np.abs(np.asarray(got - want))[valid].max() <= 1e-5
+    grads = [jax.grad(loss, argnums=(1, 2, 3))(f, q, k, v, meta, full) for f in (dense, on_kernel)]
+    for w, g in zip(*grads):
+        assert np.abs(np.asarray(g - w)).max() <= 1e-4
+
+
+def test_kernel_path_with_cache_block_equals_blocked_attention():
+    """A prefill chunk on the kernel path: cache block + anchors (tiled) + band (kernel), one softmax."""
+    T, C = 40, 24
+    meta, q, k, v = setup("protected_sinks", T, seed=5)
+    rng = np.random.default_rng(6)
+    ck, cv = (jnp.asarray(rng.standard_normal((B, K, C, D)), jnp.float32) for _ in range(2))
+    cache_allowed = jnp.asarray(rng.random((B, T, C)) < 0.5)
+    keys = [(ck, cv, cache_allowed), (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), None)]
+    keys[1] = (*keys[1][:2], attention_allowed(meta, meta, False))
+    want = blocked_attention(q, keys)
+    got = sa.sparse_attention(q, k, v, meta, False, (ck, cv, cache_allowed), kernel=fk.Kernel("gpu", True))
+    assert np.abs(np.asarray(got - want)).max() <= 1e-5
+
+
+def test_kernel_selection_by_platform(monkeypatch):
+    """GPU -> the Triton kernel, TPU -> the Mosaic TPU kernel, anything else -> the tiled path; the default
+    of `sparse_attention` follows the default backend (traced only: no accelerator needed)."""
+    assert fk.kernel_for("gpu") == fk.Kernel("gpu") and fk.kernel_for("tpu") == fk.Kernel("tpu")
+    assert fk.kernel_for("cpu") is None and fk.kernel_for("METAL") is None
+    meta, q, k, v = setup("random", 77)
+
+    def traced(platform):
+        monkeypatch.setattr(jax, "default_backend", lambda: platform)
+        return str(jax.make_jaxpr(lambda q: sa.sparse_attention(q, k, v, meta, False))(q))
+
+    assert "pallas_call" not in traced("cpu")
+    assert "mha_forward" in traced("gpu")
+    assert "pallas_call" in traced("tpu") and "mha_forward" not in traced("tpu")

@@ -50,7 +50,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of parameters
     scan_layers: bool = False  # nn.scan over the layer stack
     remat: str = "none"  # none | full | dots (activation checkpointing policy)
-    attention: str = "dense"  # dense | sparse (anjax.core.sparse_attention) | auto (sparse for long inputs)
+    attention: str = "auto"  # dense | sparse (anjax.core.sparse_attention) | auto (sparse for long inputs)
     anchor_mode: str = "none"  # none | ep (punctuation anchors) | ac (<AC> token)
     anchor_tokens: tuple[str, ...] = ()  # token strings that are anchors
     anchor_ids: tuple[int, ...] = ()  # their ids in the vocabulary (as they occur in running text)

@@ -22,6 +22,12 @@ queries under the layout that `token_metadata` and the engine produce: in each r
 valid tokens are contiguous and in the order of their positions (padding anywhere). Outputs at
 padding queries are finite and unspecified (the dense path gives them a uniform average).
 
+Kernel path (`kernel`, default: by platform, `anjax.core.flash_kernels.kernel_for`): on GPU and TPU
+the band is one segment-masked causal flash-attention kernel call (Pallas, shipped with JAX; segment
+id = the sentence's (document's, when `full`) first index), which returns its LSE; the anchor and
+cache parts stay on the tiled path and the two merge by LSE. Its backward is the kernel's backward
+fed with the merged output and LSE (the exact gradient of the one softmax). On CPU: the tiled path.
+
 Differentiable through a custom VJP (the FlashAttention-2 backward, tile by tile): the residuals
 are q, k, v, the output and the per-row log-sum-exp, O(T) memory in forward and backward.
 GQA: H query heads share K key/value heads in groups of G = H / K, as in `anjax.core.model`.
@@ -30,16 +36,18 @@ GQA: H query heads share K key/value heads in groups of G = H / K, as in `anjax.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from anjax.core.flash_kernels import Kernel, block_multiple, kernel_for, segment_flash, segment_flash_grads
 from anjax.core.mask import TokenMeta, attention_allowed
 
 TILE = 128  # query and key tile length (tokens)
-AUTO_MIN_LENGTH = 1024  # `attention: auto` uses the sparse path for sequences at least this long
+AUTO_MIN_LENGTH = 256  # `attention: auto`: the sparse path from this many queries (a prefill chunk, a row)
 
 
 def use_sparse(attention: str, length: int) -> bool:
@@ -124,14 +132,29 @@ def _forward(specs: tuple[_Spec, ...], full: bool, tq: int, q_BxKxGxTxD, q_meta:
     return jax.lax.fori_loop(0, T // tq, query_tile, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _attend(specs, full, tq, q_BxKxGxTxD, q_meta, parts):
-    return _forward(specs, full, tq, q_BxKxGxTxD, q_meta, parts)[0]
+def _forward_merged(specs, full, tq, kernel, q_BxKxGxTxD, q_meta, parts, band):
+    """(out, lse) of the tiled parts and, with a kernel, of the band (k, v, seg) on it, merged by LSE."""
+    if band is None:
+        return _forward(specs, full, tq, q_BxKxGxTxD, q_meta, parts)
+    out_b, lse_b = segment_flash(kernel, q_BxKxGxTxD, *band)
+    if not specs:
+        return out_b, lse_b
+    out_r, lse_r = _forward(specs, full, tq, q_BxKxGxTxD, q_meta, parts)
+    lse_r = jnp.where(lse_r == jnp.inf, -jnp.inf, lse_r)  # no allowed key in the tiled parts
+    lse = jnp.logaddexp(lse_b, lse_r)
+    weight = lambda part_lse: jnp.exp(part_lse - lse)[..., None]
+    out = out_b.astype(jnp.float32) * weight(lse_b) + out_r.astype(jnp.float32) * weight(lse_r)
+    return out.astype(q_BxKxGxTxD.dtype), lse
 
 
-def _attend_fwd(specs, full, tq, q_BxKxGxTxD, q_meta, parts):
-    out, lse = _forward(specs, full, tq, q_BxKxGxTxD, q_meta, parts)
-    return out, (q_BxKxGxTxD, q_meta, parts, out, lse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _attend(specs, full, tq, kernel, q_BxKxGxTxD, q_meta, parts, band):
+    return _forward_merged(specs, full, tq, kernel, q_BxKxGxTxD, q_meta, parts, band)[0]
+
+
+def _attend_fwd(specs, full, tq, kernel, q_BxKxGxTxD, q_meta, parts, band):
+    out, lse = _forward_merged(specs, full, tq, kernel, q_BxKxGxTxD, q_meta, parts, band)
+    return out, (q_BxKxGxTxD, q_meta, parts, band, out, lse)
 
 
 def _zero_cotangent(x):
@@ -140,9 +163,24 @@ def _zero_cotangent(x):
     return np.zeros(x.shape, jax.dtypes.float0)
 
 
-def _attend_bwd(specs, full, tq, res, dout_BxKxGxTxD):
-    """FlashAttention-2 backward: P = exp(S - lse) recomputed per tile; dS = P (dP - rowsum(dO * O))."""
-    q, q_meta, parts, out, lse = res
+def _attend_bwd(specs, full, tq, kernel, res, dout_BxKxGxTxD):
+    """FlashAttention-2 backward: P = exp(S - lse) recomputed per tile; dS = P (dP - rowsum(dO * O)), with
+    the merged O and lse, so each part (tiled or the kernel's band) gives its share of the exact gradient."""
+    q, q_meta, parts, band, out, lse = res
+    dq, d_parts = _parts_bwd(specs, full, tq, q, q_meta, parts, out, lse, dout_BxKxGxTxD)
+    d_band = None
+    if band is not None:
+        k, v, seg = band
+        dq_b, dk, dv = segment_flash_grads(kernel, q, k, v, seg, out, lse, dout_BxKxGxTxD)
+        dq = dq + dq_b
+        d_band = (dk.astype(k.dtype), dv.astype(v.dtype), _zero_cotangent(seg))
+    return dq.astype(q.dtype), jax.tree.map(_zero_cotangent, q_meta), d_parts, d_band
+
+
+def _parts_bwd(specs, full, tq, q, q_meta, parts, out, lse, dout_BxKxGxTxD):
+    """(dq fp32, cotangents of the tiled parts)."""
+    if not specs:
+        return jnp.zeros(q.shape, jnp.float32), parts
     delta = jnp.sum(dout_BxKxGxTxD.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [B, K, G, T]
 
     def query_tile(i, carry):
@@ -178,7 +216,7 @@ def _attend_bwd(specs, full, tq, res, dout_BxKxGxTxD):
         jax.tree.map(_zero_cotangent, p)._replace(keys=dk.astype(p.keys.dtype), values=dv.astype(p.values.dtype))
         for p, (dk, dv) in zip(parts, grads)
     )
-    return dq.astype(q.dtype), jax.tree.map(_zero_cotangent, q_meta), d_parts
+    return dq, d_parts
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -213,18 +251,24 @@ def sparse_attention(
     full: bool,
     cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     tile: int | None = None,
+    kernel: Kernel | None | str = "platform",
 ) -> jax.Array:
     """[B, T, H, D] softmax attention of a block of tokens to itself under `attention_allowed(meta, meta, full)`,
     plus, with `cache` = (keys [B, K, C, D], values [B, K, C, D], allowed [B, T, C]), to a dense key block
     in the same softmax. Equal to `anjax.core.model.blocked_attention` on the same keys for valid queries.
 
-    `full` is static (a Python bool). T is padded to a multiple of `tile` (default `TILE`) with invalid tokens.
+    `full` is static (a Python bool). T is padded to a multiple of `tile` (default `TILE`) with invalid tokens
+    (and of the kernel's block). `kernel`: "platform" (the default backend's, `kernel_for`), a `Kernel`, or
+    None (the tiled path).
     """
     B, T, H, D = q_BxTxHxD.shape
     K = k_BxTxKxD.shape[2]
     full = bool(full)
-    tile = min(tile or TILE, T)
-    Tp = -(-T // tile) * tile
+    if kernel == "platform":
+        kernel = kernel_for(jax.default_backend())
+    block = block_multiple(kernel) if kernel else 1
+    tile = min(tile or TILE, -(-T // block) * block)
+    Tp = -(-T // math.lcm(tile, block)) * math.lcm(tile, block)
     nq = Tp // tile
     meta = jax.tree.map(lambda x: _pad_to(x, Tp), meta)  # padding: valid=False
     q = _pad_to(q_BxTxHxD * jnp.asarray(D**-0.5, q_BxTxHxD.dtype), Tp)
@@ -233,8 +277,12 @@ def sparse_attention(
     tile_idx = jnp.arange(nq, dtype=jnp.int32)
 
     start_BxT = _run_start(meta, full)
-    first_nq = (start_BxT[:, ::tile].min(0) // tile).astype(jnp.int32)  # starts are non-decreasing in a row
-    specs, parts = [("band", tile)], [_Part(k, v, meta, None, first_nq, tile_idx + 1)]
+    if kernel:  # the band on the kernel: padding gets its own segment (it is no valid query's key)
+        seg_BxT = jnp.where(meta.valid, start_BxT, -1 - jnp.arange(Tp)).astype(jnp.int32)
+        specs, parts, band = [], [], (k, v, seg_BxT)
+    else:
+        first_nq = (start_BxT[:, ::tile].min(0) // tile).astype(jnp.int32)  # starts are non-decreasing in a row
+        specs, parts, band = [("band", tile)], [_Part(k, v, meta, None, first_nq, tile_idx + 1)], None
     if not full:  # anchors and protected tokens, front-packed in order; slots past each row's count invalid
         chosen_BxT = meta.valid & (meta.anchor | meta.protected)
         order_BxT = jnp.argsort(~chosen_BxT, axis=1, stable=True)
@@ -263,5 +311,5 @@ def sparse_attention(
                 jnp.ones(nq, jnp.int32),
             )
         )
-    out = _attend(tuple(specs), full, tile, q_BxKxGxTxD, meta, tuple(parts))
+    out = _attend(tuple(specs), full, tile, kernel, q_BxKxGxTxD, meta, tuple(parts), band)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, Tp, H, D)[:, :T]
