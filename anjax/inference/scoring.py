@@ -141,7 +141,7 @@ def scoring_model(
     scheme, cfg, params = resolve_scheme(cfg, tokenizer, params, mode=anchor_mode, tokens=anchors)
     if need_anchors and not scheme.ids:
         raise ValueError(
-            "--cache anchor needs anchor settings, and the model has none: "
+            "--cache anchor (and --budget match-anchor) needs anchor settings, and the model has none: "
             "pass --anchor-mode ep (or ac), or evaluate with --cache full"
         )
     cfg, params = with_scan_layers(cfg, params, True)  # one layer body to compile (~2x faster than unrolled)
@@ -211,6 +211,12 @@ def kept_bound(ids: Sequence[int], anchor_ids: Sequence[int]) -> int:
             run += 1
             longest = max(longest, run)
     return anchors + longest
+
+
+def anchor_kept(ids: Sequence[int], anchor_ids: Sequence[int]) -> int:
+    """Slots an anchor cache holds after `ids` are prefilled: every anchor plus the open sentence."""
+    last = max((i for i, t in enumerate(ids) if t in anchor_ids), default=-1)
+    return sum(t in anchor_ids for t in ids) + len(ids) - 1 - last
 
 
 # ----------------------------------------------------------------------------- jitted steps
