@@ -24,6 +24,8 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # anjax, for the anjax and compare steps
+
 POLICIES = ("window", "snapkv")
 
 
@@ -88,6 +90,7 @@ def run_kvpress(args) -> None:
     from kvpress import SnapKVPress, StreamingLLMPress
     from transformers import AutoModelForCausalLM, DynamicCache
 
+    transformers.utils.logging.disable_progress_bar()
     out = Path(args.dir)
     spec = json.loads((out / "items.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32, attn_implementation="eager")
