@@ -18,18 +18,23 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from anjax import cli  # noqa: E402
 from anjax.cli import evaluate as evaluate_cli  # noqa: E402
-from anjax.eval import evaluate  # noqa: E402
+from anjax.eval import evaluate, stats  # noqa: E402
 from anjax.inference.policies import POLICIES  # noqa: E402
 from anjax.io import outputs  # noqa: E402
 
 
 def summary(report: dict) -> dict:
-    """{cache name: {acc, acc_ci, kept, t_vs_full}} of one evaluate report, averaged over its tasks."""
+    """{cache name: {acc, acc_ci, kept, t_vs_full[, minus_anchor, minus_anchor_ci]}} of one evaluate report,
+    averaged over its tasks; `minus_anchor`: a policy at the anchor's budgets − anchor, paired per document."""
     tasks = list(report["tasks"])
+    boot = report["bootstrap"]
+    per_doc = lambda name: [np.asarray(report["tasks"][t][name]["acc_per_doc"], float) for t in tasks]
     out = {}
     for name in report["caches"]:
         rows = [report["tasks"][t][name] for t in tasks]
@@ -40,6 +45,10 @@ def summary(report: dict) -> dict:
             "kept": 1 - sum(r["c_reduction"] for r in rows) / len(rows),
             "t_vs_full": None if None in t_full else sum(t_full) / len(t_full),
         }
+        if name.endswith(f"@{evaluate.MATCH_ANCHOR}") and "anchor" in report["caches"]:
+            deltas = [a - b for a, b in zip(per_doc(name), per_doc("anchor"))]
+            d = stats.task_average_ci(deltas, samples=boot["samples"], seed=boot["seed"], level=boot["level"])
+            out[name].update(minus_anchor=d.estimate, minus_anchor_ci=d.as_list())
     return out
 
 
@@ -53,14 +62,18 @@ def markdown(models: dict[str, dict], reports: dict[str, dict]) -> str:
             f"{len(rep['tasks'])} tasks × ≤{rep['limit']} docs, {rep['shots']}-shot, anchors {rep['anchor_mode']}; "
             "avg acc (%) over the tasks [95% interval] / KV kept (% of the context) / T↑ vs full cache",
             "",
-            "| cache | budget | avg acc | kept | T↑ vs full |",
-            "|---|---|---|---|---|",
+            "| cache | budget | avg acc | kept | T↑ vs full | − anchor (paired) |",
+            "|---|---|---|---|---|---|",
         ]
         for name, r in rows.items():
             cache, _, budget = name.partition("@")
             t = "–" if r["t_vs_full"] is None else f"{r['t_vs_full']:.2f}×"
             acc = f"{100 * r['acc']:.1f} [{100 * r['acc_ci'][0]:.1f}, {100 * r['acc_ci'][1]:.1f}]"
-            lines.append(f"| {cache} | {budget or 'own'} | {acc} | {100 * r['kept']:.1f}% | {t} |")
+            diff = "–"
+            if "minus_anchor" in r:
+                lo, hi = (100 * x for x in r["minus_anchor_ci"])
+                diff = f"{100 * r['minus_anchor']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+            lines.append(f"| {cache} | {budget or 'own'} | {acc} | {100 * r['kept']:.1f}% | {t} | {diff} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -82,7 +95,7 @@ def plot(models: dict[str, dict], path) -> None:
         for i, policy in enumerate(POLICIES):
             pts = sorted((r["kept"], 100 * r["acc"]) for n, r in rows.items() if n.startswith(f"{policy}@"))
             if pts:
-                ax.plot(*zip(*pts), "-o", color=f"C{i}", label=policy)
+                ax.plot(*zip(*pts), "-" + "os^"[i % 3], color=f"C{i}", label=policy, alpha=0.8)
                 for n, r in rows.items():
                     if n.startswith(f"{policy}@"):
                         _point(ax, r, color=f"C{i}", fmt="none", alpha=0.5)
