@@ -165,7 +165,8 @@ def compare(args) -> None:
     lines = [
         f"# anjax vs kvpress {theirs['versions']['kvpress']}: choice log-likelihoods",
         "",
-        f"Tasks {spec['tasks']}, first {spec['limit']} docs each, 0-shot; {rows['full']['items']} items "
+        f"Model {spec['model'] or 'the embedded SmolLM2-135M-Instruct'}; tasks {spec['tasks']}, "
+        f"first {spec['limit']} docs each, 0-shot; {rows['full']['items']} items "
         f"({spec['skipped']} too short for kvpress left out); budget {spec['budget']} of each context "
         f"(mean kept share {fraction:.3f}); window: sink {spec['sink']}; snapkv: obs {spec['obs']}, "
         f"avg-pool kernel {spec['kernel']}. kvpress: transformers {theirs['versions']['transformers']}, "
