@@ -12,6 +12,7 @@ from typing import Any
 
 from anjax import cli
 from anjax.eval import evaluate, intervals, perplexity, stats, tasks
+from anjax.inference.policies import POLICIES, Policy
 from anjax.inference.scoring import Scorer, ScoringModel, load_scoring_model
 
 
@@ -25,7 +26,19 @@ def build_parser() -> cli.ArgumentParser:
         "(one object per line: context, choices, gold, optional id)",
     )
     p.add_argument("--shots", type=int, default=0, help="few-shot demonstrations (paper: 0 or 5)")
-    p.add_argument("--cache", default="full", help="full | anchor | full,anchor (one table row each)")
+    p.add_argument(
+        "--cache",
+        default="full",
+        help="comma list of full, anchor and the training-free policies window, snapkv, h2o (one table row each)",
+    )
+    p.add_argument(
+        "--budget",
+        default=None,
+        help="policies' slots per document: match-anchor (what the anchor cache keeps) and/or fractions in (0, 1]",
+    )
+    p.add_argument("--sink", type=int, default=4, help="window: first tokens always kept")
+    p.add_argument("--obs", type=int, default=8, help="snapkv: observation window (last prompt tokens)")
+    p.add_argument("--kernel", type=int, default=5, help="snapkv: average-pool kernel (odd)")
     p.add_argument("--anchor-mode", default=None, choices=("ep", "ac"), help="override the model's anchor mode")
     p.add_argument("--anchors", nargs="+", default=None, help="EP anchor strings (default . ? !)")
     p.add_argument("--limit", type=int, default=None, help="first N documents per task (perplexity: passages)")
@@ -78,12 +91,24 @@ def check_args(args) -> tuple[list[str], list[str]]:
         cli.check_writable_dir(args.out_dir, "--out-dir")
     if args.json:
         cli.check_writable_file(args.json, "--json")
-    return names, evaluate.parse_caches(args.cache)
+    caches = evaluate.parse_caches(args.cache, args.budget)
+    if policy_settings(args, caches) and args.perplexity:
+        raise ValueError("--perplexity scores full and anchor caches only; the policies run in tasks mode")
+    return names, caches
+
+
+def policy_settings(args, caches: Sequence[str]) -> dict[str, Policy]:
+    """Each policy in `caches` with the --sink/--obs/--kernel settings (ValueError if out of range)."""
+    kinds = {c.split("@")[0] for c in caches if "@" in c}
+    return {kind: Policy(kind, sink=args.sink, obs=args.obs, kernel=args.kernel) for kind in POLICIES if kind in kinds}
 
 
 def load_model_for(args, caches: Sequence[str]) -> ScoringModel:
     return load_scoring_model(
-        args.model, anchor_mode=args.anchor_mode, anchors=args.anchors, need_anchors="anchor" in caches
+        args.model,
+        anchor_mode=args.anchor_mode,
+        anchors=args.anchors,
+        need_anchors="anchor" in caches or any(c.endswith(f"@{evaluate.MATCH_ANCHOR}") for c in caches),
     )
 
 
@@ -111,7 +136,9 @@ def task_report(args, items: dict[str, list[tasks.MCItem]], caches: Sequence[str
     }
     t0 = time.perf_counter()
     for name, task_items in items.items():
-        report["tasks"][name] = evaluate.evaluate_task(scorer, task_items, caches, timing=not args.no_timing)
+        report["tasks"][name] = evaluate.evaluate_task(
+            scorer, task_items, caches, timing=not args.no_timing, policies=policy_settings(args, caches)
+        )
         summary = ", ".join(
             f"{c}: acc {evaluate._pct(r['acc'])} C↓ {evaluate._pct(r['c_reduction'])}%"
             + (f" T↑ {r['t_vs_full']:.2f}×/{r['t_vs_recompute']:.2f}×" if "t_vs_full" in r else "")

@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Arguments with the fixed choices of the report (0-shot, full and anchor cache, no timing)."""
     args = build_parser().parse_args(argv)
     args.shots, args.seed, args.cache, args.no_timing = 0, tasks.DEFAULT_SEED, ",".join(CACHES), True
-    args.json = None  # the report writes NAME.json in --out-dir
+    args.json, args.budget = None, None  # the report writes NAME.json in --out-dir; no cache policies
     if args.ppl_limit is not None and args.ppl_limit <= 0:
         raise ValueError(f"--ppl-limit must be > 0, got {args.ppl_limit}")
     return args

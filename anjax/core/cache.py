@@ -114,15 +114,21 @@ def keep_slots(cache: KVCache, open_seg_B: jax.Array, full: bool) -> jax.Array:
     return cache.valid & (cache.anchor | cache.protected | open_sentence)
 
 
+def pack_order(keep_xC: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(order, live), both shaped like `keep_xC` [..., C]: gathering along the last axis by `order` puts the
+    kept slots first in their order (stable); `live` marks the first (number kept) slots."""
+    order_xC = jnp.argsort(~keep_xC, axis=-1, stable=True)
+    live_xC = jnp.arange(keep_xC.shape[-1]) < keep_xC.sum(axis=-1, keepdims=True)
+    return order_xC, live_xC
+
+
 def compact(cache: KVCache, keep_BxC: jax.Array) -> KVCache:
     """Move each row's kept slots to the front in their order (stable); `length` = kept count.
 
     Freed slots are zeroed and invalid. Cost: one gather over the whole cache.
     """
-    C = cache.capacity
-    order_BxC = jnp.argsort(~keep_BxC, axis=1, stable=True)  # kept slots first, in order
-    length_B = keep_BxC.sum(axis=1, dtype=jnp.int32)
-    live_BxC = jnp.arange(C) < length_B[:, None]
+    order_BxC, live_BxC = pack_order(keep_BxC)
+    length_B = live_BxC.sum(axis=1, dtype=jnp.int32)
 
     def take_meta(x_BxC):
         return jnp.where(live_BxC, jnp.take_along_axis(x_BxC, order_BxC, axis=1), jnp.zeros((), x_BxC.dtype))

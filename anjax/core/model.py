@@ -74,6 +74,15 @@ def blocked_attention(q_BxTxHxD: jax.Array, blocks) -> jax.Array:
     blocks make q.k and p.v batched matmuls over (B, K) that read the keys and values without a transpose.
     """
     B, T, H, D = q_BxTxHxD.shape
+    exps, total_BxKxGxTx1 = _block_exps(q_BxTxHxD, blocks)
+    out_BxKxGxTxD = sum(jnp.einsum("bkgts,bksd->bkgtd", e.astype(v.dtype), v) for e, (_, v, _) in zip(exps, blocks))
+    out_BxTxKxGxD = (out_BxKxGxTxD / total_BxKxGxTx1).transpose(0, 3, 1, 2, 4)
+    return out_BxTxKxGxD.astype(q_BxTxHxD.dtype).reshape(B, T, H, D)
+
+
+def _block_exps(q_BxTxHxD: jax.Array, blocks) -> tuple[list[jax.Array], jax.Array]:
+    """Unnormalized softmax numerators per block [B, K, G, T, S] and their common denominator [B, K, G, T, 1]."""
+    B, T, H, D = q_BxTxHxD.shape
     K = blocks[0][0].shape[1]
     q = q_BxTxHxD.reshape(B, T, K, H // K, D)
     logits = [
@@ -86,10 +95,15 @@ def blocked_attention(q_BxTxHxD: jax.Array, blocks) -> jax.Array:
     ]
     max_BxKxGxTx1 = functools.reduce(jnp.maximum, [x.max(-1, keepdims=True) for x in logits])
     exps = [jnp.exp(x - max_BxKxGxTx1) for x in logits]  # a softmax over all blocks, normalized at the end
-    total_BxKxGxTx1 = sum(e.sum(-1, keepdims=True) for e in exps)
-    out_BxKxGxTxD = sum(jnp.einsum("bkgts,bksd->bkgtd", e.astype(v.dtype), v) for e, (_, v, _) in zip(exps, blocks))
-    out_BxTxKxGxD = (out_BxKxGxTxD / total_BxKxGxTx1).transpose(0, 3, 1, 2, 4)
-    return out_BxTxKxGxD.astype(q_BxTxHxD.dtype).reshape(B, T, H, D)
+    return exps, sum(e.sum(-1, keepdims=True) for e in exps)
+
+
+def key_mass(q_BxTxHxD: jax.Array, blocks, weight_BxT: jax.Array) -> jax.Array:
+    """[B, K, S1 + S2 + ...]: the attention probability each key of `blocks` (as in `blocked_attention`)
+    receives, summed over the query heads of its KV group and over the queries weighted by `weight_BxT`."""
+    exps, total_BxKxGxTx1 = _block_exps(q_BxTxHxD, blocks)
+    w_BxTx1 = weight_BxT.astype(jnp.float32)[:, :, None]
+    return jnp.concatenate([jnp.einsum("bkgts,bti->bks", e / total_BxKxGxTx1, w_BxTx1) for e in exps], -1)
 
 
 class Attention(nn.Module):
@@ -97,8 +111,11 @@ class Attention(nn.Module):
     full_attention: bool
 
     @nn.compact
-    def __call__(self, x_BxTxE, q_meta: TokenMeta, k_meta: TokenMeta, layer_kv):
-        """Returns (y, (k, v) of the chunk) with a cache (`layer_kv`, metadata `k_meta`), else (y, None)."""
+    def __call__(self, x_BxTxE, q_meta: TokenMeta, k_meta: TokenMeta, layer_kv, mass_weight_BxT=None):
+        """Returns (y, (k, v) of the chunk) with a cache (`layer_kv`, metadata `k_meta`), else (y, None).
+
+        With `mass_weight_BxT`, also sows `key_mass` [B, K, C + T] (cache slots, then the chunk's keys)
+        in "intermediates" (kept when the caller makes that collection mutable)."""
         cfg, dt = self.cfg, self.cfg.dtype
         E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         wq = _param(self, "q", (E, H, D), ("embed", "heads", "head_dim")).astype(dt)
@@ -121,6 +138,10 @@ class Attention(nn.Module):
             out = dot_attention(q, k, v, mask(k_meta))
         else:  # the cache's slots, then the chunk itself (head-major [B, K, T, D], as the cache stores it)
             out = blocked_attention(q, [cache, (*new_kv, mask(q_meta))])
+        if mass_weight_BxT is not None:
+            head_major = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+            blocks = [cache, (*head_major, mask(q_meta))] if cache is not None else [(*head_major, mask(k_meta))]
+            self.sow("intermediates", "key_mass", key_mass(q, blocks, mass_weight_BxT))
         y = out.reshape(*out.shape[:2], H * D) @ wo.reshape(H * D, E)  # (h, d) as one axis: wo is read as stored
         return nn.with_logical_constraint(y, ("batch", "length", "embed")), new_kv
 
@@ -147,9 +168,9 @@ class Block(nn.Module):
     full_attention: bool
 
     @nn.compact
-    def __call__(self, x_BxTxE, layer_kv, q_meta, k_meta):
+    def __call__(self, x_BxTxE, layer_kv, q_meta, k_meta, mass_weight_BxT=None):
         h, new_kv = Attention(self.cfg, self.full_attention, name="attn")(
-            RMSNorm(self.cfg, name="attn_norm")(x_BxTxE), q_meta, k_meta, layer_kv
+            RMSNorm(self.cfg, name="attn_norm")(x_BxTxE), q_meta, k_meta, layer_kv, mass_weight_BxT
         )
         x_BxTxE = x_BxTxE + h
         x_BxTxE = x_BxTxE + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxTxE))
@@ -164,8 +185,14 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(
-        self, tokens_BxT: jax.Array, meta: TokenMeta, cache: KVCache | None = None, full_attention: bool = True
+        self,
+        tokens_BxT: jax.Array,
+        meta: TokenMeta,
+        cache: KVCache | None = None,
+        full_attention: bool = True,
+        mass_weight_BxT: jax.Array | None = None,
     ):
+        """`mass_weight_BxT`: sow each layer's `key_mass` (`Attention`; scanned layers: stacked [L, B, K, C + T])."""
         cfg = self.cfg
         embed_VxE = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
         table_VxE = nn.with_logical_constraint(embed_VxE.astype(cfg.dtype), ("vocab", None))  # gathered whole over fsdp
@@ -183,18 +210,18 @@ class Llama(nn.Module):
         if cfg.scan_layers:
             stack = nn.scan(
                 block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, new_kv = stack(cfg, full_attention, name="layers")(x, layers_kv, meta, k_meta)
+            x, new_kv = stack(cfg, full_attention, name="layers")(x, layers_kv, meta, k_meta, mass_weight_BxT)
         else:
             new = []
             for i in range(cfg.num_layers):
                 layer_kv = None if layers_kv is None else (layers_kv[0][i], layers_kv[1][i])
-                x, kv = block(cfg, full_attention, name=f"layer_{i}")(x, layer_kv, meta, k_meta)
+                x, kv = block(cfg, full_attention, name=f"layer_{i}")(x, layer_kv, meta, k_meta, mass_weight_BxT)
                 new.append(kv)
             new_kv = None if cache is None else tuple(jnp.stack(t) for t in zip(*new))
 

@@ -50,35 +50,89 @@ from pathlib import Path
 from typing import Any
 
 from anjax.eval import tasks
-from anjax.inference.scoring import CACHE_KINDS, Scorer
+from anjax.inference.policies import POLICIES, Policy
+from anjax.inference.scoring import CACHE_KINDS, Scorer, ScoreRequest, anchor_kept
 from anjax.io import outputs
 
 DEFAULT_TASKS = ("obqa", "winogrande", "arc_easy", "arc_challenge", "piqa", "hellaswag", "sciq", "boolq")
 RECOMPUTE = "recompute"
+MATCH_ANCHOR = "match-anchor"
 
 
-def parse_caches(text: str) -> list[str]:
+def parse_caches(text: str, budgets: str | None = None) -> list[str]:
+    """Cache names: full, anchor, and POLICY@BUDGET for each policy (`anjax.inference.policies`) and each
+    budget of the comma list `budgets` (match-anchor or a fraction of the prompt in (0, 1])."""
     caches = [c.strip() for c in text.split(",") if c.strip()]
-    if not caches or any(c not in CACHE_KINDS for c in caches):
-        raise ValueError(f"--cache must be full, anchor or full,anchor; got {text!r}")
-    return list(dict.fromkeys(caches))
+    known = CACHE_KINDS + POLICIES
+    if not caches or any(c not in known for c in caches):
+        raise ValueError(f"--cache must be a comma list of {', '.join(known)}; got {text!r}")
+    caches = list(dict.fromkeys(caches))
+    if not any(c in POLICIES for c in caches):
+        if budgets is not None:
+            raise ValueError(f"--budget applies to the policies {', '.join(POLICIES)}; --cache has none")
+        return caches
+    if budgets is None:
+        raise ValueError(f"--cache {text} needs --budget (match-anchor or fractions in (0, 1], comma separated)")
+    sizes = [parse_budget(b.strip()) for b in budgets.split(",") if b.strip()]
+    if not sizes:
+        raise ValueError(f"--budget is empty: {budgets!r}")
+    return [c for c in caches if c not in POLICIES] + [
+        f"{c}@{b}" for b in dict.fromkeys(sizes) for c in caches if c in POLICIES
+    ]
+
+
+def parse_budget(text: str) -> str | float:
+    """`match-anchor`, or a fraction of each prompt's tokens in (0, 1]."""
+    if text == MATCH_ANCHOR:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise ValueError(f"--budget must be {MATCH_ANCHOR} or a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def item_budgets(requests: Sequence[ScoreRequest], budget: str | float, anchor_ids: Sequence[int]) -> list[int]:
+    """Per item, the slots a policy keeps: with `match-anchor` exactly what the anchor cache holds after the
+    prefix (`anjax.inference.scoring.anchor_kept`), else max(1, floor(budget × prefilled tokens))."""
+    if budget == MATCH_ANCHOR:
+        return [anchor_kept(r.prefix[:-1], anchor_ids) for r in requests]
+    return [max(1, int(budget * (len(r.prefix) - 1))) for r in requests]
+
+
+def _path(name: str, requests, model, policies: dict[str, Policy]) -> tuple:
+    """The scorer path of a cache name: (cache, False) or (Policy, per-item budgets)."""
+    if "@" not in name:
+        return (name, False)
+    kind, budget = name.split("@", 1)
+    return (policies.get(kind, Policy(kind)), item_budgets(requests, parse_budget(budget), model.anchor_ids))
 
 
 def evaluate_task(
-    scorer: Scorer, items: Sequence[tasks.MCItem], caches: Sequence[str], timing: bool = True
+    scorer: Scorer,
+    items: Sequence[tasks.MCItem],
+    caches: Sequence[str],
+    timing: bool = True,
+    policies: dict[str, Policy] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Scores, C↓ and T↑ of one task's items for each cache in `caches` -> {cache: result}.
 
-    With `timing`, the full-cache path (if not asked for) and the recompute path also
-    run, on the same batches, to time T↑.
+    Names POLICY@BUDGET (`parse_caches`) run that policy (settings from `policies`, else its defaults)
+    at each item's budget (`item_budgets`). With `timing`, the full-cache path (if not asked for) and
+    the recompute path also run, on the same batches, to time T↑.
     """
     model = scorer.model
     requests = [model.encode_request(it.pairs()) for it in items]
-    paths = {c: (c, False) for c in caches}  # name -> (cache, recompute)
+    paths = {c: _path(c, requests, model, policies or {}) for c in caches}  # name -> (cache, recompute | budgets)
     if timing:
         paths.setdefault("full", ("full", False))
         paths[RECOMPUTE] = ("full", True)
     results = dict(zip(paths, scorer.run_paths(requests, list(paths.values()))))
+    matched = [c for c in caches if c.endswith(f"@{MATCH_ANCHOR}")]
+    if matched and "anchor" in results and results["anchor"].held_slots != results[matched[0]].held_slots:
+        raise AssertionError("match-anchor budgets differ from the anchor cache's slots")  # `anchor_kept` is wrong
     full_slots = sum(results[caches[0]].prefix_slots)
     out = {}
     for cache in caches:

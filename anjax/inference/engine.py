@@ -180,13 +180,28 @@ def prefill_step(
     The cache has C + T slots; a row that keeps more than C afterwards is flagged (`overflow`).
     """
     T = tokens_BxT.shape[1]
+    meta = chunk_meta(spec, state, tokens_BxT, valid_BxT, protected_BxT)
+    logits, cache = Llama(cfg).apply(
+        {"params": params}, tokens_BxT, meta, state.cache, full_attention=not spec.anchor_cache
+    )
+    open_seg = state.open_seg + meta.anchor.sum(1, dtype=jnp.int32)
+    cache = compact(cache, keep_slots(cache, open_seg, not spec.anchor_cache))
+    next_pos = state.next_pos + meta.valid.sum(1, dtype=jnp.int32)
+    state = state.replace(cache=_rebase(cache, spec), next_pos=next_pos, open_seg=open_seg)
+    return logits, _track(state, ~state.done, cache.capacity - T)
+
+
+def chunk_meta(
+    spec: EngineSpec, state: GenState, tokens_BxT: jax.Array, valid_BxT: jax.Array, protected_BxT=None
+) -> TokenMeta:
+    """The metadata [B, T] of a chunk appended to `state` (positions and sentences continue the row's)."""
     valid = valid_BxT.astype(bool)
     v = valid.astype(jnp.int32)
     anchor = is_anchor(tokens_BxT, spec.anchor_ids) & valid
     a = anchor.astype(jnp.int32)
     offset_BxT = jnp.cumsum(v, 1) - v
     protected = protected_tokens(protected_BxT, state.next_pos[:, None] + offset_BxT, valid, spec.sink_tokens)
-    meta = TokenMeta(
+    return TokenMeta(
         doc=jnp.zeros_like(v),
         pos=_next_positions(state, spec)[:, None] + offset_BxT,
         seg=state.open_seg[:, None] + jnp.cumsum(a, 1) - a,
@@ -194,13 +209,6 @@ def prefill_step(
         protected=protected,
         valid=valid,
     )
-    logits, cache = Llama(cfg).apply(
-        {"params": params}, tokens_BxT, meta, state.cache, full_attention=not spec.anchor_cache
-    )
-    open_seg = state.open_seg + a.sum(1)
-    cache = compact(cache, keep_slots(cache, open_seg, not spec.anchor_cache))
-    state = state.replace(cache=_rebase(cache, spec), next_pos=state.next_pos + v.sum(1), open_seg=open_seg)
-    return logits, _track(state, ~state.done, cache.capacity - T)
 
 
 def start_decode(state: GenState, spec: EngineSpec, slots: int) -> GenState:

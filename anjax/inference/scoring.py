@@ -38,6 +38,7 @@ is kept apart from the timed seconds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,9 @@ from anjax.core.config import ModelConfig
 from anjax.core.mask import token_metadata
 from anjax.core.model import Llama
 from anjax.core.params import with_scan_layers
+from anjax.inference import policies
 from anjax.inference.engine import EngineSpec, GenState, init_state, prefill, prefill_step
+from anjax.inference.policies import Policy
 from anjax.inference.runtime import Runtime, bucket, right_align, round_up
 from anjax.io.loading import load_model
 from anjax.text.anchors import AnchorScheme, resolve_scheme
@@ -138,7 +141,7 @@ def scoring_model(
     scheme, cfg, params = resolve_scheme(cfg, tokenizer, params, mode=anchor_mode, tokens=anchors)
     if need_anchors and not scheme.ids:
         raise ValueError(
-            "--cache anchor needs anchor settings, and the model has none: "
+            "--cache anchor (and --budget match-anchor) needs anchor settings, and the model has none: "
             "pass --anchor-mode ep (or ac), or evaluate with --cache full"
         )
     cfg, params = with_scan_layers(cfg, params, True)  # one layer body to compile (~2x faster than unrolled)
@@ -208,6 +211,12 @@ def kept_bound(ids: Sequence[int], anchor_ids: Sequence[int]) -> int:
             run += 1
             longest = max(longest, run)
     return anchors + longest
+
+
+def anchor_kept(ids: Sequence[int], anchor_ids: Sequence[int]) -> int:
+    """Slots an anchor cache holds after `ids` are prefilled: every anchor plus the open sentence."""
+    last = max((i for i, t in enumerate(ids) if t in anchor_ids), default=-1)
+    return sum(t in anchor_ids for t in ids) + len(ids) - 1 - last
 
 
 # ----------------------------------------------------------------------------- jitted steps
@@ -301,14 +310,22 @@ class Scorer:
         """Score every choice of every request with one path (see `run_paths`)."""
         return self.run_paths(requests, [(cache, recompute)])[0]
 
-    def run_paths(self, requests: Sequence[ScoreRequest], paths: Sequence[tuple[str, bool]]) -> list[PathResult]:
-        """Score `requests` with each (cache, recompute) path, interleaved batch by batch.
+    def run_paths(
+        self,
+        requests: Sequence[ScoreRequest],
+        paths: Sequence[tuple[str | Policy, bool | Sequence[int]]],
+    ) -> list[PathResult]:
+        """Score `requests` with each (cache, recompute) or (policy, budgets) path, interleaved batch by batch.
 
+        A policy path (`anjax.inference.policies`) keeps budgets[i] slots per KV head for item i.
         Items are batched longest first (results come back in input order); every path
         sees the same batches and shapes, so their timed seconds compare fairly even on
         a machine whose load changes.
         """
-        specs = [(self.spec(cache), recompute) for cache, recompute in paths]
+        specs = [(policies.FULL, budgets) if isinstance(c, Policy) else (self.spec(c), budgets) for c, budgets in paths]
+        for cache, budgets in paths:
+            if isinstance(cache, Policy) and (isinstance(budgets, bool) or len(budgets) != len(requests)):
+                raise ValueError(f"the {cache.kind} path needs one budget per request")
         if not requests:
             raise ValueError("nothing to score")
         n, B = len(requests), self.batch_size
@@ -328,8 +345,11 @@ class Scorer:
         for start in range(0, n, B):
             rows = order[start : start + B]
             batch = [requests[i] for i in rows] + [requests[rows[-1]]] * (B - len(rows))
-            for (spec, recompute), out in zip(specs, outs):
-                step = self._recompute_batch if recompute else self._cached_batch
+            for (cache, _), (spec, recompute), out in zip(paths, specs, outs):
+                step = self._recompute_batch if recompute is True else self._cached_batch
+                if isinstance(cache, Policy):
+                    budget_B = np.asarray([recompute[i] for i in rows] + [recompute[rows[-1]]] * (B - len(rows)))
+                    step = functools.partial(self._policy_batch, cache, budget_B)
                 with self.runtime.timer() as timer:
                     ll, greedy, held, fed = step(spec, batch, shapes)
                 out.seconds += timer.seconds
@@ -381,6 +401,29 @@ class Scorer:
         held = np.asarray(state.cache.length)
         if np.asarray(state.overflow)[:, 0].any():  # cannot happen with `kept_bound`; never truncate silently
             raise ValueError(f"a context needed more than the {capacity} cache slots reserved for it")
+        slots = min(bucket(int(held.max()), 16), capacity + T)
+        arrays = self._choice_arrays(batch, k, shapes["width"], align_right=False)
+        ll, greedy = self.runtime.call(_score_choices, (m.cfg, spec, slots, k), m.params, state, *arrays)
+        fed = [len(r.prefix) - 1 + sum(len(c) - 1 for c in r.chunks()) for r in batch]
+        return np.asarray(ll), np.asarray(greedy), held, fed
+
+    def _policy_batch(self, policy: Policy, budget_B, spec, batch, shapes):
+        """`_cached_batch` with a full-attention prefill that records attention mass, then `policies.select`."""
+        m = self.model
+        B, k, T = len(batch), shapes["k"], shapes["chunk"]
+        tokens, valid = right_align([r.prefix[:-1] for r in batch], T)
+        capacity = shapes["capacity"][False]
+        state = init_state(m.cfg, B, capacity + T, np.zeros(B, bool))
+        n_B = valid.sum(1).astype(np.int32)
+        mass = jnp.zeros((m.cfg.num_layers, B, m.cfg.num_kv_heads, capacity + T), jnp.float32)
+        for c in range(0, tokens.shape[1], T):
+            chunk = (tokens[:, c : c + T], valid[:, c : c + T])
+            if policy.needs_mass:
+                state, mass = self.runtime.call(policies.observe, (m.cfg, policy), m.params, state, mass, *chunk, n_B)
+            else:
+                state = self.runtime.call(prefill, (m.cfg, spec), m.params, state, *chunk)
+        state = self.runtime.call(policies.select, (policy,), state, mass, budget_B.astype(np.int32))
+        held = np.asarray(state.cache.length)
         slots = min(bucket(int(held.max()), 16), capacity + T)
         arrays = self._choice_arrays(batch, k, shapes["width"], align_right=False)
         ll, greedy = self.runtime.call(_score_choices, (m.cfg, spec, slots, k), m.params, state, *arrays)

@@ -1,0 +1,162 @@
+"""Training-free KV-cache policies at a fixed budget of slots per row: `window`, `snapkv`, `h2o`.
+
+    state, mass = observe_all(...)                  # full-attention prefill that records attention mass
+    state = select(policy, state, mass, budget_B)   # each row keeps min(budget, prompt) slots per KV head
+
+The prompt is prefilled with plain causal attention (the full cache, as in kvpress: a press
+compresses the context after its forward), then every layer's cache is cut to `budget` slots
+per KV head; later tokens attend to the kept slots and to themselves (the kept set defines what
+is attended; `anchor` stays defined by `anjax.core.mask.attention_allowed`). Per slot j < n
+(n prompt tokens, b = min(budget, n) kept):
+
+- `window` (StreamingLLM): the first `sink` tokens and the last b − sink (the same for every head).
+- `snapkv` (SnapKV): the last `obs` tokens (observation window) and the top b − obs of the others
+  by the attention mass they receive from the window's queries, summed over the query heads of
+  the KV group and average-pooled over slots (kernel `kernel`, zero padding, as kvpress and the
+  paper's code do); per layer and KV head.
+- `h2o` (H2O, at prefill): the last b − b // 2 tokens (recent) and the top b // 2 of the others by
+  the attention mass they receive from every prompt query (heavy hitters); per layer and KV head.
+
+Per-head selection is exact: `select` gathers each (layer, KV head)'s kept slots to its front
+(`anjax.core.cache.pack_order`), so slot i of every head is valid iff i < b and shapes stay fixed.
+The shared slot metadata then describes head 0 of layer 0 (exact for `window`); under causal
+attention later tokens only read `valid` and `pos` (< their own) from it, which hold for every head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from anjax.core.cache import compact, pack_order, write_slots
+from anjax.core.config import ModelConfig
+from anjax.core.model import Llama
+from anjax.inference.engine import EngineSpec, GenState, chunk_meta
+
+POLICIES = ("window", "snapkv", "h2o")
+FULL = EngineSpec(anchor_cache=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A policy and its settings (static under jit); defaults: kvpress's sink 4 and kernel 5, window 8."""
+
+    kind: str
+    sink: int = 4  # window: first tokens always kept (attention sinks)
+    obs: int = 8  # snapkv: observation window, the last prompt tokens
+    kernel: int = 5  # snapkv: average-pool kernel over slots (odd)
+
+    def __post_init__(self):
+        if self.kind not in POLICIES:
+            raise ValueError(f"unknown cache policy {self.kind!r}; known: {', '.join(POLICIES)}")
+        if self.sink < 0 or self.obs < 1 or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"need sink >= 0, obs >= 1 and an odd kernel >= 1, got {self}")
+
+    @property
+    def needs_mass(self) -> bool:
+        return self.kind != "window"
+
+    def query_weight(self, valid_BxT: jax.Array, pos_BxT: jax.Array, n_B: jax.Array) -> jax.Array:
+        """[B, T] 0/1: the prompt queries whose attention counts (snapkv: the last `obs` of n; h2o: all)."""
+        if self.kind == "snapkv":
+            return valid_BxT & (pos_BxT >= n_B[:, None] - self.obs)
+        return valid_BxT
+
+    def keep(self, mass_LxBxKxC: jax.Array, n_B: jax.Array, b_B: jax.Array) -> jax.Array:
+        """[L, B, K, C] bool: the b_B (<= n_B) slots each layer and KV head keeps."""
+        j_C = jnp.arange(mass_LxBxKxC.shape[-1])
+        row = lambda x_B: x_B[None, :, None, None]
+        n, b = row(n_B), row(b_B)
+        if self.kind == "window":
+            sink = jnp.minimum(self.sink, b)
+            keep = (j_C < sink) | ((j_C >= n - (b - sink)) & (j_C < n))
+            return jnp.broadcast_to(keep, mass_LxBxKxC.shape)
+        if self.kind == "snapkv":
+            window = jnp.minimum(self.obs, b)
+            score = _avg_pool(jnp.where(j_C < n - self.obs, mass_LxBxKxC, 0.0), self.kernel)
+        else:
+            window = b - b // 2
+            score = mass_LxBxKxC
+        recent = (j_C >= n - window) & (j_C < n)
+        return recent | _top(score, j_C < n - window, b - window)
+
+
+def _avg_pool(x_xC: jax.Array, kernel: int) -> jax.Array:
+    """Mean over each slot's `kernel` neighbours along the last axis, zeros beyond the ends (avg_pool1d)."""
+    pad = [(0, 0)] * (x_xC.ndim - 1) + [(kernel // 2, kernel // 2)]
+    window = (1,) * (x_xC.ndim - 1) + (kernel,)
+    return jax.lax.reduce_window(x_xC, 0.0, jax.lax.add, window, (1,) * x_xC.ndim, pad) / kernel
+
+
+def _top(score_LxBxKxC: jax.Array, candidate_LxBxKxC: jax.Array, count: jax.Array) -> jax.Array:
+    """The `count` candidates with the highest score along the last axis (ties: the earlier slot)."""
+    score = jnp.where(candidate_LxBxKxC, score_LxBxKxC, -jnp.inf)
+    rank = jnp.argsort(jnp.argsort(-score, axis=-1, stable=True), axis=-1, stable=True)
+    return candidate_LxBxKxC & (rank < count)
+
+
+def _layer_mass(variables: dict, cfg: ModelConfig) -> jax.Array:
+    """[L, B, K, S] key mass sown by every layer (`anjax.core.model.Attention`)."""
+    inter = variables["intermediates"]
+    if cfg.scan_layers:
+        return inter["layers"]["attn"]["key_mass"][0]
+    return jnp.stack([inter[f"layer_{i}"]["attn"]["key_mass"][0] for i in range(cfg.num_layers)])
+
+
+def observe(
+    cfg: ModelConfig,
+    policy: Policy,
+    params,
+    state: GenState,
+    mass_LxBxKxC: jax.Array,
+    tokens_BxT: jax.Array,
+    valid_BxT: jax.Array,
+    n_B: jax.Array,
+) -> tuple[GenState, jax.Array]:
+    """Prefill one chunk of a prompt of n_B tokens with the full cache (C + T slots, as `prefill_step`)
+    and add the attention mass each slot receives from `policy.query_weight`'s queries to `mass` [L, B, K, C]
+    (kept in slot order through the compaction)."""
+    meta = chunk_meta(FULL, state, tokens_BxT, valid_BxT)
+    weight_BxT = policy.query_weight(meta.valid, meta.pos, n_B)
+    (_, cache), variables = Llama(cfg).apply(
+        {"params": params},
+        tokens_BxT,
+        meta,
+        state.cache,
+        full_attention=True,
+        mass_weight_BxT=weight_BxT,
+        mutable=["intermediates"],
+    )
+    C = state.cache.capacity
+    step_LxBxKxS = _layer_mass(variables, cfg)
+    mass = write_slots(
+        (mass_LxBxKxC + step_LxBxKxS[..., :C])[..., None], step_LxBxKxS[..., C:, None], state.cache.length
+    )
+    order_BxC, live_BxC = pack_order(cache.valid)
+    mass = jnp.take_along_axis(mass[..., 0], order_BxC[None, :, None], axis=3)
+    state = state.replace(
+        cache=compact(cache, cache.valid),
+        next_pos=state.next_pos + meta.valid.sum(1, dtype=jnp.int32),
+    )
+    return state, jnp.where(live_BxC[None, :, None], mass, 0.0)
+
+
+def select(policy: Policy, state: GenState, mass_LxBxKxC: jax.Array, budget_B: jax.Array) -> GenState:
+    """Keep min(budget, n) slots per row in every layer and KV head (`Policy.keep`), gathered to the front."""
+    cache = state.cache
+    n_B = cache.length
+    b_B = jnp.minimum(budget_B, n_B).astype(jnp.int32)
+    order_LxBxKxC, live_LxBxKxC = pack_order(policy.keep(mass_LxBxKxC, n_B, b_B))
+
+    def take_kv(x_LxBxKxCxD):
+        x = jnp.take_along_axis(x_LxBxKxCxD, order_LxBxKxC[..., None], axis=3)
+        return jnp.where(live_LxBxKxC[..., None], x, jnp.zeros((), x.dtype))
+
+    order_BxC, live_BxC = order_LxBxKxC[0, :, 0], live_LxBxKxC[0, :, 0]
+
+    def take_meta(x_BxC):
+        return jnp.where(live_BxC, jnp.take_along_axis(x_BxC, order_BxC, axis=1), jnp.zeros((), x_BxC.dtype))
+
+    return state.replace(cache=cache.map_slots(take_kv, take_meta).replace(length=b_B))

@@ -1,0 +1,235 @@
+"""Training-free cache policies (anjax/inference/policies.py) and their equal-budget evaluation.
+
+The oracle is a brute-force forward written here from the model's definition: every layer's
+attention under an explicit mask per (layer, KV head) — causal, and for the queries after the
+prompt only the prompt tokens of that head's kept set — built from attention probabilities
+this forward computes itself.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cli_checks import assert_one_line_error
+
+from anjax.core.config import tiny_config
+from anjax.core.model import init_params, rope
+from anjax.eval import evaluate, tasks
+from anjax.inference import policies, scoring
+from anjax.inference.policies import Policy
+from anjax.io import hf
+
+REPO = Path(__file__).resolve().parent.parent
+SLICES = Path(__file__).parent / "data" / "tasks"
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    cfg = tiny_config(vocab_size=400)
+    return cfg, init_params(cfg, jax.random.key(1))
+
+
+def _rms(x, scale, eps):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * scale
+
+
+def brute_force(cfg, params, ids, n, policy=None, budget=None):
+    """(log-probs [T, V], per layer the key mass [K, n] of the prompt's first n tokens, kept [L, K, n]).
+
+    Queries at positions >= n see prompt key j only if head (layer, k) keeps j: `policy.keep` on the
+    mass of this very forward (all prompt positions kept when `policy` is None)."""
+    T, H, K, D = len(ids), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pos = jnp.arange(T)[None]
+    x = params["embed"][jnp.asarray(ids)]
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    masses, kept = [], []
+    for i in range(cfg.num_layers):
+        p = params[f"layer_{i}"]
+        h = _rms(x, p["attn_norm"]["scale"], cfg.rms_norm_eps)
+        q = rope(jnp.einsum("te,ehd->thd", h, p["attn"]["q"])[None], pos, cfg.rope_theta, 1.0)[0]
+        k = rope(jnp.einsum("te,ekd->tkd", h, p["attn"]["k"])[None], pos, cfg.rope_theta, 1.0)[0]
+        v = jnp.einsum("te,ekd->tkd", h, p["attn"]["v"])
+        kh, vh = jnp.repeat(k, H // K, 1), jnp.repeat(v, H // K, 1)
+        logits = jnp.einsum("thd,shd->hts", q, kh) / np.sqrt(D)
+        probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), -1)  # [H, T, T]; prompt queries: plain causal
+        weight = np.zeros(T)
+        if policy is not None:
+            weight[:n] = np.asarray(policy.query_weight(jnp.ones((1, n), bool), jnp.arange(n)[None], jnp.array([n])))
+        mass_K = jnp.einsum("hts,t->hs", probs, weight).reshape(K, H // K, T).sum(1)[:, :n]
+        if policy is None:
+            keep_K = jnp.ones((K, n), bool)
+        else:
+            keep_K = policy.keep(jnp.pad(mass_K, ((0, 0), (0, T)))[None, None], jnp.array([n]), jnp.array([budget]))
+            keep_K = keep_K[0, 0, :, :n]
+        visible = causal[None] & jnp.concatenate(
+            [jnp.where(jnp.arange(T)[None, :, None] >= n, keep_K[:, None], True), jnp.ones((K, T, T - n), bool)], -1
+        )
+        logits = jnp.where(jnp.repeat(visible, H // K, 0), logits, -jnp.inf)
+        out = jnp.einsum("hts,shd->thd", jax.nn.softmax(logits, -1), vh).reshape(T, H * D)
+        x = x + out @ p["attn"]["o"].reshape(H * D, -1)
+        h = _rms(x, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
+        x = x + (jax.nn.silu(h @ p["mlp"]["gate"]) * (h @ p["mlp"]["up"])) @ p["mlp"]["down"]
+        masses.append(mass_K)
+        kept.append(keep_K)
+    logits = _rms(x, params["final_norm"]["scale"], cfg.rms_norm_eps) @ params["embed"].T
+    return np.asarray(jax.nn.log_softmax(logits, -1)), np.stack(masses), np.stack(kept)
+
+
+def brute_loglik(cfg, params, request, choice, policy=None, budget=None):
+    ids = list(request.prefix + request.tails[choice] + request.continuations[choice])
+    n = len(request.prefix) - 1
+    logp, _, _ = brute_force(cfg, params, ids, n, policy, budget)
+    start = len(ids) - len(request.continuations[choice])
+    return sum(float(logp[start - 1 + j, t]) for j, t in enumerate(request.continuations[choice]))
+
+
+ITEMS = [
+    [
+        ("The cat sat on the mat. Did the dog see it? Yes! The dog saw the cat, and the cat saw the dog", c)
+        for c in (" ran.", " sat on the mat")
+    ],
+    [("Mr. Smith went to Washington. He arrived at 3", " p.m."), ("Mr. Smith went to Washington. She came", " too")],
+    [("A short one. It ends here and then it goes on for a while without", c) for c in (" end.", " a stop", " x")],
+]
+
+
+@pytest.fixture
+def model(tiny_params, tiny_tokenizer):
+    cfg, params = tiny_params
+    return scoring.scoring_model(cfg, params, tiny_tokenizer, anchor_mode="ep")
+
+
+def _requests(model):
+    return [model.encode_request(pairs) for pairs in ITEMS]
+
+
+@pytest.mark.parametrize("kind", policies.POLICIES)
+def test_policy_equals_brute_force_with_its_kept_set(tiny_params, model, kind):
+    """Every choice's log-likelihood equals the brute-force forward under the policy's per-head kept set,
+    at a budget below the prompt (several prefill chunks: chunk_size 8)."""
+    cfg, params = tiny_params
+    reqs = _requests(model)
+    policy = Policy(kind, sink=2, obs=3, kernel=3)
+    budgets = [max(4, (len(r.prefix) - 1) // 3) for r in reqs]
+    out = scoring.Scorer(model, batch_size=2, chunk_size=8).run_paths(reqs, [(policy, budgets)])[0]
+    for r, b, ll, held in zip(reqs, budgets, out.loglik, out.held_slots):
+        assert held == b
+        want = [brute_loglik(cfg, params, r, c, policy, b) for c in range(r.k)]
+        np.testing.assert_allclose(ll, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", policies.POLICIES)
+def test_budget_covering_the_prompt_equals_full(model, kind):
+    """W (or any budget) >= prompt keeps every token: the full cache's scores."""
+    reqs = _requests(model)
+    scorer = scoring.Scorer(model, batch_size=2, chunk_size=8)
+    budgets = [len(r.prefix) - 1 + 5 for r in reqs]
+    full, pol = scorer.run_paths(reqs, [("full", False), (Policy(kind), budgets)])
+    np.testing.assert_allclose(np.concatenate(pol.loglik), np.concatenate(full.loglik), rtol=1e-5, atol=1e-5)
+    assert pol.held_slots == full.held_slots
+
+
+def test_observed_mass_and_kept_slots_per_head(tiny_params, model):
+    """`observe` records the brute-force attention mass per layer and KV head; `select` keeps, per head,
+    the slots `Policy.keep` names and nothing else (heads differ)."""
+    cfg, params = tiny_params
+    ids = model.encode_request(ITEMS[0]).prefix[:-1]
+    n, T = len(ids), 8
+    tokens, valid = scoring.right_align([ids], T)
+    from anjax.inference.engine import init_state
+
+    policy = Policy("snapkv", obs=4, kernel=1)
+    state = init_state(model.cfg, 1, 64 + T, np.zeros(1, bool))
+    mass = jnp.zeros((cfg.num_layers, 1, cfg.num_kv_heads, 64 + T))
+    for c in range(0, tokens.shape[1], T):
+        state, mass = policies.observe(
+            model.cfg, policy, model.params, state, mass, tokens[:, c : c + T], valid[:, c : c + T], jnp.array([n])
+        )
+    _, want_mass, want_keep = brute_force(cfg, params, list(ids), n, policy, 12)
+    np.testing.assert_allclose(np.asarray(mass)[:, 0, :, :n], want_mass, rtol=1e-4, atol=1e-5)
+    assert not np.asarray(mass)[:, 0, :, n:].any()
+    kept = policies.select(policy, state, mass, jnp.array([12]))
+    assert int(kept.cache.length[0]) == 12
+    keys_LxKxCxD = np.asarray(kept.cache.keys)[:, 0]
+    for l in range(cfg.num_layers):
+        for h in range(cfg.num_kv_heads):
+            slots = np.flatnonzero(want_keep[l, h])
+            np.testing.assert_array_equal(keys_LxKxCxD[l, h, :12], np.asarray(state.cache.keys)[l, 0, h, slots])
+            assert not keys_LxKxCxD[l, h, 12:].any()
+    assert (want_keep[:, 0] != want_keep[:, 1]).any(), "the KV heads keep different slots"
+
+
+def test_keep_rules_on_hand_made_mass():
+    """What each rule keeps, on a mass made by hand: one row, 12 prompt slots, budget 6, two KV heads."""
+    mass = jnp.zeros((1, 1, 2, 16)).at[0, 0, 0, 2].set(5.0).at[0, 0, 1, 5].set(5.0).at[0, 0, :, 3].set(1.0)
+    n, b = jnp.array([12]), jnp.array([6])
+    keep = lambda p, b=b: [np.flatnonzero(k).tolist() for k in np.asarray(p.keep(mass, n, b))[0, 0]]
+    assert keep(Policy("window", sink=2)) == [[0, 1, 8, 9, 10, 11]] * 2
+    assert keep(Policy("window", sink=4)) == [[0, 1, 2, 3, 10, 11]] * 2
+    # h2o: the recent 3, then the 3 heaviest of slots 0..8 (ties: the earlier slot)
+    assert keep(Policy("h2o")) == [[0, 2, 3, 9, 10, 11], [0, 3, 5, 9, 10, 11]]
+    # snapkv, obs 3, kernel 3: the window 9..11, then the top 3 of the mass of slots 0..8 pooled over 3 slots
+    assert keep(Policy("snapkv", obs=3, kernel=3)) == [[1, 2, 3, 9, 10, 11], [4, 5, 6, 9, 10, 11]]
+    for kind in policies.POLICIES:
+        assert keep(Policy(kind), jnp.array([12])) == [list(range(12))] * 2  # budget = prompt: everything
+        assert keep(Policy(kind), jnp.array([1])) == [[0 if kind == "window" else 11]] * 2
+
+
+def test_match_anchor_budget_is_the_anchor_cache_per_document(model):
+    """--budget match-anchor gives each document exactly the slots its anchor cache holds."""
+    reqs = _requests(model)
+    anchor = scoring.Scorer(model, batch_size=2, chunk_size=8).run(reqs, "anchor")
+    assert evaluate.item_budgets(reqs, "match-anchor", model.anchor_ids) == anchor.held_slots
+    assert len(set(anchor.held_slots)) > 1
+    n = [len(r.prefix) - 1 for r in reqs]
+    assert evaluate.item_budgets(reqs, 0.5, model.anchor_ids) == [max(1, int(0.5 * x)) for x in n]
+
+
+def test_evaluate_task_with_policies(model):
+    """One task scored with full, anchor and every policy at the anchor's budgets: the same C↓ as the anchor."""
+    doc = tasks.Doc("arc_easy", "test", 0, {})
+    items = [
+        tasks.MCItem("arc_easy", doc, (), pairs[0][0], ("",) * len(pairs), conts, tuple(c.strip() for c in conts), 0)
+        for pairs in (ITEMS[0], ITEMS[2])
+        for conts in [tuple(c for _, c in pairs)]
+    ]
+    caches = evaluate.parse_caches("full,anchor,window,snapkv,h2o", "match-anchor,0.5")
+    assert caches[2:] == [f"{p}@{b}" for b in ("match-anchor", 0.5) for p in policies.POLICIES]
+    out = evaluate.evaluate_task(scoring.Scorer(model, chunk_size=8), items, caches, timing=True)
+    for name in caches[2:5]:
+        assert out[name]["cache_slots"] == out["anchor"]["cache_slots"]
+        assert out[name]["c_reduction"] == pytest.approx(out["anchor"]["c_reduction"])
+        assert out[name]["t_vs_full"] > 0
+    n = [len(model.encode_request(it.pairs()).prefix) - 1 for it in items]
+    assert out["h2o@0.5"]["cache_slots"] == sum(x // 2 for x in n)
+
+
+@pytest.fixture
+def tiny_model_dir(tiny_params, tiny_tokenizer, tmp_path):
+    """The tiny model as an HF directory without anchor settings."""
+    return hf.save_hf_dir(*tiny_params, tiny_tokenizer, tmp_path / "tiny")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--cache", "full,window", "--budget", "0"], "--budget"),
+        (["--cache", "full,window", "--budget", "1.5"], "--budget"),
+        (["--cache", "full,window", "--budget", "abc"], "--budget"),
+        (["--cache", "full,streaming"], "--cache"),
+        (["--cache", "full,window"], "--budget"),
+        (["--cache", "window", "--budget", "0.5", "--perplexity"], "--perplexity scores full and anchor"),
+        (["--cache", "full,window", "--budget", "0.5", "--kernel", "4"], "odd kernel"),
+        (["--cache", "full", "--budget", "0.5"], "--budget applies to the policies"),
+        (["--cache", "full,window", "--budget", "match-anchor"], "--budget match-anchor) needs anchor settings"),
+    ],
+)
+def test_bad_policy_input_is_one_line_exit_2(args, fragment, tiny_model_dir):
+    cmd = [sys.executable, "-m", "anjax.evaluate", "--model", str(tiny_model_dir), "--data-dir", str(SLICES)]
+    proc = subprocess.run([*cmd, "--tasks", "piqa", *args], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert_one_line_error(proc, fragment)
