@@ -62,9 +62,9 @@ def anjax_logits(cfg, params, ids):
 
 
 @pytest.mark.parametrize(  # the fast tier scans one case's layers
-    "case,scan",
-    [(case, False) for case in sorted(CASES)]
-    + [(c, True) if c == "gqa_tied" else slow_case(c, True) for c in sorted(CASES)],
+    "scan,case",
+    [(False, case) for case in sorted(CASES)]
+    + [(True, c) if c == "gqa_tied" else slow_case(True, c) for c in sorted(CASES)],
 )
 def test_logits_match_transformers(tmp_path, case, scan):
     model = make_hf_model(tmp_path, **CASES[case])
