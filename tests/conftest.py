@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny real tokenizer (byte-level BPE like SmolLM2/GPT-2, trained in ~0.1 s)."""
+"""Shared fixtures: a tiny real tokenizer (byte-level BPE like SmolLM2/GPT-2, trained in ~0.1 s); `slow_case`."""
 
 from __future__ import annotations
 
@@ -48,3 +48,8 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """`make_tiny_tokenizer()`, function-scoped: tests may add tokens."""
     return make_tiny_tokenizer()
+
+
+def slow_case(*values):
+    """A parametrization only the full suite runs (`slow`): the fast tier keeps one case of each family."""
+    return pytest.param(*values, marks=pytest.mark.slow)

@@ -13,7 +13,7 @@ import string
 import jax
 import numpy as np
 import pytest
-from conftest import make_tiny_tokenizer
+from conftest import make_tiny_tokenizer, slow_case
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -174,7 +174,7 @@ def _runs(ids, ac, bos=None):
     return out + [run]
 
 
-@pytest.mark.parametrize("add_bos", [False, True])
+@pytest.mark.parametrize("add_bos", [slow_case(False), True])
 def test_forced_ac_counts_like_training(add_bos):
     """Decoding forces `<AC>` after N sentence tokens, BOS not counted, exactly as the encoder cuts."""
     tok, n = _bpe(), 6

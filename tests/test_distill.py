@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import slow_case
 
 from anjax.core import sharding
 from anjax.core.config import tiny_config
@@ -23,6 +24,7 @@ CFGS = {
     "ep": tiny_config(vocab_size=256, anchor_mode="ep", anchor_tokens=(".",), anchor_ids=(AC,)),
     "ac": tiny_config(vocab_size=256, anchor_mode="ac", anchor_tokens=("<AC>",), anchor_ids=(AC,)),
 }
+MODES = [slow_case("ep"), "ac"]  # the fast tier runs AC: EP's path plus the <AC>-skipping alignment
 
 
 def batch(seed: int = 0, B: int = 4, L: int = 24) -> dict[str, np.ndarray]:
@@ -81,7 +83,7 @@ def hand_kl(cfg, student, teacher, b, temperature):
     return total, count
 
 
-@pytest.mark.parametrize("mode", ["ep", "ac"])
+@pytest.mark.parametrize("mode", MODES)
 def test_kl_equals_hand_computation(mode):
     cfg, b = CFGS[mode], batch()
     student, teacher = init_params(cfg, jax.random.PRNGKey(0)), init_params(cfg, jax.random.PRNGKey(1))
@@ -127,7 +129,7 @@ def optimizer_input(cfg, params, b, grad_accum, teacher=None, spec=None):
     return new.opt_state, m
 
 
-@pytest.mark.parametrize("mode", ["ep", "ac"])
+@pytest.mark.parametrize("mode", MODES)
 def test_weight_zero_is_the_lm_loss(mode):
     cfg, b = CFGS[mode], batch(1)
     student, teacher = init_params(cfg, jax.random.PRNGKey(0)), init_params(cfg, jax.random.PRNGKey(1))
@@ -139,7 +141,7 @@ def test_weight_zero_is_the_lm_loss(mode):
     assert Trainer(cfg, TrainSection(), sharding.make_mesh(1, 1, 1)).distill is None  # the default: no teacher at all
 
 
-@pytest.mark.parametrize("mode", ["ep", "ac"])
+@pytest.mark.parametrize("mode", MODES)
 def test_update_is_the_gradient_of_lm_plus_weighted_kl(mode):
     """With 2 micro-batches of unequal target and KL counts, the step's gradient is that of
     lm_mean + w * kl_mean over the whole batch."""

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import slow_case
 
 from anjax.core.cache import compact, keep_slots
 from anjax.core.config import tiny_config
@@ -23,7 +24,7 @@ from anjax.inference.engine import (
     span_flags,
     start_decode,
 )
-from anjax.inference.runtime import right_align
+from anjax.inference.runtime import Runtime, right_align
 
 EP_IDS = (5, 7)  # two "punctuation" anchors
 AC_ID = 255
@@ -32,6 +33,9 @@ MODELS = {
     "gqa3_d64": dict(num_heads=6, num_kv_heads=3, head_dim=64),  # the second: SmolLM2's heads
     "sparse": dict(attention="sparse"),
 }  # prefill chunks' self-attention through anjax.core.sparse_attention
+
+
+RUNTIME = Runtime()  # one compile cache for the Engines of tests that do not count compiles
 
 
 @functools.cache
@@ -119,16 +123,16 @@ def engine_logits(cfg, params, spec, rows, n_prompt, chunk, capacity, protected=
 
 @pytest.mark.parametrize(
     "kind,chunk,model,batch",
-    [
+    [  # the fast tier: EP with one-token chunks, AC with sparse prefill chunks (the rest: `slow`)
         ("ep", 1, "tiny", 3),
-        ("ep", 5, "tiny", 3),
-        ("ep", 16, "tiny", 3),
-        ("ac", 1, "tiny", 3),
-        ("ac", 5, "tiny", 3),
-        ("ac", 16, "tiny", 3),
-        ("ep", 7, "gqa3_d64", 1),
-        ("ac", 4, "gqa3_d64", 2),
-        ("ep", 16, "sparse", 3),
+        slow_case("ep", 5, "tiny", 3),
+        slow_case("ep", 16, "tiny", 3),
+        slow_case("ac", 1, "tiny", 3),
+        slow_case("ac", 5, "tiny", 3),
+        slow_case("ac", 16, "tiny", 3),
+        slow_case("ep", 7, "gqa3_d64", 1),
+        slow_case("ac", 4, "gqa3_d64", 2),
+        slow_case("ep", 16, "sparse", 3),
         ("ac", 5, "sparse", 3),
     ],
 )
@@ -146,7 +150,7 @@ def test_anchor_cache_equals_full_forward_pass(kind, chunk, model, batch):
     assert int(state.cache.length[0]) < len(rows[0])
 
 
-@pytest.mark.parametrize("chunk,model", [(3, "tiny"), (16, "tiny"), (16, "sparse")])
+@pytest.mark.parametrize("chunk,model", [slow_case(3, "tiny"), (16, "tiny"), slow_case(16, "sparse")])
 def test_full_cache_equals_causal_forward_pass(chunk, model):
     cfg, params = tiny_model(model)
     rng = np.random.default_rng(1)
@@ -167,7 +171,7 @@ def test_sink_tokens_stay_visible_and_exact():
     assert np.asarray(state.cache.pos[0, :3]).tolist() == [0, 1, 2]
 
 
-@pytest.mark.parametrize("kind,chunk", [("ep", 1), ("ep", 6), ("ac", 4), ("ac", 16)])
+@pytest.mark.parametrize("kind,chunk", [slow_case("ep", 1), ("ep", 6), slow_case("ac", 4), slow_case("ac", 16)])
 def test_protected_spans_stay_visible_and_exact(kind, chunk):
     """Spans anywhere in the prompt (one inside its last, open sentence, so decode leaves holes)
     and in decoded tokens: logits equal one forward pass; the cache keeps exactly anchors +
@@ -330,6 +334,7 @@ def test_greedy_generation_matches_argmax_of_full_forward():
         cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!")),
         params,
         config=EngineConfig(chunk_size=4),
+        runtime=RUNTIME,
     )
     rng = np.random.default_rng(5)
     prompts = [ep_row(rng, 13), ep_row(rng, 2)]
@@ -345,6 +350,7 @@ def test_greedy_generation_with_protected_spans_matches_full_forward():
         cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!")),
         params,
         config=EngineConfig(chunk_size=4),
+        runtime=RUNTIME,
     )
     rng = np.random.default_rng(6)
     prompts, spans = [ep_row(rng, 15), ep_row(rng, 6)], [[(1, 4), (12, 15)], [(5, 6)]]
@@ -364,7 +370,7 @@ def test_greedy_generation_with_protected_spans_matches_full_forward():
 
 def test_stop_ids_end_rows_independently():
     cfg, params = tiny_model()
-    eng = Engine(cfg, params, config=EngineConfig(chunk_size=4))
+    eng = Engine(cfg, params, config=EngineConfig(chunk_size=4), runtime=RUNTIME)
     prompts = [[9, 10, 11], [12, 13, 14, 15, 16]]
     greedy = eng.generate(prompts, max_new_tokens=6, stop_ids=())
     first = greedy[0].ids[3]
@@ -390,7 +396,7 @@ def test_sampling_filters():
 def test_capacity_overflow_names_the_row_and_sizes():
     cfg, params = tiny_model()
     # full cache: a 30-token prompt cannot fit
-    eng = Engine(cfg, params, config=EngineConfig(chunk_size=4, capacity=10))
+    eng = Engine(cfg, params, config=EngineConfig(chunk_size=4, capacity=10), runtime=RUNTIME)
     with pytest.raises(CacheOverflowError, match=r"prompt 1: .*need \d+ slots.*capacity is 10"):
         eng.generate([[9, 10], list(range(8, 38))], max_new_tokens=4)
     out = eng.generate([[9, 10], list(range(8, 38))], max_new_tokens=4, raise_errors=False)
@@ -402,7 +408,7 @@ def test_anchor_cache_fits_where_the_full_cache_cannot():
     cfg, params = tiny_model()
     cfg = cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!"))
     row = ([9, 10, 11, 5] * 12)[:-1]
-    out = Engine(cfg, params, config=EngineConfig(chunk_size=8, capacity=24)).generate(
+    out = Engine(cfg, params, config=EngineConfig(chunk_size=8, capacity=24), runtime=RUNTIME).generate(
         [row], max_new_tokens=3, stop_ids=()
     )
     assert out[0].stats["peak_cache_slots"] <= 24 and out[0].stats["cache_reduction"] > 0.5

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 from cli_checks import assert_one_line_error
+from conftest import slow_case
 
 from anjax.cli import evaluate as evaluate_cli
 from anjax.cli import quality
@@ -83,7 +84,7 @@ PAIRS = [  # items: a long shared context (several prefill chunks), winogrande-l
 ]
 
 
-@pytest.mark.parametrize("mode", ["ep", "ac"])
+@pytest.mark.parametrize("mode", [slow_case("ep"), "ac"])  # EP is also in the two tests below
 def test_scores_equal_hand_computation(tiny, mode):
     """Cached (full and anchor) and recomputed scores equal the hand computation.
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from conftest import slow_case
 
 from anjax.core.config import tiny_config
 from anjax.core.model import init_params
@@ -23,7 +24,7 @@ needs_data = pytest.mark.skipif(
 
 
 @needs_data
-@pytest.mark.parametrize("name", ["arc_easy", "winogrande"])
+@pytest.mark.parametrize("name", [slow_case("arc_easy"), "winogrande"])  # the README command reads arc_easy
 def test_harness_task_reads_the_local_documents(tmp_path, monkeypatch, name):
     """Our YAML wins over the built-in one of the same name; its documents are anjax.eval.tasks' local ones."""
     import lm_eval.tasks

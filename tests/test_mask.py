@@ -1,5 +1,7 @@
 """The AnSAN predicate against a brute-force reading of the paper, and its effect inside attention."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,24 +160,26 @@ def test_perturbing_sentence_one_reaches_later_queries_only_through_its_anchor()
     assert changed(3, full=False)[2] == 0  # ... but not to a later anchor (position 6)
 
 
+@functools.partial(jax.jit, static_argnames="full")
+def tiny_logits(params, ids_1xT, doc_1xT, full):
+    """[1, T, V] logits of the tiny model over one unpadded row (`doc_1xT` None: one document)."""
+    meta = token_metadata(ids_1xT, jnp.ones_like(ids_1xT, bool), doc_1xT, anchor_ids=(ANCHOR,))
+    return Llama(tiny_config()).apply({"params": params}, ids_1xT, meta, full_attention=full)[0]
+
+
 def test_documents_in_one_row_are_isolated():
-    cfg = tiny_config()
-    params = init_params(cfg, jax.random.key(1))
+    params = init_params(tiny_config(), jax.random.key(1))
     rng = np.random.default_rng(3)
     doc_a, doc_b = rng.integers(8, 200, 10), rng.integers(8, 200, 12)
     doc_b[[3, 8]] = ANCHOR
     doc = jnp.array([[0] * 10 + [1] * 12])
 
     def logits(tokens_a, full):
-        ids = jnp.asarray(np.concatenate([tokens_a, doc_b]))[None]
-        meta = token_metadata(ids, jnp.ones_like(ids, bool), doc, anchor_ids=(ANCHOR,))
-        return np.asarray(Llama(cfg).apply({"params": params}, ids, meta, full_attention=full)[0])
+        return np.asarray(tiny_logits(params, jnp.asarray(np.concatenate([tokens_a, doc_b]))[None], doc, full))
 
     for full in (False, True):
         base = logits(doc_a, full)
         other = logits(rng.integers(8, 200, 10), full)
         np.testing.assert_array_equal(base[0, 10:], other[0, 10:])
-        alone_ids = jnp.asarray(doc_b)[None]
-        meta = token_metadata(alone_ids, jnp.ones_like(alone_ids, bool), None, anchor_ids=(ANCHOR,))
-        alone = np.asarray(Llama(cfg).apply({"params": params}, alone_ids, meta, full_attention=full)[0])
+        alone = np.asarray(tiny_logits(params, jnp.asarray(doc_b)[None], None, full))
         np.testing.assert_allclose(base[0, 10:], alone[0], atol=1e-5)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import slow_case
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -60,8 +61,11 @@ def anjax_logits(cfg, params, ids):
     return np.asarray(logits)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize(  # the fast tier scans one case's layers
+    "scan,case",
+    [(False, case) for case in sorted(CASES)]
+    + [(True, c) if c == "gqa_tied" else slow_case(True, c) for c in sorted(CASES)],
+)
 def test_logits_match_transformers(tmp_path, case, scan):
     model = make_hf_model(tmp_path, **CASES[case])
     cfg, params = hf.load_hf_dir(tmp_path, scan_layers=scan)

@@ -8,6 +8,7 @@ that leaves mid-stream frees its slot; malformed bodies are 400s; SIGTERM drains
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import re
 import signal
@@ -52,11 +53,17 @@ PROMPTS = [
 ]
 
 
+@functools.cache
+def tiny_weights(vocab_size: int):
+    cfg = tiny_config(vocab_size=vocab_size)
+    return cfg, init_params(cfg, jax.random.key(0))
+
+
 def tiny_model():
+    """(cfg, params, a fresh tokenizer with a chat template): the weights are built once."""
     tok = make_tiny_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
-    cfg = tiny_config(vocab_size=len(tok))
-    return cfg, init_params(cfg, jax.random.key(0)), tok
+    return *tiny_weights(len(tok)), tok
 
 
 class ServerThread:
@@ -79,13 +86,15 @@ class ServerThread:
 
 @pytest.fixture(scope="module")
 def served():
-    """(openai client, base url, a second Engine on the same model for reference outputs, the scheduler)."""
+    """(openai client, base url, a second Engine on the same model for reference outputs, the scheduler).
+
+    The reference Engine shares the served one's compile cache (the same executables, run outside the server)."""
     cfg, params, tok = tiny_model()
     engine = Engine(cfg, params, tok, CONFIG)
     scheduler = Scheduler(engine, slots=8, capacity=CONFIG.capacity, metrics=Metrics(), max_queue=32)
     server = ServerThread(create_app(scheduler, "tiny"))
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-    yield client, server.url, Engine(cfg, params, make_tiny_tokenizer(), CONFIG), scheduler
+    yield client, server.url, Engine(cfg, params, make_tiny_tokenizer(), CONFIG, runtime=engine.runtime), scheduler
     server.stop()
 
 
