@@ -2,8 +2,8 @@
 
 A tiny model (2 layers, width 64, a tiny BPE tokenizer with a chat template) served in a thread by uvicorn:
 greedy and seeded output equal `Engine.generate`; batch invariance; a long prompt is prefilled one chunk per
-decode step; stop strings, max_tokens; a client
-that leaves mid-stream frees its slot; malformed bodies are 400s; SIGTERM drains (subprocess, slow).
+decode step; stop strings, max_tokens; a client that leaves mid-stream frees its slot; malformed bodies are
+400s; SIGTERM drains (subprocess, slow).
 """
 
 from __future__ import annotations
