@@ -1,8 +1,9 @@
 """The OpenAI-compatible server (anjax.serve) through the official `openai` client, on 127.0.0.1.
 
 A tiny model (2 layers, width 64, a tiny BPE tokenizer with a chat template) served in a thread by uvicorn:
-greedy and seeded output equal `Engine.generate`; batch invariance; stop strings, max_tokens; a client
-that leaves mid-stream frees its slot; malformed bodies are 400s; SIGTERM drains (subprocess, slow).
+greedy and seeded output equal `Engine.generate`; batch invariance; a long prompt is prefilled one chunk per
+decode step; stop strings, max_tokens; a client that leaves mid-stream frees its slot; malformed bodies are
+400s; SIGTERM drains (subprocess, slow).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from anjax.inference.engine import Engine, EngineConfig
 from anjax.io import hf
 from anjax.serve.api import create_app
 from anjax.serve.metrics import Metrics
-from anjax.serve.scheduler import QueueFullError, Request, Scheduler, visible_text
+from anjax.serve.scheduler import Delta, QueueFullError, Request, Scheduler, visible_text
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -379,3 +380,45 @@ def test_smollm2_chat_and_greedy_completion():
         assert reply.choices[0].message.content.strip()
     finally:
         server.stop()
+
+
+def test_a_long_prompt_is_prefilled_one_chunk_per_decode_step(monkeypatch):
+    """A 6-chunk prompt admitted while a request decodes: the running request gets one id between each
+    two of the new request's chunks (never a whole prefill's stall), and both outputs equal `Engine.generate`."""
+    cfg, params, tok = tiny_model()
+    engine = Engine(cfg, params, tok, CONFIG)
+    sched = Scheduler(engine, slots=2, capacity=CONFIG.capacity, metrics=Metrics())
+    events, finished = [], {"a": threading.Event(), "b": threading.Event()}
+    feed = engine.prefill_more  # `Engine.prefill(chunks=1)` and the scheduler feed every chunk through it
+    monkeypatch.setattr(engine, "prefill_more", lambda *a, **kw: events.append("chunk") or feed(*a, **kw))
+
+    def emit(name):
+        def record(event):
+            if isinstance(event, Delta):
+                events.append(name)
+            else:
+                finished[name].set()
+
+        return record
+
+    short, long = engine.encode(PROMPTS[0]), engine.encode(" ".join(PROMPTS[1:]))
+    n_chunks = -(-(len(long[0]) - 1) // CONFIG.chunk_size)
+    assert n_chunks >= 5
+    a = Request(*short, max_tokens=40, emit=emit("a"))
+    b = Request(*long, max_tokens=8, emit=emit("b"))
+    sched.start()
+    try:
+        sched.submit(a)
+        while "a" not in events:
+            time.sleep(0.01)
+        sched.submit(b)
+        assert finished["b"].wait(120) and finished["a"].wait(120)
+    finally:
+        sched.stop()
+    chunks = [i for i, e in enumerate(events) if e == "chunk" and i > events.index("a")]  # b's
+    assert len(chunks) == n_chunks and "a" in events[chunks[-1] + 1 :]
+    assert all(events[i + 1 : j] == ["a"] for i, j in zip(chunks, chunks[1:])), events
+    monkeypatch.undo()
+    for r, (ids, _), n in ((a, short, 40), (b, long, 8)):
+        want = engine.generate([ids], max_new_tokens=n)[0]
+        assert r.ids == want.ids[len(ids) :]

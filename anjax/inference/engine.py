@@ -382,7 +382,8 @@ class Generation:
 
 @dataclasses.dataclass
 class Prefilled:
-    """A prefilled batch: the state, its rows (dummies last), the number of real rows, capacity, seconds."""
+    """A prefilled batch: the state, its rows (dummies last), the number of real rows, capacity, seconds,
+    and the chunks not fed yet (`Engine.prefill(..., chunks=k)`; `Engine.prefill_more` feeds them)."""
 
     state: GenState
     rows: list[list[int]]
@@ -390,6 +391,11 @@ class Prefilled:
     n: int
     capacity: int
     seconds: float
+    left: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)  # [B, T] each
+
+    @property
+    def complete(self) -> bool:
+        return not self.left
 
 
 @dataclasses.dataclass(frozen=True)
@@ -623,11 +629,13 @@ class Engine:
         chunk: int,
         capacity: int,
         protected: list[list[bool]] | None = None,
+        chunks: int | None = None,
     ) -> Prefilled:
         """Prefill up to `batch` prompts (missing rows are dummies, done from the start).
 
         `protected`: per prompt and token (default none). The buffer has
-        min(capacity, what the longest prompt can keep) + chunk slots.
+        min(capacity, what the longest prompt can keep) + chunk slots. `chunks`: feed at most
+        that many chunks (None: all); the rest wait in `left` for `prefill_more`.
         """
         n = len(prompt_ids)
         rows = [list(r) for r in prompt_ids] + [[0]] * (batch - n)
@@ -636,21 +644,21 @@ class Engine:
         tokens, valid = right_align([r[:-1] for r in rows], chunk)
         protected_BxW = right_align([f[:-1] for f in flags], chunk)[0].astype(bool)
         slots = min(capacity, bucket(max(len(r) for r in rows), BUCKET_LOW))
+        left = [
+            tuple(x[:, c : c + chunk] for x in (tokens, valid, protected_BxW)) for c in range(0, tokens.shape[1], chunk)
+        ]
+        state = init_state(self.cfg, batch, slots + chunk, np.arange(batch) >= n)
+        pre = Prefilled(state=state, rows=rows, protected=flags, n=n, capacity=capacity, seconds=0.0, left=left)
+        return self.prefill_more(pre, chunks)
+
+    def prefill_more(self, pre: Prefilled, chunks: int | None = 1) -> Prefilled:
+        """Feed the next `chunks` chunks (None: all) of a partial prefill (`pre` is consumed)."""
+        feed, state = pre.left[:chunks], pre.state
         with self.runtime.timer() as timer:
-            state = init_state(self.cfg, batch, slots + chunk, np.arange(batch) >= n)
-            for c in range(0, tokens.shape[1], chunk):
-                state = self.runtime.call(
-                    prefill,
-                    (self.cfg, self.spec),
-                    self.params,
-                    state,
-                    tokens[:, c : c + chunk],
-                    valid[:, c : c + chunk],
-                    protected_BxW[:, c : c + chunk],
-                    donate=(1,),
-                )
+            for chunk_BxT in feed:
+                state = self.runtime.call(prefill, (self.cfg, self.spec), self.params, state, *chunk_BxT, donate=(1,))
             jax.block_until_ready(state)
-        return Prefilled(state=state, rows=rows, protected=flags, n=n, capacity=capacity, seconds=timer.seconds)
+        return dataclasses.replace(pre, state=state, seconds=pre.seconds + timer.seconds, left=pre.left[len(feed) :])
 
     def decode(
         self,

@@ -6,8 +6,10 @@
 
 The device holds one `Slots` value: N rows of a decode cache of C + 1 slots (C = `capacity`) and
 per-row sampling arrays [N]. One host thread (`Scheduler.run`) loops:
-1. insert: if a slot is free and a request waits, prefill it alone (batch 1, chunks of the engine's
-   chunk size: `Engine.prefill`, the one prefill) and write its row into the free slot (`insert`, the
+1. prefill / insert: while a slot is free and a request waits, prefill it alone (batch 1) one chunk of
+   the engine's chunk size per loop turn (`Engine.prefill(chunks=1)`, then `Engine.prefill_more`: the
+   one prefill), its partial 1-row state held between turns, so a long prompt never stalls the running
+   slots for more than one chunk; after its last chunk write its row into the free slot (`insert`, the
    slot index a traced argument: one executable per prefill bucket);
 2. generate: one `generate_step` for all N rows (`anjax.inference.engine.decode_step`; free rows are
    done and untouched), then each new id goes to its request. A slot is freed the moment its
@@ -39,6 +41,7 @@ from anjax.inference.engine import (
     Engine,
     EngineSpec,
     GenState,
+    Prefilled,
     Sampling,
     decode_step,
     init_state,
@@ -216,6 +219,7 @@ class Scheduler:
         self.slots = init_slots(cfg, slots, capacity, self.stop_ids, self.max_sentence_tokens)
         self.owner: list[Request | None] = [None] * slots
         self.admitting: Request | None = None  # popped from the queue, not yet in a slot
+        self.prefilled: Prefilled | None = None  # its prefill so far (some chunks may be left)
         self.queue: collections.deque[Request] = collections.deque()
         self.cv = threading.Condition()
         self.stopping = False
@@ -290,7 +294,7 @@ class Scheduler:
         if self.thread is not None:
             self.thread.join(timeout)
         with self.cv:
-            left = list(self.queue) + [r for r in self.owner if r is not None]
+            left = [r for r in [self.admitting, *self.queue, *self.owner] if r is not None]
             self.queue.clear()
         for r in left:
             r.emit(Failure("the server shut down before the request finished", 503))
@@ -300,7 +304,7 @@ class Scheduler:
         try:
             while True:
                 with self.cv:
-                    while not self.stopping and not self.queue and not any(self.owner):
+                    while not (self.stopping or self.queue or any(self.owner) or self.admitting):
                         self.cv.wait()
                     if self.stopping:
                         return
@@ -326,20 +330,35 @@ class Scheduler:
             return request
 
     def _admit(self) -> None:
-        """Prefill the first waiting request into a free slot: one per decode step, so the requests
-        in the slots keep generating while the queue drains."""
+        """Feed one prefill chunk of the request being admitted (the first waiting one, once a slot is
+        free), so the requests in the slots keep generating while it prefills; after its last chunk,
+        insert it into a free slot."""
         eng = self.engine
-        while None in self.owner and (r := self._pop()) is not None:
-            self.admitting = r
+        while True:
+            if self.admitting is None:
+                if None not in self.owner or (waiting := self._pop()) is None:
+                    return
+                self.admitting = waiting
+            r = self.admitting
+            if r.cancelled:
+                self.metrics.requests.labels("cancelled").inc()
+                self.admitting = self.prefilled = None
+                continue
             try:
-                pre = eng.prefill([r.prompt_ids], 1, eng.chunk_size, self.capacity, [r.protected])
+                if self.prefilled is None:
+                    pre = eng.prefill([r.prompt_ids], 1, eng.chunk_size, self.capacity, [r.protected], chunks=1)
+                else:
+                    pre = eng.prefill_more(self.prefilled)
+                self.prefilled = pre
                 if message := eng._overflow_message(np.asarray(pre.state.overflow)[0], self.capacity):
                     raise AdmissionError(message)
             except ValueError as e:
                 self.metrics.requests.labels("error").inc()
                 r.emit(Failure(str(e), 400))
-                self.admitting = None
+                self.admitting = self.prefilled = None
                 continue
+            if not pre.complete:
+                return
             self.metrics.prefill(len(r.prompt_ids) - 1, pre.seconds)
             b = self.owner.index(None)
             self.slots = eng.runtime.call(
@@ -357,7 +376,7 @@ class Scheduler:
                 np.int32(b),
                 donate=(0,),
             )
-            self.owner[b], self.admitting = r, None
+            self.owner[b], self.admitting, self.prefilled = r, None, None
             self.metrics.slots_in_use.set(self.slots_in_use())
             return
 
