@@ -13,7 +13,6 @@ cache as one point and the full cache as the level at 1 -> OUT_DIR/NAME.{md,json
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from pathlib import Path
@@ -149,13 +148,8 @@ def main(argv=None) -> int:
     models = {m: summary(r) for m, r in reports.items()}
     text = markdown(models, reports)
     print(text)
-    out = Path(args.out_dir)
-    outputs.write_text(out / f"{args.name}.md", text)
-    outputs.write_text(out / f"{args.name}.json", json.dumps(models, indent=1))
-    png = io.BytesIO()
-    plot(models, png)
-    outputs.write_bytes_chunks(out / f"{args.name}.png", [png.getvalue()])
-    print(f"wrote {out / args.name}.md, .json, .png")
+    outputs.write_report(args.out_dir, args.name, text, models, plot)
+    print(f"wrote {Path(args.out_dir) / args.name}.md, .json, .png")
     return 0
 
 

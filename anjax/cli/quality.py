@@ -16,8 +16,6 @@ NAME.png (accuracy with error bars per task, anchor − full, perplexity).
 from __future__ import annotations
 
 import argparse
-import io
-import json
 from pathlib import Path
 
 from anjax import cli
@@ -127,11 +125,6 @@ def main(argv=None) -> int:
     }
     text = markdown(report)
     print("\n" + text)
-    out = Path(args.out_dir)
-    outputs.write_text(out / f"{args.name}.md", text)
-    outputs.write_text(out / f"{args.name}.json", json.dumps(report, indent=1))
-    png = io.BytesIO()
-    plot(report, png)
-    outputs.write_bytes_chunks(out / f"{args.name}.png", [png.getvalue()])
-    print(f"wrote {out / args.name}.md, .json, .png")
+    outputs.write_report(args.out_dir, args.name, text, report, plot)
+    print(f"wrote {Path(args.out_dir) / args.name}.md, .json, .png")
     return 0

@@ -43,10 +43,8 @@ each cache's perplexity, anchor / full and the tokens scored, with intervals.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from anjax.eval import tasks
@@ -274,12 +272,6 @@ def plot_differences(ax, report: dict) -> None:
 def save(report: dict, text: str, out_dir: str | None, name: str, json_path: str | None, png: bool) -> None:
     """NAME.md, NAME.json (and NAME.png) in `out_dir`, and the JSON at `json_path`; each file written atomically."""
     if out_dir:
-        out = Path(out_dir)
-        outputs.write_text(out / f"{name}.md", text)
-        outputs.write_text(out / f"{name}.json", json.dumps(report, indent=1))
-        if png:
-            buf = io.BytesIO()
-            plot(report, buf)
-            outputs.write_bytes_chunks(out / f"{name}.png", [buf.getvalue()])
+        outputs.write_report(out_dir, name, text, report, plot if png else None)
     if json_path:
         outputs.write_text(json_path, json.dumps(report, indent=1))

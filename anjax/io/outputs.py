@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import io
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 MARKER = ".anjax-export"
@@ -107,6 +108,17 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
     """One JSON object per line (UTF-8, not ASCII-escaped), atomically."""
     return write_bytes_chunks(path, ((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8") for r in records))
+
+
+def write_report(out_dir: str | os.PathLike, name: str, text: str, data, plot: Callable | None = None) -> None:
+    """OUT_DIR/NAME.md (`text`), NAME.json (`data`) and, with `plot(data, file)`, NAME.png; each atomically."""
+    out = Path(out_dir)
+    write_text(out / f"{name}.md", text)
+    write_text(out / f"{name}.json", json.dumps(data, indent=1))
+    if plot is not None:
+        png = io.BytesIO()
+        plot(data, png)
+        write_bytes_chunks(out / f"{name}.png", [png.getvalue()])
 
 
 # ----------------------------------------------------------------------------- directories
