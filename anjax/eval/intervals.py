@@ -68,7 +68,7 @@ def add_accuracy_intervals(
     return report
 
 
-def _cell(value: float, ci: Sequence[float], signed: bool = False) -> str:
+def cell(value: float, ci: Sequence[float], signed: bool = False) -> str:
     f = (lambda x: f"{100 * x:+.1f}".replace("-", "−")) if signed else (lambda x: f"{100 * x:.1f}")
     return f"{f(value)} [{f(ci[0])}, {f(ci[1])}]"
 
@@ -94,9 +94,9 @@ def markdown(report: dict) -> str:
         ]
         for t in have:
             rows = report["tasks"][t]
-            cells = [_cell(rows[c][metric], rows[c][f"{metric}_ci"]) for c in caches]
+            cells = [cell(rows[c][metric], rows[c][f"{metric}_ci"]) for c in caches]
             cells += [
-                _cell(
+                cell(
                     report["differences"][d]["tasks"][t][metric],
                     report["differences"][d]["tasks"][t][f"{metric}_ci"],
                     signed=True,
@@ -104,9 +104,9 @@ def markdown(report: dict) -> str:
                 for d in diffs
             ]
             out.append(f"| {t} | {rows[caches[0]]['n']} | " + " | ".join(cells) + " |")
-        cells = [_cell(report["average"][c][metric], report["average"][c][f"{metric}_ci"]) for c in caches]
+        cells = [cell(report["average"][c][metric], report["average"][c][f"{metric}_ci"]) for c in caches]
         cells += [
-            _cell(
+            cell(
                 report["differences"][d]["average"][metric],
                 report["differences"][d]["average"][f"{metric}_ci"],
                 signed=True,

@@ -1,0 +1,139 @@
+"""Paired accuracy differences between two models scored on the same documents.
+
+    python benchmarks/compare_models.py --new benchmarks/results/quality_smollm2_ac_long.json \\
+        --base benchmarks/results/quality_smollm2_base.json --name compare_ac_long_vs_base
+
+Both files are `anjax.evaluate` reports (or quality reports, whose "accuracy" holds one) over the
+same tasks and documents (checked by document id). For every (new cache, base cache) pair — by
+default new full − base full (forgetting), new anchor − base full (the cost of the anchor cache
+against the model one started from) and new anchor − base anchor (what training bought) — prints
+the per-task paired difference and the task average with bootstrap intervals (`anjax.eval.stats`,
+documents resampled within each task, one resample for both models). Writes OUT_DIR/NAME.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from anjax import cli  # noqa: E402
+from anjax.eval import intervals, stats  # noqa: E402
+from anjax.io import outputs  # noqa: E402
+
+PAIRS = ("full-full", "anchor-full", "anchor-anchor")
+
+
+def load_report(path: Path) -> dict:
+    """The evaluate report in `path` (a quality report's "accuracy" part)."""
+    rep = json.loads(path.read_text())
+    rep = rep.get("accuracy", rep)
+    if "tasks" not in rep or "caches" not in rep:
+        raise ValueError(f"{path}: not an anjax.evaluate or quality report")
+    return rep
+
+
+def paired(new: dict, base: dict, pairs: list[tuple[str, str]], metric: str = "acc") -> dict:
+    """{"NEW - BASE": {"tasks": {t: {diff, ci, n}}, "average": {diff, ci}}} on the tasks both reports hold."""
+    tasks = [t for t in new["tasks"] if t in base["tasks"]]
+    if not tasks:
+        raise ValueError("the two reports share no task")
+    for t in tasks:
+        a, b = new["tasks"][t], base["tasks"][t]
+        ids_a, ids_b = a[new["caches"][0]]["doc_ids"], b[base["caches"][0]]["doc_ids"]
+        if ids_a != ids_b:
+            raise ValueError(f"task {t}: the reports scored different documents; pair only the same documents")
+    boot = dict(samples=new["bootstrap"]["samples"], seed=new["bootstrap"]["seed"], level=new["bootstrap"]["level"])
+    out = {}
+    for c_new, c_base in pairs:
+        for rep, c in ((new, c_new), (base, c_base)):
+            if c not in rep["caches"]:
+                raise ValueError(f"{rep['model']} has no {c!r} results (it has {', '.join(rep['caches'])})")
+        deltas, rows = [], {}
+        for t in tasks:
+            x = np.asarray(new["tasks"][t][c_new][f"{metric}_per_doc"], float)
+            y = np.asarray(base["tasks"][t][c_base][f"{metric}_per_doc"], float)
+            d = stats.paired_difference_ci(x, y, **boot)
+            rows[t] = dict(diff=d.estimate, ci=d.as_list(), n=int(x.size))
+            deltas.append(x - y)
+        avg = stats.task_average_ci(deltas, **boot)
+        out[f"{c_new} - {c_base}"] = dict(tasks=rows, average=dict(diff=avg.estimate, ci=avg.as_list()))
+    return out
+
+
+def markdown(new: dict, base: dict, diffs: dict) -> str:
+    names = list(diffs)
+    head = [f"new {n.split(' - ')[0]} − base {n.split(' - ')[1]}" for n in names]
+    tasks = list(next(iter(diffs.values()))["tasks"])
+    lines = [
+        f"Paired accuracy differences (points, 95% bootstrap intervals over documents): new = {new['model']}, "
+        f"base = {base['model']}; the same documents, one resample for both",
+        "",
+        "| task | docs | " + " | ".join(head) + " |",
+        "|" + "---|" * (2 + len(names)),
+    ]
+    for t in tasks:
+        cells = [intervals.cell(diffs[n]["tasks"][t]["diff"], diffs[n]["tasks"][t]["ci"], signed=True) for n in names]
+        lines.append(f"| {t} | {diffs[names[0]]['tasks'][t]['n']} | " + " | ".join(cells) + " |")
+    cells = [intervals.cell(diffs[n]["average"]["diff"], diffs[n]["average"]["ci"], signed=True) for n in names]
+    docs = sum(r["n"] for r in diffs[names[0]]["tasks"].values())
+    lines.append(f"| average ({len(tasks)} tasks) | {docs} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(data: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    diffs = data["differences"]
+    tasks = list(next(iter(diffs.values()))["tasks"]) + ["average"]
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    width = 0.8 / len(diffs)
+    for i, (name, d) in enumerate(diffs.items()):
+        rows = [d["tasks"][t] for t in tasks[:-1]] + [d["average"]]
+        ys = np.array([100 * r["diff"] for r in rows])
+        err = np.array([[100 * (r["diff"] - r["ci"][0]), 100 * (r["ci"][1] - r["diff"])] for r in rows]).T
+        xs = np.arange(len(tasks)) + (i - (len(diffs) - 1) / 2) * width
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=f"new {name.replace(' - ', ' − base ')}")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("accuracy difference (points), 95% intervals")
+    ax.set_title(f"new: {data['new']}   base: {data['base']}")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = cli.ArgumentParser(prog="python benchmarks/compare_models.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--new", required=True, help="report JSON of the new (trained) model")
+    p.add_argument("--base", required=True, help="report JSON of the base model, same tasks and documents")
+    p.add_argument("--pairs", default=",".join(PAIRS), help="comma list of NEWCACHE-BASECACHE")
+    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--name", default="compare_models")
+    args = p.parse_args(argv)
+    pairs = [tuple(x.split("-", 1)) for x in args.pairs.split(",") if x]
+    if not pairs or any(len(x) != 2 or not all(x) for x in pairs):
+        p.error(f"--pairs expects NEWCACHE-BASECACHE[,...], got {args.pairs!r}")
+    new = load_report(cli.check_readable_file(args.new, "--new"))
+    base = load_report(cli.check_readable_file(args.base, "--base"))
+    cli.check_writable_dir(args.out_dir, "--out-dir")
+    diffs = paired(new, base, pairs)
+    text = markdown(new, base, diffs)
+    print(text)
+    data = dict(new=new["model"], base=base["model"], metric="acc", differences=diffs)
+    outputs.write_report(args.out_dir, args.name, text, data, plot)
+    print(f"wrote {Path(args.out_dir) / args.name}.md, .json, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

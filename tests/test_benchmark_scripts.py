@@ -1,0 +1,106 @@
+"""benchmarks/long_run_curve.py (a run's held-out curve and trend) and benchmarks/compare_models.py
+(paired differences between two models' reports)."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anjax.eval import intervals
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+curve = _script("long_run_curve")
+compare = _script("compare_models")
+
+
+def _run_dir(tmp_path: Path, a: float = 30.0, b: float = 0.4) -> Path:
+    """A run whose gap follows a · tokens^−b exactly (100 tokens per step), with a resumed duplicate row."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("data:\n  batch_size: 2\n  seq_len: 50\n")
+    lines = [{"step": 0, "val_loss_full": 4.0, "val_loss_anchor": 7.0}]
+    for step in (10, 20, 40, 80):
+        lines.append({"step": step, "loss": 3.0, "lr": 1e-4})
+        lines.append({"step": step, "val_loss_full": 3.0, "val_loss_anchor": 9.9, "train_s": step})  # resumed over
+        lines.append({"step": step, "val_loss_full": 3.0, "val_loss_anchor": 3.0 + a * (100 * step) ** -b})
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return run
+
+
+def test_rows_keep_the_last_validation_per_step_and_the_fit_recovers_a_power_law(tmp_path):
+    run = _run_dir(tmp_path)
+    rows = curve.validation_rows(run / "metrics.jsonl", tokens_per_step=100)
+    assert [r["step"] for r in rows] == [0, 10, 20, 40, 80]
+    assert rows[1]["train_s"] is None and rows[1]["tokens"] == 1000
+    rep = curve.report(rows, from_step=10, tail=2, target=1.1, run="r")
+    for fit in rep["fits"].values():
+        assert fit["a"] == pytest.approx(30.0, rel=1e-9) and fit["b"] == pytest.approx(0.4, rel=1e-9)
+        assert fit["tokens_needed"] == pytest.approx((30.0 / math.log(1.1)) ** (1 / 0.4), rel=1e-9)
+    assert curve.tokens_needed(1.0, -0.1, 0.1) is None  # a rising gap never reaches the target
+
+
+def test_cli_writes_the_report(tmp_path, capsys):
+    run = _run_dir(tmp_path)
+    assert curve.main(["--run", str(run), "--from-step", "10", "--out-dir", str(tmp_path / "out")]) == 0
+    assert "| 80 | 8,000 |" in capsys.readouterr().out
+    for ext in ("md", "json", "png"):
+        assert (tmp_path / "out" / f"long_run_curve.{ext}").stat().st_size > 0
+
+
+def test_bad_run_is_one_line(tmp_path):
+    run = _run_dir(tmp_path)
+    (run / "metrics.jsonl").write_text('{"step": 0\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:1: not JSON"):
+        curve.main(["--run", str(run), "--out-dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="no such file"):
+        curve.main(["--run", str(tmp_path / "missing")])
+
+
+def _report(model: str, seed: int, ids=None) -> dict:
+    """An evaluate report of two tasks x 40 documents, caches full and anchor, with its intervals."""
+    rng = np.random.default_rng(seed)
+    tasks = {}
+    for t in ("a", "b"):
+        ids_t = list(range(40)) if ids is None else ids
+        tasks[t] = {
+            c: dict(n=40, doc_ids=ids_t, acc_per_doc=rng.integers(0, 2, 40).tolist()) for c in ("full", "anchor")
+        }
+    return intervals.add_accuracy_intervals(dict(model=model, caches=["full", "anchor"], tasks=tasks, anchor_mode="ac"))
+
+
+def test_compare_pairs_documents_and_matches_a_reports_own_differences(tmp_path):
+    rep = _report("m", 0)
+    same = compare.paired(rep, rep, [("anchor", "full"), ("full", "full")])
+    own = rep["differences"]["anchor - full"]
+    assert same["anchor - full"]["average"]["ci"] == own["average"]["acc_ci"]
+    assert same["full - full"]["average"] == dict(diff=0.0, ci=[0.0, 0.0])
+    new = _report("new", 1)
+    diffs = compare.paired(new, rep, [("anchor", "full")])
+    x = [
+        np.mean(new["tasks"][t]["anchor"]["acc_per_doc"]) - np.mean(rep["tasks"][t]["full"]["acc_per_doc"])
+        for t in "ab"
+    ]
+    assert diffs["anchor - full"]["average"]["diff"] == pytest.approx(np.mean(x))
+    with pytest.raises(ValueError, match="different documents"):
+        compare.paired(_report("other", 1, ids=list(range(1, 41))), rep, [("anchor", "full")])
+    with pytest.raises(ValueError, match="no 'h2o' results"):
+        compare.paired(new, rep, [("h2o", "full")])
+    for name, r in (("new", new), ("base", {"accuracy": rep})):  # a quality report holds the evaluate report
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    argv = ["--new", str(tmp_path / "new.json"), "--base", str(tmp_path / "base.json"), "--out-dir", str(tmp_path)]
+    assert compare.main(argv) == 0
+    assert json.loads((tmp_path / "compare_models.json").read_text())["differences"].keys() == set(
+        "full - full,anchor - full,anchor - anchor".split(",")
+    )
