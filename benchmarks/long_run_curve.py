@@ -83,7 +83,10 @@ def report(rows: list[dict], from_step: int, tail: int, target: float, run: str)
 def _tokens(x: float | None) -> str:
     if x is None:
         return "never (the gap does not fall)"
-    return f"{x / 1e9:.2f}B" if x >= 1e9 else f"{x / 1e6:.1f}M"
+    for unit, scale in (("T", 1e12), ("B", 1e9)):
+        if x >= scale:
+            return f"{x / scale:,.1f}{unit}"
+    return f"{x / 1e6:.1f}M"
 
 
 def markdown(rep: dict) -> str:
