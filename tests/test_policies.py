@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cli_checks import assert_one_line_error
+from conftest import slow_case
 
 from anjax.core.config import tiny_config
 from anjax.core.model import init_params, rope
@@ -129,9 +130,10 @@ def test_policy_equals_brute_force_with_its_kept_set(tiny_params, model, kind):
         np.testing.assert_allclose(ll, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", policies.POLICIES)
+@pytest.mark.parametrize("kind", [k if k == "snapkv" else slow_case(k) for k in policies.POLICIES])
 def test_budget_covering_the_prompt_equals_full(model, kind):
-    """W (or any budget) >= prompt keeps every token: the full cache's scores."""
+    """W (or any budget) >= prompt keeps every token: the full cache's scores. (The fast tier runs snapkv here;
+    every rule's keep-everything at budget = prompt is in `test_keep_rules_on_hand_made_mass`.)"""
     reqs = _requests(model)
     scorer = scoring.Scorer(model, batch_size=2, chunk_size=8)
     budgets = [len(r.prefix) - 1 + 5 for r in reqs]
