@@ -181,7 +181,7 @@ def test_model_logits_and_loss_gradients_sparse_equal_dense(full, monkeypatch):
     }
     meta = token_metadata(batch["tokens"], batch["valid"], batch["doc"], anchor_ids=cfg.anchor_ids)
 
-    @functools.partial(jax.jit, static_argnums=0)  # one compile per attention path (eager: ~10x slower)
+    @functools.partial(jax.jit, static_argnums=0)  # one compile per attention path, not op by op
     def logits_and_grads(c, params):
         logits = Llama(c).apply({"params": params}, batch["tokens"], meta, full_attention=full)[0]
         return logits, jax.grad(lambda p: loss_sums(c, p, batch, full)[0])(params)
@@ -210,7 +210,7 @@ def test_kernel_path_in_interpret_mode_equals_dense(name, kind, full):
     meta, q, k, v = setup(kind, 40, seed=KINDS.index(kind))  # one GPU block (64) after padding
     on_kernel = lambda q, k, v, meta, full: sa.sparse_attention(q, k, v, meta, full, tile=16, kernel=kernel)
     valid = np.asarray(meta.valid)
-    outputs_and_grads = jax.jit(  # one compile (eager interpret mode dispatches op by op: several times slower)
+    outputs_and_grads = jax.jit(  # one compile, not op by op
         lambda q, k, v, meta: [
             (f(q, k, v, meta, full), jax.grad(loss, argnums=(1, 2, 3))(f, q, k, v, meta, full))
             for f in (dense, on_kernel)
