@@ -1,9 +1,11 @@
-"""Shared fixtures: a tiny real tokenizer (byte-level BPE like SmolLM2/GPT-2, trained in ~0.1 s); `slow_case`."""
+"""Shared fixtures: a tiny real tokenizer (byte-level BPE like SmolLM2/GPT-2, trained in ~0.1 s); `slow_case`;
+the fast tier's compiler setting."""
 
 from __future__ import annotations
 
 import functools
 
+import jax
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -53,3 +55,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def slow_case(*values):
     """A parametrization only the full suite runs (`slow`): the fast tier keeps one case of each family."""
     return pytest.param(*values, marks=pytest.mark.slow)
+
+
+def pytest_configure(config):
+    """The fast tier (`-m "not slow"`) compiles with XLA's optimizations mostly off: its tiny programs spend
+    more time compiling than running (about a third less CPU time). The full suite compiles as users do."""
+    if "not slow" in " ".join(config.getoption("markexpr").split()):
+        jax.config.update("jax_disable_most_optimizations", True)

@@ -56,13 +56,16 @@ def full_attention_logits(cfg, params, ids_1xL, valid_1xL):
     return logits[0]
 
 
+jitted_forward = jax.jit(forward, static_argnums=(0, 3))  # the tests' model forwards compile once, not op by op
+
+
 def hand_kl(cfg, student, teacher, b, temperature):
     """(sum, count) of T^2 KL(teacher || student) from the module docstring's words: the student's logits from
     one AnSAN forward of the rows; the teacher's from one full-attention forward of each document's original
     tokens alone (no `<AC>`, positions 0..n-1); a target that is an original token is predicted by the teacher at
     the last original token at or before the student's position; `<AC>` is left out of both distributions."""
     ac = AC if cfg.anchor_mode == "ac" else None
-    student_logits = np.asarray(forward(cfg, student, jax.tree.map(jnp.asarray, b), False), np.float64)
+    student_logits = np.asarray(jitted_forward(cfg, student, jax.tree.map(jnp.asarray, b), False), np.float64)
     keep = np.arange(cfg.vocab_size) != ac
     total, count = 0.0, 0
     for r in range(b["tokens"].shape[0]):
@@ -90,13 +93,11 @@ def test_kl_equals_hand_computation(mode):
     want_sum, want_count = hand_kl(cfg, student, teacher, b, 2.0)
     b_dev = jax.tree.map(jnp.asarray, b)
     b_dev = {**b_dev, **distill.alignment(cfg, b_dev)}
-    got_sum, got_count = distill.kl_sums(
-        cfg,
-        distill.teacher_log_probs(cfg, teacher, b_dev, 2.0),
-        forward(cfg, student, b_dev, False),
-        b_dev["kl_mask"],
-        2.0,
-    )
+    got_sum, got_count = jax.jit(
+        lambda student, teacher, b: distill.kl_sums(
+            cfg, distill.teacher_log_probs(cfg, teacher, b, 2.0), forward(cfg, student, b, False), b["kl_mask"], 2.0
+        )
+    )(student, teacher, b_dev)
     assert int(got_count) == want_count
     n_ac_targets = int((b["loss_mask"] & (b["labels"] == AC)).sum())
     if mode == "ep":
@@ -151,15 +152,15 @@ def test_update_is_the_gradient_of_lm_plus_weighted_kl(mode):
     b_dev = jax.tree.map(jnp.asarray, b)
     b_dev = {**b_dev, **distill.alignment(cfg, b_dev)}
     assert b_dev["kl_mask"][::2].sum() != b_dev["kl_mask"][1::2].sum()
-    teacher_logp = distill.teacher_log_probs(cfg, teacher, b_dev, T)
 
-    def objective(p):
+    def objective(p, teacher):
+        teacher_logp = distill.teacher_log_probs(cfg, teacher, b_dev, T)
         logits = forward(cfg, p, b_dev, False)
         lm, n = cross_entropy_sums(logits, b_dev)
         kl, k = distill.kl_sums(cfg, teacher_logp, logits, b_dev["kl_mask"], T)
         return lm / n + w * kl / k
 
-    want = jax.grad(objective)(student)
+    want = jax.jit(jax.grad(objective))(student, teacher)  # d/d student
     for a, e in zip(jax.tree.leaves(g), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-6 * float(jnp.abs(e).max()))
 

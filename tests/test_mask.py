@@ -76,6 +76,13 @@ def random_row(rng, T):
     return ids, valid, doc
 
 
+@functools.partial(jax.jit, static_argnums=(4, 5))  # one compile per row length, not op by op
+def allowed(ids, valid, doc, protected, sink, full):
+    """[B, T, T] `attention_allowed` of rows with one anchor id, ANCHOR."""
+    meta = token_metadata(ids, valid, doc, anchor_ids=(ANCHOR,), protected_BxT=protected, sink_tokens=sink)
+    return attention_allowed(meta, meta, full)
+
+
 @pytest.mark.parametrize("full", [False, True])
 def test_predicate_matches_brute_force(full):
     rng = np.random.default_rng(0)
@@ -84,8 +91,7 @@ def test_predicate_matches_brute_force(full):
         for _ in range(50):
             rows = [random_row(rng, T) for _ in range(2)]
             ids, valid, doc = (np.stack(x) for x in zip(*rows))
-            meta = token_metadata(jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(doc), anchor_ids=(ANCHOR,))
-            got = np.asarray(attention_allowed(meta, meta, full))
+            got = np.asarray(allowed(ids, valid, doc, None, 0, full))
             for b in range(2):
                 want = brute_force_mask(ids[b], valid[b], doc[b], full)
                 q = valid[b]  # padding queries produce ignored outputs
@@ -102,15 +108,7 @@ def test_protected_tokens_and_sinks_match_brute_force():
             ids, valid, doc = (np.stack(x) for x in zip(*rows))
             protected = rng.random(ids.shape) < rng.uniform(0, 0.4)
             sink = int(rng.integers(0, 4))
-            meta = token_metadata(
-                jnp.asarray(ids),
-                jnp.asarray(valid),
-                jnp.asarray(doc),
-                anchor_ids=(ANCHOR,),
-                protected_BxT=jnp.asarray(protected),
-                sink_tokens=sink,
-            )
-            got = np.asarray(attention_allowed(meta, meta, False))
+            got = np.asarray(allowed(ids, valid, doc, protected, sink, False))
             for b in range(2):
                 want = brute_force_mask(ids[b], valid[b], doc[b], False, protected[b], sink)
                 q = valid[b]

@@ -6,6 +6,7 @@ prompt only the prompt tokens of that head's kept set — built from attention p
 this forward computes itself.
 """
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cli_checks import assert_one_line_error
+from conftest import slow_case
 
 from anjax.core.config import tiny_config
 from anjax.core.model import init_params, rope
@@ -42,6 +44,11 @@ def brute_force(cfg, params, ids, n, policy=None, budget=None):
 
     Queries at positions >= n see prompt key j only if head (layer, k) keeps j: `policy.keep` on the
     mass of this very forward (all prompt positions kept when `policy` is None)."""
+    return jax.tree.map(np.asarray, _brute_force(cfg, params, np.asarray(ids), n, policy, budget))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))  # one compile per call, not op by op
+def _brute_force(cfg, params, ids, n, policy, budget):
     T, H, K, D = len(ids), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pos = jnp.arange(T)[None]
     x = params["embed"][jnp.asarray(ids)]
@@ -56,9 +63,10 @@ def brute_force(cfg, params, ids, n, policy=None, budget=None):
         kh, vh = jnp.repeat(k, H // K, 1), jnp.repeat(v, H // K, 1)
         logits = jnp.einsum("thd,shd->hts", q, kh) / np.sqrt(D)
         probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), -1)  # [H, T, T]; prompt queries: plain causal
-        weight = np.zeros(T)
+        weight = jnp.zeros(T)
         if policy is not None:
-            weight[:n] = np.asarray(policy.query_weight(jnp.ones((1, n), bool), jnp.arange(n)[None], jnp.array([n])))
+            counted_1xn = policy.query_weight(jnp.ones((1, n), bool), jnp.arange(n)[None], jnp.array([n]))
+            weight = weight.at[:n].set(counted_1xn[0])
         mass_K = jnp.einsum("hts,t->hs", probs, weight).reshape(K, H // K, T).sum(1)[:, :n]
         if policy is None:
             keep_K = jnp.ones((K, n), bool)
@@ -76,7 +84,7 @@ def brute_force(cfg, params, ids, n, policy=None, budget=None):
         masses.append(mass_K)
         kept.append(keep_K)
     logits = _rms(x, params["final_norm"]["scale"], cfg.rms_norm_eps) @ params["embed"].T
-    return np.asarray(jax.nn.log_softmax(logits, -1)), np.stack(masses), np.stack(kept)
+    return jax.nn.log_softmax(logits, -1), jnp.stack(masses), jnp.stack(kept)
 
 
 def brute_loglik(cfg, params, request, choice, policy=None, budget=None):
@@ -122,9 +130,10 @@ def test_policy_equals_brute_force_with_its_kept_set(tiny_params, model, kind):
         np.testing.assert_allclose(ll, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", policies.POLICIES)
+@pytest.mark.parametrize("kind", [k if k == "snapkv" else slow_case(k) for k in policies.POLICIES])
 def test_budget_covering_the_prompt_equals_full(model, kind):
-    """W (or any budget) >= prompt keeps every token: the full cache's scores."""
+    """W (or any budget) >= prompt keeps every token: the full cache's scores. (The fast tier runs snapkv here;
+    every rule's keep-everything at budget = prompt is in `test_keep_rules_on_hand_made_mass`.)"""
     reqs = _requests(model)
     scorer = scoring.Scorer(model, batch_size=2, chunk_size=8)
     budgets = [len(r.prefix) - 1 + 5 for r in reqs]
@@ -145,14 +154,15 @@ def test_observed_mass_and_kept_slots_per_head(tiny_params, model):
     policy = Policy("snapkv", obs=4, kernel=1)
     state = init_state(model.cfg, 1, 64 + T, np.zeros(1, bool))
     mass = jnp.zeros((cfg.num_layers, 1, cfg.num_kv_heads, 64 + T))
+    observe = jax.jit(policies.observe, static_argnums=(0, 1))  # one compile for every chunk, not op by op
     for c in range(0, tokens.shape[1], T):
-        state, mass = policies.observe(
+        state, mass = observe(
             model.cfg, policy, model.params, state, mass, tokens[:, c : c + T], valid[:, c : c + T], jnp.array([n])
         )
     _, want_mass, want_keep = brute_force(cfg, params, list(ids), n, policy, 12)
     np.testing.assert_allclose(np.asarray(mass)[:, 0, :, :n], want_mass, rtol=1e-4, atol=1e-5)
     assert not np.asarray(mass)[:, 0, :, n:].any()
-    kept = policies.select(policy, state, mass, jnp.array([12]))
+    kept = jax.jit(policies.select, static_argnums=0)(policy, state, mass, jnp.array([12]))
     assert int(kept.cache.length[0]) == 12
     keys_LxKxCxD = np.asarray(kept.cache.keys)[:, 0]
     for l in range(cfg.num_layers):

@@ -1,5 +1,7 @@
 """The block-sparse attention equals the dense predicate's softmax: outputs, gradients, model logits."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,13 +180,16 @@ def test_model_logits_and_loss_gradients_sparse_equal_dense(full, monkeypatch):
         "loss_mask": jnp.asarray(valid),
     }
     meta = token_metadata(batch["tokens"], batch["valid"], batch["doc"], anchor_ids=cfg.anchor_ids)
+
+    @functools.partial(jax.jit, static_argnums=0)  # one compile per attention path, not op by op
+    def logits_and_grads(c, params):
+        logits = Llama(c).apply({"params": params}, batch["tokens"], meta, full_attention=full)[0]
+        return logits, jax.grad(lambda p: loss_sums(c, p, batch, full)[0])(params)
+
     logits, grads = {}, {}
     for attention in ("dense", "sparse"):
-        c = cfg.replace(attention=attention)
-        logits[attention] = np.asarray(
-            Llama(c).apply({"params": params}, batch["tokens"], meta, full_attention=full)[0]
-        )
-        grads[attention] = jax.grad(lambda p, c=c: loss_sums(c, p, batch, full)[0])(params)
+        logits[attention], grads[attention] = logits_and_grads(cfg.replace(attention=attention), params)
+        logits[attention] = np.asarray(logits[attention])
     np.testing.assert_allclose(logits["sparse"][valid], logits["dense"][valid], atol=1e-4)
     for g, w in zip(jax.tree.leaves(grads["sparse"]), jax.tree.leaves(grads["dense"])):
         np.testing.assert_allclose(g, w, atol=1e-4 * max(1.0, float(jnp.abs(w).max())))
@@ -205,10 +210,15 @@ def test_kernel_path_in_interpret_mode_equals_dense(name, kind, full):
     meta, q, k, v = setup(kind, 40, seed=KINDS.index(kind))  # one GPU block (64) after padding
     on_kernel = lambda q, k, v, meta, full: sa.sparse_attention(q, k, v, meta, full, tile=16, kernel=kernel)
     valid = np.asarray(meta.valid)
-    want, got = dense(q, k, v, meta, full), on_kernel(q, k, v, meta, full)
+    outputs_and_grads = jax.jit(  # one compile, not op by op
+        lambda q, k, v, meta: [
+            (f(q, k, v, meta, full), jax.grad(loss, argnums=(1, 2, 3))(f, q, k, v, meta, full))
+            for f in (dense, on_kernel)
+        ]
+    )
+    (want, grads_want), (got, grads_got) = outputs_and_grads(q, k, v, meta)
     assert np.abs(np.asarray(got - want))[valid].max() <= 1e-5
-    grads = [jax.grad(loss, argnums=(1, 2, 3))(f, q, k, v, meta, full) for f in (dense, on_kernel)]
-    for w, g in zip(*grads):
+    for w, g in zip(grads_want, grads_got):
         assert np.abs(np.asarray(g - w)).max() <= 1e-4
 
 

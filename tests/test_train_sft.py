@@ -38,11 +38,15 @@ def test_prompt_tokens_are_out_of_the_loss(tmp_path, tiny_tokenizer):
 
     cfg = tiny_config(vocab_size=len(tokenizer), anchor_mode="ac", anchor_tokens=("<AC>",), anchor_ids=anchor_ids)
     params = init_params(cfg, jax.random.PRNGKey(0))
-    loss_sum, count = loss_sums(cfg, params, jax.tree.map(jnp.asarray, batch), False)
+    loss_sum, count = jax.jit(loss_sums, static_argnums=(0, 3))(cfg, params, jax.tree.map(jnp.asarray, batch), False)
 
-    meta = token_metadata(batch["tokens"], batch["valid"], batch["doc"], anchor_ids=anchor_ids)
-    logits, _ = Llama(cfg).apply({"params": params}, batch["tokens"], meta, None, full_attention=False)
-    logp = np.asarray(jax.nn.log_softmax(logits, -1))
+    @jax.jit  # one compile, not op by op
+    def log_probs(params, tokens, valid, doc):
+        meta = token_metadata(tokens, valid, doc, anchor_ids=anchor_ids)
+        logits, _ = Llama(cfg).apply({"params": params}, tokens, meta, None, full_attention=False)
+        return jax.nn.log_softmax(logits, -1)
+
+    logp = np.asarray(log_probs(params, batch["tokens"], batch["valid"], batch["doc"]))
     expected_sum, expected_count = 0.0, 0
     for row, ex in enumerate(EXAMPLES):
         prompt = Encoder(tokenizer, scheme).prompt(alpaca_prompt(ex["instruction"], ex["input"]))[0]
