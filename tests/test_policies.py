@@ -133,6 +133,45 @@ def test_budget_covering_the_prompt_equals_full(model, kind):
     assert pol.held_slots == full.held_slots
 
 
+def test_paths_sharing_a_prefill_score_as_each_alone(model):
+    """`run_paths` prefills each batch once per kind (full cache and `window`: one plain prefill; one
+    `observe` per distinct observer) and every path's results are bitwise those of the path run alone."""
+    reqs = _requests(model)
+    scorer = scoring.Scorer(model, batch_size=2, chunk_size=8)
+    n = [len(r.prefix) - 1 for r in reqs]
+    third, half = [max(2, x // 3) for x in n], [max(2, x // 2) for x in n]
+    paths = [
+        ("full", False),
+        ("anchor", False),
+        (Policy("window", sink=2), third),
+        (Policy("window"), half),
+        (Policy("snapkv", obs=3, kernel=3), third),
+        (Policy("snapkv", obs=3), half),
+        (Policy("snapkv", obs=5), third),
+        (Policy("h2o"), third),
+        (Policy("h2o", sink=1), half),
+        ("full", True),
+    ]
+    calls, call = [], scorer.runtime.call
+    scorer.runtime.call = lambda fn, static, *args, **kw: calls.append((fn, static)) or call(fn, static, *args, **kw)
+    together = scorer.run_paths(reqs, paths)
+    scorer.runtime.call = call
+    chunks = [-(-max(n[i] for i in rows) // 8) for rows in ([0, 2], [1])]  # batches longest first
+    observers = {static[1] for fn, static in calls if fn is policies.observe}
+    assert observers == {Policy("snapkv", obs=3), Policy("snapkv", obs=5), Policy("h2o")}
+    assert sum(fn is policies.observe for fn, _ in calls) == 3 * sum(chunks)
+    assert sum(fn is scoring.prefill for fn, _ in calls) == 2 * sum(chunks)  # full (shared by window), anchor
+    for path, out in zip(paths, together):
+        alone = scorer.run_paths(reqs, [path])[0]
+        assert (out.loglik, out.greedy, out.held_slots, out.tokens) == (
+            alone.loglik,
+            alone.greedy,
+            alone.held_slots,
+            alone.tokens,
+        )
+    assert together[2].loglik != together[3].loglik and together[4].loglik != together[6].loglik
+
+
 def test_observed_mass_and_kept_slots_per_head(tiny_params, model):
     """`observe` records the brute-force attention mass per layer and KV head; `select` keeps, per head,
     the slots `Policy.keep` names and nothing else (heads differ)."""

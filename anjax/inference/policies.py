@@ -55,8 +55,12 @@ class Policy:
             raise ValueError(f"need sink >= 0, obs >= 1 and an odd kernel >= 1, got {self}")
 
     @property
-    def needs_mass(self) -> bool:
-        return self.kind != "window"
+    def observer(self) -> Policy | None:
+        """The settings `observe` depends on (policies with equal observers can share one prefill);
+        None for `window`, which selects by position after a plain full-cache prefill."""
+        if self.kind == "window":
+            return None
+        return Policy(self.kind, obs=self.obs) if self.kind == "snapkv" else Policy(self.kind)
 
     def query_weight(self, valid_BxT: jax.Array, pos_BxT: jax.Array, n_B: jax.Array) -> jax.Array:
         """[B, T] 0/1: the prompt queries whose attention counts (snapkv: the last `obs` of n; h2o: all)."""
