@@ -195,7 +195,7 @@ class PathResult:
     greedy: list[list[bool]]  # the continuation is the argmax at every token
     held_slots: list[int]  # per item: cache slots after the prefix prefill
     prefix_slots: list[int]  # per item: prefilled prefix tokens (= what a full cache holds)
-    seconds: float  # wall time of the device work, compilation excluded
+    seconds: float  # wall time of the device work, compilation excluded (a shared prefill counts in full)
     tokens: int  # tokens the path fed through the model (padding excluded)
 
 
