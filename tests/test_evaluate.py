@@ -24,7 +24,7 @@ from anjax.core.config import AC_TOKEN, tiny_config
 from anjax.core.mask import token_metadata
 from anjax.core.model import Llama, init_params
 from anjax.core.params import resize_embeddings
-from anjax.eval import evaluate, perplexity, stats, tasks
+from anjax.eval import evaluate, perplexity, resume, stats, tasks
 from anjax.inference import scoring
 from anjax.io import hf
 
@@ -288,6 +288,22 @@ def without_clock(x):
     if isinstance(x, dict):
         return {k: without_clock(v) for k, v in x.items() if k not in CLOCK_FIELDS}
     return [without_clock(v) for v in x] if isinstance(x, list) else x
+
+
+def test_task_fingerprint_covers_weights_and_documents(tiny):
+    """One weight or one document less changes a task's fingerprint; the same inputs give the same one."""
+    cfg, params, tok = tiny
+    items = tasks.build_requests("arc_easy", tasks.load_task("arc_easy", SLICES, 3), 0, tasks.DEFAULT_SEED)
+
+    def fingerprint(params, items):
+        model = scoring.scoring_model(cfg, params, tok, anchor_mode="ep")
+        return resume.task_fingerprint(resume.model_fingerprint(model), model, items, ["full"], {}, {"limit": 3})
+
+    base = fingerprint(params, items)
+    assert fingerprint(params, items) == base
+    nudged = {**params, "embed": params["embed"].at[5, 0].add(1e-3)}
+    assert {k for k, v in fingerprint(nudged, items).items() if v != base[k]} == {"params_sha256"}
+    assert {k for k, v in fingerprint(params, items[:2]).items() if v != base[k]} == {"documents", "documents_sha256"}
 
 
 @pytest.mark.slow
