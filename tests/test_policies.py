@@ -134,8 +134,9 @@ def test_budget_covering_the_prompt_equals_full(model, kind):
 
 
 def test_paths_sharing_a_prefill_score_as_each_alone(model):
-    """`run_paths` prefills each batch once per kind (full cache and `window`: one plain prefill; one
-    `observe` per distinct observer) and every path's results are bitwise those of the path run alone."""
+    """`run_paths` prefills each batch once per kind (full cache and `window`: one plain prefill; `snapkv`
+    and `h2o`: one `observe` for every distinct observer) and every path's results are bitwise those of
+    the path run alone."""
     reqs = _requests(model)
     scorer = scoring.Scorer(model, batch_size=2, chunk_size=8)
     n = [len(r.prefix) - 1 for r in reqs]
@@ -158,8 +159,8 @@ def test_paths_sharing_a_prefill_score_as_each_alone(model):
     scorer.runtime.call = call
     chunks = [-(-max(n[i] for i in rows) // 8) for rows in ([0, 2], [1])]  # batches longest first
     observers = {static[1] for fn, static in calls if fn is policies.observe}
-    assert observers == {Policy("snapkv", obs=3), Policy("snapkv", obs=5), Policy("h2o")}
-    assert sum(fn is policies.observe for fn, _ in calls) == 3 * sum(chunks)
+    assert observers == {(Policy("snapkv", obs=3), Policy("snapkv", obs=5), Policy("h2o"))}
+    assert sum(fn is policies.observe for fn, _ in calls) == sum(chunks)
     assert sum(fn is scoring.prefill for fn, _ in calls) == 2 * sum(chunks)  # full (shared by window), anchor
     for path, out in zip(paths, together):
         alone = scorer.run_paths(reqs, [path])[0]
@@ -183,11 +184,15 @@ def test_observed_mass_and_kept_slots_per_head(tiny_params, model):
 
     policy = Policy("snapkv", obs=4, kernel=1)
     state = init_state(model.cfg, 1, 64 + T, np.zeros(1, bool))
-    mass = jnp.zeros((cfg.num_layers, 1, cfg.num_kv_heads, 64 + T))
+    mass = jnp.zeros((2, cfg.num_layers, 1, cfg.num_kv_heads, 64 + T))
     for c in range(0, tokens.shape[1], T):
+        chunk = (tokens[:, c : c + T], valid[:, c : c + T])
         state, mass = policies.observe(
-            model.cfg, policy, model.params, state, mass, tokens[:, c : c + T], valid[:, c : c + T], jnp.array([n])
+            model.cfg, (policy, Policy("h2o")), model.params, state, mass, *chunk, jnp.array([n])
         )
+    _, h2o_mass, _ = brute_force(cfg, params, list(ids), n, Policy("h2o"), 12)
+    np.testing.assert_allclose(np.asarray(mass)[1, :, 0, :, :n], h2o_mass, rtol=1e-4, atol=1e-5)
+    mass = mass[0]
     _, want_mass, want_keep = brute_force(cfg, params, list(ids), n, policy, 12)
     np.testing.assert_allclose(np.asarray(mass)[:, 0, :, :n], want_mass, rtol=1e-4, atol=1e-5)
     assert not np.asarray(mass)[:, 0, :, n:].any()

@@ -322,10 +322,11 @@ class Scorer:
         a machine whose load changes.
 
         Per batch, paths that prefill the context alike share one prefill (`_prefill_batch`): the
-        full cache and `window` one plain full-cache prefill, the policies with equal
-        `Policy.observer` one `policies.observe`; each path then selects (policies) and scores
-        its choices. The results are those of each path run alone; so is each path's `seconds`:
-        its own selection and scoring plus the time of the prefill it shares.
+        full cache and `window` one plain full-cache prefill, `snapkv` and `h2o` one
+        `policies.observe` that records the mass of every distinct `Policy.observer` at once; each
+        path then selects (policies) and scores its choices. The results are those of each path
+        run alone; so is each path's `seconds`: its own selection and scoring plus the time of the
+        prefill it shares.
         """
         full = self.spec("full")
         specs = [(full, budgets) if isinstance(c, Policy) else (self.spec(c), budgets) for c, budgets in paths]
@@ -347,11 +348,12 @@ class Scorer:
             width=bucket(max(len(c) for r in requests for c in r.chunks()) - 1, 8),
         )
         k = shapes["k"]
+        observers = tuple(dict.fromkeys(c.observer for c, _ in paths if isinstance(c, Policy) and c.observer))
         outs = [PathResult([[]] * n, [[]] * n, [0] * n, [0] * n, 0.0, 0) for _ in paths]
         for start in range(0, n, B):
             rows = order[start : start + B]
             batch = [requests[i] for i in rows] + [requests[rows[-1]]] * (B - len(rows))
-            prefilled = {}  # (spec, observer) -> (state, mass, seconds): this batch's shared prefills
+            prefilled = {}  # (spec, observers) -> (state, masses, seconds): this batch's shared prefills
             for (cache, how), (spec, _), out in zip(paths, specs, outs):
                 if how is True:
                     with self.runtime.timer() as timer:
@@ -359,14 +361,18 @@ class Scorer:
                     out.seconds += timer.seconds
                 else:
                     observer = cache.observer if isinstance(cache, Policy) else None
-                    if (spec, observer) not in prefilled:
+                    key = (spec, observers if observer else ())
+                    if key not in prefilled:
                         with self.runtime.timer() as timer:
-                            state, mass = self._prefill_batch(spec, observer, batch, shapes)
-                        prefilled[spec, observer] = (state, mass, timer.seconds)
-                    state, mass, seconds = prefilled[spec, observer]
+                            state, masses = self._prefill_batch(*key, batch, shapes)
+                        prefilled[key] = (state, masses, timer.seconds)
+                    state, masses, seconds = prefilled[key]
                     with self.runtime.timer() as timer:
                         if isinstance(cache, Policy):
                             budget_B = np.asarray([how[i] for i in rows] + [how[rows[-1]]] * (B - len(rows)))
+                            mass = (
+                                masses[observers.index(observer)] if observer else jnp.zeros(state.cache.keys.shape[:4])
+                            )
                             state = self.runtime.call(policies.select, (cache,), state, mass, budget_B.astype(np.int32))
                         ll, greedy, held, fed = self._score_batch(spec, state, batch, shapes)
                     out.seconds += seconds + timer.seconds
@@ -405,11 +411,13 @@ class Scorer:
                 scored[at + m - len(r.continuations[i]) : at + m] = [t != ac for t in r.continuations[i]]
         return arrays
 
-    def _prefill_batch(self, spec: EngineSpec, observer: Policy | None, batch, shapes) -> tuple[GenState, jax.Array]:
-        """The batch's contexts prefilled with `spec`'s cache -> (state, mass [L, B, K, C + T]), finished on device.
+    def _prefill_batch(
+        self, spec: EngineSpec, observers: tuple[Policy, ...], batch, shapes
+    ) -> tuple[GenState, jax.Array | None]:
+        """The batch's contexts prefilled with `spec`'s cache -> (state, masses), finished on device.
 
-        With an `observer` (a full cache), by `policies.observe`: mass is the attention mass it records; else
-        mass is zeros (what `window` selects from).
+        With `observers` (a full cache), by `policies.observe`: masses [I, L, B, K, C + T] is the attention
+        mass each observer records; else None.
         """
         m = self.model
         B, T = len(batch), shapes["chunk"]
@@ -417,16 +425,20 @@ class Scorer:
         capacity = shapes["capacity"][spec.anchor_cache]
         state = init_state(m.cfg, B, capacity + T, np.zeros(B, bool))
         n_B = valid.sum(1).astype(np.int32)
-        mass = jnp.zeros((m.cfg.num_layers, B, m.cfg.num_kv_heads, capacity + T), jnp.float32)
+        masses = None
+        if observers:
+            masses = jnp.zeros((len(observers), m.cfg.num_layers, B, m.cfg.num_kv_heads, capacity + T), jnp.float32)
         for c in range(0, tokens.shape[1], T):
             chunk = (tokens[:, c : c + T], valid[:, c : c + T])
-            if observer is None:
-                state = self.runtime.call(prefill, (m.cfg, spec), m.params, state, *chunk)
+            if observers:
+                state, masses = self.runtime.call(
+                    policies.observe, (m.cfg, observers), m.params, state, masses, *chunk, n_B
+                )
             else:
-                state, mass = self.runtime.call(policies.observe, (m.cfg, observer), m.params, state, mass, *chunk, n_B)
+                state = self.runtime.call(prefill, (m.cfg, spec), m.params, state, *chunk)
         if np.asarray(state.overflow)[:, 0].any():  # cannot happen with `kept_bound`; never truncate silently
             raise ValueError(f"a context needed more than the {capacity} cache slots reserved for it")
-        return jax.block_until_ready((state, mass))
+        return jax.block_until_ready((state, masses))
 
     def _score_batch(self, spec: EngineSpec, state: GenState, batch, shapes):
         """Every choice of the batch against its prefilled (or selected) cache -> (loglik, greedy, held, fed)."""
