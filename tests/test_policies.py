@@ -6,6 +6,8 @@ prompt only the prompt tokens of that head's kept set — built from attention p
 this forward computes itself.
 """
 
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -277,3 +279,21 @@ def test_bad_policy_input_is_one_line_exit_2(args, fragment, tiny_model_dir):
     cmd = [sys.executable, "-m", "anjax.evaluate", "--model", str(tiny_model_dir), "--data-dir", str(SLICES)]
     proc = subprocess.run([*cmd, "--tasks", "piqa", *args], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert_one_line_error(proc, fragment)
+
+
+@pytest.mark.slow
+def test_policies_report_resumes(tiny_model_dir, tmp_path, capsys):
+    """benchmarks/policies_report.py evaluates through `anjax.evaluate`: rerun, it takes the saved task."""
+    spec = importlib.util.spec_from_file_location("policies_report", REPO / "benchmarks" / "policies_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    argv = ["--model", str(tiny_model_dir), "--anchor-mode", "ep", "--tasks", "piqa", "--limit", "2"]
+    argv += ["--budget", "match-anchor,0.5", "--out-dir", str(tmp_path), "--name", "p"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tasks, "DEFAULT_DATA_DIR", SLICES)
+        assert report.main(argv) == 0
+        first = json.loads((tmp_path / "p_eval.json").read_text())
+        assert (tmp_path / "p_eval.tasks" / "piqa.json").is_file() and "already scored" not in capsys.readouterr().out
+        assert report.main(argv) == 0
+    assert "piqa already scored" in capsys.readouterr().out
+    assert json.loads((tmp_path / "p_eval.json").read_text())["tasks"] == first["tasks"]
