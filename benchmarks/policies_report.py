@@ -5,10 +5,11 @@
 
 With --model (default: the embedded SmolLM2, anchors "ep"), runs `python -m anjax.evaluate --cache
 full,anchor,window,snapkv,h2o --budget match-anchor,FRACTIONS` (same documents, interleaved paths,
-bootstrap intervals) and writes its report OUT_DIR/NAME_eval.{json,md,png}. Then, for that run and
-every --reports JSON (one panel per model): the accuracy averaged over the tasks (95% interval) against
-the KV budget fraction actually kept (1 − C↓ averaged over the tasks), one line per policy, the anchor
-cache as one point and the full cache as the level at 1 -> OUT_DIR/NAME.{md,json,png}.
+bootstrap intervals; resumable: rerun the same command after a kill) and writes its report
+OUT_DIR/NAME_eval.{json,md,png}. Then, for that run and every --reports JSON (one panel per model): the
+accuracy averaged over the tasks (95% interval) against the KV budget fraction actually kept (1 − C↓
+averaged over the tasks), one line per policy, the anchor cache as one point and the full cache as the
+level at 1 -> OUT_DIR/NAME.{md,json,png}.
 """
 
 from __future__ import annotations

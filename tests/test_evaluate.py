@@ -17,13 +17,14 @@ import pytest
 from cli_checks import assert_one_line_error
 from conftest import slow_case
 
+from anjax import cli
 from anjax.cli import evaluate as evaluate_cli
 from anjax.cli import quality
 from anjax.core.config import AC_TOKEN, tiny_config
 from anjax.core.mask import token_metadata
 from anjax.core.model import Llama, init_params
 from anjax.core.params import resize_embeddings
-from anjax.eval import evaluate, perplexity, stats, tasks
+from anjax.eval import evaluate, perplexity, resume, stats, tasks
 from anjax.inference import scoring
 from anjax.io import hf
 
@@ -278,6 +279,75 @@ def test_cli_writes_table_json_and_plot(tiny_model_dir, tmp_path, capsys):
     assert "| task | docs | full | anchor (ep) | anchor − full |" in table and "| arc_easy | 3 | " in table
 
 
+CLOCK_FIELDS = {"seconds", "t_vs_full", "t_vs_recompute", "full_seconds", "recompute_seconds"}
+CLOCK_FIELDS |= {"wall_seconds", "compile_seconds"}
+
+
+def without_clock(x):
+    """A report minus its wall-clock fields (timed seconds, T↑)."""
+    if isinstance(x, dict):
+        return {k: without_clock(v) for k, v in x.items() if k not in CLOCK_FIELDS}
+    return [without_clock(v) for v in x] if isinstance(x, list) else x
+
+
+def test_task_fingerprint_covers_weights_and_documents(tiny):
+    """One weight or one document less changes a task's fingerprint; the same inputs give the same one."""
+    cfg, params, tok = tiny
+    items = tasks.build_requests("arc_easy", tasks.load_task("arc_easy", SLICES, 3), 0, tasks.DEFAULT_SEED)
+
+    def fingerprint(params, items):
+        model = scoring.scoring_model(cfg, params, tok, anchor_mode="ep")
+        return resume.task_fingerprint(resume.model_fingerprint(model), model, items, ["full"], {}, {"limit": 3})
+
+    base = fingerprint(params, items)
+    assert fingerprint(params, items) == base
+    nudged = {**params, "embed": params["embed"].at[5, 0].add(1e-3)}
+    assert {k for k, v in fingerprint(nudged, items).items() if v != base[k]} == {"params_sha256"}
+    assert {k for k, v in fingerprint(params, items[:2]).items() if v != base[k]} == {"documents", "documents_sha256"}
+
+
+@pytest.mark.slow
+def test_cli_resumes_a_killed_evaluation(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A run killed during its second task, rerun, scores only that task and writes the report of an
+    uninterrupted run; other arguments under the same name stop with one line, deleting nothing."""
+    argv = ["--model", str(tiny_model_dir), "--data-dir", str(SLICES), "--tasks", "arc_easy,piqa", "--limit", "3"]
+    argv += ["--cache", "full,anchor", "--anchor-mode", "ep", "--batch-size", "2"]
+    assert evaluate_cli.main([*argv, "--out-dir", str(tmp_path / "whole"), "--name", "t"]) == 0
+    whole = json.loads((tmp_path / "whole" / "t.json").read_text())
+    scored, evaluate_task = [], evaluate.evaluate_task
+
+    def killed_at(task):
+        def run(scorer, items, *args, **kwargs):
+            if items[0].task == task:
+                raise KeyboardInterrupt
+            scored.append(items[0].task)
+            return evaluate_task(scorer, items, *args, **kwargs)
+
+        return run
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(evaluate, "evaluate_task", killed_at("piqa"))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_cli.main([*argv, "--out-dir", str(out), "--name", "t"])
+    assert sorted(p.name for p in out.iterdir()) == ["t.tasks"] and scored == ["arc_easy"]
+    saved = json.loads((out / "t.tasks" / "arc_easy.json").read_text())
+    monkeypatch.setattr(evaluate, "evaluate_task", killed_at(None))
+    capsys.readouterr()
+    assert evaluate_cli.main([*argv, "--out-dir", str(out), "--name", "t"]) == 0
+    assert scored == ["arc_easy", "piqa"] and "arc_easy already scored" in capsys.readouterr().out
+    resumed = json.loads((out / "t.json").read_text())
+    assert without_clock(resumed) == without_clock(whole)
+    assert resumed["tasks"]["arc_easy"]["anchor"]["seconds"] == saved["result"]["anchor"]["seconds"]
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for other in (["--limit", "2"], ["--batch-size", "3"], ["--no-timing"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.run(evaluate_cli.main, [*argv, *other, "--out-dir", str(out), "--name", "t"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and "arc_easy scored with other settings" in err[0]
+        assert "use another --name" in err[0] and f"delete {out / 't.tasks'}" in err[0]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files and scored == ["arc_easy", "piqa"]
+
+
 @pytest.mark.slow
 def test_cli_perplexity(tiny_model_dir, tmp_path):
     argv = [
@@ -394,6 +464,10 @@ def test_quality_report(tiny_model_dir, tmp_path, capsys):
     assert text.startswith("# Quality report: tiny") and "| average (2 tasks) | 5 |" in text
     assert "| tiny | anchor | " in text and "ppl / full ppl" in text and text in capsys.readouterr().out
     assert (tmp_path / "q" / "tiny_quality.png").stat().st_size > 1000
+    assert quality.main(argv) == 0  # rerun: the saved tasks are taken, not scored again
+    assert f"piqa, {mine} already scored" in capsys.readouterr().out
+    again = json.loads((tmp_path / "q" / "tiny_quality.json").read_text())["accuracy"]
+    assert without_clock(again) == without_clock(acc) and again["tasks"]["piqa"] == acc["tasks"]["piqa"]
 
 
 def run_cli(*args):

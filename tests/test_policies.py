@@ -7,6 +7,8 @@ this forward computes itself.
 """
 
 import functools
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +144,46 @@ def test_budget_covering_the_prompt_equals_full(model, kind):
     assert pol.held_slots == full.held_slots
 
 
+def test_paths_sharing_a_prefill_score_as_each_alone(model):
+    """`run_paths` prefills each batch once per kind (full cache and `window`: one plain prefill; `snapkv`
+    and `h2o`: one `observe` for every distinct observer) and every path's results are bitwise those of
+    the path run alone."""
+    reqs = _requests(model)
+    scorer = scoring.Scorer(model, batch_size=2, chunk_size=8)
+    n = [len(r.prefix) - 1 for r in reqs]
+    third, half = [max(2, x // 3) for x in n], [max(2, x // 2) for x in n]
+    paths = [
+        ("full", False),
+        ("anchor", False),
+        (Policy("window", sink=2), third),
+        (Policy("window"), half),
+        (Policy("snapkv", obs=3, kernel=3), third),
+        (Policy("snapkv", obs=3), half),
+        (Policy("snapkv", obs=5), third),
+        (Policy("h2o"), third),
+        (Policy("h2o", sink=1), half),
+        ("full", True),
+    ]
+    calls, call = [], scorer.runtime.call
+    scorer.runtime.call = lambda fn, static, *args, **kw: calls.append((fn, static)) or call(fn, static, *args, **kw)
+    together = scorer.run_paths(reqs, paths)
+    scorer.runtime.call = call
+    chunks = [-(-max(n[i] for i in rows) // 8) for rows in ([0, 2], [1])]  # batches longest first
+    observers = {static[1] for fn, static in calls if fn is policies.observe}
+    assert observers == {(Policy("snapkv", obs=3), Policy("snapkv", obs=5), Policy("h2o"))}
+    assert sum(fn is policies.observe for fn, _ in calls) == sum(chunks)
+    assert sum(fn is scoring.prefill for fn, _ in calls) == 2 * sum(chunks)  # full (shared by window), anchor
+    for path, out in zip(paths, together):
+        alone = scorer.run_paths(reqs, [path])[0]
+        assert (out.loglik, out.greedy, out.held_slots, out.tokens) == (
+            alone.loglik,
+            alone.greedy,
+            alone.held_slots,
+            alone.tokens,
+        )
+    assert together[2].loglik != together[3].loglik and together[4].loglik != together[6].loglik
+
+
 def test_observed_mass_and_kept_slots_per_head(tiny_params, model):
     """`observe` records the brute-force attention mass per layer and KV head; `select` keeps, per head,
     the slots `Policy.keep` names and nothing else (heads differ)."""
@@ -153,12 +195,14 @@ def test_observed_mass_and_kept_slots_per_head(tiny_params, model):
 
     policy = Policy("snapkv", obs=4, kernel=1)
     state = init_state(model.cfg, 1, 64 + T, np.zeros(1, bool))
-    mass = jnp.zeros((cfg.num_layers, 1, cfg.num_kv_heads, 64 + T))
+    mass = jnp.zeros((2, cfg.num_layers, 1, cfg.num_kv_heads, 64 + T))
     observe = jax.jit(policies.observe, static_argnums=(0, 1))  # one compile for every chunk, not op by op
     for c in range(0, tokens.shape[1], T):
-        state, mass = observe(
-            model.cfg, policy, model.params, state, mass, tokens[:, c : c + T], valid[:, c : c + T], jnp.array([n])
-        )
+        chunk = (tokens[:, c : c + T], valid[:, c : c + T])
+        state, mass = observe(model.cfg, (policy, Policy("h2o")), model.params, state, mass, *chunk, jnp.array([n]))
+    _, h2o_mass, _ = brute_force(cfg, params, list(ids), n, Policy("h2o"), 12)
+    np.testing.assert_allclose(np.asarray(mass)[1, :, 0, :, :n], h2o_mass, rtol=1e-4, atol=1e-5)
+    mass = mass[0]
     _, want_mass, want_keep = brute_force(cfg, params, list(ids), n, policy, 12)
     np.testing.assert_allclose(np.asarray(mass)[:, 0, :, :n], want_mass, rtol=1e-4, atol=1e-5)
     assert not np.asarray(mass)[:, 0, :, n:].any()
@@ -243,3 +287,21 @@ def test_bad_policy_input_is_one_line_exit_2(args, fragment, tiny_model_dir):
     cmd = [sys.executable, "-m", "anjax.evaluate", "--model", str(tiny_model_dir), "--data-dir", str(SLICES)]
     proc = subprocess.run([*cmd, "--tasks", "piqa", *args], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert_one_line_error(proc, fragment)
+
+
+@pytest.mark.slow
+def test_policies_report_resumes(tiny_model_dir, tmp_path, capsys):
+    """benchmarks/policies_report.py evaluates through `anjax.evaluate`: rerun, it takes the saved task."""
+    spec = importlib.util.spec_from_file_location("policies_report", REPO / "benchmarks" / "policies_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    argv = ["--model", str(tiny_model_dir), "--anchor-mode", "ep", "--tasks", "piqa", "--limit", "2"]
+    argv += ["--budget", "match-anchor,0.5", "--out-dir", str(tmp_path), "--name", "p"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tasks, "DEFAULT_DATA_DIR", SLICES)
+        assert report.main(argv) == 0
+        first = json.loads((tmp_path / "p_eval.json").read_text())
+        assert (tmp_path / "p_eval.tasks" / "piqa.json").is_file() and "already scored" not in capsys.readouterr().out
+        assert report.main(argv) == 0
+    assert "piqa already scored" in capsys.readouterr().out
+    assert json.loads((tmp_path / "p_eval.json").read_text())["tasks"] == first["tasks"]

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from anjax import cli
-from anjax.eval import evaluate, intervals, perplexity, stats, tasks
+from anjax.eval import evaluate, intervals, perplexity, resume, stats, tasks
 from anjax.inference.policies import POLICIES, Policy
 from anjax.inference.scoring import Scorer, ScoringModel, load_scoring_model
 
@@ -52,7 +53,12 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--bootstrap-samples", type=int, default=stats.SAMPLES, help="resamples for the 95%% intervals")
     p.add_argument("--bootstrap-seed", type=int, default=stats.SEED, help="seed of the bootstrap resampling")
     p.add_argument("--json", default=None, help="also write the JSON report here")
-    p.add_argument("--out-dir", default=None, help="write NAME.md, NAME.json, NAME.png here")
+    p.add_argument(
+        "--out-dir",
+        default=None,
+        help="write NAME.md, NAME.json, NAME.png here; each finished task is kept in NAME.tasks/, so a rerun "
+        "with the same arguments resumes (a killed run loses only the task in progress)",
+    )
     p.add_argument("--name", default="results", help="file stem in --out-dir")
     p.add_argument("--perplexity", action="store_true", help="perplexity on held-out text instead of the tasks")
     p.add_argument(
@@ -120,8 +126,13 @@ def load_items(args, names: Sequence[str]) -> dict[str, list[tasks.MCItem]]:
 
 
 def task_report(args, items: dict[str, list[tasks.MCItem]], caches: Sequence[str], model: ScoringModel) -> dict:
-    """Every task scored with every cache, with the intervals of `anjax.eval.intervals` (progress printed)."""
+    """Every task scored with every cache, with the intervals of `anjax.eval.intervals` (progress printed).
+
+    With `args.out_dir`, each finished task is saved in OUT_DIR/NAME.tasks (`anjax.eval.resume`) and a
+    rerun with the same arguments takes the saved tasks instead of scoring them again.
+    """
     scorer = Scorer(model, batch_size=args.batch_size, chunk_size=args.chunk_size)
+    settings = policy_settings(args, caches)
     report: dict[str, Any] = {
         "model": model.name,
         "shots": args.shots,
@@ -134,18 +145,37 @@ def task_report(args, items: dict[str, list[tasks.MCItem]], caches: Sequence[str
         "caches": list(caches),
         "tasks": {},
     }
-    t0 = time.perf_counter()
+    store, fingerprints, done = None, {}, []
+    if args.out_dir:
+        store = resume.TaskStore(Path(args.out_dir) / f"{args.name}.tasks")
+        run = dict(shots=args.shots, limit=args.limit, seed=args.seed, timing=not args.no_timing)
+        run.update(batch_size=args.batch_size, chunk_size=args.chunk_size)
+        model_part = resume.model_fingerprint(model)
+        fingerprints = {
+            n: resume.task_fingerprint(model_part, model, its, caches, settings, run) for n, its in items.items()
+        }
+        done = store.check(fingerprints)
+        if done:
+            print(f"resuming from {store.root}: {', '.join(done)} already scored", flush=True)
+    wall = compile_seconds = 0.0
     for name, task_items in items.items():
-        report["tasks"][name] = evaluate.evaluate_task(
-            scorer, task_items, caches, timing=not args.no_timing, policies=policy_settings(args, caches)
-        )
+        saved = store.load(name) if name in done else None
+        if saved is None:
+            t0, c0 = time.perf_counter(), scorer.compile_seconds
+            result = evaluate.evaluate_task(scorer, task_items, caches, timing=not args.no_timing, policies=settings)
+            seconds = dict(wall_seconds=time.perf_counter() - t0, compile_seconds=scorer.compile_seconds - c0)
+            saved = dict(result=result, **seconds)
+            if store is not None:
+                store.save(name, fingerprints[name], **saved)
+        report["tasks"][name] = saved["result"]
+        wall, compile_seconds = wall + saved["wall_seconds"], compile_seconds + saved["compile_seconds"]
         summary = ", ".join(
             f"{c}: acc {evaluate._pct(r['acc'])} C↓ {evaluate._pct(r['c_reduction'])}%"
             + (f" T↑ {r['t_vs_full']:.2f}×/{r['t_vs_recompute']:.2f}×" if "t_vs_full" in r else "")
-            for c, r in report["tasks"][name].items()
+            for c, r in saved["result"].items()
         )
-        print(f"{name} ({len(task_items)} docs): {summary}", flush=True)
-    report.update(wall_seconds=time.perf_counter() - t0, compile_seconds=scorer.compile_seconds)
+        print(f"{name} ({len(task_items)} docs{', saved' if name in done else ''}): {summary}", flush=True)
+    report.update(wall_seconds=wall, compile_seconds=compile_seconds)
     return intervals.add_accuracy_intervals(report, samples=args.bootstrap_samples, seed=args.bootstrap_seed)
 
 

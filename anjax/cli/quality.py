@@ -10,7 +10,8 @@ paired difference anchor − full (`anjax.eval.intervals`); then perplexity of t
 same model on held-out text (`--ppl-data`: the embedded corpus' validation split
 by default) with both caches, their ratio and its interval (`anjax.eval.perplexity`).
 Writes OUT_DIR/NAME.md, NAME.json (both reports, every per-document result) and
-NAME.png (accuracy with error bars per task, anchor − full, perplexity).
+NAME.png (accuracy with error bars per task, anchor − full, perplexity). Finished tasks are kept in
+OUT_DIR/NAME.tasks (`anjax.eval.resume`): rerun after a kill, only the rest is scored (perplexity again).
 """
 
 from __future__ import annotations

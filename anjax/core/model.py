@@ -98,12 +98,14 @@ def _block_exps(q_BxTxHxD: jax.Array, blocks) -> tuple[list[jax.Array], jax.Arra
     return exps, sum(e.sum(-1, keepdims=True) for e in exps)
 
 
-def key_mass(q_BxTxHxD: jax.Array, blocks, weight_BxT: jax.Array) -> jax.Array:
-    """[B, K, S1 + S2 + ...]: the attention probability each key of `blocks` (as in `blocked_attention`)
-    receives, summed over the query heads of its KV group and over the queries weighted by `weight_BxT`."""
+def key_mass(q_BxTxHxD: jax.Array, blocks, weight_IxBxT: jax.Array) -> jax.Array:
+    """[I, B, K, S1 + S2 + ...]: the attention probability each key of `blocks` (as in `blocked_attention`)
+    receives, summed over the query heads of its KV group and over the queries weighted by `weight_IxBxT[i]`
+    (one sum per weighting, each computed as if it were the only one)."""
     exps, total_BxKxGxTx1 = _block_exps(q_BxTxHxD, blocks)
-    w_BxTx1 = weight_BxT.astype(jnp.float32)[:, :, None]
-    return jnp.concatenate([jnp.einsum("bkgts,bti->bks", e / total_BxKxGxTx1, w_BxTx1) for e in exps], -1)
+    probs = [e / total_BxKxGxTx1 for e in exps]
+    weighted = lambda w_BxTx1: jnp.concatenate([jnp.einsum("bkgts,bti->bks", p, w_BxTx1) for p in probs], -1)
+    return jnp.stack([weighted(w_BxT.astype(jnp.float32)[:, :, None]) for w_BxT in weight_IxBxT])
 
 
 class Attention(nn.Module):
@@ -111,10 +113,10 @@ class Attention(nn.Module):
     full_attention: bool
 
     @nn.compact
-    def __call__(self, x_BxTxE, q_meta: TokenMeta, k_meta: TokenMeta, layer_kv, mass_weight_BxT=None):
+    def __call__(self, x_BxTxE, q_meta: TokenMeta, k_meta: TokenMeta, layer_kv, mass_weight_IxBxT=None):
         """Returns (y, (k, v) of the chunk) with a cache (`layer_kv`, metadata `k_meta`), else (y, None).
 
-        With `mass_weight_BxT`, also sows `key_mass` [B, K, C + T] (cache slots, then the chunk's keys)
+        With `mass_weight_IxBxT`, also sows `key_mass` [I, B, K, C + T] (cache slots, then the chunk's keys)
         in "intermediates" (kept when the caller makes that collection mutable)."""
         cfg, dt = self.cfg, self.cfg.dtype
         E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -138,10 +140,10 @@ class Attention(nn.Module):
             out = dot_attention(q, k, v, mask(k_meta))
         else:  # the cache's slots, then the chunk itself (head-major [B, K, T, D], as the cache stores it)
             out = blocked_attention(q, [cache, (*new_kv, mask(q_meta))])
-        if mass_weight_BxT is not None:
+        if mass_weight_IxBxT is not None:
             head_major = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
             blocks = [cache, (*head_major, mask(q_meta))] if cache is not None else [(*head_major, mask(k_meta))]
-            self.sow("intermediates", "key_mass", key_mass(q, blocks, mass_weight_BxT))
+            self.sow("intermediates", "key_mass", key_mass(q, blocks, mass_weight_IxBxT))
         y = out.reshape(*out.shape[:2], H * D) @ wo.reshape(H * D, E)  # (h, d) as one axis: wo is read as stored
         return nn.with_logical_constraint(y, ("batch", "length", "embed")), new_kv
 
@@ -168,9 +170,9 @@ class Block(nn.Module):
     full_attention: bool
 
     @nn.compact
-    def __call__(self, x_BxTxE, layer_kv, q_meta, k_meta, mass_weight_BxT=None):
+    def __call__(self, x_BxTxE, layer_kv, q_meta, k_meta, mass_weight_IxBxT=None):
         h, new_kv = Attention(self.cfg, self.full_attention, name="attn")(
-            RMSNorm(self.cfg, name="attn_norm")(x_BxTxE), q_meta, k_meta, layer_kv, mass_weight_BxT
+            RMSNorm(self.cfg, name="attn_norm")(x_BxTxE), q_meta, k_meta, layer_kv, mass_weight_IxBxT
         )
         x_BxTxE = x_BxTxE + h
         x_BxTxE = x_BxTxE + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxTxE))
@@ -190,9 +192,9 @@ class Llama(nn.Module):
         meta: TokenMeta,
         cache: KVCache | None = None,
         full_attention: bool = True,
-        mass_weight_BxT: jax.Array | None = None,
+        mass_weight_IxBxT: jax.Array | None = None,
     ):
-        """`mass_weight_BxT`: sow each layer's `key_mass` (`Attention`; scanned layers: stacked [L, B, K, C + T])."""
+        """`mass_weight_IxBxT`: sow each layer's `key_mass` (`Attention`; scanned: stacked [L, I, B, K, C + T])."""
         cfg = self.cfg
         embed_VxE = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
         table_VxE = nn.with_logical_constraint(embed_VxE.astype(cfg.dtype), ("vocab", None))  # gathered whole over fsdp
@@ -216,12 +218,12 @@ class Llama(nn.Module):
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, new_kv = stack(cfg, full_attention, name="layers")(x, layers_kv, meta, k_meta, mass_weight_BxT)
+            x, new_kv = stack(cfg, full_attention, name="layers")(x, layers_kv, meta, k_meta, mass_weight_IxBxT)
         else:
             new = []
             for i in range(cfg.num_layers):
                 layer_kv = None if layers_kv is None else (layers_kv[0][i], layers_kv[1][i])
-                x, kv = block(cfg, full_attention, name=f"layer_{i}")(x, layer_kv, meta, k_meta, mass_weight_BxT)
+                x, kv = block(cfg, full_attention, name=f"layer_{i}")(x, layer_kv, meta, k_meta, mass_weight_IxBxT)
                 new.append(kv)
             new_kv = None if cache is None else tuple(jnp.stack(t) for t in zip(*new))
 

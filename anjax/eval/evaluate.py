@@ -32,7 +32,9 @@ built-in tasks.
 
 Outputs: the tables printed, `OUT_DIR/NAME.md`, `NAME.json` (every raw number incl.
 per-item log-likelihoods and per-document correctness) and `NAME.png` (accuracy
-with error bars); `--json OUT` writes the JSON elsewhere too.
+with error bars); `--json OUT` writes the JSON elsewhere too. Each finished task is kept in
+`OUT_DIR/NAME.tasks/` with a fingerprint of what it depends on (`anjax.eval.resume`): rerun with the
+same arguments, a killed evaluation resumes; with other arguments it stops (new --name, or delete it).
 
 Perplexity (`--perplexity`): held-out passages (`--ppl-data`: LAMBADA test passages
 by default, the embedded corpus' validation split, or your text files)

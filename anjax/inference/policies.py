@@ -1,7 +1,7 @@
 """Training-free KV-cache policies at a fixed budget of slots per row: `window`, `snapkv`, `h2o`.
 
-    state, mass = observe_all(...)                  # full-attention prefill that records attention mass
-    state = select(policy, state, mass, budget_B)   # each row keeps min(budget, prompt) slots per KV head
+    state, mass = observe(cfg, (policy,), ...)      # full-attention prefill chunk that records attention mass
+    state = select(policy, state, mass[0], budget_B)  # each row keeps min(budget, prompt) slots per KV head
 
 The prompt is prefilled with plain causal attention (the full cache, as in kvpress: a press
 compresses the context after its forward), then every layer's cache is cut to `budget` slots
@@ -55,8 +55,12 @@ class Policy:
             raise ValueError(f"need sink >= 0, obs >= 1 and an odd kernel >= 1, got {self}")
 
     @property
-    def needs_mass(self) -> bool:
-        return self.kind != "window"
+    def observer(self) -> Policy | None:
+        """The settings its mass depends on (`observe` records each distinct observer's once);
+        None for `window`, which selects by position after a plain full-cache prefill."""
+        if self.kind == "window":
+            return None
+        return Policy(self.kind, obs=self.obs) if self.kind == "snapkv" else Policy(self.kind)
 
     def query_weight(self, valid_BxT: jax.Array, pos_BxT: jax.Array, n_B: jax.Array) -> jax.Array:
         """[B, T] 0/1: the prompt queries whose attention counts (snapkv: the last `obs` of n; h2o: all)."""
@@ -98,7 +102,7 @@ def _top(score_LxBxKxC: jax.Array, candidate_LxBxKxC: jax.Array, count: jax.Arra
 
 
 def _layer_mass(variables: dict, cfg: ModelConfig) -> jax.Array:
-    """[L, B, K, S] key mass sown by every layer (`anjax.core.model.Attention`)."""
+    """[L, I, B, K, S] key mass sown by every layer (`anjax.core.model.Attention`)."""
     inter = variables["intermediates"]
     if cfg.scan_layers:
         return inter["layers"]["attn"]["key_mass"][0]
@@ -107,32 +111,34 @@ def _layer_mass(variables: dict, cfg: ModelConfig) -> jax.Array:
 
 def observe(
     cfg: ModelConfig,
-    policy: Policy,
+    observers: tuple[Policy, ...],
     params,
     state: GenState,
-    mass_LxBxKxC: jax.Array,
+    mass_IxLxBxKxC: jax.Array,
     tokens_BxT: jax.Array,
     valid_BxT: jax.Array,
     n_B: jax.Array,
 ) -> tuple[GenState, jax.Array]:
     """Prefill one chunk of a prompt of n_B tokens with the full cache (C + T slots, as `prefill_step`)
-    and add the attention mass each slot receives from `policy.query_weight`'s queries to `mass` [L, B, K, C]
-    (kept in slot order through the compaction)."""
+    and add to mass[i] [L, B, K, C] the attention mass each slot receives from `observers[i].query_weight`'s
+    queries (one forward for every observer; kept in slot order through the compaction)."""
     meta = chunk_meta(FULL, state, tokens_BxT, valid_BxT)
-    weight_BxT = policy.query_weight(meta.valid, meta.pos, n_B)
+    weight_IxBxT = jnp.stack([p.query_weight(meta.valid, meta.pos, n_B) for p in observers])
     (_, cache), variables = Llama(cfg).apply(
         {"params": params},
         tokens_BxT,
         meta,
         state.cache,
         full_attention=True,
-        mass_weight_BxT=weight_BxT,
+        mass_weight_IxBxT=weight_IxBxT,
         mutable=["intermediates"],
     )
-    C = state.cache.capacity
-    step_LxBxKxS = _layer_mass(variables, cfg)
+    I, L, B, K, C = mass_IxLxBxKxC.shape  # observers and layers as one axis below: [I * L, B, K, ...]
+    step_NxBxKxS = _layer_mass(variables, cfg).swapaxes(0, 1).reshape(I * L, B, K, -1)
     mass = write_slots(
-        (mass_LxBxKxC + step_LxBxKxS[..., :C])[..., None], step_LxBxKxS[..., C:, None], state.cache.length
+        (mass_IxLxBxKxC.reshape(I * L, B, K, C) + step_NxBxKxS[..., :C])[..., None],
+        step_NxBxKxS[..., C:, None],
+        state.cache.length,
     )
     order_BxC, live_BxC = pack_order(cache.valid)
     mass = jnp.take_along_axis(mass[..., 0], order_BxC[None, :, None], axis=3)
@@ -140,7 +146,7 @@ def observe(
         cache=compact(cache, cache.valid),
         next_pos=state.next_pos + meta.valid.sum(1, dtype=jnp.int32),
     )
-    return state, jnp.where(live_BxC[None, :, None], mass, 0.0)
+    return state, jnp.where(live_BxC[None, :, None], mass, 0.0).reshape(I, L, B, K, C)
 
 
 def select(policy: Policy, state: GenState, mass_LxBxKxC: jax.Array, budget_B: jax.Array) -> GenState:

@@ -38,7 +38,6 @@ is kept apart from the timed seconds.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -196,7 +195,7 @@ class PathResult:
     greedy: list[list[bool]]  # the continuation is the argmax at every token
     held_slots: list[int]  # per item: cache slots after the prefix prefill
     prefix_slots: list[int]  # per item: prefilled prefix tokens (= what a full cache holds)
-    seconds: float  # wall time of the device work, compilation excluded
+    seconds: float  # wall time of the device work, compilation excluded (a shared prefill counts in full)
     tokens: int  # tokens the path fed through the model (padding excluded)
 
 
@@ -321,8 +320,16 @@ class Scorer:
         Items are batched longest first (results come back in input order); every path
         sees the same batches and shapes, so their timed seconds compare fairly even on
         a machine whose load changes.
+
+        Per batch, paths that prefill the context alike share one prefill (`_prefill_batch`): the
+        full cache and `window` one plain full-cache prefill, `snapkv` and `h2o` one
+        `policies.observe` that records the mass of every distinct `Policy.observer` at once; each
+        path then selects (policies) and scores its choices. The results are those of each path
+        run alone; so is each path's `seconds`: its own selection and scoring plus the time of the
+        prefill it shares.
         """
-        specs = [(policies.FULL, budgets) if isinstance(c, Policy) else (self.spec(c), budgets) for c, budgets in paths]
+        full = self.spec("full")
+        specs = [(full, budgets) if isinstance(c, Policy) else (self.spec(c), budgets) for c, budgets in paths]
         for cache, budgets in paths:
             if isinstance(cache, Policy) and (isinstance(budgets, bool) or len(budgets) != len(requests)):
                 raise ValueError(f"the {cache.kind} path needs one budget per request")
@@ -341,18 +348,34 @@ class Scorer:
             width=bucket(max(len(c) for r in requests for c in r.chunks()) - 1, 8),
         )
         k = shapes["k"]
+        observers = tuple(dict.fromkeys(c.observer for c, _ in paths if isinstance(c, Policy) and c.observer))
         outs = [PathResult([[]] * n, [[]] * n, [0] * n, [0] * n, 0.0, 0) for _ in paths]
         for start in range(0, n, B):
             rows = order[start : start + B]
             batch = [requests[i] for i in rows] + [requests[rows[-1]]] * (B - len(rows))
-            for (cache, _), (spec, recompute), out in zip(paths, specs, outs):
-                step = self._recompute_batch if recompute is True else self._cached_batch
-                if isinstance(cache, Policy):
-                    budget_B = np.asarray([recompute[i] for i in rows] + [recompute[rows[-1]]] * (B - len(rows)))
-                    step = functools.partial(self._policy_batch, cache, budget_B)
-                with self.runtime.timer() as timer:
-                    ll, greedy, held, fed = step(spec, batch, shapes)
-                out.seconds += timer.seconds
+            prefilled = {}  # (spec, observers) -> (state, masses, seconds): this batch's shared prefills
+            for (cache, how), (spec, _), out in zip(paths, specs, outs):
+                if how is True:
+                    with self.runtime.timer() as timer:
+                        ll, greedy, held, fed = self._recompute_batch(spec, batch, shapes)
+                    out.seconds += timer.seconds
+                else:
+                    observer = cache.observer if isinstance(cache, Policy) else None
+                    key = (spec, observers if observer else ())
+                    if key not in prefilled:
+                        with self.runtime.timer() as timer:
+                            state, masses = self._prefill_batch(*key, batch, shapes)
+                        prefilled[key] = (state, masses, timer.seconds)
+                    state, masses, seconds = prefilled[key]
+                    with self.runtime.timer() as timer:
+                        if isinstance(cache, Policy):
+                            budget_B = np.asarray([how[i] for i in rows] + [how[rows[-1]]] * (B - len(rows)))
+                            mass = (
+                                masses[observers.index(observer)] if observer else jnp.zeros(state.cache.keys.shape[:4])
+                            )
+                            state = self.runtime.call(policies.select, (cache,), state, mass, budget_B.astype(np.int32))
+                        ll, greedy, held, fed = self._score_batch(spec, state, batch, shapes)
+                    out.seconds += seconds + timer.seconds
                 for j, i in enumerate(rows):
                     kk = requests[i].k
                     out.loglik[i] = ll[j * k : j * k + kk].tolist()
@@ -388,43 +411,40 @@ class Scorer:
                 scored[at + m - len(r.continuations[i]) : at + m] = [t != ac for t in r.continuations[i]]
         return arrays
 
-    def _cached_batch(self, spec, batch, shapes):
+    def _prefill_batch(
+        self, spec: EngineSpec, observers: tuple[Policy, ...], batch, shapes
+    ) -> tuple[GenState, jax.Array | None]:
+        """The batch's contexts prefilled with `spec`'s cache -> (state, masses), finished on device.
+
+        With `observers` (a full cache), by `policies.observe`: masses [I, L, B, K, C + T] is the attention
+        mass each observer records; else None.
+        """
         m = self.model
-        B, k, T = len(batch), shapes["k"], shapes["chunk"]
+        B, T = len(batch), shapes["chunk"]
         tokens, valid = right_align([r.prefix[:-1] for r in batch], T)
         capacity = shapes["capacity"][spec.anchor_cache]
         state = init_state(m.cfg, B, capacity + T, np.zeros(B, bool))
-        for c in range(0, tokens.shape[1], T):
-            state = self.runtime.call(
-                prefill, (m.cfg, spec), m.params, state, tokens[:, c : c + T], valid[:, c : c + T]
-            )
-        held = np.asarray(state.cache.length)
-        if np.asarray(state.overflow)[:, 0].any():  # cannot happen with `kept_bound`; never truncate silently
-            raise ValueError(f"a context needed more than the {capacity} cache slots reserved for it")
-        slots = min(bucket(int(held.max()), 16), capacity + T)
-        arrays = self._choice_arrays(batch, k, shapes["width"], align_right=False)
-        ll, greedy = self.runtime.call(_score_choices, (m.cfg, spec, slots, k), m.params, state, *arrays)
-        fed = [len(r.prefix) - 1 + sum(len(c) - 1 for c in r.chunks()) for r in batch]
-        return np.asarray(ll), np.asarray(greedy), held, fed
-
-    def _policy_batch(self, policy: Policy, budget_B, spec, batch, shapes):
-        """`_cached_batch` with a full-attention prefill that records attention mass, then `policies.select`."""
-        m = self.model
-        B, k, T = len(batch), shapes["k"], shapes["chunk"]
-        tokens, valid = right_align([r.prefix[:-1] for r in batch], T)
-        capacity = shapes["capacity"][False]
-        state = init_state(m.cfg, B, capacity + T, np.zeros(B, bool))
         n_B = valid.sum(1).astype(np.int32)
-        mass = jnp.zeros((m.cfg.num_layers, B, m.cfg.num_kv_heads, capacity + T), jnp.float32)
+        masses = None
+        if observers:
+            masses = jnp.zeros((len(observers), m.cfg.num_layers, B, m.cfg.num_kv_heads, capacity + T), jnp.float32)
         for c in range(0, tokens.shape[1], T):
             chunk = (tokens[:, c : c + T], valid[:, c : c + T])
-            if policy.needs_mass:
-                state, mass = self.runtime.call(policies.observe, (m.cfg, policy), m.params, state, mass, *chunk, n_B)
+            if observers:
+                state, masses = self.runtime.call(
+                    policies.observe, (m.cfg, observers), m.params, state, masses, *chunk, n_B
+                )
             else:
                 state = self.runtime.call(prefill, (m.cfg, spec), m.params, state, *chunk)
-        state = self.runtime.call(policies.select, (policy,), state, mass, budget_B.astype(np.int32))
+        if np.asarray(state.overflow)[:, 0].any():  # cannot happen with `kept_bound`; never truncate silently
+            raise ValueError(f"a context needed more than the {capacity} cache slots reserved for it")
+        return jax.block_until_ready((state, masses))
+
+    def _score_batch(self, spec: EngineSpec, state: GenState, batch, shapes):
+        """Every choice of the batch against its prefilled (or selected) cache -> (loglik, greedy, held, fed)."""
+        m, k = self.model, shapes["k"]
         held = np.asarray(state.cache.length)
-        slots = min(bucket(int(held.max()), 16), capacity + T)
+        slots = min(bucket(int(held.max()), 16), state.cache.capacity)
         arrays = self._choice_arrays(batch, k, shapes["width"], align_right=False)
         ll, greedy = self.runtime.call(_score_choices, (m.cfg, spec, slots, k), m.params, state, *arrays)
         fed = [len(r.prefix) - 1 + sum(len(c) - 1 for c in r.chunks()) for r in batch]
