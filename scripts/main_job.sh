@@ -13,7 +13,7 @@ CONFIG=${CONFIG:-configs/smollm2-135m-ac.yaml}
 RUN=${RUN:-runs/main-job}
 BASE_MODEL=${BASE_MODEL:-}            # empty = the embedded SmolLM2-135M-Instruct
 TASKS=${TASKS:-obqa,winogrande,arc_easy,arc_challenge,piqa,hellaswag,sciq,boolq}
-LIMIT=${LIMIT:-10}                    # documents per task
+LIMIT=${LIMIT:-50}                    # documents per task (95% intervals: about ±14 points a task, ±5 on the average)
 TRAIN_SET=${TRAIN_SET:-}              # extra train.py overrides, e.g. "train.steps=10"
 DATA=${DATA:-auto}                    # auto = data/corpus when built (python -m anjax.corpus), else the embedded corpus
 PROMPT=${PROMPT:-"The Python interpreter reads a program. It parses the text into tokens. Then"}
