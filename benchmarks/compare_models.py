@@ -37,11 +37,12 @@ def load_report(path: Path) -> dict:
     return rep
 
 
-def paired(new: dict, base: dict, pairs: list[tuple[str, str]], metric: str = "acc") -> dict:
-    """{"NEW - BASE": {"tasks": {t: {diff, ci, n}}, "average": {diff, ci}}} on the tasks both reports hold."""
-    tasks = [t for t in new["tasks"] if t in base["tasks"]]
+def paired(new: dict, base: dict, pairs: list[tuple[str, str]], only=None, metric: str = "acc") -> dict:
+    """{"NEW - BASE": {"tasks": {t: {diff, ci, n}}, "average": {diff, ci}}} on the tasks both reports hold
+    (and `only` names, if given)."""
+    tasks = [t for t in new["tasks"] if t in base["tasks"] and (only is None or t in only)]
     if not tasks:
-        raise ValueError("the two reports share no task")
+        raise ValueError("the two reports share no task" + ("" if only is None else " of --tasks"))
     for t in tasks:
         a, b = new["tasks"][t], base["tasks"][t]
         ids_a, ids_b = a[new["caches"][0]]["doc_ids"], b[base["caches"][0]]["doc_ids"]
@@ -117,6 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--new", required=True, help="report JSON of the new (trained) model")
     p.add_argument("--base", required=True, help="report JSON of the base model, same tasks and documents")
     p.add_argument("--pairs", default=",".join(PAIRS), help="comma list of NEWCACHE-BASECACHE")
+    p.add_argument("--tasks", default=None, help="comma list: only these tasks (default: all both reports hold)")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--name", default="compare_models")
     args = p.parse_args(argv)
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
     new = load_report(cli.check_readable_file(args.new, "--new"))
     base = load_report(cli.check_readable_file(args.base, "--base"))
     cli.check_writable_dir(args.out_dir, "--out-dir")
-    diffs = paired(new, base, pairs)
+    diffs = paired(new, base, pairs, None if args.tasks is None else args.tasks.split(","))
     text = markdown(new, base, diffs)
     print(text)
     data = dict(new=new["model"], base=base["model"], metric="acc", differences=diffs)

@@ -95,6 +95,8 @@ def test_compare_pairs_documents_and_matches_a_reports_own_differences(tmp_path)
     assert diffs["anchor - full"]["average"]["diff"] == pytest.approx(np.mean(x))
     with pytest.raises(ValueError, match="different documents"):
         compare.paired(_report("other", 1, ids=list(range(1, 41))), rep, [("anchor", "full")])
+    one = compare.paired(new, rep, [("anchor", "full")], only=["b"])["anchor - full"]
+    assert list(one["tasks"]) == ["b"] and one["average"]["diff"] == pytest.approx(x[1])
     with pytest.raises(ValueError, match="no 'h2o' results"):
         compare.paired(new, rep, [("h2o", "full")])
     for name, r in (("new", new), ("base", {"accuracy": rep})):  # a quality report holds the evaluate report
