@@ -186,7 +186,7 @@ def test_paths_sharing_a_prefill_score_as_each_alone(model):
 
 def test_observed_mass_and_kept_slots_per_head(tiny_params, model):
     """`observe` records the brute-force attention mass per layer and KV head; `select` keeps, per head,
-    the slots `Policy.keep` names and nothing else (heads differ)."""
+    the slots `Policy.keep` names and nothing else (heads differ), and their mass in the same order."""
     cfg, params = tiny_params
     ids = model.encode_request(ITEMS[0]).prefix[:-1]
     n, T = len(ids), 8
@@ -206,14 +206,15 @@ def test_observed_mass_and_kept_slots_per_head(tiny_params, model):
     _, want_mass, want_keep = brute_force(cfg, params, list(ids), n, policy, 12)
     np.testing.assert_allclose(np.asarray(mass)[:, 0, :, :n], want_mass, rtol=1e-4, atol=1e-5)
     assert not np.asarray(mass)[:, 0, :, n:].any()
-    kept = jax.jit(policies.select, static_argnums=0)(policy, state, mass, jnp.array([12]))
+    kept, kept_mass = jax.jit(policies.select, static_argnums=0)(policy, state, mass, jnp.array([12]))
     assert int(kept.cache.length[0]) == 12
     keys_LxKxCxD = np.asarray(kept.cache.keys)[:, 0]
     for l in range(cfg.num_layers):
         for h in range(cfg.num_kv_heads):
             slots = np.flatnonzero(want_keep[l, h])
             np.testing.assert_array_equal(keys_LxKxCxD[l, h, :12], np.asarray(state.cache.keys)[l, 0, h, slots])
-            assert not keys_LxKxCxD[l, h, 12:].any()
+            np.testing.assert_array_equal(np.asarray(kept_mass)[l, 0, h, :12], np.asarray(mass)[l, 0, h, slots])
+            assert not keys_LxKxCxD[l, h, 12:].any() and not np.asarray(kept_mass)[l, 0, h, 12:].any()
     assert (want_keep[:, 0] != want_keep[:, 1]).any(), "the KV heads keep different slots"
 
 
@@ -277,7 +278,7 @@ def tiny_model_dir(tiny_params, tiny_tokenizer, tmp_path):
         (["--cache", "full,window", "--budget", "abc"], "--budget"),
         (["--cache", "full,streaming"], "--cache"),
         (["--cache", "full,window"], "--budget"),
-        (["--cache", "window", "--budget", "0.5", "--perplexity"], "--perplexity scores full and anchor"),
+        (["--cache", "full", "--budget", "0.5", "--perplexity"], "--budget applies to the policies"),
         (["--cache", "full,window", "--budget", "0.5", "--kernel", "4"], "odd kernel"),
         (["--cache", "full", "--budget", "0.5"], "--budget applies to the policies"),
         (["--cache", "full,window", "--budget", "match-anchor"], "--budget match-anchor) needs anchor settings"),

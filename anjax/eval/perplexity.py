@@ -3,6 +3,7 @@
     python -m anjax.evaluate --perplexity --cache full,anchor --anchor-mode ep --limit 200
     python -m anjax.evaluate --perplexity --cache full,anchor --anchor-mode ac --ac-every 32
     python -m anjax.evaluate --perplexity --cache full,anchor --ppl-data embedded
+    python -m anjax.evaluate --perplexity --cache full,anchor,window,snapkv,h2o --budget match-anchor,0.1
 
 Text (`--ppl-data`): LAMBADA (OpenAI) test passages (`lambada`, the default), the
 embedded corpus' held-out validation split (`embedded`), or local text files
@@ -19,6 +20,12 @@ every mode scores the same text (AC tokenization may split a few sentence
 boundaries differently: the token counts can differ slightly). C↓ = 1 − slots
 held at the end of the rows / row tokens.
 
+The training-free policies (`anjax.inference.policies`) stream each row (`--budget`: one table row
+POLICY@BUDGET per policy and budget): every chunk of `--chunk-size` tokens is prefilled with full attention
+against the kept slots, then every layer and KV head is cut back to the row's budget (`--chunk-size 1`:
+eviction after every token, H2O's decode-time rule). A fraction F keeps max(1, ⌊F × row tokens⌋) slots;
+`match-anchor` the slots the anchor cache holds at the row's end (`row_budgets`).
+
 Every cache scores the same rows, so anchor / full perplexity is paired: its
 95% interval (like each perplexity's) is a bootstrap over rows (`anjax.eval.stats`,
 seeded): ratio = exp((Σ NLL_anchor − Σ NLL_full) / Σ tokens) over resampled rows.
@@ -26,6 +33,7 @@ seeded): ratio = exp((Σ NLL_anchor − Σ NLL_full) / Σ tokens) over resampled
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -33,7 +41,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from anjax.eval import stats, tasks
-from anjax.inference.scoring import Scorer, ScoringModel
+from anjax.eval.evaluate import MATCH_ANCHOR, parse_budget
+from anjax.inference.policies import Policy
+from anjax.inference.scoring import Scorer, ScoringModel, anchor_kept
 from anjax.train import data
 
 SOURCES = {"lambada": "LAMBADA test passages", "embedded": "the embedded corpus' validation split"}
@@ -74,13 +84,39 @@ def text_rows(
     return rows, scored
 
 
+def row_budgets(rows: Sequence[Sequence[int]], budget: str | float, anchor_ids: Sequence[int]) -> list[int]:
+    """Per row, the slots a policy keeps: a fraction F of the fed tokens, max(1, ⌊F × (len(row) − 1)⌋), or with
+    `match-anchor` what the anchor cache holds at the row's end (`anjax.inference.scoring.anchor_kept`).
+
+    The anchor cache's slots grow with the anchors: at its end it holds at least what it held after any
+    earlier anchor (it can hold more only inside a sentence longer than the rest of the row), while the
+    policy holds every token until the budget is reached; so the match favours the policy slightly."""
+    if budget == MATCH_ANCHOR:
+        return [anchor_kept(r[:-1], anchor_ids) for r in rows]
+    return [max(1, int(budget * (len(r) - 1))) for r in rows]
+
+
 def perplexity(
-    scorer: Scorer, rows, scored, caches: Sequence[str], samples: int = stats.SAMPLES, seed: int = stats.SEED
+    scorer: Scorer,
+    rows,
+    scored,
+    caches: Sequence[str],
+    samples: int = stats.SAMPLES,
+    seed: int = stats.SEED,
+    policies: dict[str, Policy] | None = None,
 ) -> dict[str, dict]:
-    """{cache: ppl and its interval, nll per token, scored tokens, C↓, seconds, per-row nll/tokens}."""
+    """{cache: ppl and its interval, nll per token, scored tokens, C↓, seconds, per-row nll/tokens}.
+
+    A cache POLICY@BUDGET (`anjax.eval.evaluate.parse_caches`) streams each row with that policy (settings
+    from `policies`, else its defaults) at `row_budgets`."""
     out = {}
     for cache in caches:
-        res = scorer.sequence_nll(rows, cache, scored)
+        if "@" in cache:
+            kind, budget = cache.split("@", 1)
+            budgets = row_budgets(rows, parse_budget(budget), scorer.model.anchor_ids)
+            res = scorer.sequence_nll(rows, (policies or {}).get(kind, Policy(kind)), scored, budgets)
+        else:
+            res = scorer.sequence_nll(rows, cache, scored)
         n = sum(res["tokens"])
         nll = sum(res["nll"]) / n
         full = sum(len(r) - 1 for r in rows)
@@ -131,7 +167,13 @@ def markdown(report: dict) -> str:
         f"Perplexity, {report['text']} in rows of {report['seq_len']} tokens "
         f"({report['passages']} passages, anchors: {report['anchor_mode']}"
         + (f", <AC> every {report['ac_every']} tokens" if report["ac_every"] else "")
-        + f"); {100 * b['level']:g}% intervals: bootstrap over rows ({b['samples']} resamples, seed {b['seed']})",
+        + f"); {100 * b['level']:g}% intervals: bootstrap over rows ({b['samples']} resamples, seed {b['seed']})"
+        + (
+            f"; policies evict after every chunk of {report['chunk_size']} tokens"
+            + "".join(f", {k} {_settings(p)}" for k, p in report["policies"].items())
+            if report.get("policies")
+            else ""
+        ),
         "",
         "| model | cache | ppl | ppl / full ppl | tokens | C↓ | seconds |",
         "|---|---|---|---|---|---|---|",
@@ -152,13 +194,22 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(args, texts: Sequence[str], caches: Sequence[str], model: ScoringModel) -> dict:
-    """The perplexity report of `texts` for evaluate's arguments (`seq_len`, `ac_every`, batch, bootstrap)."""
+def _settings(policy: dict) -> str:
+    """The settings that matter for a policy kind (as `anjax.inference.policies.Policy` fields)."""
+    keys = {"window": ("sink",), "snapkv": ("obs", "kernel"), "h2o": ()}[policy["kind"]]
+    return "(" + ", ".join(f"{k} {policy[k]}" for k in keys) + ")" if keys else "(recent half + heavy half)"
+
+
+def report(
+    args, texts: Sequence[str], caches: Sequence[str], model: ScoringModel, policies: dict[str, Policy] | None = None
+) -> dict:
+    """The perplexity report of `texts` for evaluate's arguments (`seq_len`, `ac_every`, batch, bootstrap);
+    `policies`: the settings of the policies in `caches`."""
     scorer = Scorer(model, batch_size=args.batch_size, chunk_size=args.chunk_size)
     rows, scored = text_rows(model, texts, args.seq_len, args.ac_every)
     t0 = time.perf_counter()
     kw = dict(samples=args.bootstrap_samples, seed=args.bootstrap_seed)
-    results = perplexity(scorer, rows, scored, caches, **kw)
+    results = perplexity(scorer, rows, scored, caches, **kw, policies=policies)
     out = {
         "model": model.name,
         "anchor_mode": model.anchor_mode,
@@ -167,6 +218,8 @@ def report(args, texts: Sequence[str], caches: Sequence[str], model: ScoringMode
         "text": SOURCES.get(args.ppl_data, args.ppl_data),
         "passages": len(texts),
         "caches": list(caches),
+        "chunk_size": args.chunk_size,
+        "policies": {kind: dataclasses.asdict(p) for kind, p in (policies or {}).items()},
         "results": results,
         "ratios": ratios(results, **kw),
         "bootstrap": {**kw, "level": stats.LEVEL, "unit": "row"},

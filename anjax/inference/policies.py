@@ -1,7 +1,8 @@
 """Training-free KV-cache policies at a fixed budget of slots per row: `window`, `snapkv`, `h2o`.
 
-    state, mass = observe(cfg, (policy,), ...)      # full-attention prefill chunk that records attention mass
-    state = select(policy, state, mass[0], budget_B)  # each row keeps min(budget, prompt) slots per KV head
+    state, mass = observe(cfg, (policy,), ...)         # full-attention prefill chunk that records attention mass
+    state, _ = select(policy, state, mass[0], budget_B)  # each row keeps min(budget, prompt) slots per KV head
+    logits, state, mass = stream_step(cfg, policy, ...)  # perplexity: evict after every chunk of a row
 
 The prompt is prefilled with plain causal attention (the full cache, as in kvpress: a press
 compresses the context after its forward), then every layer's cache is cut to `budget` slots
@@ -16,6 +17,9 @@ is attended; `anchor` stays defined by `anjax.core.mask.attention_allowed`). Per
   paper's code do); per layer and KV head.
 - `h2o` (H2O, at prefill): the last b − b // 2 tokens (recent) and the top b // 2 of the others by
   the attention mass they receive from every prompt query (heavy hitters); per layer and KV head.
+
+Streamed (`stream_step`, held-out perplexity): every chunk of a row is prefilled against the kept slots,
+then each layer and KV head is cut back to the budget; n above is then the slots held after the chunk.
 
 Per-head selection is exact: `select` gathers each (layer, KV head)'s kept slots to its front
 (`anjax.core.cache.pack_order`), so slot i of every head is valid iff i < b and shapes stay fixed.
@@ -109,7 +113,7 @@ def _layer_mass(variables: dict, cfg: ModelConfig) -> jax.Array:
     return jnp.stack([inter[f"layer_{i}"]["attn"]["key_mass"][0] for i in range(cfg.num_layers)])
 
 
-def observe(
+def observe_step(
     cfg: ModelConfig,
     observers: tuple[Policy, ...],
     params,
@@ -118,13 +122,14 @@ def observe(
     tokens_BxT: jax.Array,
     valid_BxT: jax.Array,
     n_B: jax.Array,
-) -> tuple[GenState, jax.Array]:
+) -> tuple[jax.Array, GenState, jax.Array]:
     """Prefill one chunk of a prompt of n_B tokens with the full cache (C + T slots, as `prefill_step`)
     and add to mass[i] [L, B, K, C] the attention mass each slot receives from `observers[i].query_weight`'s
-    queries (one forward for every observer; kept in slot order through the compaction)."""
+    queries (one forward for every observer; kept in slot order through the compaction; no observer:
+    `mass` comes back as given). Returns (logits [B, T, V], state, mass)."""
     meta = chunk_meta(FULL, state, tokens_BxT, valid_BxT)
-    weight_IxBxT = jnp.stack([p.query_weight(meta.valid, meta.pos, n_B) for p in observers])
-    (_, cache), variables = Llama(cfg).apply(
+    weight_IxBxT = jnp.stack([p.query_weight(meta.valid, meta.pos, n_B) for p in observers]) if observers else None
+    (logits, cache), variables = Llama(cfg).apply(
         {"params": params},
         tokens_BxT,
         meta,
@@ -133,24 +138,34 @@ def observe(
         mass_weight_IxBxT=weight_IxBxT,
         mutable=["intermediates"],
     )
+    offset_B = state.cache.length  # the chunk's first slot
+    state = state.replace(
+        cache=compact(cache, cache.valid),
+        next_pos=state.next_pos + meta.valid.sum(1, dtype=jnp.int32),
+    )
+    if not observers:
+        return logits, state, mass_IxLxBxKxC
     I, L, B, K, C = mass_IxLxBxKxC.shape  # observers and layers as one axis below: [I * L, B, K, ...]
     step_NxBxKxS = _layer_mass(variables, cfg).swapaxes(0, 1).reshape(I * L, B, K, -1)
     mass = write_slots(
         (mass_IxLxBxKxC.reshape(I * L, B, K, C) + step_NxBxKxS[..., :C])[..., None],
         step_NxBxKxS[..., C:, None],
-        state.cache.length,
+        offset_B,
     )
     order_BxC, live_BxC = pack_order(cache.valid)
     mass = jnp.take_along_axis(mass[..., 0], order_BxC[None, :, None], axis=3)
-    state = state.replace(
-        cache=compact(cache, cache.valid),
-        next_pos=state.next_pos + meta.valid.sum(1, dtype=jnp.int32),
-    )
-    return state, jnp.where(live_BxC[None, :, None], mass, 0.0).reshape(I, L, B, K, C)
+    return logits, state, jnp.where(live_BxC[None, :, None], mass, 0.0).reshape(I, L, B, K, C)
 
 
-def select(policy: Policy, state: GenState, mass_LxBxKxC: jax.Array, budget_B: jax.Array) -> GenState:
-    """Keep min(budget, n) slots per row in every layer and KV head (`Policy.keep`), gathered to the front."""
+def observe(cfg, observers, params, state, mass_IxLxBxKxC, tokens_BxT, valid_BxT, n_B) -> tuple[GenState, jax.Array]:
+    """`observe_step` without its logits (XLA then skips the vocabulary projection): the prompt prefill of
+    the policies' scoring paths -> (state, mass)."""
+    return observe_step(cfg, observers, params, state, mass_IxLxBxKxC, tokens_BxT, valid_BxT, n_B)[1:]
+
+
+def select(policy: Policy, state: GenState, mass_LxBxKxC: jax.Array, budget_B: jax.Array) -> tuple[GenState, jax.Array]:
+    """Keep min(budget, n) slots per row in every layer and KV head (`Policy.keep`), gathered to the front;
+    -> (state, the kept slots' mass [L, B, K, C] gathered alike, zero elsewhere)."""
     cache = state.cache
     n_B = cache.length
     b_B = jnp.minimum(budget_B, n_B).astype(jnp.int32)
@@ -165,4 +180,34 @@ def select(policy: Policy, state: GenState, mass_LxBxKxC: jax.Array, budget_B: j
     def take_meta(x_BxC):
         return jnp.where(live_BxC, jnp.take_along_axis(x_BxC, order_BxC, axis=1), jnp.zeros((), x_BxC.dtype))
 
-    return state.replace(cache=cache.map_slots(take_kv, take_meta).replace(length=b_B))
+    state = state.replace(cache=cache.map_slots(take_kv, take_meta).replace(length=b_B))
+    return state, take_kv(mass_LxBxKxC[..., None])[..., 0]
+
+
+def stream_step(
+    cfg: ModelConfig,
+    policy: Policy,
+    params,
+    state: GenState,
+    mass_LxBxKxC: jax.Array,
+    budget_B: jax.Array,
+    tokens_BxT: jax.Array,
+    valid_BxT: jax.Array,
+) -> tuple[jax.Array, GenState, jax.Array]:
+    """One chunk [B, T] of a streamed row: prefill it with full attention against the kept slots (`observe_step`),
+    then keep min(budget, held) slots per layer and KV head (`select`). -> (logits [B, T, V], state, mass).
+
+    The policy's mass is that of this chunk's queries: `h2o` adds it to the kept slots' mass carried from
+    the earlier chunks (with T = 1 this is H2O's decode-time eviction: every new token's attention
+    accumulates, the lightest slot outside the recent half goes); `snapkv` observes only the last `obs`
+    tokens of this chunk (a fresh observation window per chunk; its window is the last `obs` slots of each
+    head); `window` keeps the first `sink` slots and the most recent ones. Shapes stay fixed: a cache of
+    C = budget + T slots, one compile for every chunk.
+    """
+    observers = (policy.observer,) if policy.observer else ()
+    carried = mass_LxBxKxC if policy.kind == "h2o" else jnp.zeros_like(mass_LxBxKxC)
+    end_B = state.next_pos + valid_BxT.sum(1, dtype=jnp.int32)  # the chunk ends the prompt seen so far
+    logits, state, mass = observe_step(
+        cfg, observers, params, state, carried[None][: len(observers)], tokens_BxT, valid_BxT, end_B
+    )
+    return (logits, *select(policy, state, mass[0] if observers else carried, budget_B))

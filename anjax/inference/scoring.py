@@ -282,6 +282,18 @@ def _nll_chunk(cfg, spec, params, state, tokens_BxT, valid_BxT, targets_BxT, sco
     return state, -logp, state.cache.length
 
 
+def _policy_nll_chunk(
+    cfg, policy, params, state, mass_LxBxKxC, budget_B, tokens_BxT, valid_BxT, targets_BxT, scored_BxT
+):
+    """Perplexity under a policy: one streamed chunk (`policies.stream_step`) -> (state, mass, -sum log p of
+    scored targets [B], held slots [B])."""
+    logits, state, mass = policies.stream_step(
+        cfg, policy, params, state, mass_LxBxKxC, budget_B, tokens_BxT, valid_BxT
+    )
+    logp, _ = _token_logprobs(logits, targets_BxT, scored_BxT)
+    return state, mass, -logp, state.cache.length
+
+
 # ----------------------------------------------------------------------------- host side
 
 
@@ -373,7 +385,9 @@ class Scorer:
                             mass = (
                                 masses[observers.index(observer)] if observer else jnp.zeros(state.cache.keys.shape[:4])
                             )
-                            state = self.runtime.call(policies.select, (cache,), state, mass, budget_B.astype(np.int32))
+                            state, _ = self.runtime.call(
+                                policies.select, (cache,), state, mass, budget_B.astype(np.int32)
+                            )
                         ll, greedy, held, fed = self._score_batch(spec, state, batch, shapes)
                     out.seconds += seconds + timer.seconds
                 for j, i in enumerate(rows):
@@ -463,15 +477,27 @@ class Scorer:
         return np.asarray(ll), np.asarray(greedy), np.zeros(len(batch), int), fed
 
     def sequence_nll(
-        self, rows: Sequence[Sequence[int]], cache: str, scored: Sequence[Sequence[bool]] | None = None
+        self,
+        rows: Sequence[Sequence[int]],
+        cache: str | Policy,
+        scored: Sequence[Sequence[bool]] | None = None,
+        budgets: Sequence[int] | None = None,
     ) -> dict:
         """Negative log-likelihood of each row's tokens given the ones before, through chunked prefill.
 
         rows: id lists (each >= 2 ids); scored[i][t]: token t of row i counts (default: all but the
-        first). Chunks of `chunk_size`; the cache can hold a whole row. Returns lists over rows
-        (`nll`, scored `tokens`, `held_slots` at the row's end) and the timed `seconds`.
+        first). Chunks of `chunk_size`; a full or anchor cache can hold a whole row. A `Policy` keeps
+        budgets[i] slots per layer and KV head for row i, streamed (`policies.stream_step`): each chunk
+        attends to the kept slots and itself, then the cache is cut back to min(budget, held) (a cache of
+        max budget + chunk slots). Returns lists over rows (`nll`, scored `tokens`, `held_slots` at the
+        row's end) and the timed `seconds`.
         """
-        spec, m, T, B = self.spec(cache), self.model, self.chunk_size, self.batch_size
+        policy = cache if isinstance(cache, Policy) else None
+        if (budgets is not None) != (policy is not None) or (policy and len(budgets) != len(rows)):
+            raise ValueError(
+                "sequence_nll takes one budget per row with a policy, and none with a full or anchor cache"
+            )
+        spec, m, T, B = self.spec("full" if policy else cache), self.model, self.chunk_size, self.batch_size
         scored = scored or [[False] + [True] * (len(r) - 1) for r in rows]
         out = {"nll": [], "tokens": [], "held_slots": [], "seconds": 0.0}
         for start in range(0, len(rows), B):
@@ -481,20 +507,24 @@ class Scorer:
             for b, (r, s) in enumerate(zip(batch, marks)):
                 n = len(r) - 1
                 tokens[b, :n], valid[b, :n], targets[b, :n], counted[b, :n] = r[:-1], True, r[1:], s[1:]
-            state = init_state(m.cfg, B, width + T, np.arange(B) >= len(batch))
+            slots, kept = width, ()
+            if policy:
+                budget_B = np.ones(B, np.int32)
+                budget_B[: len(batch)] = budgets[start : start + B]
+                slots = min(bucket(int(max(min(b, len(r) - 1) for b, r in zip(budget_B, batch))), 16), width)
+                kept = (jnp.zeros((m.cfg.num_layers, B, m.cfg.num_kv_heads, slots + T), jnp.float32), budget_B)
+            state = init_state(m.cfg, B, slots + T, np.arange(B) >= len(batch))
             nll_B = np.zeros(B)
             with self.runtime.timer() as timer:
                 for c in range(0, width, T):
-                    state, part_B, held_B = self.runtime.call(
-                        _nll_chunk,
-                        (m.cfg, spec),
-                        m.params,
-                        state,
-                        tokens[:, c : c + T],
-                        valid[:, c : c + T],
-                        targets[:, c : c + T],
-                        counted[:, c : c + T],
-                    )
+                    chunk = (tokens[:, c : c + T], valid[:, c : c + T], targets[:, c : c + T], counted[:, c : c + T])
+                    if policy:
+                        state, mass, part_B, held_B = self.runtime.call(
+                            _policy_nll_chunk, (m.cfg, policy), m.params, state, *kept, *chunk
+                        )
+                        kept = (mass, kept[1])
+                    else:
+                        state, part_B, held_B = self.runtime.call(_nll_chunk, (m.cfg, spec), m.params, state, *chunk)
                     nll_B += np.asarray(part_B)
             out["seconds"] += timer.seconds
             out["nll"] += nll_B[: len(batch)].tolist()

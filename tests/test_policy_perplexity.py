@@ -1,0 +1,198 @@
+"""Held-out perplexity under the training-free policies: `Scorer.sequence_nll` with a `Policy`, streamed
+(`anjax.inference.policies.stream_step`), and `python -m anjax.evaluate --perplexity --budget`.
+
+The oracle is a brute-force forward written from the streamed definition: layer by layer and chunk by
+chunk, a query of chunk c sees the keys its (layer, KV head) kept after chunk c − 1 and the keys of its own
+chunk up to itself (an explicit mask); the kept set after chunk c is `Policy.keep` on the attention mass
+this forward computes itself (h2o: summed over every chunk so far and carried by the kept keys; snapkv:
+the last `obs` queries of chunk c), read in the cache's slot order (kept keys by position, then the chunk).
+"""
+
+import functools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import slow_case
+
+from anjax import cli
+from anjax.cli import evaluate as evaluate_cli
+from anjax.core.config import tiny_config
+from anjax.core.model import init_params, rope
+from anjax.eval import perplexity
+from anjax.inference import policies, scoring
+from anjax.inference.policies import Policy
+from anjax.inference.runtime import round_up
+from anjax.io import hf
+
+SLICES = Path(__file__).parent / "data" / "tasks"
+TEXTS = (
+    "The cat sat on the mat. Did the dog see it? Yes! The dog saw the cat, and the cat ran.",
+    "Mr. Smith went to Washington. He arrived at 3 p.m. and left at 5 p.m. on the same day.",
+    "Numbers like 12, 345 and 6789 appear too.",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    cfg = tiny_config(vocab_size=400)
+    return cfg, init_params(cfg, jax.random.key(3))
+
+
+@pytest.fixture
+def model(tiny_params, tiny_tokenizer):
+    return scoring.scoring_model(*tiny_params, tiny_tokenizer, anchor_mode="ep")
+
+
+def _rows(model):
+    return [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+
+
+def _rms(x, scale, eps):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * scale
+
+
+def streamed_nll(cfg, params, row, policy, budget, chunk):
+    """-Σ log p(row[t + 1] | row[: t + 1]) under the streamed policy, brute force (see the module docstring)."""
+    fed = np.asarray(row[:-1])
+    logp = np.asarray(_streamed_logp(cfg, params, jnp.asarray(fed), policy, budget, chunk))
+    return -sum(float(logp[t, row[t + 1]]) for t in range(len(fed)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))  # one compile per case, not op by op
+def _streamed_logp(cfg, params, ids_N, policy, budget, chunk):
+    N, H, K, D = len(ids_N), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    G, P = H // K, round_up(N, chunk)  # query heads per KV head; positions padded to whole chunks
+    pos_P = jnp.arange(P)
+    x = params["embed"][jnp.pad(ids_N, (0, P - N))]
+    for i in range(cfg.num_layers):
+        p = params[f"layer_{i}"]
+        h = _rms(x, p["attn_norm"]["scale"], cfg.rms_norm_eps)
+        q = rope(jnp.einsum("te,ehd->thd", h, p["attn"]["q"])[None], pos_P[None], cfg.rope_theta, 1.0)[0]
+        k = rope(jnp.einsum("te,ekd->tkd", h, p["attn"]["k"])[None], pos_P[None], cfg.rope_theta, 1.0)[0]
+        v = jnp.einsum("te,ekd->tkd", h, p["attn"]["v"])
+        logits_HxPxP = jnp.einsum("thd,shd->hts", q, jnp.repeat(k, G, 1)) / np.sqrt(D)
+
+        def one_chunk(carry, c, logits_HxPxP=logits_HxPxP, v=v):
+            kept_KxP, mass_KxP = carry
+            lo, end = c * chunk, jnp.minimum(c * chunk + chunk, N)
+            qpos = lo + jnp.arange(chunk)
+            mine_TxP = (pos_P >= lo) & (pos_P <= qpos[:, None]) & (pos_P < N)  # own chunk, causal
+            visible_KxTxP = kept_KxP[:, None] | mine_TxP[None]
+            logits = jax.lax.dynamic_slice_in_dim(logits_HxPxP, lo, chunk, axis=1)
+            probs_HxTxP = jax.nn.softmax(jnp.where(jnp.repeat(visible_KxTxP, G, 0), logits, -jnp.inf), -1)
+            out_TxHxD = jnp.einsum("hts,shd->thd", probs_HxTxP, jnp.repeat(v, G, 1))
+            weight_T = policy.query_weight((qpos < N)[None], qpos[None], end[None])[0]
+            step_KxP = jnp.einsum("hts,t->hs", probs_HxTxP, weight_T.astype(jnp.float32)).reshape(K, G, P).sum(1)
+            mass_KxP = step_KxP + (mass_KxP if policy.kind == "h2o" else 0.0)
+            held_KxP = kept_KxP | ((pos_P >= lo) & (pos_P < end))
+            n = held_KxP[0].sum()
+            slot_KxP = jnp.argsort(~held_KxP, axis=-1, stable=True)  # position of each slot: kept ones, then the chunk
+            keep = policy.keep(
+                jnp.take_along_axis(mass_KxP, slot_KxP, -1)[None, None], n[None], jnp.minimum(budget, n)[None]
+            )
+            kept_KxP = jnp.zeros_like(kept_KxP).at[jnp.arange(K)[:, None], slot_KxP].set(keep[0, 0])
+            return (kept_KxP, jnp.where(kept_KxP, mass_KxP, 0.0)), out_TxHxD.reshape(chunk, H * D)
+
+        start = (jnp.zeros((K, P), bool), jnp.zeros((K, P)))
+        _, out = jax.lax.scan(one_chunk, start, jnp.arange(P // chunk))
+        x = x + out.reshape(P, H * D) @ p["attn"]["o"].reshape(H * D, -1)
+        h = _rms(x, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
+        x = x + (jax.nn.silu(h @ p["mlp"]["gate"]) * (h @ p["mlp"]["up"])) @ p["mlp"]["down"]
+    logits = _rms(x[:N], params["final_norm"]["scale"], cfg.rms_norm_eps) @ params["embed"].T
+    return jax.nn.log_softmax(logits, -1)
+
+
+@pytest.mark.parametrize(
+    "kind, chunk",
+    [("h2o", 1), ("snapkv", 3), slow_case("h2o", 3), slow_case("snapkv", 1), slow_case("window", 1), ("window", 3)],
+)
+def test_streamed_policy_equals_brute_force(tiny_params, model, kind, chunk):
+    """Each row's streamed NLL equals the brute-force per-chunk forward, at budgets below the row (rows of
+    different lengths and budgets in one batch); the cache holds the budget at the row's end."""
+    cfg, params = tiny_params
+    rows = _rows(model)
+    budgets = [7, 5, 9]
+    policy = Policy(kind, sink=2, obs=3, kernel=3)
+    res = scoring.Scorer(model, batch_size=2, chunk_size=chunk).sequence_nll(rows, policy, budgets=budgets)
+    want = [streamed_nll(cfg, params, r, policy, b, chunk) for r, b in zip(rows, budgets)]
+    np.testing.assert_allclose(res["nll"], want, rtol=1e-4, atol=1e-4)
+    assert res["held_slots"] == budgets and res["tokens"] == [len(r) - 1 for r in rows]
+
+
+def test_oracle_sees_the_eviction(tiny_params, model):
+    """The oracle is not vacuous: a smaller budget changes the NLL, a budget covering the row gives the full cache's."""
+    cfg, params = tiny_params
+    row = _rows(model)[0]
+    full = scoring.Scorer(model, batch_size=1, chunk_size=4).sequence_nll([row], "full")["nll"][0]
+    whole, small = (streamed_nll(cfg, params, row, Policy("h2o"), b, 4) for b in (len(row), 4))
+    assert whole == pytest.approx(full, rel=1e-5) and abs(small - full) > 1e-2
+
+
+@pytest.mark.parametrize("chunk", [4, slow_case(1)])
+def test_budget_covering_the_row_equals_full(model, chunk):
+    """Budget >= row tokens: nothing is evicted, every policy's NLL is the full cache's (fp32)."""
+    rows = _rows(model)
+    scorer = scoring.Scorer(model, batch_size=2, chunk_size=chunk)
+    full = scorer.sequence_nll(rows, "full")
+    for kind in policies.POLICIES:
+        res = scorer.sequence_nll(rows, Policy(kind), budgets=[len(r) - 1 + 3 * (i % 2) for i, r in enumerate(rows)])
+        np.testing.assert_allclose(res["nll"], full["nll"], rtol=1e-5, atol=1e-5)
+        assert res["held_slots"] == full["held_slots"] == [len(r) - 1 for r in rows]
+
+
+def test_budgets_are_checked(model):
+    scorer = scoring.Scorer(model)
+    with pytest.raises(ValueError, match="one budget per row"):
+        scorer.sequence_nll(_rows(model), Policy("h2o"), budgets=[4])
+    with pytest.raises(ValueError, match="one budget per row"):
+        scorer.sequence_nll(_rows(model), "full", budgets=[4, 4, 4])
+
+
+def test_row_budgets_match_anchor_is_the_anchor_cache_at_the_row_end(model):
+    rows = _rows(model)
+    anchor = scoring.Scorer(model, batch_size=2, chunk_size=4).sequence_nll(rows, "anchor")
+    assert perplexity.row_budgets(rows, "match-anchor", model.anchor_ids) == anchor["held_slots"]
+    assert perplexity.row_budgets(rows, 0.1, model.anchor_ids) == [max(1, int(0.1 * (len(r) - 1))) for r in rows]
+
+
+@pytest.fixture
+def tiny_model_dir(tiny_params, tiny_tokenizer, tmp_path):
+    """The tiny model as an HF directory without anchor settings."""
+    return hf.save_hf_dir(*tiny_params, tiny_tokenizer, tmp_path / "tiny")
+
+
+def test_cli_perplexity_with_a_policy(tiny_model_dir, tmp_path):
+    """`--perplexity --cache full,h2o --budget 0.5` writes the report: h2o@0.5 with its ppl, interval, paired ratio
+    to full and C↓ (half the row, rounded down)."""
+    argv = ["--perplexity", "--model", str(tiny_model_dir), "--data-dir", str(SLICES), "--limit", "2"]
+    argv += ["--cache", "full,h2o", "--budget", "0.5", "--seq-len", "48", "--chunk-size", "8"]
+    assert evaluate_cli.main([*argv, "--out-dir", str(tmp_path), "--name", "p"]) == 0
+    out = json.loads((tmp_path / "p.json").read_text())
+    res, ratio = out["results"], out["ratios"]["h2o@0.5 / full"]
+    assert list(res) == ["full", "h2o@0.5"] and res["h2o@0.5"]["tokens"] == res["full"]["tokens"] > 50
+    assert 0.5 <= res["h2o@0.5"]["c_reduction"] < 0.6 and res["full"]["c_reduction"] == 0
+    assert ratio["ppl_ratio"] == pytest.approx(res["h2o@0.5"]["ppl"] / res["full"]["ppl"], rel=1e-9)
+    assert ratio["ppl_ratio_ci"][0] <= ratio["ppl_ratio"] <= ratio["ppl_ratio_ci"][1] and ratio["ppl_ratio"] != 1
+    assert out["policies"] == {"h2o": {"kind": "h2o", "sink": 4, "obs": 8, "kernel": 5}} and out["chunk_size"] == 8
+    assert "| tiny | h2o@0.5 |" in (tmp_path / "p.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--cache", "full", "--budget", "0.5"], "--budget applies to the policies"),
+        (["--cache", "full,h2o"], "needs --budget"),
+        (["--cache", "full,h2o", "--budget", "2"], "--budget must be match-anchor or a fraction"),
+        (["--cache", "snapkv", "--budget", "0.5", "--kernel", "2"], "odd kernel"),
+    ],
+)
+def test_cli_perplexity_bad_policy_input_is_one_line_exit_2(args, fragment, capsys):
+    """Refused while the arguments are checked, before any model or data loads."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(evaluate_cli.main, ["--perplexity", "--model", "/nonexistent", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
