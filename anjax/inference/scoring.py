@@ -507,12 +507,11 @@ class Scorer:
             for b, (r, s) in enumerate(zip(batch, marks)):
                 n = len(r) - 1
                 tokens[b, :n], valid[b, :n], targets[b, :n], counted[b, :n] = r[:-1], True, r[1:], s[1:]
-            slots, kept = width, ()
+            slots, budget_B = width, np.ones(B, np.int32)  # a policy's cache: its largest budget + T slots
             if policy:
-                budget_B = np.ones(B, np.int32)
                 budget_B[: len(batch)] = budgets[start : start + B]
                 slots = min(bucket(int(max(min(b, len(r) - 1) for b, r in zip(budget_B, batch))), 16), width)
-                kept = (jnp.zeros((m.cfg.num_layers, B, m.cfg.num_kv_heads, slots + T), jnp.float32), budget_B)
+                mass = jnp.zeros((m.cfg.num_layers, B, m.cfg.num_kv_heads, slots + T), jnp.float32)
             state = init_state(m.cfg, B, slots + T, np.arange(B) >= len(batch))
             nll_B = np.zeros(B)
             with self.runtime.timer() as timer:
@@ -520,9 +519,8 @@ class Scorer:
                     chunk = (tokens[:, c : c + T], valid[:, c : c + T], targets[:, c : c + T], counted[:, c : c + T])
                     if policy:
                         state, mass, part_B, held_B = self.runtime.call(
-                            _policy_nll_chunk, (m.cfg, policy), m.params, state, *kept, *chunk
+                            _policy_nll_chunk, (m.cfg, policy), m.params, state, mass, budget_B, *chunk
                         )
-                        kept = (mass, kept[1])
                     else:
                         state, part_B, held_B = self.runtime.call(_nll_chunk, (m.cfg, spec), m.params, state, *chunk)
                     nll_B += np.asarray(part_B)
