@@ -89,8 +89,9 @@ def row_budgets(rows: Sequence[Sequence[int]], budget: str | float, anchor_ids: 
     `match-anchor` what the anchor cache holds at the row's end (`anjax.inference.scoring.anchor_kept`).
 
     The anchor cache's slots grow with the anchors: at its end it holds at least what it held after any
-    earlier anchor (it can hold more only inside a sentence longer than the rest of the row), while the
-    policy holds every token until the budget is reached; so the match favours the policy slightly."""
+    earlier anchor (more only mid-sentence, while the open sentence outnumbers the anchors still to come
+    plus the row's last open sentence), while the policy holds every token until the budget is reached; so
+    the match favours the policy slightly."""
     if budget == MATCH_ANCHOR:
         return [anchor_kept(r[:-1], anchor_ids) for r in rows]
     return [max(1, int(budget * (len(r) - 1))) for r in rows]
