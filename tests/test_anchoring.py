@@ -224,12 +224,14 @@ def test_scheme_travels_with_the_export_and_overrides_say_so(tmp_path, capsys):
     assert not over.add_bos and over.max_sentence_tokens == 4
 
 
+@pytest.mark.slow
 def test_tiny_ac_run_export_keeps_bos_and_forced_anchor_rule(tmp_path):
     """train.py (tiny AC, data.add_bos=true, data.max_sentence_tokens=8) → export → a fresh infer.py
     process and anjax.eval.evaluate's loader use the run's BOS and forced-<AC> rule (asserted on ids).
 
-    The fast tier's subprocess smoke test of `python train.py` and `python infer.py`; the loader runs
-    in this process, which never trained."""
+    The subprocess smoke test of `python train.py` and `python infer.py` (slow: the fast tier checks the
+    scheme's round trip in-process, `test_scheme_travels_with_the_export_and_overrides_say_so`); the
+    loader runs in this process, which never trained."""
     import json
     import subprocess
     import sys

@@ -42,6 +42,7 @@ def test_harness_task_reads_the_local_documents(tmp_path, monkeypatch, name):
 
 
 @needs_data
+@pytest.mark.slow  # the harness CLI in a subprocess; in-process: test_harness_task_reads_the_local_documents
 def test_readme_command_offline(tmp_path):
     """`python -m anjax.lm_eval_adapter --model anjax ... --tasks arc_easy` with no network."""
     from conftest import make_tiny_tokenizer
