@@ -422,6 +422,7 @@ def test_user_task_scores_like_the_builtin_task(tiny, tmp_path):
     assert ours["doc_ids"] == ["q0", "q1", "q2", "q3"]
 
 
+@pytest.mark.slow  # its parts run fast: test_cli_resumes_a_killed_evaluation, the perplexity tests
 def test_quality_report(tiny_model_dir, tmp_path, capsys):
     """The quality report's files: both reports in the JSON, the markdown tables, the PNG."""
     mine = tmp_path / "mine.jsonl"

@@ -406,6 +406,7 @@ def test_kill9_during_jsonl_writing_keeps_the_previous_output(work):
     assert files(work) == before  # not even a temporary file is left (O_TMPFILE)
 
 
+@pytest.mark.slow  # fast sibling: test_kill9_during_checkpoint_save_keeps_the_previous_checkpoint
 def test_kill9_during_export_keeps_the_previous_export(model_dir, work, capsys):
     out = work / "export"
     assert run_main(_export_main(), ["--model", model_dir, "--out", out], capsys).returncode == 0

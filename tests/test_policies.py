@@ -132,7 +132,7 @@ def test_policy_equals_brute_force_with_its_kept_set(tiny_params, model, kind):
         np.testing.assert_allclose(ll, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", [k if k == "snapkv" else slow_case(k) for k in policies.POLICIES])
+@pytest.mark.parametrize("kind", [slow_case(k) for k in policies.POLICIES])  # fast: test_keep_rules_on_hand_made_mass
 def test_budget_covering_the_prompt_equals_full(model, kind):
     """W (or any budget) >= prompt keeps every token: the full cache's scores. (The fast tier runs snapkv here;
     every rule's keep-everything at budget = prompt is in `test_keep_rules_on_hand_made_mass`.)"""

@@ -108,7 +108,14 @@ def _streamed_logp(cfg, params, ids_N, policy, budget, chunk):
 
 @pytest.mark.parametrize(
     "kind, chunk",
-    [("h2o", 1), ("snapkv", 3), slow_case("h2o", 3), slow_case("snapkv", 1), slow_case("window", 1), ("window", 3)],
+    [
+        ("h2o", 1),
+        slow_case("snapkv", 3),
+        slow_case("h2o", 3),
+        slow_case("snapkv", 1),
+        slow_case("window", 1),
+        slow_case("window", 3),
+    ],
 )
 def test_streamed_policy_equals_brute_force(tiny_params, model, kind, chunk):
     """Each row's streamed NLL equals the brute-force per-chunk forward, at budgets below the row (rows of

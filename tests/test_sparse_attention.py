@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import slow_case
 
 from anjax.core import flash_kernels as fk
 from anjax.core import sparse_attention as sa
@@ -166,7 +167,7 @@ def test_use_sparse_by_config_and_length():
         tiny_config(attention="flash")
 
 
-@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("full", [False, slow_case(True)])
 def test_model_logits_and_loss_gradients_sparse_equal_dense(full, monkeypatch):
     monkeypatch.setattr(sa, "TILE", 8)  # several tiles on a short row
     cfg = tiny_config(anchor_mode="ep", anchor_tokens=(".",), anchor_ids=(ANCHOR,))
