@@ -147,7 +147,7 @@ def task_report(args, items: dict[str, list[tasks.MCItem]], caches: Sequence[str
         "caches": list(caches),
         "tasks": {},
     }
-    store, fingerprints, done = None, {}, []
+    store, fingerprints, done = None, {}, {}
     if args.out_dir:
         store = resume.TaskStore(Path(args.out_dir) / f"{args.name}.tasks")
         run = dict(shots=args.shots, limit=args.limit, seed=args.seed, timing=not args.no_timing)
@@ -161,7 +161,7 @@ def task_report(args, items: dict[str, list[tasks.MCItem]], caches: Sequence[str
             print(f"resuming from {store.root}: {', '.join(done)} already scored", flush=True)
     wall = compile_seconds = 0.0
     for name, task_items in items.items():
-        saved = store.load(name) if name in done else None
+        saved = done.get(name)
         if saved is None:
             t0, c0 = time.perf_counter(), scorer.compile_seconds
             result = evaluate.evaluate_task(scorer, task_items, caches, timing=not args.no_timing, policies=settings)

@@ -94,12 +94,18 @@ def parse_budget(text: str) -> str | float:
     return value
 
 
-def item_budgets(requests: Sequence[ScoreRequest], budget: str | float, anchor_ids: Sequence[int]) -> list[int]:
-    """Per item, the slots a policy keeps: with `match-anchor` exactly what the anchor cache holds after the
-    prefix (`anjax.inference.scoring.anchor_kept`), else max(1, floor(budget × prefilled tokens))."""
+def row_budgets(rows: Sequence[Sequence[int]], budget: str | float, anchor_ids: Sequence[int]) -> list[int]:
+    """Per id list (all but its last id are fed), the slots a policy keeps: a fraction F of the fed
+    tokens, max(1, ⌊F × (len(row) − 1)⌋), or with `match-anchor` exactly what the anchor cache holds
+    after them (`anjax.inference.scoring.anchor_kept`)."""
     if budget == MATCH_ANCHOR:
-        return [anchor_kept(r.prefix[:-1], anchor_ids) for r in requests]
-    return [max(1, int(budget * (len(r.prefix) - 1))) for r in requests]
+        return [anchor_kept(r[:-1], anchor_ids) for r in rows]
+    return [max(1, int(budget * (len(r) - 1))) for r in rows]
+
+
+def item_budgets(requests: Sequence[ScoreRequest], budget: str | float, anchor_ids: Sequence[int]) -> list[int]:
+    """Per item, `row_budgets` of its prefix (the prefilled context)."""
+    return row_budgets([r.prefix for r in requests], budget, anchor_ids)
 
 
 def _path(name: str, requests, model, policies: dict[str, Policy]) -> tuple:

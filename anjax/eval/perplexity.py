@@ -24,7 +24,11 @@ The training-free policies (`anjax.inference.policies`) stream each row (`--budg
 POLICY@BUDGET per policy and budget): every chunk of `--chunk-size` tokens is prefilled with full attention
 against the kept slots, then every layer and KV head is cut back to the row's budget (`--chunk-size 1`:
 eviction after every token, H2O's decode-time rule). A fraction F keeps max(1, ⌊F × row tokens⌋) slots;
-`match-anchor` the slots the anchor cache holds at the row's end (`row_budgets`).
+`match-anchor` the slots the anchor cache holds at the row's end (`anjax.eval.evaluate.row_budgets`).
+The anchor cache's slots grow with the anchors: at its end it holds at least what it held after any
+earlier anchor (more only mid-sentence, while the open sentence outnumbers the anchors still to come
+plus the row's last open sentence), while the policy holds every token until the budget is reached; so
+the match favours the policy slightly.
 
 Every cache scores the same rows, so anchor / full perplexity is paired: its
 95% interval (like each perplexity's) is a bootstrap over rows (`anjax.eval.stats`,
@@ -41,9 +45,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from anjax.eval import stats, tasks
-from anjax.eval.evaluate import MATCH_ANCHOR, parse_budget
+from anjax.eval.evaluate import parse_budget, row_budgets
 from anjax.inference.policies import Policy
-from anjax.inference.scoring import Scorer, ScoringModel, anchor_kept
+from anjax.inference.scoring import Scorer, ScoringModel
 from anjax.train import data
 
 SOURCES = {"lambada": "LAMBADA test passages", "embedded": "the embedded corpus' validation split"}
@@ -82,19 +86,6 @@ def text_rows(
     ac = model.ac_id
     scored = [[t > 0 and (r[t] != ac) for t in range(len(r))] for r in rows]
     return rows, scored
-
-
-def row_budgets(rows: Sequence[Sequence[int]], budget: str | float, anchor_ids: Sequence[int]) -> list[int]:
-    """Per row, the slots a policy keeps: a fraction F of the fed tokens, max(1, ⌊F × (len(row) − 1)⌋), or with
-    `match-anchor` what the anchor cache holds at the row's end (`anjax.inference.scoring.anchor_kept`).
-
-    The anchor cache's slots grow with the anchors: at its end it holds at least what it held after any
-    earlier anchor (more only mid-sentence, while the open sentence outnumbers the anchors still to come
-    plus the row's last open sentence), while the policy holds every token until the budget is reached; so
-    the match favours the policy slightly."""
-    if budget == MATCH_ANCHOR:
-        return [anchor_kept(r[:-1], anchor_ids) for r in rows]
-    return [max(1, int(budget * (len(r) - 1))) for r in rows]
 
 
 def perplexity(

@@ -1,8 +1,7 @@
 """Resumable evaluation: each finished task's result is saved with a fingerprint of what determines it.
 
     store = TaskStore(Path(out_dir) / f"{name}.tasks")
-    done = store.check(fingerprints)           # {task: fingerprint} -> saved tasks; ValueError if one differs
-    saved = store.load(task)                   # the saved entry, or None
+    saved = store.check(fingerprints)          # {task: fingerprint} -> {task: saved entry}; ValueError if one differs
     store.save(task, fingerprint, result, wall_seconds=..., compile_seconds=...)
 
 A task's file `DIR/<task>.json` (the task name, `/` spelled `%2F` for a user's FILE.jsonl) holds
@@ -105,9 +104,10 @@ class TaskStore:
             raise ValueError(f"{path} is not a saved task result: delete that file to score {task} again")
         return entry
 
-    def check(self, fingerprints: dict[str, dict]) -> list[str]:
-        """The tasks already saved with these fingerprints; ValueError if one was saved with others."""
-        done = []
+    def check(self, fingerprints: dict[str, dict]) -> dict[str, dict]:
+        """{task: saved entry} of the tasks already saved with these fingerprints; ValueError if one was saved
+        with others."""
+        done = {}
         for task, fingerprint in fingerprints.items():
             entry = self.load(task)
             if entry is None:
@@ -119,7 +119,7 @@ class TaskStore:
                     f"{self.path(task)} holds {task} scored with other settings ({', '.join(differ)} differ): "
                     f"to keep it, use another --name (or --out-dir); to start over, delete {self.root}"
                 )
-            done.append(task)
+            done[task] = entry
         return done
 
     def save(self, task: str, fingerprint: dict, result: dict, **timings: float) -> None:
