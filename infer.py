@@ -1,7 +1,8 @@
-"""Batched generation with an anchor or a full KV cache (anjax.inference.engine.Engine).
+"""Batched generation with an anchor, a full or a training-free policy's KV cache (anjax.inference.engine.Engine).
 
     python infer.py --prompt "The cat sat on the mat." --max-new-tokens 32 [--json]
     python infer.py --input prompts.jsonl --output out.jsonl --cache anchor --anchor-mode ep
+    python infer.py --prompt "..." --cache h2o --budget 0.2     # or window / snapkv; --budget 256 slots
 
 --model defaults to the embedded SmolLM2-135M-Instruct. Greedy unless --temperature > 0.
 Input lines are JSON objects {"prompt": TEXT, "id": optional, "protect": optional list of
@@ -13,6 +14,7 @@ is written atomically. Exit codes: 0 all served, 1 some requests failed, 2 inval
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -33,11 +35,20 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="print {prompt_ids, generated_ids, text, stats} (--prompt)")
     p.add_argument(
         "--cache",
-        choices=("anchor", "full"),
         default=None,
         help="anchor: keep anchors + open sentence; full: plain causal attention "
-        "(default: anchor if the model has anchor settings)",
+        "(default: anchor if the model has anchor settings); or a training-free policy with --budget: "
+        "window (sink + recent), snapkv, h2o",
     )
+    p.add_argument(
+        "--budget",
+        type=budget,
+        default=None,
+        help="a policy's slots per row: N (an integer) or a fraction of each prompt in (0, 1], e.g. 0.2",
+    )
+    p.add_argument("--sink", type=int, default=None, help="window: first tokens always kept (default 4)")
+    p.add_argument("--obs", type=int, default=None, help="snapkv: observation window, last prompt tokens (default 8)")
+    p.add_argument("--kernel", type=int, default=None, help="snapkv: average-pool kernel, odd (default 5)")
     p.add_argument("--anchor-mode", choices=("none", "ep", "ac"), default=None, help="override the model's anchor mode")
     p.add_argument("--anchors", nargs="+", default=None, help="EP anchor tokens (default . ? !)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -102,6 +113,14 @@ def parse_args(argv=None):
     return args
 
 
+def budget(text: str) -> int | float:
+    """--budget: slots (an integer) or a fraction (with a point); the engine checks the range."""
+    try:
+        return int(text) if text.strip().isdigit() else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected slots (an integer) or a fraction in (0, 1], got {text!r}") from None
+
+
 def check_sizes(engine, args) -> None:
     """Refuse --max-new-tokens that no prompt could fit in the model's positions (or a full cache's capacity)."""
     positions = engine.cfg.max_position_embeddings
@@ -133,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         sink_tokens=args.sink_tokens,
         raw_prompts=args.raw_prompt,
         show_anchors=args.show_anchors,
+        budget=args.budget,
+        policy_sink=args.sink,
+        policy_obs=args.obs,
+        policy_kernel=args.kernel,
     )
     t0 = time.perf_counter()
     engine = Engine.load(args.model, config)

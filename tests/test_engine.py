@@ -16,15 +16,14 @@ from anjax.inference.engine import (
     CacheOverflowError,
     Engine,
     EngineConfig,
-    EngineSpec,
     feed_token,
-    init_state,
     prefill_step,
     sample_tokens,
     span_flags,
     start_decode,
 )
 from anjax.inference.runtime import Runtime, right_align
+from anjax.inference.state import EngineSpec, init_state
 
 EP_IDS = (5, 7)  # two "punctuation" anchors
 AC_ID = 255

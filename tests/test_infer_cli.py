@@ -46,6 +46,11 @@ def infer(*args, cwd=None):
         (["--prompt", "The cat.", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--max-new-tokens", "4"], "either --prompt"),
         (["--input", "x.jsonl"], "--input needs --output"),
+        (["--prompt", "The cat.", "--cache", "h2o"], "needs a budget"),
+        (["--prompt", "The cat.", "--cache", "window", "--budget", "0"], "needs a budget"),
+        (["--prompt", "The cat.", "--cache", "window", "--budget", "x"], "--budget"),
+        (["--prompt", "The cat.", "--cache", "full", "--budget", "0.5"], "apply to the cache policies"),
+        (["--prompt", "The cat.", "--cache", "lru"], "cache must be one of"),
     ],
 )
 def test_invalid_run_is_one_line_exit_2(args, message):
@@ -191,3 +196,15 @@ def test_jsonl_round_trip_with_bad_lines(model_dir, tmp_path):
         assert r["stats"]["prompt_tokens"] + r["stats"]["generated_tokens"] == len(r["ids"])
     assert "malformed JSON" in records[1]["error"] and "empty" in records[2]["error"]
     assert not [p for p in out.parent.iterdir() if p.name != "out.jsonl"]  # no temporary file left
+
+
+def test_prompt_json_policy_cache(model_dir):
+    """--cache h2o --budget 0.5: the row keeps half of its fed prompt tokens (its budget) to the end."""
+    prompt = "The cat sat on the mat. Did the dog see it? Yes"
+    proc = infer(
+        "--model", model_dir, "--prompt", prompt, "--max-new-tokens", "5", "--json", "--cache", "h2o", "--budget", "0.5"
+    )
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)["stats"]
+    assert stats["cache"] == "h2o" and stats["budget_slots"] == (stats["prompt_tokens"] - 1) // 2
+    assert stats["peak_cache_slots"] == stats["budget_slots"]

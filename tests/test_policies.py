@@ -1,12 +1,9 @@
 """Training-free cache policies (anjax/inference/policies.py) and their equal-budget evaluation.
 
-The oracle is a brute-force forward written here from the model's definition: every layer's
-attention under an explicit mask per (layer, KV head) — causal, and for the queries after the
-prompt only the prompt tokens of that head's kept set — built from attention probabilities
-this forward computes itself.
+The oracle is `policy_oracle.brute_force`: every layer's attention under an explicit mask per
+(layer, KV head), written from the model's definition.
 """
 
-import functools
 import importlib.util
 import json
 import subprocess
@@ -19,9 +16,10 @@ import numpy as np
 import pytest
 from cli_checks import assert_one_line_error
 from conftest import slow_case
+from policy_oracle import brute_force
 
 from anjax.core.config import tiny_config
-from anjax.core.model import init_params, rope
+from anjax.core.model import init_params
 from anjax.eval import evaluate, tasks
 from anjax.inference import policies, scoring
 from anjax.inference.policies import Policy
@@ -35,58 +33,6 @@ SLICES = Path(__file__).parent / "data" / "tasks"
 def tiny_params():
     cfg = tiny_config(vocab_size=400)
     return cfg, init_params(cfg, jax.random.key(1))
-
-
-def _rms(x, scale, eps):
-    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * scale
-
-
-def brute_force(cfg, params, ids, n, policy=None, budget=None):
-    """(log-probs [T, V], per layer the key mass [K, n] of the prompt's first n tokens, kept [L, K, n]).
-
-    Queries at positions >= n see prompt key j only if head (layer, k) keeps j: `policy.keep` on the
-    mass of this very forward (all prompt positions kept when `policy` is None)."""
-    return jax.tree.map(np.asarray, _brute_force(cfg, params, np.asarray(ids), n, policy, budget))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))  # one compile per call, not op by op
-def _brute_force(cfg, params, ids, n, policy, budget):
-    T, H, K, D = len(ids), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    pos = jnp.arange(T)[None]
-    x = params["embed"][jnp.asarray(ids)]
-    causal = jnp.tril(jnp.ones((T, T), bool))
-    masses, kept = [], []
-    for i in range(cfg.num_layers):
-        p = params[f"layer_{i}"]
-        h = _rms(x, p["attn_norm"]["scale"], cfg.rms_norm_eps)
-        q = rope(jnp.einsum("te,ehd->thd", h, p["attn"]["q"])[None], pos, cfg.rope_theta, 1.0)[0]
-        k = rope(jnp.einsum("te,ekd->tkd", h, p["attn"]["k"])[None], pos, cfg.rope_theta, 1.0)[0]
-        v = jnp.einsum("te,ekd->tkd", h, p["attn"]["v"])
-        kh, vh = jnp.repeat(k, H // K, 1), jnp.repeat(v, H // K, 1)
-        logits = jnp.einsum("thd,shd->hts", q, kh) / np.sqrt(D)
-        probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), -1)  # [H, T, T]; prompt queries: plain causal
-        weight = jnp.zeros(T)
-        if policy is not None:
-            counted_1xn = policy.query_weight(jnp.ones((1, n), bool), jnp.arange(n)[None], jnp.array([n]))
-            weight = weight.at[:n].set(counted_1xn[0])
-        mass_K = jnp.einsum("hts,t->hs", probs, weight).reshape(K, H // K, T).sum(1)[:, :n]
-        if policy is None:
-            keep_K = jnp.ones((K, n), bool)
-        else:
-            keep_K = policy.keep(jnp.pad(mass_K, ((0, 0), (0, T)))[None, None], jnp.array([n]), jnp.array([budget]))
-            keep_K = keep_K[0, 0, :, :n]
-        visible = causal[None] & jnp.concatenate(
-            [jnp.where(jnp.arange(T)[None, :, None] >= n, keep_K[:, None], True), jnp.ones((K, T, T - n), bool)], -1
-        )
-        logits = jnp.where(jnp.repeat(visible, H // K, 0), logits, -jnp.inf)
-        out = jnp.einsum("hts,shd->thd", jax.nn.softmax(logits, -1), vh).reshape(T, H * D)
-        x = x + out @ p["attn"]["o"].reshape(H * D, -1)
-        h = _rms(x, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
-        x = x + (jax.nn.silu(h @ p["mlp"]["gate"]) * (h @ p["mlp"]["up"])) @ p["mlp"]["down"]
-        masses.append(mass_K)
-        kept.append(keep_K)
-    logits = _rms(x, params["final_norm"]["scale"], cfg.rms_norm_eps) @ params["embed"].T
-    return jax.nn.log_softmax(logits, -1), jnp.stack(masses), jnp.stack(kept)
 
 
 def brute_loglik(cfg, params, request, choice, policy=None, budget=None):
@@ -191,7 +137,7 @@ def test_observed_mass_and_kept_slots_per_head(tiny_params, model):
     ids = model.encode_request(ITEMS[0]).prefix[:-1]
     n, T = len(ids), 8
     tokens, valid = scoring.right_align([ids], T)
-    from anjax.inference.engine import init_state
+    from anjax.inference.state import init_state
 
     policy = Policy("snapkv", obs=4, kernel=1)
     state = init_state(model.cfg, 1, 64 + T, np.zeros(1, bool))

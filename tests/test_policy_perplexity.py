@@ -1,31 +1,25 @@
 """Held-out perplexity under the training-free policies: `Scorer.sequence_nll` with a `Policy`, streamed
 (`anjax.inference.policies.stream_step`), and `python -m anjax.evaluate --perplexity --budget`.
 
-The oracle is a brute-force forward written from the streamed definition: layer by layer and chunk by
-chunk, a query of chunk c sees the keys its (layer, KV head) kept after chunk c − 1 and the keys of its own
-chunk up to itself (an explicit mask); the kept set after chunk c is `Policy.keep` on the attention mass
-this forward computes itself (h2o: summed over every chunk so far and carried by the kept keys; snapkv:
-the last `obs` queries of chunk c), read in the cache's slot order (kept keys by position, then the chunk).
+The oracle is `policy_oracle.streamed_nll`, a brute-force forward written from the streamed definition.
 """
 
-import functools
 import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import slow_case
+from policy_oracle import streamed_nll
 
 from anjax import cli
 from anjax.cli import evaluate as evaluate_cli
 from anjax.core.config import tiny_config
-from anjax.core.model import init_params, rope
+from anjax.core.model import init_params
 from anjax.eval import perplexity
 from anjax.inference import policies, scoring
 from anjax.inference.policies import Policy
-from anjax.inference.runtime import round_up
 from anjax.io import hf
 
 SLICES = Path(__file__).parent / "data" / "tasks"
@@ -49,61 +43,6 @@ def model(tiny_params, tiny_tokenizer):
 
 def _rows(model):
     return [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
-
-
-def _rms(x, scale, eps):
-    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * scale
-
-
-def streamed_nll(cfg, params, row, policy, budget, chunk):
-    """-Σ log p(row[t + 1] | row[: t + 1]) under the streamed policy, brute force (see the module docstring)."""
-    fed = np.asarray(row[:-1])
-    logp = np.asarray(_streamed_logp(cfg, params, jnp.asarray(fed), policy, budget, chunk))
-    return -sum(float(logp[t, row[t + 1]]) for t in range(len(fed)))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))  # one compile per case, not op by op
-def _streamed_logp(cfg, params, ids_N, policy, budget, chunk):
-    N, H, K, D = len(ids_N), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    G, P = H // K, round_up(N, chunk)  # query heads per KV head; positions padded to whole chunks
-    pos_P = jnp.arange(P)
-    x = params["embed"][jnp.pad(ids_N, (0, P - N))]
-    for i in range(cfg.num_layers):
-        p = params[f"layer_{i}"]
-        h = _rms(x, p["attn_norm"]["scale"], cfg.rms_norm_eps)
-        q = rope(jnp.einsum("te,ehd->thd", h, p["attn"]["q"])[None], pos_P[None], cfg.rope_theta, 1.0)[0]
-        k = rope(jnp.einsum("te,ekd->tkd", h, p["attn"]["k"])[None], pos_P[None], cfg.rope_theta, 1.0)[0]
-        v = jnp.einsum("te,ekd->tkd", h, p["attn"]["v"])
-        logits_HxPxP = jnp.einsum("thd,shd->hts", q, jnp.repeat(k, G, 1)) / np.sqrt(D)
-
-        def one_chunk(carry, c, logits_HxPxP=logits_HxPxP, v=v):
-            kept_KxP, mass_KxP = carry
-            lo, end = c * chunk, jnp.minimum(c * chunk + chunk, N)
-            qpos = lo + jnp.arange(chunk)
-            mine_TxP = (pos_P >= lo) & (pos_P <= qpos[:, None]) & (pos_P < N)  # own chunk, causal
-            visible_KxTxP = kept_KxP[:, None] | mine_TxP[None]
-            logits = jax.lax.dynamic_slice_in_dim(logits_HxPxP, lo, chunk, axis=1)
-            probs_HxTxP = jax.nn.softmax(jnp.where(jnp.repeat(visible_KxTxP, G, 0), logits, -jnp.inf), -1)
-            out_TxHxD = jnp.einsum("hts,shd->thd", probs_HxTxP, jnp.repeat(v, G, 1))
-            weight_T = policy.query_weight((qpos < N)[None], qpos[None], end[None])[0]
-            step_KxP = jnp.einsum("hts,t->hs", probs_HxTxP, weight_T.astype(jnp.float32)).reshape(K, G, P).sum(1)
-            mass_KxP = step_KxP + (mass_KxP if policy.kind == "h2o" else 0.0)
-            held_KxP = kept_KxP | ((pos_P >= lo) & (pos_P < end))
-            n = held_KxP[0].sum()
-            slot_KxP = jnp.argsort(~held_KxP, axis=-1, stable=True)  # position of each slot: kept ones, then the chunk
-            keep = policy.keep(
-                jnp.take_along_axis(mass_KxP, slot_KxP, -1)[None, None], n[None], jnp.minimum(budget, n)[None]
-            )
-            kept_KxP = jnp.zeros_like(kept_KxP).at[jnp.arange(K)[:, None], slot_KxP].set(keep[0, 0])
-            return (kept_KxP, jnp.where(kept_KxP, mass_KxP, 0.0)), out_TxHxD.reshape(chunk, H * D)
-
-        start = (jnp.zeros((K, P), bool), jnp.zeros((K, P)))
-        _, out = jax.lax.scan(one_chunk, start, jnp.arange(P // chunk))
-        x = x + out.reshape(P, H * D) @ p["attn"]["o"].reshape(H * D, -1)
-        h = _rms(x, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
-        x = x + (jax.nn.silu(h @ p["mlp"]["gate"]) * (h @ p["mlp"]["up"])) @ p["mlp"]["down"]
-    logits = _rms(x[:N], params["final_norm"]["scale"], cfg.rms_norm_eps) @ params["embed"].T
-    return jax.nn.log_softmax(logits, -1)
 
 
 @pytest.mark.parametrize(

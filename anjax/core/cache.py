@@ -172,13 +172,14 @@ def close_sentence(cache: KVCache, close_B: jax.Array, open_start_B: jax.Array) 
     return moved.replace(meta=moved.meta.replace(valid=valid_BxC), length=length_B)
 
 
+def fit_slots(x: jax.Array, capacity: int, axis: int) -> jax.Array:
+    """`x` with `capacity` entries along its slot axis: cut, or padded with zeros."""
+    extra = capacity - x.shape[axis]
+    if extra <= 0:
+        return jax.lax.slice_in_dim(x, 0, capacity, axis=axis)
+    return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+
+
 def resize(cache: KVCache, capacity: int) -> KVCache:
     """The cache with `capacity` slots: cut or padded with empty slots (caller keeps length <= capacity)."""
-
-    def fit(x, axis):
-        extra = capacity - x.shape[axis]
-        if extra <= 0:
-            return jax.lax.slice_in_dim(x, 0, capacity, axis=axis)
-        return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
-
-    return cache.map_slots(lambda kv: fit(kv, 3), lambda meta: fit(meta, 1))
+    return cache.map_slots(lambda kv: fit_slots(kv, capacity, 3), lambda meta: fit_slots(meta, capacity, 1))

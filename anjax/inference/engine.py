@@ -15,6 +15,9 @@ One batch of B prompts (rows are independent; any row gives what it gives alone)
    one per step; per-row done flags (stop ids, max_new_tokens, overflow). When a fed
    token is an anchor its sentence is dropped (`anjax.core.cache.close_sentence`, O(1 slot)).
 Only compaction differs between the anchor and the full cache (which uses plain causal attention).
+The training-free cache policies (`EngineConfig(cache="window" | "snapkv" | "h2o", budget=...)`)
+prefill with the full cache, cut it to the budget when decoding starts and evict as they decode
+(`anjax.inference.policies`).
 
 Positions (docs/DESIGN.md Invariant 2): a token's RoPE position is its true position in the
 row; the cache length is not a position, so the anchor cache is exact (logits equal
@@ -52,11 +55,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anjax.core.cache import KVCache, close_sentence, compact, init_cache, keep_slots, resize
+from anjax.core.cache import KVCache, close_sentence, compact, fit_slots, keep_slots, resize
 from anjax.core.config import ModelConfig
 from anjax.core.mask import TokenMeta, is_anchor, protected_tokens
 from anjax.core.model import Llama
+from anjax.inference import policies
+from anjax.inference.policies import POLICIES, Policy
 from anjax.inference.runtime import Runtime, bucket, right_align, round_up
+from anjax.inference.state import EngineSpec, GenState, chunk_meta, init_state, next_positions, track
 from anjax.io.loading import load_model
 from anjax.text.anchors import resolve_scheme
 from anjax.text.encode import Encoder
@@ -68,31 +74,6 @@ BUCKET_LOW = 128  # the smallest cache buffer (`anjax.inference.runtime.bucket`)
 
 class CacheOverflowError(ValueError):
     """A row needs more cache slots than the capacity allows (message names row and sizes)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineSpec:
-    """Graph-defining settings: hashable, static under jit."""
-
-    anchor_cache: bool  # compact to anchors + open sentence; else full cache, causal attention
-    anchor_ids: tuple[int, ...] = ()
-    ac_id: int = -1  # the <AC> id in AC mode (forced anchors), else -1
-    skip_bos: bool = False  # the token at true position 0 is BOS: not counted in its sentence
-    sink_tokens: int = 0
-    reference_positions: bool = False
-
-
-@flax.struct.dataclass
-class GenState:
-    """Per-row bookkeeping beside the cache; every field but `cache` is [B] (overflow [B, 4])."""
-
-    cache: KVCache
-    next_pos: jax.Array  # true position of the row's next token
-    open_seg: jax.Array  # sentence index of the next token (the open sentence)
-    open_start: jax.Array  # decode: first slot of the open sentence's tail after its last protected slot
-    done: jax.Array  # bool: the row takes no more tokens
-    peak: jax.Array  # most slots the row used (`length`) after a compaction
-    overflow: jax.Array  # [B, 4] (slots needed, anchors, open-sentence, protected tokens) at overflow, else 0
 
 
 @flax.struct.dataclass
@@ -119,51 +100,11 @@ class DecodeCarry:
     generated: jax.Array  # [B] count
 
 
-def init_state(cfg: ModelConfig, batch: int, slots: int, done_B: jax.Array) -> GenState:
-    """An empty state with a cache of `slots` slots; rows flagged in `done_B` [B] take no tokens."""
-    zeros_B = lambda: jnp.zeros((batch,), jnp.int32)  # distinct buffers (donation-safe)
-    return GenState(
-        cache=init_cache(cfg, batch, slots, jnp.dtype(cfg.dtype)),
-        next_pos=zeros_B(),
-        open_seg=zeros_B(),
-        open_start=zeros_B(),
-        done=jnp.array(done_B, bool),
-        peak=zeros_B(),
-        overflow=jnp.zeros((batch, 4), jnp.int32),
-    )
-
-
-def _next_positions(state: GenState, spec: EngineSpec) -> jax.Array:
-    """[B] position of the next token: true, or the reference (number of kept slots)."""
-    if spec.reference_positions:
-        return state.cache.valid.sum(axis=1, dtype=jnp.int32)
-    return state.next_pos
-
-
 def _rebase(cache: KVCache, spec: EngineSpec) -> KVCache:
     """Reference positions: every kept slot's position becomes its slot index."""
     if not spec.reference_positions:
         return cache
     return cache.replace(meta=cache.meta.replace(pos=jnp.where(cache.valid, jnp.arange(cache.capacity), 0)))
-
-
-def _track(state: GenState, active_B: jax.Array, limit: int) -> GenState:
-    """Stop (and flag) rows that took a token and use more than `limit` slots; update the peak of the others.
-
-    The peak never exceeds `limit`: an overflowing row reports what it held before.
-    """
-    cache = state.cache
-    held_B = cache.length
-    fresh_B = active_B & (held_B > limit)
-    count = lambda x_BxC: (cache.valid & x_BxC).sum(axis=1, dtype=jnp.int32)
-    info_Bx4 = jnp.stack(
-        [held_B, count(cache.anchor), count(cache.seg == state.open_seg[:, None]), count(cache.protected)], -1
-    )
-    return state.replace(
-        peak=jnp.where(active_B & ~fresh_B, jnp.maximum(state.peak, held_B), state.peak),
-        overflow=jnp.where(fresh_B[:, None], info_Bx4, state.overflow),
-        done=state.done | fresh_B,
-    )
 
 
 def prefill_step(
@@ -188,32 +129,16 @@ def prefill_step(
     cache = compact(cache, keep_slots(cache, open_seg, not spec.anchor_cache))
     next_pos = state.next_pos + meta.valid.sum(1, dtype=jnp.int32)
     state = state.replace(cache=_rebase(cache, spec), next_pos=next_pos, open_seg=open_seg)
-    return logits, _track(state, ~state.done, cache.capacity - T)
-
-
-def chunk_meta(
-    spec: EngineSpec, state: GenState, tokens_BxT: jax.Array, valid_BxT: jax.Array, protected_BxT=None
-) -> TokenMeta:
-    """The metadata [B, T] of a chunk appended to `state` (positions and sentences continue the row's)."""
-    valid = valid_BxT.astype(bool)
-    v = valid.astype(jnp.int32)
-    anchor = is_anchor(tokens_BxT, spec.anchor_ids) & valid
-    a = anchor.astype(jnp.int32)
-    offset_BxT = jnp.cumsum(v, 1) - v
-    protected = protected_tokens(protected_BxT, state.next_pos[:, None] + offset_BxT, valid, spec.sink_tokens)
-    return TokenMeta(
-        doc=jnp.zeros_like(v),
-        pos=_next_positions(state, spec)[:, None] + offset_BxT,
-        seg=state.open_seg[:, None] + jnp.cumsum(a, 1) - a,
-        anchor=anchor,
-        protected=protected,
-        valid=valid,
-    )
+    return logits, track(state, ~state.done, cache.capacity - T)
 
 
 def start_decode(state: GenState, spec: EngineSpec, slots: int) -> GenState:
     """Resize the cache to `slots` (+1 for the token in flight) and locate each open sentence's tail
-    (the slots after the last one that is protected or not in the open sentence)."""
+    (the slots after the last one that is protected or not in the open sentence). Under a cache policy
+    the prompt is first cut to the budget (`policies.compress`); the peak counts from there."""
+    if spec.policy is not None:
+        state = policies.compress(spec.policy, state)
+        state = state.replace(mass=fit_slots(state.mass, slots + 1, 3), peak=state.cache.length)
     cache = resize(state.cache, slots + 1)
     before_BxC = cache.valid & ((cache.seg != state.open_seg[:, None]) | cache.protected)
     open_start_B = jnp.max(jnp.where(before_BxC, jnp.arange(1, cache.capacity + 1), 0), axis=1)
@@ -230,14 +155,17 @@ def feed_token(
 ) -> tuple[jax.Array, GenState]:
     """One decode step for the rows not done: append `token_B`, close its sentence if it is an anchor.
 
-    Returns (logits [B, V], state); the caller checks the capacity (`_track`).
+    Returns (logits [B, V], state); the caller checks the capacity (`track`). Under a cache policy
+    the token attends to the kept slots and evicts by the policy (`policies.feed_token`).
     """
+    if spec.policy is not None:
+        return policies.feed_token(cfg, spec, params, state, token_B)
     active_B = ~state.done
     anchor_B = is_anchor(token_B, spec.anchor_ids) & active_B
     protected_B = protected_tokens(protected_B, state.next_pos, active_B, spec.sink_tokens)  # sinks: true positions
     meta = TokenMeta(
         doc=jnp.zeros_like(token_B)[:, None],
-        pos=_next_positions(state, spec)[:, None],
+        pos=next_positions(state, spec)[:, None],
         seg=state.open_seg[:, None],
         anchor=anchor_B[:, None],
         protected=protected_B[:, None],
@@ -313,7 +241,7 @@ def decode_step(
         force_B = (sampling.max_sentence_tokens > 0) & (open_len_B >= sampling.max_sentence_tokens)
         nxt_B = jnp.where(force_B, spec.ac_id, nxt_B)
     stop_B = (nxt_B[:, None] == sampling.stop_ids[None]).any(-1) | (index_B + 1 >= limit_B)
-    st = _track(st, active_B, st.cache.capacity - 1)  # before stopping: the last fed token counts too
+    st = track(st, active_B, st.cache.capacity - 1)  # before stopping: the last fed token counts too
     return nxt_B, st.replace(done=st.done | (active_B & stop_B))
 
 
@@ -371,6 +299,8 @@ class Generation:
     the tokens whose keys/values were computed (what a full cache holds at the end);
     cache_reduction = 1 - peak / full; prefill/decode tokens per second of the row over its
     batch's wall time (compilation excluded); the capacity and the decode buffer's size.
+    Under a cache policy the peak counts from the prompt's compression (its prefill holds the
+    whole prompt, as kvpress's presses do), and budget_slots is the row's budget.
     """
 
     prompt_ids: list[int]
@@ -402,7 +332,11 @@ class Prefilled:
 class EngineConfig:
     """An engine's settings in one frozen value, checked when it is made (before any model loads).
 
-    cache: "anchor" | "full" | None (anchor when the model has anchor settings).
+    cache: "anchor" | "full" | None (anchor when the model has anchor settings), or a training-free
+    policy "window" | "snapkv" | "h2o" (`anjax.inference.policies`; full attention over the slots it keeps)
+    with `budget`: the slots each row keeps, an int >= 1, or a float in (0, 1], that fraction of each
+    prompt's fed tokens (`policies.fraction_slots`); `policy_sink` / `policy_obs` / `policy_kernel`
+    override the policy's settings (`Policy`).
     anchor_mode / anchors / max_sentence_tokens: override the model's anchor scheme
     (`anjax.text.anchors.resolve_scheme`, which says so on stderr).
     capacity: slots a row may keep (default: the whole request for a full cache,
@@ -424,12 +358,17 @@ class EngineConfig:
     sink_tokens: int = 0
     raw_prompts: bool = False
     show_anchors: bool = False
+    budget: int | float | None = None
+    policy_sink: int | None = None
+    policy_obs: int | None = None
+    policy_kernel: int | None = None
 
     def __post_init__(self):
         if self.anchors is not None:
             object.__setattr__(self, "anchors", tuple(self.anchors))
-        if self.cache not in (None, "anchor", "full"):
-            raise ValueError(f"cache must be 'anchor' or 'full', got {self.cache!r}")
+        if self.cache not in (None, "anchor", "full", *POLICIES):
+            raise ValueError(f"cache must be one of anchor, full, {', '.join(POLICIES)}; got {self.cache!r}")
+        self.policy  # noqa: B018 -- checks the policy's settings and budget
         if self.positions not in ("true", "reference"):
             raise ValueError(f"positions must be 'true' or 'reference', got {self.positions!r}")
         for name, value, low in (
@@ -441,9 +380,32 @@ class EngineConfig:
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
 
+    @property
+    def policy(self) -> Policy | None:
+        """The cache policy (None for the anchor and full caches), its settings and budget checked."""
+        settings = dict(sink=self.policy_sink, obs=self.policy_obs, kernel=self.policy_kernel)
+        settings = {k: v for k, v in settings.items() if v is not None}
+        if self.cache not in POLICIES:
+            if self.budget is not None or settings:
+                raise ValueError(f"budget and policy settings apply to the cache policies {', '.join(POLICIES)}")
+            return None
+        b = self.budget
+        if isinstance(b, bool) or not ((isinstance(b, int) and b >= 1) or (isinstance(b, float) and 0 < b <= 1)):
+            raise ValueError(
+                f"cache {self.cache!r} needs a budget: slots (an int >= 1) or a fraction in (0, 1], got {b!r}"
+            )
+        if self.sink_tokens or self.positions != "true":
+            raise ValueError(f"cache {self.cache!r} keeps slots by its own rule: no sink_tokens, true positions only")
+        return Policy(self.cache, **settings)
+
+    def row_budget(self, fed: int) -> int:
+        """The slots a policy keeps of a prompt with `fed` tokens before its last."""
+        return self.budget if isinstance(self.budget, int) else policies.fraction_slots(self.budget, fed)
+
 
 class Engine:
-    """Batched generation with an anchor or a full cache (see the module docstring), set by an `EngineConfig`.
+    """Batched generation with an anchor, a full or a policy's cache (see the module docstring), set by an
+    `EngineConfig`.
 
     `self.scheme` is the model's anchor scheme with the config's overrides applied.
     """
@@ -478,6 +440,7 @@ class Engine:
             skip_bos=scheme.add_bos,
             sink_tokens=c.sink_tokens,
             reference_positions=c.positions == "reference",
+            policy=c.policy,
         )
         self.cache_kind, self.chunk_size, self.capacity, self.batch_size = cache, c.chunk_size, c.capacity, c.batch_size
         self.raw_prompts, self.show_anchors = c.raw_prompts, c.show_anchors
@@ -565,6 +528,8 @@ class Engine:
             raise ValueError(f"protect needs one entry per prompt: {len(protect)} for {len(prompts)} prompts")
         if self.spec.reference_positions and any(protect):
             raise ValueError("protected spans need true positions (positions='true')")
+        if self.spec.policy and any(protect):
+            raise ValueError(f"cache {self.cache_kind!r} keeps slots by its own rule: no protected spans")
         ids, flags = [], []
         for p, spans in zip(prompts, protect):
             row, row_flags = (
@@ -648,6 +613,12 @@ class Engine:
             tuple(x[:, c : c + chunk] for x in (tokens, valid, protected_BxW)) for c in range(0, tokens.shape[1], chunk)
         ]
         state = init_state(self.cfg, batch, slots + chunk, np.arange(batch) >= n)
+        if self.spec.policy:
+            c = self.cfg
+            state = state.replace(
+                budget=np.array([self.config.row_budget(len(r) - 1) for r in rows], np.int32),
+                mass=np.zeros((c.num_layers, batch, c.num_kv_heads, slots + chunk), np.float32),
+            )
         pre = Prefilled(state=state, rows=rows, protected=flags, n=n, capacity=capacity, seconds=0.0, left=left)
         return self.prefill_more(pre, chunks)
 
@@ -656,7 +627,12 @@ class Engine:
         feed, state = pre.left[:chunks], pre.state
         with self.runtime.timer() as timer:
             for chunk_BxT in feed:
-                state = self.runtime.call(prefill, (self.cfg, self.spec), self.params, state, *chunk_BxT, donate=(1,))
+                if self.spec.policy:  # the whole prompt is held and observed; `start_decode` compresses it
+                    fed_B = np.array([len(r) - 1 for r in pre.rows], np.int32)
+                    step = (policies.prefill_chunk, (self.cfg, self.spec), self.params, state, *chunk_BxT[:2], fed_B)
+                else:
+                    step = (prefill, (self.cfg, self.spec), self.params, state, *chunk_BxT)
+                state = self.runtime.call(*step, donate=(1,))
             jax.block_until_ready(state)
         return dataclasses.replace(pre, state=state, seconds=pre.seconds + timer.seconds, left=pre.left[len(feed) :])
 
@@ -674,8 +650,12 @@ class Engine:
     ) -> list[Generation]:
         """Generate for the real rows of a prefilled batch; the decode buffer is sized to what they can need."""
         batch = len(pre.rows)
-        held = np.asarray(pre.state.cache.length)
-        slots = min(pre.capacity, bucket(int(held[: pre.n].max()) + max_new_tokens, BUCKET_LOW))
+        held = np.asarray(pre.state.cache.length)[: pre.n]
+        grows = max_new_tokens
+        if self.spec.policy:  # it keeps its budget; `window` and `h2o` evict as they decode
+            held = np.minimum(held, np.asarray(pre.state.budget)[: pre.n])
+            grows = max_new_tokens if self.spec.policy.kind == "snapkv" else 0
+        slots = min(pre.capacity, bucket(int(held.max()) + grows, BUCKET_LOW))
         stops = np.full((MAX_STOP_IDS,), -1, np.int32)
         stops[: len(stop_ids)] = stop_ids
         samp = Sampling(
@@ -719,6 +699,7 @@ class Engine:
                 prefill_s=round(pre.seconds, 4),
                 decode_s=round(decode_s, 4),
                 cache=self.cache_kind,
+                **({"budget_slots": int(pre.state.budget[b])} if self.spec.policy else {}),
                 capacity=pre.capacity,
                 decode_buffer_slots=slots + 1,
                 decode_buffer_bytes=(slots + 1) * kv_bytes,
@@ -738,6 +719,11 @@ class Engine:
         need, anchors, open_len, protected = info.tolist()
         if not need:
             return None
+        if self.spec.policy:
+            return (
+                f"the {self.cache_kind} cache's prefill holds the whole prompt, {need} slots, but the capacity "
+                f"is {capacity}: raise --capacity"
+            )
         if not self.spec.anchor_cache:
             return f"the full cache would need {need} slots but the capacity is {capacity}: raise --capacity"
         held = f"{anchors} anchors, " + (f"{protected} protected tokens, " if protected else "")

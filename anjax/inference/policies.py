@@ -3,6 +3,7 @@
     state, mass = observe(cfg, (policy,), ...)         # full-attention prefill chunk that records attention mass
     state, _ = select(policy, state, mass[0], budget_B)  # each row keeps min(budget, prompt) slots per KV head
     logits, state, mass = stream_step(cfg, policy, ...)  # perplexity: evict after every chunk of a row
+    state = prefill_chunk(...); compress(...); feed_token(...)  # generation (`anjax.inference.engine`)
 
 The prompt is prefilled with plain causal attention (the full cache, as in kvpress: a press
 compresses the context after its forward), then every layer's cache is cut to `budget` slots
@@ -17,6 +18,13 @@ is attended; `anchor` stays defined by `anjax.core.mask.attention_allowed`). Per
   paper's code do); per layer and KV head.
 - `h2o` (H2O, at prefill): the last b − b // 2 tokens (recent) and the top b // 2 of the others by
   the attention mass they receive from every prompt query (heavy hitters); per layer and KV head.
+
+Generation (`Engine` with `EngineConfig(cache=policy, budget=...)`): the prompt but its last token is
+prefilled and observed as above (`prefill_chunk`), `compress` cuts it to the budget, then every decoded
+token attends to the kept slots and itself (`feed_token`): `window` and `h2o` evict back to the budget
+after each token (StreamingLLM's rolling window; H2O's decode-time eviction, the new token's attention
+added to the kept slots' mass); `snapkv` appends (SnapKV compresses the prompt only, so its cache grows
+by the generated tokens).
 
 Streamed (`stream_step`, held-out perplexity): every chunk of a row is prefilled against the kept slots,
 then each layer and KV head is cut back to the budget; n above is then the slots held after the chunk.
@@ -37,7 +45,7 @@ import jax.numpy as jnp
 from anjax.core.cache import compact, pack_order, write_slots
 from anjax.core.config import ModelConfig
 from anjax.core.model import Llama
-from anjax.inference.engine import EngineSpec, GenState, chunk_meta
+from anjax.inference.state import EngineSpec, GenState, chunk_meta, track
 
 POLICIES = ("window", "snapkv", "h2o")
 FULL = EngineSpec(anchor_cache=False)
@@ -122,12 +130,14 @@ def observe_step(
     tokens_BxT: jax.Array,
     valid_BxT: jax.Array,
     n_B: jax.Array,
+    spec: EngineSpec = FULL,
 ) -> tuple[jax.Array, GenState, jax.Array]:
     """Prefill one chunk of a prompt of n_B tokens with the full cache (C + T slots, as `prefill_step`)
     and add to mass[i] [L, B, K, C] the attention mass each slot receives from `observers[i].query_weight`'s
     queries (one forward for every observer; kept in slot order through the compaction; no observer:
-    `mass` comes back as given). Returns (logits [B, T, V], state, mass)."""
-    meta = chunk_meta(FULL, state, tokens_BxT, valid_BxT)
+    `mass` comes back as given). `spec` marks anchors and sentences in the slots' metadata (for the
+    engine's `<AC>` forcing; attention stays full). Returns (logits [B, T, V], state, mass)."""
+    meta = chunk_meta(spec, state, tokens_BxT, valid_BxT)
     weight_IxBxT = jnp.stack([p.query_weight(meta.valid, meta.pos, n_B) for p in observers]) if observers else None
     (logits, cache), variables = Llama(cfg).apply(
         {"params": params},
@@ -142,6 +152,7 @@ def observe_step(
     state = state.replace(
         cache=compact(cache, cache.valid),
         next_pos=state.next_pos + meta.valid.sum(1, dtype=jnp.int32),
+        open_seg=state.open_seg + meta.anchor.sum(1, dtype=jnp.int32),
     )
     if not observers:
         return logits, state, mass_IxLxBxKxC
@@ -193,6 +204,7 @@ def stream_step(
     budget_B: jax.Array,
     tokens_BxT: jax.Array,
     valid_BxT: jax.Array,
+    spec: EngineSpec = FULL,
 ) -> tuple[jax.Array, GenState, jax.Array]:
     """One chunk [B, T] of a streamed row: prefill it with full attention against the kept slots (`observe_step`),
     then keep min(budget, held) slots per layer and KV head (`select`). -> (logits [B, T, V], state, mass).
@@ -208,6 +220,46 @@ def stream_step(
     carried = mass_LxBxKxC if policy.kind == "h2o" else jnp.zeros_like(mass_LxBxKxC)
     end_B = state.next_pos + valid_BxT.sum(1, dtype=jnp.int32)  # the chunk ends the prompt seen so far
     logits, state, mass = observe_step(
-        cfg, observers, params, state, carried[None][: len(observers)], tokens_BxT, valid_BxT, end_B
+        cfg, observers, params, state, carried[None][: len(observers)], tokens_BxT, valid_BxT, end_B, spec
     )
     return (logits, *select(policy, state, mass[0] if observers else carried, budget_B))
+
+
+def fraction_slots(fraction: float, n: int) -> int:
+    """The slots a policy keeps of n tokens at a budget fraction F in (0, 1]: max(1, ⌊F × n⌋)."""
+    return max(1, int(fraction * n))
+
+
+def prefill_chunk(
+    cfg: ModelConfig, spec: EngineSpec, params, state: GenState, tokens_BxT: jax.Array, valid_BxT: jax.Array, n_B
+) -> GenState:
+    """Generation under `spec.policy`: prefill one chunk [B, T] of prompts of n_B [B] fed tokens with the full
+    cache, adding the observer's attention mass to `state.mass` [L, B, K, C + T] (the cache's slots); rows that would
+    hold more than C slots are flagged (`track`)."""
+    observer = spec.policy.observer
+    mass_IxLxBxKxC = None if observer is None else state.mass[None]
+    observers = () if observer is None else (observer,)
+    _, state, mass = observe_step(cfg, observers, params, state, mass_IxLxBxKxC, tokens_BxT, valid_BxT, n_B, spec)
+    if observer is not None:
+        state = state.replace(mass=mass[0])
+    return track(state, ~state.done, state.cache.capacity - tokens_BxT.shape[1])
+
+
+def compress(policy: Policy, state: GenState) -> GenState:
+    """After the prompt: each row keeps min(state.budget, held) slots per layer and KV head (`select`)."""
+    state, mass = select(policy, state, state.mass, state.budget)
+    return state.replace(mass=mass)
+
+
+def feed_token(cfg: ModelConfig, spec: EngineSpec, params, state: GenState, token_B: jax.Array):
+    """One decode token [B] under `spec.policy` for the rows not done -> (logits [B, V], state): it attends to the
+    kept slots and itself; `window` and `h2o` then evict back to the budget (`stream_step` with T = 1), `snapkv`
+    keeps it (the cache grows by one slot)."""
+    tokens_Bx1, valid_Bx1 = token_B[:, None], ~state.done[:, None]
+    if spec.policy.kind == "snapkv":
+        logits, state, _ = observe_step(cfg, (), params, state, None, tokens_Bx1, valid_Bx1, state.next_pos, spec)
+        return logits[:, 0], state
+    logits, state, mass = stream_step(
+        cfg, spec.policy, params, state, state.mass, state.budget, tokens_Bx1, valid_Bx1, spec
+    )
+    return logits[:, 0], state.replace(mass=mass)

@@ -51,9 +51,10 @@ from anjax.core.mask import token_metadata
 from anjax.core.model import Llama
 from anjax.core.params import with_scan_layers
 from anjax.inference import policies
-from anjax.inference.engine import EngineSpec, GenState, init_state, prefill, prefill_step
+from anjax.inference.engine import prefill, prefill_step
 from anjax.inference.policies import Policy
 from anjax.inference.runtime import Runtime, bucket, right_align, round_up
+from anjax.inference.state import EngineSpec, GenState, init_state
 from anjax.io.loading import load_model
 from anjax.text.anchors import AnchorScheme, resolve_scheme
 from anjax.text.encode import Encoder

@@ -36,17 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from anjax.core.config import ModelConfig
-from anjax.inference.engine import (
-    MAX_STOP_IDS,
-    Engine,
-    EngineSpec,
-    GenState,
-    Prefilled,
-    Sampling,
-    decode_step,
-    init_state,
-    start_decode,
-)
+from anjax.inference.engine import MAX_STOP_IDS, Engine, Prefilled, Sampling, decode_step, start_decode
+from anjax.inference.state import EngineSpec, GenState, init_state
 from anjax.serve.metrics import Metrics
 
 SEED_LIMIT = 2**32
