@@ -228,11 +228,11 @@ class Llama(nn.Module):
             new_kv = None if cache is None else tuple(jnp.stack(t) for t in zip(*new))
 
         x = RMSNorm(cfg, name="final_norm")(x)
-        if cfg.tie_embeddings:
-            head_ExV = embed_VxE.astype(cfg.dtype).T
+        if cfg.tie_embeddings:  # contract with the table as stored: a transposed head is a copy of it per call
+            logits = jnp.einsum("bte,ve->btv", x, embed_VxE.astype(cfg.dtype), preferred_element_type=jnp.float32)
         else:
             head_ExV = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab")).astype(cfg.dtype)
-        logits = jnp.einsum("bte,ev->btv", x, head_ExV, preferred_element_type=jnp.float32)
+            logits = jnp.einsum("bte,ev->btv", x, head_ExV, preferred_element_type=jnp.float32)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         if cache is not None:  # the chunk's keys/values [L, B, K, T, D] go to slots [length, length + T)
             offset_B = cache.length
