@@ -47,9 +47,7 @@ def test_generation_equals_brute_force(tiny_params, tiny_tokenizer, kind):
     is the oracle's argmax; window and h2o hold their budget to the end, snapkv its budget + the fed tokens;
     and the eviction matters (the full cache generates something else)."""
     cfg, params = tiny_params
-    outs = _engine(tiny_params, tiny_tokenizer, cache=kind, budget=0.5, **SETTINGS).generate(
-        PROMPTS, NEW, stop_ids=()
-    )
+    outs = _engine(tiny_params, tiny_tokenizer, cache=kind, budget=0.5, **SETTINGS).generate(PROMPTS, NEW, stop_ids=())
     policy = Policy(kind, sink=2, obs=3, kernel=3)
     for out, gen in zip(outs, _generated(outs)):
         n, b = len(out.prompt_ids) - 1, fraction_slots(0.5, len(out.prompt_ids) - 1)

