@@ -278,6 +278,8 @@ def test_full_queue_refuses_and_full_cache_admission_checks_capacity():
     full.check(make(60, 5))
     with pytest.raises(ValueError, match="full cache"):
         full.check(make(60, 6))
+    with pytest.raises(ValueError, match="not 'h2o'"):  # the policies generate through `Engine.generate` only
+        Scheduler(Engine(cfg, params, tok, EngineConfig(cache="h2o", budget=8)), 1, 64, Metrics())
 
 
 def test_an_internal_error_fails_the_request_with_500_and_health_says_so(monkeypatch):

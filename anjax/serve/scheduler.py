@@ -203,6 +203,8 @@ class Scheduler:
     def __init__(self, engine: Engine, slots: int, capacity: int, metrics: Metrics, max_queue: int = 64):
         if slots < 1 or capacity < 1 or max_queue < 1:
             raise ValueError(f"need slots, capacity and max_queue >= 1, got {slots}, {capacity}, {max_queue}")
+        if engine.spec.policy is not None:
+            raise ValueError(f"the server serves the anchor and full caches, not {engine.cache_kind!r}")
         self.engine, self.n, self.capacity, self.metrics, self.max_queue = engine, slots, capacity, metrics, max_queue
         cfg = engine.cfg
         self.stop_ids = () if cfg.eos_token_id is None else (cfg.eos_token_id,)
