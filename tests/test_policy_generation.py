@@ -65,7 +65,7 @@ def test_generation_equals_brute_force(tiny_params, tiny_tokenizer, kind):
     assert full != _generated(outs)
 
 
-@pytest.mark.parametrize("kind", ["window", "snapkv", "h2o"])
+@pytest.mark.parametrize("kind", [slow_case("window"), slow_case("snapkv"), "h2o"])
 def test_budget_covering_the_request_equals_full(tiny_params, tiny_tokenizer, kind):
     """A budget (in slots) above prompt + new tokens evicts nothing: the full cache's ids."""
     full = _engine(tiny_params, tiny_tokenizer, cache="full").generate(PROMPTS, NEW, stop_ids=())
