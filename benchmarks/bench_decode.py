@@ -47,8 +47,9 @@ def english_tokens(tokenizer, n: int) -> list[int]:
 
 
 def tile(pre: Prefilled, batch: int) -> Prefilled:
-    """B copies of a one-row prefilled batch (the cache's batch axis is 1, elsewhere 0)."""
-    state = jax.tree.map(lambda x: jnp.repeat(x, batch, axis=1 if x.ndim == 5 else 0), pre.state)
+    """B copies of a one-row prefilled batch (the batch axis is 1 in the cache's keys/values [L, B, K, C, D] and
+    a policy's mass [L, B, K, C], 0 elsewhere)."""
+    state = jax.tree.map(lambda x: jnp.repeat(x, batch, axis=1 if x.ndim >= 4 else 0), pre.state)
     return dataclasses.replace(pre, state=state, rows=pre.rows * batch, protected=pre.protected * batch, n=batch)
 
 
