@@ -13,7 +13,7 @@ from policy_oracle import brute_force, streamed_logp
 
 from anjax.core.config import tiny_config
 from anjax.core.model import init_params
-from anjax.inference.engine import Engine, EngineConfig
+from anjax.inference.engine import CacheOverflowError, Engine, EngineConfig
 from anjax.inference.policies import Policy, fraction_slots
 
 PROMPTS = [
@@ -97,3 +97,11 @@ def test_protected_spans_are_refused_with_a_policy(tiny_params, tiny_tokenizer):
     engine = _engine(tiny_params, tiny_tokenizer, cache="h2o", budget=4)
     with pytest.raises(ValueError, match="no protected spans"):
         engine.generate([PROMPTS[1]], 2, protect=[["Smith"]])
+
+
+def test_a_prompt_over_the_capacity_is_refused_by_name(tiny_params, tiny_tokenizer):
+    """The prefill holds the whole prompt (then the budget): a capacity below the prompt stops the row, named."""
+    engine = _engine(tiny_params, tiny_tokenizer, cache="h2o", budget=4, capacity=8)
+    with pytest.raises(CacheOverflowError, match="h2o cache's prefill holds the whole prompt"):
+        engine.generate([PROMPTS[0]], 2)
+    assert engine.generate([PROMPTS[0]], 2, raise_errors=False)[0].error.endswith("raise --capacity")
