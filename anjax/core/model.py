@@ -73,8 +73,12 @@ def blocked_attention(q_BxTxHxD: jax.Array, blocks) -> jax.Array:
     The keys are never concatenated (a KV cache and a chunk are attended to in place); head-major
     blocks make q.k and p.v batched matmuls over (B, K) that read the keys and values without a transpose.
     """
+    return _attend(q_BxTxHxD, blocks, *_block_exps(q_BxTxHxD, blocks))
+
+
+def _attend(q_BxTxHxD: jax.Array, blocks, exps, total_BxKxGxTx1: jax.Array) -> jax.Array:
+    """The attention output [B, T, H, D] from `_block_exps`' numerators and denominator."""
     B, T, H, D = q_BxTxHxD.shape
-    exps, total_BxKxGxTx1 = _block_exps(q_BxTxHxD, blocks)
     out_BxKxGxTxD = sum(jnp.einsum("bkgts,bksd->bkgtd", e.astype(v.dtype), v) for e, (_, v, _) in zip(exps, blocks))
     out_BxTxKxGxD = (out_BxKxGxTxD / total_BxKxGxTx1).transpose(0, 3, 1, 2, 4)
     return out_BxTxKxGxD.astype(q_BxTxHxD.dtype).reshape(B, T, H, D)
@@ -98,14 +102,21 @@ def _block_exps(q_BxTxHxD: jax.Array, blocks) -> tuple[list[jax.Array], jax.Arra
     return exps, sum(e.sum(-1, keepdims=True) for e in exps)
 
 
-def key_mass(q_BxTxHxD: jax.Array, blocks, weight_IxBxT: jax.Array) -> jax.Array:
-    """[I, B, K, S1 + S2 + ...]: the attention probability each key of `blocks` (as in `blocked_attention`)
-    receives, summed over the query heads of its KV group and over the queries weighted by `weight_IxBxT[i]`
-    (one sum per weighting, each computed as if it were the only one)."""
+def attention_with_key_mass(q_BxTxHxD: jax.Array, blocks, weight_IxBxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`blocked_attention`'s output and, from the same softmax numerators, the key mass [I, B, K, S1 + S2 + ...]:
+    the attention probability each key of `blocks` receives, summed over the query heads of its KV group and
+    over the queries weighted by `weight_IxBxT[i]` (one sum per weighting, each as if it were the only one).
+
+    Each query's weight is divided by its denominator first, so the mass is one vector-matrix product per
+    (row, KV head) over the numerators as they lie: the probabilities are never formed."""
     exps, total_BxKxGxTx1 = _block_exps(q_BxTxHxD, blocks)
-    probs = [e / total_BxKxGxTx1 for e in exps]
-    weighted = lambda w_BxTx1: jnp.concatenate([jnp.einsum("bkgts,bti->bks", p, w_BxTx1) for p in probs], -1)
-    return jnp.stack([weighted(w_BxT.astype(jnp.float32)[:, :, None]) for w_BxT in weight_IxBxT])
+
+    def weighted(w_BxT):
+        scale_BxKxGxT = w_BxT.astype(jnp.float32)[:, None, None, :] / total_BxKxGxTx1[..., 0]
+        return jnp.concatenate([jnp.einsum("bkgt,bkgts->bks", scale_BxKxGxT, e) for e in exps], -1)
+
+    mass_IxBxKxS = jnp.stack([weighted(w_BxT) for w_BxT in weight_IxBxT])
+    return _attend(q_BxTxHxD, blocks, exps, total_BxKxGxTx1), mass_IxBxKxS
 
 
 class Attention(nn.Module):
@@ -134,16 +145,17 @@ class Attention(nn.Module):
         sparse = use_sparse(cfg.attention, q.shape[1])  # the chunk's self-attention without its [T, T] logits
         cache = None if layer_kv is None else (layer_kv[0].astype(dt), layer_kv[1].astype(dt), mask(k_meta))
         new_kv = None if layer_kv is None else (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-        if sparse:
+        if mass_weight_IxBxT is not None:  # the cache's slots, then the chunk's keys (head-major, as stored)
+            head_major = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+            blocks = [cache, (*head_major, mask(q_meta))] if cache is not None else [(*head_major, mask(k_meta))]
+            out, mass = attention_with_key_mass(q, blocks, mass_weight_IxBxT)
+            self.sow("intermediates", "key_mass", mass)
+        elif sparse:
             out = sparse_attention(q, k, v, q_meta, self.full_attention, cache)
         elif layer_kv is None:  # keys are the chunk itself
             out = dot_attention(q, k, v, mask(k_meta))
         else:  # the cache's slots, then the chunk itself (head-major [B, K, T, D], as the cache stores it)
             out = blocked_attention(q, [cache, (*new_kv, mask(q_meta))])
-        if mass_weight_IxBxT is not None:
-            head_major = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-            blocks = [cache, (*head_major, mask(q_meta))] if cache is not None else [(*head_major, mask(k_meta))]
-            self.sow("intermediates", "key_mass", key_mass(q, blocks, mass_weight_IxBxT))
         y = out.reshape(*out.shape[:2], H * D) @ wo.reshape(H * D, E)  # (h, d) as one axis: wo is read as stored
         return nn.with_logical_constraint(y, ("batch", "length", "embed")), new_kv
 
