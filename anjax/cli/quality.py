@@ -48,6 +48,7 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="items (perplexity: rows) per batch")
     p.add_argument("--chunk-size", type=int, default=128, help="prefill chunk (tokens)")
     p.add_argument("--seq-len", type=int, default=1024, help="perplexity: tokens per row")
+    p.set_defaults(policy_chunk=1)  # evaluate's perplexity settings; the quality report scores no policy
     p.add_argument("--ac-every", type=int, default=None, help="perplexity, AC: also an <AC> every N tokens")
     p.add_argument("--bootstrap-samples", type=int, default=stats.SAMPLES, help="resamples for the 95%% intervals")
     p.add_argument("--bootstrap-seed", type=int, default=stats.SEED, help="seed of the bootstrap resampling")
