@@ -26,7 +26,7 @@ import jax
 from bench_decode import bench_engine, english_tokens, fmt
 
 from anjax.inference.engine import Engine, EngineConfig
-from anjax.inference.policies import POLICIES
+from anjax.inference.policies import POLICIES, fraction_slots
 from anjax.io.loading import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,7 +62,7 @@ def main() -> None:
                 dict(
                     length=length,
                     cache=name,
-                    held=res["held"] if name in ("full", "anchor") else max(1, int(args.budget * (length - 1))),
+                    held=res["held"] if name in ("full", "anchor") else fraction_slots(args.budget, length - 1),
                     prefill=res["prefill"],
                     **{f"decode_b{b}": res[b] and res[b]["decode"] for b in args.batches},
                     kv_mb=res[args.batches[-1]] and res[args.batches[-1]]["kv_mb"],

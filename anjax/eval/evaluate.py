@@ -50,7 +50,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from anjax.eval import tasks
-from anjax.inference.policies import POLICIES, Policy
+from anjax.inference.policies import POLICIES, Policy, fraction_slots
 from anjax.inference.scoring import CACHE_KINDS, Scorer, ScoreRequest, anchor_kept
 from anjax.io import outputs
 
@@ -100,7 +100,7 @@ def row_budgets(rows: Sequence[Sequence[int]], budget: str | float, anchor_ids: 
     after them (`anjax.inference.scoring.anchor_kept`)."""
     if budget == MATCH_ANCHOR:
         return [anchor_kept(r[:-1], anchor_ids) for r in rows]
-    return [max(1, int(budget * (len(r) - 1))) for r in rows]
+    return [fraction_slots(budget, len(r) - 1) for r in rows]
 
 
 def item_budgets(requests: Sequence[ScoreRequest], budget: str | float, anchor_ids: Sequence[int]) -> list[int]:

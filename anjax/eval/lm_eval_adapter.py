@@ -97,6 +97,7 @@ class AnjaxLM(LM):
         self.scorer = Scorer(scoring_model, batch_size=batch, chunk_size=int(chunk_size))
         self.cache, self.batch_size = cache, batch
         self._engine: Engine | None = None
+        self._streamer: Scorer | None = None  # a policy's token-by-token scorer (`loglikelihood_rolling`)
 
     @property
     def model(self) -> ScoringModel:
@@ -129,8 +130,9 @@ class AnjaxLM(LM):
         scored = [[t > 0 and x != m.ac_id for t, x in enumerate(row)] for row in rows]
         if self.policy:
             budgets = evaluate.row_budgets(rows, self.budget, m.anchor_ids)
-            streamer = Scorer(m, batch_size=self.batch_size, chunk_size=1)
-            return [-x for x in streamer.sequence_nll(rows, self.policy, scored, budgets)["nll"]]
+            if self._streamer is None:  # built once: its compiled chunk steps are reused across calls
+                self._streamer = Scorer(m, batch_size=self.batch_size, chunk_size=1)
+            return [-x for x in self._streamer.sequence_nll(rows, self.policy, scored, budgets)["nll"]]
         return [-x for x in self.scorer.sequence_nll(rows, self.cache, scored)["nll"]]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:

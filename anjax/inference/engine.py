@@ -625,10 +625,10 @@ class Engine:
     def prefill_more(self, pre: Prefilled, chunks: int | None = 1) -> Prefilled:
         """Feed the next `chunks` chunks (None: all) of a partial prefill (`pre` is consumed)."""
         feed, state = pre.left[:chunks], pre.state
+        fed_B = np.array([len(r) - 1 for r in pre.rows], np.int32)  # a policy observes the prompt's fed tokens
         with self.runtime.timer() as timer:
             for chunk_BxT in feed:
                 if self.spec.policy:  # the whole prompt is held and observed; `start_decode` compresses it
-                    fed_B = np.array([len(r) - 1 for r in pre.rows], np.int32)
                     step = (policies.prefill_chunk, (self.cfg, self.spec), self.params, state, *chunk_BxT[:2], fed_B)
                 else:
                     step = (prefill, (self.cfg, self.spec), self.params, state, *chunk_BxT)
