@@ -68,7 +68,12 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4, help="decoder layers (SmolLM2-135M has 30)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (best kept)")
     p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
-    p.add_argument("--tile", type=int, default=sparse_attention.TILE, help="sparse query/key tile length")
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=sparse_attention.TILE,
+        help="sparse attention tile in anchor mode (full mode and short blocks: twice it)",
+    )
     p.add_argument("--max-gib", type=float, default=8.0, help="run only steps whose temporaries fit in this")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for the .json and .png")
     p.add_argument("--memory-layers", type=int, default=30, help="also compile (not run) this deep a model; 0: off")

@@ -159,6 +159,34 @@ def test_chunk_with_cache_block_equals_blocked_attention(full):
     assert np.abs(np.asarray(got - want)).max() <= 1e-5
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_front_packed_cache_visits_only_the_slots_in_use(full):
+    """A prefill chunk against a cache filled to different lengths per row (capacity 64, tiles of 8):
+    equal to the dense block, and the key tiles visited end at the longest row's fill."""
+    T, C = 24, 64
+    meta, q, k, v = setup("padding", T, seed=7)
+    rng = np.random.default_rng(8)
+    ck, cv = (jnp.asarray(rng.standard_normal((B, K, C, D)), jnp.float32) for _ in range(2))
+    length_B = np.array([19, 3, 0])
+    cache_allowed = np.broadcast_to(np.arange(C) < length_B[:, None, None], (B, T, C)).copy()
+    cache_allowed[0, :8, 12:] = False  # query tile 0 sees the first 12 slots of row 0 (tiles 0-1) at most
+    cache_allowed = jnp.asarray(cache_allowed)
+    want = blocked_attention(
+        q,
+        [
+            (ck, cv, cache_allowed),
+            (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), attention_allowed(meta, meta, full)),
+        ],
+    )
+    got = jax.jit(lambda q: sa.sparse_attention(q, k, v, meta, full, (ck, cv, cache_allowed), tile=8, kernel=None))(q)
+    valid = np.asarray(meta.valid)  # outputs at padding queries are unspecified
+    assert np.abs(np.asarray(got - want)[valid]).max() <= 1e-5
+    tk, first, stop = sa._cache_tiles(cache_allowed, 8)
+    assert tk == 8 and list(first) == [0, 0, 0] and list(stop) == [2, 3, 3]
+    tk, first, stop = sa._cache_tiles(jnp.zeros((1, 16, 40), bool), 16)  # no key allowed; 40 = 8 x 5: one tile
+    assert tk == 40 and list(first) == list(stop) == [0]
+
+
 def test_use_sparse_by_config_and_length():
     assert not sa.use_sparse("dense", 8192)
     assert sa.use_sparse("sparse", 8) and not sa.use_sparse("sparse", 1)  # decode: one query row, dense
