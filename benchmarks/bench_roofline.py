@@ -138,8 +138,9 @@ def bench_llama_cpp(model_path: Path, prompt: list[int], args) -> dict | None:
         t0 = time.perf_counter()
         llm.eval(prompt)
         t1 = time.perf_counter()
-        for _ in range(args.new_tokens):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        for _ in range(args.new_tokens):  # llama-cpp-python keeps no scores without logits_all: read the last row
+            last_V = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+            llm.eval([int(np.argmax(last_V))])
         t2 = time.perf_counter()
         best = {
             "prefill": max(best["prefill"], len(prompt) / (t1 - t0)),
