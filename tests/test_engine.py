@@ -12,6 +12,7 @@ from anjax.core.cache import compact, keep_slots
 from anjax.core.config import tiny_config
 from anjax.core.mask import token_metadata
 from anjax.core.model import Llama, blocked_attention, init_params
+from anjax.core.params import with_scan_layers
 from anjax.inference.engine import (
     CacheOverflowError,
     Engine,
@@ -341,6 +342,35 @@ def test_greedy_generation_matches_argmax_of_full_forward():
         logits = reference_logits(cfg, params, out.ids[:-1], EP_IDS, full=False)
         assert out.ids[len(out.prompt_ids) :] == np.argmax(logits, -1)[len(out.prompt_ids) - 1 :].tolist()
         assert out.stats["generated_tokens"] == 8 and out.stats["full_cache_slots"] == len(out.ids) - 1
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("cache", ["anchor", "full"])
+def test_split_decode_layers_equal_the_scanned_loop_and_the_full_forward(cache, scan_layers):
+    """decode_layers="split" (unrolled layers, per-layer weights and cache buffers in the loop) generates the ids
+    of "scan" and of the full forward's argmax, with the same cache statistics."""
+    cfg, params = tiny_model()
+    cfg = cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!"))
+    cfg, params = with_scan_layers(cfg, params, scan_layers)
+    rng = np.random.default_rng(11)
+    prompts = [ep_row(rng, 17), ep_row(rng, 5)]
+    outs = {}
+    for layers in ("scan", "split"):
+        eng = Engine(cfg, params, config=EngineConfig(cache=cache, chunk_size=4, decode_layers=layers), runtime=RUNTIME)
+        assert eng.spec.split_layers == (layers == "split")
+        outs[layers] = eng.generate(prompts, max_new_tokens=9, stop_ids=())
+    for scan_out, split_out in zip(outs["scan"], outs["split"]):
+        assert split_out.ids == scan_out.ids
+        assert split_out.stats["peak_cache_slots"] == scan_out.stats["peak_cache_slots"]
+        logits = reference_logits(cfg, params, split_out.ids[:-1], EP_IDS, full=cache == "full")
+        assert (
+            split_out.ids[len(split_out.prompt_ids) :]
+            == np.argmax(logits, -1)[len(split_out.prompt_ids) - 1 :].tolist()
+        )
+    with pytest.raises(ValueError, match="decode_layers"):
+        EngineConfig(decode_layers="unrolled")
+    with pytest.raises(ValueError, match="anchor and full caches"):
+        EngineConfig(cache="h2o", budget=0.5, decode_layers="split")
 
 
 def test_greedy_generation_with_protected_spans_matches_full_forward():

@@ -16,9 +16,10 @@ from anjax.core.mask import TokenMeta
 
 @flax.struct.dataclass
 class KVCache:
-    """keys/values [L, B, K, C, D] (head-major: a head's slots are contiguous, so attention reads them in place);
-    per-slot metadata [B, C]; `length` [B] slots in use (front-packed; in decode a protected span may
-    leave holes below it, see `close_sentence`)."""
+    """keys/values [L, B, K, C, D] (head-major: a head's slots are contiguous, so attention reads them in place),
+    or split into a tuple of L per-layer buffers [B, K, C, D] (`split_layers`: what unrolled layers read and
+    update in place); per-slot metadata [B, C]; `length` [B] slots in use (front-packed; in decode a protected
+    span may leave holes below it, see `close_sentence`)."""
 
     keys: jax.Array
     values: jax.Array
@@ -27,7 +28,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[3]
+        return self.meta.valid.shape[1]
 
     def slot_meta(self) -> TokenMeta:
         """Metadata of the C slots as keys."""
@@ -43,7 +44,19 @@ class KVCache:
         """The cache with `slot_fn` applied to keys/values [L, B, K, C, D] and `meta_fn` (default: `slot_fn`) to
         every metadata field [B, C]: the one place that lists what a slot holds."""
         meta_fn = meta_fn or slot_fn
-        return self.replace(keys=slot_fn(self.keys), values=slot_fn(self.values), meta=jax.tree.map(meta_fn, self.meta))
+        if isinstance(self.keys, tuple):  # split layers: each buffer as a stack of one layer
+            kv_fn = lambda layers: tuple(slot_fn(x[None])[0] for x in layers)  # noqa: E731
+        else:
+            kv_fn = slot_fn
+        return self.replace(keys=kv_fn(self.keys), values=kv_fn(self.values), meta=jax.tree.map(meta_fn, self.meta))
+
+    def split_layers(self) -> KVCache:
+        """The cache with one buffer per layer (a tuple of L [B, K, C, D]); `stack_layers` undoes it."""
+        return self.replace(keys=tuple(self.keys), values=tuple(self.values))
+
+    def stack_layers(self) -> KVCache:
+        """The cache with its layers stacked [L, B, K, C, D]."""
+        return self.replace(keys=jnp.stack(self.keys), values=jnp.stack(self.values))
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:

@@ -222,6 +222,8 @@ class Llama(nn.Module):
         if cfg.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
+            if layers_kv is not None and isinstance(layers_kv[0], tuple):
+                raise ValueError("a cache split into per-layer buffers needs unrolled layers (scan_layers=False)")
             stack = nn.scan(
                 block,
                 variable_axes={"params": 0, "intermediates": 0},
@@ -236,8 +238,10 @@ class Llama(nn.Module):
             for i in range(cfg.num_layers):
                 layer_kv = None if layers_kv is None else (layers_kv[0][i], layers_kv[1][i])
                 x, kv = block(cfg, full_attention, name=f"layer_{i}")(x, layer_kv, meta, k_meta, mass_weight_IxBxT)
+                if layers_kv is not None and isinstance(layers_kv[0], tuple):
+                    kv = _after(kv, x)  # written once the layer has read its buffers: in place
                 new.append(kv)
-            new_kv = None if cache is None else tuple(jnp.stack(t) for t in zip(*new))
+            new_kv = None if cache is None else tuple(zip(*new))  # per layer: ([B, K, T, D] * L, ...)
 
         x = RMSNorm(cfg, name="final_norm")(x)
         if cfg.tie_embeddings:  # contract with the table as stored: a transposed head is a copy of it per call
@@ -249,10 +253,29 @@ class Llama(nn.Module):
         if cache is not None:  # the chunk's keys/values [L, B, K, T, D] go to slots [length, length + T)
             offset_B = cache.length
             cache = append_meta(cache, meta)
-            cache = cache.replace(
-                keys=write_slots(cache.keys, new_kv[0], offset_B), values=write_slots(cache.values, new_kv[1], offset_B)
+            keys, values = (
+                _write_layers(buf, chunks, offset_B) for buf, chunks in zip((cache.keys, cache.values), new_kv)
             )
+            cache = cache.replace(keys=keys, values=values)
         return logits, cache
+
+
+def _after(kv, x_BxTxE: jax.Array):
+    """`kv` (keys, values [B, K, T, D]) made to depend on `x_BxTxE` (plus zeros computed from it: exact).
+
+    XLA:CPU copies a loop-carried buffer that one op reads and another updates in place, twice per
+    iteration, unless the update's value depends on the read's result (an optimization barrier does not
+    count); a layer's new keys and values are computed before its attention reads the cache."""
+    zeros_Bx1xTx1 = 0 * jnp.nan_to_num(x_BxTxE[:, None, :, :1])
+    return tuple(a + zeros_Bx1xTx1.astype(a.dtype) for a in kv)
+
+
+def _write_layers(buffer, chunks, offset_B: jax.Array):
+    """`write_slots` for a stacked buffer [L, B, K, C, D] or split buffers (a tuple of L [B, K, C, D], each written
+    in place); `chunks`: stacked [L, B, K, T, D] (scanned layers) or L per-layer [B, K, T, D] (unrolled)."""
+    if isinstance(buffer, tuple):
+        return tuple(write_slots(b[None], c[None], offset_B)[0] for b, c in zip(buffer, chunks))
+    return write_slots(buffer, chunks if isinstance(chunks, jax.Array) else jnp.stack(chunks), offset_B)
 
 
 def init_boxed(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):

@@ -20,7 +20,9 @@ def stack_layers(layers: list[dict]) -> dict:
 
 
 def with_scan_layers(cfg: ModelConfig, params: dict, scan: bool) -> tuple[ModelConfig, dict]:
-    """(cfg, params) with the layers stacked (`scan`) or one tree per layer; the math is the same."""
+    """(cfg, params) with the layers stacked (`scan`) or one tree per layer; the math is the same.
+
+    Unstacking also works under jit (each layer a slice of the stacked leaves)."""
     if cfg.scan_layers == scan:
         return cfg, params
     params = dict(params)
@@ -28,9 +30,7 @@ def with_scan_layers(cfg: ModelConfig, params: dict, scan: bool) -> tuple[ModelC
         params["layers"] = stack_layers([params.pop(f"layer_{i}") for i in range(cfg.num_layers)])
     else:
         stacked = params.pop("layers")
-        params.update(
-            {f"layer_{i}": jax.tree.map(lambda x, i=i: np.asarray(x[i]), stacked) for i in range(cfg.num_layers)}
-        )
+        params.update({f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(cfg.num_layers)})
     return cfg.replace(scan_layers=scan), params
 
 

@@ -59,6 +59,7 @@ from anjax.core.cache import KVCache, close_sentence, compact, fit_slots, keep_s
 from anjax.core.config import ModelConfig
 from anjax.core.mask import TokenMeta, is_anchor, protected_tokens
 from anjax.core.model import Llama
+from anjax.core.params import with_scan_layers
 from anjax.inference import policies
 from anjax.inference.policies import POLICIES, Policy
 from anjax.inference.runtime import Runtime, bucket, right_align, round_up
@@ -257,8 +258,16 @@ def decode_loop(
     sampling: Sampling,
 ) -> DecodeCarry:
     """Generate up to `max_new_tokens` per row in one `lax.while_loop` of `decode_step`s, starting by
-    feeding `token_B` (the last prompt token; `protected_B` [B] bool: it is protected)."""
+    feeding `token_B` (the last prompt token; `protected_B` [B] bool: it is protected).
+
+    With `spec.split_layers` the loop runs unrolled layers on per-layer weights and cache buffers (sliced
+    once before the loop, the cache stacked again after it), each read and written in place: on XLA:CPU a
+    scanned layer copies its slice of the stacked weights before its matvecs, and unrolled layers copy a
+    stacked cache (README: Decode)."""
     state = start_decode(state, spec, slots)
+    if spec.split_layers:
+        cfg, params = with_scan_layers(cfg, params, False)
+        state = state.replace(cache=state.cache.split_layers())
     B = token_B.shape[0]
 
     def cond(c: DecodeCarry):
@@ -284,7 +293,10 @@ def decode_loop(
         tokens=jnp.full((B, max_new_tokens), -1, jnp.int32),
         generated=jnp.zeros((B,), jnp.int32),
     )
-    return jax.lax.while_loop(cond, body, carry)
+    carry = jax.lax.while_loop(cond, body, carry)
+    if spec.split_layers:
+        carry = carry.replace(state=carry.state.replace(cache=carry.state.cache.stack_layers()))
+    return carry
 
 
 # ----------------------------------------------------------------------------- host side
@@ -342,6 +354,8 @@ class EngineConfig:
     capacity: slots a row may keep (default: the whole request for a full cache,
     min(that, DEFAULT_ANCHOR_CAPACITY) for an anchor cache). chunk_size: prefill chunk T.
     positions: "true" | "reference" (the AnLLM authors' re-based positions, inexact).
+    decode_layers: the decode loop's layers, "scan" (stacked weights and cache) or "split" (unrolled, per-layer
+    weights and cache buffers; anchor and full caches); "auto": split on CPU, else scan (`decode_loop`).
     sink_tokens: keep each row's first N tokens visible (extension). raw_prompts: tokenize
     text prompts as they are (no <AC> inserted in AC mode). show_anchors: keep generated <AC>
     tokens in `text`.
@@ -362,6 +376,7 @@ class EngineConfig:
     policy_sink: int | None = None
     policy_obs: int | None = None
     policy_kernel: int | None = None
+    decode_layers: str = "auto"
 
     def __post_init__(self):
         if self.anchors is not None:
@@ -369,6 +384,10 @@ class EngineConfig:
         if self.cache not in (None, "anchor", "full", *POLICIES):
             raise ValueError(f"cache must be one of anchor, full, {', '.join(POLICIES)}; got {self.cache!r}")
         self.policy  # noqa: B018 -- checks the policy's settings and budget
+        if self.decode_layers not in ("auto", "scan", "split"):
+            raise ValueError(f"decode_layers must be 'auto', 'scan' or 'split', got {self.decode_layers!r}")
+        if self.decode_layers == "split" and self.cache in POLICIES:
+            raise ValueError(f"decode_layers='split' applies to the anchor and full caches, not {self.cache!r}")
         if self.positions not in ("true", "reference"):
             raise ValueError(f"positions must be 'true' or 'reference', got {self.positions!r}")
         for name, value, low in (
@@ -441,6 +460,8 @@ class Engine:
             sink_tokens=c.sink_tokens,
             reference_positions=c.positions == "reference",
             policy=c.policy,
+            split_layers=c.decode_layers == "split"
+            or (c.decode_layers == "auto" and c.policy is None and jax.default_backend() == "cpu"),
         )
         self.cache_kind, self.chunk_size, self.capacity, self.batch_size = cache, c.chunk_size, c.capacity, c.batch_size
         self.raw_prompts, self.show_anchors = c.raw_prompts, c.show_anchors
@@ -454,7 +475,7 @@ class Engine:
     def load(cls, model: str | None = None, config: EngineConfig = EngineConfig()) -> Engine:
         """An engine for any model argument of `anjax.io.loading.load_model` (None: the embedded SmolLM2).
 
-        Layers are loaded stacked (`scan_layers`): one layer body to compile, and faster decoding on CPU.
+        Layers are loaded stacked (`scan_layers`): one layer body to compile for prefill (decode: `decode_layers`).
         """
         cfg, params, tokenizer = load_model(model, scan_layers=True)
         return cls(cfg, params, tokenizer, config)
