@@ -24,6 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing anjax
 
+from anjax.io import outputs  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 K, G, D, LAYERS = 3, 3, 64, 30  # SmolLM2-135M
 
@@ -119,9 +121,7 @@ def main() -> None:
     md = markdown(rows, args)
     print("\n" + md)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(md)
+    outputs.write_report(out.parent, out.name, md, {"args": vars(args), "rows": rows})
     print(f"saved {out.with_suffix('.json')} and .md")
 
 

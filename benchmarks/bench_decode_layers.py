@@ -22,6 +22,7 @@ import jax
 from bench_decode import english_tokens, tile
 
 from anjax.inference.engine import Engine, EngineConfig
+from anjax.io import outputs
 from anjax.io.loading import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,9 +68,7 @@ def main() -> None:
     md = markdown(rows, args)
     print("\n" + md)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(md)
+    outputs.write_report(out.parent, out.name, md, {"args": vars(args), "rows": rows})
     print(f"saved {out.with_suffix('.json')} and .md")
 
 

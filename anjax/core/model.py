@@ -221,8 +221,9 @@ class Llama(nn.Module):
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        split = layers_kv is not None and isinstance(layers_kv[0], tuple)  # one cache buffer per layer
         if cfg.scan_layers:
-            if layers_kv is not None and isinstance(layers_kv[0], tuple):
+            if split:
                 raise ValueError("a cache split into per-layer buffers needs unrolled layers (scan_layers=False)")
             stack = nn.scan(
                 block,
@@ -238,7 +239,7 @@ class Llama(nn.Module):
             for i in range(cfg.num_layers):
                 layer_kv = None if layers_kv is None else (layers_kv[0][i], layers_kv[1][i])
                 x, kv = block(cfg, full_attention, name=f"layer_{i}")(x, layer_kv, meta, k_meta, mass_weight_IxBxT)
-                if layers_kv is not None and isinstance(layers_kv[0], tuple):
+                if split:
                     kv = _after(kv, x)  # written once the layer has read its buffers: in place
                 new.append(kv)
             new_kv = None if cache is None else tuple(zip(*new))  # per layer: ([B, K, T, D] * L, ...)
