@@ -157,8 +157,9 @@ class AnjaxLM(LM):
     def engine(self) -> Engine:
         """The generation engine over the scorer's weights, anchor settings and runtime (built once).
 
-        One copy of the weights on the device and one compile cache for both: the engine holds the
-        scoring model's params themselves and the scorer's `Runtime`.
+        One compile cache for both (the scorer's `Runtime`) and, on accelerators, one copy of the weights: the
+        engine holds the scoring model's params themselves; on CPU it decodes with split layers and holds them
+        per layer, a second copy (`EngineConfig.decode_layers`).
         """
         if self._engine is None:
             if self.budget == evaluate.MATCH_ANCHOR:

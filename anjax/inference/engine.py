@@ -260,10 +260,10 @@ def decode_loop(
     """Generate up to `max_new_tokens` per row in one `lax.while_loop` of `decode_step`s, starting by
     feeding `token_B` (the last prompt token; `protected_B` [B] bool: it is protected).
 
-    With `spec.split_layers` the loop runs unrolled layers on per-layer weights and cache buffers (sliced
-    once before the loop, the cache stacked again after it), each read and written in place: on XLA:CPU a
-    scanned layer copies its slice of the stacked weights before its matvecs, and unrolled layers copy a
-    stacked cache (README: Decode)."""
+    With `spec.split_layers` the loop runs unrolled layers on per-layer weights (as the `Engine` holds them;
+    stacked ones are sliced here, a copy per call) and cache buffers (split before the loop, stacked again after
+    it), each read and written in place: on XLA:CPU a scanned layer copies its slice of the stacked weights
+    before its matvecs, and unrolled layers copy a stacked cache (README: Decode)."""
     state = start_decode(state, spec, slots)
     if spec.split_layers:
         cfg, params = with_scan_layers(cfg, params, False)
@@ -355,7 +355,8 @@ class EngineConfig:
     min(that, DEFAULT_ANCHOR_CAPACITY) for an anchor cache). chunk_size: prefill chunk T.
     positions: "true" | "reference" (the AnLLM authors' re-based positions, inexact).
     decode_layers: the decode loop's layers, "scan" (stacked weights and cache) or "split" (unrolled, per-layer
-    weights and cache buffers; anchor and full caches); "auto": split on CPU, else scan (`decode_loop`).
+    weights and cache buffers; anchor and full caches; the engine then holds the weights per layer and prefills
+    with unrolled layers too); "auto": split on CPU, else scan (`decode_loop`).
     sink_tokens: keep each row's first N tokens visible (extension). raw_prompts: tokenize
     text prompts as they are (no <AC> inserted in AC mode). show_anchors: keep generated <AC>
     tokens in `text`.
@@ -450,6 +451,11 @@ class Engine:
                 "(--anchor-mode ep) or use the full cache"
             )
         ac_id = anchor_ids[0] if mode == "ac" else -1
+        split = c.decode_layers == "split" or (
+            c.decode_layers == "auto" and c.policy is None and jax.default_backend() == "cpu"
+        )
+        if split:  # held per layer once, not sliced out of the stack by every decode call (README: Decode)
+            cfg, params = with_scan_layers(cfg, params, False)
         self.cfg, self.tokenizer, self.anchor_mode, self.scheme, self.config = cfg, tokenizer, mode, scheme, c
         self.params = jax.device_put(params)
         self.spec = EngineSpec(
@@ -460,8 +466,7 @@ class Engine:
             sink_tokens=c.sink_tokens,
             reference_positions=c.positions == "reference",
             policy=c.policy,
-            split_layers=c.decode_layers == "split"
-            or (c.decode_layers == "auto" and c.policy is None and jax.default_backend() == "cpu"),
+            split_layers=split,
         )
         self.cache_kind, self.chunk_size, self.capacity, self.batch_size = cache, c.chunk_size, c.capacity, c.batch_size
         self.raw_prompts, self.show_anchors = c.raw_prompts, c.show_anchors
@@ -475,7 +480,8 @@ class Engine:
     def load(cls, model: str | None = None, config: EngineConfig = EngineConfig()) -> Engine:
         """An engine for any model argument of `anjax.io.loading.load_model` (None: the embedded SmolLM2).
 
-        Layers are loaded stacked (`scan_layers`): one layer body to compile for prefill (decode: `decode_layers`).
+        Layers are loaded stacked (`scan_layers`: one layer body to compile), kept per layer when the decode
+        is split (`EngineConfig.decode_layers`).
         """
         cfg, params, tokenizer = load_model(model, scan_layers=True)
         return cls(cfg, params, tokenizer, config)

@@ -111,13 +111,17 @@ class Slots:
     limit: jax.Array  # int32, max_tokens
 
 
-def init_slots(cfg: ModelConfig, n: int, capacity: int, stop_ids: Sequence[int], max_sentence_tokens: int) -> Slots:
-    """N free slots of `capacity` + 1 cache slots each."""
+def init_slots(
+    cfg: ModelConfig, n: int, capacity: int, stop_ids: Sequence[int], max_sentence_tokens: int, split: bool = False
+) -> Slots:
+    """N free slots of `capacity` + 1 cache slots each; `split`: the cache as per-layer buffers
+    (`EngineSpec.split_layers`: the unrolled layers update them in place every step)."""
+    state = init_state(cfg, n, capacity + 1, np.ones(n, bool))
     stops = np.full((MAX_STOP_IDS,), -1, np.int32)
     stops[: len(stop_ids)] = stop_ids
     zeros = lambda dtype: jnp.zeros((n,), dtype)
     return Slots(
-        state=init_state(cfg, n, capacity + 1, np.ones(n, bool)),
+        state=state.replace(cache=state.cache.split_layers()) if split else state,
         token=zeros(jnp.int32),
         protected=zeros(bool),
         sampling=Sampling(
@@ -149,8 +153,10 @@ def insert(
 ) -> Slots:
     """Slots with a prefilled 1-row state (any prefill buffer size) written into row `slot` (a traced int)."""
     row = start_decode(row, spec, capacity).replace(done=jnp.zeros((1,), bool))
+    if isinstance(slots.state.cache.keys, tuple):  # split slots (`init_slots`)
+        row = row.replace(cache=row.cache.split_layers())
 
-    def put(big, small):  # keys/values [L, B, K, C, D] have the batch on axis 1, every other leaf on axis 0
+    def put(big, small):  # stacked keys/values [L, B, K, C, D] have the batch on axis 1, every other leaf on axis 0
         return jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), slot, axis=1 if big.ndim == 5 else 0)
 
     set_ = lambda x, v: x.at[slot].set(jnp.asarray(v, x.dtype))
@@ -209,7 +215,9 @@ class Scheduler:
         cfg = engine.cfg
         self.stop_ids = () if cfg.eos_token_id is None else (cfg.eos_token_id,)
         self.max_sentence_tokens = engine.scheme.max_sentence_tokens or 0
-        self.slots = init_slots(cfg, slots, capacity, self.stop_ids, self.max_sentence_tokens)
+        self.slots = init_slots(
+            cfg, slots, capacity, self.stop_ids, self.max_sentence_tokens, split=engine.spec.split_layers
+        )
         self.owner: list[Request | None] = [None] * slots
         self.admitting: Request | None = None  # popped from the queue, not yet in a slot
         self.prefilled: Prefilled | None = None  # its prefill so far (some chunks may be left)
