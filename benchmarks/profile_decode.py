@@ -116,8 +116,9 @@ def op_seconds(trace_dir: str) -> dict:
 
 def profile(engine: Engine, pre, batch: int, new_tokens: int, cfg, params) -> dict:
     """One row of the table: seconds per decode step by kind, and bytes read per step."""
-    engine.decode(tile(pre, batch), new_tokens)  # compiles
-    exe = next(v for k, v in engine.runtime.executables.items() if k[0] is decode_loop)
+    before = set(engine.runtime.executables)
+    engine.decode(tile(pre, batch), new_tokens)  # compiles this batch's loop
+    exe = next(v for k, v in engine.runtime.executables.items() if k[0] is decode_loop and k not in before)
     ops, in_loop = parse_hlo(exe.as_text())
     with tempfile.TemporaryDirectory() as trace:
         with jax.profiler.trace(trace):

@@ -51,12 +51,8 @@ class KVCache:
         return self.replace(keys=kv_fn(self.keys), values=kv_fn(self.values), meta=jax.tree.map(meta_fn, self.meta))
 
     def split_layers(self) -> KVCache:
-        """The cache with one buffer per layer (a tuple of L [B, K, C, D]); `stack_layers` undoes it."""
+        """The cache with one buffer per layer (a tuple of L [B, K, C, D])."""
         return self.replace(keys=tuple(self.keys), values=tuple(self.values))
-
-    def stack_layers(self) -> KVCache:
-        """The cache with its layers stacked [L, B, K, C, D]."""
-        return self.replace(keys=jnp.stack(self.keys), values=jnp.stack(self.values))
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
