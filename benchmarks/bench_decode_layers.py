@@ -4,8 +4,8 @@
 
 SmolLM2-135M fp32, one prompt of real English text (`bench_decode.english_tokens`), prefilled once per cache;
 then decode at batch B from B copies of that row, alternating the two layouts --repeats times (the best of each
-is kept): "scan" runs the stacked layers in `lax.scan`, "split" unrolled layers on per-layer weights and cache
-buffers. Both generate the same ids (checked here too). -> OUT.{json,md}
+is kept): "scan" runs the stacked layers in `lax.scan`, "split" unrolled layers on per-layer weights (held so by
+the engine, q/k/v and gate/up fused) and cache buffers. Both generate the same ids (checked here too). -> OUT.{json,md}
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ and the optimized HLO of the executable says what the op is. Every op of the loo
 - attention dots: q.k and p.v, the dots with an operand on the decode buffer's slot axis;
 - slot-axis ops: the other ops on that axis (mask, softmax, the cache writes, compaction);
 - other ops: norms, RoPE, sampling (elementwise fusions, reductions, copies);
-- between ops: the loop's wall time less the ops' own (the runtime's dispatch and waits);
+- between ops: the loop's wall time less the ops' own (the runtime's dispatch and waits; 0 where ops ran
+  at the same time on several threads, as batch-16 products do: the shares are then of the ops' summed time);
 - per call: ops outside the loop (the cache split into per-layer buffers and stacked again), per generated token.
 
 Per kind: ms per step, share, bytes read per step (weights: every one once; attention: keys and values held) and
@@ -114,7 +115,7 @@ def op_seconds(trace_dir: str) -> dict:
     return seconds
 
 
-def profile(engine: Engine, pre, batch: int, new_tokens: int, cfg, params) -> dict:
+def profile(engine: Engine, pre, batch: int, new_tokens: int) -> dict:
     """One row of the table: seconds per decode step by kind, and bytes read per step."""
     before = set(engine.runtime.executables)
     engine.decode(tile(pre, batch), new_tokens)  # compiles this batch's loop
@@ -126,9 +127,13 @@ def profile(engine: Engine, pre, batch: int, new_tokens: int, cfg, params) -> di
         seconds = op_seconds(trace)
     steps, wall = g[0].stats["generated_tokens"], g[0].stats["decode_s"]
     slots = g[0].stats["decode_buffer_slots"]
-    leaves = jax.tree.leaves(params)
+    cfg, params, L = engine.cfg, engine.params, engine.cfg.num_layers  # as the engine holds them
+    if cfg.scan_layers:  # (one layer's size, all layers' size) of each weight matrix; norms' scales left out
+        mats = [(x.size // L, x.size) for x in jax.tree.leaves(params["layers"]) if x.ndim >= 3]
+    else:  # per layer, fused q/k/v and gate/up when the decode is split
+        mats = [(x.size, x.size) for i in range(L) for x in jax.tree.leaves(params[f"layer_{i}"]) if x.ndim >= 2]
+    weight_sizes = {one for one, _ in mats}
     table = cfg.vocab_size * cfg.hidden_size
-    weight_sizes = {x.size // cfg.num_layers for x in leaves if x.ndim >= 3}  # a stacked layer leaf [L, ...]
     by_kind = collections.Counter()
     for name, s in seconds.items():
         if name not in ops or ops[name][0] in ("while", "conditional", "call"):
@@ -141,7 +146,7 @@ def profile(engine: Engine, pre, batch: int, new_tokens: int, cfg, params) -> di
     held = int(np.mean([x.stats["peak_cache_slots"] for x in g]))
     kv_bytes = 4 * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
     read = {
-        "layer matvecs": 4 * sum(x.size for x in leaves if x.ndim >= 3),
+        "layer matvecs": 4 * sum(total for _, total in mats),
         "LM head": 4 * table,
         "attention dots": batch * slots * kv_bytes,  # the buffer's slots are read whether held or not
     }
@@ -176,7 +181,7 @@ def main() -> None:
         engine = Engine(cfg, params, tokenizer, config=EngineConfig(cache=cache, anchor_mode="ep"))
         pre = engine.prefill([prompt], 1, 256, args.length + args.new_tokens)
         for B in args.batches:
-            rows.append(profile(engine, pre, B, args.new_tokens, cfg, params))
+            rows.append(profile(engine, pre, B, args.new_tokens))
             print(json.dumps(rows[-1]), flush=True)
         del engine, pre
     md = markdown(rows, peak, args)

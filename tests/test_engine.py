@@ -357,7 +357,7 @@ def test_split_decode_layers_equal_the_scanned_loop_and_the_full_forward(cache, 
     outs = {}
     for layers in ("scan", "split"):
         eng = Engine(cfg, params, config=EngineConfig(cache=cache, chunk_size=4, decode_layers=layers), runtime=RUNTIME)
-        assert eng.spec.split_layers == (layers == "split")
+        assert eng.spec.split_layers == eng.cfg.fused_projections == (layers == "split")
         outs[layers] = eng.generate(prompts, max_new_tokens=9, stop_ids=())
     for scan_out, split_out in zip(outs["scan"], outs["split"]):
         assert split_out.ids == scan_out.ids

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from anjax.core.mask import token_metadata
 from anjax.core.model import Llama, RMSNorm
+from anjax.core.params import fuse_projections
 from anjax.io import hf
 
 CASES = {
@@ -70,6 +71,19 @@ def test_logits_match_transformers(tmp_path, case, scan):
     model = make_hf_model(tmp_path, **CASES[case])
     cfg, params = hf.load_hf_dir(tmp_path, scan_layers=scan)
     ids = np.random.default_rng(0).integers(0, 256, (2, 40))
+    diff = np.abs(anjax_logits(cfg, params, ids) - hf_logits(model, ids)).max()
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_fused_projections_match_transformers(tmp_path, scan):
+    """q/k/v and gate/up as one kernel each (`fuse_projections`, what the engine decodes with on CPU): the same
+    logits, on grouped-query heads (q, k, v of different widths)."""
+    model = make_hf_model(tmp_path, **CASES["rope_linear"])
+    cfg, params = fuse_projections(*hf.load_hf_dir(tmp_path, scan_layers=scan))
+    layer = params["layers" if scan else "layer_0"]
+    assert cfg.fused_projections and set(layer["attn"]) == {"qkv", "o"} and set(layer["mlp"]) == {"gate_up", "down"}
+    ids = np.random.default_rng(2).integers(0, 256, (2, 40))
     diff = np.abs(anjax_logits(cfg, params, ids) - hf_logits(model, ids)).max()
     assert diff <= 1e-4, diff
 

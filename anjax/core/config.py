@@ -49,6 +49,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of parameters
     scan_layers: bool = False  # nn.scan over the layer stack
+    fused_projections: bool = False  # q/k/v as one "qkv" [E, H + 2K, D], gate/up as one "gate_up" [E, 2F] kernel
     remat: str = "none"  # none | full | dots (activation checkpointing policy)
     attention: str = "auto"  # dense | sparse (anjax.core.sparse_attention) | auto (sparse for long inputs)
     anchor_mode: str = "none"  # none | ep (punctuation anchors) | ac (<AC> token)

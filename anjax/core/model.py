@@ -131,13 +131,18 @@ class Attention(nn.Module):
         in "intermediates" (kept when the caller makes that collection mutable)."""
         cfg, dt = self.cfg, self.cfg.dtype
         E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        wq = _param(self, "q", (E, H, D), ("embed", "heads", "head_dim")).astype(dt)
-        wk = _param(self, "k", (E, K, D), ("embed", "kv_heads", "head_dim")).astype(dt)
-        wv = _param(self, "v", (E, K, D), ("embed", "kv_heads", "head_dim")).astype(dt)
+        if cfg.fused_projections:  # one matvec instead of three (`anjax.core.params.fuse_projections`)
+            wqkv = _param(self, "qkv", (E, H + 2 * K, D), ("embed", None, "head_dim")).astype(dt)
+            qkv = jnp.einsum("bte,end->btnd", x_BxTxE, wqkv)
+            q, k, v = qkv[:, :, :H], qkv[:, :, H : H + K], qkv[:, :, H + K :]
+        else:
+            wq = _param(self, "q", (E, H, D), ("embed", "heads", "head_dim")).astype(dt)
+            wk = _param(self, "k", (E, K, D), ("embed", "kv_heads", "head_dim")).astype(dt)
+            wv = _param(self, "v", (E, K, D), ("embed", "kv_heads", "head_dim")).astype(dt)
+            q = jnp.einsum("bte,ehd->bthd", x_BxTxE, wq)
+            k = jnp.einsum("bte,ekd->btkd", x_BxTxE, wk)
+            v = jnp.einsum("bte,ekd->btkd", x_BxTxE, wv)
         wo = _param(self, "o", (H, D, E), ("heads", "head_dim", "embed")).astype(dt)
-        q = jnp.einsum("bte,ehd->bthd", x_BxTxE, wq)
-        k = jnp.einsum("bte,ekd->btkd", x_BxTxE, wk)
-        v = jnp.einsum("bte,ekd->btkd", x_BxTxE, wv)
         q = rope(q, q_meta.pos, cfg.rope_theta, cfg.rope_scaling_factor)
         k = rope(k, q_meta.pos, cfg.rope_theta, cfg.rope_scaling_factor)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
@@ -167,10 +172,14 @@ class MLP(nn.Module):
     def __call__(self, x_BxTxE):
         cfg, dt = self.cfg, self.cfg.dtype
         E, F = cfg.hidden_size, cfg.intermediate_size
-        gate = _param(self, "gate", (E, F), ("embed", "mlp")).astype(dt)
-        up = _param(self, "up", (E, F), ("embed", "mlp")).astype(dt)
+        if cfg.fused_projections:  # one matvec instead of two (`anjax.core.params.fuse_projections`)
+            gate_up = _param(self, "gate_up", (E, 2 * F), ("embed", None)).astype(dt)
+            g_BxTxF, u_BxTxF = jnp.split(x_BxTxE @ gate_up, 2, axis=-1)
+        else:
+            g_BxTxF = x_BxTxE @ _param(self, "gate", (E, F), ("embed", "mlp")).astype(dt)
+            u_BxTxF = x_BxTxE @ _param(self, "up", (E, F), ("embed", "mlp")).astype(dt)
         down = _param(self, "down", (F, E), ("mlp", "embed")).astype(dt)
-        h_BxTxF = nn.silu(x_BxTxE @ gate) * (x_BxTxE @ up)
+        h_BxTxF = nn.silu(g_BxTxF) * u_BxTxF
         h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "length", "mlp"))
         return h_BxTxF @ down
 

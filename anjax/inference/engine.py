@@ -59,7 +59,7 @@ from anjax.core.cache import KVCache, close_sentence, compact, fit_slots, keep_s
 from anjax.core.config import ModelConfig
 from anjax.core.mask import TokenMeta, is_anchor, protected_tokens
 from anjax.core.model import Llama
-from anjax.core.params import with_scan_layers
+from anjax.core.params import fuse_projections, with_scan_layers
 from anjax.inference import policies
 from anjax.inference.policies import POLICIES, Policy
 from anjax.inference.runtime import Runtime, bucket, right_align, round_up
@@ -353,8 +353,8 @@ class EngineConfig:
     min(that, DEFAULT_ANCHOR_CAPACITY) for an anchor cache). chunk_size: prefill chunk T.
     positions: "true" | "reference" (the AnLLM authors' re-based positions, inexact).
     decode_layers: the decode loop's layers, "scan" (stacked weights and cache) or "split" (unrolled, per-layer
-    weights and cache buffers; anchor and full caches; the engine then holds the weights per layer and prefills
-    with unrolled layers too); "auto": split on CPU, else scan (`decode_loop`).
+    weights and cache buffers; anchor and full caches; the engine then holds the weights per layer, with q/k/v and
+    gate/up fused (`fuse_projections`), and prefills with them too); "auto": split on CPU, else scan (`decode_loop`).
     sink_tokens: keep each row's first N tokens visible (extension). raw_prompts: tokenize
     text prompts as they are (no <AC> inserted in AC mode). show_anchors: keep generated <AC>
     tokens in `text`.
@@ -452,8 +452,8 @@ class Engine:
         split = c.decode_layers == "split" or (
             c.decode_layers == "auto" and c.policy is None and jax.default_backend() == "cpu"
         )
-        if split:  # held per layer once, not sliced out of the stack by every decode call (README: Decode)
-            cfg, params = with_scan_layers(cfg, params, False)
+        if split:  # held per layer once, not sliced out of the stack by every decode call, and fused (README: Decode)
+            cfg, params = fuse_projections(*with_scan_layers(cfg, params, False))
         self.cfg, self.tokenizer, self.anchor_mode, self.scheme, self.config = cfg, tokenizer, mode, scheme, c
         self.params = jax.device_put(params)
         self.spec = EngineSpec(
