@@ -42,6 +42,7 @@ def fuse_projections(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]
     CPU reads the weights faster so). Stacked or per-layer trees (a stacked leaf has a leading [L] axis)."""
     if cfg.fused_projections:
         return cfg, params
+
     def fuse(layer: dict) -> dict:
         attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
         attn["qkv"] = jnp.concatenate([attn.pop("q"), attn.pop("k"), attn.pop("v")], axis=-2)
