@@ -581,8 +581,10 @@ def test_lm_eval_adapter_rolling_loglikelihood(tiny):
 
 def test_lm_eval_adapter_scorer_and_engine_share_one_runtime_and_the_weights(tiny, monkeypatch):
     """One `Runtime` is made (the scorer's), the engine uses it, and it holds the scoring model's arrays
-    themselves: the weights are on the device once."""
+    themselves: the embedding and final norm always, the layers too unless its decode is split (CPU), where it
+    holds them per layer and fused, the same values."""
     pytest.importorskip("lm_eval")
+    from anjax.core.params import fuse_projections, with_scan_layers
     from anjax.eval.lm_eval_adapter import AnjaxLM
     from anjax.inference.runtime import Runtime
 
@@ -592,8 +594,17 @@ def test_lm_eval_adapter_scorer_and_engine_share_one_runtime_and_the_weights(tin
     lm = AnjaxLM(scoring_model=scoring.scoring_model(cfg, params, tok, anchor_mode="ep"), cache="anchor")
     engine = lm.engine()
     assert lm.engine() is engine and engine.runtime is lm.scorer.runtime and made == [lm.scorer.runtime]
-    weights, held = jax.tree.leaves(lm.model.params), jax.tree.leaves(engine.params)
-    assert len(held) == len(weights) > 0 and all(a is b for a, b in zip(held, weights))
+    weights = lm.model.params
+    shared = [k for k in weights if k != "layers"]
+    assert shared and all(
+        a is b for k in shared for a, b in zip(jax.tree.leaves(engine.params[k]), jax.tree.leaves(weights[k]))
+    )
+    if not engine.spec.split_layers:
+        assert all(a is b for a, b in zip(jax.tree.leaves(engine.params), jax.tree.leaves(weights)))
+        return
+    _, expected = fuse_projections(*with_scan_layers(lm.model.cfg, weights, False))
+    assert jax.tree.structure(engine.params) == jax.tree.structure(expected)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(engine.params), jax.tree.leaves(expected)))
 
 
 @pytest.mark.slow
