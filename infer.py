@@ -56,7 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk (tokens per row)")
+    p.add_argument(
+        "--chunk-size", type=int, default=None, help="prefill chunk (tokens per row; default: the engine's, 512)"
+    )
     p.add_argument(
         "--capacity",
         type=int,
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         cache=args.cache,
         anchor_mode=args.anchor_mode,
         anchors=args.anchors,
-        chunk_size=args.chunk_size,
+        chunk_size=args.chunk_size or EngineConfig.chunk_size,
         capacity=args.capacity,
         batch_size=args.batch_size,
         positions=args.positions,

@@ -126,7 +126,7 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--chunk-size", type=int, default=EngineConfig.chunk_size)
     p.add_argument("--anchor-capacity", type=int, default=2048, help="slots an anchor-cache row may keep")
     p.add_argument("--hf-max-length", type=int, default=4096, help="longest prompt for the HF column (0: none)")
     p.add_argument(

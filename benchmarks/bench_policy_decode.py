@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--budget", type=float, default=0.1, help="the policies' fraction of each prompt")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--chunk-size", type=int, default=EngineConfig.chunk_size)
     p.add_argument("--anchor-capacity", type=int, default=2048)
     p.add_argument("--max-kv-gb", type=float, default=6.0, help="skip runs whose decode KV exceeds this")
     p.add_argument("--repeats", type=int, default=2)

@@ -154,7 +154,7 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="decode batch sizes (1 first)")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--chunk-size", type=int, default=EngineConfig.chunk_size)
     p.add_argument("--anchor-capacity", type=int, default=2048)
     p.add_argument(
         "--attention", default=None, help="model.attention for anjax (dense|sparse|auto; default: the model's)"

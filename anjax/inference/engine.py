@@ -364,7 +364,7 @@ class EngineConfig:
     anchor_mode: str | None = None
     anchors: tuple[str, ...] | None = None
     max_sentence_tokens: int | None = None
-    chunk_size: int = 256
+    chunk_size: int = 512  # prefill: 512-token chunks ran 9-19% faster than 256 on CPU (README: Prefill)
     capacity: int | None = None
     batch_size: int = 8
     positions: str = "true"
