@@ -56,9 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument(
-        "--chunk-size", type=int, default=None, help="prefill chunk (tokens per row; default: the engine's, 512)"
-    )
+    p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk (tokens per row; default: the engine's)")
     p.add_argument(
         "--capacity",
         type=int,
