@@ -49,7 +49,7 @@ from anjax.core.flash_kernels import Kernel, block_multiple, kernel_for, segment
 from anjax.core.mask import TokenMeta, attention_allowed
 
 TILE = 128  # query and key tile length (tokens) in anchor mode, where the band's short sentences waste least
-# in small tiles; full mode's dense causal band, and any block of at most 2 * TILE queries (a prefill chunk),
+# in small tiles; full mode's dense causal band, and any block of at most 2 * TILE queries (a short prompt's chunk),
 # take tiles of 2 * TILE: fewer loop steps (on 2 CPU cores, forward 1.4-1.5x faster at 1k-4k in full mode)
 AUTO_MIN_LENGTH = 256  # `attention: auto`: the sparse path from this many queries (a prefill chunk, a row)
 
