@@ -261,8 +261,9 @@ def decode_loop(
     feeding `token_B` (the last prompt token; `protected_B` [B] bool: it is protected).
 
     With `spec.split_layers` the loop runs unrolled layers on per-layer weights (as the `Engine` holds them;
-    stacked ones are sliced here, a copy per call) and cache buffers (split before the loop and returned split:
-    stacking them again cost a 16-row 1k cache 1.3 s per call), each read and written in place: on XLA:CPU a
+    stacked ones are sliced here, a copy per call) and cache buffers (`Engine.prefill` fills them split; a stacked
+    cache is split before the loop; returned split: stacking them again cost a 16-row 1k cache 1.3 s per call),
+    each read and written in place: on XLA:CPU a
     scanned layer copies its slice of the stacked weights before its matvecs, and unrolled layers copy a stacked
     cache (README: Decode)."""
     state = start_decode(state, spec, slots)
@@ -638,6 +639,8 @@ class Engine:
             tuple(x[:, c : c + chunk] for x in (tokens, valid, protected_BxW)) for c in range(0, tokens.shape[1], chunk)
         ]
         state = init_state(self.cfg, batch, slots + chunk, np.arange(batch) >= n)
+        if self.spec.split_layers:  # unrolled layers copy their slice of a stacked cache for every chunk
+            state = state.replace(cache=state.cache.split_layers())
         if self.spec.policy:
             c = self.cfg
             state = state.replace(
