@@ -47,9 +47,14 @@ def english_tokens(tokenizer, n: int) -> list[int]:
 
 
 def tile(pre: Prefilled, batch: int) -> Prefilled:
-    """B copies of a one-row prefilled batch (the batch axis is 1 in the cache's keys/values [L, B, K, C, D] and
-    a policy's mass [L, B, K, C], 0 elsewhere)."""
-    state = jax.tree.map(lambda x: jnp.repeat(x, batch, axis=1 if x.ndim >= 4 else 0), pre.state)
+    """B copies of a one-row prefilled batch (the batch axis is 1 in stacked keys/values [L, B, K, C, D] and a
+    policy's mass [L, B, K, C], 0 elsewhere: per-layer buffers [B, K, C, D] and every [B, ...] field)."""
+    repeat = lambda axis: lambda x: jnp.repeat(x, batch, axis=axis)  # noqa: E731
+    s = pre.state
+    kv_axis = 0 if isinstance(s.cache.keys, tuple) else 1
+    kv = {name: jax.tree.map(repeat(kv_axis), getattr(s.cache, name)) for name in ("keys", "values")}
+    rows = jax.tree.map(repeat(0), s.replace(cache=s.cache.replace(keys=(), values=()), mass=None))
+    state = rows.replace(cache=rows.cache.replace(**kv), mass=None if s.mass is None else repeat(1)(s.mass))
     return dataclasses.replace(pre, state=state, rows=pre.rows * batch, protected=pre.protected * batch, n=batch)
 
 

@@ -1,6 +1,8 @@
 """The inference engine: compacted-cache logits equal the full forward pass; compaction; compile counts."""
 
 import functools
+import importlib.util
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -367,6 +369,8 @@ def test_split_decode_layers_equal_the_scanned_loop_and_the_full_forward(cache, 
             split_out.ids[len(split_out.prompt_ids) :]
             == np.argmax(logits, -1)[len(split_out.prompt_ids) - 1 :].tolist()
         )
+        pre = eng.prefill(prompts, 2, 4, 64)  # unrolled layers prefill into per-layer buffers: no slice copies
+        assert isinstance(pre.state.cache.keys, tuple) == (layers == "split")
     with pytest.raises(ValueError, match="decode_layers"):
         EngineConfig(decode_layers="unrolled")
     with pytest.raises(ValueError, match="anchor and full caches"):
@@ -456,3 +460,20 @@ def test_bad_arguments_raise_value_errors():
         eng.generate([[9], []], max_new_tokens=1)
     with pytest.raises(ValueError, match="anchor settings"):
         Engine(cfg, params, config=EngineConfig(cache="anchor"))
+
+
+@pytest.mark.parametrize("layers", ["scan", "split"])
+def test_benchmarks_tile_copies_a_prefilled_row_in_either_cache_layout(layers):
+    """`benchmarks/bench_decode.tile` (B copies of a one-row prefill, what the decode benchmarks time) decodes
+    every copy as the one row, with a stacked and with a split (per-layer) cache."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_decode", Path(__file__).parents[1] / "benchmarks/bench_decode.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg, params = tiny_model()
+    cfg = cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!"))
+    eng = Engine(cfg, params, config=EngineConfig(chunk_size=4, decode_layers=layers), runtime=RUNTIME)
+    pre = eng.prefill([ep_row(np.random.default_rng(12), 11)], 1, 4, 32)
+    one = eng.decode(pre, 6)[0].ids
+    assert [g.ids for g in eng.decode(bench.tile(pre, 3), 6)] == [one] * 3
