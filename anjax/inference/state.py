@@ -29,7 +29,7 @@ class EngineSpec:
     sink_tokens: int = 0
     reference_positions: bool = False
     policy: Any = None  # an `anjax.inference.policies.Policy` (full attention over the slots it keeps), else None
-    split_layers: bool = False  # the decode loop: unrolled layers, one cache buffer per layer (`decode_loop`)
+    split_layers: bool = False  # unrolled layers, one cache buffer per layer (`Engine.prefill`, `decode_loop`)
 
 
 @flax.struct.dataclass
