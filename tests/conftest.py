@@ -1,9 +1,11 @@
 """Shared fixtures: a tiny real tokenizer (byte-level BPE like SmolLM2/GPT-2, trained in ~0.1 s); `slow_case`;
-the fast tier's compiler setting."""
+`load_script`; the fast tier's compiler setting."""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+from pathlib import Path
 
 import jax
 import pytest
@@ -50,6 +52,15 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """`make_tiny_tokenizer()`, function-scoped: tests may add tokens."""
     return make_tiny_tokenizer()
+
+
+def load_script(path: str):
+    """The repository's script at `path` (from the repository root, e.g. "benchmarks/bench_decode.py") as a module."""
+    file = Path(__file__).resolve().parents[1] / path
+    spec = importlib.util.spec_from_file_location(f"_script_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def slow_case(*values):

@@ -1,28 +1,18 @@
 """benchmarks/long_run_curve.py (a run's held-out curve and trend) and benchmarks/compare_models.py
 (paired differences between two models' reports)."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 from anjax.eval import intervals
 
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(
-        name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-curve = _script("long_run_curve")
-compare = _script("compare_models")
+curve = load_script("benchmarks/long_run_curve.py")
+compare = load_script("benchmarks/compare_models.py")
 
 
 def _run_dir(tmp_path: Path, a: float = 30.0, b: float = 0.4) -> Path:

@@ -1,14 +1,12 @@
 """The inference engine: compacted-cache logits equal the full forward pass; compaction; compile counts."""
 
 import functools
-import importlib.util
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import slow_case
+from conftest import load_script, slow_case
 
 from anjax.core.cache import compact, keep_slots
 from anjax.core.config import tiny_config
@@ -466,11 +464,7 @@ def test_bad_arguments_raise_value_errors():
 def test_benchmarks_tile_copies_a_prefilled_row_in_either_cache_layout(layers):
     """`benchmarks/bench_decode.tile` (B copies of a one-row prefill, what the decode benchmarks time) decodes
     every copy as the one row, with a stacked and with a split (per-layer) cache."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_decode", Path(__file__).parents[1] / "benchmarks/bench_decode.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_decode.py")
     cfg, params = tiny_model()
     cfg = cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!"))
     eng = Engine(cfg, params, config=EngineConfig(chunk_size=4, decode_layers=layers), runtime=RUNTIME)

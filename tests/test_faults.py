@@ -7,7 +7,6 @@ signals and kill -9 need subprocesses. Every case compares the files under its d
 """
 
 import hashlib
-import importlib.util
 import json
 import os
 import signal
@@ -22,6 +21,7 @@ from types import SimpleNamespace
 import jax
 import pytest
 from cli_checks import assert_one_line_error
+from conftest import load_script
 
 from anjax import cli
 from anjax.core.config import tiny_config
@@ -32,14 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MISSING_MODEL = "/nonexistent/model"  # a bad flag must be reported before this is ever looked at
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_faults_{name}", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-infer, train = _script("infer"), _script("train")
+infer, train = load_script("infer.py"), load_script("train.py")
 
 
 def run_main(main, argv, capsys):

@@ -638,9 +638,8 @@ class Engine:
         left = [
             tuple(x[:, c : c + chunk] for x in (tokens, valid, protected_BxW)) for c in range(0, tokens.shape[1], chunk)
         ]
-        state = init_state(self.cfg, batch, slots + chunk, np.arange(batch) >= n)
-        if self.spec.split_layers:  # unrolled layers copy their slice of a stacked cache for every chunk
-            state = state.replace(cache=state.cache.split_layers())
+        # split: unrolled layers would copy their slice of a stacked cache for every chunk
+        state = init_state(self.cfg, batch, slots + chunk, np.arange(batch) >= n, self.spec.split_layers)
         if self.spec.policy:
             c = self.cfg
             state = state.replace(

@@ -50,11 +50,13 @@ class GenState:
     mass: jax.Array | None = None
 
 
-def init_state(cfg: ModelConfig, batch: int, slots: int, done_B: jax.Array) -> GenState:
-    """An empty state with a cache of `slots` slots; rows flagged in `done_B` [B] take no tokens."""
+def init_state(cfg: ModelConfig, batch: int, slots: int, done_B: jax.Array, split: bool = False) -> GenState:
+    """An empty state with a cache of `slots` slots; rows flagged in `done_B` [B] take no tokens. `split`: the
+    cache as per-layer buffers (`EngineSpec.split_layers`: unrolled layers read and write them in place)."""
     zeros_B = lambda: jnp.zeros((batch,), jnp.int32)  # distinct buffers (donation-safe)
+    cache = init_cache(cfg, batch, slots, jnp.dtype(cfg.dtype))
     return GenState(
-        cache=init_cache(cfg, batch, slots, jnp.dtype(cfg.dtype)),
+        cache=cache.split_layers() if split else cache,
         next_pos=zeros_B(),
         open_seg=zeros_B(),
         open_start=zeros_B(),

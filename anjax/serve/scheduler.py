@@ -116,12 +116,12 @@ def init_slots(
 ) -> Slots:
     """N free slots of `capacity` + 1 cache slots each; `split`: the cache as per-layer buffers
     (`EngineSpec.split_layers`: the unrolled layers update them in place every step)."""
-    state = init_state(cfg, n, capacity + 1, np.ones(n, bool))
+    state = init_state(cfg, n, capacity + 1, np.ones(n, bool), split)
     stops = np.full((MAX_STOP_IDS,), -1, np.int32)
     stops[: len(stop_ids)] = stop_ids
     zeros = lambda dtype: jnp.zeros((n,), dtype)
     return Slots(
-        state=state.replace(cache=state.cache.split_layers()) if split else state,
+        state=state,
         token=zeros(jnp.int32),
         protected=zeros(bool),
         sampling=Sampling(
@@ -151,10 +151,9 @@ def insert(
     limit: jax.Array,
     slot: jax.Array,
 ) -> Slots:
-    """Slots with a prefilled 1-row state (any prefill buffer size) written into row `slot` (a traced int)."""
+    """Slots with a prefilled 1-row state (any prefill buffer size; its cache split as the slots' are, both by
+    `EngineSpec.split_layers`) written into row `slot` (a traced int)."""
     row = start_decode(row, spec, capacity).replace(done=jnp.zeros((1,), bool))
-    if isinstance(slots.state.cache.keys, tuple):  # split slots (`init_slots`)
-        row = row.replace(cache=row.cache.split_layers())
 
     def put(big, small):  # stacked keys/values [L, B, K, C, D] have the batch on axis 1, every other leaf on axis 0
         return jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), slot, axis=1 if big.ndim == 5 else 0)
