@@ -181,10 +181,17 @@ def test_front_packed_cache_visits_only_the_slots_in_use(full):
     got = jax.jit(lambda q: sa.sparse_attention(q, k, v, meta, full, (ck, cv, cache_allowed), tile=8, kernel=None))(q)
     valid = np.asarray(meta.valid)  # outputs at padding queries are unspecified
     assert np.abs(np.asarray(got - want)[valid]).max() <= 1e-5
-    tk, first, stop = sa._cache_tiles(cache_allowed, 8)
+    tk, first, stop = sa._cache_tiles(cache_allowed, 8, 8)
     assert tk == 8 and list(first) == [0, 0, 0] and list(stop) == [2, 3, 3]
-    tk, first, stop = sa._cache_tiles(jnp.zeros((1, 16, 40), bool), 16)  # no key allowed; 40 = 8 x 5: one tile
+    tk, first, stop = sa._cache_tiles(cache_allowed, 8, 4)  # key tiles of 4: they stop at the fill (19 -> 5)
+    assert tk == 4 and list(first) == [0, 0, 0] and list(stop) == [3, 5, 5]
+    tk, first, stop = sa._cache_tiles(jnp.zeros((1, 16, 40), bool), 16, 16)  # no key allowed; 40 = 8 x 5: one tile
     assert tk == 40 and list(first) == list(stop) == [0]
+
+
+def test_key_tile_divides_the_query_tile():
+    assert sa.key_tile(256, True) == 256  # full mode: the query tile
+    assert [sa.key_tile(t, False) for t in (256, 128, 16, 8, 77, 3)] == [sa.KEY_TILE, 32, 4, 2, 11, 1]
 
 
 def test_use_sparse_by_config_and_length():

@@ -48,9 +48,11 @@ import numpy as np
 from anjax.core.flash_kernels import Kernel, block_multiple, kernel_for, segment_flash, segment_flash_grads
 from anjax.core.mask import TokenMeta, attention_allowed
 
-TILE = 128  # query and key tile length (tokens) in anchor mode, where the band's short sentences waste least
+TILE = 128  # query tile length (tokens) in anchor mode, where the band's short sentences waste least
 # in small tiles; full mode's dense causal band, and any block of at most 2 * TILE queries (a short prompt's chunk),
 # take tiles of 2 * TILE: fewer loop steps (on 2 CPU cores, forward 1.4-1.5x faster at 1k-4k in full mode)
+KEY_TILE = 32  # anchor mode's key tile (at most a quarter of the query tile): a sentence band, the anchors and the
+# cache's anchors are a few dozen keys per query, and short key tiles stop nearer them (README: Prefill)
 AUTO_MIN_LENGTH = 256  # `attention: auto`: the sparse path from this many queries (a prefill chunk, a row)
 
 
@@ -247,15 +249,24 @@ def _pad_to(x: jax.Array, length: int, axis: int = 1, value=0) -> jax.Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _cache_tiles(allowed_BxTxC: jax.Array, tile: int) -> tuple[int, jax.Array, jax.Array]:
+def key_tile(tile: int, full: bool) -> int:
+    """Key tile length for query tiles of `tile`: `tile` in full mode (a causal band is dense), else the largest
+    divisor of `tile` up to min(`KEY_TILE`, tile // 4)."""
+    if full:
+        return tile
+    most = max(1, min(KEY_TILE, tile // 4))
+    return max(d for d in range(1, most + 1) if tile % d == 0)
+
+
+def _cache_tiles(allowed_BxTxC: jax.Array, tile: int, key_tile: int) -> tuple[int, jax.Array, jax.Array]:
     """(key tile length, first [nq], stop [nq]): per query tile of `tile` queries, the key tiles of a given
     mask's keys from the first to the last one any of its queries may attend to (none: an empty range).
 
-    The key tile is `tile` when it divides the C keys, else their greatest common divisor, or the whole block
+    The key tile is `key_tile` when it divides the C keys, else their greatest common divisor, or the whole block
     when that is under 16 (tiles of a few keys would cost more in loop steps than they save)."""
     B, T, C = allowed_BxTxC.shape
-    tk = math.gcd(C, tile)
-    tk = tk if tk >= min(tile, 16) else C
+    tk = math.gcd(C, key_tile)
+    tk = tk if tk >= min(key_tile, 16) else C
     any_nqxC = allowed_BxTxC.reshape(B, T // tile, tile, C).any((0, 2))
     key_C = jnp.arange(C, dtype=jnp.int32)
     first_nq = jnp.min(jnp.where(any_nqxC, key_C, C), axis=1) // tk
@@ -296,6 +307,7 @@ def sparse_attention(
     q_BxKxGxTxD = q.reshape(B, Tp, K, H // K, D).transpose(0, 2, 3, 1, 4)
     k, v = _pad_to(k_BxTxKxD, Tp), _pad_to(v_BxTxKxD, Tp)
     tile_idx = jnp.arange(nq, dtype=jnp.int32)
+    tk = key_tile(tile, full)
 
     start_BxT = _run_start(meta, full)
     k_BxKxTxD, v_BxKxTxD = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # the tiled parts read head-major
@@ -303,8 +315,9 @@ def sparse_attention(
         seg_BxT = jnp.where(meta.valid, start_BxT, -1 - jnp.arange(Tp)).astype(jnp.int32)
         specs, parts, band = [], [], (k, v, seg_BxT)
     else:
-        first_nq = (start_BxT[:, ::tile].min(0) // tile).astype(jnp.int32)  # starts are non-decreasing in a row
-        specs, parts, band = [("band", tile)], [_Part(k_BxKxTxD, v_BxKxTxD, meta, None, first_nq, tile_idx + 1)], None
+        first_nq = (start_BxT[:, ::tile].min(0) // tk).astype(jnp.int32)  # starts are non-decreasing in a row
+        stop_nq = (tile_idx + 1) * (tile // tk)  # through the diagonal
+        specs, parts, band = [("band", tk)], [_Part(k_BxKxTxD, v_BxKxTxD, meta, None, first_nq, stop_nq)], None
     if not full:  # anchors and protected tokens, front-packed in order; slots past each row's count invalid
         chosen_BxT = meta.valid & (meta.anchor | meta.protected)
         order_BxT = jnp.argsort(~chosen_BxT, axis=1, stable=True)
@@ -314,14 +327,14 @@ def sparse_attention(
         gather_kv = lambda x: jnp.take_along_axis(x, order_BxT[:, None, :, None], axis=2)
         # anchors at or before each query tile's last token, most over the batch -> anchor tiles to visit
         before_nq = jnp.cumsum(chosen_BxT, axis=1)[:, tile - 1 :: tile].max(0)
-        stop_nq = (-(-before_nq // tile)).astype(jnp.int32)
-        specs.append(("anchors", tile))
+        stop_nq = (-(-before_nq // tk)).astype(jnp.int32)
+        specs.append(("anchors", tk))
         parts.append(_Part(gather_kv(k_BxKxTxD), gather_kv(v_BxKxTxD), a_meta, None, jnp.zeros(nq, jnp.int32), stop_nq))
     if cache is not None:
         ck_BxKxCxD, cv_BxKxCxD, allowed_BxTxC = cache
         allowed_BxTpxC = _pad_to(allowed_BxTxC, Tp)
-        tk, first_nq, stop_nq = _cache_tiles(allowed_BxTpxC, tile)
-        specs.append(("given", tk))
+        tk_cache, first_nq, stop_nq = _cache_tiles(allowed_BxTpxC, tile, tk)
+        specs.append(("given", tk_cache))
         parts.append(_Part(ck_BxKxCxD, cv_BxKxCxD, None, allowed_BxTpxC, first_nq, stop_nq))
     out = _attend(tuple(specs), full, tile, kernel, q_BxKxGxTxD, meta, tuple(parts), band)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, Tp, H, D)[:, :T]
