@@ -72,7 +72,7 @@ def main() -> None:
         "--tile",
         type=int,
         default=sparse_attention.TILE,
-        help="sparse attention tile in anchor mode (full mode and short blocks: twice it)",
+        help="sparse attention query tile in anchor mode (keys: a quarter of it; full mode and short blocks: 4x it)",
     )
     p.add_argument("--max-gib", type=float, default=8.0, help="run only steps whose temporaries fit in this")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for the .json and .png")

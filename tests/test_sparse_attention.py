@@ -191,7 +191,7 @@ def test_front_packed_cache_visits_only_the_slots_in_use(full):
 
 def test_key_tile_divides_the_query_tile():
     assert sa.key_tile(256, True) == 256  # full mode: the query tile
-    assert [sa.key_tile(t, False) for t in (256, 128, 16, 8, 77, 3)] == [sa.KEY_TILE, 32, 4, 2, 11, 1]
+    assert [sa.key_tile(t, False) for t in (256, 64, 16, 8, 77, 3)] == [64, 16, 4, 2, 11, 1]
 
 
 def test_use_sparse_by_config_and_length():
