@@ -49,10 +49,10 @@ from anjax.core.flash_kernels import Kernel, block_multiple, kernel_for, segment
 from anjax.core.mask import TokenMeta, attention_allowed
 
 TILE = 64  # query tile length (tokens) in anchor mode, where the band's short sentences waste least in small
-# tiles (keys in tiles of a quarter of it, `key_tile`: 64/16 ran 6-7% faster than 128/128 in training at 512 and 4k
-# tokens and cut the anchor prefill's attention time, README: Prefill); full mode's dense causal band, and any block
-# of at most 4 * TILE queries (a short prompt's chunk), take tiles of 4 * TILE: fewer loop steps (on 2 CPU cores,
-# forward 1.4-1.5x faster at 1k-4k in full mode than half that)
+# tiles; keys go in tiles of a quarter of it (`key_tile`). On 2 CPU cores the training step at 512-4k tokens ran
+# 1.03-1.10x faster with 128/32 (query/key) than 128/128 and 1.06-1.07x faster again with 64/16 (README: Prefill).
+# Full mode's dense causal band, and any block of at most 4 * TILE queries (a short prompt's chunk), take tiles of
+# 4 * TILE: fewer loop steps (on 2 CPU cores, forward 1.4-1.5x faster at 1k-4k in full mode than half that)
 AUTO_MIN_LENGTH = 256  # `attention: auto`: the sparse path from this many queries (a prefill chunk, a row)
 
 
