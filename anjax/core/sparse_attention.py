@@ -307,7 +307,7 @@ def sparse_attention(
     q_BxKxGxTxD = q.reshape(B, Tp, K, H // K, D).transpose(0, 2, 3, 1, 4)
     k, v = _pad_to(k_BxTxKxD, Tp), _pad_to(v_BxTxKxD, Tp)
     tile_idx = jnp.arange(nq, dtype=jnp.int32)
-    tk = key_tile(tile, full)
+    tk = tile if kernel else key_tile(tile, full)  # measured on CPU; accelerators' matrix units take whole tiles
 
     start_BxT = _run_start(meta, full)
     k_BxKxTxD, v_BxKxTxD = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # the tiled parts read head-major
