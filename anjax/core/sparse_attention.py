@@ -249,24 +249,25 @@ def _pad_to(x: jax.Array, length: int, axis: int = 1, value=0) -> jax.Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
-def key_tile(tile: int, full: bool) -> int:
-    """Key tile length for query tiles of `tile`: `tile` in full mode (a causal band is dense), else the largest
+def key_tile(tile: int, whole: bool) -> int:
+    """Key tile length for query tiles of `tile`: `tile` when `whole` (full mode: a causal band is dense; with a
+    kernel: accelerators' matrix units take whole tiles, the short ones were measured on CPU), else the largest
     divisor of `tile` up to a quarter of it (a sentence band, the anchors and the cache's anchors are a few dozen
     keys per query: short key tiles stop nearer them)."""
-    if full:
+    if whole:
         return tile
     return max(d for d in range(1, max(1, tile // 4) + 1) if tile % d == 0)
 
 
-def _cache_tiles(allowed_BxTxC: jax.Array, tile: int, key_tile: int) -> tuple[int, jax.Array, jax.Array]:
+def _cache_tiles(allowed_BxTxC: jax.Array, tile: int, tk_want: int) -> tuple[int, jax.Array, jax.Array]:
     """(key tile length, first [nq], stop [nq]): per query tile of `tile` queries, the key tiles of a given
     mask's keys from the first to the last one any of its queries may attend to (none: an empty range).
 
-    The key tile is `key_tile` when it divides the C keys, else their greatest common divisor, or the whole block
+    The key tile is `tk_want` when it divides the C keys, else their greatest common divisor, or the whole block
     when that is under 16 (tiles of a few keys would cost more in loop steps than they save)."""
     B, T, C = allowed_BxTxC.shape
-    tk = math.gcd(C, key_tile)
-    tk = tk if tk >= min(key_tile, 16) else C
+    tk = math.gcd(C, tk_want)
+    tk = tk if tk >= min(tk_want, 16) else C
     any_nqxC = allowed_BxTxC.reshape(B, T // tile, tile, C).any((0, 2))
     key_C = jnp.arange(C, dtype=jnp.int32)
     first_nq = jnp.min(jnp.where(any_nqxC, key_C, C), axis=1) // tk
@@ -307,7 +308,7 @@ def sparse_attention(
     q_BxKxGxTxD = q.reshape(B, Tp, K, H // K, D).transpose(0, 2, 3, 1, 4)
     k, v = _pad_to(k_BxTxKxD, Tp), _pad_to(v_BxTxKxD, Tp)
     tile_idx = jnp.arange(nq, dtype=jnp.int32)
-    tk = tile if kernel else key_tile(tile, full)  # measured on CPU; accelerators' matrix units take whole tiles
+    tk = key_tile(tile, whole=full or bool(kernel))
 
     start_BxT = _run_start(meta, full)
     k_BxKxTxD, v_BxKxTxD = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # the tiled parts read head-major
