@@ -1,4 +1,4 @@
-"""Why a decode step's per-layer matvecs read their weights slower than one large matvec: threads, per setting.
+"""Why a batch-1 decode step's per-layer matvecs read their weights slower than one large matvec on XLA:CPU.
 
     python benchmarks/bench_matvec.py                  # SmolLM2-135M layer shapes, batch 1, every setting
 
@@ -16,8 +16,9 @@ one matvec over a matrix of the same bytes, in separate processes that differ in
 Variants within a process: "layers" (weights [E, N] as the engine stores them, x @ W), "layers, W [N, E]"
 (x contracted with the last axis, the layout of the one large matvec), "layers, halves" (each matrix as two
 column halves: two independent dots XLA may run at once), the same bytes in 30 or 8 equal products (a chain
-x -> x + tanh(x @ W)[:, :E]), "one large matvec". GB/s = weight bytes / time,
-best of --repeats calls per round, best of --rounds shuffled rounds. -> OUT.{json,md,png}
+x -> x + tanh(x @ W)[:, :E]), "one large matvec"; with two host devices, "layers, one device" and "layers,
+tensor parallel" (checked equal). GB/s = weight bytes / time, best of --repeats calls per round, best of
+--rounds shuffled rounds. -> OUT.{json,md,png}
 """
 
 from __future__ import annotations
