@@ -42,16 +42,17 @@ from anjax.io import outputs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N_QKV = (H + 2 * K) * (E // H)
-SETTINGS = {  # name: (environment additions, one core)
-    "all cores": ({}, False),
-    "one core": ({}, True),
-    "all cores, YNNPACK off": ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}, False),
-    "two host devices": ({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, False),
+SETTINGS = {  # name: (XLA_FLAGS added to the user's, one core)
+    "all cores": ("", False),
+    "one core": ("", True),
+    "all cores, YNNPACK off": ("--xla_cpu_experimental_ynn_fusion_type=", False),
+    "two host devices": ("--xla_force_host_platform_device_count=2", False),
 }
 
 
 def worker(setting: str, repeats: int) -> dict:
-    """{variant: best seconds} for one setting (this process was started with its environment)."""
+    """{"bytes": the layers' weight bytes, "seconds": {variant: best seconds}} for one setting (this process was
+    started with its environment)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -66,6 +67,7 @@ def worker(setting: str, repeats: int) -> dict:
     ]
     nbytes = sum(w.nbytes for layer in weights for w in layer.values())
     x_1xE = jnp.full((1, E), 0.1, jnp.float32)
+    x_at_w = lambda a, w: a @ w  # the engine's layout: W [E, N]
 
     def chain(matvec):
         """30 layers: x -> x + o(tanh(qkv(x)[:E])) -> x + down(silu(g) * u), (g, u) = gate_up(x)."""
@@ -82,7 +84,7 @@ def worker(setting: str, repeats: int) -> dict:
     if setting == "two host devices":
         one = jax.devices()[0]
         variants = {
-            "layers, one device": functools.partial(chain(lambda a, w: a @ w), x_1xE, jax.device_put(weights, one)),
+            "layers, one device": functools.partial(chain(x_at_w), x_1xE, jax.device_put(weights, one)),
             "layers, tensor parallel": _tensor_parallel(weights, x_1xE),
         }
         got, want = (np.asarray(f()) for f in (variants["layers, tensor parallel"], variants["layers, one device"]))
@@ -93,7 +95,7 @@ def worker(setting: str, repeats: int) -> dict:
         halves = jax.tree.map(lambda w: tuple(jnp.asarray(h.copy()) for h in np.split(w, 2, 1)), weights)
         big_RxC = jnp.asarray(rng.standard_normal((nbytes // 4 // 8192, 8192), np.float32))
         variants = {
-            "layers": functools.partial(chain(lambda a, w: a @ w), x_1xE, jax.tree.map(jnp.asarray, weights)),
+            "layers": functools.partial(chain(x_at_w), x_1xE, jax.tree.map(jnp.asarray, weights)),
             "layers, W [N, E]": functools.partial(chain(lambda a, w: jnp.einsum("be,ne->bn", a, w)), x_1xE, transposed),
             "layers, halves": functools.partial(
                 chain(lambda a, w: jnp.concatenate([a @ w[0], a @ w[1]], -1)), x_1xE, halves
@@ -126,16 +128,11 @@ def _tensor_parallel(weights, x_1xE):
     mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
 
     def split(w):  # each leaf [2, ...]: device i holds [i]
-        g, u = np.split(w["gu"], 2, 1)
+        g, u = (np.split(h, 2, 1) for h in np.split(w["gu"], 2, 1))
         return {
             "qkv": w["qkv"].reshape(2, E // 2, N_QKV),  # rows of E: partial sums
             "o": np.stack(np.split(w["o"], 2, 1)),  # output columns: gathered
-            "gu": np.stack(
-                [
-                    np.concatenate([g[:, : F // 2], u[:, : F // 2]], 1),
-                    np.concatenate([g[:, F // 2 :], u[:, F // 2 :]], 1),
-                ]
-            ),
+            "gu": np.stack([np.concatenate(pair, 1) for pair in zip(g, u)]),  # device i: gate and up columns i
             "down": w["down"].reshape(2, F // 2, E),  # rows of F: partial sums
         }
 
@@ -158,10 +155,8 @@ def _tensor_parallel(weights, x_1xE):
 
 
 def run_setting(setting: str, repeats: int) -> dict:
-    env, one_core = SETTINGS[setting]
-    env = {**os.environ, **env}
-    if "XLA_FLAGS" in os.environ and "XLA_FLAGS" in SETTINGS[setting][0]:  # the user's flags too
-        env["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} {SETTINGS[setting][0]['XLA_FLAGS']}"
+    flags, one_core = SETTINGS[setting]
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
     cmd = [sys.executable, __file__, "--worker", setting, "--repeats", str(repeats)]
     pin = (lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})) if one_core else None
     done = subprocess.run(cmd, env=env, preexec_fn=pin, capture_output=True, text=True, check=False)
