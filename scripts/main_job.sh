@@ -15,7 +15,7 @@ BASE_MODEL=${BASE_MODEL:-}            # empty = the embedded SmolLM2-135M-Instru
 TASKS=${TASKS:-obqa,winogrande,arc_easy,arc_challenge,piqa,hellaswag,sciq,boolq}
 LIMIT=${LIMIT:-50}                    # documents per task (95% intervals: about ±14 points a task, ±5 on the average)
 TRAIN_SET=${TRAIN_SET:-}              # extra train.py overrides, e.g. "train.steps=10"
-DATA=${DATA:-auto}                    # auto = data/corpus when built (python -m anjax.corpus), else the embedded corpus
+DATA=${DATA:-auto}                    # auto = data/corpus, built first when missing (python -m anjax.corpus); embedded = the small corpus
 PROMPT=${PROMPT:-"The Python interpreter reads a program. It parses the text into tokens. Then"}
 base_arg=(); [ -n "$BASE_MODEL" ] && base_arg=(--model "$BASE_MODEL")
 stage() { echo; echo "=== [$1/5] $2 ($(date +%H:%M:%S))"; }
@@ -25,8 +25,10 @@ $PY -m anjax.evaluate "${base_arg[@]}" --tasks "$TASKS" --limit "$LIMIT" --shots
     --anchor-mode ep --out-dir "$RUN/eval" --name before
 
 if [ "$DATA" = auto ]; then
-    if [ -f data/corpus/dataset_dict.json ]; then DATA=data/corpus; else
-        DATA=embedded; echo "note: training on the embedded corpus; build the larger one with: $PY -m anjax.corpus"; fi
+    # the README's main-job table trained on the offline corpus: build it when missing (~5 min)
+    [ -f data/corpus/dataset_dict.json ] || $PY -m anjax.corpus \
+        || echo "note: the offline corpus could not be built (above); training on the embedded corpus"
+    if [ -f data/corpus/dataset_dict.json ]; then DATA=data/corpus; else DATA=embedded; fi
 fi
 data_arg=(); [ "$DATA" != embedded ] && data_arg=("data.path=$DATA")
 stage 2 "continued pre-training as AnLLM-AC ($CONFIG, data: $DATA)"

@@ -1,4 +1,4 @@
-"""A smoke version of README command (a): the same script, a tiny model, a few steps, one task."""
+"""A smoke version of the README's first command (scripts/main_job.sh): a tiny model, a few steps, one task."""
 
 import json
 import os
