@@ -272,17 +272,25 @@ def test_kernel_path_with_cache_block_equals_blocked_attention():
     assert np.abs(np.asarray(got - want)).max() <= 1e-5
 
 
-def test_kernel_selection_by_platform(monkeypatch):
-    """GPU -> the Triton kernel, TPU -> the Mosaic TPU kernel, anything else -> the tiled path; the default
-    of `sparse_attention` follows the default backend (traced only: no accelerator needed)."""
-    assert fk.kernel_for("gpu") == fk.Kernel("gpu") and fk.kernel_for("tpu") == fk.Kernel("tpu")
-    assert fk.kernel_for("cpu") is None and fk.kernel_for("METAL") is None
-    meta, q, k, v = setup("random", 77)
+def test_kernel_is_opt_in_and_follows_the_platform(monkeypatch):
+    """`auto` and `sparse` take the tiled path on every platform (until a device check passes on hardware);
+    `kernel` takes the platform's Pallas kernel (GPU: Triton, TPU: Mosaic), `kernel:NAME` the named one, and
+    a platform without a kernel is refused (traced only: no accelerator needed)."""
+    assert fk.kernel_for_attention("auto", "gpu") is None and fk.kernel_for_attention("sparse", "tpu") is None
+    assert fk.kernel_for_attention("kernel", "gpu") == fk.Kernel("gpu")
+    assert fk.kernel_for_attention("kernel:tpu", "cpu") == fk.Kernel("tpu")
+    assert fk.kernel_for_attention("kernel:gpu-interpret", "cpu") == fk.Kernel("gpu", interpret=True)
+    with pytest.raises(ValueError, match="no Pallas kernel on platform 'cpu'"):
+        fk.kernel_for_attention("kernel", "cpu")
+    cfg = tiny_config(anchor_mode="ep", anchor_tokens=(".",), anchor_ids=(ANCHOR,))
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    ids = jnp.full((1, 8), 11, jnp.int32)
+    meta = token_metadata(ids, jnp.ones(ids.shape, bool), anchor_ids=cfg.anchor_ids)
 
-    def traced(platform):
+    def traced(platform, attention):
         monkeypatch.setattr(jax, "default_backend", lambda: platform)
-        return str(jax.make_jaxpr(lambda q: sa.sparse_attention(q, k, v, meta, False))(q))
+        model = Llama(cfg.replace(attention=attention))
+        return str(jax.make_jaxpr(lambda p: model.apply({"params": p}, ids, meta)[0])(params))
 
-    assert "pallas_call" not in traced("cpu")
-    assert "mha_forward" in traced("gpu")
-    assert "pallas_call" in traced("tpu") and "mha_forward" not in traced("tpu")
+    assert "pallas_call" not in traced("gpu", "sparse")  # `auto` from 256 queries is `sparse` (use_sparse)
+    assert "pallas_call" in traced("gpu", "kernel") and "pallas_call" in traced("tpu", "kernel")

@@ -46,6 +46,19 @@ def kernel_for(platform: str) -> Kernel | None:
     return Kernel(platform) if platform in KERNELS else None
 
 
+def kernel_for_attention(attention: str, platform: str) -> Kernel | None:
+    """The kernel `ModelConfig.attention` asks for: None for dense | sparse | auto (the tiled path), the
+    platform's for "kernel" (ValueError on a platform without one), the named one for "kernel:gpu[-interpret]"."""
+    if not attention.startswith("kernel"):
+        return None
+    if attention == "kernel":
+        if platform not in KERNELS:
+            raise ValueError(f"attention=kernel: no Pallas kernel on platform {platform!r} (gpu, tpu); use sparse")
+        return Kernel(platform)
+    name, _, mode = attention.removeprefix("kernel:").partition("-")
+    return Kernel(name, interpret=mode == "interpret")
+
+
 def block_multiple(kernel: Kernel) -> int:
     """The query/key length the kernel's blocks need T to be a multiple of."""
     return GPU_BLOCK if kernel.name == "gpu" else TPU_BLOCK

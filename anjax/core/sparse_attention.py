@@ -24,11 +24,12 @@ queries under the layout that `token_metadata` and the engine produce: in each r
 valid tokens are contiguous and in the order of their positions (padding anywhere). Outputs at
 padding queries are finite and unspecified (the dense path gives them a uniform average).
 
-Kernel path (`kernel`, default: by platform, `anjax.core.flash_kernels.kernel_for`): on GPU and TPU
-the band is one segment-masked causal flash-attention kernel call (Pallas, shipped with JAX; segment
-id = the sentence's (document's, when `full`) first index), which returns its LSE; the anchor and
-cache parts stay on the tiled path and the two merge by LSE. Its backward is the kernel's backward
-fed with the merged output and LSE (the exact gradient of the one softmax). On CPU: the tiled path.
+Kernel path (`kernel`; `model.attention=kernel`, opt-in until a device check passes on hardware: `auto`
+and `sparse` take the tiled path on every platform): on GPU and TPU the band is one segment-masked causal
+flash-attention kernel call (Pallas, shipped with JAX; segment id = the sentence's (document's, when
+`full`) first index), which returns its LSE; the anchor and cache parts stay on the tiled path and
+the two merge by LSE. Its backward is the kernel's backward fed with the merged output and
+LSE (the exact gradient of the one softmax).
 
 Differentiable through a custom VJP (the FlashAttention-2 backward, tile by tile): the residuals
 are q, k, v, the output and the per-row log-sum-exp, O(T) memory in forward and backward.
@@ -45,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anjax.core.flash_kernels import Kernel, block_multiple, kernel_for, segment_flash, segment_flash_grads
+from anjax.core.flash_kernels import Kernel, block_multiple, segment_flash, segment_flash_grads
 from anjax.core.mask import TokenMeta, attention_allowed
 
 TILE = 64  # query tile length (tokens) in anchor mode, where the band's short sentences waste least in small
@@ -57,12 +58,11 @@ AUTO_MIN_LENGTH = 256  # `attention: auto`: the sparse path from this many queri
 
 
 def use_sparse(attention: str, length: int) -> bool:
-    """Whether a model with `attention` (dense | sparse | auto) takes the sparse path for `length` queries.
-
-    A single query row (decode) is always dense: it has no logits matrix to avoid."""
+    """Whether a model with `attention` (dense | sparse | auto | kernel[:...]) takes the sparse path for `length`
+    queries. A single query row (decode) is always dense: it has no logits matrix to avoid."""
     if length < 2 or attention == "dense":
         return False
-    return attention == "sparse" or length >= AUTO_MIN_LENGTH
+    return attention != "auto" or length >= AUTO_MIN_LENGTH
 
 
 class _Part(NamedTuple):
@@ -283,7 +283,7 @@ def sparse_attention(
     full: bool,
     cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     tile: int | None = None,
-    kernel: Kernel | None | str = "platform",
+    kernel: Kernel | None = None,
 ) -> jax.Array:
     """[B, T, H, D] softmax attention of a block of tokens to itself under `attention_allowed(meta, meta, full)`,
     plus, with `cache` = (keys [B, K, C, D], values [B, K, C, D], allowed [B, T, C]), to a dense key block
@@ -291,14 +291,11 @@ def sparse_attention(
 
     `full` is static (a Python bool). T is padded to a multiple of `tile` (default: 4 * `TILE` in full mode or
     for T <= 4 * `TILE`, else `TILE`) with invalid tokens
-    (and of the kernel's block). `kernel`: "platform" (the default backend's, `kernel_for`), a `Kernel`, or
-    None (the tiled path).
+    (and of the kernel's block). `kernel`: a `Kernel` for the band, or None (the tiled path).
     """
     B, T, H, D = q_BxTxHxD.shape
     K = k_BxTxKxD.shape[2]
     full = bool(full)
-    if kernel == "platform":
-        kernel = kernel_for(jax.default_backend())
     block = block_multiple(kernel) if kernel else 1
     tile = min(tile or (4 * TILE if full or T <= 4 * TILE else TILE), -(-T // block) * block)
     Tp = -(-T // math.lcm(tile, block)) * math.lcm(tile, block)
