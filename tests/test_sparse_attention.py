@@ -231,35 +231,9 @@ def test_model_logits_and_loss_gradients_sparse_equal_dense(full, monkeypatch):
         np.testing.assert_allclose(g, w, atol=1e-4 * max(1.0, float(jnp.abs(w).max())))
 
 
-KERNEL_CASES = [  # interpret mode is slow: one layout per kernel and mode, each with several features
-    ("gpu", "documents", False),  # packed documents, right padding, anchors
-    ("gpu", "padding", True),  # left/right/inner padding, full attention
-    ("tpu", "protected_sinks", False),  # protected tokens and sinks in the anchor part
-]
-
-
-@pytest.mark.parametrize("name,kind,full", KERNEL_CASES)
-def test_kernel_path_in_interpret_mode_equals_dense(name, kind, full):
-    """The band on the Pallas kernel (interpret mode on CPU), the anchors on the tiled path, merged by
-    LSE: outputs and gradients equal the dense predicate's softmax."""
-    kernel = fk.Kernel(name, interpret=True)
-    meta, q, k, v = setup(kind, 40, seed=KINDS.index(kind))  # one GPU block (64) after padding
-    on_kernel = lambda q, k, v, meta, full: sa.sparse_attention(q, k, v, meta, full, tile=16, kernel=kernel)
-    valid = np.asarray(meta.valid)
-    outputs_and_grads = jax.jit(  # one compile, not op by op
-        lambda q, k, v, meta: [
-            (f(q, k, v, meta, full), jax.grad(loss, argnums=(1, 2, 3))(f, q, k, v, meta, full))
-            for f in (dense, on_kernel)
-        ]
-    )
-    (want, grads_want), (got, grads_got) = outputs_and_grads(q, k, v, meta)
-    assert np.abs(np.asarray(got - want))[valid].max() <= 1e-5
-    for w, g in zip(grads_want, grads_got):
-        assert np.abs(np.asarray(g - w)).max() <= 1e-4
-
-
 def test_kernel_path_with_cache_block_equals_blocked_attention():
-    """A prefill chunk on the kernel path: cache block + anchors (tiled) + band (kernel), one softmax."""
+    """A prefill chunk on the kernel path: cache block + anchors (tiled) + band (kernel), one softmax (the kernels
+    against the predicate at several blocks, dtypes and layouts: tests/test_flash_kernels.py)."""
     T, C = 40, 24
     meta, q, k, v = setup("protected_sinks", T, seed=5)
     rng = np.random.default_rng(6)
