@@ -11,6 +11,8 @@ machine load. Memory: the compiled step's temporary buffers (XLA memory_analysis
 for the backward pass and workspace; parameters and gradients excluded, they are the same in both).
 A configuration whose compiled temporaries exceed `--max-gib` is compiled but not run. The full
 30-layer model (`--memory-layers`, layers scanned) is compiled only, for its memory.
+First prints, per length and for EP and AC rows, the fraction of (query block, key block) pairs the Pallas
+band kernels compute (`anjax.core.flash_kernels.band_blocks`) beside dense (`--blocks-only`: only that).
 Prints a table and saves bench_attention.png and .json in benchmarks/results/ (or `--out`).
 """
 
@@ -29,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anjax.core import sparse_attention
+from anjax.core import flash_kernels, sparse_attention
 from anjax.core.config import ModelConfig
+from anjax.core.mask import token_metadata
 from anjax.core.model import init_params
 from anjax.train.trainer import loss_sums
 
@@ -38,21 +41,73 @@ RESULTS = Path(__file__).parent / "results"
 ANCHOR_ID = 49152
 
 
-def ac_batch(L: int, rng: np.random.Generator) -> dict[str, jax.Array]:
-    """One row of random ids with ~4% <AC> anchors."""
-    tokens = rng.integers(3, ANCHOR_ID, (1, L)).astype(np.int32)
-    tokens[rng.random((1, L)) < 0.04] = ANCHOR_ID
-    valid = np.ones((1, L), bool)
+EP_IDS = (13, 30, 0)  # stand-ins for ".", "?", "!" (ids change nothing but which tokens are anchors)
+
+
+def anchor_ids(mode: str) -> tuple[int, ...]:
+    return (ANCHOR_ID,) if mode == "ac" else EP_IDS
+
+
+def packed_batch(mode: str, L: int, rng: np.random.Generator, rows: int = 1, pad: int = 0) -> dict[str, jax.Array]:
+    """`rows` packed rows of L tokens: documents of 200-2,000 tokens, sentences of 4-48 tokens (crossing every
+    block boundary), each closed by an anchor, an EP punctuation id or `<AC>` (`mode` ep | ac; ~4% anchors
+    in AC as the embedded corpus), the last `pad` tokens padding (doc -1)."""
+    ends = anchor_ids(mode)
+    tokens = rng.integers(100, ANCHOR_ID, (rows, L)).astype(np.int32)
+    doc = np.zeros((rows, L), np.int32)
+    for r in range(rows):
+        t, d = 0, 0
+        while t < L:
+            doc_end = min(L, t + int(rng.integers(200, 2000)))
+            doc[r, t:doc_end] = d
+            while t < doc_end:
+                t = min(doc_end, t + int(rng.integers(4, 48)))
+                tokens[r, t - 1] = ends[int(rng.integers(len(ends)))]
+            d += 1
+    valid = np.arange(L)[None, :] < L - pad
+    doc = np.where(valid, doc, -1)
     return {
         k: jnp.asarray(v)
         for k, v in {
             "tokens": tokens,
-            "doc": np.zeros((1, L), np.int32),
-            "valid": valid,
+            "doc": doc,
+            "valid": np.broadcast_to(valid, (rows, L)),
             "labels": np.roll(tokens, -1, axis=1),
-            "loss_mask": valid,
+            "loss_mask": np.broadcast_to(valid, (rows, L)),
         }.items()
     }
+
+
+def blocks_computed(mode: str, L: int, seed: int = 0) -> dict[str, float]:
+    """Per kernel (GPU blocks of 64, TPU of 128): the (query block, key block) pairs the band kernel computes
+    on a packed `mode` row of L tokens (what it consumes: `band_blocks`), as a fraction of the n^2 blocks of
+    dense attention and of the n(n+1)/2 of causal flash attention."""
+    batch = packed_batch(mode, L, np.random.default_rng(seed))
+    meta = token_metadata(batch["tokens"], batch["valid"], batch["doc"], anchor_ids=anchor_ids(mode))
+    start = sparse_attention.band_starts(meta, False)
+    row = {"mode": mode, "seq_len": L, "anchors": int(meta.anchor.sum())}
+    for name in flash_kernels.KERNELS:
+        block = flash_kernels.block_multiple(flash_kernels.Kernel(name))
+        n = L // block
+        computed = int(flash_kernels.block_mask(flash_kernels.band_blocks(start, block)[0]).sum())
+        row[f"{name}_blocks"] = computed
+        row[f"{name}_of_dense"] = computed / n**2
+        row[f"{name}_of_causal"] = computed / (n * (n + 1) / 2)
+    return row
+
+
+def print_blocks(rows: list[dict]) -> None:
+    print("band kernel: (query block, key block) pairs computed, as a fraction of dense (n^2) / causal (n(n+1)/2)")
+    print(
+        f"{'mode':>4} {'seq':>6} {'anchors':>8} "
+        + " ".join(f"{k + ' blocks':>11} {'of dense':>9} {'of causal':>9}" for k in flash_kernels.KERNELS)
+    )
+    for r in rows:
+        cells = " ".join(
+            f"{r[k + '_blocks']:>11} {r[k + '_of_dense']:>9.3f} {r[k + '_of_causal']:>9.3f}"
+            for k in flash_kernels.KERNELS
+        )
+        print(f"{r['mode']:>4} {r['seq_len']:>6} {r['anchors']:>8} {cells}")
 
 
 def compile_step(cfg: ModelConfig, params, batch):
@@ -78,8 +133,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for the .json and .png")
     p.add_argument("--memory-layers", type=int, default=30, help="also compile (not run) this deep a model; 0: off")
     p.add_argument("--scan-layers", action="store_true", help="scan the layers (a deep model compiles faster)")
+    p.add_argument("--blocks-only", action="store_true", help="only the kernels' fraction of blocks computed")
     args = p.parse_args()
     sparse_attention.TILE = args.tile
+    blocks = [blocks_computed(mode, L, seed=L + len(mode)) for L in args.lengths for mode in ("ep", "ac")]
+    print_blocks(blocks)
+    if args.blocks_only:
+        return
 
     base = ModelConfig(
         vocab_size=ANCHOR_ID + 1,
@@ -93,7 +153,7 @@ def main() -> None:
     params = init_params(base, jax.random.PRNGKey(0))
     rows = []
     for L in args.lengths:
-        batch = ac_batch(L, np.random.default_rng(L))
+        batch = packed_batch("ac", L, np.random.default_rng(L))
         steps, row = {}, {"seq_len": L}
         for attention in ("dense", "sparse"):
             steps[attention], row[f"{attention}_temp_gib"] = compile_step(
@@ -161,6 +221,7 @@ def main() -> None:
         "tile": args.tile,
         "steps": args.steps,
         "rows": rows,
+        "kernel_blocks": blocks,
     }
     (args.out / "bench_attention.json").write_text(json.dumps(meta, indent=2))
     import matplotlib

@@ -231,35 +231,9 @@ def test_model_logits_and_loss_gradients_sparse_equal_dense(full, monkeypatch):
         np.testing.assert_allclose(g, w, atol=1e-4 * max(1.0, float(jnp.abs(w).max())))
 
 
-KERNEL_CASES = [  # interpret mode is slow: one layout per kernel and mode, each with several features
-    ("gpu", "documents", False),  # packed documents, right padding, anchors
-    ("gpu", "padding", True),  # left/right/inner padding, full attention
-    ("tpu", "protected_sinks", False),  # protected tokens and sinks in the anchor part
-]
-
-
-@pytest.mark.parametrize("name,kind,full", KERNEL_CASES)
-def test_kernel_path_in_interpret_mode_equals_dense(name, kind, full):
-    """The band on the Pallas kernel (interpret mode on CPU), the anchors on the tiled path, merged by
-    LSE: outputs and gradients equal the dense predicate's softmax."""
-    kernel = fk.Kernel(name, interpret=True)
-    meta, q, k, v = setup(kind, 40, seed=KINDS.index(kind))  # one GPU block (64) after padding
-    on_kernel = lambda q, k, v, meta, full: sa.sparse_attention(q, k, v, meta, full, tile=16, kernel=kernel)
-    valid = np.asarray(meta.valid)
-    outputs_and_grads = jax.jit(  # one compile, not op by op
-        lambda q, k, v, meta: [
-            (f(q, k, v, meta, full), jax.grad(loss, argnums=(1, 2, 3))(f, q, k, v, meta, full))
-            for f in (dense, on_kernel)
-        ]
-    )
-    (want, grads_want), (got, grads_got) = outputs_and_grads(q, k, v, meta)
-    assert np.abs(np.asarray(got - want))[valid].max() <= 1e-5
-    for w, g in zip(grads_want, grads_got):
-        assert np.abs(np.asarray(g - w)).max() <= 1e-4
-
-
 def test_kernel_path_with_cache_block_equals_blocked_attention():
-    """A prefill chunk on the kernel path: cache block + anchors (tiled) + band (kernel), one softmax."""
+    """A prefill chunk on the kernel path: cache block + anchors (tiled) + band (kernel), one softmax (the kernels
+    against the predicate at several blocks, dtypes and layouts: tests/test_flash_kernels.py)."""
     T, C = 40, 24
     meta, q, k, v = setup("protected_sinks", T, seed=5)
     rng = np.random.default_rng(6)
@@ -272,17 +246,25 @@ def test_kernel_path_with_cache_block_equals_blocked_attention():
     assert np.abs(np.asarray(got - want)).max() <= 1e-5
 
 
-def test_kernel_selection_by_platform(monkeypatch):
-    """GPU -> the Triton kernel, TPU -> the Mosaic TPU kernel, anything else -> the tiled path; the default
-    of `sparse_attention` follows the default backend (traced only: no accelerator needed)."""
-    assert fk.kernel_for("gpu") == fk.Kernel("gpu") and fk.kernel_for("tpu") == fk.Kernel("tpu")
-    assert fk.kernel_for("cpu") is None and fk.kernel_for("METAL") is None
-    meta, q, k, v = setup("random", 77)
+def test_kernel_is_opt_in_and_follows_the_platform(monkeypatch):
+    """`auto` and `sparse` take the tiled path on every platform (until a device check passes on hardware);
+    `kernel` takes the platform's Pallas kernel (GPU: Triton, TPU: Mosaic), `kernel:NAME` the named one, and
+    a platform without a kernel is refused (traced only: no accelerator needed)."""
+    assert fk.kernel_for_attention("auto", "gpu") is None and fk.kernel_for_attention("sparse", "tpu") is None
+    assert fk.kernel_for_attention("kernel", "gpu") == fk.Kernel("gpu")
+    assert fk.kernel_for_attention("kernel:tpu", "cpu") == fk.Kernel("tpu")
+    assert fk.kernel_for_attention("kernel:gpu-interpret", "cpu") == fk.Kernel("gpu", interpret=True)
+    with pytest.raises(ValueError, match="no Pallas kernel on platform 'cpu'"):
+        fk.kernel_for_attention("kernel", "cpu")
+    cfg = tiny_config(anchor_mode="ep", anchor_tokens=(".",), anchor_ids=(ANCHOR,))
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    ids = jnp.full((1, 8), 11, jnp.int32)
+    meta = token_metadata(ids, jnp.ones(ids.shape, bool), anchor_ids=cfg.anchor_ids)
 
-    def traced(platform):
+    def traced(platform, attention):
         monkeypatch.setattr(jax, "default_backend", lambda: platform)
-        return str(jax.make_jaxpr(lambda q: sa.sparse_attention(q, k, v, meta, False))(q))
+        model = Llama(cfg.replace(attention=attention))
+        return str(jax.make_jaxpr(lambda p: model.apply({"params": p}, ids, meta)[0])(params))
 
-    assert "pallas_call" not in traced("cpu")
-    assert "mha_forward" in traced("gpu")
-    assert "pallas_call" in traced("tpu") and "mha_forward" not in traced("tpu")
+    assert "pallas_call" not in traced("gpu", "sparse")  # `auto` from 256 queries is `sparse` (use_sparse)
+    assert "pallas_call" in traced("gpu", "kernel") and "pallas_call" in traced("tpu", "kernel")

@@ -12,6 +12,12 @@ import dataclasses
 from typing import Any
 
 ANCHOR_MODES = ("none", "ep", "ac")
+# model.attention: the Pallas kernel is opt-in ("kernel": the platform's) until a device check passes on hardware;
+# "kernel:gpu" / "kernel:tpu" name one whatever the platform (AOT for a target), "-interpret" runs it in Pallas
+# interpret mode (CPU rehearsal)
+ATTENTION_CHOICES = ("dense", "sparse", "auto", "kernel") + tuple(
+    f"kernel:{k}{m}" for k in ("gpu", "tpu") for m in ("", "-interpret")
+)
 AC_TOKEN = "<AC>"
 # The ModelConfig fields that store the anchor scheme (anjax.text.anchors.AnchorScheme); the HF export's "anjax" block.
 ANCHOR_SCHEME_FIELDS = (
@@ -51,7 +57,9 @@ class ModelConfig:
     scan_layers: bool = False  # nn.scan over the layer stack
     fused_projections: bool = False  # q/k/v as one "qkv" [E, H + 2K, D], gate/up as one "gate_up" [E, 2F] kernel
     remat: str = "none"  # none | full | dots (activation checkpointing policy)
-    attention: str = "auto"  # dense | sparse (anjax.core.sparse_attention) | auto (sparse for long inputs)
+    # dense | sparse (anjax.core.sparse_attention, tiled pure JAX) | auto (sparse for long inputs) | kernel (sparse
+    # with the platform's Pallas kernel; kernel:gpu | kernel:tpu name one, e.g. for AOT; anjax.core.flash_kernels)
+    attention: str = "auto"
     anchor_mode: str = "none"  # none | ep (punctuation anchors) | ac (<AC> token)
     anchor_tokens: tuple[str, ...] = ()  # token strings that are anchors
     anchor_ids: tuple[int, ...] = ()  # their ids in the vocabulary (as they occur in running text)
@@ -67,8 +75,8 @@ class ModelConfig:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat must be none|full|dots, got {self.remat!r}")
-        if self.attention not in ("dense", "sparse", "auto"):
-            raise ValueError(f"attention must be dense|sparse|auto, got {self.attention!r}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {'|'.join(ATTENTION_CHOICES)}, got {self.attention!r}")
         if len(self.anchor_tokens) != len(self.anchor_ids):
             raise ValueError("anchor_tokens and anchor_ids must have the same length")
         if self.sentence_splitter not in SENTENCE_SPLITTERS or self.final_sentence not in FINAL_SENTENCE_RULES:

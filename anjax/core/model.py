@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from anjax.core.cache import KVCache, append_meta, write_slots
 from anjax.core.config import ModelConfig
+from anjax.core.flash_kernels import kernel_for_attention
 from anjax.core.mask import TokenMeta, attention_allowed, token_metadata
 from anjax.core.sparse_attention import sparse_attention, use_sparse
 
@@ -156,7 +157,8 @@ class Attention(nn.Module):
             out, mass = attention_with_key_mass(q, blocks, mass_weight_IxBxT)
             self.sow("intermediates", "key_mass", mass)
         elif sparse:
-            out = sparse_attention(q, k, v, q_meta, self.full_attention, cache)
+            kernel = kernel_for_attention(cfg.attention, jax.default_backend())
+            out = sparse_attention(q, k, v, q_meta, self.full_attention, cache, kernel=kernel)
         elif layer_kv is None:  # keys are the chunk itself
             out = dot_attention(q, k, v, mask(k_meta))
         else:  # the cache's slots, then the chunk itself (head-major [B, K, T, D], as the cache stores it)

@@ -24,11 +24,11 @@ queries under the layout that `token_metadata` and the engine produce: in each r
 valid tokens are contiguous and in the order of their positions (padding anywhere). Outputs at
 padding queries are finite and unspecified (the dense path gives them a uniform average).
 
-Kernel path (`kernel`, default: by platform, `anjax.core.flash_kernels.kernel_for`): on GPU and TPU
-the band is one segment-masked causal flash-attention kernel call (Pallas, shipped with JAX; segment
-id = the sentence's (document's, when `full`) first index), which returns its LSE; the anchor and
-cache parts stay on the tiled path and the two merge by LSE. Its backward is the kernel's backward
-fed with the merged output and LSE (the exact gradient of the one softmax). On CPU: the tiled path.
+Kernel path (`kernel`; `model.attention=kernel`, opt-in until a device check passes on hardware: `auto`
+and `sparse` take the tiled path on every platform): the band is one call of the block-skipping Pallas kernel
+of `anjax.core.flash_kernels` (Triton on GPU, Mosaic on TPU) over `band_starts` (each token's run start), which
+returns its LSE; the anchor and cache parts stay on the tiled path and the two merge by LSE. Its backward is
+the kernel's backward fed with the merged output and LSE (the exact gradient of the one softmax).
 
 Differentiable through a custom VJP (the FlashAttention-2 backward, tile by tile): the residuals
 are q, k, v, the output and the per-row log-sum-exp, O(T) memory in forward and backward.
@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anjax.core.flash_kernels import Kernel, block_multiple, kernel_for, segment_flash, segment_flash_grads
+from anjax.core.flash_kernels import Kernel, band_flash, band_flash_grads, block_multiple
 from anjax.core.mask import TokenMeta, attention_allowed
 
 TILE = 64  # query tile length (tokens) in anchor mode, where the band's short sentences waste least in small
@@ -57,12 +57,11 @@ AUTO_MIN_LENGTH = 256  # `attention: auto`: the sparse path from this many queri
 
 
 def use_sparse(attention: str, length: int) -> bool:
-    """Whether a model with `attention` (dense | sparse | auto) takes the sparse path for `length` queries.
-
-    A single query row (decode) is always dense: it has no logits matrix to avoid."""
+    """Whether a model with `attention` (dense | sparse | auto | kernel[:...]) takes the sparse path for `length`
+    queries. A single query row (decode) is always dense: it has no logits matrix to avoid."""
     if length < 2 or attention == "dense":
         return False
-    return attention == "sparse" or length >= AUTO_MIN_LENGTH
+    return attention != "auto" or length >= AUTO_MIN_LENGTH
 
 
 class _Part(NamedTuple):
@@ -142,7 +141,7 @@ def _forward_merged(specs, full, tq, kernel, q_BxKxGxTxD, q_meta, parts, band):
     """(out, lse) of the tiled parts and, with a kernel, of the band (k, v, seg) on it, merged by LSE."""
     if band is None:
         return _forward(specs, full, tq, q_BxKxGxTxD, q_meta, parts)
-    out_b, lse_b = segment_flash(kernel, q_BxKxGxTxD, *band)
+    out_b, lse_b = band_flash(kernel, q_BxKxGxTxD, *band)
     if not specs:
         return out_b, lse_b
     out_r, lse_r = _forward(specs, full, tq, q_BxKxGxTxD, q_meta, parts)
@@ -176,10 +175,10 @@ def _attend_bwd(specs, full, tq, kernel, res, dout_BxKxGxTxD):
     dq, d_parts = _parts_bwd(specs, full, tq, q, q_meta, parts, out, lse, dout_BxKxGxTxD)
     d_band = None
     if band is not None:
-        k, v, seg = band
-        dq_b, dk, dv = segment_flash_grads(kernel, q, k, v, seg, out, lse, dout_BxKxGxTxD)
+        k, v, start = band
+        dq_b, dk, dv = band_flash_grads(kernel, q, k, v, start, out, lse, dout_BxKxGxTxD)
         dq = dq + dq_b
-        d_band = (dk.astype(k.dtype), dv.astype(v.dtype), _zero_cotangent(seg))
+        d_band = (dk.astype(k.dtype), dv.astype(v.dtype), _zero_cotangent(start))
     return dq.astype(q.dtype), jax.tree.map(_zero_cotangent, q_meta), d_parts, d_band
 
 
@@ -243,6 +242,14 @@ def _run_start(meta: TokenMeta, full: bool) -> jax.Array:
     return jax.lax.cummax(jnp.where(new_run_BxT, idx_T, 0), axis=1)
 
 
+def band_starts(meta: TokenMeta, full: bool) -> jax.Array:
+    """[B, T] int32, the kernel's band (`anjax.core.flash_kernels`): where each valid token's sentence (document
+    when `full`) begins; a padding token is a run of its own (its index). The one place the kernel's mask and
+    block ranges come from the predicate's metadata."""
+    idx_T = jnp.arange(meta.valid.shape[1], dtype=jnp.int32)
+    return jnp.where(meta.valid, _run_start(meta, full), idx_T).astype(jnp.int32)
+
+
 def _pad_to(x: jax.Array, length: int, axis: int = 1, value=0) -> jax.Array:
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, length - x.shape[axis])
@@ -283,7 +290,7 @@ def sparse_attention(
     full: bool,
     cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     tile: int | None = None,
-    kernel: Kernel | None | str = "platform",
+    kernel: Kernel | None = None,
 ) -> jax.Array:
     """[B, T, H, D] softmax attention of a block of tokens to itself under `attention_allowed(meta, meta, full)`,
     plus, with `cache` = (keys [B, K, C, D], values [B, K, C, D], allowed [B, T, C]), to a dense key block
@@ -291,14 +298,11 @@ def sparse_attention(
 
     `full` is static (a Python bool). T is padded to a multiple of `tile` (default: 4 * `TILE` in full mode or
     for T <= 4 * `TILE`, else `TILE`) with invalid tokens
-    (and of the kernel's block). `kernel`: "platform" (the default backend's, `kernel_for`), a `Kernel`, or
-    None (the tiled path).
+    (and of the kernel's block). `kernel`: a `Kernel` for the band, or None (the tiled path).
     """
     B, T, H, D = q_BxTxHxD.shape
     K = k_BxTxKxD.shape[2]
     full = bool(full)
-    if kernel == "platform":
-        kernel = kernel_for(jax.default_backend())
     block = block_multiple(kernel) if kernel else 1
     tile = min(tile or (4 * TILE if full or T <= 4 * TILE else TILE), -(-T // block) * block)
     Tp = -(-T // math.lcm(tile, block)) * math.lcm(tile, block)
@@ -312,9 +316,8 @@ def sparse_attention(
 
     start_BxT = _run_start(meta, full)
     k_BxKxTxD, v_BxKxTxD = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # the tiled parts read head-major
-    if kernel:  # the band on the kernel: padding gets its own segment (it is no valid query's key)
-        seg_BxT = jnp.where(meta.valid, start_BxT, -1 - jnp.arange(Tp)).astype(jnp.int32)
-        specs, parts, band = [], [], (k, v, seg_BxT)
+    if kernel:  # the band on the kernel: a padding token is a run of its own (no valid query's key)
+        specs, parts, band = [], [], (k, v, band_starts(meta, full))
     else:
         first_nq = (start_BxT[:, ::tile].min(0) // tk).astype(jnp.int32)  # starts are non-decreasing in a row
         stop_nq = (tile_idx + 1) * (tile // tk)  # through the diagonal

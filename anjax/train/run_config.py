@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from anjax.core.config import ANCHOR_SCHEME_FIELDS, ModelConfig
+from anjax.core.config import ANCHOR_SCHEME_FIELDS, ATTENTION_CHOICES, ModelConfig
 from anjax.train.data import DataConfig
 
 
@@ -38,7 +38,9 @@ class ModelSection:
     param_dtype: str = "float32"  # master parameter (and optimizer) dtype
     remat: str = "none"  # activation checkpointing: none | full | dots
     scan_layers: bool = False  # nn.scan over the layer stack (faster compiles for deep models)
-    attention: str = "dense"  # dense | sparse (exact block-sparse, no [T x T] logits) | auto (sparse for long rows)
+    # dense | sparse (exact block-sparse, no [T x T] logits) | auto (sparse for long rows) | kernel (sparse with the
+    # platform's Pallas kernel, opt-in until checked on hardware; kernel:gpu | kernel:tpu name one)
+    attention: str = "dense"
 
     def runtime(self) -> dict:
         """The ModelConfig fields this section sets on top of the model's own (how it runs, not what it is)."""
@@ -119,7 +121,7 @@ class RunConfig:
             "model.dtype": (self.model.dtype, ("float32", "bfloat16")),
             "model.param_dtype": (self.model.param_dtype, ("float32", "bfloat16")),
             "model.remat": (self.model.remat, ("none", "full", "dots")),
-            "model.attention": (self.model.attention, ("dense", "sparse", "auto")),
+            "model.attention": (self.model.attention, ATTENTION_CHOICES),
             "anchors.mode": (self.anchors.mode, ("none", "ep", "ac")),
             "anchors.ac_init": (self.anchors.ac_init, ("mean", "copy")),
             "train.schedule": (self.train.schedule, ("constant", "cosine")),
