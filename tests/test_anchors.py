@@ -5,8 +5,10 @@ import json
 import pytest
 
 from anjax.cli import anchors as anchors_cli
-from anjax.core.config import AC_TOKEN
+from anjax.core.config import AC_TOKEN, ANCHOR_SCHEME_FIELDS, tiny_config
+from anjax.io import hf, run_dir
 from anjax.text import anchors
+from anjax.train import run_config
 
 
 def test_ep_default_and_custom_tokens(tiny_tokenizer):
@@ -81,3 +83,39 @@ def test_cli_errors_one_line_exit_2(cli, argv, message):
     rc, out, err = cli(*argv)
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_window_and_rule_are_stored_with_the_model_and_old_models_load_as_the_paper(tiny_tokenizer, tmp_path):
+    """The scheme's window and anchor rule ride in the model config, the HF export's "anjax" block and the run
+    directory; an export or run written before they existed loads as window 0, rule "ansan" (the paper)."""
+    notes = []
+    scheme, cfg, _ = anchors.resolve_scheme(
+        tiny_config(vocab_size=len(tiny_tokenizer)),
+        tiny_tokenizer,
+        mode="ep",
+        window=16,
+        rule="sepllm",
+        note=notes.append,
+    )
+    assert (scheme.window, scheme.rule, cfg.anchor_window, cfg.anchor_rule) == (16, "sepllm", 16, "sepllm")
+    assert notes == [
+        "anchor window=16 overrides the model's anchor window=0",
+        "anchor rule=sepllm overrides the model's anchor rule=ansan",
+    ]
+    block = hf.hf_config_from(cfg)["anjax"]
+    assert hf.config_from_hf(hf.hf_config_from(cfg)) == cfg
+    old = {k: v for k, v in block.items() if k not in ("anchor_window", "anchor_rule")}
+    assert set(block) == set(ANCHOR_SCHEME_FIELDS)
+    reloaded = hf.config_from_hf({**hf.hf_config_from(cfg), "anjax": old})
+    assert (reloaded.anchor_window, reloaded.anchor_rule) == (0, "ansan")
+    assert anchors.resolve_scheme(reloaded, tiny_tokenizer)[0].window == 0
+    # a run directory from before: its config.yaml lacks anchors.window / rule -> resumable by the defaults only
+    rc = run_config.RunConfig().to_dict()
+    stored = json.loads(json.dumps(rc))
+    del stored["anchors"]["window"], stored["anchors"]["rule"]
+    (tmp_path / "config.yaml").write_text(json.dumps(stored))
+    run_dir.check_resumable(tmp_path, rc)
+    with pytest.raises(run_dir.CheckpointError, match="anchors.window"):
+        run_dir.check_resumable(tmp_path, run_config.load(None, ["anchors.window=16"]).to_dict())
+    with pytest.raises(ValueError, match="anchors.rule"):
+        run_config.load(None, ["anchors.rule=window"])

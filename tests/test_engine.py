@@ -150,6 +150,52 @@ def test_anchor_cache_equals_full_forward_pass(kind, chunk, model, batch):
     assert int(state.cache.length[0]) < len(rows[0])
 
 
+def window_kept(row, anchor_ids, window, sink=0):
+    """The positions a windowed anchor cache holds after `row`, from the rule's words: sinks, anchors, the open
+    sentence (after the last anchor) and what the next token's window of n reaches, the last n - 1 positions."""
+    last = max((t for t, x in enumerate(row) if x in anchor_ids), default=-1)
+    n = len(row)
+    return [t for t, x in enumerate(row) if t < sink or x in anchor_ids or t > last or t > n - window]
+
+
+@pytest.mark.parametrize(
+    "kind,rule,window,chunk,model",
+    [  # the fast tier: one windowed AnSAN case (EP, sparse prefill chunks) and one SepLLM case (sinks)
+        ("ep", "ansan", 7, 16, "sparse"),
+        ("ep", "sepllm", 7, 5, "tiny"),
+        slow_case("ep", "ansan", 1, 1, "tiny"),
+        slow_case("ep", "ansan", 64, 5, "tiny"),
+        slow_case("ac", "ansan", 1, 5, "tiny"),
+        slow_case("ac", "ansan", 7, 16, "sparse"),
+        slow_case("ac", "ansan", 64, 3, "tiny"),
+        slow_case("ep", "sepllm", 0, 16, "sparse"),
+        slow_case("ep", "sepllm", 1, 4, "tiny"),
+        slow_case("ep", "sepllm", 64, 16, "sparse"),
+        slow_case("ac", "sepllm", 7, 6, "gqa3_d64"),
+    ],
+)
+def test_windowed_anchor_cache_equals_full_forward_pass(kind, rule, window, chunk, model):
+    """A window of n and the anchor rule (SepLLM: sinks too): chunked prefill and decode of ragged rows give the
+    logits of one forward pass under the predicate, and the cache holds exactly sinks + anchors + open sentence +
+    the last n positions (decode evicts a slot as it leaves the window; a full buffer is compacted)."""
+    base, params = tiny_model(model)
+    cfg = base.replace(anchor_window=window, anchor_rule=rule)
+    sink = 4 if rule == "sepllm" else 0
+    rng = np.random.default_rng(window + chunk)
+    make, ids = (ep_row, EP_IDS) if kind == "ep" else (ac_row, (AC_ID,))
+    rows = [make(rng, n) for n in (75, 23, 1)]
+    spec = EngineSpec(anchor_cache=True, anchor_ids=ids, sink_tokens=sink)
+    got, state = engine_logits(cfg, params, spec, rows, [40, 9, 1], chunk, capacity=40 + window)
+    for b, row in enumerate(rows):
+        want = reference_logits(cfg, params, row, ids, full=False, sink=sink)
+        assert np.abs(got[b] - want).max() <= 1e-4, (b, np.abs(got[b] - want).max())
+        held = np.asarray(state.cache.valid[b])
+        assert np.asarray(state.cache.pos[b])[held].tolist() == window_kept(row, ids, window, sink)
+    if window or rule != "ansan":  # the rule changes the model's output
+        paper = reference_logits(base, params, rows[0], ids, full=False)
+        assert np.abs(paper - reference_logits(cfg, params, rows[0], ids, False, sink)).max() > 1e-3
+
+
 @pytest.mark.parametrize("chunk,model", [slow_case(3, "tiny"), (16, "tiny"), slow_case(16, "sparse")])
 def test_full_cache_equals_causal_forward_pass(chunk, model):
     cfg, params = tiny_model(model)

@@ -1,6 +1,7 @@
 """The AnSAN predicate against a brute-force reading of the paper, and its effect inside attention."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -14,15 +15,18 @@ from anjax.core.model import Llama, dot_attention, init_params
 ANCHOR = 7  # the anchor token id in these tests
 
 
-def brute_force_mask(ids, valid, doc, full, protected=None, sink=0):
+def brute_force_mask(ids, valid, doc, full, protected=None, sink=0, window=0, sepllm=False):
     """[T, T] from the paper's words, with explicit sentence lists (no seg counters).
 
     Documents are split into sentences, each ending at an anchor (tokens after the
     last anchor form the open sentence). A non-anchor token sees the earlier tokens
     of its own sentence and the anchors of all earlier sentences of its document; an
     anchor sees only its own sentence, itself included. Padding is never seen.
-    Extension: a protected token (flagged in `protected`, or among its document's
-    first `sink` tokens) is seen by every later token of its document.
+    Extensions: a protected token (flagged in `protected`, or among its document's
+    first `sink` tokens) is seen by every later token of its document. With a window of
+    n, every token also sees the n tokens of its document that end with itself (SepLLM's
+    neighbours). SepLLM's rule (`sepllm`): an anchor also sees the anchors of all earlier
+    sentences, as every other token does.
     """
     T = len(ids)
     allowed = np.zeros((T, T), bool)
@@ -41,18 +45,20 @@ def brute_force_mask(ids, valid, doc, full, protected=None, sink=0):
             sentences.append(current)
         for si, sentence in enumerate(sentences):
             for q in sentence:
+                earlier_anchors = [s[-1] for s in sentences[:si] if ids[s[-1]] == ANCHOR]
                 if full:
                     visible = [k for k in members if k <= q]
-                elif ids[q] == ANCHOR:
+                elif ids[q] == ANCHOR and not sepllm:
                     visible = [k for k in sentence if k <= q]
                 else:
-                    earlier_anchors = [s[-1] for s in sentences[:si] if ids[s[-1]] == ANCHOR]
                     visible = earlier_anchors + [k for k in sentence if k <= q]
                 visible += [
                     k
                     for i, k in enumerate(members)
                     if k <= q and ((protected is not None and protected[k]) or i < sink)
                 ]
+                at = members.index(q)
+                visible += members[max(0, at - window + 1) : at + 1] if window else []
                 allowed[q, visible] = True
     return allowed
 
@@ -76,11 +82,11 @@ def random_row(rng, T):
     return ids, valid, doc
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5))  # one compile per row length, not op by op
-def allowed(ids, valid, doc, protected, sink, full):
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))  # one compile per row length, not op by op
+def allowed(ids, valid, doc, protected, sink, full, window=0, anchor_rule="ansan"):
     """[B, T, T] `attention_allowed` of rows with one anchor id, ANCHOR."""
     meta = token_metadata(ids, valid, doc, anchor_ids=(ANCHOR,), protected_BxT=protected, sink_tokens=sink)
-    return attention_allowed(meta, meta, full)
+    return attention_allowed(meta, meta, full, window, anchor_rule)
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -118,6 +124,26 @@ def test_protected_tokens_and_sinks_match_brute_force():
     flags = jnp.array([[False, True, False, False]])
     meta = token_metadata(ids, jnp.ones_like(ids, bool), None, anchor_ids=(ANCHOR,), protected_BxT=flags)
     assert np.asarray(attention_allowed(meta, meta, False))[0, 3].tolist() == [False, True, True, True]
+
+
+def test_window_and_sepllm_rule_match_brute_force():
+    rng = np.random.default_rng(4)
+    rules = [("ansan", 1), ("ansan", 7), ("ansan", 64), ("sepllm", 0), ("sepllm", 2)]  # (anchor rule, window)
+    for (rule, window), T in itertools.product(rules, (9, 33)):
+        for _ in range(25):
+            rows = [random_row(rng, T) for _ in range(2)]
+            ids, valid, doc = (np.stack(x) for x in zip(*rows))
+            got = np.asarray(allowed(ids, valid, doc, None, 2, False, window, rule))
+            for b in range(2):
+                want = brute_force_mask(ids[b], valid[b], doc[b], False, None, 2, window, rule == "sepllm")
+                q = valid[b]
+                np.testing.assert_array_equal(got[b][q], want[q], err_msg=f"{ids[b]} {doc[b]} {rule} {window}")
+    # the window reaches across a sentence boundary; sepllm lets an anchor see an earlier anchor
+    ids = jnp.array([[10, ANCHOR, 11, 12, ANCHOR]])
+    meta = token_metadata(ids, jnp.ones_like(ids, bool), None, anchor_ids=(ANCHOR,))
+    assert np.asarray(attention_allowed(meta, meta, False, 3))[0, 3].tolist() == [False, True, True, True, False]
+    sep = np.asarray(attention_allowed(meta, meta, False, anchor_rule="sepllm"))[0, 4]
+    assert sep.tolist() == [False, True, True, True, True]
 
 
 def test_metadata_hand_examples():

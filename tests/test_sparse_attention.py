@@ -115,6 +115,35 @@ def test_outputs_and_gradients_equal_dense(kind, full):
         assert np.abs(np.asarray(g - w)).max() <= 1e-4
 
 
+@pytest.mark.parametrize(
+    "kind,window,rule",
+    [("padding", 20, "ansan"), slow_case("documents", 1, "sepllm"), slow_case("protected_sinks", 40, "sepllm")],
+)
+def test_window_and_sepllm_rule_equal_dense_and_refuse_the_kernel(kind, window, rule):
+    """A window (a band of key tiles reaching back past the sentence, across inner padding) and the sepllm rule:
+    outputs and gradients equal the dense predicate's softmax; a kernel is refused (the tiled path runs)."""
+    meta, q, k, v = setup(kind, 77, seed=KINDS.index(kind))
+    kernel = fk.Kernel("gpu", interpret=True)
+    attend = {
+        "dense": lambda q, k, v, meta, full: dot_attention(q, k, v, attention_allowed(meta, meta, full, window, rule)),
+        "sparse": lambda q, k, v, meta, full: sa.sparse_attention(
+            q, k, v, meta, full, tile=16, kernel=kernel, window=window, anchor_rule=rule
+        ),
+    }
+    run = jax.jit(
+        lambda q, k, v, meta: [
+            (f(q, k, v, meta, False), jax.grad(loss, (1, 2, 3))(f, q, k, v, meta, False)) for f in attend.values()
+        ]
+    )
+    (want, grads_want), (got, grads_got) = run(q, k, v, meta)
+    valid = np.asarray(meta.valid)
+    assert np.abs(np.asarray(got - want))[valid].max() <= 1e-5
+    for w, g in zip(grads_want, grads_got):
+        assert np.abs(np.asarray(g - w)).max() <= 1e-4
+    plain = dot_attention(q, k, v, attention_allowed(meta, meta, False))
+    assert np.abs(np.asarray(plain - want))[valid].max() > 1e-3  # the rule changes the outputs
+
+
 def same_run(m, b, i, j, full):
     return m.doc[b, j] == m.doc[b, i] and (full or m.seg[b, j] == m.seg[b, i])
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from anjax.core.config import ModelConfig
-from anjax.core.mask import TokenMeta
+from anjax.core.mask import TokenMeta, in_window
 
 
 @flax.struct.dataclass
@@ -110,17 +110,22 @@ def append_meta(cache: KVCache, meta: TokenMeta) -> KVCache:
     )
 
 
-def keep_slots(cache: KVCache, open_seg_B: jax.Array, full: bool) -> jax.Array:
+def keep_slots(
+    cache: KVCache, open_seg_B: jax.Array, full: bool, window: int = 0, next_pos_B: jax.Array | None = None
+) -> jax.Array:
     """[B, C] bool: the slots a compaction keeps.
 
-    Anchor cache: valid and (anchor or protected or in the open sentence `open_seg_B`).
+    Anchor cache: valid and (anchor or protected or in the open sentence `open_seg_B` or, with a `window` of n,
+    among the last n positions before the row's next one, `next_pos_B`: the next query's window).
     Full cache (`full=True`): every valid slot. Other slots can never be attended to
-    again under `anjax.core.mask.attention_allowed`.
+    again under `anjax.core.mask.attention_allowed` (a later query's window starts later still).
     """
     if full:
         return cache.valid
-    open_sentence = cache.seg == open_seg_B[:, None]
-    return cache.valid & (cache.anchor | cache.protected | open_sentence)
+    keep = cache.anchor | cache.protected | (cache.seg == open_seg_B[:, None])
+    if window:
+        keep |= in_window(next_pos_B[:, None], cache.pos, window)[:, 0]
+    return cache.valid & keep
 
 
 def pack_order(keep_xC: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -179,6 +184,16 @@ def close_sentence(cache: KVCache, close_B: jax.Array, open_start_B: jax.Array) 
     moved = cache.map_slots(move_kv, move_meta)
     valid_BxC = move_meta(cache.valid & ~hole_BxC) & live_BxC
     return moved.replace(meta=moved.meta.replace(valid=valid_BxC), length=length_B)
+
+
+def evict(cache: KVCache, keep_BxC: jax.Array) -> KVCache:
+    """Decode-time compaction under a window, where a slot leaves the window at every step: the slots outside
+    `keep_BxC` become holes (invalid, metadata only); when some row's buffer is full (`length` = capacity),
+    every row is compacted (`compact`: one gather, once per many steps). The valid slots are then those of
+    `compact(cache, keep_BxC)`."""
+    cache = cache.replace(meta=cache.meta.replace(valid=cache.valid & keep_BxC))
+    full = jnp.any(cache.length >= cache.capacity)
+    return jax.lax.cond(full, lambda c: compact(c, c.valid), lambda c: c, cache)
 
 
 def fit_slots(x: jax.Array, capacity: int, axis: int) -> jax.Array:

@@ -1,7 +1,7 @@
 """Model configuration: one frozen, hashable dataclass shared by every module.
 
 The anchor scheme (`anchor_mode`, `anchor_tokens`, `anchor_ids`, `add_bos`,
-`max_sentence_tokens`, `sentence_splitter`, `final_sentence`; see
+`max_sentence_tokens`, `sentence_splitter`, `final_sentence`, `anchor_window`, `anchor_rule`; see
 `anjax.text.anchors.AnchorScheme`) lives here so that it travels with checkpoints and
 HF exports: a reloaded model is still the same AnLLM.
 """
@@ -18,6 +18,7 @@ ANCHOR_MODES = ("none", "ep", "ac")
 ATTENTION_CHOICES = ("dense", "sparse", "auto", "kernel") + tuple(
     f"kernel:{k}{m}" for k in ("gpu", "tpu") for m in ("", "-interpret")
 )
+ANCHOR_RULES = ("ansan", "sepllm")  # anjax.core.mask.attention_allowed: may an anchor see earlier anchors (sepllm)
 AC_TOKEN = "<AC>"
 # The ModelConfig fields that store the anchor scheme (anjax.text.anchors.AnchorScheme); the HF export's "anjax" block.
 ANCHOR_SCHEME_FIELDS = (
@@ -28,6 +29,8 @@ ANCHOR_SCHEME_FIELDS = (
     "max_sentence_tokens",
     "sentence_splitter",
     "final_sentence",
+    "anchor_window",
+    "anchor_rule",
 )
 SENTENCE_SPLITTERS = ("pysbd-en",)  # anjax.text.encode.split_sentences
 FINAL_SENTENCE_RULES = ("terminated",)  # anjax.text.encode.ends_sentence
@@ -67,6 +70,8 @@ class ModelConfig:
     max_sentence_tokens: int | None = None  # AC: an <AC> after every N tokens of a sentence (BOS not counted)
     sentence_splitter: str = "pysbd-en"
     final_sentence: str = "terminated"  # a prompt's last sentence is closed iff it ends one
+    anchor_window: int = 0  # every query also sees the keys of its last n positions (SepLLM's neighbours); 0: the paper
+    anchor_rule: str = "ansan"  # ansan (an anchor never sees earlier anchors) | sepllm (every token sees them)
 
     def __post_init__(self):
         if self.anchor_mode not in ANCHOR_MODES:
@@ -83,6 +88,11 @@ class ModelConfig:
             raise ValueError(
                 f"unknown anchoring: sentence_splitter={self.sentence_splitter!r} (known "
                 f"{SENTENCE_SPLITTERS}), final_sentence={self.final_sentence!r} (known {FINAL_SENTENCE_RULES})"
+            )
+        if self.anchor_window < 0 or self.anchor_rule not in ANCHOR_RULES:
+            raise ValueError(
+                f"anchor_window must be >= 0 and anchor_rule one of {ANCHOR_RULES}, "
+                f"got {self.anchor_window} and {self.anchor_rule!r}"
             )
         if self.max_sentence_tokens is not None and (self.max_sentence_tokens < 1 or self.anchor_mode != "ac"):
             raise ValueError(f"max_sentence_tokens={self.max_sentence_tokens} needs anchor mode 'ac' and a value >= 1")

@@ -5,12 +5,19 @@ document, used by RoPE), `seg` (sentence index: +1 after each anchor), `anchor`,
 `protected` and `valid`. Query q may attend to key k iff
 
     valid_k and doc_k == doc_q and pos_k <= pos_q and
-    (full or seg_k == seg_q or (anchor_k and not anchor_q) or protected_k)
+    (full or seg_k == seg_q or (anchor_k and not anchor_q) or protected_k
+     or pos_k > pos_q - window)
 
 `protected` is an extension beyond the paper, False by default: a protected token
 stays visible to every later token of its document, as in full attention, and an
 anchor cache keeps it. It carries attention sinks (the first N positions) and
 protected spans (e.g. a question or a translation source).
+
+Two more extensions, stored with the model's anchor scheme (`ModelConfig.anchor_window`,
+`anchor_rule`): `window` n > 0 lets every query also see the keys of its last n positions
+(SepLLM's neighbouring tokens; 0 is the paper), and `anchor_rule="sepllm"` lets every token,
+anchors included, see earlier anchors (SepLLM's separators; "ansan", the paper: an anchor sees
+only its own sentence). Both are static Python values (they shape the graph).
 
 Training, prefill and decode all call `attention_allowed`; nothing else builds a mask.
 """
@@ -95,11 +102,23 @@ def protected_tokens(
     return (sink if flags is None else flags.astype(bool) | sink) & valid
 
 
-def attention_allowed(q: TokenMeta, k: TokenMeta, full: bool | jax.Array) -> jax.Array:
-    """[B, Tq, Tk] bool: the AnSAN predicate (or plain causal attention when `full`)."""
+def attention_allowed(
+    q: TokenMeta, k: TokenMeta, full: bool | jax.Array, window: int = 0, anchor_rule: str = "ansan"
+) -> jax.Array:
+    """[B, Tq, Tk] bool: the AnSAN predicate (or plain causal attention when `full`), with the last `window`
+    positions and, under `anchor_rule="sepllm"`, earlier anchors visible to every query (module docstring)."""
     qe = lambda x: x[:, :, None]
     ke = lambda x: x[:, None, :]
     causal = ke(k.valid) & (ke(k.doc) == qe(q.doc)) & (ke(k.pos) <= qe(q.pos))
     same_sentence = ke(k.seg) == qe(q.seg)
-    earlier_anchor = ke(k.anchor) & ~qe(q.anchor)
-    return causal & (full | same_sentence | earlier_anchor | ke(k.protected))
+    earlier_anchor = ke(k.anchor) if anchor_rule == "sepllm" else ke(k.anchor) & ~qe(q.anchor)
+    visible = full | same_sentence | earlier_anchor | ke(k.protected)
+    if window:
+        visible |= in_window(q.pos, k.pos, window)
+    return causal & visible
+
+
+def in_window(q_pos: jax.Array, k_pos: jax.Array, window: int) -> jax.Array:
+    """[B, Tq, Tk] bool: the key is one of the query's last `window` positions, itself included
+    (pos_q - window < pos_k; causality and the document are `attention_allowed`'s)."""
+    return k_pos[:, None, :] > q_pos[:, :, None] - window

@@ -147,7 +147,8 @@ class Attention(nn.Module):
         q = rope(q, q_meta.pos, cfg.rope_theta, cfg.rope_scaling_factor)
         k = rope(k, q_meta.pos, cfg.rope_theta, cfg.rope_scaling_factor)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
-        mask = lambda keys_meta: attention_allowed(q_meta, keys_meta, self.full_attention)
+        rule = dict(window=cfg.anchor_window, anchor_rule=cfg.anchor_rule)  # the model's anchor scheme
+        mask = lambda keys_meta: attention_allowed(q_meta, keys_meta, self.full_attention, **rule)
         sparse = use_sparse(cfg.attention, q.shape[1])  # the chunk's self-attention without its [T, T] logits
         cache = None if layer_kv is None else (layer_kv[0].astype(dt), layer_kv[1].astype(dt), mask(k_meta))
         new_kv = None if layer_kv is None else (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
@@ -158,7 +159,7 @@ class Attention(nn.Module):
             self.sow("intermediates", "key_mass", mass)
         elif sparse:
             kernel = kernel_for_attention(cfg.attention, jax.default_backend())
-            out = sparse_attention(q, k, v, q_meta, self.full_attention, cache, kernel=kernel)
+            out = sparse_attention(q, k, v, q_meta, self.full_attention, cache, kernel=kernel, **rule)
         elif layer_kv is None:  # keys are the chunk itself
             out = dot_attention(q, k, v, mask(k_meta))
         else:  # the cache's slots, then the chunk itself (head-major [B, K, T, D], as the cache stores it)

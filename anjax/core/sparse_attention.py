@@ -5,13 +5,15 @@
 The keys of a query are split into disjoint parts, each visited tile by tile with one online
 softmax (flash-attention style), so the parts merge by their log-sum-exp into one softmax:
 
-- band: the query's own sentence (anchor mode) or document (full mode). Query tile i visits only
-  the key tiles from the start of its first query's sentence/document to the diagonal; the mask
-  is `attention_allowed(...) & same sentence` (anchor mode) or `attention_allowed(...)` (full).
+- band: the query's own sentence and, with a window of n (`ModelConfig.anchor_window`), its last n
+  positions (anchor mode), or its document (full mode). Query tile i visits only the key tiles from
+  the start of its first query's sentence/document (or window, if that starts earlier) to the
+  diagonal; the mask is `attention_allowed(...) & local` (anchor mode; local: same sentence or in the
+  window) or `attention_allowed(...)` (full).
 - anchors (anchor mode only): every valid anchor or protected token of the row, gathered in
   order into a compact per-row array of A = T slots (so it can never overflow), visited in tiles
   only as far as the anchors that precede the query tile; mask `attention_allowed(...) &
-  other sentence`. Compute scales with the number of anchors, not with T.
+  not local`. Compute scales with the number of anchors, not with T.
 - cache (prefill chunks): the compacted KV cache with its given mask, in key tiles; a query tile visits
   only the range of key tiles where its mask allows a key (a front-packed cache: the slots in use), so
   a chunk's cost grows with the cache's fill, not with its capacity.
@@ -29,6 +31,7 @@ and `sparse` take the tiled path on every platform): the band is one call of the
 of `anjax.core.flash_kernels` (Triton on GPU, Mosaic on TPU) over `band_starts` (each token's run start), which
 returns its LSE; the anchor and cache parts stay on the tiled path and the two merge by LSE. Its backward is
 the kernel's backward fed with the merged output and LSE (the exact gradient of the one softmax).
+A window or the "sepllm" anchor rule always takes the tiled path (the kernel's band is a sentence, AnSAN).
 
 Differentiable through a custom VJP (the FlashAttention-2 backward, tile by tile): the residuals
 are q, k, v, the output and the per-row log-sum-exp, O(T) memory in forward and backward.
@@ -46,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anjax.core.flash_kernels import Kernel, band_flash, band_flash_grads, block_multiple
-from anjax.core.mask import TokenMeta, attention_allowed
+from anjax.core.mask import TokenMeta, attention_allowed, in_window
 
 TILE = 64  # query tile length (tokens) in anchor mode, where the band's short sentences waste least in small
 # tiles; keys go in tiles of a quarter of it (`key_tile`). On 2 CPU cores the training step at 512-4k tokens ran
@@ -80,28 +83,38 @@ class _Part(NamedTuple):
 _Spec = tuple[str, int]
 
 
+class _Rule(NamedTuple):
+    """The static arguments of `attention_allowed` beyond the metadata (hashable: a custom_vjp static)."""
+
+    full: bool
+    window: int = 0
+    anchor_rule: str = "ansan"
+
+
 def _slice(x: jax.Array, start, size: int, axis: int) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
-def _tile_mask(kind: str, full: bool, q_meta: TokenMeta, part: _Part, q0, k0, tq: int, tk: int) -> jax.Array:
+def _tile_mask(kind: str, rule: _Rule, q_meta: TokenMeta, part: _Part, q0, k0, tq: int, tk: int) -> jax.Array:
     """[B, tq, tk] bool: the predicate on query tile [q0, q0 + tq) x key tile [k0, k0 + tk) of a part."""
     if kind == "given":
         return _slice(_slice(part.allowed, q0, tq, 1), k0, tk, 2)
     qm = jax.tree.map(lambda x: _slice(x, q0, tq, 1), q_meta)
     km = jax.tree.map(lambda x: _slice(x, k0, tk, 1), part.meta)
-    allowed = attention_allowed(qm, km, full)
-    if full:
+    allowed = attention_allowed(qm, km, *rule)
+    if rule.full:
         return allowed
-    same_sentence = km.seg[:, None, :] == qm.seg[:, :, None]
-    return allowed & (same_sentence if kind == "band" else ~same_sentence)
+    local = km.seg[:, None, :] == qm.seg[:, :, None]  # the band's keys; the anchors part has the others
+    if rule.window:
+        local |= in_window(qm.pos, km.pos, rule.window)
+    return allowed & (local if kind == "band" else ~local)
 
 
 def _scores(q_BxKxGxQxD, k_BxKxSxD):
     return jnp.einsum("bkgqd,bksd->bkgqs", q_BxKxGxQxD, k_BxKxSxD, preferred_element_type=jnp.float32)
 
 
-def _forward(specs: tuple[_Spec, ...], full: bool, tq: int, q_BxKxGxTxD, q_meta: TokenMeta, parts):
+def _forward(specs: tuple[_Spec, ...], rule: _Rule, tq: int, q_BxKxGxTxD, q_meta: TokenMeta, parts):
     """(out [B, K, G, T, D] in q's dtype, lse [B, K, G, T] fp32; +inf where a query has no allowed key)."""
     B, K, G, T, D = q_BxKxGxTxD.shape
 
@@ -117,7 +130,7 @@ def _forward(specs: tuple[_Spec, ...], full: bool, tq: int, q_BxKxGxTxD, q_meta:
             def key_tile(j, c, kind=kind, tk=tk, part=part):
                 m, l, acc = c
                 k0 = j * tk
-                allowed = _tile_mask(kind, full, q_meta, part, q0, k0, tq, tk)[:, None, None]
+                allowed = _tile_mask(kind, rule, q_meta, part, q0, k0, tq, tk)[:, None, None]
                 s = jnp.where(allowed, _scores(q_t, _slice(part.keys, k0, tk, 2)), -jnp.inf)
                 m_new = jnp.maximum(m, s.max(-1))
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -137,14 +150,14 @@ def _forward(specs: tuple[_Spec, ...], full: bool, tq: int, q_BxKxGxTxD, q_meta:
     return jax.lax.fori_loop(0, T // tq, query_tile, init)
 
 
-def _forward_merged(specs, full, tq, kernel, q_BxKxGxTxD, q_meta, parts, band):
+def _forward_merged(specs, rule, tq, kernel, q_BxKxGxTxD, q_meta, parts, band):
     """(out, lse) of the tiled parts and, with a kernel, of the band (k, v, seg) on it, merged by LSE."""
     if band is None:
-        return _forward(specs, full, tq, q_BxKxGxTxD, q_meta, parts)
+        return _forward(specs, rule, tq, q_BxKxGxTxD, q_meta, parts)
     out_b, lse_b = band_flash(kernel, q_BxKxGxTxD, *band)
     if not specs:
         return out_b, lse_b
-    out_r, lse_r = _forward(specs, full, tq, q_BxKxGxTxD, q_meta, parts)
+    out_r, lse_r = _forward(specs, rule, tq, q_BxKxGxTxD, q_meta, parts)
     lse_r = jnp.where(lse_r == jnp.inf, -jnp.inf, lse_r)  # no allowed key in the tiled parts
     lse = jnp.logaddexp(lse_b, lse_r)
     weight = lambda part_lse: jnp.exp(part_lse - lse)[..., None]
@@ -153,12 +166,12 @@ def _forward_merged(specs, full, tq, kernel, q_BxKxGxTxD, q_meta, parts, band):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _attend(specs, full, tq, kernel, q_BxKxGxTxD, q_meta, parts, band):
-    return _forward_merged(specs, full, tq, kernel, q_BxKxGxTxD, q_meta, parts, band)[0]
+def _attend(specs, rule, tq, kernel, q_BxKxGxTxD, q_meta, parts, band):
+    return _forward_merged(specs, rule, tq, kernel, q_BxKxGxTxD, q_meta, parts, band)[0]
 
 
-def _attend_fwd(specs, full, tq, kernel, q_BxKxGxTxD, q_meta, parts, band):
-    out, lse = _forward_merged(specs, full, tq, kernel, q_BxKxGxTxD, q_meta, parts, band)
+def _attend_fwd(specs, rule, tq, kernel, q_BxKxGxTxD, q_meta, parts, band):
+    out, lse = _forward_merged(specs, rule, tq, kernel, q_BxKxGxTxD, q_meta, parts, band)
     return out, (q_BxKxGxTxD, q_meta, parts, band, out, lse)
 
 
@@ -168,11 +181,11 @@ def _zero_cotangent(x):
     return np.zeros(x.shape, jax.dtypes.float0)
 
 
-def _attend_bwd(specs, full, tq, kernel, res, dout_BxKxGxTxD):
+def _attend_bwd(specs, rule, tq, kernel, res, dout_BxKxGxTxD):
     """FlashAttention-2 backward: P = exp(S - lse) recomputed per tile; dS = P (dP - rowsum(dO * O)), with
     the merged O and lse, so each part (tiled or the kernel's band) gives its share of the exact gradient."""
     q, q_meta, parts, band, out, lse = res
-    dq, d_parts = _parts_bwd(specs, full, tq, q, q_meta, parts, out, lse, dout_BxKxGxTxD)
+    dq, d_parts = _parts_bwd(specs, rule, tq, q, q_meta, parts, out, lse, dout_BxKxGxTxD)
     d_band = None
     if band is not None:
         k, v, start = band
@@ -182,7 +195,7 @@ def _attend_bwd(specs, full, tq, kernel, res, dout_BxKxGxTxD):
     return dq.astype(q.dtype), jax.tree.map(_zero_cotangent, q_meta), d_parts, d_band
 
 
-def _parts_bwd(specs, full, tq, q, q_meta, parts, out, lse, dout_BxKxGxTxD):
+def _parts_bwd(specs, rule, tq, q, q_meta, parts, out, lse, dout_BxKxGxTxD):
     """(dq fp32, cotangents of the tiled parts)."""
     if not specs:
         return jnp.zeros(q.shape, jnp.float32), parts
@@ -201,7 +214,7 @@ def _parts_bwd(specs, full, tq, q, q_meta, parts, out, lse, dout_BxKxGxTxD):
                 dq_t, dk, dv = c
                 k0 = j * tk
                 k_t, v_t = _slice(part.keys, k0, tk, 2), _slice(part.values, k0, tk, 2)
-                allowed = _tile_mask(kind, full, q_meta, part, q0, k0, tq, tk)[:, None, None]
+                allowed = _tile_mask(kind, rule, q_meta, part, q0, k0, tq, tk)[:, None, None]
                 p = jnp.where(allowed, jnp.exp(_scores(q_t, k_t) - lse_t), 0.0)
                 dp = jnp.einsum("bkgqd,bksd->bkgqs", do_t, v_t, preferred_element_type=jnp.float32)
                 ds = p * (dp - delta_t)
@@ -291,6 +304,8 @@ def sparse_attention(
     cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     tile: int | None = None,
     kernel: Kernel | None = None,
+    window: int = 0,
+    anchor_rule: str = "ansan",
 ) -> jax.Array:
     """[B, T, H, D] softmax attention of a block of tokens to itself under `attention_allowed(meta, meta, full)`,
     plus, with `cache` = (keys [B, K, C, D], values [B, K, C, D], allowed [B, T, C]), to a dense key block
@@ -298,11 +313,15 @@ def sparse_attention(
 
     `full` is static (a Python bool). T is padded to a multiple of `tile` (default: 4 * `TILE` in full mode or
     for T <= 4 * `TILE`, else `TILE`) with invalid tokens
-    (and of the kernel's block). `kernel`: a `Kernel` for the band, or None (the tiled path).
+    (and of the kernel's block). `kernel`: a `Kernel` for the band, or None (the tiled path). `window`, `anchor_rule`:
+    `attention_allowed`'s (static).
     """
     B, T, H, D = q_BxTxHxD.shape
     K = k_BxTxKxD.shape[2]
     full = bool(full)
+    rule = _Rule(full, window, anchor_rule)
+    if not full and (window or anchor_rule != "ansan"):  # the kernel's band is a sentence, AnSAN: tiled path
+        kernel = None
     block = block_multiple(kernel) if kernel else 1
     tile = min(tile or (4 * TILE if full or T <= 4 * TILE else TILE), -(-T // block) * block)
     Tp = -(-T // math.lcm(tile, block)) * math.lcm(tile, block)
@@ -319,7 +338,13 @@ def sparse_attention(
     if kernel:  # the band on the kernel: a padding token is a run of its own (no valid query's key)
         specs, parts, band = [], [], (k, v, band_starts(meta, full))
     else:
-        first_nq = (start_BxT[:, ::tile].min(0) // tk).astype(jnp.int32)  # starts are non-decreasing in a row
+        first_BxT = start_BxT
+        if window and not full:  # or its window's start: the valid token `window - 1` valid tokens before it
+            rank_BxT = jnp.cumsum(meta.valid, axis=1) - meta.valid
+            nth_valid_BxT = jnp.argsort(~meta.valid, axis=1, stable=True)
+            back_BxT = jnp.take_along_axis(nth_valid_BxT, jnp.maximum(rank_BxT - window + 1, 0), axis=1)
+            first_BxT = jnp.minimum(first_BxT, back_BxT)
+        first_nq = (first_BxT[:, ::tile].min(0) // tk).astype(jnp.int32)  # non-decreasing in a row
         stop_nq = (tile_idx + 1) * (tile // tk)  # through the diagonal
         specs, parts, band = [("band", tk)], [_Part(k_BxKxTxD, v_BxKxTxD, meta, None, first_nq, stop_nq)], None
     if not full:  # anchors and protected tokens, front-packed in order; slots past each row's count invalid
@@ -340,5 +365,5 @@ def sparse_attention(
         tk_cache, first_nq, stop_nq = _cache_tiles(allowed_BxTpxC, tile, tk)
         specs.append(("given", tk_cache))
         parts.append(_Part(ck_BxKxCxD, cv_BxKxCxD, None, allowed_BxTpxC, first_nq, stop_nq))
-    out = _attend(tuple(specs), full, tile, kernel, q_BxKxGxTxD, meta, tuple(parts), band)
+    out = _attend(tuple(specs), rule, tile, kernel, q_BxKxGxTxD, meta, tuple(parts), band)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, Tp, H, D)[:, :T]

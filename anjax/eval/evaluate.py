@@ -94,18 +94,22 @@ def parse_budget(text: str) -> str | float:
     return value
 
 
-def row_budgets(rows: Sequence[Sequence[int]], budget: str | float, anchor_ids: Sequence[int]) -> list[int]:
+def row_budgets(
+    rows: Sequence[Sequence[int]], budget: str | float, anchor_ids: Sequence[int], window: int = 0
+) -> list[int]:
     """Per id list (all but its last id are fed), the slots a policy keeps: a fraction F of the fed
-    tokens, max(1, ⌊F × (len(row) − 1)⌋), or with `match-anchor` exactly what the anchor cache holds
-    after them (`anjax.inference.scoring.anchor_kept`)."""
+    tokens, max(1, ⌊F × (len(row) − 1)⌋), or with `match-anchor` exactly what the anchor cache (with the
+    scheme's `window`) holds after them (`anjax.inference.scoring.anchor_kept`)."""
     if budget == MATCH_ANCHOR:
-        return [anchor_kept(r[:-1], anchor_ids) for r in rows]
+        return [anchor_kept(r[:-1], anchor_ids, window) for r in rows]
     return [fraction_slots(budget, len(r) - 1) for r in rows]
 
 
-def item_budgets(requests: Sequence[ScoreRequest], budget: str | float, anchor_ids: Sequence[int]) -> list[int]:
+def item_budgets(
+    requests: Sequence[ScoreRequest], budget: str | float, anchor_ids: Sequence[int], window: int = 0
+) -> list[int]:
     """Per item, `row_budgets` of its prefix (the prefilled context)."""
-    return row_budgets([r.prefix for r in requests], budget, anchor_ids)
+    return row_budgets([r.prefix for r in requests], budget, anchor_ids, window)
 
 
 def _path(name: str, requests, model, policies: dict[str, Policy]) -> tuple:
@@ -113,7 +117,10 @@ def _path(name: str, requests, model, policies: dict[str, Policy]) -> tuple:
     if "@" not in name:
         return (name, False)
     kind, budget = name.split("@", 1)
-    return (policies.get(kind, Policy(kind)), item_budgets(requests, parse_budget(budget), model.anchor_ids))
+    return (
+        policies.get(kind, Policy(kind)),
+        item_budgets(requests, parse_budget(budget), model.anchor_ids, model.cfg.anchor_window),
+    )
 
 
 def evaluate_task(

@@ -112,7 +112,7 @@ class AnjaxLM(LM):
         members = list(groups.values())
         items = [ScoreRequest.from_ids([self.model.encode_pair(*requests[i].args) for i in idx]) for idx in members]
         if self.policy:
-            budgets = evaluate.item_budgets(items, self.budget, self.model.anchor_ids)
+            budgets = evaluate.item_budgets(items, self.budget, self.model.anchor_ids, self.model.cfg.anchor_window)
             res = self.scorer.run_paths(items, [(self.policy, budgets)])[0]
         else:
             res = self.scorer.run(items, self.cache)
@@ -129,7 +129,7 @@ class AnjaxLM(LM):
         rows = [[prefix] + m.encode_text(r.args[0])[int(m.add_bos) :] for r in requests]
         scored = [[t > 0 and x != m.ac_id for t, x in enumerate(row)] for row in rows]
         if self.policy:
-            budgets = evaluate.row_budgets(rows, self.budget, m.anchor_ids)
+            budgets = evaluate.row_budgets(rows, self.budget, m.anchor_ids, m.cfg.anchor_window)
             if self._streamer is None:  # built once: its compiled chunk steps are reused across calls
                 self._streamer = Scorer(m, batch_size=self.batch_size, chunk_size=1)
             return [-x for x in self._streamer.sequence_nll(rows, self.policy, scored, budgets)["nll"]]

@@ -111,7 +111,7 @@ def perplexity(
     for cache in caches:
         if "@" in cache:
             kind, budget = cache.split("@", 1)
-            budgets = row_budgets(rows, parse_budget(budget), scorer.model.anchor_ids)
+            budgets = row_budgets(rows, parse_budget(budget), scorer.model.anchor_ids, scorer.model.cfg.anchor_window)
             res = streamer.sequence_nll(rows, (policies or {}).get(kind, Policy(kind)), scored, budgets)
         else:
             res = scorer.sequence_nll(rows, cache, scored)

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anjax.core.cache import KVCache, close_sentence, compact, fit_slots, keep_slots, resize
+from anjax.core.cache import KVCache, close_sentence, compact, evict, fit_slots, keep_slots, resize
 from anjax.core.config import ModelConfig
 from anjax.core.mask import TokenMeta, is_anchor, protected_tokens
 from anjax.core.model import Llama
@@ -127,8 +127,8 @@ def prefill_step(
         {"params": params}, tokens_BxT, meta, state.cache, full_attention=not spec.anchor_cache
     )
     open_seg = state.open_seg + meta.anchor.sum(1, dtype=jnp.int32)
-    cache = compact(cache, keep_slots(cache, open_seg, not spec.anchor_cache))
     next_pos = state.next_pos + meta.valid.sum(1, dtype=jnp.int32)
+    cache = compact(cache, keep_slots(cache, open_seg, not spec.anchor_cache, cfg.anchor_window, next_pos))
     state = state.replace(cache=_rebase(cache, spec), next_pos=next_pos, open_seg=open_seg)
     return logits, track(state, ~state.done, cache.capacity - T)
 
@@ -177,7 +177,10 @@ def feed_token(
     )
     cache = cache.replace(length=jnp.where(active_B, cache.length, state.cache.length))
     open_start = state.open_start
-    if spec.anchor_cache:
+    if spec.anchor_cache and cfg.anchor_window:  # the oldest slot of the window leaves at every step
+        keep_BxC = keep_slots(cache, state.open_seg + anchor_B, False, cfg.anchor_window, state.next_pos + active_B)
+        cache = evict(cache, keep_BxC)
+    elif spec.anchor_cache:
         cache = close_sentence(cache, anchor_B, open_start)
         open_start = jnp.where(anchor_B | protected_B, cache.length, open_start)
     state = state.replace(
@@ -348,10 +351,10 @@ class EngineConfig:
     with `budget`: the slots each row keeps, an int >= 1, or a float in (0, 1], that fraction of each
     prompt's fed tokens (`policies.fraction_slots`); `policy_sink` / `policy_obs` / `policy_kernel`
     override the policy's settings (`Policy`).
-    anchor_mode / anchors / max_sentence_tokens: override the model's anchor scheme
+    anchor_mode / anchors / max_sentence_tokens / anchor_window / anchor_rule: override the model's anchor scheme
     (`anjax.text.anchors.resolve_scheme`, which says so on stderr).
     capacity: slots a row may keep (default: the whole request for a full cache,
-    min(that, DEFAULT_ANCHOR_CAPACITY) for an anchor cache). chunk_size: prefill chunk T.
+    min(that, DEFAULT_ANCHOR_CAPACITY + the scheme's window) for an anchor cache). chunk_size: prefill chunk T.
     positions: "true" | "reference" (the AnLLM authors' re-based positions, inexact).
     decode_layers: the decode loop's layers, "scan" (stacked weights and cache) or "split" (unrolled, per-layer
     weights and cache buffers; anchor and full caches; the engine then holds the weights per layer, with q/k/v and
@@ -365,6 +368,8 @@ class EngineConfig:
     anchor_mode: str | None = None
     anchors: tuple[str, ...] | None = None
     max_sentence_tokens: int | None = None
+    anchor_window: int | None = None
+    anchor_rule: str | None = None
     chunk_size: int = 512  # prefill: 512-token chunks ran 9-19% faster than 256 on CPU (README: Prefill)
     capacity: int | None = None
     batch_size: int = 8
@@ -440,8 +445,17 @@ class Engine:
         """`runtime`: a compile cache to share (a `Scorer`'s over the same weights); default a new one."""
         c = config
         scheme, cfg, params = resolve_scheme(
-            cfg, tokenizer, params, mode=c.anchor_mode, tokens=c.anchors, max_sentence_tokens=c.max_sentence_tokens
+            cfg,
+            tokenizer,
+            params,
+            mode=c.anchor_mode,
+            tokens=c.anchors,
+            max_sentence_tokens=c.max_sentence_tokens,
+            window=c.anchor_window,
+            rule=c.anchor_rule,
         )
+        if scheme.window and c.positions == "reference":
+            raise ValueError("an anchor window counts true positions: use positions='true'")
         mode, anchor_ids = scheme.mode, scheme.ids
         cache = c.cache or ("anchor" if anchor_ids else "full")
         if cache == "anchor" and not anchor_ids:
@@ -589,8 +603,8 @@ class Engine:
             return [results[i] for i in range(len(ids))]
         longest = max(len(r) for i, r in enumerate(ids) if i not in results)
         capacity = self.capacity or round_up(longest + max_new_tokens, 256)
-        if self.capacity is None and self.spec.anchor_cache:
-            capacity = min(capacity, DEFAULT_ANCHOR_CAPACITY)
+        if self.capacity is None and self.spec.anchor_cache:  # anchors + open sentence, plus the window's slots
+            capacity = min(capacity, DEFAULT_ANCHOR_CAPACITY + self.cfg.anchor_window)
         chunk = min(self.chunk_size, 1 << max(4, (longest - 1).bit_length()))
         sampling = dict(
             temperature=temperature,
@@ -754,6 +768,8 @@ class Engine:
         if not self.spec.anchor_cache:
             return f"the full cache would need {need} slots but the capacity is {capacity}: raise --capacity"
         held = f"{anchors} anchors, " + (f"{protected} protected tokens, " if protected else "")
+        if self.cfg.anchor_window:
+            held += f"the last {self.cfg.anchor_window} positions (window), "
         return (
             f"the anchor cache would need {need} slots ({held}an open sentence of {open_len} tokens) "
             f"but the capacity is {capacity}: raise --capacity"

@@ -29,7 +29,7 @@ after the context when it ends a sentence, inside the continuation. `<AC>` targe
 are never scored.
 
 Memory: during prefill an anchor cache holds at most `kept_bound` slots (every
-anchor + the longest sentence) plus one chunk, a full cache the whole context plus
+anchor + the longest sentence + the scheme's window) plus one chunk, a full cache the whole context plus
 one chunk; the choices see the cache cut to the slots in use. Shapes are bucketed
 (`anjax.inference.runtime.bucket`) so that a task compiles a handful of executables; `Scorer.compile_seconds`
 is kept apart from the timed seconds.
@@ -200,9 +200,10 @@ class PathResult:
     tokens: int  # tokens the path fed through the model (padding excluded)
 
 
-def kept_bound(ids: Sequence[int], anchor_ids: Sequence[int]) -> int:
+def kept_bound(ids: Sequence[int], anchor_ids: Sequence[int], window: int = 0) -> int:
     """Most slots an anchor cache keeps between chunks while `ids` are prefilled: every anchor plus
-    the longest sentence (its tokens before the anchor). A full cache keeps len(ids)."""
+    the longest sentence (its tokens before the anchor) plus, with a window of n, n slots. A full cache
+    keeps len(ids)."""
     anchors, run, longest = 0, 0, 0
     for t in ids:
         if t in anchor_ids:
@@ -210,13 +211,16 @@ def kept_bound(ids: Sequence[int], anchor_ids: Sequence[int]) -> int:
         else:
             run += 1
             longest = max(longest, run)
-    return anchors + longest
+    return anchors + longest + window
 
 
-def anchor_kept(ids: Sequence[int], anchor_ids: Sequence[int]) -> int:
-    """Slots an anchor cache holds after `ids` are prefilled: every anchor plus the open sentence."""
+def anchor_kept(ids: Sequence[int], anchor_ids: Sequence[int], window: int = 0) -> int:
+    """Slots an anchor cache holds after `ids` are prefilled: every anchor, the open sentence and, with a
+    window of n, the other ones of the last n - 1 ids (what the next token's window reaches;
+    `anjax.core.cache.keep_slots`)."""
     last = max((i for i, t in enumerate(ids) if t in anchor_ids), default=-1)
-    return sum(t in anchor_ids for t in ids) + len(ids) - 1 - last
+    n = len(ids)
+    return sum(t in anchor_ids or i > last or i > n - window for i, t in enumerate(ids))
 
 
 # ----------------------------------------------------------------------------- jitted steps
@@ -352,7 +356,8 @@ class Scorer:
         order = sorted(range(n), key=lambda i: -(len(requests[i].prefix) + max(map(len, requests[i].chunks()))))
         longest = max(len(r.prefix) for r in requests) - 1
         chunk = min(self.chunk_size, bucket(longest, 16))
-        anchor_bound = max(kept_bound(r.prefix[:-1], self.model.anchor_ids) for r in requests)
+        window = self.model.cfg.anchor_window
+        anchor_bound = max(kept_bound(r.prefix[:-1], self.model.anchor_ids, window) for r in requests)
         capacity = {False: round_up(max(longest, 1), chunk), True: round_up(max(anchor_bound, 1), chunk)}
         shapes = dict(
             k=max(r.k for r in requests),

@@ -27,7 +27,8 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 # Run-config fields that fix the parameter tree, the vocabulary and the anchor scheme: a run
-# directory's checkpoints are resumed only by a config that agrees on all of them.
+# directory's checkpoints are resumed only by a config that agrees on all of them. A field that older
+# run directories lack counts as its default there (LATER_KEYS).
 IDENTITY_KEYS = (
     ("model", "path"),
     ("model", "from_scratch"),
@@ -37,7 +38,10 @@ IDENTITY_KEYS = (
     ("anchors", "tokens"),
     ("data", "add_bos"),
     ("data", "max_sentence_tokens"),
+    ("anchors", "window"),
+    ("anchors", "rule"),
 )
+LATER_KEYS = {("anchors", "window"): 0, ("anchors", "rule"): "ansan"}
 
 
 def save_run_files(run_dir: Path, run_config: dict, cfg: ModelConfig, tokenizer) -> None:
@@ -57,7 +61,7 @@ def check_resumable(run_dir: Path, run_config: dict) -> None:
         )
     stored = yaml.safe_load(path.read_text()) or {}
     for section, key in IDENTITY_KEYS:
-        was, now = stored.get(section, {}).get(key), run_config[section][key]
+        was, now = stored.get(section, {}).get(key, LATER_KEYS.get((section, key))), run_config[section][key]
         if was != now:
             raise CheckpointError(
                 f"the checkpoints in {run_dir} were trained with {section}.{key}={was!r}, this "

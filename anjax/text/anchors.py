@@ -4,7 +4,7 @@ AnLLM-EP uses endpoint punctuation tokens as anchors (default ".", "?", "!"),
 AnLLM-AC a new special token `<AC>` that the encoder (`anjax.text.encode`) puts after
 every sentence. `AnchorScheme` is the whole agreement between training and use
 (mode, anchor ids as they occur in running text, BOS rule, `max_sentence_tokens`,
-sentence splitter, final-sentence rule); it is stored in the model config
+sentence splitter, final-sentence rule, the attention window and anchor rule); it is stored in the model config
 (`ModelConfig.scheme_fields`), hence in the run directory and the HF export, and
 `resolve_scheme` is the one function that reads it back and applies overrides.
 The mask itself lives in `anjax.core.mask`.
@@ -21,7 +21,7 @@ import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 
-from anjax.core.config import AC_TOKEN, ANCHOR_MODES, ModelConfig
+from anjax.core.config import AC_TOKEN, ANCHOR_MODES, ANCHOR_RULES, ModelConfig
 from anjax.core.params import init_embedding_row
 
 EP_DEFAULT_TOKENS = (".", "?", "!")
@@ -35,7 +35,10 @@ class AnchorScheme:
     mode none | ep | ac; `tokens`/`ids` the anchor strings and the ids the tokenizer
     emits for them inside running text; `add_bos`/`bos_id` texts start with BOS;
     `max_sentence_tokens` (AC) an `<AC>` after every N tokens of a sentence, BOS not
-    counted; `splitter` and `final_sentence` name the rules of `anjax.text.encode`.
+    counted; `splitter` and `final_sentence` name the rules of `anjax.text.encode`; `window` (n neighbouring
+    positions every query also sees; 0: the paper) and `rule` (ansan | sepllm: may anchors see earlier
+    anchors) are `anjax.core.mask.attention_allowed`'s. Older run directories and exports lack the last two:
+    they load as 0 and "ansan", the paper's mask.
     """
 
     mode: str = "none"
@@ -46,6 +49,8 @@ class AnchorScheme:
     max_sentence_tokens: int | None = None
     splitter: str = "pysbd-en"
     final_sentence: str = "terminated"
+    window: int = 0
+    rule: str = "ansan"
 
     def __post_init__(self):
         if self.mode not in ANCHOR_MODES:
@@ -56,6 +61,10 @@ class AnchorScheme:
             raise ValueError(
                 f"max_sentence_tokens inserts <AC> tokens: it needs anchor mode 'ac' and a value >= 1, "
                 f"got {self.max_sentence_tokens} in mode {self.mode!r}"
+            )
+        if self.window < 0 or self.rule not in ANCHOR_RULES:
+            raise ValueError(
+                f"need an anchor window >= 0 and a rule in {ANCHOR_RULES}, got {self.window}, {self.rule!r}"
             )
         if self.mode == "ac" and len(self.ids) != 1:
             raise ValueError("anchor mode 'ac' has exactly one anchor id, the <AC> token")
@@ -74,6 +83,8 @@ class AnchorScheme:
             max_sentence_tokens=self.max_sentence_tokens,
             sentence_splitter=self.splitter,
             final_sentence=self.final_sentence,
+            anchor_window=self.window,
+            anchor_rule=self.rule,
         )
 
     def to_dict(self) -> dict:
@@ -180,6 +191,8 @@ def resolve_scheme(
     tokens: Sequence[str] | None = None,
     add_bos: bool | None = None,
     max_sentence_tokens: int | None = None,
+    window: int | None = None,
+    rule: str | None = None,
     ac_init: str = "mean",
     note: Callable[[str], None] = _note,
 ) -> tuple[AnchorScheme, ModelConfig, object]:
@@ -222,6 +235,8 @@ def resolve_scheme(
     for name, new, old in (
         ("add_bos", add_bos, cfg.add_bos),
         ("max_sentence_tokens", max_sentence_tokens, cfg.max_sentence_tokens),
+        ("anchor window", window, cfg.anchor_window),
+        ("anchor rule", rule, cfg.anchor_rule),
     ):
         if new is not None and old is not None and new != old:
             note(f"{name}={new} overrides the model's {name}={old}")
@@ -239,5 +254,7 @@ def resolve_scheme(
         max_sentence_tokens=cap if new_mode == "ac" else None,
         splitter=cfg.sentence_splitter,
         final_sentence=cfg.final_sentence,
+        window=cfg.anchor_window if window is None else window,
+        rule=cfg.anchor_rule if rule is None else rule,
     )
     return scheme, cfg.replace(**scheme.config_fields()), params

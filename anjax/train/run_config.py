@@ -58,6 +58,8 @@ class AnchorSection:
     mode: str = "ac"  # none | ep (punctuation anchors) | ac (<AC> after each sentence)
     tokens: tuple[str, ...] | None = None  # EP anchor strings; null = [".", "?", "!"]
     ac_init: str = "mean"  # new <AC> embedding row: mean of all rows | copy (of ".")
+    window: int = 0  # every token also sees its last n positions (SepLLM's neighbours); 0 = the paper's AnSAN
+    rule: str = "ansan"  # ansan (an anchor sees only its sentence) | sepllm (every token sees earlier anchors)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +126,7 @@ class RunConfig:
             "model.attention": (self.model.attention, ATTENTION_CHOICES),
             "anchors.mode": (self.anchors.mode, ("none", "ep", "ac")),
             "anchors.ac_init": (self.anchors.ac_init, ("mean", "copy")),
+            "anchors.rule": (self.anchors.rule, ("ansan", "sepllm")),
             "train.schedule": (self.train.schedule, ("constant", "cosine")),
         }
         for key, (value, allowed) in choices.items():
@@ -140,6 +143,8 @@ class RunConfig:
             "checkpoint.keep": self.checkpoint.keep,
             "log.every": self.log.every,
         }
+        if self.anchors.window < 0:
+            raise ValueError(f"anchors.window must be >= 0, got {self.anchors.window}")
         if not 0 <= self.run.seed < 2**32:
             raise ValueError(f"run.seed must be in [0, 2**32), got {self.run.seed}")
         for key, value in positive.items():

@@ -55,6 +55,8 @@ def fresh_model(rc: run_config.RunConfig) -> tuple[ModelConfig, dict | None, obj
         tokens=rc.anchors.tokens,
         add_bos=rc.data.add_bos,
         max_sentence_tokens=rc.data.max_sentence_tokens or 0,
+        window=rc.anchors.window,
+        rule=rc.anchors.rule,
         ac_init=rc.anchors.ac_init,
     )
     return cfg, params, tokenizer
