@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from anjax.core.config import DTYPES
+
 DEBUG_FLAG = "--debug"
 
 
@@ -82,6 +84,16 @@ def add_run_config_args(parser: argparse.ArgumentParser, config_help: str, set_e
 def overrides(args: argparse.Namespace) -> list[str]:
     """Every `--set` KEY=VALUE of `add_run_config_args`, in order."""
     return [o for group in args.overrides for o in group]
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """`--dtype`: how every inference command (infer.py, serve, evaluate, quality, lm-eval) holds the model."""
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="parameters and compute; attention softmax, norms and logits stay float32 (default float32)",
+    )
 
 
 # ----------------------------------------------------------------------------- argument checks

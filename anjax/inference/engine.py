@@ -476,13 +476,14 @@ class Engine:
         return self.runtime.compile_seconds
 
     @classmethod
-    def load(cls, model: str | None = None, config: EngineConfig = EngineConfig()) -> Engine:
-        """An engine for any model argument of `anjax.io.loading.load_model` (None: the embedded SmolLM2).
+    def load(cls, model: str | None = None, config: EngineConfig = EngineConfig(), dtype: str | None = None) -> Engine:
+        """An engine for any model argument of `anjax.io.loading.load_model` (None: the embedded SmolLM2), its
+        parameters and compute in `dtype` (None: the model's; "bfloat16" halves the weights and the cache).
 
         Layers are loaded stacked (`scan_layers`: one layer body to compile), kept per layer when the decode
         is split (`EngineConfig.decode_layers`).
         """
-        cfg, params, tokenizer = load_model(model, scan_layers=True)
+        cfg, params, tokenizer = load_model(model, dtype, scan_layers=True)
         return cls(cfg, params, tokenizer, config)
 
     # ------------------------------------------------------------------ prompts

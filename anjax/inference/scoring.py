@@ -148,9 +148,10 @@ def scoring_model(
     return ScoringModel(cfg=cfg, params=jax.device_put(params), tokenizer=tokenizer, name=name, scheme=scheme)
 
 
-def load_scoring_model(model: str | None = None, **kwargs) -> ScoringModel:
-    """`scoring_model` for any model argument of `anjax.io.loading.load_model` (None: embedded SmolLM2)."""
-    cfg, params, tokenizer = load_model(model)
+def load_scoring_model(model: str | None = None, dtype: str | None = None, **kwargs) -> ScoringModel:
+    """`scoring_model` for any model argument of `anjax.io.loading.load_model` (None: embedded SmolLM2), its
+    parameters and compute in `dtype` (None: the model's; log-probabilities are taken from float32 logits)."""
+    cfg, params, tokenizer = load_model(model, dtype)
     if tokenizer is None:
         raise ValueError(f"{model}: the model directory has no tokenizer files; scoring needs text")
     path = Path(str(model))
