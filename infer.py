@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         policy_kernel=args.kernel,
     )
     t0 = time.perf_counter()
-    engine = Engine.load(args.model, config, args.dtype)
+    engine = Engine.load(args.model, config, args.dtype, args.mesh)
     load_s = time.perf_counter() - t0
     check_sizes(engine, args)
     sampling = dict(

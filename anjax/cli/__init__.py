@@ -87,13 +87,33 @@ def overrides(args: argparse.Namespace) -> list[str]:
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """`--dtype`: how every inference command (infer.py, serve, evaluate, quality, lm-eval) holds the model."""
+    """`--dtype` and `--mesh`: how every inference command (infer.py, serve, evaluate, quality) holds the model
+    (the lm-eval adapter takes the dtype as model_args dtype=...)."""
     parser.add_argument(
         "--dtype",
         choices=DTYPES,
         default="float32",
         help="parameters and compute; attention softmax, norms and logits stay float32 (default float32)",
     )
+    parser.add_argument(
+        "--mesh",
+        type=parse_mesh,
+        default=None,
+        metavar="data=D,tensor=T",
+        help="run over D x T devices: rows (and KV-cache rows) over data, weights and KV heads over tensor "
+        "(T must divide the KV heads); default one device",
+    )
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """`data=D,tensor=T` (either may be left out: 1) -> {"data": D, "tensor": T}; argparse's one-line error else."""
+    sizes = {"data": 1, "tensor": 1}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"expected data=D,tensor=T with positive integers, got {text!r}")
+        sizes[name.strip()] = int(value)
+    return sizes
 
 
 # ----------------------------------------------------------------------------- argument checks

@@ -122,6 +122,7 @@ def load_model_for(args, caches: Sequence[str]) -> ScoringModel:
     return load_scoring_model(
         args.model,
         args.dtype,
+        args.mesh,
         anchor_mode=args.anchor_mode,
         anchors=args.anchors,
         need_anchors="anchor" in caches or any(c.endswith(f"@{evaluate.MATCH_ANCHOR}") for c in caches),

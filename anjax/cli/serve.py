@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     config = EngineConfig(
         cache=args.cache, anchor_mode=args.anchor_mode, chunk_size=args.chunk_size, capacity=args.capacity
     )
-    engine = Engine.load(args.model, config, args.dtype)
+    engine = Engine.load(args.model, config, args.dtype, args.mesh)
     scheduler = Scheduler(engine, args.slots, args.capacity, Metrics(), args.max_queue)
     name = args.model_name or (Path(args.model).name if args.model else "SmolLM2-135M-Instruct")
     server = uvicorn.Server(
