@@ -83,6 +83,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--raw-prompt", action="store_true", help="tokenize prompts as they are (no <AC> inserted)")
     p.add_argument("--show-anchors", action="store_true", help="keep generated <AC> tokens in the printed text")
+    cli.add_engine_args(p)
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.input is None):
         raise cli.UsageError("give either --prompt TEXT or --input prompts.jsonl --output out.jsonl")
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         policy_kernel=args.kernel,
     )
     t0 = time.perf_counter()
-    engine = Engine.load(args.model, config)
+    engine = Engine.load(args.model, config, args.dtype, args.mesh)
     load_s = time.perf_counter() - t0
     check_sizes(engine, args)
     sampling = dict(

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from anjax.core.config import DTYPES
+
 DEBUG_FLAG = "--debug"
 
 
@@ -82,6 +84,36 @@ def add_run_config_args(parser: argparse.ArgumentParser, config_help: str, set_e
 def overrides(args: argparse.Namespace) -> list[str]:
     """Every `--set` KEY=VALUE of `add_run_config_args`, in order."""
     return [o for group in args.overrides for o in group]
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """`--dtype` and `--mesh`: how every inference command (infer.py, serve, evaluate, quality) holds the model
+    (the lm-eval adapter takes the dtype as model_args dtype=...)."""
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="parameters and compute; attention softmax, norms and logits stay float32 (default float32)",
+    )
+    parser.add_argument(
+        "--mesh",
+        type=parse_mesh,
+        default=None,
+        metavar="data=D,tensor=T",
+        help="run over D x T devices: rows (and KV-cache rows) over data, weights and KV heads over tensor "
+        "(T must divide the KV heads); default one device",
+    )
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """`data=D,tensor=T` (either may be left out: 1) -> {"data": D, "tensor": T}; argparse's one-line error else."""
+    sizes = {"data": 1, "tensor": 1}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"expected data=D,tensor=T with positive integers, got {text!r}")
+        sizes[name.strip()] = int(value)
+    return sizes
 
 
 # ----------------------------------------------------------------------------- argument checks

@@ -77,6 +77,7 @@ def build_parser() -> cli.ArgumentParser:
     )
     p.add_argument("--seq-len", type=int, default=1024, help="perplexity: tokens per row")
     p.add_argument("--ac-every", type=int, default=None, help="perplexity, AC: also an <AC> every N tokens")
+    cli.add_engine_args(p)
     return p
 
 
@@ -120,6 +121,8 @@ def policy_settings(args, caches: Sequence[str]) -> dict[str, Policy]:
 def load_model_for(args, caches: Sequence[str]) -> ScoringModel:
     return load_scoring_model(
         args.model,
+        args.dtype,
+        args.mesh,
         anchor_mode=args.anchor_mode,
         anchors=args.anchors,
         need_anchors="anchor" in caches or any(c.endswith(f"@{evaluate.MATCH_ANCHOR}") for c in caches),

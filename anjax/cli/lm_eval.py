@@ -38,6 +38,7 @@ def precheck_model_args(argv: list[str]) -> None:
         value("batch_size"),
         value("chunk_size"),
         {k: v for k, v in given.items() if k not in names},
+        value("dtype"),
     )
 
 

@@ -54,6 +54,7 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--bootstrap-seed", type=int, default=stats.SEED, help="seed of the bootstrap resampling")
     p.add_argument("--out-dir", default="benchmarks/results", help="write NAME.md, NAME.json, NAME.png here")
     p.add_argument("--name", default="quality", help="file stem in --out-dir")
+    cli.add_engine_args(p)
     return p
 
 

@@ -31,6 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk (tokens)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (then 429)")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="on SIGTERM, wait this long for requests")
+    cli.add_engine_args(p)
     args = p.parse_args(argv)
     cli.check_range("--port", args.port, 0, 65535)
     for name in ("slots", "capacity", "chunk_size", "max_queue"):
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     config = EngineConfig(
         cache=args.cache, anchor_mode=args.anchor_mode, chunk_size=args.chunk_size, capacity=args.capacity
     )
-    engine = Engine.load(args.model, config)
+    engine = Engine.load(args.model, config, args.dtype, args.mesh)
     scheduler = Scheduler(engine, args.slots, args.capacity, Metrics(), args.max_queue)
     name = args.model_name or (Path(args.model).name if args.model else "SmolLM2-135M-Instruct")
     server = uvicorn.Server(

@@ -36,6 +36,9 @@ SENTENCE_SPLITTERS = ("pysbd-en",)  # anjax.text.encode.split_sentences
 FINAL_SENTENCE_RULES = ("terminated",)  # anjax.text.encode.ends_sentence
 
 
+DTYPES = ("float32", "bfloat16")  # inference --dtype: parameters and compute (softmax, norms, logits stay float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Llama-family decoder hyper-parameters (HF names in comments)."""

@@ -85,6 +85,12 @@ def _divisible(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
     return P(*(axes if fits(axes, dim) else None for axes, dim in zip(spec, shape)))
 
 
+def logical_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh) -> P:
+    """The PartitionSpec of an array [shape] with logical `axes` under `RULES` (on a Mesh or an AbstractMesh),
+    without the mesh axes that do not divide their dimension."""
+    return _divisible(nn.logical_to_mesh_axes(axes, RULES), shape, mesh)
+
+
 def logical_shardings(boxed_abstract, mesh: jax.sharding.Mesh):
     """NamedShardings of a tree of `nn.LogicallyPartitioned` ShapeDtypeStructs (from jax.eval_shape(init))."""
     specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_abstract), RULES)

@@ -11,7 +11,8 @@ SmolLM2), `cache` full | anchor | a training-free policy window | snapkv | h2o
 (`anjax.inference.policies`) with `budget` (a fraction of each context in (0, 1], or
 match-anchor: what the anchor cache keeps, for scoring) and optionally `sink`, `obs`,
 `kernel`, `anchor_mode` ep | ac, `anchors` (EP strings separated by spaces, e.g.
-"anchors=. ? !"), `chunk_size`; `batch_size` is the harness's own option (items per
+"anchors=. ? !"), `chunk_size`, `dtype` float32 | bfloat16 (parameters and compute, as
+`--dtype`); `batch_size` is the harness's own option (items per
 batch; "auto" means 8).
 
 `loglikelihood` goes through `anjax.inference.scoring.Scorer`, the code behind
@@ -46,6 +47,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("anjax.eval.lm_eval_adapter needs lm-evaluation-harness: pip install lm-eval==0.4.13") from e
 
+from anjax.core.config import DTYPES
 from anjax.eval import evaluate
 from anjax.inference.engine import Engine, EngineConfig
 from anjax.inference.policies import POLICIES, Policy
@@ -74,13 +76,14 @@ class AnjaxLM(LM):
         anchors: str | None = None,
         batch_size: int | str = 8,
         chunk_size: int = 128,
+        dtype: str = "float32",
         scoring_model: ScoringModel | None = None,
         max_batch_size: Any = None,
         device: Any = None,
         **unknown: Any,
     ):
         super().__init__()
-        check_model_args(model, cache, batch_size, chunk_size, unknown)
+        check_model_args(model, cache, batch_size, chunk_size, unknown, dtype)
         settings = {k: int(v) for k, v in dict(sink=sink, obs=obs, kernel=kernel).items() if v is not None}
         self.policy = Policy(cache, **settings) if cache in POLICIES else None
         if (budget is None) == (self.policy is not None) or (settings and not self.policy):
@@ -89,6 +92,7 @@ class AnjaxLM(LM):
         if scoring_model is None:
             scoring_model = load_scoring_model(
                 None if model in (None, "") else str(model),
+                dtype,
                 anchor_mode=anchor_mode,
                 anchors=str(anchors).split() if anchors else None,
                 need_anchors=cache == "anchor" or self.budget == evaluate.MATCH_ANCHOR,
@@ -173,13 +177,15 @@ class AnjaxLM(LM):
         return self._engine
 
 
-def check_model_args(model, cache, batch_size, chunk_size, unknown: dict) -> None:
+def check_model_args(model, cache, batch_size, chunk_size, unknown: dict, dtype: str = "float32") -> None:
     """ValueError naming the first bad model_arg, before any model loads (max_batch_size, device: harness's own)."""
     if unknown:
         raise ValueError(
             f"unknown model_args {', '.join(sorted(unknown))}; the anjax model takes model, cache, budget, sink, "
-            "obs, kernel, anchor_mode, anchors, chunk_size (and the harness's batch_size)"
+            "obs, kernel, anchor_mode, anchors, chunk_size, dtype (and the harness's batch_size)"
         )
+    if dtype not in DTYPES:
+        raise ValueError(f"model_args dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if cache not in (*CACHE_KINDS, *POLICIES):
         raise ValueError(f"model_args cache must be one of {', '.join(CACHE_KINDS + POLICIES)}, got {cache!r}")
     hub_name = str(model).count("/") == 1 and not str(model).startswith((".", "/", "~"))

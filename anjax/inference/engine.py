@@ -60,7 +60,7 @@ from anjax.core.config import ModelConfig
 from anjax.core.mask import TokenMeta, is_anchor, protected_tokens
 from anjax.core.model import Llama
 from anjax.core.params import fuse_projections, with_scan_layers
-from anjax.inference import policies
+from anjax.inference import placement, policies
 from anjax.inference.policies import POLICIES, Policy
 from anjax.inference.runtime import Runtime, bucket, right_align, round_up
 from anjax.inference.state import EngineSpec, GenState, chunk_meta, init_state, next_positions, track
@@ -130,7 +130,7 @@ def prefill_step(
     next_pos = state.next_pos + meta.valid.sum(1, dtype=jnp.int32)
     cache = compact(cache, keep_slots(cache, open_seg, not spec.anchor_cache, cfg.anchor_window, next_pos))
     state = state.replace(cache=_rebase(cache, spec), next_pos=next_pos, open_seg=open_seg)
-    return logits, track(state, ~state.done, cache.capacity - T)
+    return logits, placement.constrain_state(track(state, ~state.done, cache.capacity - T))
 
 
 def start_decode(state: GenState, spec: EngineSpec, slots: int) -> GenState:
@@ -246,7 +246,7 @@ def decode_step(
         nxt_B = jnp.where(force_B, spec.ac_id, nxt_B)
     stop_B = (nxt_B[:, None] == sampling.stop_ids[None]).any(-1) | (index_B + 1 >= limit_B)
     st = track(st, active_B, st.cache.capacity - 1)  # before stopping: the last fed token counts too
-    return nxt_B, st.replace(done=st.done | (active_B & stop_B))
+    return nxt_B, placement.constrain_state(st.replace(done=st.done | (active_B & stop_B)))
 
 
 def decode_loop(
@@ -441,9 +441,21 @@ class Engine:
         tokenizer=None,
         config: EngineConfig = EngineConfig(),
         runtime: Runtime | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
-        """`runtime`: a compile cache to share (a `Scorer`'s over the same weights); default a new one."""
+        """`runtime`: a compile cache to share (a `Scorer`'s over the same weights, and its mesh); default a new one.
+        `mesh`: generate over a (data, tensor) mesh (`anjax.inference.placement`), rows over data, weights and KV
+        heads over tensor; a batch is padded to a multiple of data rows."""
         c = config
+        if runtime is not None and mesh is not None and mesh is not runtime.mesh:
+            raise ValueError("give the mesh or a runtime (which holds its mesh), not both")
+        self.runtime = Runtime(mesh) if runtime is None else runtime
+        mesh = self.runtime.mesh
+        tensor = 1 if mesh is None else mesh.shape["tensor"]
+        if tensor > 1 and c.decode_layers == "split":
+            raise ValueError(
+                "decode_layers='split' fuses q/k/v and gate/up, which a tensor mesh cannot split: use scan"
+            )
         scheme, cfg, params = resolve_scheme(
             cfg,
             tokenizer,
@@ -465,12 +477,12 @@ class Engine:
             )
         ac_id = anchor_ids[0] if mode == "ac" else -1
         split = c.decode_layers == "split" or (
-            c.decode_layers == "auto" and c.policy is None and jax.default_backend() == "cpu"
+            c.decode_layers == "auto" and c.policy is None and jax.default_backend() == "cpu" and tensor == 1
         )
         if split:  # held per layer once, not sliced out of the stack by every decode call, and fused (README: Decode)
             cfg, params = fuse_projections(*with_scan_layers(cfg, params, False))
         self.cfg, self.tokenizer, self.anchor_mode, self.scheme, self.config = cfg, tokenizer, mode, scheme, c
-        self.params = jax.device_put(params)
+        self.params = placement.place_params(cfg, params, mesh)
         self.spec = EngineSpec(
             anchor_cache=cache == "anchor",
             anchor_ids=tuple(anchor_ids),
@@ -483,21 +495,28 @@ class Engine:
         )
         self.cache_kind, self.chunk_size, self.capacity, self.batch_size = cache, c.chunk_size, c.capacity, c.batch_size
         self.raw_prompts, self.show_anchors = c.raw_prompts, c.show_anchors
-        self.runtime = Runtime() if runtime is None else runtime
 
     @property
     def compile_seconds(self) -> float:
         return self.runtime.compile_seconds
 
     @classmethod
-    def load(cls, model: str | None = None, config: EngineConfig = EngineConfig()) -> Engine:
-        """An engine for any model argument of `anjax.io.loading.load_model` (None: the embedded SmolLM2).
+    def load(
+        cls,
+        model: str | None = None,
+        config: EngineConfig = EngineConfig(),
+        dtype: str | None = None,
+        mesh: dict[str, int] | None = None,
+    ) -> Engine:
+        """An engine for any model argument of `anjax.io.loading.load_model` (None: the embedded SmolLM2), its
+        parameters and compute in `dtype` (None: the model's; "bfloat16" halves the weights and the cache),
+        over the mesh of `mesh` {"data": D, "tensor": T} (`placement.inference_mesh`; None: one device).
 
         Layers are loaded stacked (`scan_layers`: one layer body to compile), kept per layer when the decode
         is split (`EngineConfig.decode_layers`).
         """
-        cfg, params, tokenizer = load_model(model, scan_layers=True)
-        return cls(cfg, params, tokenizer, config)
+        cfg, params, tokenizer = load_model(model, dtype, scan_layers=True)
+        return cls(cfg, params, tokenizer, config, mesh=placement.inference_mesh(cfg, **(mesh or {})))
 
     # ------------------------------------------------------------------ prompts
 
@@ -615,9 +634,10 @@ class Engine:
             max_sentence_tokens=max_sentence_tokens or 0,
         )
         order = sorted((i for i in range(len(ids)) if i not in results), key=lambda i: -len(ids[i]))  # by length
-        batch = min(self.batch_size, len(order))
-        for start in range(0, len(order), batch):
-            rows = order[start : start + batch]
+        step = min(self.batch_size, len(order))
+        batch = round_up(step, placement.rows(self.runtime.mesh))  # dummy rows pad it to whole data shards
+        for start in range(0, len(order), step):
+            rows = order[start : start + step]
             pre = self.prefill([ids[i] for i in rows], batch, chunk, capacity, [flags[i] for i in rows])
             for i, g in zip(rows, self.decode(pre, max_new_tokens, **sampling)):
                 if g.error and raise_errors:
@@ -660,6 +680,7 @@ class Engine:
                 budget=np.array([self.config.row_budget(len(r) - 1) for r in rows], np.int32),
                 mass=np.zeros((c.num_layers, batch, c.num_kv_heads, slots + chunk), np.float32),
             )
+        state = self.runtime.place_state(state)
         pre = Prefilled(state=state, rows=rows, protected=flags, n=n, capacity=capacity, seconds=0.0, left=left)
         return self.prefill_more(pre, chunks)
 

@@ -4,7 +4,8 @@
 (fn, static settings, argument tree, shapes and dtypes); the seconds spent compiling add up in
 `compile_seconds`, and `with runtime.timer() as t:` measures a block with that compile time left out
 (device time only). `bucket` rounds a length up to one of few sizes, so few shapes compile;
-`round_up` and `right_align` lay rows out in whole chunks.
+`round_up` and `right_align` lay rows out in whole chunks. A runtime over a mesh (`anjax.inference.placement`)
+traces under it, with the logical-axis rules in force, and tells apart inputs placed differently.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
+
+from anjax.core import sharding
+from anjax.inference import placement
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -52,11 +56,17 @@ class Timer:
 
 
 class Runtime:
-    """One compile cache (`executables`) and the compile seconds it has spent (`compile_seconds`)."""
+    """One compile cache (`executables`) and the compile seconds it has spent (`compile_seconds`), on one device
+    or over `mesh` (a (data, fsdp, tensor) `jax.sharding.Mesh`, `placement.inference_mesh`)."""
 
-    def __init__(self):
+    def __init__(self, mesh: jax.sharding.Mesh | None = None):
         self.executables: dict = {}
         self.compile_seconds = 0.0
+        self.mesh = mesh
+
+    def place_state(self, state):
+        """A new `GenState` where the steps keep it (`placement.place_state`)."""
+        return placement.place_state(state, self.mesh)
 
     def call(self, fn: Callable, static: tuple, *args, donate: tuple[int, ...] = ()):
         """`fn(*static, *args)` through an executable compiled once per static settings and shapes.
@@ -64,10 +74,18 @@ class Runtime:
         `donate`: positions in `args` whose buffers the call may reuse (a cache updated in place).
         """
         leaves, tree = jax.tree.flatten(args)
-        key = (fn, static, donate, tree, tuple((np.shape(x), np.result_type(getattr(x, "dtype", x))) for x in leaves))
+        placed = (lambda x: getattr(x, "sharding", None)) if self.mesh else (lambda x: None)
+        key = (
+            fn,
+            static,
+            donate,
+            tree,
+            tuple((np.shape(x), np.result_type(getattr(x, "dtype", x)), placed(x)) for x in leaves),
+        )
         if (exe := self.executables.get(key)) is None:
             t0 = time.perf_counter()
-            exe = jax.jit(functools.partial(fn, *static), donate_argnums=donate).lower(*args).compile()
+            with sharding.active(self.mesh) if self.mesh else contextlib.nullcontext():
+                exe = jax.jit(functools.partial(fn, *static), donate_argnums=donate).lower(*args).compile()
             self.compile_seconds += time.perf_counter() - t0
             self.executables[key] = exe
         return exe(*args)

@@ -50,7 +50,7 @@ from anjax.core.config import ModelConfig
 from anjax.core.mask import token_metadata
 from anjax.core.model import Llama
 from anjax.core.params import with_scan_layers
-from anjax.inference import policies
+from anjax.inference import placement, policies
 from anjax.inference.engine import prefill, prefill_step
 from anjax.inference.policies import Policy
 from anjax.inference.runtime import Runtime, bucket, right_align, round_up
@@ -67,13 +67,15 @@ CACHE_KINDS = ("full", "anchor")
 
 @dataclasses.dataclass
 class ScoringModel:
-    """A model ready for scoring: layers stacked (`scan_layers`), anchor scheme resolved."""
+    """A model ready for scoring: layers stacked (`scan_layers`), anchor scheme resolved, params on the device
+    or split over `mesh` (`anjax.inference.placement`)."""
 
     cfg: ModelConfig
     params: Any
     tokenizer: Any
     name: str
     scheme: AnchorScheme
+    mesh: jax.sharding.Mesh | None = None
 
     @property
     def anchor_mode(self) -> str:
@@ -129,6 +131,7 @@ def scoring_model(
     anchors: Sequence[str] | None = None,
     need_anchors: bool = False,
     name: str = "model",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> ScoringModel:
     """Resolve the anchor scheme (`anjax.text.anchors.resolve_scheme`) and stack the layers.
 
@@ -145,12 +148,18 @@ def scoring_model(
             "pass --anchor-mode ep (or ac), or evaluate with --cache full"
         )
     cfg, params = with_scan_layers(cfg, params, True)  # one layer body to compile (~2x faster than unrolled)
-    return ScoringModel(cfg=cfg, params=jax.device_put(params), tokenizer=tokenizer, name=name, scheme=scheme)
+    params = placement.place_params(cfg, params, mesh)
+    return ScoringModel(cfg=cfg, params=params, tokenizer=tokenizer, name=name, scheme=scheme, mesh=mesh)
 
 
-def load_scoring_model(model: str | None = None, **kwargs) -> ScoringModel:
-    """`scoring_model` for any model argument of `anjax.io.loading.load_model` (None: embedded SmolLM2)."""
-    cfg, params, tokenizer = load_model(model)
+def load_scoring_model(
+    model: str | None = None, dtype: str | None = None, mesh: dict[str, int] | None = None, **kwargs
+) -> ScoringModel:
+    """`scoring_model` for any model argument of `anjax.io.loading.load_model` (None: embedded SmolLM2), its
+    parameters and compute in `dtype` (None: the model's; log-probabilities are taken from float32 logits), over
+    the mesh of `mesh` {"data": D, "tensor": T} (`placement.inference_mesh`; None: one device)."""
+    cfg, params, tokenizer = load_model(model, dtype)
+    kwargs["mesh"] = placement.inference_mesh(cfg, **(mesh or {}))
     if tokenizer is None:
         raise ValueError(f"{model}: the model directory has no tokenizer files; scoring needs text")
     path = Path(str(model))
@@ -303,13 +312,15 @@ def _policy_nll_chunk(
 
 
 class Scorer:
-    """Batched scoring of `ScoreRequest`s; `batch_size` items per call, prefill chunks <= `chunk_size`."""
+    """Batched scoring of `ScoreRequest`s; `batch_size` items per call (on a mesh: rounded up to a multiple of
+    its data rows), prefill chunks <= `chunk_size`."""
 
     def __init__(self, model: ScoringModel, batch_size: int = 8, chunk_size: int = 128):
         if batch_size < 1 or chunk_size < 1:
             raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size}, {chunk_size}")
+        batch_size = round_up(batch_size, placement.rows(model.mesh))
         self.model, self.batch_size, self.chunk_size = model, batch_size, chunk_size
-        self.runtime = Runtime()
+        self.runtime = Runtime(model.mesh)
 
     @property
     def compile_seconds(self) -> float:
@@ -443,7 +454,7 @@ class Scorer:
         B, T = len(batch), shapes["chunk"]
         tokens, valid = right_align([r.prefix[:-1] for r in batch], T)
         capacity = shapes["capacity"][spec.anchor_cache]
-        state = init_state(m.cfg, B, capacity + T, np.zeros(B, bool))
+        state = self.runtime.place_state(init_state(m.cfg, B, capacity + T, np.zeros(B, bool)))
         n_B = valid.sum(1).astype(np.int32)
         masses = None
         if observers:
@@ -518,7 +529,7 @@ class Scorer:
                 budget_B[: len(batch)] = budgets[start : start + B]
                 slots = min(bucket(int(max(min(b, len(r) - 1) for b, r in zip(budget_B, batch))), 16), width)
                 mass = jnp.zeros((m.cfg.num_layers, B, m.cfg.num_kv_heads, slots + T), jnp.float32)
-            state = init_state(m.cfg, B, slots + T, np.arange(B) >= len(batch))
+            state = self.runtime.place_state(init_state(m.cfg, B, slots + T, np.arange(B) >= len(batch)))
             nll_B = np.zeros(B)
             with self.runtime.timer() as timer:
                 for c in range(0, width, T):

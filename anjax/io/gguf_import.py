@@ -1,4 +1,4 @@
-"""GGUF import without torch: a llama.cpp file as an HF Llama config, float32 weights and a tokenizer.
+"""GGUF import without torch: a llama.cpp file as an HF Llama config, weights in the dtype asked for and a tokenizer.
 
 `read_gguf` returns what an HF Llama directory holds (config.json as a dict, a state dict under HF
 names and shapes), so the HF import path takes it from there. Tensors are dequantized with the
@@ -19,6 +19,7 @@ import pathlib
 import re
 
 import gguf
+import jax.numpy as jnp
 import numpy as np
 import transformers
 from transformers.integrations.gguf import gguf_tokenizer_mapping
@@ -73,12 +74,13 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
         raise ValueError(f"{path}: not a GGUF file, or a truncated one ({err})") from err
 
 
-def read_gguf(source: GGUFSource) -> tuple[dict, dict[str, np.ndarray]]:
+def read_gguf(source: GGUFSource, dtype: str = "float32") -> tuple[dict, dict[str, np.ndarray]]:
     """`(hf_config, state_dict)` of a Llama-family GGUF file.
 
-    hf_config is an HF LlamaConfig config.json dict. state_dict maps HF Llama names to float32
-    arrays in HF shapes: embed_tokens [V, D]; q/k/v/o_proj and gate/up/down_proj [out, in]; norms
-    [D]; lm_head [V, D] only when the file has its own `output.weight` (else tie_word_embeddings).
+    hf_config is an HF LlamaConfig config.json dict. state_dict maps HF Llama names to `dtype` arrays
+    (each tensor cast as it is read: no float32 copy of the whole model) in HF shapes: embed_tokens
+    [V, D]; q/k/v/o_proj and gate/up/down_proj [out, in]; norms [D]; lm_head [V, D] only when the
+    file has its own `output.weight` (else tie_word_embeddings).
     Raises ValueError for another architecture, an unreadable or truncated file, missing tensors.
     """
     reader, path = _reader(source)
@@ -88,7 +90,7 @@ def read_gguf(source: GGUFSource) -> tuple[dict, dict[str, np.ndarray]]:
             f"{path}: GGUF architecture {arch!r} is not supported "
             f"(anjax imports Llama-family files, general.architecture in {LLAMA_ARCHITECTURES})"
         )
-    state_dict = {}
+    state_dict, dt = {}, jnp.dtype(dtype)
     for tensor in reader.tensors:
         try:
             weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
@@ -96,7 +98,7 @@ def read_gguf(source: GGUFSource) -> tuple[dict, dict[str, np.ndarray]]:
             raise ValueError(f"{path}: gguf cannot dequantize {tensor.name} ({tensor.tensor_type.name})") from err
         # F32 tensors come back as views of the file's memory map: those are copied.
         is_view = tensor.tensor_type == gguf.GGMLQuantizationType.F32
-        state_dict[_hf_name(tensor.name, path)] = np.array(weights, dtype=np.float32, copy=is_view)
+        state_dict[_hf_name(tensor.name, path)] = np.array(weights, dtype=dt, copy=True if is_view else None)
 
     num_layers = _field(reader, f"{arch}.block_count") or 0
     expected = {"model.embed_tokens.weight", "model.norm.weight"} | {

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from anjax.core.config import ANCHOR_SCHEME_FIELDS, ModelConfig
@@ -186,7 +187,7 @@ def check_state(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
 def params_from_hf_state(cfg: ModelConfig, state: dict[str, np.ndarray]) -> dict:
     """Our parameter tree (numpy, cfg.param_dtype) from an HF state dict; checked first."""
     check_state(cfg, {k: v.shape for k, v in state.items()})
-    dt = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else np.float32
+    dt = jnp.dtype(cfg.param_dtype)  # numpy has bfloat16 through ml_dtypes: stored as asked, never upcast
     cast = lambda w: np.asarray(w, dtype=dt)
     layers = []
     for i in range(cfg.num_layers):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from anjax.core.config import ModelConfig
+from anjax.core.config import DTYPES, ModelConfig
 from anjax.io import run_dir
 from anjax.io.hf import ModelFormatError, config_from_hf, load_hf_dir, params_from_hf_state
 
@@ -49,14 +49,24 @@ def _has_tokenizer_files(path: Path) -> bool:
     return (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()
 
 
-def load_model(model: str | Path | None = None, **overrides: Any) -> tuple[ModelConfig, dict, Any]:
-    """(config, params as numpy tree, tokenizer or None when the directory has none)."""
+def load_model(
+    model: str | Path | None = None, dtype: str | None = None, **overrides: Any
+) -> tuple[ModelConfig, dict, Any]:
+    """(config, params as numpy tree, tokenizer or None when the directory has none).
+
+    `dtype` (one of `anjax.core.config.DTYPES`) sets both `param_dtype` (the leaves come back in it, never
+    upcast) and the compute `dtype`; None keeps the config's (or the `overrides`').
+    """
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        overrides = {**overrides, "dtype": dtype, "param_dtype": dtype}
     path = resolve_path(model)
     if path.is_file():
         from anjax.io.gguf_import import gguf_tokenizer, open_gguf, read_gguf
 
         reader = open_gguf(path)  # parsed once: the metadata holds the whole vocabulary
-        hf_cfg, state = read_gguf(reader)
+        hf_cfg, state = read_gguf(reader, overrides.get("param_dtype", ModelConfig.param_dtype))
         cfg = config_from_hf(hf_cfg, **overrides)
         return cfg, params_from_hf_state(cfg, state), gguf_tokenizer(reader)
     if (path / "config.json").exists():

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anjax.core.config import ModelConfig
+from anjax.inference import placement
 from anjax.inference.engine import MAX_STOP_IDS, Engine, Prefilled, Sampling, decode_step, start_decode
 from anjax.inference.state import EngineSpec, GenState, init_state
 from anjax.serve.metrics import Metrics
@@ -161,7 +162,7 @@ def insert(
     set_ = lambda x, v: x.at[slot].set(jnp.asarray(v, x.dtype))
     samp = slots.sampling
     return slots.replace(
-        state=jax.tree.map(put, slots.state, row),
+        state=placement.constrain_state(jax.tree.map(put, slots.state, row)),
         token=set_(slots.token, token),
         protected=set_(slots.protected, protected),
         sampling=samp.replace(
@@ -214,9 +215,14 @@ class Scheduler:
         cfg = engine.cfg
         self.stop_ids = () if cfg.eos_token_id is None else (cfg.eos_token_id,)
         self.max_sentence_tokens = engine.scheme.max_sentence_tokens or 0
+        if slots % placement.rows(engine.runtime.mesh):
+            raise ValueError(
+                f"--slots {slots} must be a multiple of the mesh's data size {placement.rows(engine.runtime.mesh)}"
+            )
         self.slots = init_slots(
             cfg, slots, capacity, self.stop_ids, self.max_sentence_tokens, split=engine.spec.split_layers
         )
+        self.slots = self.slots.replace(state=engine.runtime.place_state(self.slots.state))  # rows over the mesh
         self.owner: list[Request | None] = [None] * slots
         self.admitting: Request | None = None  # popped from the queue, not yet in a slot
         self.prefilled: Prefilled | None = None  # its prefill so far (some chunks may be left)
