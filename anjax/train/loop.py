@@ -143,7 +143,7 @@ def train(rc: run_config.RunConfig) -> int:
     try:
         resumed = ckpt.latest_step()
         cfg, params, tokenizer = setup.model_for_run(rc, run_dir, resumed)
-        train_it, val_it, n_val = setup.data_for_run(rc, cfg, tokenizer)
+        train_it, val_it, n_val = setup.data_for_run(rc, cfg, tokenizer, mesh)
         trainer = Trainer(cfg, rc.train, mesh, rc.run.seed)
         if resumed is None:
             state = trainer.init_state(params)

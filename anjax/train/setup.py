@@ -2,11 +2,12 @@
 
 `fresh_model` (load or random-init, `<AC>` row, the run's anchor scheme), `make_run_mesh` (batch,
 process and mesh divisibility checked), `model_for_run` (resume from the run directory or start fresh),
-`data_for_run` (this process's data shard), `init_distributed`.
+`data_for_run` (this process's rows of the global batches), `init_distributed`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -19,8 +20,7 @@ from anjax.core.config import ModelConfig
 from anjax.io import run_dir as run_dir_files
 from anjax.io.loading import load_model, load_tokenizer
 from anjax.text.anchors import AnchorScheme, add_ac_token, resolve_scheme
-from anjax.train import run_config
-from anjax.train.data import make_batches
+from anjax.train import prepare, run_config
 
 
 def fresh_model(rc: run_config.RunConfig) -> tuple[ModelConfig, dict | None, object]:
@@ -96,18 +96,34 @@ def model_for_run(rc: run_config.RunConfig, run_dir: Path, resumed: int | None):
     return cfg, params, tokenizer
 
 
-def data_for_run(rc: run_config.RunConfig, cfg: ModelConfig, tokenizer):
-    """(training iterator, validation iterator or None, validation batches) of this process's data shard."""
-    P = jax.process_count()
-    shard = dict(shard_index=jax.process_index(), num_shards=P)
+def process_rows(mesh: jax.sharding.Mesh, batch_size: int) -> np.ndarray:
+    """The global rows of a [batch_size, L] batch that this process's devices hold, ascending (replicas once)."""
+    index_map = sharding.batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1))
+    return np.unique(np.concatenate([np.arange(batch_size)[index[0]] for index in index_map.values()]))
+
+
+def data_for_run(rc: run_config.RunConfig, cfg: ModelConfig, tokenizer, mesh: jax.sharding.Mesh):
+    """(training iterator, validation iterator or None, validation batches): this process's rows of the
+    global batches, the same global batches whatever the number of processes.
+
+    A source that is not a prepared directory is prepared once into RUN/data (process 0 first; the
+    others then find it there on a shared run.dir, or prepare their own identical copy).
+    """
     scheme = run_scheme(cfg, tokenizer)
-    train_it = make_batches(rc.data, tokenizer, scheme, train=True, **shard)
-    if not (rc.eval.every and rc.data.eval_split):
+    cache = Path(rc.run.dir) / "data"
+    splits = [rc.data.split] + ([rc.data.eval_split] if rc.eval.every and rc.data.eval_split else [])
+    if jax.process_count() > 1 and not prepare.is_prepared(rc.data.path):
+        if jax.process_index() == 0:
+            for split in splits:
+                prepare.load_split(rc.data, tokenizer, scheme, split, cache)
+        multihost_utils.sync_global_devices("anjax: the run's corpus is prepared")
+    rows = process_rows(mesh, rc.data.batch_size)
+    make = functools.partial(prepare.make_batches, rc.data, tokenizer, scheme, rows=rows, cache_dir=cache)
+    train_it = make(train=True)
+    if len(splits) == 1:
         return train_it, None, 0
-    val_it = make_batches(rc.data, tokenizer, scheme, train=False, **shard)
-    n_val = val_it.steps_per_epoch if rc.eval.batches is None else rc.eval.batches
-    if P > 1:  # hosts' shards differ in length; past its end a host feeds padding rows
-        n_val = int(np.max(multihost_utils.process_allgather(np.asarray(n_val))))
+    val_it = make(train=False)
+    n_val = val_it.steps_per_epoch if rc.eval.batches is None else min(rc.eval.batches, val_it.steps_per_epoch)
     return train_it, val_it, n_val
 
 
