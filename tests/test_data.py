@@ -294,6 +294,18 @@ def test_local_files_and_text_field(tiny_tokenizer, tmp_path):
     assert len(data.load_corpus(cfg, "train[:2]")) == 2
 
 
+def test_json_files_whose_other_columns_differ(tmp_path):
+    """RedPajama's files: `meta` has another structure in each source; only the text is read, in file order."""
+    _write_jsonl(tmp_path / "a.jsonl", [{"text": "A. B.", "meta": {"url": "x", "timestamp": "t"}}])
+    _write_jsonl(
+        tmp_path / "b.jsonl", [{"text": f"C{i}?", "meta": {"arxiv_id": "1", "timestamp": 3}} for i in range(3)]
+    )
+    cfg = data.DataConfig(path=str(tmp_path / "*.jsonl"))
+    assert data.load_corpus(cfg)["text"] == ["A. B.", "C0?", "C1?", "C2?"]
+    assert data.load_corpus(cfg, "train[-2:]")["text"] == ["C1?", "C2?"]
+    assert data.load_corpus(cfg, "train[:25%]+train[-1:]")["text"] == ["A. B.", "C2?"]
+
+
 @pytest.mark.parametrize(
     "path, message",
     [

@@ -164,12 +164,29 @@ def load_corpus(cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
         if files is None:
             return datasets.load_dataset(cfg.path, cfg.name, split=split)
         builder = _builder(files[0])
+        if builder == "json" and len(files) > 1:
+            return _json_files(files, cfg, split)
         kwargs = {"sample_by": cfg.text_sample_by} if builder == "text" else {}
         return datasets.load_dataset(builder, data_files=files, split=split, **kwargs)
     except Exception as e:  # offline hub, unknown split, malformed file: say which source failed
         where = f"local files {cfg.path!r}" if files else f"hub dataset {cfg.path!r} (not a local path)"
         hint = " (local files have one split 'train'; use e.g. 'train[:99%]' and 'train[99%:]')" if files else ""
         raise ValueError(f"cannot load split {split!r} of {where}: {type(e).__name__}: {str(e)[:300]}{hint}") from None
+
+
+def _json_files(files: list[str], cfg: DataConfig, split: str) -> datasets.Dataset:
+    """Split `split` of several JSON files read one by one, keeping only the columns format `cfg.format`
+    reads: other columns may differ between files (RedPajama's `meta` has one structure per source)."""
+    keep = {"text": [cfg.text_field], "alpaca": ["instruction", "input", "output"]}[cfg.format]
+    parts = []
+    for f in files:
+        part = datasets.load_dataset("json", data_files=[f], split="train")
+        parts.append(part.select_columns([c for c in part.column_names if c in keep] or part.column_names))
+    whole = datasets.concatenate_datasets(parts)
+    ranges = datasets.ReadInstruction.from_spec(split).to_absolute({"train": len(whole)})
+    if len(ranges) == 1:  # a contiguous range: no indices mapping
+        return whole.select(range(ranges[0].from_, ranges[0].to))
+    return whole.select([i for r in ranges for i in range(r.from_, r.to)])
 
 
 def _heading(lines: list[str], i: int) -> bool:
