@@ -316,7 +316,8 @@ def tokenize_corpus(
 
 
 class BatchIterator:
-    """Deterministic, resumable iterator of [B, L] batches (module docstring: format).
+    """Deterministic, resumable iterator of [B, L] batches (module docstring: format), or of rows
+    `rows` [R] of them (one process's rows of the global batch).
 
     Epoch e visits the documents in the order `permutation(seed, e)`. Batch
     number `step` is computed directly from (seed, step), so the whole state is
@@ -339,8 +340,10 @@ class BatchIterator:
         repeat: bool = True,
         ac_id: int | None = None,
         ac_in_loss: bool = True,
+        rows: np.ndarray | None = None,
     ):
         self.corpus, self.B, self.L = corpus, batch_size, seq_len
+        self.rows = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
         self.packing, self.shuffle, self.seed, self.repeat = packing, shuffle, seed, repeat
         self.ac_id, self.ac_in_loss = ac_id, ac_in_loss
         total = int(corpus.offsets[-1])
@@ -386,8 +389,8 @@ class BatchIterator:
         """Batch number `step` (counted over epochs) without touching the iterator."""
         epoch, index = divmod(step, self.steps_per_epoch)
         perm, starts = self._order(epoch)
-        B, L = self.B, self.L
-        row_B = index * B + np.arange(B)
+        B, L = len(self.rows), self.L
+        row_B = index * self.B + self.rows
         t_L1 = np.arange(L + 1)  # L inputs and one more token for the last label
         # each slot holds token `off` of the document perm[k]; k = -1: nothing (padding)
         if self.packing:
@@ -432,11 +435,14 @@ def make_batches(
     train: bool = True,
     shard_index: int = 0,
     num_shards: int = 1,
+    rows: np.ndarray | None = None,
 ) -> BatchIterator:
     """Load, shard, tokenize and batch `split` (default cfg.split, or cfg.eval_split when not train).
 
     Host `shard_index` of `num_shards` gets a contiguous 1/num_shards of the
     documents and batches of cfg.batch_size / num_shards rows.
+    `rows` (global row indices, e.g. `anjax.core.sharding.process_row_indices`): each batch is those
+    rows of the batch of all cfg.batch_size rows (with num_shards=1: one global order on every host).
     train=True: shuffled, repeating; train=False: one ordered pass, last batch padded.
     The corpus statistics are at `.corpus.stats`.
     """
@@ -461,4 +467,5 @@ def make_batches(
         repeat=train,
         ac_id=scheme.ac_id,
         ac_in_loss=cfg.ac_in_loss,
+        rows=rows,
     )
