@@ -60,7 +60,7 @@ class DataConfig:
     text_field: str = "text"  # column holding the text (format=text)
     text_sample_by: str = "document"  # .txt files: document | paragraph | line is one document
     seq_len: int = 1024  # L
-    batch_size: int = 8  # global rows per step; each of num_shards hosts gets batch_size / num_shards
+    batch_size: int = 8  # global rows per step, all hosts together; each reads the rows its devices hold
     packing: bool = False  # False: one document per row (paper); True: concatenate and cut
     add_bos: bool | None = (
         None  # prepend BOS to each document; None: as the tokenizer itself does (saved in the scheme)

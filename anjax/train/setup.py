@@ -1,8 +1,9 @@
 """A training run's pieces, built once for train.py (`anjax.train.loop`) and reusable by other tools.
 
-`fresh_model` (load or random-init, `<AC>` row, the run's anchor scheme), `make_run_mesh` (batch,
-process and mesh divisibility checked), `model_for_run` (resume from the run directory or start fresh),
-`data_for_run` (this process's rows of the global batches), `init_distributed`.
+`fresh_model` (load or random-init, `<AC>` row, the run's anchor scheme), `make_run_mesh` (batch and
+mesh divisibility checked), `model_for_run` (resume from the run directory or start fresh),
+`data_for_run` (this process's rows of the global batches), `data_record` / `restore_data` (the data
+position and process layout saved with a checkpoint), `init_distributed`.
 """
 
 from __future__ import annotations
@@ -72,9 +73,9 @@ def any_process(flag: bool) -> bool:
 
 
 def make_run_mesh(rc: run_config.RunConfig) -> jax.sharding.Mesh:
-    """The mesh, after checking that the global batch splits over processes and data x fsdp devices."""
+    """The mesh, after checking that each micro-batch splits over the data x fsdp devices."""
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
-    sharding.check_batch(mesh, rc.data.batch_size, rc.train.grad_accum, jax.process_count())
+    sharding.check_batch(mesh, rc.data.batch_size, rc.train.grad_accum)
     return mesh
 
 
@@ -96,12 +97,6 @@ def model_for_run(rc: run_config.RunConfig, run_dir: Path, resumed: int | None):
     return cfg, params, tokenizer
 
 
-def process_rows(mesh: jax.sharding.Mesh, batch_size: int) -> np.ndarray:
-    """The global rows of a [batch_size, L] batch that this process's devices hold, ascending (replicas once)."""
-    index_map = sharding.batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1))
-    return np.unique(np.concatenate([np.arange(batch_size)[index[0]] for index in index_map.values()]))
-
-
 def data_for_run(rc: run_config.RunConfig, cfg: ModelConfig, tokenizer, mesh: jax.sharding.Mesh):
     """(training iterator, validation iterator or None, validation batches): this process's rows of the
     global batches, the same global batches whatever the number of processes.
@@ -117,7 +112,7 @@ def data_for_run(rc: run_config.RunConfig, cfg: ModelConfig, tokenizer, mesh: ja
             for split in splits:
                 prepare.load_split(rc.data, tokenizer, scheme, split, cache)
         multihost_utils.sync_global_devices("anjax: the run's corpus is prepared")
-    rows = process_rows(mesh, rc.data.batch_size)
+    rows = sharding.process_row_indices(mesh, rc.data.batch_size)
     make = functools.partial(prepare.make_batches, rc.data, tokenizer, scheme, rows=rows, cache_dir=cache)
     train_it = make(train=True)
     if len(splits) == 1:
@@ -127,11 +122,42 @@ def data_for_run(rc: run_config.RunConfig, cfg: ModelConfig, tokenizer, mesh: ja
     return train_it, val_it, n_val
 
 
+def _layout(mesh: jax.sharding.Mesh) -> dict:
+    return {"processes": jax.process_count(), "mesh": {a: int(mesh.shape[a]) for a in sharding.MESH_AXES}}
+
+
+def data_record(train_it, mesh: jax.sharding.Mesh) -> dict:
+    """What a checkpoint stores about the data: the iterator state and the processes and mesh that read it."""
+    return {"iterator": train_it.state(), **_layout(mesh)}
+
+
+def restore_data(train_it, record: dict, mesh: jax.sharding.Mesh, where: str) -> None:
+    """Continue `train_it` from a checkpoint's `data_record`.
+
+    Every checkpoint with a layout record was read in the global order (batch `step` is a function of
+    (seed, step), each process reading its rows of it), so it resumes on any processes and mesh. A
+    checkpoint without one was read per process from contiguous document shards: its batches are those
+    of the global order only if one process wrote it, which it cannot show, so several processes refuse it.
+    """
+    if "iterator" not in record:
+        if jax.process_count() > 1:
+            raise run_dir_files.CheckpointError(
+                f"{where} does not record how many processes wrote it (saved by an older anjax that sharded "
+                "documents per process): resume it with 1 process, or use another run.dir"
+            )
+        train_it.restore(record)
+        return
+    was, now = {k: record[k] for k in ("processes", "mesh")}, _layout(mesh)
+    if was != now and jax.process_index() == 0:
+        print(f"resuming {where} (written by {was}) with {now}: the global batches are the same")
+    train_it.restore(record["iterator"])
+
+
 def init_distributed(rc: run_config.RunConfig) -> None:
     """jax.distributed.initialize() when run.distributed is set or JAX_COORDINATOR_ADDRESS is in the
-    environment. The process count and index come from JAX_NUM_PROCESSES / JAX_PROCESS_ID when set;
+    environment (once per process). The process count and index come from JAX_NUM_PROCESSES / JAX_PROCESS_ID when set;
     otherwise JAX detects them (TPU pods, SLURM, Open MPI, Kubernetes)."""
     env = os.environ
-    if rc.run.distributed or env.get("JAX_COORDINATOR_ADDRESS"):
+    if (rc.run.distributed or env.get("JAX_COORDINATOR_ADDRESS")) and not jax.distributed.is_initialized():
         num, index = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
         jax.distributed.initialize(num_processes=int(num) if num else None, process_id=int(index) if index else None)
