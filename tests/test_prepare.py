@@ -76,7 +76,7 @@ def test_interrupted_prepare_resumes_to_identical_shards(tmp_path, monkeypatch):
     splits = {"train": "train[:80%]", "validation": "train[80%:]"}
     prepare.prepare(cfg, tok, scheme, tmp_path / "whole", splits, workers=1, shard_docs=3)
 
-    write, written = prepare._write_shard, []
+    write, written = prepare.write_shard, []
 
     def killed_after_two(stem, corpus):
         if len(written) == 2:
@@ -85,10 +85,10 @@ def test_interrupted_prepare_resumes_to_identical_shards(tmp_path, monkeypatch):
         written.append(stem)
         return write(stem, corpus)
 
-    monkeypatch.setattr(prepare, "_write_shard", killed_after_two)
+    monkeypatch.setattr(prepare, "write_shard", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare(cfg, tok, scheme, tmp_path / "cut", splits, workers=1, shard_docs=3)
-    monkeypatch.setattr(prepare, "_write_shard", write)
+    monkeypatch.setattr(prepare, "write_shard", write)
     assert not (tmp_path / "cut" / prepare.MANIFEST).exists()
     with pytest.raises(ValueError, match="unfinished prepared corpus"):
         prepare.open_prepared(tmp_path / "cut", "train")

@@ -111,6 +111,8 @@ def train_loop(
                 "loss": loss,
                 "grad_norm": grad_norm,
                 "lr": float(trainer.schedule(step - 1)),
+                "tokens": float(m["tokens"]),  # real (not padding) tokens of the global batch
+                "slots": rc.data.batch_size * rc.data.seq_len,  # its token slots
                 "tokens_per_s": float(m["tokens"]) / seconds,
                 "train_s": train_s,
             }

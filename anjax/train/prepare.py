@@ -162,7 +162,8 @@ def shard_stem(directory: Path, split: str, index: int) -> Path:
     return directory / split / f"{index:05d}"
 
 
-def _write_shard(stem: Path, corpus: TokenizedCorpus) -> dict:
+def write_shard(stem: Path, corpus: TokenizedCorpus) -> dict:
+    """The arrays of `corpus` as shard `stem`, then its statistics (the shard's completion mark); returns them."""
     for name, dtype in ARRAYS.items():
         _atomic(stem.with_name(f"{stem.name}.{name}.npy"), np.save, getattr(corpus, name).astype(dtype))
     stats = dataclasses.asdict(corpus.stats)
@@ -184,7 +185,7 @@ def _encode_shard(task: tuple[Path, int]) -> tuple[int, dict, float]:
     w = _WORKER
     lo = index * w["shard_docs"]
     part = w["ds"].select(range(lo, min(lo + w["shard_docs"], len(w["ds"]))))
-    return index, _write_shard(stem, encode_dataset(part, w["encoder"], w["cfg"])), time.perf_counter() - t0
+    return index, write_shard(stem, encode_dataset(part, w["encoder"], w["cfg"])), time.perf_counter() - t0
 
 
 def prepare(
@@ -220,7 +221,7 @@ def prepare(
     _write_json(out / PLAN, plan)
     Encoder(tokenizer, scheme)  # checks the scheme against the tokenizer before any work
     workers = workers or cfg.num_proc or os.cpu_count() or 1
-    summary = {}
+    counts = {}
     for name, spec in splits.items():
         ds = load_corpus(cfg, spec)
         check_columns(ds, cfg)
@@ -252,16 +253,21 @@ def prepare(
             if pool is not None:
                 pool.terminate()
         _WORKER.clear()
-        shards = [json.loads(shard_stem(out, name, k).with_suffix(".json").read_text()) for k in range(n_shards)]
-        stats = CorpusStats.total([CorpusStats(**s) for s in shards])
-        if stats.documents == 0:
-            raise ValueError(f"split {spec!r} of the corpus has no non-empty documents ({len(ds)} read, all empty)")
         seconds = time.perf_counter() - t0
-        log(
-            f"{name}: {stats.tokens:,} tokens; encoded now {tokens:,} in {seconds:.1f} s "
-            f"({tokens / max(seconds, 1e-9):,.0f} tokens/s)"
-        )
-        summary[name] = {"shards": n_shards, **dataclasses.asdict(stats), "shard_tokens": [s["tokens"] for s in shards]}
+        log(f"{name}: encoded {tokens:,} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):,.0f} tokens/s)")
+        counts[name] = n_shards
+    return write_manifest(out, plan, counts)
+
+
+def write_manifest(out: Path, plan: dict, shards: dict[str, int]) -> dict:
+    """Finish `out`: the manifest (the plan and each split's counts, from its `shards[split]` shard files)."""
+    summary = {}
+    for name, n_shards in shards.items():
+        stats = [json.loads(shard_stem(out, name, k).with_suffix(".json").read_text()) for k in range(n_shards)]
+        total = CorpusStats.total([CorpusStats(**s) for s in stats])
+        if total.documents == 0:
+            raise ValueError(f"split {plan['splits'][name]!r} of the corpus has no non-empty documents (all empty)")
+        summary[name] = {"shards": n_shards, **dataclasses.asdict(total), "shard_tokens": [s["tokens"] for s in stats]}
     manifest = {**plan, "counts": summary}
     _write_json(out / MANIFEST, manifest)
     return manifest
