@@ -3,7 +3,12 @@ for another tokenizer or anchor scheme."""
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +142,30 @@ def test_cli_prepares_what_a_run_reads(tmp_path, capsys):
     np.testing.assert_array_equal(disk.tokens, memory.tokens[memory.offsets[2] :])
     with pytest.raises(ValueError, match="other settings"):
         prepare_cli.main([*argv, "--anchors", "ep"])
+
+
+@pytest.mark.slow  # python -m anjax.prepare twice, with 2 worker processes each
+def test_cli_killed_with_workers_resumes_to_the_shards_of_one_process(tmp_path):
+    """kill -9 of the whole command (parent and spawned workers) mid-way; the rerun completes the same shards
+    that one process writes uninterrupted."""
+    tok = make_tiny_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    texts = [f"Doc {i}. It says {'yes' if i % 3 else 'no'}? Maybe! " * (1 + i % 4) for i in range(120)]
+    source = _write_jsonl(tmp_path / "d.jsonl", texts)
+    argv = ["--data", source, "--tokenizer", str(tmp_path / "tok"), "--anchors", "ac", "--shard-docs", "4"]
+    cmd = [sys.executable, "-m", "anjax.prepare", *argv, "--workers", "2", "--out", str(tmp_path / "cut")]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while len(list((tmp_path / "cut" / "train").glob("*.json"))) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list((tmp_path / "cut" / "train").glob("*.json")))
+    assert done < 30 and not (tmp_path / "cut" / prepare.MANIFEST).exists()
+    rerun = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"train: 120 documents, 30 shards, {30 - done} to encode with 2 processes" in rerun.stderr
+    assert prepare_cli.main([*argv, "--workers", "1", "--out", str(tmp_path / "whole")]) == 0
+    assert _digest(tmp_path / "cut") == _digest(tmp_path / "whole")

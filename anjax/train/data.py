@@ -95,7 +95,7 @@ def _builder(path: str) -> str | None:
     return _BUILDERS.get(os.path.splitext(stem)[1].lower())
 
 
-def _local_files(path: str) -> list[str] | None:
+def local_files(path: str) -> list[str] | None:
     """The data files that `path` names, or None when it is not a local path (a hub name)."""
     path = os.path.expanduser(path)
     if any(c in path for c in "*?["):
@@ -157,7 +157,7 @@ def load_corpus(cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
     if any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
         saved = datasets.load_from_disk(path)  # a save_to_disk directory
         return saved[split] if isinstance(saved, datasets.DatasetDict) else saved
-    files = _local_files(path)
+    files = local_files(path)
     if files and (bad := _first_non_utf8(files)):
         raise ValueError(bad)
     try:

@@ -35,7 +35,6 @@ import json
 import multiprocessing
 import os
 import re
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,10 +48,11 @@ from anjax.train.data import (
     CorpusStats,
     DataConfig,
     TokenizedCorpus,
-    _local_files,
     check_columns,
+    embedded_corpus,
     encode_dataset,
     load_corpus,
+    local_files,
     tokenize_corpus,
 )
 
@@ -75,15 +75,15 @@ def tokenizer_hash(tokenizer) -> str:
 
 def source_fingerprint(cfg: DataConfig, split: str) -> str:
     """sha256 of what the documents of `split` are read from: the source's name and split, and for local
-    files each file's path, size and modification time (contents are not read)."""
+    files each file's path, size and modification time (contents are not read); the embedded corpus's text."""
     parts: list = [cfg.path or "embedded", cfg.name, split, cfg.format, cfg.text_field, cfg.text_sample_by]
     if cfg.path in (None, "", "embedded"):
-        parts.append(sys.version_info[:2])  # pydoc_data.topics is CPython's
+        parts.append(hashlib.sha256("\0".join(embedded_corpus(split)["text"]).encode()).hexdigest())
     else:
         path = os.path.expanduser(cfg.path)
         files = (
             sorted(str(p) for p in Path(path).rglob("*") if p.is_file()) if os.path.isdir(path) else None
-        ) or _local_files(path)
+        ) or local_files(path)
         for f in files or ():
             st = os.stat(f)
             parts.append((os.path.abspath(f), st.st_size, st.st_mtime_ns))
