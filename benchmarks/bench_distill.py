@@ -21,7 +21,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anjax.core import sharding  # noqa: E402
 from anjax.train import run_config, setup  # noqa: E402
-from anjax.train.data import make_batches  # noqa: E402
+from anjax.train.prepare import make_batches  # noqa: E402
 from anjax.train.trainer import Trainer  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = run_config.load(args.config)
     cfg, params, tokenizer = setup.fresh_model(rc)
     mesh = setup.make_run_mesh(rc)
-    it = make_batches(rc.data, tokenizer, cfg.anchor_mode, cfg.anchor_ids, train=True)
+    it = make_batches(rc.data, tokenizer, setup.run_scheme(cfg, tokenizer), train=True)
     batches = [sharding.host_batch_to_global(it.batch(i), mesh) for i in range(args.steps + 1)]
     runs = {}
     for weight in (0.0, args.weight):

@@ -10,7 +10,7 @@ import pytest
 from anjax.core.config import AC_TOKEN
 from anjax.text import anchors
 from anjax.text import encode as encoding
-from anjax.train import data
+from anjax.train import data, prepare
 
 THREE = "The cat sat on the mat. Did the dog see it? Yes!"
 
@@ -259,7 +259,7 @@ def test_sft_prompt_tokens_are_not_targets(ac_tok, tmp_path, mode):
         add_bos=True,
     )
     scheme = anchors.make_scheme(ac_tok, mode, add_bos=True)
-    it = data.make_batches(cfg, ac_tok, scheme)
+    it = prepare.make_batches(cfg, ac_tok, scheme)
     assert it.corpus.stats.skipped == 1
     ac = scheme.ids[0]
     for r, row in enumerate(rows[:2]):
@@ -294,6 +294,18 @@ def test_local_files_and_text_field(tiny_tokenizer, tmp_path):
     assert len(data.load_corpus(cfg, "train[:2]")) == 2
 
 
+def test_json_files_whose_other_columns_differ(tmp_path):
+    """RedPajama's files: `meta` has another structure in each source; only the text is read, in file order."""
+    _write_jsonl(tmp_path / "a.jsonl", [{"text": "A. B.", "meta": {"url": "x", "timestamp": "t"}}])
+    _write_jsonl(
+        tmp_path / "b.jsonl", [{"text": f"C{i}?", "meta": {"arxiv_id": "1", "timestamp": 3}} for i in range(3)]
+    )
+    cfg = data.DataConfig(path=str(tmp_path / "*.jsonl"))
+    assert data.load_corpus(cfg)["text"] == ["A. B.", "C0?", "C1?", "C2?"]
+    assert data.load_corpus(cfg, "train[-2:]")["text"] == ["C1?", "C2?"]
+    assert data.load_corpus(cfg, "train[:25%]+train[-1:]")["text"] == ["A. B.", "C2?"]
+
+
 @pytest.mark.parametrize(
     "path, message",
     [
@@ -307,24 +319,29 @@ def test_missing_path(path, message):
         data.load_corpus(data.DataConfig(path=path))
 
 
-def test_shards_partition_the_documents(tiny_tokenizer, tmp_path):
-    texts = [f"Doc {i} says {'yes' if i % 2 else 'no'}." for i in range(10)]
+def test_hosts_read_their_rows_of_one_global_order(tiny_tokenizer, tmp_path):
+    """Hosts holding rows {0, 1}, {2} and {3, 4} of a global batch of 5 together read exactly the batches of
+    one process; validation past the end of the split is padding, never the first documents again."""
+    texts = [f"Doc {i} says {'yes' if i % 2 else 'no'}." for i in range(12)]
     cfg = data.DataConfig(
-        path=_write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts]), seq_len=16, batch_size=3
+        path=_write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts]), seq_len=16, batch_size=5
     )
-    seen = []
-    for shard in range(3):
-        it = data.make_batches(
-            cfg,
-            tiny_tokenizer,
-            anchors.make_scheme(tiny_tokenizer, "ep"),
-            train=False,
-            split="train",
-            shard_index=shard,
-            num_shards=3,
-        )
-        seen += [tiny_tokenizer.decode(b["tokens"][0][b["valid"][0]], skip_special_tokens=True) for b in it]
+    scheme = anchors.make_scheme(tiny_tokenizer, "ep")
+    for train in (True, False):
+        whole = prepare.make_batches(cfg, tiny_tokenizer, scheme, train=train, split="train")
+        hosts = [
+            prepare.make_batches(cfg, tiny_tokenizer, scheme, train=train, split="train", rows=np.asarray(r))
+            for r in ([0, 1], [2], [3, 4])
+        ]
+        for step in range(4):
+            for k, v in whole.batch(step).items():
+                np.testing.assert_array_equal(np.concatenate([h.batch(step)[k] for h in hosts]), v)
+    assert whole.steps_per_epoch == 3
+    seen = [
+        tiny_tokenizer.decode(b["tokens"][r][b["valid"][r]]) for b in whole for r in range(5) if b["valid"][r].any()
+    ]
     assert sorted(seen) == sorted(texts)
+    assert not whole.batch(3)["valid"].any() and not whole.batch(2)["valid"][2:].any()
 
 
 def test_embedded_corpus_splits():

@@ -19,7 +19,7 @@ def test_paper_recipe():
     rc = run_config.load(Path(__file__).parents[1] / "configs" / "llama2-7b-ac.yaml")
     t = rc.train
     assert (t.lr, t.warmup_steps, t.schedule, t.b1, t.b2, t.weight_decay) == (2e-5, 20, "constant", 0.9, 0.999, 0.0)
-    assert (rc.data.seq_len, rc.data.batch_size, rc.data.packing, rc.model.dtype) == (4096, 512, False, "bfloat16")
+    assert (rc.data.seq_len, rc.data.batch_size, rc.data.packing, rc.model.dtype) == (4096, 512, True, "bfloat16")
     assert rc.anchors.mode == "ac"
 
 

@@ -12,7 +12,8 @@ from anjax.core.mask import token_metadata
 from anjax.core.model import Llama, init_params
 from anjax.text.anchors import add_ac_token, make_scheme
 from anjax.text.encode import Encoder, alpaca_prompt
-from anjax.train.data import DataConfig, make_batches
+from anjax.train.data import DataConfig
+from anjax.train.prepare import make_batches
 from anjax.train.trainer import loss_sums
 
 EXAMPLES = [

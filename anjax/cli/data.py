@@ -23,7 +23,6 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--packing", action="store_true")
-    p.add_argument("--num-proc", type=int, default=None)
     args = p.parse_args(argv)
 
     try:
@@ -37,7 +36,6 @@ def main(argv=None) -> int:
             seq_len=args.seq_len,
             batch_size=args.batch_size,
             packing=args.packing,
-            num_proc=args.num_proc,
         )
         ds = load_corpus(cfg)
         t0 = time.perf_counter()

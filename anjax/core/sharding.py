@@ -58,13 +58,13 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices=None) -> jax.sharding.M
         return jax.sharding.Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=axis_types)
 
 
-def check_batch(mesh: jax.sharding.Mesh, batch_size: int, grad_accum: int, processes: int) -> None:
-    """The global batch must split over processes and, per micro-batch, over data x fsdp devices."""
+def check_batch(mesh: jax.sharding.Mesh, batch_size: int, grad_accum: int) -> None:
+    """Each micro-batch (batch_size / grad_accum rows) must split over the data x fsdp devices."""
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch_size % processes or (batch_size // grad_accum) % rows:
+    if batch_size % grad_accum or (batch_size // grad_accum) % rows:
         raise ValueError(
-            f"data.batch_size={batch_size} must split over {processes} processes and, per micro-batch "
-            f"(/ train.grad_accum={grad_accum}), over mesh data x fsdp = {rows} devices"
+            f"data.batch_size={batch_size} must split into train.grad_accum={grad_accum} micro-batches "
+            f"that each split over mesh data x fsdp = {rows} devices"
         )
 
 
@@ -119,7 +119,30 @@ def put(tree, shardings):
     )
 
 
+def _row_blocks(mesh: jax.sharding.Mesh) -> np.ndarray:
+    """Ascending indices of the data x fsdp row blocks that this process's devices hold."""
+    blocks = mesh.shape["data"] * mesh.shape["fsdp"]
+    indices = batch_sharding(mesh).addressable_devices_indices_map((blocks,))
+    return np.asarray(sorted({idx[0].start or 0 for idx in indices.values()}), np.int64)
+
+
+def process_row_indices(mesh: jax.sharding.Mesh, global_rows: int) -> np.ndarray:
+    """[R] ascending global row indices of a [global_rows, ...] batch that this process's devices hold.
+
+    Read off the batch sharding, not the process index: devices that are replicas along `tensor` hold
+    the same rows, so processes that share a row block read the same rows (with mesh.tensor spanning
+    all processes, every process reads the whole batch).
+    """
+    block = global_rows // (mesh.shape["data"] * mesh.shape["fsdp"])
+    return (_row_blocks(mesh)[:, None] * block + np.arange(block)).reshape(-1)
+
+
 def host_batch_to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """This process's rows [B/processes, L] -> the global sharded batch [B, L]."""
+    """This process's rows [R, L] -- global rows `process_row_indices(mesh, B)`, in that order -- -> the
+    global sharded batch [B, L]. With one process R = B."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    local_rows = next(iter(batch.values())).shape[0]
+    global_rows = local_rows * mesh.shape["data"] * mesh.shape["fsdp"] // len(_row_blocks(mesh))
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (global_rows, *v.shape[1:])) for k, v in batch.items()
+    }

@@ -3,7 +3,7 @@
     RUN/config.yaml          the run config it started with (IDENTITY_KEYS are checked on resume)
     RUN/model_config.json    anjax ModelConfig (vocabulary, anchor settings) of the checkpoints
     RUN/tokenizer/           the tokenizer (with `<AC>` for AC runs)
-    RUN/checkpoints/<step>/  orbax items: params, train (step, opt_state, rng), meta (iterator state, fingerprints)
+    RUN/checkpoints/<step>/  orbax items: params, train (step, opt_state, rng), meta (data record, fingerprints)
     RUN/export/              Hugging Face directory written at the end of training
 
 `load_for_inference(RUN)` gives (cfg, params, tokenizer) from the latest

@@ -310,7 +310,7 @@ def compile_report(
 def train_report(rc: run_config.RunConfig, cfg: ModelConfig, target: Target) -> dict[str, Any]:
     """The train step of `rc` on `target`, as train.py builds it."""
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor, devices=target.devices)
-    sharding.check_batch(mesh, rc.data.batch_size, rc.train.grad_accum, 1)
+    sharding.check_batch(mesh, rc.data.batch_size, rc.train.grad_accum)
     trainer = Trainer(cfg, rc.train, mesh, rc.run.seed)
     B, L, n = rc.data.batch_size, rc.data.seq_len, len(target.devices)
     dtypes = {"valid": jnp.bool_, "loss_mask": jnp.bool_}

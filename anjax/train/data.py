@@ -2,13 +2,13 @@
 
     load_corpus      hub name or local json/jsonl/txt/parquet files, dirs, globs; or the embedded corpus
     tokenize_corpus  documents → ids with the anchors of an `AnchorScheme` (`anjax.text.encode.Encoder`)
-    BatchIterator    deterministic, resumable, sharded [B, L] numpy batches
+    BatchIterator    deterministic, resumable global batches; each process reads its rows of them
 
 Every sequence of ids — training documents, SFT prompts and responses, and the
 prompts of the inference engine — comes from `anjax.text.encode.Encoder`, so
 training and inference insert anchors identically.
 
-Batch (numpy; B = rows on this host = batch_size / num_shards, L = seq_len):
+Batch (numpy; B = this process's rows of the global batch of batch_size rows, L = seq_len):
 
     tokens    [B, L] int32  input ids; 0 on padding
     doc       [B, L] int32  document index within the row (0, 1, ...); -1 on padding
@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import itertools
 import os
 import re
 import zlib
@@ -59,7 +60,7 @@ class DataConfig:
     text_field: str = "text"  # column holding the text (format=text)
     text_sample_by: str = "document"  # .txt files: document | paragraph | line is one document
     seq_len: int = 1024  # L
-    batch_size: int = 8  # global rows per step; each of num_shards hosts gets batch_size / num_shards
+    batch_size: int = 8  # global rows per step, all hosts together; each reads the rows its devices hold
     packing: bool = False  # False: one document per row (paper); True: concatenate and cut
     add_bos: bool | None = (
         None  # prepend BOS to each document; None: as the tokenizer itself does (saved in the scheme)
@@ -70,7 +71,7 @@ class DataConfig:
     )
     shuffle: bool = True
     seed: int = 0
-    num_proc: int | None = None  # processes for tokenization (datasets.map)
+    num_proc: int | None = None  # processes preparing a corpus (anjax.train.prepare); null = all cores
 
     def __post_init__(self):
         if self.format not in ("text", "alpaca"):
@@ -94,7 +95,7 @@ def _builder(path: str) -> str | None:
     return _BUILDERS.get(os.path.splitext(stem)[1].lower())
 
 
-def _local_files(path: str) -> list[str] | None:
+def local_files(path: str) -> list[str] | None:
     """The data files that `path` names, or None when it is not a local path (a hub name)."""
     path = os.path.expanduser(path)
     if any(c in path for c in "*?["):
@@ -156,19 +157,36 @@ def load_corpus(cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
     if any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
         saved = datasets.load_from_disk(path)  # a save_to_disk directory
         return saved[split] if isinstance(saved, datasets.DatasetDict) else saved
-    files = _local_files(path)
+    files = local_files(path)
     if files and (bad := _first_non_utf8(files)):
         raise ValueError(bad)
     try:
         if files is None:
             return datasets.load_dataset(cfg.path, cfg.name, split=split)
         builder = _builder(files[0])
+        if builder == "json" and len(files) > 1:
+            return _json_files(files, cfg, split)
         kwargs = {"sample_by": cfg.text_sample_by} if builder == "text" else {}
         return datasets.load_dataset(builder, data_files=files, split=split, **kwargs)
     except Exception as e:  # offline hub, unknown split, malformed file: say which source failed
         where = f"local files {cfg.path!r}" if files else f"hub dataset {cfg.path!r} (not a local path)"
         hint = " (local files have one split 'train'; use e.g. 'train[:99%]' and 'train[99%:]')" if files else ""
         raise ValueError(f"cannot load split {split!r} of {where}: {type(e).__name__}: {str(e)[:300]}{hint}") from None
+
+
+def _json_files(files: list[str], cfg: DataConfig, split: str) -> datasets.Dataset:
+    """Split `split` of several JSON files read one by one, keeping only the columns format `cfg.format`
+    reads: other columns may differ between files (RedPajama's `meta` has one structure per source)."""
+    keep = {"text": [cfg.text_field], "alpaca": ["instruction", "input", "output"]}[cfg.format]
+    parts = []
+    for f in files:
+        part = datasets.load_dataset("json", data_files=[f], split="train")
+        parts.append(part.select_columns([c for c in part.column_names if c in keep] or part.column_names))
+    whole = datasets.concatenate_datasets(parts)
+    ranges = datasets.ReadInstruction.from_spec(split).to_absolute({"train": len(whole)})
+    if len(ranges) == 1:  # a contiguous range: no indices mapping
+        return whole.select(range(ranges[0].from_, ranges[0].to))
+    return whole.select([i for r in ranges for i in range(r.from_, r.to)])
 
 
 def _heading(lines: list[str], i: int) -> bool:
@@ -246,10 +264,19 @@ class CorpusStats:
     def anchor_share(self) -> float:
         return self.anchors / max(self.tokens, 1)
 
+    @staticmethod
+    def total(parts: list[CorpusStats]) -> CorpusStats:
+        """The statistics of the corpus made of `parts` back to back."""
+        return CorpusStats(*(sum(getattr(p, f.name) for p in parts) for f in dataclasses.fields(CorpusStats)))
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenizedCorpus:
-    """All documents' ids back to back: doc i is `tokens[offsets[i]:offsets[i+1]]`."""
+    """All documents' ids back to back: doc i is `tokens[offsets[i]:offsets[i+1]]`.
+
+    `tokens` is an array, or any object that gathers an int array of positions (`x[positions]`)
+    such as the memory-mapped shards of a prepared corpus (`anjax.train.prepare.ShardedTokens`).
+    """
 
     tokens: np.ndarray  # [total] int32
     offsets: np.ndarray  # [N+1] int64
@@ -261,70 +288,83 @@ class TokenizedCorpus:
         return np.diff(self.offsets)
 
 
-def tokenize_corpus(
-    ds: datasets.Dataset, tokenizer, scheme: AnchorScheme, cfg: DataConfig = DataConfig()
-) -> TokenizedCorpus:
-    """Tokenize raw documents (format `cfg.format`) with the anchors of `scheme`; empty documents are skipped
-    and counted. BOS and `max_sentence_tokens` are the scheme's (train.py builds it from `cfg`)."""
-    encoder = Encoder(tokenizer, scheme)
+def check_columns(ds: datasets.Dataset, cfg: DataConfig) -> None:
+    """The columns format `cfg.format` reads must be in `ds`."""
     need = {"text": [cfg.text_field], "alpaca": ["instruction", "output"]}[cfg.format]
     if missing := [c for c in need if c not in ds.column_names]:
         raise ValueError(
             f"format {cfg.format!r} needs column(s) {missing}; the dataset has {ds.column_names} (set data.text_field)"
         )
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
-    def tokenize(batch):
-        if cfg.format == "text":
-            texts = [t for t in batch[cfg.text_field] if t and t.strip()]
-            return {"ids": encoder.documents(texts), "prompt_len": [0] * len(texts)}
-        inputs = batch.get("input") or [""] * len(batch["output"])
-        keep = [i for i, out in enumerate(batch["output"]) if out and out.strip()]
-        pairs = [encoder.alpaca(batch["instruction"][i], inputs[i] or "", batch["output"][i]) for i in keep]
-        return {"ids": [p + r + eos for p, r in pairs], "prompt_len": [len(p) for p, _ in pairs]}
 
-    features = datasets.Features({"ids": datasets.List(datasets.Value("int32")), "prompt_len": datasets.Value("int32")})
-    out = ds.map(
-        tokenize,
-        batched=True,
-        batch_size=1000,
-        remove_columns=ds.column_names,
-        features=features,
-        num_proc=cfg.num_proc,
-        desc="tokenize",
-    )
-    if len(out) == 0:
-        raise ValueError(f"the corpus has no non-empty documents ({len(ds)} read, all empty)")
-    table = out.with_format("arrow")[:]
-    ids = table.column("ids").combine_chunks()
-    offsets = ids.offsets.to_numpy().astype(np.int64)
-    tokens = ids.flatten().to_numpy().astype(np.int32)
-    offsets -= offsets[0]
-    anchor = np.isin(tokens, np.asarray(scheme.ids, np.int32))
+def encode_rows(rows: dict[str, list], encoder: Encoder, cfg: DataConfig) -> tuple[list[list[int]], list[int]]:
+    """(ids, prompt lengths) of the non-empty documents among `rows` (columns of raw documents, format
+    `cfg.format`): THE step from raw documents to ids, in memory (`tokenize_corpus`) and on disk
+    (`anjax.train.prepare`)."""
+    if cfg.format == "text":
+        texts = [t for t in rows[cfg.text_field] if t and t.strip()]
+        return encoder.documents(texts), [0] * len(texts)
+    eos = [encoder.tokenizer.eos_token_id] if encoder.tokenizer.eos_token_id is not None else []
+    inputs = rows.get("input") or [""] * len(rows["output"])
+    keep = [i for i, out in enumerate(rows["output"]) if out and out.strip()]
+    pairs = [encoder.alpaca(rows["instruction"][i], inputs[i] or "", rows["output"][i]) for i in keep]
+    return [p + r + eos for p, r in pairs], [len(p) for p, _ in pairs]
+
+
+def encode_dataset(ds: datasets.Dataset, encoder: Encoder, cfg: DataConfig, chunk: int = 1000) -> TokenizedCorpus:
+    """All documents of `ds` through `encode_rows`, `chunk` at a time; empty ones skipped and counted
+    (the result may hold no document)."""
+    ids: list[list[int]] = []
+    prompt_len: list[int] = []
+    for start in range(0, len(ds), chunk):
+        more_ids, more_len = encode_rows(ds[start : start + chunk], encoder, cfg)
+        ids += more_ids
+        prompt_len += more_len
+    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(offsets[-1]))
+    anchor = np.isin(tokens, np.asarray(encoder.scheme.ids, np.int32))
     n_anchor = int(anchor.sum())
     stats = CorpusStats(
-        documents=len(out),
-        skipped=len(ds) - len(out),
+        documents=len(ids),
+        skipped=len(ds) - len(ids),
         tokens=len(tokens),
         anchors=n_anchor,
         sentences=n_anchor + int((~anchor[offsets[1:] - 1]).sum()),
     )
-    return TokenizedCorpus(tokens, offsets, table.column("prompt_len").to_numpy().astype(np.int32), stats)
+    return TokenizedCorpus(tokens, offsets, np.asarray(prompt_len, np.int32), stats)
+
+
+def tokenize_corpus(
+    ds: datasets.Dataset, tokenizer, scheme: AnchorScheme, cfg: DataConfig = DataConfig()
+) -> TokenizedCorpus:
+    """Tokenize raw documents (format `cfg.format`) in memory with the anchors of `scheme`; empty documents
+    are skipped and counted. BOS and `max_sentence_tokens` are the scheme's (train.py builds it from `cfg`).
+    The same ids as a corpus prepared on disk (`anjax.train.prepare`)."""
+    encoder = Encoder(tokenizer, scheme)
+    check_columns(ds, cfg)
+    corpus = encode_dataset(ds, encoder, cfg)
+    if corpus.stats.documents == 0:
+        raise ValueError(f"the corpus has no non-empty documents ({len(ds)} read, all empty)")
+    return corpus
 
 
 # ----------------------------------------------------------------------------- batches
 
 
 class BatchIterator:
-    """Deterministic, resumable iterator of [B, L] batches (module docstring: format).
+    """Deterministic, resumable iterator over the global batches of a corpus (module docstring: format).
 
-    Epoch e visits the documents in the order `permutation(seed, e)`. Batch
-    number `step` is computed directly from (seed, step), so the whole state is
-    `{"step": n}` — the same on every host even when host shards differ in size
-    — and `restore(state)` continues with exactly the batches that would have
-    followed. `repeat=True` (training) cycles epochs and drops each epoch's last
-    partial batch; `repeat=False` (evaluation) makes one pass, in order unless
-    shuffled, padding the last batch with empty rows.
+    Epoch e visits the documents of the WHOLE corpus in the order `permutation(seed, e)`.
+    Global batch number `step` ([batch_size, L]) is computed directly from (seed, step), and
+    this process materializes only its `rows` of it (global row indices, ascending, as
+    `anjax.core.sharding.host_batch_to_global` places them; None: all rows) -> [len(rows), L].
+    The whole state is `{"step": n}`, independent of the number of processes, so a run
+    resumed on another number of hosts continues with exactly the global batches an
+    uninterrupted run would have seen. `repeat=True` (training) cycles epochs and drops each
+    epoch's last partial batch; `repeat=False` (evaluation) makes one pass, in order unless
+    shuffled; rows past the end of the corpus, in the last batch and in any batch after it,
+    are padding (valid=0), never the first documents again.
     """
 
     def __init__(
@@ -339,8 +379,12 @@ class BatchIterator:
         repeat: bool = True,
         ac_id: int | None = None,
         ac_in_loss: bool = True,
+        rows: np.ndarray | None = None,
     ):
         self.corpus, self.B, self.L = corpus, batch_size, seq_len
+        self.rows = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
+        if self.rows.ndim != 1 or len(self.rows) == 0 or self.rows.min() < 0 or self.rows.max() >= batch_size:
+            raise ValueError(f"rows must be global row indices in [0, {batch_size}), got {rows}")
         self.packing, self.shuffle, self.seed, self.repeat = packing, shuffle, seed, repeat
         self.ac_id, self.ac_in_loss = ac_id, ac_in_loss
         total = int(corpus.offsets[-1])
@@ -383,11 +427,11 @@ class BatchIterator:
         return self._epoch_cache[1], self._epoch_cache[2]
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """Batch number `step` (counted over epochs) without touching the iterator."""
-        epoch, index = divmod(step, self.steps_per_epoch)
+        """This process's rows of global batch number `step` (counted over epochs) without touching the iterator."""
+        epoch, index = divmod(step, self.steps_per_epoch) if self.repeat else (0, step)
         perm, starts = self._order(epoch)
-        B, L = self.B, self.L
-        row_B = index * B + np.arange(B)
+        B, L = len(self.rows), self.L
+        row_B = index * self.B + self.rows
         t_L1 = np.arange(L + 1)  # L inputs and one more token for the last label
         # each slot holds token `off` of the document perm[k]; k = -1: nothing (padding)
         if self.packing:
@@ -421,44 +465,3 @@ class BatchIterator:
             "labels": np.where(loss_mask, labels, 0).astype(np.int32),
             "loss_mask": loss_mask,
         }
-
-
-def make_batches(
-    cfg: DataConfig,
-    tokenizer,
-    scheme: AnchorScheme,
-    *,
-    split: str | None = None,
-    train: bool = True,
-    shard_index: int = 0,
-    num_shards: int = 1,
-) -> BatchIterator:
-    """Load, shard, tokenize and batch `split` (default cfg.split, or cfg.eval_split when not train).
-
-    Host `shard_index` of `num_shards` gets a contiguous 1/num_shards of the
-    documents and batches of cfg.batch_size / num_shards rows.
-    train=True: shuffled, repeating; train=False: one ordered pass, last batch padded.
-    The corpus statistics are at `.corpus.stats`.
-    """
-    split = split or (cfg.split if train else cfg.eval_split)
-    if split is None:
-        raise ValueError("no split to load (data.eval_split is null)")
-    if cfg.batch_size % num_shards:
-        raise ValueError(f"data.batch_size={cfg.batch_size} is not a multiple of the {num_shards} hosts")
-    ds = load_corpus(cfg, split)
-    if num_shards > 1:
-        if len(ds) < num_shards:
-            raise ValueError(f"{len(ds)} documents cannot be sharded over {num_shards} hosts")
-        ds = ds.shard(num_shards, shard_index, contiguous=True)
-    corpus = tokenize_corpus(ds, tokenizer, scheme, cfg)
-    return BatchIterator(
-        corpus,
-        cfg.batch_size // num_shards,
-        cfg.seq_len,
-        packing=cfg.packing,
-        shuffle=cfg.shuffle and train,
-        seed=cfg.seed,
-        repeat=train,
-        ac_id=scheme.ac_id,
-        ac_in_loss=cfg.ac_in_loss,
-    )

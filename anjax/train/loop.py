@@ -111,6 +111,8 @@ def train_loop(
                 "loss": loss,
                 "grad_norm": grad_norm,
                 "lr": float(trainer.schedule(step - 1)),
+                "tokens": float(m["tokens"]),  # real (not padding) tokens of the global batch
+                "slots": rc.data.batch_size * rc.data.seq_len,  # its token slots
                 "tokens_per_s": float(m["tokens"]) / seconds,
                 "train_s": train_s,
             }
@@ -123,10 +125,10 @@ def train_loop(
             if step % rc.log.every == 0 or "val_loss_full" in record or step == steps:
                 write(record)
             if step % rc.checkpoint.every == 0 or step == steps:
-                ckpt.save(state, train_it.state())
+                ckpt.save(state, setup.data_record(train_it, trainer.mesh))
                 saved = step
     if int(state.step) not in (saved, 0):  # stopped by a signal between checkpoints
-        ckpt.save(state, train_it.state())
+        ckpt.save(state, setup.data_record(train_it, trainer.mesh))
     ckpt.wait()
     return state
 
@@ -143,13 +145,13 @@ def train(rc: run_config.RunConfig) -> int:
     try:
         resumed = ckpt.latest_step()
         cfg, params, tokenizer = setup.model_for_run(rc, run_dir, resumed)
-        train_it, val_it, n_val = setup.data_for_run(rc, cfg, tokenizer)
+        train_it, val_it, n_val = setup.data_for_run(rc, cfg, tokenizer, mesh)
         trainer = Trainer(cfg, rc.train, mesh, rc.run.seed)
         if resumed is None:
             state = trainer.init_state(params)
         else:
             state, data_state = ckpt.restore(resumed, trainer.abstract_state)
-            train_it.restore(data_state)
+            setup.restore_data(train_it, data_state, mesh, f"checkpoint {ckpt.directory / str(resumed)}")
         if trainer.distill:  # the teacher is the starting model: on resume rebuilt from model.path (or run.seed)
             trainer.init_teacher(params if resumed is None else setup.fresh_model(rc)[1])
         del params

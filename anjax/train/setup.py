@@ -1,12 +1,14 @@
 """A training run's pieces, built once for train.py (`anjax.train.loop`) and reusable by other tools.
 
-`fresh_model` (load or random-init, `<AC>` row, the run's anchor scheme), `make_run_mesh` (batch,
-process and mesh divisibility checked), `model_for_run` (resume from the run directory or start fresh),
-`data_for_run` (this process's data shard), `init_distributed`.
+`fresh_model` (load or random-init, `<AC>` row, the run's anchor scheme), `make_run_mesh` (batch and
+mesh divisibility checked), `model_for_run` (resume from the run directory or start fresh),
+`data_for_run` (this process's rows of the global batches), `data_record` / `restore_data` (the data
+position and process layout saved with a checkpoint), `init_distributed`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -19,8 +21,7 @@ from anjax.core.config import ModelConfig
 from anjax.io import run_dir as run_dir_files
 from anjax.io.loading import load_model, load_tokenizer
 from anjax.text.anchors import AnchorScheme, add_ac_token, resolve_scheme
-from anjax.train import run_config
-from anjax.train.data import make_batches
+from anjax.train import prepare, run_config
 
 
 def fresh_model(rc: run_config.RunConfig) -> tuple[ModelConfig, dict | None, object]:
@@ -74,9 +75,9 @@ def any_process(flag: bool) -> bool:
 
 
 def make_run_mesh(rc: run_config.RunConfig) -> jax.sharding.Mesh:
-    """The mesh, after checking that the global batch splits over processes and data x fsdp devices."""
+    """The mesh, after checking that each micro-batch splits over the data x fsdp devices."""
     mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
-    sharding.check_batch(mesh, rc.data.batch_size, rc.train.grad_accum, jax.process_count())
+    sharding.check_batch(mesh, rc.data.batch_size, rc.train.grad_accum)
     return mesh
 
 
@@ -98,26 +99,67 @@ def model_for_run(rc: run_config.RunConfig, run_dir: Path, resumed: int | None):
     return cfg, params, tokenizer
 
 
-def data_for_run(rc: run_config.RunConfig, cfg: ModelConfig, tokenizer):
-    """(training iterator, validation iterator or None, validation batches) of this process's data shard."""
-    P = jax.process_count()
-    shard = dict(shard_index=jax.process_index(), num_shards=P)
+def data_for_run(rc: run_config.RunConfig, cfg: ModelConfig, tokenizer, mesh: jax.sharding.Mesh):
+    """(training iterator, validation iterator or None, validation batches): this process's rows of the
+    global batches, the same global batches whatever the number of processes.
+
+    A source that is not a prepared directory is prepared once into RUN/data (process 0 first; the
+    others then find it there on a shared run.dir, or prepare their own identical copy).
+    """
     scheme = run_scheme(cfg, tokenizer)
-    train_it = make_batches(rc.data, tokenizer, scheme, train=True, **shard)
-    if not (rc.eval.every and rc.data.eval_split):
+    cache = Path(rc.run.dir) / "data"
+    splits = [rc.data.split] + ([rc.data.eval_split] if rc.eval.every and rc.data.eval_split else [])
+    if jax.process_count() > 1 and not prepare.is_prepared(rc.data.path):
+        if jax.process_index() == 0:
+            for split in splits:
+                prepare.load_split(rc.data, tokenizer, scheme, split, cache)
+        multihost_utils.sync_global_devices("anjax: the run's corpus is prepared")
+    rows = sharding.process_row_indices(mesh, rc.data.batch_size)
+    make = functools.partial(prepare.make_batches, rc.data, tokenizer, scheme, rows=rows, cache_dir=cache)
+    train_it = make(train=True)
+    if len(splits) == 1:
         return train_it, None, 0
-    val_it = make_batches(rc.data, tokenizer, scheme, train=False, **shard)
-    n_val = val_it.steps_per_epoch if rc.eval.batches is None else rc.eval.batches
-    if P > 1:  # hosts' shards differ in length; past its end a host feeds padding rows
-        n_val = int(np.max(multihost_utils.process_allgather(np.asarray(n_val))))
+    val_it = make(train=False)
+    n_val = val_it.steps_per_epoch if rc.eval.batches is None else min(rc.eval.batches, val_it.steps_per_epoch)
     return train_it, val_it, n_val
+
+
+def _layout(mesh: jax.sharding.Mesh) -> dict:
+    return {"processes": jax.process_count(), "mesh": {a: int(mesh.shape[a]) for a in sharding.MESH_AXES}}
+
+
+def data_record(train_it, mesh: jax.sharding.Mesh) -> dict:
+    """What a checkpoint stores about the data: the iterator state and the processes and mesh that read it."""
+    return {"iterator": train_it.state(), **_layout(mesh)}
+
+
+def restore_data(train_it, record: dict, mesh: jax.sharding.Mesh, where: str) -> None:
+    """Continue `train_it` from a checkpoint's `data_record`.
+
+    Every checkpoint with a layout record was read in the global order (batch `step` is a function of
+    (seed, step), each process reading its rows of it), so it resumes on any processes and mesh. A
+    checkpoint without one was read per process from contiguous document shards: its batches are those
+    of the global order only if one process wrote it, which it cannot show, so several processes refuse it.
+    """
+    if "iterator" not in record:
+        if jax.process_count() > 1:
+            raise run_dir_files.CheckpointError(
+                f"{where} does not record how many processes wrote it (saved by an older anjax that sharded "
+                "documents per process): resume it with 1 process, or use another run.dir"
+            )
+        train_it.restore(record)
+        return
+    was, now = {k: record[k] for k in ("processes", "mesh")}, _layout(mesh)
+    if was != now and jax.process_index() == 0:
+        print(f"resuming {where} (written by {was}) with {now}: the global batches are the same")
+    train_it.restore(record["iterator"])
 
 
 def init_distributed(rc: run_config.RunConfig) -> None:
     """jax.distributed.initialize() when run.distributed is set or JAX_COORDINATOR_ADDRESS is in the
-    environment. The process count and index come from JAX_NUM_PROCESSES / JAX_PROCESS_ID when set;
+    environment (once per process). The process count and index come from JAX_NUM_PROCESSES / JAX_PROCESS_ID when set;
     otherwise JAX detects them (TPU pods, SLURM, Open MPI, Kubernetes)."""
     env = os.environ
-    if rc.run.distributed or env.get("JAX_COORDINATOR_ADDRESS"):
+    if (rc.run.distributed or env.get("JAX_COORDINATOR_ADDRESS")) and not jax.distributed.is_initialized():
         num, index = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
         jax.distributed.initialize(num_processes=int(num) if num else None, process_id=int(index) if index else None)

@@ -1,0 +1,83 @@
+"""`python -m anjax.prepare`: documents -> anchored token ids, once, in parallel (`anjax.train.prepare`).
+
+    python -m anjax.prepare --data 'data/redpajama/*.jsonl' --tokenizer MODEL --anchors ac \\
+        --split 'train[:99.9%]' --eval-split 'train[99.9%:]' --out data/redpajama-ac
+
+The directory holds splits `train` and (with --eval-split) `validation`: train with
+`--set data.path=DIR data.split=train data.eval_split=validation`. A rerun resumes an interrupted
+prepare shard by shard; the tokenizer and anchors must be the model's (training refuses others).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from anjax import cli
+from anjax.core.config import ANCHOR_MODES
+from anjax.io.loading import load_tokenizer
+from anjax.text.anchors import add_ac_token, make_scheme
+from anjax.train import prepare
+from anjax.train.data import DataConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cli.ArgumentParser(prog="python -m anjax.prepare", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--data",
+        default=None,
+        help="local json/jsonl/txt/parquet files, dir or glob; a hub name; default: the embedded corpus",
+    )
+    p.add_argument("--name", default=None, help="hub dataset config name")
+    p.add_argument("--split", default="train", help="source split prepared as `train` (slicing works)")
+    p.add_argument("--eval-split", default=None, help="source split prepared as `validation` (default: none)")
+    p.add_argument("--format", default="text", help="text | alpaca")
+    p.add_argument("--text-field", default="text", help="column holding the text (format text)")
+    p.add_argument("--text-sample-by", default="document", help=".txt files: document | paragraph | line")
+    p.add_argument("--tokenizer", default=None, help="the model: HF dir, GGUF file or run dir (default: embedded)")
+    p.add_argument("--anchors", required=True, help="ac | ep | none")
+    p.add_argument("--anchor-tokens", nargs="+", default=None, help="EP anchor strings (default: . ? !)")
+    p.add_argument(
+        "--bos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prepend BOS (default: as the tokenizer itself does)",
+    )
+    p.add_argument("--max-sentence-tokens", type=int, default=None, help="AC: an <AC> every N tokens of a sentence")
+    p.add_argument("--out", required=True, help="the prepared directory (data.path for training)")
+    p.add_argument("--workers", type=int, default=None, help="encoding processes (default: every core)")
+    p.add_argument("--shard-docs", type=int, default=prepare.SHARD_DOCS, help="documents per shard")
+    args = p.parse_args(argv)
+
+    if args.anchors not in ANCHOR_MODES:
+        raise cli.UsageError(f"--anchors must be one of {'|'.join(ANCHOR_MODES)}, got {args.anchors!r}")
+    cli.check_range("--workers", args.workers, 1)
+    cli.check_range("--shard-docs", args.shard_docs, 1)
+    cli.check_range("--max-sentence-tokens", args.max_sentence_tokens, 1)
+    cli.check_writable_dir(args.out, "--out")
+    cfg = DataConfig(
+        path=args.data,
+        name=args.name,
+        format=args.format,
+        text_field=args.text_field,
+        text_sample_by=args.text_sample_by,
+        num_proc=args.workers,
+    )
+    tokenizer = load_tokenizer(args.tokenizer)
+    if args.anchors == "ac":
+        add_ac_token(tokenizer)
+    scheme = make_scheme(tokenizer, args.anchors, args.anchor_tokens, args.bos, args.max_sentence_tokens)
+    splits = {"train": args.split, **({"validation": args.eval_split} if args.eval_split else {})}
+    log = lambda message: print(message, file=sys.stderr, flush=True)
+    manifest = prepare.prepare(cfg, tokenizer, scheme, args.out, splits, shard_docs=args.shard_docs, log=log)
+    counts = {
+        k: {f: v[f] for f in ("documents", "skipped", "tokens", "anchors", "shards")}
+        for k, v in manifest["counts"].items()
+    }
+    print(json.dumps({"out": args.out, "scheme": scheme.to_dict(), "counts": counts}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,109 @@
+"""Multi-host training: 2 local processes x 2 CPU devices joined by jax.distributed (gloo) against one
+process with 4 devices. Every mesh trains on the same global batches (the per-step losses agree), a
+checkpoint written by 2 processes resumes on 1 with the batches an uninterrupted run would have seen.
+
+The `__main__` half is the worker: `python tests/test_multihost.py ROOT NAME...` runs train.py's whole run
+(`anjax.train.loop.train`) for each named mesh of MESHES in ROOT/NAME, one after another in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # train.py's run in 2 + 1 subprocesses
+
+ROOT = Path(__file__).resolve().parents[1]
+# name -> (data, fsdp, tensor); "resumed" continues a copy of the 2-process d2f2 run on 1 process
+MESHES = {"d2f2": (2, 2, 1), "f4": (1, 4, 1), "t4": (1, 1, 4), "d2t2": (2, 1, 2), "d4": (4, 1, 1), "resumed": (4, 1, 1)}
+STEPS = 6
+OVERRIDES = [
+    "data.seq_len=32",
+    f"train.steps={STEPS}",
+    "eval.every=3",
+    "eval.batches=1",
+    "checkpoint.every=3",
+    "checkpoint.export_hf=false",
+    "log.every=1",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def launch(root: Path, names: list[str], processes: int, devices: int) -> list[subprocess.Popen]:
+    """`processes` workers, each with `devices` CPU devices, training the meshes `names` under `root`."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=str(ROOT))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # processes would write the same cache entries at once
+    if processes > 1:
+        env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}", JAX_NUM_PROCESSES=str(processes))
+    cmd = [sys.executable, __file__, str(root), *names]
+    return [
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=dict(env, JAX_PROCESS_ID=str(i)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(processes)
+    ]
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 900) -> list[tuple[str, str]]:
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(err[-3000:] for _, err in outs)
+    return outs
+
+
+def history(run_dir: Path) -> dict[int, dict]:
+    """{step: record} of RUN/metrics.jsonl."""
+    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def losses(run_dir: Path, first: int = 1) -> list[float]:
+    recs = history(run_dir)
+    return [recs[s]["loss"] for s in range(first, STEPS + 1)]
+
+
+def test_every_mesh_over_two_processes_trains_on_the_global_batches(tmp_path):
+    two = launch(tmp_path, ["d2f2", "f4", "t4", "d2t2"], processes=2, devices=2)
+    finish(two)
+    resumed = tmp_path / "resumed"  # the 2-process d2f2 run cut back to its step-3 checkpoint
+    shutil.copytree(tmp_path / "d2f2", resumed)
+    shutil.rmtree(resumed / "checkpoints" / str(STEPS))
+    ((out, _),) = finish(launch(tmp_path, ["d4", "resumed"], processes=1, devices=4))
+    reference = losses(tmp_path / "d4")
+    assert reference[-1] < reference[0]
+    for name in ("d2f2", "f4", "t4", "d2t2"):
+        np.testing.assert_allclose(losses(tmp_path / name), reference, rtol=2e-5, err_msg=name)
+        for step in (0, 3, 6):
+            for key in ("val_loss_full", "val_loss_anchor"):
+                np.testing.assert_allclose(
+                    history(tmp_path / name)[step][key], history(tmp_path / "d4")[step][key], rtol=2e-5
+                )
+    assert "resuming checkpoint" in out and "'processes': 2" in out
+    np.testing.assert_allclose(losses(resumed, first=4), reference[3:], rtol=2e-5)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    from anjax.train import loop, run_config
+
+    root, names = Path(sys.argv[1]), sys.argv[2:]
+    for name in names:
+        mesh = dict(zip(("data", "fsdp", "tensor"), MESHES[name]))
+        sets = [*OVERRIDES, f"run.dir={root / name}", *(f"mesh.{k}={v}" for k, v in mesh.items())]
+        assert loop.train(run_config.load(ROOT / "configs" / "tiny.yaml", sets)) == 0
