@@ -422,6 +422,33 @@ def test_non_utf8_corpus_is_named(work, name, data):
     assert str(e.value).startswith(f"{work / name} is not UTF-8 text (invalid byte near offset")
 
 
+def test_non_utf8_input_lines_are_named_by_line(work):
+    from anjax.inference.requests import read_requests
+
+    (work / "in.jsonl").write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n{"prompt": "fine"}\n')
+    requests, errors = read_requests(work / "in.jsonl")
+    assert [r[0] for r in requests] == [1, 3]
+    assert errors == [{"id": None, "line": 2, "error": "not UTF-8 text (invalid byte at column 16)"}]
+
+
+@pytest.mark.parametrize("data", [b"not json at all", b'{"tasks": {"arc_easy": ', b"[1, 2]", b"\xff\xfe"])
+def test_compare_models_names_a_broken_report(work, capsys, data):
+    compare = load_script("benchmarks/compare_models.py")
+    (work / "new.json").write_bytes(data)
+    (work / "base.json").write_bytes(data)
+    before = files(work)
+    proc = run_main(compare.main, ["--new", "new.json", "--base", "base.json", "--out-dir", "out"], capsys)
+    assert_one_line_error(proc, "new.json", "not a")
+    assert files(work) == before
+
+
+def test_aot_and_corpus_argument_errors_are_one_line(capsys):
+    from anjax.cli import aot, corpus
+
+    for main in (aot.main, corpus.main):
+        assert_one_line_error(run_main(main, ["--bogus"], capsys), "(see python -m anjax.", "--help)")
+
+
 # ----------------------------------------------------------------------------- late validation
 
 
