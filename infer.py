@@ -110,7 +110,7 @@ def parse_args(argv=None):
         raise cli.UsageError(f"--protect text {bad[0]!r} does not occur in the prompt")
     if args.input is not None:
         cli.check_readable_file(args.input, "--input")
-        cli.check_writable_file(args.output, "--output")
+        cli.check_writable_file(args.output, "--output", [("--input", args.input)])
     return args
 
 

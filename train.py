@@ -17,8 +17,9 @@ from anjax.io import outputs
 
 
 def check_outputs(rc) -> None:
-    """run.dir must be writable, and RUN/export replaceable, before anything loads."""
-    run_dir = cli.check_writable_dir(rc.run.dir, "run.dir")
+    """run.dir must be writable and anjax's (`outputs.claim_run_dir`), and RUN/export replaceable, before
+    anything loads."""
+    run_dir = outputs.claim_run_dir(cli.check_writable_dir(rc.run.dir, "run.dir"))
     if rc.checkpoint.export_hf:
         outputs.check_replaceable(run_dir / "export")
 

@@ -30,8 +30,15 @@ PAIRS = ("full-full", "anchor-full", "anchor-anchor")
 
 def load_report(path: Path) -> dict:
     """The evaluate report in `path` (a quality report's "accuracy" part)."""
-    rep = json.loads(path.read_text())
-    rep = rep.get("accuracy", rep)
+    try:
+        rep = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a JSON report (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path}: not a JSON report ({e.msg} at line {e.lineno}, column {e.colno}; truncated?)"
+        ) from None
+    rep = rep.get("accuracy", rep) if isinstance(rep, dict) else {}
     if "tasks" not in rep or "caches" not in rep:
         raise ValueError(f"{path}: not an anjax.evaluate or quality report")
     return rep

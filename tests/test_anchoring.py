@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import string
+import time
+from unittest import mock
 
 import jax
 import numpy as np
@@ -23,7 +25,7 @@ from anjax.core.config import AC_TOKEN, tiny_config
 from anjax.core.model import init_params
 from anjax.inference.engine import CacheOverflowError, Engine, EngineConfig
 from anjax.inference.scoring import scoring_model
-from anjax.text import anchors
+from anjax.text import anchors, encode
 from anjax.text.encode import Encoder, ends_sentence, split_sentences
 
 
@@ -83,6 +85,35 @@ def texts(draw) -> str:
             parts.append(draw(st.sampled_from(SEPS)))
     text = "".join(parts) + draw(st.sampled_from(["", "\n", "\n\n"]))
     return text if text.strip() else "x."
+
+
+@st.composite
+def paragraphs(draw, min_sentences=1, max_sentences=6) -> str:
+    """Ordinary prose: sentences of WORDS ending in . ? ! or ..., some quoted ("He said "...""), joined by a
+    space or a hard-wrapping newline."""
+    parts = []
+    for _ in range(draw(st.integers(min_sentences, max_sentences))):
+        words = " ".join(draw(st.lists(st.sampled_from(WORDS), min_size=1, max_size=8))).capitalize()
+        sentence = words + draw(st.sampled_from([".", "?", "!", "..."]))
+        parts.append(f'He said "{sentence}"' if draw(st.booleans()) and len(parts) % 3 == 2 else sentence)
+        parts.append(draw(st.sampled_from([" ", " ", "\n"])))
+    return "".join(parts[:-1])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.lists(paragraphs(), min_size=1, max_size=4).map("\n\n".join), line=paragraphs(10, 40))
+def test_paragraphs_and_windows_split_as_pysbd_splits_the_whole_text(text, line):
+    assert split_sentences(text) == encode._split_window(text)  # paragraph by paragraph, as pysbd on the whole
+    with mock.patch.object(encode, "WINDOW", 120):  # one long paragraph, read in windows
+        assert split_sentences(line) == encode._split_window(line)
+
+
+def test_a_huge_single_line_paragraph_splits_in_linear_time():
+    text = " ".join(f"Sentence {i} is about Mr. Smith and the cat at 3 p.m. today." for i in range(3500))  # 220k
+    t0 = time.perf_counter()
+    sentences = split_sentences(text)
+    assert time.perf_counter() - t0 < 60  # pysbd on the whole line: minutes
+    assert "".join(sentences) == text and len(sentences) == 3500
 
 
 @pytest.mark.parametrize("add_bos", [False, True])

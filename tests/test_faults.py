@@ -9,6 +9,7 @@ signals and kill -9 need subprocesses. Every case compares the files under its d
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,6 +119,48 @@ def _export_main():
     from anjax.cli import export
 
     return export.main
+
+
+# ----------------------------------------------------------------------------- data loss: outputs are never inputs
+
+
+def test_an_output_is_never_an_input(model_dir, work, capsys):
+    from anjax.cli import evaluate
+
+    (work / "task.jsonl").write_text('{"context": "2 + 2 =", "choices": ["4", "5"], "gold": 0}\n')
+    (work / "link.jsonl").symlink_to(work / "in.jsonl")
+    before = files(work)
+    for output in ("in.jsonl", "link.jsonl", "./sub/../in.jsonl"):
+        proc = run_main(infer.main, ["--model", MISSING_MODEL, "--input", "in.jsonl", "--output", output], capsys)
+        assert_one_line_error(proc, "--output", "is the input --input in.jsonl")
+    for flags in (["--json", "task.jsonl"], ["--out-dir", ".", "--name", "task"], ["--json", ""]):
+        proc = run_main(evaluate.main, ["--model", MISSING_MODEL, "--tasks", "task.jsonl", *flags], capsys)
+        assert_one_line_error(proc, flags[0])
+    proc = run_main(_export_main(), ["--model", model_dir, "--out", model_dir], capsys)
+    assert_one_line_error(proc, "--out", "is the input --model")
+    assert files(work) == before
+
+
+@pytest.mark.parametrize("out,message", [("", "is empty"), (".", "current directory"), ("..", "holding the current")])
+def test_export_never_moves_the_working_directory(model_dir, work, capsys, out, message):
+    before = files(work)
+    proc = run_main(_export_main(), ["--model", model_dir, "--out", out, "--force"], capsys)
+    assert_one_line_error(proc, "--out", message)
+    assert Path.cwd() == work and files(work) == before
+
+
+def test_run_dir_is_anjax_s_own(work, capsys):
+    users = work / "mine"
+    users.mkdir()
+    (users / "config.yaml").write_text("my: own\n")
+    (users / "metrics.jsonl").write_text("{}\n")
+    before = files(work)
+    for run_dir, message in (("", "run.dir is empty"), (".", "current directory"), (users, "anjax did not write")):
+        proc = run_main(train.main, ["--config", ROOT / "configs/tiny.yaml", "--set", f"run.dir={run_dir}"], capsys)
+        assert_one_line_error(proc, "run.dir", message)
+    assert files(work) == before
+    run_dir = outputs.claim_run_dir(work / "run")  # made by anjax: claimed again, and the marker kept
+    assert outputs.claim_run_dir(run_dir) == run_dir and (run_dir / outputs.RUN_MARKER).is_file()
 
 
 # ----------------------------------------------------------------------------- hang: sizes refused up front
@@ -292,6 +335,74 @@ def test_zero_and_negative_max_sentence_tokens(capsys):
     )
 
 
+@pytest.mark.parametrize(
+    "assignment,message",
+    [
+        ("train.lr=-1", "train.lr must be > 0, got -1.0"),
+        ("train.lr=.nan", "train.lr must be > 0, got nan"),
+        ("train.warmup_steps=-5", "train.warmup_steps must be >= 0, got -5"),
+        ("train.b2=1", "train.b2 must be in [0, 1), got 1.0"),
+        ("eval.every=-1", "eval.every must be >= 0, got -1"),
+        ("model.arch.num_layers=0", "model.arch.num_layers must be >= 1, got 0"),
+        ("data.seed=-1", "data.seed must be in [0, 4294967296), got -1"),
+        ("anchors.tokens=[]", "anchors.tokens is empty in EP mode"),
+    ],
+)
+def test_nonsense_config_values_are_refused(work, capsys, assignment, message):
+    before = files(work)
+    argv = ["--config", ROOT / "configs/tiny.yaml", "--set", f"run.dir={work / 'run'}", "anchors.mode=ep", assignment]
+    assert_one_line_error(run_main(train.main, argv, capsys), message)
+    assert files(work) == before
+
+
+def test_seq_len_above_the_models_positions_is_refused(work, capsys):
+    argv = ["--config", ROOT / "configs/tiny.yaml", "--set", f"run.dir={work / 'run'}", "data.seq_len=4096"]
+    assert_one_line_error(run_main(train.main, argv, capsys), "data.seq_len=4096 exceeds the model's 2048 positions")
+    assert not (work / "run" / "config.yaml").exists()
+
+
+def test_a_resume_keeps_what_changes_data_or_optimisation(work):
+    from anjax.io import run_dir as run_dir_files
+    from anjax.train import run_config, setup
+
+    rc = run_config.load(ROOT / "configs/tiny.yaml", [f"run.dir={work}"])
+    (work / "config.yaml").write_text(__import__("yaml").safe_dump(rc.to_dict()))
+    for assignment, message in (
+        ("train.lr=0.01", "train.lr=0.003; resuming it with --set train.lr=0.01 would change"),
+        ("data.seq_len=32", "data.seq_len=64; resuming it with --set data.seq_len=32"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            setup.model_for_run(run_config.load(ROOT / "configs/tiny.yaml", [assignment]), work, resumed=1)
+    allowed = ["train.steps=80", "eval.every=5", "checkpoint.keep=3", "model.remat=full"]
+    with pytest.raises(run_dir_files.CheckpointError, match="model_config.json"):  # past the checks: loading
+        setup.model_for_run(run_config.load(ROOT / "configs/tiny.yaml", allowed), work, resumed=1)
+    cosine = run_config.load(ROOT / "configs/tiny.yaml", ["train.schedule=cosine"])
+    with pytest.raises(ValueError, match="train.steps=20; resuming"):
+        run_config.check_resume(cosine, cosine.to_dict() | {"train": cosine.to_dict()["train"] | {"steps": 20}}, work)
+    run_config.check_resume(rc, {"train": {"lr": 0.003}}, work)  # an older config.yaml: only its keys compared
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-0.5"])
+def test_infer_temperature_must_be_finite_and_not_negative(capsys, value):
+    proc = run_main(infer.main, ["--model", MISSING_MODEL, "--prompt", "x", "--temperature", value], capsys)
+    assert_one_line_error(proc, "--temperature must be")
+
+
+def test_evaluate_refuses_rows_longer_than_the_models_positions(model_dir, work, capsys):
+    from anjax.cli import evaluate
+
+    long = "The cat sat on the mat. " * 400  # > 2048 tokens of the tiny tokenizer
+    (work / "task.jsonl").write_text(json.dumps({"context": long, "choices": ["a", "b"], "gold": 0}) + "\n")
+    (work / "text.txt").write_text(long)
+    before = files(work)
+    common = ["--model", model_dir, "--no-timing", "--anchor-mode", "ep"]
+    proc = run_main(evaluate.main, [*common, "--tasks", "task.jsonl"], capsys)
+    assert_one_line_error(proc, "task.jsonl document 0", "more than the model's 2048 positions")
+    proc = run_main(evaluate.main, [*common, "--perplexity", "--ppl-data", "text.txt", "--seq-len", 4096], capsys)
+    assert_one_line_error(proc, "--seq-len 4096 is more than the model's 2048 positions")
+    assert files(work) == before
+
+
 # ----------------------------------------------------------------------------- misleading: non-UTF-8 corpus
 
 
@@ -309,6 +420,33 @@ def test_non_utf8_corpus_is_named(work, name, data):
     with pytest.raises(ValueError) as e:
         load_corpus(DataConfig(path=str(work / name)))
     assert str(e.value).startswith(f"{work / name} is not UTF-8 text (invalid byte near offset")
+
+
+def test_non_utf8_input_lines_are_named_by_line(work):
+    from anjax.inference.requests import read_requests
+
+    (work / "in.jsonl").write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n{"prompt": "fine"}\n')
+    requests, errors = read_requests(work / "in.jsonl")
+    assert [r[0] for r in requests] == [1, 3]
+    assert errors == [{"id": None, "line": 2, "error": "not UTF-8 text (invalid byte at column 16)"}]
+
+
+@pytest.mark.parametrize("data", [b"not json at all", b'{"tasks": {"arc_easy": ', b"[1, 2]", b"\xff\xfe"])
+def test_compare_models_names_a_broken_report(work, capsys, data):
+    compare = load_script("benchmarks/compare_models.py")
+    (work / "new.json").write_bytes(data)
+    (work / "base.json").write_bytes(data)
+    before = files(work)
+    proc = run_main(compare.main, ["--new", "new.json", "--base", "base.json", "--out-dir", "out"], capsys)
+    assert_one_line_error(proc, "new.json", "not a")
+    assert files(work) == before
+
+
+def test_aot_and_corpus_argument_errors_are_one_line(capsys):
+    from anjax.cli import aot, corpus
+
+    for main in (aot.main, corpus.main):
+        assert_one_line_error(run_main(main, ["--bogus"], capsys), "(see python -m anjax.", "--help)")
 
 
 # ----------------------------------------------------------------------------- late validation

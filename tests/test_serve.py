@@ -266,6 +266,103 @@ def test_malformed_requests_are_400_with_a_message_and_the_server_stays_healthy(
     assert metric(url, "anjax_slots_in_use") == 0 and metric(url, "anjax_queue_length") == 0
 
 
+def post(url: str, body: bytes, content_type: str | None = "application/json"):
+    """(status, parsed JSON error body) of a POST that fails."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=30)
+    return e.value.code, json.loads(e.value.read())["error"]
+
+
+def test_every_4xx_is_in_openais_error_format(served):
+    _, url, *_ = served
+    good = b'{"prompt": "hi", "max_tokens": 2}'
+    for body, content_type, message in (
+        (good, "text/plain", "Content-Type: application/json (got text/plain)"),
+        (good, None, "Content-Type: application/json"),
+        (b'{"prompt": "\xff\xfe"}', "application/json", "not a JSON object"),
+        (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "application/json", "nested too deep"),
+    ):
+        status, err = post(url + "/v1/completions", body, content_type)
+        assert status == 400 and message in err["message"] and err["type"] == "invalid_request_error", body[:40]
+    status, err = post(url + "/v1/nothing", good)
+    assert status == 404 and err["message"] == "Not Found"
+    assert json.loads(get(url + "/health"))["status"] == "ok"
+
+
+def test_prompts_are_encoded_off_the_event_loop_and_an_impossible_one_is_refused_first(served, monkeypatch):
+    client, url, _, scheduler = served
+    engine, threads = scheduler.engine, []
+    encode = engine.encode
+    monkeypatch.setattr(engine, "encode", lambda text: threads.append(threading.current_thread().name) or encode(text))
+    assert complete(client, PROMPTS[0], max_tokens=2).finish_reason in ("stop", "length")
+    assert threads and all(name.startswith("anjax-encode") for name in threads)
+    limit = engine.cfg.max_position_embeddings * max(map(len, engine.tokenizer.get_vocab()))
+    t0, calls = time.monotonic(), len(threads)
+    status, err = post(url + "/v1/completions", json.dumps({"prompt": "x" * (limit + 1)}).encode())
+    assert status == 400 and f"{limit + 1} characters cannot fit" in err["message"] and err["param"] == "prompt"
+    assert len(threads) == calls and time.monotonic() - t0 < 10  # refused by arithmetic, never encoded
+    status, err = post(
+        url + "/v1/chat/completions",
+        json.dumps({"messages": [{"role": "user", "content": "x" * (limit + 1)}]}).encode(),
+    )
+    assert status == 400 and "cannot fit" in err["message"] and len(threads) == calls
+
+
+def test_a_non_streamed_client_that_leaves_is_cancelled_at_once(served):
+    _, url, *_ = served
+    before = metric(url, 'anjax_requests_total{outcome="cancelled"}')
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": PROMPTS[3], "max_tokens": 1000, "temperature": 0, "stop": ["never"]})
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
+        deadline = time.monotonic() + 30
+        while metric(url, "anjax_slots_in_use") != 1:
+            assert time.monotonic() < deadline, "the request never took a slot"
+            time.sleep(0.01)
+    deadline = time.monotonic() + 10
+    while metric(url, "anjax_slots_in_use") != 0:
+        assert time.monotonic() < deadline, "the slot was not freed"
+        time.sleep(0.02)
+    assert metric(url, 'anjax_requests_total{outcome="cancelled"}') == before + 1
+
+
+def test_the_cache_filling_up_is_its_own_finish_reason(served):
+    client, *_ = served  # EP anchors, 128 cache slots: anchors and the open sentence fill them before 1900 tokens
+    choice = complete(client, "The dog saw the cat", max_tokens=1900, stop=["never"])
+    assert choice.finish_reason == "cache_full" and len(ids_of(choice)) < 1900
+
+
+def test_a_drain_ends_streams_with_a_final_error_event(served):
+    client, url, _, scheduler = served
+    stream = client.completions.create(
+        model="tiny", prompt=PROMPTS[3], temperature=0, max_tokens=1000, stream=True, stop=["never"]
+    )
+    chunks = iter(stream)
+    next(chunks)
+    scheduler.drain(0.0)
+    with pytest.raises(openai.APIError, match="shut down before the request finished"):
+        list(chunks)
+    status, err = post(url + "/v1/completions", b'{"prompt": "hi"}')
+    assert status == 429 and "shutting down" in err["message"]
+    scheduler.draining = False  # the module's server serves on: restart its loop
+    scheduler.stopping = False
+    scheduler.start()
+
+
+def test_slots_times_capacity_beyond_memory_is_refused_by_arithmetic():
+    from anjax.cli.serve import check_cache_fits
+
+    cfg, params, tok = tiny_model()
+    engine = Engine(cfg, params, tok, CONFIG)
+    with pytest.raises(cli.UsageError, match=r"--slots 100000 x --capacity 1000000 needs a .* GiB KV cache"):
+        check_cache_fits(engine, 100_000, 1_000_000)
+    check_cache_fits(engine, 8, 1024)
+
+
 def test_full_queue_refuses_and_full_cache_admission_checks_capacity():
     cfg, params, tok = tiny_model()
     sched = Scheduler(Engine(cfg, params, tok, CONFIG), slots=1, capacity=64, metrics=Metrics(), max_queue=2)
@@ -323,13 +420,16 @@ def test_a_port_in_use_is_a_usage_error():
 
 
 @pytest.mark.slow  # a server subprocess
-def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path):
+@pytest.mark.parametrize("sig,drain", [(signal.SIGTERM, 30), (signal.SIGINT, 0.5)])
+def test_sigterm_and_ctrl_c_drain_requests_in_flight_and_exit_0(tmp_path, sig, drain):
+    """A drain long enough lets the streams finish; a short one ends them with a final error event."""
     cfg, params, tok = tiny_model()
     model = hf.save_hf_dir(cfg, params, tok, tmp_path / "model")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = ["--model", model, "--port", port, "--anchor-mode", "ep", "--capacity", 128, "--chunk-size", 16]
+    args += ["--drain-seconds", drain, "--cache", "full", "--capacity", 1100] if drain < 1 else []
     proc = subprocess.Popen([sys.executable, "-m", "anjax.serve", *map(str, args)], stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -346,19 +446,32 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path):
 
         def run(prompt):
             stream = client.completions.create(
-                model="m", prompt=prompt, temperature=0, max_tokens=100, stream=True, stop=["never"]
+                model="m",
+                prompt=prompt,
+                temperature=0,
+                max_tokens=100 if drain > 1 else 1000,
+                stream=True,
+                stop=["never"],
             )
-            chunks = [next(iter(stream))]
+            chunks = iter(stream)
+            first = next(chunks)
             started.wait()
-            return chunks + list(stream)
+            try:
+                rest = list(chunks)
+            except openai.APIError as e:
+                return str(e)
+            return (rest or [first])[-1].choices[0].finish_reason
 
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(run, p) for p in PROMPTS[:3]]
             started.wait(timeout=120)
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             results = [f.result(timeout=120) for f in futures]
-        assert all(r[-1].choices[0].finish_reason in ("stop", "length") for r in results)
+        ended = ["shut down before the request finished"] if drain < 1 else ["stop", "length", "cache_full"]
+        assert all(any(e in r for e in ended) for r in results), results
         assert proc.wait(timeout=60) == 0
+        stderr = proc.stderr.read()
+        assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr
     finally:
         if proc.poll() is None:
             proc.kill()

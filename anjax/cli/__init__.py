@@ -11,6 +11,7 @@ creatable — probed by making and removing a file where it will be written.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from anjax.core.config import DTYPES
+from anjax.io import outputs
 
 DEBUG_FLAG = "--debug"
 
@@ -122,9 +124,11 @@ def parse_mesh(text: str) -> dict[str, int]:
 def check_range(
     name: str, value: float | None, low: float | None = None, high: float | None = None, low_open: bool = False
 ) -> None:
-    """UsageError unless low <= value <= high (low < value with `low_open`); None passes."""
+    """UsageError unless low <= value <= high (low < value with `low_open`) and finite; None passes."""
     if value is None:
         return
+    if not math.isfinite(value):
+        raise UsageError(f"{name} must be a finite number, got {value}")
     if low is not None and (value <= low if low_open else value < low):
         raise UsageError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
     if high is not None and value > high:
@@ -165,9 +169,17 @@ def _probe_dir(directory: Path, what: str, target: Path) -> None:
         raise UsageError(f"{what} {target}: cannot write in {d} ({e.strerror})") from None
 
 
-def check_writable_file(path: str | os.PathLike, what: str) -> Path:
-    """`path` (absolute) when a file can be written there (parents are created on writing), else UsageError."""
-    p = Path(path).expanduser().absolute()
+def _safe_output(path, what: str, inputs=()) -> Path:
+    try:
+        return outputs.check_output(path, what, inputs)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def check_writable_file(path: str | os.PathLike, what: str, inputs=()) -> Path:
+    """`path` (absolute) when a file can be written there (parents are created on writing) and it is none of
+    `inputs` ((flag, path) pairs, `outputs.check_output`), else UsageError."""
+    p = _safe_output(path, what, inputs)
     if p.is_dir():
         raise UsageError(f"{what} {p}: is a directory, not a file")
     _probe_dir(p.parent, what, p)
@@ -176,14 +188,14 @@ def check_writable_file(path: str | os.PathLike, what: str) -> Path:
 
 def check_creatable(path: str | os.PathLike, what: str) -> Path:
     """`path` (absolute) when something (a file or a directory) can be created there, else UsageError."""
-    p = Path(path).expanduser().absolute()
+    p = _safe_output(path, what)
     _probe_dir(p.parent, what, p)
     return p
 
 
 def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
     """`path` (absolute) when files can be written in it (created on writing if missing), else UsageError."""
-    p = Path(path).expanduser().absolute()
+    p = _safe_output(path, what)
     if p.exists() and not p.is_dir():
         raise UsageError(f"{what} {p}: exists and is not a directory")
     _probe_dir(p, what, p)

@@ -5,7 +5,6 @@ The command and the engine's prefill/decode report (the engine is inference, the
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -158,7 +157,7 @@ def _quiet_libtpu() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m anjax.aot", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="python -m anjax.aot", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--topology",
         required=True,

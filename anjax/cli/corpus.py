@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from anjax import cli
 from anjax.eval import tasks
 from anjax.io.loading import load_tokenizer
 from anjax.train import corpus
@@ -26,7 +26,7 @@ def eval_texts(data_dir: str | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m anjax.corpus", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m anjax.corpus", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="data/corpus", help="output directory (data.path for training)")
     p.add_argument("--cache", default="data/corpus_cache", help="downloaded and unpacked packages (reused)")
     p.add_argument("--packages", default=",".join(PACKAGES), help=f"comma-separated subset of {','.join(PACKAGES)}")

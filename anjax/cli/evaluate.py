@@ -103,10 +103,15 @@ def check_args(args) -> tuple[list[str], list[str]]:
     cli.check_range("--policy-chunk", args.policy_chunk, 1)
     if not args.name or "/" in args.name:
         raise ValueError(f"--name must be a file stem without '/', got {args.name!r}")
-    if args.out_dir:  # outputs are probed now, not discovered unwritable after the scoring
-        cli.check_writable_dir(args.out_dir, "--out-dir")
-    if args.json:
-        cli.check_writable_file(args.json, "--json")
+    inputs = [("--tasks", n) for n in names if n.endswith(".jsonl")]
+    if args.perplexity:
+        inputs.append(("--ppl-data", args.ppl_data))
+    if args.out_dir is not None:  # outputs are probed now, not discovered unwritable after the scoring
+        out_dir = cli.check_writable_dir(args.out_dir, "--out-dir")
+        for suffix in (".md", ".json", ".png"):
+            cli.check_writable_file(out_dir / f"{args.name}{suffix}", "--out-dir", inputs)
+    if args.json is not None:
+        cli.check_writable_file(args.json, "--json", inputs)
     caches = evaluate.parse_caches(args.cache, args.budget)
     policy_settings(args, caches)  # --sink/--obs/--kernel checked now
     return names, caches
@@ -205,8 +210,13 @@ def main(argv=None) -> int:
 
 def perplexity_main(args, caches: Sequence[str]) -> int:
     """The `--perplexity` mode of `python -m anjax.evaluate` (arguments parsed there)."""
+    model = load_model_for(args, caches)
+    if args.seq_len > model.cfg.max_position_embeddings:
+        raise cli.UsageError(
+            f"--seq-len {args.seq_len} is more than the model's {model.cfg.max_position_embeddings} positions"
+        )
     texts = perplexity.held_out_texts(args.ppl_data, args.data_dir, args.limit)
-    out = perplexity.report(args, texts, caches, load_model_for(args, caches), policy_settings(args, caches))
+    out = perplexity.report(args, texts, caches, model, policy_settings(args, caches))
     text = perplexity.markdown(out)
     print(text)
     evaluate.save(out, text, args.out_dir, args.name, args.json, png=False)

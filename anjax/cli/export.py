@@ -26,8 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         help="if DIR exists and anjax did not write it, move it aside to DIR.replaced-<time>",
     )
     args = parser.parse_args(argv)
-    out = outputs.check_replaceable(args.out, args.force)
+    out = outputs.check_replaceable(args.out, args.force, "--out")
     cli.check_creatable(out, "--out")
+    if args.model is not None:
+        outputs.check_output(out, "--out", [("--model", args.model)])
     from anjax.io.hf import save_hf_dir
     from anjax.io.loading import load_model
 

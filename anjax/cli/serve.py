@@ -4,8 +4,10 @@
 
 --model takes what infer.py takes (an HF directory, a GGUF file, an anjax run; default: the embedded
 SmolLM2-135M-Instruct). Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
-GET /health, GET /metrics. SIGTERM (or Ctrl-C) stops accepting requests, lets the ones in flight
-finish for up to --drain-seconds, and exits 0.
+GET /health, GET /metrics. SIGTERM or Ctrl-C (SIGINT) stops accepting requests, lets the ones in flight
+finish for up to --drain-seconds (then ends them: a stream with a final error event, a plain request with
+a 503), and exits 0; a second Ctrl-C exits at once. --slots x --capacity whose KV cache cannot fit in the
+memory available is refused (arithmetic) before the cache is allocated.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import sys
 from pathlib import Path
 
 from anjax import cli
+
+DRAIN_MARGIN_S = 10.0  # uvicorn's own cut-off after the drain: requests ended by the drain finish their responses
 
 
 def parse_args(argv=None):
@@ -52,12 +56,42 @@ def check_listen(host: str, port: int) -> None:
         ) from None
 
 
+def available_bytes(device) -> int | None:
+    """Memory free for new buffers on `device`: the accelerator's limit minus what is in use, or the host's
+    MemAvailable for a CPU; None when unknown."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def check_cache_fits(engine, slots: int, capacity: int) -> None:
+    """UsageError when the decode cache (keys and values of every layer, `slots` rows of `capacity` + 1
+    slots) needs more bytes than the device has free."""
+    import jax
+    import numpy as np
+
+    cfg = engine.cfg
+    need = 2 * cfg.num_layers * slots * (capacity + 1) * cfg.num_kv_heads * cfg.head_dim
+    need *= np.dtype(cfg.dtype).itemsize
+    free = available_bytes(jax.devices()[0])
+    if free is not None and need > free:
+        raise cli.UsageError(
+            f"--slots {slots} x --capacity {capacity} needs a {need / 2**30:.1f} GiB KV cache, more than the "
+            f"{free / 2**30:.1f} GiB free: lower --slots or --capacity"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import uvicorn
 
     from anjax.inference.engine import Engine, EngineConfig
-    from anjax.serve.api import create_app
+    from anjax.serve.api import DrainingServer, create_app
     from anjax.serve.metrics import Metrics
     from anjax.serve.scheduler import Scheduler
 
@@ -65,20 +99,24 @@ def main(argv: list[str] | None = None) -> int:
         cache=args.cache, anchor_mode=args.anchor_mode, chunk_size=args.chunk_size, capacity=args.capacity
     )
     engine = Engine.load(args.model, config, args.dtype, args.mesh)
+    check_cache_fits(engine, args.slots, args.capacity)
     scheduler = Scheduler(engine, args.slots, args.capacity, Metrics(), args.max_queue)
     name = args.model_name or (Path(args.model).name if args.model else "SmolLM2-135M-Instruct")
-    server = uvicorn.Server(
+    server = DrainingServer(
         uvicorn.Config(
             create_app(scheduler, name),
             host=args.host,
             port=args.port,
             http="h11",
-            timeout_graceful_shutdown=args.drain_seconds,
+            timeout_graceful_shutdown=args.drain_seconds + DRAIN_MARGIN_S,
             log_level="warning",
-        )
+        ),
+        scheduler,
+        args.drain_seconds,
     )
-    # uvicorn drains on SIGTERM, then re-raises the signal: a no-op handler makes that a clean exit 0
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    # uvicorn drains on SIGTERM / SIGINT, then re-raises the signal: no-op handlers make that a clean exit 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     print(
         f"serving {name} on http://{args.host}:{args.port}/v1 ({args.slots} slots x {args.capacity} "
         f"{engine.cache_kind}-cache slots)",

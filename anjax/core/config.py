@@ -9,7 +9,9 @@ HF exports: a reloaded model is still the same AnLLM.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 ANCHOR_MODES = ("none", "ep", "ac")
 # model.attention: the Pallas kernel is opt-in ("kernel": the platform's) until a device check passes on hardware;
@@ -39,9 +41,36 @@ FINAL_SENTENCE_RULES = ("terminated",)  # anjax.text.encode.ends_sentence
 DTYPES = ("float32", "bfloat16")  # inference --dtype: parameters and compute (softmax, norms, logits stay float32)
 
 
+def check_ranges(cls: type, values: Mapping[str, Any], prefix: str) -> None:
+    """ValueError naming `prefix.field` for the first of `values` outside its interval in `cls.RANGES`.
+
+    RANGES maps a numeric field to an interval "[low, high)" ("(" / ")" open, "inf" allowed); None passes,
+    NaN never does.
+    """
+    for name, interval in cls.RANGES.items():
+        value = values.get(name)
+        if value is None:
+            continue
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        above = value >= low if interval[0] == "[" else value > low
+        below = value <= high if interval[-1] == "]" else value < high
+        if not (above and below):  # NaN fails both
+            want = f"{'>=' if interval[0] == '[' else '>'} {low:g}" if math.isinf(high) else f"in {interval}"
+            raise ValueError(f"{prefix}{name} must be {want}, got {value}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Llama-family decoder hyper-parameters (HF names in comments)."""
+
+    RANGES: ClassVar[dict[str, str]] = {  # checked by check_ranges
+        **dict.fromkeys(
+            ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"),
+            "[1, inf)",
+        ),
+        **dict.fromkeys(("max_position_embeddings",), "[1, inf)"),
+        **dict.fromkeys(("rope_theta", "rope_scaling_factor", "rms_norm_eps"), "(0, inf)"),
+    }
 
     vocab_size: int = 49152
     hidden_size: int = 576
@@ -77,6 +106,7 @@ class ModelConfig:
     anchor_rule: str = "ansan"  # ansan (an anchor never sees earlier anchors) | sepllm (every token sees them)
 
     def __post_init__(self):
+        check_ranges(ModelConfig, vars(self), "")
         if self.anchor_mode not in ANCHOR_MODES:
             raise ValueError(f"anchor_mode must be one of {ANCHOR_MODES}, got {self.anchor_mode!r}")
         if self.num_heads % self.num_kv_heads:

@@ -138,6 +138,13 @@ def evaluate_task(
     """
     model = scorer.model
     requests = [model.encode_request(it.pairs()) for it in items]
+    positions = model.cfg.max_position_embeddings
+    for it, req in zip(items, requests):
+        if (n := len(req.prefix) + max(len(t) + len(c) for t, c in zip(req.tails, req.continuations))) > positions:
+            raise ValueError(
+                f"{it.task} document {it.doc.index}: context and choice are {n} tokens, more than the model's "
+                f"{positions} positions"
+            )
     paths = {c: _path(c, requests, model, policies or {}) for c in caches}  # name -> (cache, recompute | budgets)
     if timing:
         paths.setdefault("full", ("full", False))

@@ -571,9 +571,9 @@ class Engine:
         """
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
-        if not 0.0 < top_p <= 1.0 or top_k < 0 or temperature < 0:
+        if not 0.0 < top_p <= 1.0 or top_k < 0 or not 0 <= temperature < float("inf"):  # NaN fails too
             raise ValueError(
-                f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got temperature={temperature}, "
+                f"need a finite temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got temperature={temperature}, "
                 f"top_k={top_k}, top_p={top_p}"
             )
         if max_sentence_tokens and self.spec.ac_id < 0:

@@ -12,8 +12,15 @@ import json
 def read_requests(path: str) -> tuple[list[tuple[int, object, str, list[str]]], list[dict]]:
     """([(line number, id, prompt, protected parts)], [error records]) from a JSONL file; bad lines become errors."""
     requests, errors = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                errors.append(
+                    {"id": None, "line": n, "error": f"not UTF-8 text (invalid byte at column {e.start + 1})"}
+                )
+                continue
             if not line.strip():
                 continue
             try:

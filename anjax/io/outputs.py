@@ -12,6 +12,12 @@ An export directory carries MARKER, the list of files anjax wrote; `replace_dir`
 replaces only such a directory holding nothing else (or an empty one): anything
 a user put there is never deleted. With `force`, a directory that is not anjax's
 is moved aside to `<dir>.replaced-<time>` rather than deleted.
+
+The output-safety rule every command follows (`check_output`): an output path is
+never empty, never the working directory or a directory holding it, and never
+one of the command's inputs (compared after resolving symlinks, hard links
+included). A training run directory (`claim_run_dir`) is empty, new, or carries
+RUN_MARKER (or a checkpoint of an older run): a folder of the user's is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 MARKER = ".anjax-export"
+RUN_MARKER = ".anjax-run"
 _TMP = ".anjax-tmp"
 
 
@@ -121,6 +128,53 @@ def write_report(out_dir: str | os.PathLike, name: str, text: str, data, plot: C
         write_bytes_chunks(out / f"{name}.png", [png.getvalue()])
 
 
+# ----------------------------------------------------------------------------- the output-safety rule
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): compare where they lead
+        return a.resolve() == b.resolve()
+
+
+def check_output(
+    path: str | os.PathLike | None, what: str, inputs: Iterable[tuple[str, str | os.PathLike | None]] = ()
+) -> Path:
+    """`path` (absolute) unless it is empty, the working directory or above it, or one of `inputs`
+    ((flag, path) pairs, None paths skipped); else ValueError naming `what`."""
+    if path is None or not str(path).strip():
+        raise ValueError(f"{what} is empty: give a path")
+    p = Path(path).expanduser().absolute()
+    cwd = Path.cwd().resolve()
+    if cwd == p.resolve() or p.resolve() in cwd.parents:
+        where = "the current directory" if cwd == p.resolve() else f"a directory holding the current one ({cwd})"
+        raise ValueError(f"{what} {str(path)!r} is {where}: name a path of its own")
+    for flag, source in inputs:
+        if source is not None and str(source).strip() and _same_file(p, Path(source).expanduser().absolute()):
+            raise ValueError(
+                f"{what} {p} is the input {flag} {source}: writing it would destroy the input; choose another path"
+            )
+    return p
+
+
+def claim_run_dir(path: str | os.PathLike, what: str = "run.dir") -> Path:
+    """Create (or accept) the training run directory `path` and mark it RUN_MARKER; ValueError when it is a
+    folder anjax did not create (non-empty without the marker nor a run's model_config.json + checkpoints/)."""
+    p = check_output(path, what)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{what} {p}: exists and is not a directory")
+    if p.is_dir() and any(p.iterdir()) and not (p / RUN_MARKER).is_file():
+        if not ((p / "model_config.json").is_file() and (p / "checkpoints").is_dir()):
+            raise ValueError(
+                f"{what} {p} holds files anjax did not write (no {RUN_MARKER}): choose a new or empty run directory"
+            )
+    p.mkdir(parents=True, exist_ok=True)
+    if not (p / RUN_MARKER).is_file():
+        write_text(p / RUN_MARKER, "a training run directory made by anjax (train.py)\n")
+    return p
+
+
 # ----------------------------------------------------------------------------- directories
 
 
@@ -136,9 +190,9 @@ def written_by_anjax(path: Path) -> bool:
     return names <= listed | {MARKER}
 
 
-def check_replaceable(path: str | os.PathLike, force: bool = False) -> Path:
+def check_replaceable(path: str | os.PathLike, force: bool = False, what: str = "output directory") -> Path:
     """The absolute `path` when `replace_dir` may put a new directory there, else ValueError saying why."""
-    path = Path(path).expanduser().absolute()
+    path = check_output(path, what)
     if not path.exists() and not path.is_symlink():
         return path
     if not path.is_dir() or path.is_symlink():

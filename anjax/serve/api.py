@@ -4,16 +4,22 @@
     GET /v1/models, GET /health, GET /metrics (Prometheus text format)
 
 Bodies are validated by pydantic (strict types; unknown fields are ignored, as OpenAI's clients send
-many): a malformed body, a wrong type, a value out of range or a request that can never fit is a 400
-in OpenAI's error format {"error": {"message", "type", "param", "code"}}; a full queue is a 429.
-Prompts are encoded by the engine's encoder (`anjax.text.encode.Encoder.prompt`: `<AC>` as in training);
-chat messages go through the tokenizer's chat template first. Extensions: `top_k` in the body, and
-each choice's `token_ids` (the generated ids, stop id included).
+many): a malformed body (not JSON, not UTF-8, nested too deep, not sent as application/json), a wrong
+type, a value out of range or a request that can never fit is a 400 in OpenAI's error format
+{"error": {"message", "type", "param", "code"}}, as is every other 4xx; a full queue is a 429.
+Prompts are encoded by the engine's encoder (`anjax.text.encode.Encoder.prompt`: `<AC>` as in training)
+in a worker thread, so the event loop (and /health) never waits for it; a prompt longer than
+`max_prompt_chars` (the model's positions times its longest token's characters: it cannot fit) is
+refused before encoding. Chat messages go through the tokenizer's chat template first. A client that
+leaves frees its slot at the next decode step (counted as cancelled), streamed or not.
+finish_reason: "stop", "length" (max_tokens) or "cache_full" (the anchor cache's capacity ended it).
+Extensions: `top_k` in the body, and each choice's `token_ids` (the generated ids, stop id included).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import secrets
@@ -21,17 +27,18 @@ import time
 import uuid
 from typing import Literal
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException
 
 from anjax.serve import scheduler as sched
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 DEFAULT_CHAT_TOKENS = 256  # chat's default, cut to what fits the model's positions
 ERROR_TYPES = {429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}  # else invalid_request
-DISCONNECT_POLL_S = 1.0  # a waiting non-streamed request checks this often whether its client left
 
 
 class _Body(BaseModel):
@@ -119,6 +126,21 @@ def error(status: int, message: str, param: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server whose first SIGTERM or SIGINT also starts the scheduler's drain (`Scheduler.drain`):
+    after `drain_seconds` the requests still in flight end with a Failure, so every response finishes
+    in order before uvicorn's own graceful-shutdown timeout would cancel it (a 500 and a traceback)."""
+
+    def __init__(self, config: uvicorn.Config, scheduler: sched.Scheduler, drain_seconds: float):
+        super().__init__(config)
+        self.scheduler, self.drain_seconds = scheduler, drain_seconds
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.should_exit:
+            self.scheduler.drain(self.drain_seconds)
+        super().handle_exit(sig, frame)
+
+
 class EventStream(StreamingResponse):
     """Server-sent events that cancel their request when the response ends early (the client left)."""
 
@@ -143,15 +165,26 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def max_prompt_chars(engine) -> int | None:
+    """Characters beyond which a prompt cannot fit the model's positions: each token covers at most as many
+    characters as the longest entry of the vocabulary (byte-level and SentencePiece pieces alike)."""
+    if engine.tokenizer is None:
+        return None
+    return engine.cfg.max_position_embeddings * max(map(len, engine.tokenizer.get_vocab()))
+
+
 def create_app(scheduler: sched.Scheduler, model_name: str) -> FastAPI:
-    """The app; its lifespan starts and stops the scheduler's loop."""
+    """The app; its lifespan starts and stops the scheduler's loop and the prompt encoder's thread."""
     engine = scheduler.engine
+    encoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="anjax-encode")  # one tokenizer user
+    limit = max_prompt_chars(engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         scheduler.start()
         yield
         scheduler.stop()
+        encoder.shutdown(cancel_futures=True)
 
     app = FastAPI(title="anjax", lifespan=lifespan)
 
@@ -159,7 +192,33 @@ def create_app(scheduler: sched.Scheduler, model_name: str) -> FastAPI:
     async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0]
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        kind = request.headers.get("content-type", "none")
+        if where == "" and first.get("type") == "model_attributes_type" and "json" not in kind:
+            return error(400, f"send the body as JSON with Content-Type: application/json (got {kind})")
         return error(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}", where or None)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        message = str(exc.detail)
+        if message == "There was an error parsing the body":
+            message = "the body is not a JSON object (invalid JSON, not UTF-8, or nested too deep)"
+        return error(exc.status_code, message)
+
+    def too_long(chars: int, param: str) -> Response | None:
+        """A 400 when `chars` characters cannot fit the model's positions (`max_prompt_chars`), else None."""
+        if limit is None or chars <= limit:
+            return None
+        positions = engine.cfg.max_position_embeddings
+        return error(400, f"{param}: {chars} characters cannot fit in the model's {positions} positions", param)
+
+    async def encode(text: str, param: str):
+        """(ids, flags) of a prompt, encoded in the encoder thread, or a 400 response."""
+        if refused := too_long(len(text), param):
+            return refused
+        try:
+            return await asyncio.get_running_loop().run_in_executor(encoder, engine.encode, text)
+        except ValueError as e:
+            return error(400, str(e), param)
 
     @app.get("/health")
     async def health():
@@ -178,11 +237,10 @@ def create_app(scheduler: sched.Scheduler, model_name: str) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: Request):
         prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
-        try:
-            ids, flags = engine.encode(prompt) if isinstance(prompt, str) else (list(prompt), [False] * len(prompt))
-        except ValueError as e:
-            return error(400, str(e), "prompt")
-        return await serve(http, body, ids, flags, body.max_tokens or DEFAULT_COMPLETION_TOKENS, chat=False)
+        encoded = await encode(prompt, "prompt") if isinstance(prompt, str) else (list(prompt), [False] * len(prompt))
+        if isinstance(encoded, Response):
+            return encoded
+        return await serve(http, body, *encoded, body.max_tokens or DEFAULT_COMPLETION_TOKENS, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: Request):
@@ -190,26 +248,30 @@ def create_app(scheduler: sched.Scheduler, model_name: str) -> FastAPI:
         if tok is None or not getattr(tok, "chat_template", None):
             return error(400, "the model's tokenizer has no chat template: use /v1/completions", "messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            ids, flags = engine.encode(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        except ValueError as e:
-            return error(400, str(e), "messages")
+        if refused := too_long(sum(len(m["content"]) for m in messages), "messages"):  # before the template
+            return refused
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        encoded = await encode(text, "messages")
+        if isinstance(encoded, Response):
+            return encoded
+        ids, flags = encoded
         room = engine.cfg.max_position_embeddings - len(ids)
         if not engine.spec.anchor_cache:
             room = min(room, scheduler.capacity - len(ids) + 1)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, min(DEFAULT_CHAT_TOKENS, room))
         return await serve(http, body, ids, flags, max_tokens, chat=True)
 
-    async def next_event(http: Request, events: asyncio.Queue, request: sched.Request) -> sched.Event:
-        """The request's next event; a Failure, with the request cancelled, if the client leaves before it comes."""
+    async def watch(http: Request, events: asyncio.Queue, request: sched.Request) -> None:
+        """Cancel `request` (freed at the scheduler's next step) the moment its client disconnects; its
+        handler then gets a Failure."""
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        scheduler.cancel(request)
+        events.put_nowait(sched.Failure("the client closed the connection", 499))
+
+    async def next_event(events: asyncio.Queue, request: sched.Request) -> sched.Event:
         try:
-            while True:
-                try:
-                    return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-                except TimeoutError:
-                    if await http.is_disconnected():
-                        scheduler.cancel(request)
-                        return sched.Failure("the client closed the connection", 499)
+            return await events.get()
         except asyncio.CancelledError:
             scheduler.cancel(request)
             raise
@@ -238,17 +300,22 @@ def create_app(scheduler: sched.Scheduler, model_name: str) -> FastAPI:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         head = dict(id=rid, created=created, model=body.model or model_name)
-        first = await next_event(http, events, request)
-        if isinstance(first, sched.Failure):
-            return error(first.status, first.message)
-        if body.stream:
-            usage = bool((body.stream_options or {}).get("include_usage"))
-            return EventStream(stream(head, first, events, chat, usage), lambda: scheduler.cancel(request))
-        text, token_ids, event = [], [], first
-        while isinstance(event, sched.Delta):
-            text.append(event.text)
-            token_ids += event.ids
-            event = await next_event(http, events, request)
+        watcher = asyncio.create_task(watch(http, events, request))
+        try:
+            first = await next_event(events, request)
+            if isinstance(first, sched.Failure):
+                return error(first.status, first.message)
+            if body.stream:  # from here the streaming response notices a disconnect itself
+                watcher.cancel()
+                usage = bool((body.stream_options or {}).get("include_usage"))
+                return EventStream(stream(head, first, events, chat, usage), lambda: scheduler.cancel(request))
+            text, token_ids, event = [], [], first
+            while isinstance(event, sched.Delta):
+                text.append(event.text)
+                token_ids += event.ids
+                event = await next_event(events, request)
+        finally:
+            watcher.cancel()
         if isinstance(event, sched.Failure):
             return error(event.status, event.message)
         choice = dict(index=0, finish_reason=event.reason, logprobs=None, token_ids=token_ids)

@@ -63,7 +63,8 @@ class Delta:
 
 @dataclasses.dataclass(frozen=True)
 class Finish:
-    """The request ended: reason "stop" (stop id or string) or "length" (max_tokens or the cache's capacity)."""
+    """The request ended: reason "stop" (stop id or string), "length" (max_tokens) or "cache_full" (the
+    anchor cache's capacity held no more anchors: a shorter prompt or a larger --capacity goes further)."""
 
     reason: str
     prompt_tokens: int
@@ -228,7 +229,7 @@ class Scheduler:
         self.prefilled: Prefilled | None = None  # its prefill so far (some chunks may be left)
         self.queue: collections.deque[Request] = collections.deque()
         self.cv = threading.Condition()
-        self.stopping = False
+        self.stopping = self.draining = False
         self.failed: str | None = None  # why the loop stopped on an unexpected error
         self.thread: threading.Thread | None = None
         metrics.slots_total.set(slots)
@@ -264,7 +265,7 @@ class Scheduler:
         """Queue a request (AdmissionError: it can never fit; QueueFullError: the queue is full)."""
         self.check(request)
         with self.cv:
-            if self.stopping:
+            if self.stopping or self.draining:
                 raise QueueFullError("the server is shutting down")
             if len(self.queue) >= self.max_queue:
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests wait): retry later")
@@ -292,6 +293,15 @@ class Scheduler:
         self.thread = threading.Thread(target=self.run, name="anjax-scheduler", daemon=True)
         self.thread.start()
 
+    def drain(self, seconds: float) -> None:
+        """Shutting down: refuse new requests now; after `seconds`, `stop` (the requests still in flight
+        end with a Failure, which a stream sends as its final event)."""
+        with self.cv:
+            self.draining = True
+        timer = threading.Timer(seconds, self.stop)
+        timer.daemon = True
+        timer.start()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the loop; requests still queued or in a slot get a Failure (503)."""
         with self.cv:
@@ -302,6 +312,7 @@ class Scheduler:
         with self.cv:
             left = [r for r in [self.admitting, *self.queue, *self.owner] if r is not None]
             self.queue.clear()
+            self.owner, self.admitting = [None] * self.n, None
         for r in left:
             r.emit(Failure("the server shut down before the request finished", 503))
 
@@ -409,7 +420,7 @@ class Scheduler:
             r.ids.append(int(nxt[b]))
             reason = None
             if done[b]:
-                reason = "length" if overflow[b, 0] or r.ids[-1] not in self.stop_ids else "stop"
+                reason = "cache_full" if overflow[b, 0] else "length" if r.ids[-1] not in self.stop_ids else "stop"
             if self._deliver(r, final=reason is not None):
                 reason = "stop"
             if reason:

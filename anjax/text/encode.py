@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import re
 from collections.abc import Sequence
 
@@ -58,15 +59,46 @@ def _segmenter() -> pysbd.Segmenter:
     return pysbd.Segmenter(language="en", clean=False)
 
 
+_BLANK_LINE = re.compile(r"(?<=\S)\s*\n[^\S\n]*\n")
+WINDOW = 2000  # characters pysbd reads at once: its time grows faster than linearly with a paragraph's length
+
+
 def split_sentences(text: str) -> list[str]:
-    """pysbd sentences of `text`, cut so that `"".join(result) == text`.
+    """pysbd sentences of `text`, cut so that `"".join(result) == text`, in time linear in its length.
 
     Whitespace between two sentences opens the next one (" Next."), as BPE
     tokenizers attach a space to the following word. A single newline is read as
-    a space (hard-wrapped paragraphs); a blank line always ends a sentence.
-    pysbd's sentences are located in the text left to right (linear time; its
-    own `char_span` search is quadratic); one it altered is merged with the next.
+    a space (hard-wrapped paragraphs); a blank line always ends a sentence, so
+    paragraphs are split one by one. A paragraph longer than WINDOW characters is
+    read a window at a time: the window's sentences that end in its first three
+    quarters are kept (at least one, never the last: pysbd looks ahead) and the
+    next window starts after them; a window holding no sentence end is cut at its
+    last whitespace.
     """
+    cuts = [0, *(m.start() for m in _BLANK_LINE.finditer(text)), len(text)]
+    return [s for a, b in zip(cuts[:-1], cuts[1:]) for s in _split_paragraph(text[a:b])]
+
+
+def _split_paragraph(text: str) -> list[str]:
+    """`_split_window` over windows of `text` (bounded work per window)."""
+    out = []
+    while len(text) > WINDOW:
+        head = _split_window(text[:WINDOW])
+        ends = list(itertools.accumulate(map(len, head[:-1])))  # the last sentence may go on past the window
+        n = max(bisect.bisect_right(ends, WINDOW - WINDOW // 4), min(len(ends), 1))
+        if n:
+            out, taken = out + head[:n], ends[n - 1]
+        else:  # no sentence end in a whole window: cut before its last whitespace (which opens the rest)
+            taken = max(text.rfind(" ", 1, WINDOW), text.rfind("\n", 1, WINDOW))
+            taken = taken if taken > 0 else WINDOW
+            out.append(text[:taken])
+        text = text[taken:]
+    return out + _split_window(text)
+
+
+def _split_window(text: str) -> list[str]:
+    """pysbd's sentences of `text` located in it left to right (linear time; pysbd's own `char_span` search
+    is quadratic); one pysbd altered is merged with the next."""
     flat = _LINE_BREAK.sub(" ", text)
     cuts = [0]
     for sentence in _segmenter().processor(flat).process():

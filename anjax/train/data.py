@@ -40,10 +40,12 @@ import itertools
 import os
 import re
 import zlib
+from typing import ClassVar
 
 import datasets
 import numpy as np
 
+from anjax.core.config import check_ranges
 from anjax.text.anchors import AnchorScheme
 from anjax.text.encode import Encoder
 
@@ -73,15 +75,18 @@ class DataConfig:
     seed: int = 0
     num_proc: int | None = None  # processes preparing a corpus (anjax.train.prepare); null = all cores
 
+    RANGES: ClassVar[dict[str, str]] = {  # anjax.core.config.check_ranges; data.seq_len <= the model's positions too
+        "seq_len": "[2, inf)",
+        "batch_size": "[1, inf)",
+        "max_sentence_tokens": "[1, inf)",
+        "seed": "[0, 4294967296)",
+        "num_proc": "[1, inf)",
+    }
+
     def __post_init__(self):
         if self.format not in ("text", "alpaca"):
             raise ValueError(f"data.format must be text|alpaca, got {self.format!r}")
-        if self.max_sentence_tokens is not None and self.max_sentence_tokens < 1:
-            raise ValueError(f"data.max_sentence_tokens must be null or >= 1, got {self.max_sentence_tokens}")
-        if self.seq_len < 2 or self.batch_size < 1:
-            raise ValueError(
-                f"data.seq_len must be >= 2 and data.batch_size >= 1, got {self.seq_len}, {self.batch_size}"
-            )
+        check_ranges(DataConfig, vars(self), "data.")
 
 
 # ----------------------------------------------------------------------------- sources

@@ -3,7 +3,9 @@
 Every field has a default; unknown keys and values of the wrong type are
 rejected (naming the key) before anything is loaded or compiled. Override
 values are parsed as YAML (`--set train.steps=100`, `--set anchors.tokens=[".", "?"]`,
-`--set model.path=null`).
+`--set model.path=null`). Each section declares its numeric fields' intervals once, in
+RANGES (`anjax.core.config.check_ranges`; `model.arch` is checked against ModelConfig's).
+A resumed run keeps RESUME_KEYS (`check_resume`).
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-from anjax.core.config import ANCHOR_SCHEME_FIELDS, ATTENTION_CHOICES, ModelConfig
+from anjax.core.config import ANCHOR_SCHEME_FIELDS, ATTENTION_CHOICES, ModelConfig, check_ranges
 from anjax.train.data import DataConfig
 
 
@@ -27,6 +29,8 @@ class RunSection:
     seed: int = 0  # parameter init of from-scratch models; the train-state RNG
     resume: bool = True  # continue from the latest checkpoint in `dir` if there is one
     distributed: bool = False  # jax.distributed.initialize() (multi-host); env JAX_COORDINATOR_ADDRESS also turns it on
+
+    RANGES: ClassVar[dict[str, str]] = {"seed": "[0, 4294967296)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +82,28 @@ class TrainSection:
     distill_weight: float = 0.0  # loss = lm + w * KL(teacher || student), teacher = frozen start model; 0 = off
     distill_temperature: float = 1.0  # softmax temperature T of the distillation KL (scaled by T^2)
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "steps": "[1, inf)",
+        "grad_accum": "[1, inf)",
+        "lr": "(0, inf)",
+        "warmup_steps": "[0, inf)",
+        "min_lr_ratio": "[0, 1]",
+        "b1": "[0, 1)",
+        "b2": "[0, 1)",
+        "eps": "(0, inf)",
+        "weight_decay": "[0, inf)",
+        "clip_norm": "(0, inf)",
+        "distill_weight": "[0, inf)",
+        "distill_temperature": "(0, inf)",
+    }
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalSection:
     every: int = 50  # validation every N steps (and before the first and after the last); 0 = off
     batches: int | None = 4  # validation batches per evaluation; null = the whole split
+
+    RANGES: ClassVar[dict[str, str]] = {"every": "[0, inf)", "batches": "[1, inf)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +112,8 @@ class CheckpointSection:
     keep: int = 2  # keep the last K checkpoints
     async_save: bool = True  # write in a background thread while training continues
     export_hf: bool = True  # write RUN/export (Hugging Face format) at the end
+
+    RANGES: ClassVar[dict[str, str]] = {"every": "[1, inf)", "keep": "[1, inf)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +127,8 @@ class MeshSection:
 class LogSection:
     every: int = 1  # metrics.jsonl / TensorBoard / progress-bar period in steps
     tensorboard: bool = True  # TensorBoard event files in RUN/tb
+
+    RANGES: ClassVar[dict[str, str]] = {"every": "[1, inf)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,26 +161,16 @@ class RunConfig:
             raise ValueError(
                 f"data.batch_size={self.data.batch_size} is not a multiple of train.grad_accum={self.train.grad_accum}"
             )
-        positive = {
-            "train.steps": self.train.steps,
-            "train.grad_accum": self.train.grad_accum,
-            "checkpoint.every": self.checkpoint.every,
-            "checkpoint.keep": self.checkpoint.keep,
-            "log.every": self.log.every,
-        }
+        for name in ("run", "train", "eval", "checkpoint", "log"):
+            section = getattr(self, name)
+            check_ranges(type(section), vars(section), f"{name}.")
+        check_ranges(ModelConfig, _check_fields(ModelConfig, self.model.arch, "model.arch"), "model.arch.")
+        if "max_position_embeddings" in self.model.arch:  # else checked once the model is loaded
+            check_fits(self.data, self.model.arch["max_position_embeddings"])
+        if self.anchors.mode == "ep" and self.anchors.tokens == ():
+            raise ValueError('anchors.tokens is empty in EP mode: give anchor strings, e.g. [".", "?", "!"], or null')
         if self.anchors.window < 0:
             raise ValueError(f"anchors.window must be >= 0, got {self.anchors.window}")
-        if not 0 <= self.run.seed < 2**32:
-            raise ValueError(f"run.seed must be in [0, 2**32), got {self.run.seed}")
-        for key, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{key} must be >= 1, got {value}")
-        if self.train.distill_weight < 0 or self.train.distill_temperature <= 0:
-            raise ValueError(
-                f"train.distill_weight must be >= 0 and train.distill_temperature > 0, got "
-                f"{self.train.distill_weight} and {self.train.distill_temperature}"
-            )
-        _check_fields(ModelConfig, self.model.arch, "model.arch")
         elsewhere = sorted(set(self.model.arch) & {*self.model.runtime(), *ANCHOR_SCHEME_FIELDS})
         if elsewhere:
             raise ValueError(f"model.arch.{elsewhere[0]}: set it with model.{elsewhere[0]} or the anchors section")
@@ -195,7 +210,8 @@ def _check_fields(cls: type, values: dict, prefix: str) -> dict[str, Any]:
     """Coerce a dict of `cls` fields; rejects unknown keys."""
     if not isinstance(values, dict):
         raise ValueError(f"config key {prefix}: expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
+    types_ = typing.get_type_hints(cls)
+    hints = {f.name: types_[f.name] for f in dataclasses.fields(cls)}  # not the RANGES class variable
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise ValueError(f"unknown config key {prefix}.{unknown[0]} (known: {', '.join(sorted(hints))})")
@@ -255,3 +271,40 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     for assignment in overrides:
         apply_override(raw, assignment)
     return from_dict(raw)
+
+
+# What a resumed run must keep: everything that changes the batch a step sees or the optimisation, so that a
+# resume gives the losses of an uninterrupted run (README). train.steps may grow with a constant schedule (not
+# with cosine, whose decay ends at it); run.dir, model.dtype/remat/attention, eval, checkpoint, log and mesh
+# settings may change.
+RESUME_KEYS = (
+    *(("run", k) for k in ("seed",)),
+    *(("data", k) for k in ("path", "name", "split", "format", "text_field", "text_sample_by", "seq_len")),
+    *(("data", k) for k in ("batch_size", "packing", "ac_in_loss", "shuffle", "seed")),
+    *(("train", k) for k in ("grad_accum", "lr", "warmup_steps", "schedule", "min_lr_ratio", "b1", "b2", "eps")),
+    *(("train", k) for k in ("weight_decay", "clip_norm", "distill_weight", "distill_temperature")),
+    ("model", "param_dtype"),
+)
+
+
+def check_resume(rc: RunConfig, stored: dict[str, Any], run_dir: str | Path) -> None:
+    """ValueError naming the `--set` when `rc` changes a RESUME_KEYS field of the run's `stored` config.yaml
+    (fields an older config.yaml lacks are not compared)."""
+    now = rc.to_dict()
+    keys = RESUME_KEYS + ((("train", "steps"),) if rc.train.schedule == "cosine" else ())
+    for section, key in keys:
+        if key in (stored.get(section) or {}) and stored[section][key] != now[section][key]:
+            was, new = stored[section][key], now[section][key]
+            raise ValueError(
+                f"the run in {run_dir} was started with {section}.{key}={json.dumps(was)}; resuming it with "
+                f"--set {section}.{key}={json.dumps(new)} would change its data or optimisation: keep "
+                f"{section}.{key}={json.dumps(was)}, or start a new run with another run.dir"
+            )
+
+
+def check_fits(data: DataConfig, positions: int) -> None:
+    """ValueError when data.seq_len exceeds the model's `positions` (max_position_embeddings)."""
+    if data.seq_len > positions:
+        raise ValueError(
+            f"data.seq_len={data.seq_len} exceeds the model's {positions} positions: set data.seq_len <= {positions}"
+        )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import yaml
 from jax.experimental import multihost_utils
 
 from anjax.core import sharding
@@ -85,6 +86,7 @@ def model_for_run(rc: run_config.RunConfig, run_dir: Path, resumed: int | None):
     """(cfg, host params or None, tokenizer): from the run directory when resuming, else `fresh_model`."""
     if resumed is not None:
         run_dir_files.check_resumable(run_dir, rc.to_dict())
+        run_config.check_resume(rc, yaml.safe_load((run_dir / "config.yaml").read_text()), run_dir)
         cfg = run_dir_files.load_model_config(
             run_dir,
             dtype=rc.model.dtype,
@@ -92,8 +94,10 @@ def model_for_run(rc: run_config.RunConfig, run_dir: Path, resumed: int | None):
             remat=rc.model.remat,
             attention=rc.model.attention,
         )
+        run_config.check_fits(rc.data, cfg.max_position_embeddings)
         return cfg, None, run_dir_files.tokenizer(run_dir)
     cfg, params, tokenizer = fresh_model(rc)
+    run_config.check_fits(rc.data, cfg.max_position_embeddings)
     if jax.process_index() == 0:
         run_dir_files.save_run_files(run_dir, rc.to_dict(), cfg, tokenizer)
     return cfg, params, tokenizer
