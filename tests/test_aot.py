@@ -68,3 +68,38 @@ def test_mesh_that_does_not_divide_the_devices_is_one_line():
         "--config", "configs/tiny.yaml", "--topology", "v5e:2x2", "--set", "mesh.data=1", "mesh.fsdp=3", "mesh.tensor=1"
     )
     assert_one_line_error(proc, "mesh data x fsdp x tensor = [1, 3, 1]", "but there are 4")
+
+
+def test_attention_kernel_is_bound_to_the_target_platform():
+    """`attention=kernel` becomes the target's kernel (the host that compiles is a CPU); other choices stay."""
+    cfg = aot.MODEL_SHAPES["smollm2-135m"]
+    tpu, gpu = (
+        aot.Target(name, platform, (), 0, 0.0, 0.0) for name, platform in (("v5e:2x2", "tpu"), ("h100:1", "gpu"))
+    )
+    assert aot.target_attention(cfg.replace(attention="kernel"), tpu).attention == "kernel:tpu"
+    assert aot.target_attention(cfg.replace(attention="kernel"), gpu).attention == "kernel:gpu"
+    assert aot.target_attention(cfg.replace(attention="sparse"), gpu).attention == "sparse"
+    assert "Mosaic" in aot.attention_path(cfg.replace(attention="kernel:tpu"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "topology,mesh,attention,calls",
+    [
+        ("v5e:2x2", ("1", "2", "2"), "kernel", True),  # Mosaic, per device under shard_map (fsdp x tensor)
+        ("v5e:2x2", ("1", "2", "2"), "sparse", False),  # the tiled path: XLA only
+        ("h100:1", ("1", "1", "1"), "kernel", True),  # Triton
+    ],
+)
+def test_kernel_compiles_for_the_target(topology, mesh, attention, calls):
+    """The train step with `attention=kernel` compiles the target's Pallas kernels (forward, dK/dV, dQ)."""
+    overrides = [f"mesh.{a}={n}" for a, n in zip(("data", "fsdp", "tensor"), mesh)]
+    overrides += ["anchors.mode=ep", f"model.attention={attention}", "data.seq_len=512"]
+    proc = run_aot("--config", "configs/tiny.yaml", "--topology", topology, "--set", *overrides, "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    train = report["steps"][0]
+    assert train["fits"] is True
+    assert (train["pallas_kernel_calls"] >= 3 * 2) == calls and (train["pallas_kernel_calls"] == 0) != calls  # 2 layers
+    kind = {"v5e:2x2": "Mosaic TPU", "h100:1": "Triton GPU"}[topology]
+    assert (kind in report["model"]["attention_path"]) == calls

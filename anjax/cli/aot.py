@@ -23,12 +23,14 @@ from anjax.train.aot import (
     MODEL_SHAPES,
     GiB,
     Target,
+    attention_path,
     compile_report,
     forward_flops,
     kv_bytes,
     make_target,
     model_config,
     num_params,
+    target_attention,
     train_report,
 )
 
@@ -117,7 +119,10 @@ def format_report(r: dict[str, Any]) -> str:
                 if k in s
             )
         )
-        lines.append(f"  fits: {str(s['fits']).lower()}  HBM per device {_gib(s['hbm_bytes'])}")
+        lines.append(
+            f"  fits: {str(s['fits']).lower()}  HBM per device {_gib(s['hbm_bytes'])}  "
+            f"Pallas kernel calls {s['pallas_kernel_calls']}"
+        )
         if "total_bytes" in s:
             lines.append(
                 "  per device: "
@@ -198,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--cache anchor needs anchors: the config's anchors.mode is none")
     _quiet_libtpu()
     target = make_target(args.topology)
+    cfg = target_attention(cfg, target)
     steps = []
     for step in args.step or ["train"]:
         if step == "train":
@@ -222,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             remat=cfg.remat,
             scan_layers=cfg.scan_layers,
             attention=cfg.attention,
+            attention_path=attention_path(cfg),
         ),
         "peak_flops_per_device": target.peak_flops,
         "hbm_bytes_per_s_per_device": target.hbm_bytes_per_s,

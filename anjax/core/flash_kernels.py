@@ -19,7 +19,7 @@ Kernels (`Kernel.name`), written here on public Pallas APIs only:
   so it is not even copied. Blocks of 128 (the lane width).
 - "gpu" (Triton): grid (query block, batch, head), each program looping over its own key-block range only;
   the backward's key-block programs loop over their query-block range. Blocks of 64; head_dim a power of 2.
-GQA: the K key/value heads are read in place by the H = K * G query heads (index maps h // G); the key/value
+GQA: the K key/value heads are read in place by the H = K * G query heads (index maps h / G); the key/value
 gradients are per query head, summed over each group here. `Kernel(name, interpret=True)` runs the kernel in
 Pallas interpret mode (CPU tests, `--dry-run`). The kernels express exactly "same run and causal": a mask
 that is not a union of runs (e.g. a sliding window) must stay on the tiled path.
@@ -104,8 +104,46 @@ def _to_groups(x_BxTxHxD, K: int):
     return x_BxTxHxD.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
 
 
+def _per_device(fn, args, head_dims: tuple, out_head_dims: tuple):
+    """`fn(*args)` under the mesh in force (`jax.set_mesh`, as the train step traces), as a shard_map: Pallas
+    kernels are not partitioned automatically. Rows split over the batch axes, key/value heads (dim
+    `head_dims[i]` of args[i], None: none) over "tensor" when they divide; no mesh: a plain call."""
+    from anjax.core.sharding import BATCH_AXES
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(*args)
+    B, K = args[0].shape[0], args[0].shape[1]  # q [B, K, G, T, D]
+    batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    batch = batch if B % int(np.prod([mesh.shape[a] for a in batch])) == 0 else None
+    heads = "tensor" if "tensor" in mesh.axis_names and K % mesh.shape["tensor"] == 0 else None
+
+    def spec(ndim, head_dim):
+        axes = [None] * ndim
+        axes[0] = batch
+        if head_dim is not None:
+            axes[head_dim] = heads
+        return jax.sharding.PartitionSpec(*axes)
+
+    in_specs = tuple(spec(x.ndim, d) for x, d in zip(args, head_dims))
+    out_specs = tuple(spec(n, d) for n, d in out_head_dims)
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+
 def band_flash(kernel: Kernel, q_BxKxGxTxD, k_BxTxKxD, v_BxTxKxD, start_BxT):
     """(out [B, K, G, T, D] in q's dtype, lse [B, K, G, T] fp32) of the causal same-run attention."""
+    run = functools.partial(_band_flash, kernel)
+    return _per_device(run, (q_BxKxGxTxD, k_BxTxKxD, v_BxTxKxD, start_BxT), (1, 2, 2, None), ((5, 1), (4, 1)))
+
+
+def band_flash_grads(kernel: Kernel, q_BxKxGxTxD, k_BxTxKxD, v_BxTxKxD, start_BxT, out, lse, dout):
+    """(dq [B, K, G, T, D], dk [B, T, K, D], dv [B, T, K, D]) fp32 for the given merged out/lse/dout."""
+    run = functools.partial(_band_flash_grads, kernel)
+    args = (q_BxKxGxTxD, k_BxTxKxD, v_BxTxKxD, start_BxT, out, lse, dout)
+    return _per_device(run, args, (1, 2, 2, None, 1, 1, 1), ((5, 1), (4, 2), (4, 2)))
+
+
+def _band_flash(kernel: Kernel, q_BxKxGxTxD, k_BxTxKxD, v_BxTxKxD, start_BxT):
     B, K, G, T, D = q_BxKxGxTxD.shape
     start_BxT = start_BxT.astype(jnp.int32)
     if kernel.name == "gpu":
@@ -119,8 +157,7 @@ def band_flash(kernel: Kernel, q_BxKxGxTxD, k_BxTxKxD, v_BxTxKxD, start_BxT):
     return out, lse_BxHxT.reshape(B, K, G, T)
 
 
-def band_flash_grads(kernel: Kernel, q_BxKxGxTxD, k_BxTxKxD, v_BxTxKxD, start_BxT, out, lse, dout):
-    """(dq [B, K, G, T, D], dk [B, T, K, D], dv [B, T, K, D]) fp32 for the given merged out/lse/dout."""
+def _band_flash_grads(kernel: Kernel, q_BxKxGxTxD, k_BxTxKxD, v_BxTxKxD, start_BxT, out, lse, dout):
     B, K, G, T, D = q_BxKxGxTxD.shape
     start_BxT = start_BxT.astype(jnp.int32)
     lse_BxHxT = lse.reshape(B, K * G, T).astype(jnp.float32)
@@ -152,8 +189,10 @@ def _band_mask(start_q_Q, start_k_S, q0, k0):
 
 
 def _dot(a, b, trans_a=False, trans_b=False):
+    """fp32 accumulation; fp32 inputs at full precision (not TF32 / bf16 passes: the fp32 path is exact)."""
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _gpu_params():
@@ -195,8 +234,8 @@ def _gpu_forward(interpret, q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, start_BxT):
             pl.BlockSpec((None, n), lambda i, bb, h: (bb, 0)),
             pl.BlockSpec((None, T), lambda i, bb, h: (bb, 0)),
             pl.BlockSpec((None, b, None, D), lambda i, bb, h: (bb, i, h, 0)),
-            pl.BlockSpec((None, T, None, D), lambda i, bb, h: (bb, 0, h // G, 0)),
-            pl.BlockSpec((None, T, None, D), lambda i, bb, h: (bb, 0, h // G, 0)),
+            pl.BlockSpec((None, T, None, D), lambda i, bb, h: (bb, 0, lax.div(h, G), 0)),
+            pl.BlockSpec((None, T, None, D), lambda i, bb, h: (bb, 0, lax.div(h, G), 0)),
         ],
         out_specs=[
             pl.BlockSpec((None, b, None, D), lambda i, bb, h: (bb, i, h, 0)),
@@ -256,7 +295,7 @@ def _gpu_backward(interpret, q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, start_BxT, lse_BxH
     stat = pl.BlockSpec((None, None, T), lambda i, bb, h: (bb, h, 0))
     tile = lambda heads: pl.BlockSpec((None, b, None, D), lambda i, bb, h: (bb, i, heads(h), 0))
     whole = lambda heads: pl.BlockSpec((None, T, None, D), lambda i, bb, h: (bb, 0, heads(h), 0))
-    query_head, kv_head = (lambda h: h), (lambda h: h // G)
+    query_head, kv_head = (lambda h: h), (lambda h: lax.div(h, G))
     grad = jax.ShapeDtypeStruct((B, T, H, D), jnp.float32)
     call = functools.partial(
         pl.pallas_call, grid=(n, B, H), compiler_params=None if interpret else _gpu_params(), interpret=interpret
@@ -373,8 +412,8 @@ def _tpu_forward(interpret, q_BxHxTxD, k_BxKxTxD, v_BxKxTxD, start_BxT):
             pl.BlockSpec((None, b, LANES), lambda bb, h, i, j, first: (bb, i, 0)),
             pl.BlockSpec((None, SUBLANES, b), lambda bb, h, i, j, first: (bb, 0, visit(bb, i, j, first))),
             pl.BlockSpec((None, None, b, D), lambda bb, h, i, j, first: (bb, h, i, 0)),
-            pl.BlockSpec((None, None, b, D), lambda bb, h, i, j, first: (bb, h // G, visit(bb, i, j, first), 0)),
-            pl.BlockSpec((None, None, b, D), lambda bb, h, i, j, first: (bb, h // G, visit(bb, i, j, first), 0)),
+            pl.BlockSpec((None, None, b, D), lambda bb, h, i, j, first: (bb, lax.div(h, G), visit(bb, i, j, first), 0)),
+            pl.BlockSpec((None, None, b, D), lambda bb, h, i, j, first: (bb, lax.div(h, G), visit(bb, i, j, first), 0)),
         ],
         [
             pl.BlockSpec((None, None, b, D), lambda bb, h, i, j, first: (bb, h, i, 0)),
@@ -442,7 +481,7 @@ def _tpu_backward(interpret, q_BxHxTxD, k_BxKxTxD, v_BxKxTxD, start_BxT, lse_BxH
     at_q = lambda width: pl.BlockSpec(
         (None, None, b, width), lambda bb, h, j, i, f, la: (bb, h, q_visit(bb, j, i, la), 0)
     )
-    kv_at_j = pl.BlockSpec((None, None, b, D), lambda bb, h, j, i, f, la: (bb, h // G, j, 0))
+    kv_at_j = pl.BlockSpec((None, None, b, D), lambda bb, h, j, i, f, la: (bb, lax.div(h, G), j, 0))
     grad = jax.ShapeDtypeStruct((B, H, T, D), jnp.float32)
     dk, dv = _tpu_call(
         dkdv_kernel,
@@ -468,7 +507,7 @@ def _tpu_backward(interpret, q_BxHxTxD, k_BxKxTxD, v_BxKxTxD, start_BxT, lse_BxH
     # dQ: grid (batch, head, query block i, key block j), as the forward
     visit = lambda bb, i, j, first: jnp.minimum(jnp.maximum(j, first[bb, i]), i)
     at_i = lambda shape: pl.BlockSpec(shape, lambda bb, h, i, j, f: (bb, h, i, 0))
-    kv_visit = pl.BlockSpec((None, None, b, D), lambda bb, h, i, j, f: (bb, h // G, visit(bb, i, j, f), 0))
+    kv_visit = pl.BlockSpec((None, None, b, D), lambda bb, h, i, j, f: (bb, lax.div(h, G), visit(bb, i, j, f), 0))
     dq = _tpu_call(
         dq_kernel,
         interpret,

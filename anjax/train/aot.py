@@ -16,6 +16,8 @@ from model.path (a known hub name, null = the embedded SmolLM2, or a local HF di
 config.json), then `model.arch` overrides as in train.py; AC mode adds the `<AC>` row. Anchor ids
 are placeholders (they change neither shapes nor cost).
 
+`model.attention=kernel` compiles the Pallas kernel of the target (Mosaic for TPU, Triton for h100), not
+the host's: the report's `attention_path` says which path each program compiled.
 Memory is the compiler's (`memory_analysis`, per device). FLOPs are counted from the shapes
 (`step_flops`): XLA's `cost_analysis` counts a loop body once (scanned layers, micro-batches), so
 its numbers are reported beside them but not used. The step-time estimate is the larger of the
@@ -43,6 +45,7 @@ from anjax.train import run_config
 from anjax.train.trainer import BATCH_KEYS, Trainer
 
 GiB = 1 << 30
+PALLAS_CUSTOM_CALLS = ("tpu_custom_call", "__gpu$xla.gpu.triton")  # custom-call targets of Mosaic / Triton kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +98,7 @@ class Target:
     """The topology's devices and what one device has (its share of a chip)."""
 
     name: str
+    platform: str  # "tpu" | "gpu": picks the attention kernel (`target_attention`), never the host's backend
     devices: tuple
     hbm_bytes: int
     peak_flops: float
@@ -117,7 +121,12 @@ def tpu_target(name: str) -> Target:
     chip = CHIPS[name.split(":")[0]]
     share = getattr(devices[0], "num_cores", chip.cores) / chip.cores
     return Target(
-        name, tuple(devices), int(chip.hbm_bytes * share), chip.peak_bf16_flops * share, chip.hbm_bytes_per_s * share
+        name,
+        "tpu",
+        tuple(devices),
+        int(chip.hbm_bytes * share),
+        chip.peak_bf16_flops * share,
+        chip.hbm_bytes_per_s * share,
     )
 
 
@@ -139,7 +148,7 @@ def gpu_target(name: str) -> Target:
             "and use .venv-tpu/bin/python"
         ) from None
     chip = CHIPS[gen]
-    return Target(name, tuple(devices), chip.hbm_bytes, chip.peak_bf16_flops, chip.hbm_bytes_per_s)
+    return Target(name, "gpu", tuple(devices), chip.hbm_bytes, chip.peak_bf16_flops, chip.hbm_bytes_per_s)
 
 
 def make_target(name: str) -> Target:
@@ -154,6 +163,22 @@ def make_target(name: str) -> Target:
         f"{', '.join(g for g in CHIPS if g not in GPU_SPECS)} (e.g. v5e:2x2, v4:2x2x4, v5p:4x4x4) "
         f"or {'|'.join(GPU_SPECS)}:N for N <= 8 GPUs on one host"
     )
+
+
+def target_attention(cfg: ModelConfig, target: Target) -> ModelConfig:
+    """`cfg` with `attention=kernel` bound to the target's kernel (kernel:tpu, Mosaic; kernel:gpu, Triton): the
+    program is traced on the host, whose backend is the CPU, so the platform's choice is made here."""
+    return cfg.replace(attention=f"kernel:{target.platform}") if cfg.attention == "kernel" else cfg
+
+
+def attention_path(cfg: ModelConfig) -> str:
+    """What the compiled program's attention is, for the report."""
+    if cfg.attention.startswith("kernel:"):
+        name = cfg.attention.removeprefix("kernel:")
+        return f"sparse, band on the Pallas {'Mosaic TPU' if name == 'tpu' else 'Triton GPU'} kernel"
+    return {"dense": "dense", "sparse": "sparse, tiled (XLA)", "auto": "auto: sparse tiled (XLA) from 256 tokens"}[
+        cfg.attention
+    ]
 
 
 def model_config(rc: run_config.RunConfig, shape: str | None = None) -> ModelConfig:
@@ -262,7 +287,10 @@ def compile_report(
 
     `model_flops`, `hw_flops` and `hbm_bytes` are per device. An executable that does not fit the HBM
     is reported (fits: false, the compiler's message) with the largest arguments, not raised."""
+    text = lowered.as_text()
     report: dict[str, Any] = {
+        # custom calls of Pallas kernels in the lowered program: Mosaic (TPU), Triton (GPU)
+        "pallas_kernel_calls": sum(text.count(f"@{name}(") for name in PALLAS_CUSTOM_CALLS),
         "hbm_bytes": target.hbm_bytes,
         "argument_bytes_by_group": {g: sum(_shard_bytes(x) for x in jax.tree.leaves(t)) for g, t in named_args.items()},
         "largest_arguments": largest_arguments(named_args),
