@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -28,11 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_arm(text: str) -> tuple[str, list[str]]:
-    """'name=a.b=1,c.d=2' -> ('name', ['a.b=1', 'c.d=2']); 'name=' has no overrides."""
+    """'name=a.b=1,c.d=2' -> ('name', ['a.b=1', 'c.d=2']); 'name=' has no overrides. A comma starts a new
+    override only before `key.path=`, so values may hold commas (`anchors.tokens=[".", ","]`)."""
     name, sep, rest = text.partition("=")
     if not sep or not name or "/" in name:
         raise SystemExit(f"error: --arm expects NAME=key=value,key=value (or NAME=), got {text!r}")
-    return name, [o for o in rest.split(",") if o]
+    return name, [o for o in re.split(r",(?=[\w.]+=)", rest) if o]
 
 
 def run_arms(config: str, arms: dict[str, list[str]], out: Path, seconds: float, common: list[str]) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from anjax import cli  # noqa: E402
-from anjax.eval import intervals, stats  # noqa: E402
+from anjax.eval import intervals, provenance, stats  # noqa: E402
 from anjax.io import outputs  # noqa: E402
 
 PAIRS = ("full-full", "anchor-full", "anchor-anchor")
@@ -128,6 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default=None, help="comma list: only these tasks (default: all both reports hold)")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--name", default="compare_models")
+    prov = provenance.begin("python benchmarks/compare_models.py", argv)
     args = p.parse_args(argv)
     pairs = [tuple(x.split("-", 1)) for x in args.pairs.split(",") if x]
     if not pairs or any(len(x) != 2 or not all(x) for x in pairs):
@@ -139,6 +140,7 @@ def main(argv=None) -> int:
     text = markdown(new, base, diffs)
     print(text)
     data = dict(new=new["model"], base=base["model"], metric="acc", differences=diffs)
+    data["provenance"] = prov.finish(sources={"new": new.get("provenance"), "base": base.get("provenance")})
     outputs.write_report(args.out_dir, args.name, text, data, plot)
     print(f"wrote {Path(args.out_dir) / args.name}.md, .json, .png")
     return 0

@@ -4,12 +4,12 @@
     python benchmarks/policies_report.py --reports benchmarks/results/a.json b.json  # report existing runs
 
 With --model (default: the embedded SmolLM2, anchors "ep"), runs `python -m anjax.evaluate --cache
-full,anchor,window,snapkv,h2o --budget match-anchor,FRACTIONS` (same documents, interleaved paths,
-bootstrap intervals; resumable: rerun the same command after a kill) and writes its report
+full,anchor,sepllm,window,snapkv,h2o --budget match-anchor,FRACTIONS --sepllm-window N` (same documents,
+interleaved paths, bootstrap intervals; resumable: rerun the same command after a kill) and writes its report
 OUT_DIR/NAME_eval.{json,md,png}. Then, for that run and every --reports JSON (one panel per model): the
 accuracy averaged over the tasks (95% interval) against the KV budget fraction actually kept (1 − C↓
-averaged over the tasks), one line per policy, the anchor cache as one point and the full cache as the
-level at 1 -> OUT_DIR/NAME.{md,json,png}.
+averaged over the tasks), one line per policy, the anchor cache and training-free SepLLM (each at its own
+budget) as one point each and the full cache as the level at 1 -> OUT_DIR/NAME.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from anjax import cli  # noqa: E402
 from anjax.cli import evaluate as evaluate_cli  # noqa: E402
-from anjax.eval import evaluate, stats  # noqa: E402
+from anjax.eval import evaluate, provenance, stats  # noqa: E402
 from anjax.inference.policies import POLICIES  # noqa: E402
 from anjax.io import outputs  # noqa: E402
 
@@ -101,6 +101,8 @@ def plot(models: dict[str, dict], path) -> None:
                         _point(ax, r, color=f"C{i}", fmt="none", alpha=0.5)
         if "anchor" in rows:
             _point(ax, rows["anchor"], color="k", fmt="*", markersize=12, label="anchor (own budget)")
+        if "sepllm" in rows:
+            _point(ax, rows["sepllm"], color="C4", fmt="D", markersize=8, label="SepLLM, training-free (own budget)")
         if "full" in rows:
             ax.axhline(100 * rows["full"]["acc"], color="gray", ls="--", label="full cache")
         ax.set_xlabel("KV budget kept (fraction of the context, avg over tasks)")
@@ -123,8 +125,11 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=200, help="first N documents per task")
     p.add_argument("--budget", default="match-anchor,0.05,0.1,0.2,0.5", help="--budget of anjax.evaluate")
     p.add_argument("--anchor-mode", default=None, choices=("ep", "ac"), help="default: the model's, else ep")
+    p.add_argument("--sepllm-window", type=int, default=64, help="training-free SepLLM's neighbouring tokens")
+    p.add_argument("--no-sepllm", action="store_true", help="leave out the SepLLM row (an AC model: it reads <AC>)")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--name", default="policies")
+    prov = provenance.begin("python benchmarks/policies_report.py", argv)
     args = p.parse_args(argv)
     paths = [Path(r) for r in args.reports]
     if args.no_run and not paths:
@@ -135,7 +140,9 @@ def main(argv=None) -> int:
             p.error(f"--reports: no such file {path}")
     if not args.no_run:
         anchor_mode = args.anchor_mode or ("ep" if args.model is None else None)
-        argv_eval = ["--cache", "full,anchor,window,snapkv,h2o", "--budget", args.budget, "--tasks", args.tasks]
+        sepllm = [] if args.no_sepllm else ["sepllm"]
+        argv_eval = ["--cache", ",".join(["full", "anchor", *sepllm, "window", "snapkv", "h2o"])]
+        argv_eval += ["--budget", args.budget, "--tasks", args.tasks, "--sepllm-window", str(args.sepllm_window)]
         argv_eval += ["--limit", str(args.limit), "--out-dir", args.out_dir, "--name", f"{args.name}_eval"]
         argv_eval += [] if args.model is None else ["--model", args.model]
         argv_eval += [] if anchor_mode is None else ["--anchor-mode", anchor_mode]
@@ -149,7 +156,9 @@ def main(argv=None) -> int:
     models = {m: summary(r) for m, r in reports.items()}
     text = markdown(models, reports)
     print(text)
-    outputs.write_report(args.out_dir, args.name, text, models, plot)
+    sources = {m: r.get("provenance") for m, r in reports.items()}
+    data = {"models": models, "provenance": prov.finish(sources=sources)}
+    outputs.write_report(args.out_dir, args.name, text, data, lambda d, path: plot(d["models"], path))
     print(f"wrote {Path(args.out_dir) / args.name}.md, .json, .png")
     return 0
 

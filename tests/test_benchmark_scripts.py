@@ -13,6 +13,7 @@ from anjax.eval import intervals
 
 curve = load_script("benchmarks/long_run_curve.py")
 compare = load_script("benchmarks/compare_models.py")
+ab = load_script("benchmarks/ab_objectives.py")
 
 
 def _run_dir(tmp_path: Path, a: float = 30.0, b: float = 0.4) -> Path:
@@ -93,6 +94,16 @@ def test_compare_pairs_documents_and_matches_a_reports_own_differences(tmp_path)
         (tmp_path / f"{name}.json").write_text(json.dumps(r))
     argv = ["--new", str(tmp_path / "new.json"), "--base", str(tmp_path / "base.json"), "--out-dir", str(tmp_path)]
     assert compare.main(argv) == 0
-    assert json.loads((tmp_path / "compare_models.json").read_text())["differences"].keys() == set(
-        "full - full,anchor - full,anchor - anchor".split(",")
-    )
+    data = json.loads((tmp_path / "compare_models.json").read_text())
+    assert data["differences"].keys() == set("full - full,anchor - full,anchor - anchor".split(","))
+    assert data["provenance"]["command"].startswith("python benchmarks/compare_models.py --new")
+    assert data["provenance"]["sources"] == {"new": None, "base": None}  # these reports carry none
+
+
+def test_ab_arm_values_may_hold_commas():
+    """An arm's overrides split at commas before `key.path=` only: SepLLM's separator list stays one value."""
+    arm = 'sep=anchors.mode=ep,anchors.tokens=[".", ",", ";"],anchors.window=64'
+    assert ab.parse_arm(arm) == ("sep", ["anchors.mode=ep", 'anchors.tokens=[".", ",", ";"]', "anchors.window=64"])
+    assert ab.parse_arm("ac=") == ("ac", [])
+    with pytest.raises(SystemExit, match="--arm expects"):
+        ab.parse_arm("no-overrides")

@@ -24,7 +24,7 @@ from anjax.core.config import AC_TOKEN, tiny_config
 from anjax.core.mask import token_metadata
 from anjax.core.model import Llama, init_params
 from anjax.core.params import resize_embeddings
-from anjax.eval import evaluate, perplexity, resume, stats, tasks
+from anjax.eval import evaluate, perplexity, provenance, resume, stats, tasks
 from anjax.inference import scoring
 from anjax.io import hf
 
@@ -259,6 +259,13 @@ def test_cli_writes_table_json_and_plot(tiny_model_dir, tmp_path, capsys):
     assert table in capsys.readouterr().out
     report = json.loads((tmp_path / "t.json").read_text())
     assert report == json.loads((tmp_path / "copy.json").read_text())
+    prov = report["provenance"]  # which code, command, machine and weights (anjax.eval.provenance)
+    assert prov["command"].startswith(f"python -m anjax.evaluate --model {tiny_model_dir} --data-dir tests/data/tasks")
+    assert len(prov["commit"]) == 40 and isinstance(prov["dirty"], bool)
+    model = prov["models"]["model"]
+    assert model["path"] == str(tiny_model_dir) and model["training_step"] is None
+    loaded = scoring.load_scoring_model(str(tiny_model_dir))
+    assert model["weights_sha256"] == provenance.weights_fingerprint(loaded.cfg, loaded.params)
     arc = report["tasks"]["arc_easy"]
     assert set(arc) == {"full", "anchor"} and arc["full"]["n"] == 3 and "acc_norm" in arc["full"]
     for row in arc.values():

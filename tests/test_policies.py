@@ -209,6 +209,39 @@ def test_evaluate_task_with_policies(model):
     assert out["h2o@0.5"]["cache_slots"] == sum(x // 2 for x in n)
 
 
+def test_sepllm_is_the_anchor_cache_of_its_scheme_and_exact(model):
+    """Training-free SepLLM (separators, sinks, a window) scored through the cache equals one forward pass of
+    context + continuation under its predicate (the recompute path) and holds exactly sinks + separators +
+    open sentence + window."""
+    reqs = _requests(model)
+    scorer = scoring.Scorer(model, batch_size=2, chunk_size=8)
+    sub = evaluate.sepllm_scorer(scorer, policies.SepLLM(window=3, sink=2))
+    assert (sub.model.cfg.anchor_window, sub.model.cfg.anchor_rule, sub.runtime) == (3, "sepllm", scorer.runtime)
+    cached, recomputed = sub.run(reqs, "anchor"), sub.run(reqs, "anchor", recompute=True)
+    np.testing.assert_allclose(sum(cached.loglik, []), sum(recomputed.loglik, []), atol=1e-4)
+    seps = sub.model.anchor_ids
+    for r, held in zip(reqs, cached.held_slots):
+        ids = r.prefix[:-1]
+        last = max(i for i, t in enumerate(ids) if t in seps)
+        assert held == sum(i < 2 or t in seps or i > last or i > len(ids) - 3 for i, t in enumerate(ids))
+
+
+@pytest.mark.slow
+def test_sepllm_row_of_evaluate_task(model):
+    """`sepllm` is one more row of `evaluate_task` beside the other caches, on the same documents; its rule
+    changes the scores (against the model's own anchor cache)."""
+    scorer = scoring.Scorer(model, batch_size=2, chunk_size=8)
+    doc = tasks.Doc("arc_easy", "test", 0, {})
+    conts = tuple(c for _, c in ITEMS[0])
+    items = [tasks.MCItem("arc_easy", doc, (), ITEMS[0][0][0], ("",) * 2, conts, tuple(c.strip() for c in conts), 0)]
+    caches = evaluate.parse_caches("full,anchor,sepllm")
+    out = evaluate.evaluate_task(scorer, items, caches, timing=False, policies={"sepllm": policies.SepLLM(3, 2)})
+    alone = evaluate.sepllm_scorer(scorer, policies.SepLLM(3, 2)).run(_requests(model)[:1], "anchor")
+    np.testing.assert_allclose(out["sepllm"]["loglik"][0], alone.loglik[0], atol=1e-5)
+    assert np.abs(np.subtract(out["sepllm"]["loglik"][0], out["anchor"]["loglik"][0])).max() > 1e-3
+    assert 0 < out["sepllm"]["c_reduction"] < 1
+
+
 @pytest.fixture
 def tiny_model_dir(tiny_params, tiny_tokenizer, tmp_path):
     """The tiny model as an HF directory without anchor settings."""
@@ -252,3 +285,8 @@ def test_policies_report_resumes(tiny_model_dir, tmp_path, capsys):
         assert report.main(argv) == 0
     assert "piqa already scored" in capsys.readouterr().out
     assert json.loads((tmp_path / "p_eval.json").read_text())["tasks"] == first["tasks"]
+    data = json.loads((tmp_path / "p.json").read_text())  # the report names its source report's provenance
+    assert [s["command"].split()[:3] for s in data["provenance"]["sources"].values()] == [
+        ["python", "-m", "anjax.evaluate"]
+    ]
+    assert "sepllm" in data["models"][next(iter(data["models"]))]

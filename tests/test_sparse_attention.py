@@ -231,10 +231,15 @@ def test_use_sparse_by_config_and_length():
         tiny_config(attention="flash")
 
 
-@pytest.mark.parametrize("full", [False, slow_case(True)])
-def test_model_logits_and_loss_gradients_sparse_equal_dense(full, monkeypatch):
+@pytest.mark.parametrize(
+    "full,window,rule", [(False, 0, "ansan"), slow_case(True, 0, "ansan"), slow_case(False, 9, "sepllm")]
+)
+def test_model_logits_and_loss_gradients_sparse_equal_dense(full, window, rule, monkeypatch):
+    """The model's training loss: the sparse path equals the dense one (the scheme's window and rule too)."""
     monkeypatch.setattr(sa, "TILE", 8)  # several tiles on a short row
-    cfg = tiny_config(anchor_mode="ep", anchor_tokens=(".",), anchor_ids=(ANCHOR,))
+    cfg = tiny_config(
+        anchor_mode="ep", anchor_tokens=(".",), anchor_ids=(ANCHOR,), anchor_window=window, anchor_rule=rule
+    )
     params = init_params(cfg, jax.random.key(0))
     ids, valid, doc, _, _ = rows("documents", 45, seed=3)
     batch = {

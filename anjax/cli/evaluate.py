@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from anjax import cli
-from anjax.eval import evaluate, intervals, perplexity, resume, stats, tasks
-from anjax.inference.policies import POLICIES, Policy
+from anjax.eval import evaluate, intervals, perplexity, provenance, resume, stats, tasks
+from anjax.inference.policies import POLICIES, Policy, SepLLM
 from anjax.inference.scoring import Scorer, ScoringModel, load_scoring_model
 
 
@@ -30,7 +30,8 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument(
         "--cache",
         default="full",
-        help="comma list of full, anchor and the training-free policies window, snapkv, h2o (one table row each)",
+        help="comma list of full, anchor, sepllm (training-free SepLLM: separators + sinks + a window) and the "
+        "training-free policies window, snapkv, h2o (one table row each)",
     )
     p.add_argument(
         "--budget",
@@ -38,7 +39,8 @@ def build_parser() -> cli.ArgumentParser:
         help="policies' slots per document (perplexity: per row): match-anchor (what the anchor cache keeps) "
         "and/or fractions in (0, 1]",
     )
-    p.add_argument("--sink", type=int, default=4, help="window: first tokens always kept")
+    p.add_argument("--sink", type=int, default=4, help="window and sepllm: first tokens always kept")
+    p.add_argument("--sepllm-window", type=int, default=64, help="sepllm: neighbouring tokens every token sees")
     p.add_argument("--obs", type=int, default=8, help="snapkv: observation window (last prompt tokens)")
     p.add_argument("--kernel", type=int, default=5, help="snapkv: average-pool kernel (odd)")
     p.add_argument("--anchor-mode", default=None, choices=("ep", "ac"), help="override the model's anchor mode")
@@ -117,10 +119,14 @@ def check_args(args) -> tuple[list[str], list[str]]:
     return names, caches
 
 
-def policy_settings(args, caches: Sequence[str]) -> dict[str, Policy]:
-    """Each policy in `caches` with the --sink/--obs/--kernel settings (ValueError if out of range)."""
+def policy_settings(args, caches: Sequence[str]) -> dict[str, Policy | SepLLM]:
+    """Each policy in `caches` with the --sink/--obs/--kernel settings, and sepllm's --sepllm-window / --sink
+    (ValueError if out of range)."""
     kinds = {c.split("@")[0] for c in caches if "@" in c}
-    return {kind: Policy(kind, sink=args.sink, obs=args.obs, kernel=args.kernel) for kind in POLICIES if kind in kinds}
+    out = {kind: Policy(kind, sink=args.sink, obs=args.obs, kernel=args.kernel) for kind in POLICIES if kind in kinds}
+    if evaluate.SEPLLM in caches:
+        out[evaluate.SEPLLM] = SepLLM(window=args.sepllm_window, sink=args.sink)
+    return out
 
 
 def load_model_for(args, caches: Sequence[str]) -> ScoringModel:
@@ -196,19 +202,22 @@ def task_report(args, items: dict[str, list[tasks.MCItem]], caches: Sequence[str
 
 
 def main(argv=None) -> int:
+    prov = provenance.begin("python -m anjax.evaluate", argv)
     args = build_parser().parse_args(argv)
     names, caches = check_args(args)
     if args.perplexity:
-        return perplexity_main(args, caches)
+        return perplexity_main(args, caches, prov)
     items = load_items(args, names)
-    report = task_report(args, items, caches, load_model_for(args, caches))
+    model = load_model_for(args, caches)
+    report = task_report(args, items, caches, model)
+    report["provenance"] = prov.finish(paths={"model": args.model}, model=model)
     text = evaluate.markdown_table(report) + "\n" + intervals.markdown(report)
     print("\n" + text)
     evaluate.save(report, text, args.out_dir, args.name, args.json, png=True)
     return 0
 
 
-def perplexity_main(args, caches: Sequence[str]) -> int:
+def perplexity_main(args, caches: Sequence[str], prov: provenance.Provenance) -> int:
     """The `--perplexity` mode of `python -m anjax.evaluate` (arguments parsed there)."""
     model = load_model_for(args, caches)
     if args.seq_len > model.cfg.max_position_embeddings:
@@ -217,6 +226,7 @@ def perplexity_main(args, caches: Sequence[str]) -> int:
         )
     texts = perplexity.held_out_texts(args.ppl_data, args.data_dir, args.limit)
     out = perplexity.report(args, texts, caches, model, policy_settings(args, caches))
+    out["provenance"] = prov.finish(paths={"model": args.model}, model=model)
     text = perplexity.markdown(out)
     print(text)
     evaluate.save(out, text, args.out_dir, args.name, args.json, png=False)

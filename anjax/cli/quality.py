@@ -21,7 +21,7 @@ from pathlib import Path
 
 from anjax import cli
 from anjax.cli import evaluate as evaluate_cli
-from anjax.eval import evaluate, intervals, perplexity, stats, tasks
+from anjax.eval import evaluate, intervals, perplexity, provenance, stats, tasks
 from anjax.io import outputs
 
 CACHES = ("full", "anchor")
@@ -117,6 +117,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
+    prov = provenance.begin("python benchmarks/quality_report.py", argv)
     args = parse_args(argv)
     names, caches = evaluate_cli.check_args(args)
     items = evaluate_cli.load_items(args, names)
@@ -126,6 +127,7 @@ def main(argv=None) -> int:
         "accuracy": evaluate_cli.task_report(args, items, caches, model),
         "perplexity": perplexity.report(args, texts, caches, model),
     }
+    report["provenance"] = prov.finish(paths={"model": args.model}, model=model)
     text = markdown(report)
     print("\n" + text)
     outputs.write_report(args.out_dir, args.name, text, report, plot)

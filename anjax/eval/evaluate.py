@@ -50,20 +50,21 @@ from collections.abc import Sequence
 from typing import Any
 
 from anjax.eval import tasks
-from anjax.inference.policies import POLICIES, Policy, fraction_slots
-from anjax.inference.scoring import CACHE_KINDS, Scorer, ScoreRequest, anchor_kept
+from anjax.inference.policies import POLICIES, Policy, SepLLM, fraction_slots
+from anjax.inference.scoring import CACHE_KINDS, Scorer, ScoreRequest, anchor_kept, sepllm_model
 from anjax.io import outputs
 
 DEFAULT_TASKS = ("obqa", "winogrande", "arc_easy", "arc_challenge", "piqa", "hellaswag", "sciq", "boolq")
 RECOMPUTE = "recompute"
 MATCH_ANCHOR = "match-anchor"
+SEPLLM = "sepllm"  # training-free SepLLM: the anchor cache of `anjax.inference.scoring.sepllm_model`
 
 
 def parse_caches(text: str, budgets: str | None = None) -> list[str]:
     """Cache names: full, anchor, and POLICY@BUDGET for each policy (`anjax.inference.policies`) and each
     budget of the comma list `budgets` (match-anchor or a fraction of the prompt in (0, 1])."""
     caches = [c.strip() for c in text.split(",") if c.strip()]
-    known = CACHE_KINDS + POLICIES
+    known = CACHE_KINDS + (SEPLLM,) + POLICIES
     if not caches or any(c not in known for c in caches):
         raise ValueError(f"--cache must be a comma list of {', '.join(known)}; got {text!r}")
     caches = list(dict.fromkeys(caches))
@@ -112,6 +113,14 @@ def item_budgets(
     return row_budgets([r.prefix for r in requests], budget, anchor_ids, window)
 
 
+def sepllm_scorer(scorer: Scorer, settings: SepLLM | None) -> Scorer:
+    """A scorer of the same weights under SepLLM's scheme (`settings`, default `SepLLM()`), sharing `scorer`'s
+    compile cache: its "anchor" cache is training-free SepLLM."""
+    sub = Scorer(sepllm_model(scorer.model, settings or SepLLM()), scorer.batch_size, scorer.chunk_size)
+    sub.runtime = scorer.runtime
+    return sub
+
+
 def _path(name: str, requests, model, policies: dict[str, Policy]) -> tuple:
     """The scorer path of a cache name: (cache, False) or (Policy, per-item budgets)."""
     if "@" not in name:
@@ -133,7 +142,8 @@ def evaluate_task(
     """Scores, C↓ and T↑ of one task's items for each cache in `caches` -> {cache: result}.
 
     Names POLICY@BUDGET (`parse_caches`) run that policy (settings from `policies`, else its defaults)
-    at each item's budget (`item_budgets`). With `timing`, the full-cache path (if not asked for) and
+    at each item's budget (`item_budgets`); `sepllm` the anchor cache of `sepllm_scorer` (`policies["sepllm"]`,
+    a `SepLLM`), on the same documents, after the other paths. With `timing`, the full-cache path (if not asked for) and
     the recompute path also run, on the same batches, to time T↑.
     """
     model = scorer.model
@@ -145,11 +155,13 @@ def evaluate_task(
                 f"{it.task} document {it.doc.index}: context and choice are {n} tokens, more than the model's "
                 f"{positions} positions"
             )
-    paths = {c: _path(c, requests, model, policies or {}) for c in caches}  # name -> (cache, recompute | budgets)
+    paths = {c: _path(c, requests, model, policies or {}) for c in caches if c != SEPLLM}  # name -> (cache, how)
     if timing:
         paths.setdefault("full", ("full", False))
         paths[RECOMPUTE] = ("full", True)
     results = dict(zip(paths, scorer.run_paths(requests, list(paths.values()))))
+    if SEPLLM in caches:
+        results[SEPLLM] = sepllm_scorer(scorer, (policies or {}).get(SEPLLM)).run(requests, "anchor")
     matched = [c for c in caches if c.endswith(f"@{MATCH_ANCHOR}")]
     if matched and "anchor" in results and results["anchor"].held_slots != results[matched[0]].held_slots:
         raise AssertionError("match-anchor budgets differ from the anchor cache's slots")  # `anchor_kept` is wrong

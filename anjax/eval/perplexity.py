@@ -48,7 +48,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from anjax.eval import stats, tasks
-from anjax.eval.evaluate import parse_budget, row_budgets
+from anjax.eval.evaluate import SEPLLM, parse_budget, row_budgets, sepllm_scorer
 from anjax.inference.policies import Policy
 from anjax.inference.scoring import Scorer, ScoringModel
 from anjax.train import data
@@ -113,6 +113,8 @@ def perplexity(
             kind, budget = cache.split("@", 1)
             budgets = row_budgets(rows, parse_budget(budget), scorer.model.anchor_ids, scorer.model.cfg.anchor_window)
             res = streamer.sequence_nll(rows, (policies or {}).get(kind, Policy(kind)), scored, budgets)
+        elif cache == SEPLLM:
+            res = sepllm_scorer(scorer, (policies or {}).get(SEPLLM)).sequence_nll(rows, "anchor", scored)
         else:
             res = scorer.sequence_nll(rows, cache, scored)
         n = sum(res["tokens"])

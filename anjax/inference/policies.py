@@ -1,4 +1,5 @@
-"""Training-free KV-cache policies at a fixed budget of slots per row: `window`, `snapkv`, `h2o`.
+"""Training-free KV-cache policies at a fixed budget of slots per row: `window`, `snapkv`, `h2o`; and
+training-free SepLLM (`SepLLM`), which is an anchor cache, not a policy of its own.
 
     state, mass = observe(cfg, (policy,), ...)         # full-attention prefill chunk that records attention mass
     state, _ = select(policy, state, mass[0], budget_B)  # each row keeps min(budget, prompt) slots per KV head
@@ -49,6 +50,26 @@ from anjax.inference.state import EngineSpec, GenState, chunk_meta, track
 
 POLICIES = ("window", "snapkv", "h2o")
 FULL = EngineSpec(anchor_cache=False)
+# SepLLM's separators (Chen et al., ICML 2025) but its whitespace ones, which BPE vocabularies fold into words
+SEPLLM_SEPARATORS = (".", ",", "?", "!", ";", ":")
+
+
+@dataclasses.dataclass(frozen=True)
+class SepLLM:
+    """Training-free SepLLM on any model, as the anchor cache of a scheme: EP anchors at SepLLM's separators,
+    `anchor_rule="sepllm"` (every token sees earlier separators), a window of `window` neighbouring positions
+    and the first `sink` tokens protected (`anjax.core.mask.attention_allowed`); the cache keeps exactly what
+    that mask can reach (`anjax.core.cache.keep_slots`), so its budget is its own, like the anchor cache's.
+    Beyond SepLLM's mask, a token also sees its whole sentence (AnSAN's rule; the cache keeps the open one).
+    `anjax.inference.scoring.sepllm_model` makes that scheme for a model."""
+
+    window: int = 64
+    sink: int = 4
+    separators: tuple[str, ...] = SEPLLM_SEPARATORS
+
+    def __post_init__(self):
+        if self.window < 0 or self.sink < 0 or not self.separators:
+            raise ValueError(f"SepLLM needs window >= 0, sink >= 0 and separators, got {self}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,11 +52,11 @@ from anjax.core.model import Llama
 from anjax.core.params import with_scan_layers
 from anjax.inference import placement, policies
 from anjax.inference.engine import prefill, prefill_step
-from anjax.inference.policies import Policy
+from anjax.inference.policies import Policy, SepLLM
 from anjax.inference.runtime import Runtime, bucket, right_align, round_up
 from anjax.inference.state import EngineSpec, GenState, init_state
 from anjax.io.loading import load_model
-from anjax.text.anchors import AnchorScheme, resolve_scheme
+from anjax.text.anchors import AnchorScheme, resolve_anchor_ids, resolve_scheme
 from anjax.text.encode import Encoder
 
 CACHE_KINDS = ("full", "anchor")
@@ -68,7 +68,8 @@ CACHE_KINDS = ("full", "anchor")
 @dataclasses.dataclass
 class ScoringModel:
     """A model ready for scoring: layers stacked (`scan_layers`), anchor scheme resolved, params on the device
-    or split over `mesh` (`anjax.inference.placement`)."""
+    or split over `mesh` (`anjax.inference.placement`); `sink_tokens` first tokens protected in the anchor cache
+    (`anjax.core.mask`)."""
 
     cfg: ModelConfig
     params: Any
@@ -76,6 +77,7 @@ class ScoringModel:
     name: str
     scheme: AnchorScheme
     mesh: jax.sharding.Mesh | None = None
+    sink_tokens: int = 0
 
     @property
     def anchor_mode(self) -> str:
@@ -150,6 +152,20 @@ def scoring_model(
     cfg, params = with_scan_layers(cfg, params, True)  # one layer body to compile (~2x faster than unrolled)
     params = placement.place_params(cfg, params, mesh)
     return ScoringModel(cfg=cfg, params=params, tokenizer=tokenizer, name=name, scheme=scheme, mesh=mesh)
+
+
+def sepllm_model(model: ScoringModel, sep: SepLLM) -> ScoringModel:
+    """The same weights under training-free SepLLM's scheme (`anjax.inference.policies.SepLLM`): its anchor cache
+    is SepLLM's cache. The text is read as it is, so a scheme that inserts `<AC>` is refused."""
+    if model.anchor_mode == "ac":
+        raise ValueError(
+            "sepllm reads the text as it is, but this model's anchor scheme (ac) inserts <AC>: "
+            "evaluate sepllm with --anchor-mode ep"
+        )
+    names, ids = resolve_anchor_ids(model.tokenizer, "ep", sep.separators)
+    scheme = model.scheme.replace(mode="ep", tokens=names, ids=ids, window=sep.window, rule="sepllm")
+    cfg = model.cfg.replace(**scheme.config_fields())
+    return dataclasses.replace(model, cfg=cfg, scheme=scheme, sink_tokens=sep.sink)
 
 
 def load_scoring_model(
@@ -331,7 +347,9 @@ class Scorer:
             raise ValueError(f"cache must be one of {CACHE_KINDS}, got {cache!r}")
         if cache == "anchor" and not self.model.anchor_ids:
             raise ValueError("an anchor cache needs anchor ids (scoring_model(anchor_mode=...))")
-        return EngineSpec(anchor_cache=cache == "anchor", anchor_ids=self.model.anchor_ids)
+        return EngineSpec(
+            anchor_cache=cache == "anchor", anchor_ids=self.model.anchor_ids, sink_tokens=self.model.sink_tokens
+        )
 
     def run(self, requests: Sequence[ScoreRequest], cache: str, recompute: bool = False) -> PathResult:
         """Score every choice of every request with one path (see `run_paths`)."""
@@ -368,7 +386,8 @@ class Scorer:
         longest = max(len(r.prefix) for r in requests) - 1
         chunk = min(self.chunk_size, bucket(longest, 16))
         window = self.model.cfg.anchor_window
-        anchor_bound = max(kept_bound(r.prefix[:-1], self.model.anchor_ids, window) for r in requests)
+        bound = lambda ids: kept_bound(ids, self.model.anchor_ids, window) + self.model.sink_tokens  # noqa: E731
+        anchor_bound = max(bound(r.prefix[:-1]) for r in requests)
         capacity = {False: round_up(max(longest, 1), chunk), True: round_up(max(anchor_bound, 1), chunk)}
         shapes = dict(
             k=max(r.k for r in requests),
