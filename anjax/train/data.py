@@ -1,8 +1,12 @@
 """Data pipeline: documents → sentences → anchors → token ids → fixed-shape batches.
 
     load_corpus      hub name or local json/jsonl/txt/parquet files, dirs, globs; or the embedded corpus
-    tokenize_corpus  documents → ids with the anchors of an `AnchorScheme` (`anjax.text.encode.Encoder`)
+    encode_rows      documents → ids with the anchors of an `AnchorScheme` (`anjax.text.encode.Encoder`):
+                     the one step used in memory (`tokenize_corpus`) and on disk (`anjax.train.prepare`)
     BatchIterator    deterministic, resumable global batches; each process reads its rows of them
+
+A run reads a corpus prepared once on disk (`anjax.train.prepare`, `python -m anjax.prepare`);
+`anjax.train.prepare.make_batches` turns a `DataConfig` into the `BatchIterator` of a split.
 
 Every sequence of ids — training documents, SFT prompts and responses, and the
 prompts of the inference engine — comes from `anjax.text.encode.Encoder`, so

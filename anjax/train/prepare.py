@@ -35,6 +35,7 @@ import json
 import multiprocessing
 import os
 import re
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -339,7 +340,8 @@ def load_split(
     if cache_dir is None:
         return tokenize_corpus(load_corpus(cfg, split), tokenizer, scheme, cfg)
     where = cache_location(cfg, tokenizer, scheme, split, cache_dir)
-    prepare(cfg, tokenizer, scheme, where, {"data": split})
+    log = lambda message: print(f"{where}/{message}", file=sys.stderr, flush=True)  # the progress of a first use
+    prepare(cfg, tokenizer, scheme, where, {"data": split}, log=log)
     return open_prepared(where, "data")
 
 
