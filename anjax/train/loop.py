@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from anjax.core import sharding
 from anjax.io import checkpoint
+from anjax.io import run_dir as run_dir_files
 from anjax.io.hf import save_hf_dir
 from anjax.train import metrics, run_config, setup
 from anjax.train.trainer import Trainer
@@ -153,13 +155,22 @@ def train_loop(
     return state
 
 
+def export(cfg, host_params: dict, tokenizer, out_dir: Path) -> Path:
+    """RUN/export (`save_hf_dir`); on gs:// written in a local temporary directory and copied up."""
+    if not run_dir_files.is_remote(out_dir):
+        return save_hf_dir(cfg, host_params, tokenizer, out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir_files.upload_dir(save_hf_dir(cfg, host_params, tokenizer, Path(tmp) / "export"), out_dir)
+    return out_dir
+
+
 def train(rc: run_config.RunConfig) -> int:
     """The whole run of `rc`: resume or start, train, checkpoint, export, plot. 0 when done or stopped by a
     signal (checkpoint saved); raises TrainingDiverged on a non-finite loss."""
     setup.init_distributed(rc)
     lead = jax.process_index() == 0
     mesh = setup.make_run_mesh(rc)
-    run_dir = Path(rc.run.dir)
+    run_dir = run_dir_files.storage_path(rc.run.dir, "run.dir")
     ckpt = checkpoint.Checkpointer(run_dir, rc.checkpoint.keep, rc.checkpoint.async_save)
     stop = StopSignal()
     try:
@@ -193,7 +204,7 @@ def train(rc: run_config.RunConfig) -> int:
         if rc.checkpoint.export_hf:
             host_params = multihost_utils.process_allgather(state.params, tiled=True)
             if lead:
-                print(f"exported to {save_hf_dir(cfg, host_params, tokenizer, run_dir / 'export')}")
+                print(f"exported to {export(cfg, host_params, tokenizer, run_dir / 'export')}")
         if lead:
             log.close()
             metrics.plot_losses(log.path, run_dir / "loss.png")
