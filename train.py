@@ -14,11 +14,16 @@ import sys
 
 from anjax import cli
 from anjax.io import outputs
+from anjax.io import run_dir as run_dir_files
 
 
 def check_outputs(rc) -> None:
-    """run.dir must be writable and anjax's (`outputs.claim_run_dir`), and RUN/export replaceable, before
-    anything loads."""
+    """run.dir must be local, writable and anjax's (`outputs.claim_run_dir`; RUN/export replaceable), or gs://
+    that can be served, and data.path local, a hub name or gs://, before anything loads."""
+    if rc.data.path:
+        run_dir_files.storage_path(rc.data.path, "data.path")
+    if run_dir_files.is_remote(run_dir_files.storage_path(rc.run.dir, "run.dir")):
+        return  # a bucket has no local permissions to probe: the first write is the check
     run_dir = outputs.claim_run_dir(cli.check_writable_dir(rc.run.dir, "run.dir"))
     if rc.checkpoint.export_hf:
         outputs.check_replaceable(run_dir / "export")

@@ -1,6 +1,7 @@
 """Multi-host training: 2 local processes x 2 CPU devices joined by jax.distributed (gloo) against one
 process with 4 devices. Every mesh trains on the same global batches (the per-step losses agree), a
-checkpoint written by 2 processes resumes on 1 with the batches an uninterrupted run would have seen.
+checkpoint written by 2 processes resumes on 1 with the batches an uninterrupted run would have seen,
+and a SIGTERM to one process makes both save at one step, exit 0 and resume bit-identically.
 
 The `__main__` half is the worker: `python tests/test_multihost.py ROOT NAME...` runs train.py's whole run
 (`anjax.train.loop.train`) for each named mesh of MESHES in ROOT/NAME, one after another in one process.
@@ -11,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,9 @@ pytestmark = pytest.mark.slow  # train.py's run in 2 + 1 subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (data, fsdp, tensor); "resumed" continues a copy of the 2-process d2f2 run on 1 process
+# "long" (LONG_STEPS, no validation or periodic checkpoint) is the run that a signal interrupts
 MESHES = {"d2f2": (2, 2, 1), "f4": (1, 4, 1), "t4": (1, 1, 4), "d2t2": (2, 1, 2), "d4": (4, 1, 1), "resumed": (4, 1, 1)}
+MESHES["long"] = MESHES["d2f2"]
 STEPS = 6
 OVERRIDES = [
     "data.seq_len=32",
@@ -34,6 +39,8 @@ OVERRIDES = [
     "checkpoint.export_hf=false",
     "log.every=1",
 ]
+LONG_STEPS = 40
+LONG = [*OVERRIDES, f"train.steps={LONG_STEPS}", f"checkpoint.every={LONG_STEPS}", "eval.every=0"]
 
 
 def free_port() -> int:
@@ -73,9 +80,9 @@ def history(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
-def losses(run_dir: Path, first: int = 1) -> list[float]:
+def losses(run_dir: Path, first: int = 1, last: int = STEPS) -> list[float]:
     recs = history(run_dir)
-    return [recs[s]["loss"] for s in range(first, STEPS + 1)]
+    return [recs[s]["loss"] for s in range(first, last + 1)]
 
 
 def test_every_mesh_over_two_processes_trains_on_the_global_batches(tmp_path):
@@ -98,6 +105,24 @@ def test_every_mesh_over_two_processes_trains_on_the_global_batches(tmp_path):
     np.testing.assert_allclose(losses(resumed, first=4), reference[3:], rtol=2e-5)
 
 
+def test_sigterm_to_one_process_saves_both_at_one_step_and_resumes_bit_identically(tmp_path):
+    cut, steady = tmp_path / "cut", tmp_path / "steady"
+    procs = launch(cut, ["long"], processes=2, devices=2)
+    uninterrupted = launch(steady, ["long"], processes=2, devices=2)
+    deadline = time.time() + 600
+    while not (cut / "long" / "metrics.jsonl").exists() or 2 not in history(cut / "long"):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "the run ended before step 2"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # not the process that logs and leads
+    outs = finish(procs)
+    stopped = [int(out.split(" at step ")[1].split(":")[0]) for out, _ in outs]
+    saved = [int(p.name) for p in (cut / "long" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert stopped[0] == stopped[1] == saved[0] and len(saved) == 1 and 2 <= saved[0] < LONG_STEPS, (stopped, saved)
+    finish(launch(cut, ["long"], processes=2, devices=2))
+    finish(uninterrupted)
+    assert losses(cut / "long", last=LONG_STEPS) == losses(steady / "long", last=LONG_STEPS)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     from anjax.train import loop, run_config
@@ -105,5 +130,6 @@ if __name__ == "__main__":
     root, names = Path(sys.argv[1]), sys.argv[2:]
     for name in names:
         mesh = dict(zip(("data", "fsdp", "tensor"), MESHES[name]))
-        sets = [*OVERRIDES, f"run.dir={root / name}", *(f"mesh.{k}={v}" for k, v in mesh.items())]
+        sets = [*(LONG if name == "long" else OVERRIDES), f"run.dir={root / name}"]
+        sets += [f"mesh.{k}={v}" for k, v in mesh.items()]
         assert loop.train(run_config.load(ROOT / "configs" / "tiny.yaml", sets)) == 0

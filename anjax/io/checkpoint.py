@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from anjax.core.config import ModelConfig
 from anjax.core.model import init_params
 from anjax.core.params import with_scan_layers
-from anjax.io.run_dir import CheckpointError, load_model_config
+from anjax.io.run_dir import CheckpointError, is_remote, load_model_config, storage_path
 from anjax.io.run_dir import tokenizer as run_tokenizer
 
 
@@ -70,7 +70,8 @@ class Checkpointer:
     """
 
     def __init__(self, run_dir: str | Path, keep: int = 2, async_save: bool = True, read_only: bool = False):
-        self.directory = Path(run_dir).resolve() / "checkpoints"
+        run_dir = storage_path(run_dir, "run.dir")
+        self.directory = (run_dir if is_remote(run_dir) else run_dir.resolve()) / "checkpoints"
         items = ("params", "train", "meta")
         if read_only:  # orbax logs a warning for every read-only manager; a loader has nothing to warn about
             absl_logger = logging.getLogger("absl")

@@ -4,21 +4,60 @@ RUN/config.yaml          the run config it started with (IDENTITY_KEYS are check
 RUN/model_config.json    anjax ModelConfig (vocabulary, anchor settings) of the checkpoints
 RUN/tokenizer/           the tokenizer (with `<AC>` for AC runs)
 RUN/checkpoints/<step>/  orbax checkpoints (`anjax.io.checkpoint`)
+
+RUN is a local directory or a `gs://bucket/...` prefix (`storage_path`): etils.epath (gcsfs) serves the
+plain files, orbax/tensorstore the checkpoints; the tokenizer goes through a local temporary directory.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
+from etils import epath
 
 from anjax.core.config import ModelConfig
 
 
 class CheckpointError(ValueError):
     """A checkpoint that exists but cannot be used; the message names it and says why."""
+
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def storage_path(path: str | os.PathLike, what: str) -> Path | epath.Path:
+    """`path` as a local Path, or as an epath.Path for `gs://bucket/...`.
+
+    Any other `scheme://`, or gs:// without the gcsfs package, raises ValueError (one line naming `what`):
+    a URL is never turned into a local folder such as ./gs:/bucket/run.
+    """
+    text = os.fspath(path)
+    if isinstance(path, epath.Path) or not (url := _URL.match(text)):
+        return path if isinstance(path, epath.Path) else Path(text).expanduser()
+    if url.group(1) != "gs":
+        raise ValueError(f"{what}={text}: {url.group(1)}:// cannot be served; use a local path or gs://bucket/...")
+    if importlib.util.find_spec("gcsfs") is None:
+        raise ValueError(f"{what}={text}: gs:// needs the gcsfs package (pip install gcsfs==2026.8.2)")
+    return epath.Path(text)
+
+
+def is_remote(path: Path | epath.Path) -> bool:
+    return bool(_URL.match(os.fspath(path)))
+
+
+def upload_dir(local: Path, dest: Path | epath.Path) -> None:
+    """Copy the files of the flat local directory `local` into `dest` (local or gs://)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in local.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -49,7 +88,9 @@ def save_run_files(run_dir: Path, run_config: dict, cfg: ModelConfig, tokenizer)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
     (run_dir / "model_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        upload_dir(Path(tmp), run_dir / "tokenizer")
 
 
 def check_resumable(run_dir: Path, run_config: dict) -> None:
@@ -70,7 +111,7 @@ def check_resumable(run_dir: Path, run_config: dict) -> None:
 
 
 def load_model_config(run_dir: str | Path, **overrides: Any) -> ModelConfig:
-    path = Path(run_dir) / "model_config.json"
+    path = storage_path(run_dir, "run directory") / "model_config.json"
     try:
         return ModelConfig.from_dict(json.loads(path.read_text())).replace(**overrides)
     except (OSError, json.JSONDecodeError, TypeError) as e:
@@ -81,7 +122,15 @@ def tokenizer(run_dir: str | Path):
     """The tokenizer saved in RUN/tokenizer/ (with `<AC>` for AC runs)."""
     from transformers import AutoTokenizer  # slow import, only when a run directory is loaded
 
-    path = Path(run_dir) / "tokenizer"
+    path = storage_path(run_dir, "run directory") / "tokenizer"
     if not path.is_dir():
         raise CheckpointError(f"{path}: missing (the run directory has no tokenizer)")
-    return AutoTokenizer.from_pretrained(str(path))
+    if not is_remote(path):
+        return AutoTokenizer.from_pretrained(str(path))
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        for f in path.iterdir():
+            (tmp / f.name).write_bytes(f.read_bytes())
+        return AutoTokenizer.from_pretrained(str(tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

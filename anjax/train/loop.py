@@ -1,10 +1,11 @@
 """The training loop of train.py: signals, NaN stop, validation, logging, checkpoints, export.
 
 `train(rc)` is the whole run (train.py only parses arguments and calls it); `train_loop` steps a
-state with a stop flag set by `stop_on_signals`; `validation_loss` is the loss on the validation split.
-Resumes from the latest checkpoint in run.dir; SIGTERM or Ctrl-C (SIGINT) saves a checkpoint and
-stops (a second signal exits at once, the last checkpoint intact); a non-finite loss raises
-TrainingDiverged with the last good checkpoint intact. At the end: RUN/export and RUN/loss.png.
+state until `StopSignal` says stop; `validation_loss` is the loss on the validation split.
+Resumes from the latest checkpoint in run.dir; SIGTERM or Ctrl-C (SIGINT) to any one process saves a
+checkpoint on every process at one step and stops (a second signal exits at once, the last checkpoint
+intact); a non-finite loss raises TrainingDiverged with the last good checkpoint intact.
+At the end: RUN/export and RUN/loss.png.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from tqdm import tqdm
 
 from anjax.core import sharding
 from anjax.io import checkpoint
+from anjax.io import run_dir as run_dir_files
 from anjax.io.hf import save_hf_dir
 from anjax.train import metrics, run_config, setup
 from anjax.train.trainer import Trainer
@@ -45,23 +48,44 @@ def validation_loss(trainer, params, val_it, n_val: int) -> dict[str, float]:
     return result
 
 
-def stop_on_signals() -> dict:
-    """{"signal": None}, set to "SIGTERM" / "SIGINT" by the first of them; a second one exits at once."""
-    stop = {"signal": None}
+class StopSignal:
+    """Stops training for SIGTERM or SIGINT at the same step on every process; a second signal exits at
+    once, the last finished checkpoint intact (on several processes only a second SIGINT: JAX's handler
+    takes every SIGTERM).
 
-    def handler(signum, _frame):
-        if stop["signal"]:
+    One process: either signal sets a flag that is checked before each step. Several processes: SIGTERM
+    is JAX's preemption notice (jax.distributed.initialize installs its handler; the coordination service
+    tells every process, and `reached_preemption_sync_point` turns true on all of them at the same step,
+    without a collective per step), and SIGINT raises that notice. With the preemption service disabled
+    (jax_enable_preemption_service=False) the processes all-gather the flag before each step instead.
+    """
+
+    def __init__(self):
+        self.signal: str | None = None
+        self.preemption = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+        for s in (signal.SIGINT,) if self.preemption else (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, _frame):
+        if self.signal:
             print(
                 f"second signal ({signal.Signals(signum).name}): exiting now; the last finished checkpoint is intact",
                 file=sys.stderr,
                 flush=True,
             )
             os._exit(128 + signum)
-        stop["signal"] = signal.Signals(signum).name
+        self.signal = signal.Signals(signum).name
+        if self.preemption:
+            signal.raise_signal(signal.SIGTERM)  # to JAX's handler: every process stops at one step
 
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, handler)
-    return stop
+    def reached(self, step: int) -> bool:
+        """Whether to stop now, with `step` optimizer steps done (the same answer on every process)."""
+        if self.preemption:
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signal = self.signal or "a preemption notice (SIGTERM) to one of the processes"
+                return True
+            return False
+        return setup.any_process(bool(self.signal))
 
 
 def train_loop(
@@ -72,10 +96,10 @@ def train_loop(
     validate,
     ckpt: checkpoint.Checkpointer,
     log: metrics.MetricsLog | None,
-    stop: dict,
+    stop: StopSignal,
 ):
     """Steps state.step + 1 .. train.steps: log, validate, checkpoint. Returns the last state, which is
-    short of train.steps once `stop["signal"]` is set; raises TrainingDiverged on a non-finite loss or gradient."""
+    short of train.steps once `stop` is reached; raises TrainingDiverged on a non-finite loss or gradient."""
     start, steps, saved = int(state.step), rc.train.steps, ckpt.latest_step()
     train_s = log.last("train_s", 0.0) if log is not None else 0.0  # optimizer-step seconds, over all sittings
     with tqdm(total=steps, initial=start, unit="step", disable=log is None, dynamic_ncols=True) as bar:
@@ -93,7 +117,7 @@ def train_loop(
         if start == 0 and validate:
             write({"step": 0, **validate(state.params)})
         for step in range(start + 1, steps + 1):
-            if setup.any_process(bool(stop["signal"])):
+            if stop.reached(step - 1):
                 break
             t = time.perf_counter()
             state, m = trainer.train_step(state, sharding.host_batch_to_global(next(train_it), trainer.mesh))
@@ -133,15 +157,24 @@ def train_loop(
     return state
 
 
+def export(cfg, host_params: dict, tokenizer, out_dir: Path) -> Path:
+    """RUN/export (`save_hf_dir`); on gs:// written in a local temporary directory and copied up."""
+    if not run_dir_files.is_remote(out_dir):
+        return save_hf_dir(cfg, host_params, tokenizer, out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir_files.upload_dir(save_hf_dir(cfg, host_params, tokenizer, Path(tmp) / "export"), out_dir)
+    return out_dir
+
+
 def train(rc: run_config.RunConfig) -> int:
     """The whole run of `rc`: resume or start, train, checkpoint, export, plot. 0 when done or stopped by a
     signal (checkpoint saved); raises TrainingDiverged on a non-finite loss."""
     setup.init_distributed(rc)
     lead = jax.process_index() == 0
     mesh = setup.make_run_mesh(rc)
-    run_dir = Path(rc.run.dir)
+    run_dir = run_dir_files.storage_path(rc.run.dir, "run.dir")
     ckpt = checkpoint.Checkpointer(run_dir, rc.checkpoint.keep, rc.checkpoint.async_save)
-    stop = stop_on_signals()
+    stop = StopSignal()
     try:
         resumed = ckpt.latest_step()
         cfg, params, tokenizer = setup.model_for_run(rc, run_dir, resumed)
@@ -162,7 +195,7 @@ def train(rc: run_config.RunConfig) -> int:
         final = int(state.step)
         if final < rc.train.steps:
             print(
-                f"{stop['signal'] or 'a signal on another process'} at step {final}: "
+                f"{stop.signal} at step {final}: "
                 + (
                     f"checkpoint saved in {ckpt.directory}; rerun the same command to resume"
                     if final
@@ -173,7 +206,7 @@ def train(rc: run_config.RunConfig) -> int:
         if rc.checkpoint.export_hf:
             host_params = multihost_utils.process_allgather(state.params, tiled=True)
             if lead:
-                print(f"exported to {save_hf_dir(cfg, host_params, tokenizer, run_dir / 'export')}")
+                print(f"exported to {export(cfg, host_params, tokenizer, run_dir / 'export')}")
         if lead:
             log.close()
             metrics.plot_losses(log.path, run_dir / "loss.png")

@@ -7,13 +7,15 @@ validation steps `val_loss_full` / `val_loss_anchor` (step 0 is the validation
 of the starting model and has no `loss`); distillation runs add `kl` and `val_kl`
 (anjax.train.distill; `loss` stays the LM cross-entropy). On resume, lines after the restored
 step (written by the interrupted process after its last checkpoint) are dropped,
-so the file is one consistent history.
+so the file is one consistent history. On gs:// (no appends there) the file is rewritten at each record.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from anjax.io.run_dir import is_remote
 
 
 class MetricsLog:
@@ -24,6 +26,7 @@ class MetricsLog:
             if resumed_step is not None and self.path.exists()
             else []
         )
+        self.lines = [ln + "\n" for ln in kept] if is_remote(run_dir) else None  # the whole file, when rewritten
         self.path.write_text("".join(ln + "\n" for ln in kept))
         self.tb = None
         if tensorboard:
@@ -41,8 +44,12 @@ class MetricsLog:
         return default
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.lines is None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        else:
+            self.lines.append(json.dumps(record) + "\n")
+            self.path.write_text("".join(self.lines))
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and value is not None:
@@ -54,7 +61,7 @@ class MetricsLog:
 
 
 def read(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
@@ -79,5 +86,6 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
+    with png_path.open("wb") as f:  # a file object: png_path may be on gs://
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
