@@ -612,6 +612,120 @@ def test_kill9_during_checkpoint_save_keeps_the_previous_checkpoint(work):
         ck.close()
 
 
+# ----------------------------------------------------------------------------- disk full (a small tmpfs)
+
+
+@pytest.fixture
+def small_disk(work):
+    """A 64 KiB tmpfs at WORK/disk (needs `mount`: root or a user namespace); skipped where it cannot."""
+    disk = work / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", disk]).returncode:
+        pytest.skip("mount -t tmpfs is not allowed here")
+    yield disk
+    subprocess.run(["umount", disk], check=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_path_and_keeps_what_was_there(model_dir, small_disk, capsys):
+    outputs.write_jsonl(small_disk / "out.jsonl", [{"id": 1, "text": "previous"}])
+    before = files(small_disk)
+
+    def write_big(argv):
+        outputs.write_jsonl(small_disk / "out.jsonl", ({"id": i, "text": "x" * 1000} for i in range(200)))
+
+    proc = run_main(write_big, [], capsys)
+    assert_one_line_error(proc, f"{small_disk / 'out.jsonl'}: no space left on device")
+    proc = run_main(_export_main(), ["--model", model_dir, "--out", small_disk / "export"], capsys)
+    assert_one_line_error(proc, f"{small_disk / 'export'}: no space left on device")
+    assert files(small_disk) == before  # the previous output intact, nothing partial left
+
+
+# ----------------------------------------------------------------------------- Ctrl-C: nothing is committed after it
+
+
+def test_after_an_interrupt_nothing_is_put_in_place(work):
+    outputs.write_text(work / "out.txt", "previous")
+    tmp = outputs.make_temp_dir(work / "export")
+    (tmp / "a.txt").write_text("new")
+    before = files(work)
+    outputs.interrupt()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            outputs.write_text(work / "out.txt", "new")
+        with pytest.raises(KeyboardInterrupt):
+            outputs.replace_dir(tmp, work / "export", ["a.txt"])
+    finally:
+        outputs._interrupted.clear()
+    assert {k: v for k, v in files(work).items() if outputs.MARKER not in k} == before
+
+
+def _wait_for(proc, pattern, timeout=300):
+    """Read `proc`'s stderr until a line holds `pattern`; the lines read."""
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        assert line or proc.poll() is None, "".join(lines)[-3000:]
+        lines.append(line)
+        if pattern in line:
+            return lines
+    raise TimeoutError("".join(lines)[-3000:])
+
+
+@pytest.mark.slow  # infer.py subprocesses
+@pytest.mark.parametrize("delay", [0.0, 2.0])
+def test_ctrl_c_during_generation_exits_130_and_writes_nothing(model_dir, work, delay):
+    (work / "in.jsonl").write_text("".join(json.dumps({"prompt": f"The cat {i} sat."}) + "\n" for i in range(40)))
+    before = files(work)
+    argv = ["--model", model_dir, "--input", "in.jsonl", "--output", "out.jsonl", "--max-new-tokens", 200]
+    argv += ["--batch-size", 1, "--anchor-mode", "ep"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "infer.py"), *map(str, argv)], cwd=work, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _wait_for(proc, "prompt/s")  # the progress bar: generating
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "error: interrupted", stderr[-3000:]
+    assert "Traceback" not in stderr and files(work) == before
+
+
+@pytest.mark.slow  # an export subprocess
+def test_an_export_whose_interrupt_is_swallowed_is_not_completed(model_dir, work, capsys):
+    out = work / "export"
+    assert run_main(_export_main(), ["--model", model_dir, "--out", out], capsys).returncode == 0
+    before = files(work)
+    code = f"""
+        import os, signal, time
+        import safetensors.numpy
+        save_file = safetensors.numpy.save_file
+        def save_then_interrupt(*args, **kwargs):  # Ctrl-C while the tensors are written, lost by a library
+            save_file(*args, **kwargs)
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                pass
+        safetensors.numpy.save_file = save_then_interrupt
+        from anjax import cli
+        from anjax.cli import export
+        cli.run(export.main, ["--model", {str(model_dir)!r}, "--out", {str(out)!r}])
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert proc.returncode == 130 and proc.stderr.strip().splitlines()[-1] == "error: interrupted", proc.stderr
+    assert files(work) == before
+
+
 # ----------------------------------------------------------------------------- Ctrl-C in training
 
 

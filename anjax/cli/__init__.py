@@ -2,19 +2,24 @@
 
 Every command builds its parser with `ArgumentParser` (argparse errors become the
 same one line; `--debug` is listed) and runs through `run(main)`: user errors
-(ValueError, OSError) exit 2, anything else exits 1 with one line, and the
-traceback is printed only with `--debug`. The `check_*` functions validate paths
-before any model loads: an input must be a readable file, an output must be
-creatable — probed by making and removing a file where it will be written.
+(ValueError, OSError) exit 2 (a full disk: "PATH: no space left on device"), anything
+else exits 1 with one line, and the traceback is printed only with `--debug`; Ctrl-C
+exits 130 at once, after which nothing more is written (`anjax.io.outputs.interrupt`).
+The `check_*` functions validate paths before any model loads: an input must be a
+readable file, an output must be creatable — probed by making and removing a file
+where it will be written — and safe (`anjax.io.outputs.check_output`).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -50,14 +55,20 @@ def one_line(e: BaseException) -> str:
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> NoReturn:
     """Exit with `main(argv)`'s code; an exception becomes one `error:` line (exit 2 user error, 1 otherwise)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    previous = _on_ctrl_c()
     try:
         code = main(argv)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # not the interpreter's teardown, which can crash while JAX's threads still compute
     except Exception as e:  # noqa: BLE001 -- the one place a command's exceptions are turned into messages
         if DEBUG_FLAG in argv:
             traceback.print_exc()
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            print(f"error: {e.filename + ': ' if e.filename else ''}no space left on device", file=sys.stderr)
+            sys.exit(2)
         if isinstance(e, (ValueError, OSError)):
             print(f"error: {one_line(e)}", file=sys.stderr)
             sys.exit(2)
@@ -66,7 +77,24 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
             file=sys.stderr,
         )
         sys.exit(1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     sys.exit(code or 0)
+
+
+def _on_ctrl_c():
+    """Make Ctrl-C stop all writing (`outputs.interrupt`) as it raises KeyboardInterrupt, so that a command
+    that swallows the exception still commits nothing; returns the previous handler (None off the main
+    thread, where signals cannot be handled)."""
+
+    def handler(signum, frame):
+        outputs.interrupt()
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, handler)
 
 
 def add_run_config_args(parser: argparse.ArgumentParser, config_help: str, set_example: str) -> None:

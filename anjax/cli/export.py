@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, params, tokenizer = load_model(args.model)
     if out.exists() and not outputs.written_by_anjax(out):
         print(f"note: {out} was not written by anjax; it is moved to {out.name}.replaced-<time>", file=sys.stderr)
-    out = save_hf_dir(cfg, params, tokenizer, out, force=args.force)
+    with outputs.naming_full_disk(out):
+        out = save_hf_dir(cfg, params, tokenizer, out, force=args.force)
     print(f"exported {cfg.num_layers}-layer model (anchor_mode={cfg.anchor_mode}) to {out}")
     return 0
 

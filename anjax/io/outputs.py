@@ -18,10 +18,16 @@ never empty, never the working directory or a directory holding it, and never
 one of the command's inputs (compared after resolving symlinks, hard links
 included). A training run directory (`claim_run_dir`) is empty, new, or carries
 RUN_MARKER (or a checkpoint of an older run): a folder of the user's is refused.
+
+After `interrupt()` (a command's Ctrl-C handler calls it) nothing is put in place any more: a write
+or an export that goes on past the signal raises KeyboardInterrupt at its commit point. A write that
+runs out of space raises OSError(ENOSPC) naming the target (`naming_full_disk`), the previous file or
+directory untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import io
@@ -29,6 +35,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -36,6 +43,29 @@ from pathlib import Path
 MARKER = ".anjax-export"
 RUN_MARKER = ".anjax-run"
 _TMP = ".anjax-tmp"
+_interrupted = threading.Event()
+
+
+def interrupt() -> None:
+    """The user interrupted the command: from now on every commit point raises KeyboardInterrupt."""
+    _interrupted.set()
+
+
+def _commit_point() -> None:
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def naming_full_disk(path: str | os.PathLike):
+    """Re-raise a failure for lack of space (OSError ENOSPC, or a library's error saying so, e.g.
+    safetensors') as OSError(ENOSPC) naming `path`."""
+    try:
+        yield
+    except Exception as e:
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+            raise OSError(errno.ENOSPC, "no space left on device", str(path)) from None
+        raise
 
 
 def umask() -> int:
@@ -84,22 +114,29 @@ def _write_chunks(fd: int, chunks: Iterable[bytes]) -> None:
 def write_bytes_chunks(path: str | os.PathLike, chunks: Iterable[bytes]) -> Path:
     """Write `chunks` to `path` atomically (parents created); returns the absolute path."""
     path = Path(path).expanduser().absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, 0o666)  # mode & ~umask, like open()
-    except (AttributeError, OSError):  # no O_TMPFILE here: a hidden sibling, left behind only by kill -9
-        fd = None
-    if fd is not None:
+    with naming_full_disk(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            _write_chunks(fd, chunks)
-            _link_into_place(fd, path)
-        finally:
-            os.close(fd)
-        return path
+            fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, 0o666)  # mode & ~umask, like open()
+        except (AttributeError, OSError):  # no O_TMPFILE here: a hidden sibling, left behind only by kill -9
+            fd = None
+        if fd is not None:
+            try:
+                _write_chunks(fd, chunks)
+                _commit_point()
+                _link_into_place(fd, path)
+            finally:
+                os.close(fd)
+            return path
+        return _write_via_sibling(path, chunks)
+
+
+def _write_via_sibling(path: Path, chunks: Iterable[bytes]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_TMP}.", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~umask())
         _write_chunks(fd, chunks)
+        _commit_point()
         os.replace(tmp, path)
     finally:
         os.close(fd)
@@ -254,6 +291,7 @@ def replace_dir(tmp: Path, target: str | os.PathLike, files: Iterable[str], forc
     for p in tmp.rglob("*"):  # some writers (safetensors) make 0600 files
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
     write_text(tmp / MARKER, json.dumps({"files": sorted(files)}, indent=1) + "\n")
+    _commit_point()
     if not target.exists():
         os.rename(tmp, target)
         return None
