@@ -205,16 +205,20 @@ def _runs(ids, ac, bos=None):
     return out + [run]
 
 
-@pytest.mark.parametrize("add_bos", [slow_case(False), True])
-def test_forced_ac_counts_like_training(add_bos):
-    """Decoding forces `<AC>` after N sentence tokens, BOS not counted, exactly as the encoder cuts."""
+@pytest.mark.parametrize(
+    "add_bos,cache", [slow_case(False, None), (True, None), (True, "window"), slow_case(True, "h2o")]
+)
+def test_forced_ac_counts_like_training(add_bos, cache):
+    """Decoding forces `<AC>` after N sentence tokens, BOS not counted, exactly as the encoder cuts; also
+    under a cache policy whose budget (4 slots) evicts the open sentence's tokens (counted in the state)."""
     tok, n = _bpe(), 6
     cfg = tiny_config(vocab_size=len(tok))
     params = init_params(cfg, jax.random.PRNGKey(1))
     scheme, cfg, params = anchors.resolve_scheme(cfg, tok, params, mode="ac", add_bos=add_bos, max_sentence_tokens=n)
     params = dict(params, embed=np.asarray(params["embed"]).copy())
     params["embed"][scheme.ac_id] = 0.0  # logit 0: the model never picks <AC> itself, every <AC> is forced
-    out = Engine(cfg, params, tok).generate(["The cat"], max_new_tokens=20, stop_ids=())[0]
+    config = EngineConfig() if cache is None else EngineConfig(cache=cache, budget=4, policy_sink=1)
+    out = Engine(cfg, params, tok, config).generate(["The cat"], max_new_tokens=20, stop_ids=())[0]
     assert (out.ids[0] == tok.bos_token_id) == add_bos
     runs = _runs(out.ids, scheme.ac_id, tok.bos_token_id if add_bos else None)
     assert runs[:-1] == [n] * (len(runs) - 1) and len(runs) >= 3 and runs[-1] <= n

@@ -63,7 +63,15 @@ from anjax.core.params import fuse_projections, with_scan_layers
 from anjax.inference import placement, policies
 from anjax.inference.policies import POLICIES, Policy
 from anjax.inference.runtime import Runtime, bucket, right_align, round_up
-from anjax.inference.state import EngineSpec, GenState, chunk_meta, init_state, next_positions, track
+from anjax.inference.state import (
+    EngineSpec,
+    GenState,
+    advance_sentence,
+    chunk_meta,
+    init_state,
+    next_positions,
+    track,
+)
 from anjax.io.loading import load_model
 from anjax.text.anchors import resolve_scheme
 from anjax.text.encode import Encoder
@@ -126,10 +134,11 @@ def prefill_step(
     logits, cache = Llama(cfg).apply(
         {"params": params}, tokens_BxT, meta, state.cache, full_attention=not spec.anchor_cache
     )
-    open_seg = state.open_seg + meta.anchor.sum(1, dtype=jnp.int32)
+    sentence = advance_sentence(spec, state, meta.anchor, meta.valid)
     next_pos = state.next_pos + meta.valid.sum(1, dtype=jnp.int32)
-    cache = compact(cache, keep_slots(cache, open_seg, not spec.anchor_cache, cfg.anchor_window, next_pos))
-    state = state.replace(cache=_rebase(cache, spec), next_pos=next_pos, open_seg=open_seg)
+    keep = keep_slots(cache, sentence["open_seg"], not spec.anchor_cache, cfg.anchor_window, next_pos)
+    cache = compact(cache, keep)
+    state = state.replace(cache=_rebase(cache, spec), next_pos=next_pos, **sentence)
     return logits, placement.constrain_state(track(state, ~state.done, cache.capacity - T))
 
 
@@ -186,8 +195,8 @@ def feed_token(
     state = state.replace(
         cache=_rebase(cache, spec),
         next_pos=state.next_pos + active_B,
-        open_seg=state.open_seg + anchor_B,
         open_start=open_start,
+        **advance_sentence(spec, state, anchor_B[:, None], active_B[:, None]),
     )
     return logits[:, 0], state
 
@@ -237,12 +246,8 @@ def decode_step(
     logits_BxV, st = feed_token(cfg, spec, params, state, token_B, protected_B)
     keys_B = jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.key)(sampling.seed), index_B)
     nxt_B = sample_tokens(logits_BxV, keys_B, sampling.temperature, sampling.top_k, sampling.top_p)
-    if spec.ac_id >= 0:  # AC mode: force <AC> after max_sentence_tokens tokens without one
-        counted_BxC = st.cache.valid & (st.cache.seg == st.open_seg[:, None])
-        if spec.skip_bos:
-            counted_BxC &= st.cache.pos > 0
-        open_len_B = counted_BxC.sum(1)
-        force_B = (sampling.max_sentence_tokens > 0) & (open_len_B >= sampling.max_sentence_tokens)
+    if spec.ac_id >= 0:  # AC mode: force <AC> after max_sentence_tokens tokens without one (under any cache)
+        force_B = (sampling.max_sentence_tokens > 0) & (st.open_len >= sampling.max_sentence_tokens)
         nxt_B = jnp.where(force_B, spec.ac_id, nxt_B)
     stop_B = (nxt_B[:, None] == sampling.stop_ids[None]).any(-1) | (index_B + 1 >= limit_B)
     st = track(st, active_B, st.cache.capacity - 1)  # before stopping: the last fed token counts too

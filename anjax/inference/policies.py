@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from anjax.core.cache import compact, pack_order, write_slots
 from anjax.core.config import ModelConfig
 from anjax.core.model import Llama
-from anjax.inference.state import EngineSpec, GenState, chunk_meta, track
+from anjax.inference.state import EngineSpec, GenState, advance_sentence, chunk_meta, track
 
 POLICIES = ("window", "snapkv", "h2o")
 FULL = EngineSpec(anchor_cache=False)
@@ -173,7 +173,7 @@ def observe_step(
     state = state.replace(
         cache=compact(cache, cache.valid),
         next_pos=state.next_pos + meta.valid.sum(1, dtype=jnp.int32),
-        open_seg=state.open_seg + meta.anchor.sum(1, dtype=jnp.int32),
+        **advance_sentence(spec, state, meta.anchor, meta.valid),
     )
     if not observers:
         return logits, state, mass_IxLxBxKxC

@@ -43,6 +43,7 @@ class GenState:
     next_pos: jax.Array  # true position of the row's next token
     open_seg: jax.Array  # sentence index of the next token (the open sentence)
     open_start: jax.Array  # decode: first slot of the open sentence's tail after its last protected slot
+    open_len: jax.Array  # tokens of the open sentence fed so far, BOS not counted (kept here: a policy may evict them)
     done: jax.Array  # bool: the row takes no more tokens
     peak: jax.Array  # most slots the row used (`length`) after a compaction
     overflow: jax.Array  # [B, 4] (slots needed, anchors, open-sentence, protected tokens) at overflow, else 0
@@ -60,6 +61,7 @@ def init_state(cfg: ModelConfig, batch: int, slots: int, done_B: jax.Array, spli
         next_pos=zeros_B(),
         open_seg=zeros_B(),
         open_start=zeros_B(),
+        open_len=zeros_B(),
         done=jnp.array(done_B, bool),
         peak=zeros_B(),
         overflow=jnp.zeros((batch, 4), jnp.int32),
@@ -71,6 +73,20 @@ def next_positions(state: GenState, spec: EngineSpec) -> jax.Array:
     if spec.reference_positions:
         return state.cache.valid.sum(axis=1, dtype=jnp.int32)
     return state.next_pos
+
+
+def advance_sentence(spec: EngineSpec, state: GenState, anchor_BxT: jax.Array, valid_BxT: jax.Array) -> dict:
+    """{open_seg, open_len} [B] after appending a chunk with these anchor and valid flags [B, T]: the open
+    sentence's length restarts after the chunk's last anchor, and the BOS (true position 0) is not counted."""
+    v = valid_BxT.astype(jnp.int32)
+    counted = valid_BxT & ~anchor_BxT
+    if spec.skip_bos:
+        counted &= state.next_pos[:, None] + jnp.cumsum(v, 1) - v > 0
+    a = anchor_BxT.astype(jnp.int32)
+    after_last_anchor = jnp.cumsum(a[:, ::-1], 1)[:, ::-1] == 0
+    tail_B = (counted & after_last_anchor).sum(1, dtype=jnp.int32)
+    closed_B = a.sum(1, dtype=jnp.int32)
+    return dict(open_seg=state.open_seg + closed_B, open_len=jnp.where(closed_B > 0, tail_B, state.open_len + tail_B))
 
 
 def chunk_meta(
