@@ -14,8 +14,10 @@ Stage 2, timings (best of 2 after a warm-up, bf16, 4-layer SmolLM2 shape): prefi
 cache) and train step (loss + gradients) dense vs kernel at 4k and 16k; decode of 64 tokens after a
 4k-token prompt at batch 1 and 16, anchor vs full cache.
 A check starts only while its stage's time is left; the JSON (`OUT/device_check.json`) is rewritten after
-every check, so a hard stop (the shell's `timeout`) keeps what ran. `--dry-run` runs every check at tiny
-sizes on the CPU, the kernel in Pallas interpret mode (`--kernel`, default gpu).
+every check, so a hard stop (the shell's `timeout`) keeps what ran; it passes iff every stage-1 check passed
+(stage 2 records timings, and errors such as dense attention out of memory at 16k, without failing).
+`--dry-run` runs every check at tiny sizes on the CPU, the kernel in Pallas interpret mode (`--kernel`,
+default gpu).
 """
 
 from __future__ import annotations
@@ -216,10 +218,16 @@ def time_prefill_and_train(kernel, sz: Sizes, L: int) -> dict:
         params = init_params(cfg, jax.random.PRNGKey(0))
         state = init_state(cfg, 1, L, jnp.zeros((1,), bool))
         prefill = jax.jit(lambda p, s, t, v, cfg=cfg: engine.prefill(cfg, spec, p, s, t, v).cache)
-        name = "dense" if attention == "dense" else "kernel"
-        row[f"prefill_{name}_s"] = best_time(prefill, params, state, batch["tokens"], batch["valid"])
         step = jax.jit(jax.value_and_grad(lambda p, cfg=cfg: loss_sums(cfg, p, batch, False)[0]))
-        row[f"train_{name}_s"] = best_time(step, params)
+        name = "dense" if attention == "dense" else "kernel"
+        for what, fn, args in (
+            ("prefill", prefill, (params, state, batch["tokens"], batch["valid"])),
+            ("train", step, (params,)),
+        ):
+            try:  # e.g. dense attention out of memory at 16k: recorded, the kernel still measured
+                row[f"{what}_{name}_s"] = best_time(fn, *args)
+            except Exception as e:
+                row[f"{what}_{name}_error"] = f"{type(e).__name__}: {e}"[:300]
     return row
 
 
@@ -302,7 +310,7 @@ def run(args) -> dict:
             print(f"[{stage}] {name}: {entry['status']} ({entry.get('seconds', 0)} s)", flush=True)
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "device_check.json").write_text(json.dumps(result, indent=1))
-    result["passed"] = all(c["status"] in ("pass", "done") for c in result["checks"])
+    result["passed"] = all(c["status"] == "pass" for c in result["checks"] if c["stage"] == 1)  # stage 2: timings
     (args.out / "device_check.json").write_text(json.dumps(result, indent=1))
     return result
 

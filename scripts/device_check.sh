@@ -3,7 +3,7 @@
 #   stage 1 (<= 3 min): the Pallas kernel vs dense at 4k (fp32, bf16: output, LSE, gradients), the engine's
 #     exactness tests on the device, a 3-step training loss with attention=kernel equal to dense;
 #   stage 2: prefill and train step dense vs kernel at 4k/16k, decode b1/b16 anchor vs full cache.
-# Result: ${OUT:-device_results}/device_check.json (rewritten after every check); exit 0 iff all passed.
+# Result: ${OUT:-device_results}/device_check.json (rewritten after every check); exit 0 iff stage 1 passed.
 # `--dry-run` rehearses every stage at tiny sizes on the CPU (the kernel in Pallas interpret mode).
 # Run from anywhere with a Python that has requirements.txt installed (PY=...).
 set -uo pipefail
