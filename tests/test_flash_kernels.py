@@ -5,9 +5,9 @@ Verification matrix (both kernels, GPU Triton and TPU Mosaic, on CPU): T = 512 (
 boundaries, with padding; float32 and bfloat16. Checked: the band kernel's output and LSE against the dense
 softmax under `attention_allowed` restricted to the query's sentence, and the whole sparse path (band on the
 kernel + anchors tiled, merged by LSE) with its gradients against dense attention under the predicate.
-Tolerances (max abs error; bf16 against fp32 math on the same bf16 inputs): fp32 out/LSE 2e-5, grads 2e-4 x
-max|grad|; bf16 out 2e-2, LSE 1e-4 (fp32 logits of bf16 inputs), grads 2e-2 x max|grad| (P is rounded to
-bf16 before P·V, as on device).
+Errors and tolerances are the device check's (benchmarks/device_check.py `kernel_errors`, `TOL`; max abs error,
+bf16 against fp32 math on the same bf16 inputs): fp32 out/LSE 2e-5, grads 2e-4 x max|grad|; bf16 out 2e-2, LSE
+1e-4 (fp32 logits of bf16 inputs), grads 2e-2 x max|grad| (P is rounded to bf16 before P·V, as on device).
 """
 
 import jax
@@ -18,49 +18,14 @@ from conftest import load_script, slow_case
 
 from anjax.core import flash_kernels as fk
 from anjax.core import sparse_attention as sa
-from anjax.core.mask import attention_allowed, token_metadata
-from anjax.core.model import dot_attention
 
-bench = load_script("benchmarks/bench_attention.py")
-H, K, D = 2, 1, 16  # GQA: two query heads share one key/value head
-TOL = {  # (out, lse, grads relative to the largest gradient)
-    "float32": (2e-5, 2e-5, 2e-4),
-    "bfloat16": (2e-2, 1e-4, 2e-2),
-}
+dc = load_script("benchmarks/device_check.py")  # kernel_errors / failures / TOL: the device check's own
+HEADS = (2, 1, 16)  # GQA: two query heads share one key/value head; head_dim 16
 
 
 def case(mode: str, T: int, seed: int, rows: int = 2, pad: int = 37, dtype: str = "float32"):
-    """(meta, q, k, v): packed EP/AC rows with `pad` padding tokens, random q/k/v in `dtype`."""
-    rng = np.random.default_rng(seed)
-    batch = bench.packed_batch(mode, T, rng, rows=rows, pad=pad)
-    meta = token_metadata(batch["tokens"], batch["valid"], batch["doc"], anchor_ids=bench.anchor_ids(mode))
-    q = jnp.asarray(rng.standard_normal((rows, T, H, D)), dtype)
-    k, v = (jnp.asarray(rng.standard_normal((rows, T, K, D)), dtype) for _ in range(2))
-    return meta, q, k, v
-
-
-def band_allowed(meta, full: bool):
-    """[B, T, T] the predicate restricted to the query's own sentence (its document when `full`)."""
-    allowed = attention_allowed(meta, meta, full)
-    return allowed if full else allowed & (meta.seg[:, None, :] == meta.seg[:, :, None])
-
-
-def dense_band(q_BxTxHxD, k, v, allowed_BxTxT):
-    """(out [B, K, G, T, D], lse [B, K, G, T]) in fp32: q already scaled."""
-    B, T, _, _ = q_BxTxHxD.shape
-    f32 = lambda x: x.astype(jnp.float32)
-    qg = f32(q_BxTxHxD).reshape(B, T, K, H // K, D)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, f32(k))
-    s = jnp.where(allowed_BxTxT[:, None, None], s, -jnp.inf)
-    lse = jax.nn.logsumexp(s, -1)
-    out = jnp.einsum("bkgts,bskd->bkgtd", jnp.exp(s - lse[..., None]), f32(v))
-    return out, lse
-
-
-def loss(attend, q, k, v, meta, full):
-    w = jnp.cos(jnp.arange(D, dtype=jnp.float32))
-    out = attend(q, k, v, meta, full).astype(jnp.float32)
-    return jnp.sum(jnp.where(meta.valid[..., None, None], out, 0.0) * w)
+    """(meta, q, k, v): `rows` packed EP/AC rows with `pad` padding tokens, random q/k/v in `dtype`."""
+    return dc.kernel_case(mode, T, HEADS, dtype, seed=seed, rows=rows, pad=pad)
 
 
 MATRIX = [  # interpret mode is slow (TPU ~40 s, GPU ~20 s for 512): two cases in the fast tier
@@ -77,34 +42,10 @@ MATRIX = [  # interpret mode is slow (TPU ~40 s, GPU ~20 s for 512): two cases i
 
 @pytest.mark.parametrize("name,mode,T,dtype", MATRIX)
 def test_kernel_equals_dense_predicate(name, mode, T, dtype):
-    """Band kernel: out and LSE vs the dense band; sparse path on the kernel: out and grads vs dense."""
-    kernel = fk.Kernel(name, interpret=True)
+    """Band kernel: out and LSE vs the dense band; sparse path on the kernel: out, dQ, dK, dV vs dense."""
     meta, q, k, v = case(mode, T, seed=T + len(mode), dtype=dtype)
-    tol_out, tol_lse, tol_grad = TOL[dtype]
-    valid = np.asarray(meta.valid)
-    vq = valid[:, None, None, :]  # [B, 1, 1, T] over [B, K, G, T]
-    start = sa.band_starts(meta, False)
-    q_BxKxGxTxD = q.reshape(*q.shape[:2], K, H // K, D).transpose(0, 2, 3, 1, 4)
-
-    on_kernel = lambda q, k, v, meta, full: sa.sparse_attention(q, k, v, meta, full, kernel=kernel)
-    f32 = lambda x: x.astype(jnp.float32)
-    dense = lambda q, k, v, meta, full: dot_attention(f32(q), f32(k), f32(v), attention_allowed(meta, meta, full))
-
-    @jax.jit
-    def run(q, k, v, q_BxKxGxTxD, meta, start):
-        band = fk.band_flash(kernel, q_BxKxGxTxD, k, v, start)
-        want_band = dense_band(q, k, v, band_allowed(meta, False))
-        grads = [jax.grad(loss, argnums=(1, 2, 3))(f, q, k, v, meta, False) for f in (dense, on_kernel)]
-        return band, want_band, on_kernel(q, k, v, meta, False), dense(q, k, v, meta, False), grads
-
-    (out_b, lse_b), (want_out_b, want_lse_b), got, want, (g_want, g_got) = run(q, k, v, q_BxKxGxTxD, meta, start)
-    err = lambda a, b, m: float(np.abs(np.asarray(f32(a) - f32(b)))[m].max())
-    assert err(out_b, want_out_b, np.broadcast_to(vq[..., None], out_b.shape)) <= tol_out
-    assert err(lse_b, want_lse_b, np.broadcast_to(vq, lse_b.shape)) <= tol_lse
-    assert err(got, want, np.broadcast_to(valid[..., None, None], got.shape)) <= tol_out
-    for g, w in zip(g_got, g_want):
-        assert g.dtype == q.dtype
-        assert err(g, w, np.ones(g.shape, bool)) <= tol_grad * float(jnp.abs(w).max())
+    errors = dc.kernel_errors(fk.Kernel(name, interpret=True), meta, q, k, v)
+    assert not dc.failures(errors, dtype), errors
 
 
 @pytest.mark.parametrize("mode", ["ep", "ac"])
@@ -115,7 +56,7 @@ def test_block_ranges_are_the_predicates_blocks(mode, block):
     padding: each sentence's tokens contiguous); with padding they still cover every such pair."""
     for pad in (0, 300):
         meta, *_ = case(mode, 4096, seed=block + pad, rows=1, pad=pad)
-        allowed = np.asarray(band_allowed(meta, False))[0]
+        allowed = np.asarray(dc.band_allowed(meta))[0]
         n = 4096 // block
         brute = allowed.reshape(n, block, n, block).any((1, 3))
         first, last = fk.band_blocks(sa.band_starts(meta, False), block)
@@ -138,6 +79,7 @@ def test_skipped_blocks_are_never_read(name):
     meta, q, k, v = case("ep", 4 * b, seed=3, rows=1, pad=0)
     start = sa.band_starts(meta, False)
     visits = np.asarray(fk.block_mask(fk.band_blocks(start, b)[0]))[0]
+    H, K, D = HEADS
     q5 = q.reshape(1, 4 * b, K, H // K, D).transpose(0, 2, 3, 1, 4)
     j = 1  # a key block some query blocks after it skip
     assert visits[:, j].sum() >= 2 and not visits[:, j].all()

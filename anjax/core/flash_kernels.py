@@ -35,6 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
+
+from anjax.core.sharding import BATCH_AXES
 
 KERNELS = ("gpu", "tpu")
 GPU_BLOCK = 64  # Triton query/key block
@@ -108,8 +112,6 @@ def _per_device(fn, args, head_dims: tuple, out_head_dims: tuple):
     """`fn(*args)` under the mesh in force (`jax.set_mesh`, as the train step traces), as a shard_map: Pallas
     kernels are not partitioned automatically. Rows split over the batch axes, key/value heads (dim
     `head_dims[i]` of args[i], None: none) over "tensor" when they divide; no mesh: a plain call."""
-    from anjax.core.sharding import BATCH_AXES
-
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return fn(*args)
@@ -196,8 +198,6 @@ def _dot(a, b, trans_a=False, trans_b=False):
 
 
 def _gpu_params():
-    from jax.experimental.pallas import triton as plgpu
-
     return plgpu.CompilerParams(num_warps=4, num_stages=2)
 
 
@@ -320,12 +320,6 @@ def _gpu_backward(interpret, q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, start_BxT, lse_BxH
 # ----------------------------------------------------------------------------- TPU (Mosaic)
 
 
-def _tpu():
-    from jax.experimental.pallas import tpu as pltpu
-
-    return pltpu
-
-
 def _lanes(x_RxL, width: int):
     """A lane-replicated [R, 128] statistic as [R, width] (width <= 128 or a multiple of 128)."""
     return x_RxL[:, :width] if width <= LANES else jnp.tile(x_RxL, (1, width // LANES))
@@ -342,7 +336,6 @@ def _tpu_mask(sq_ref, sk_ref, i, j):
 
 def _tpu_call(kernel, interpret, grid, args, prefetch, in_specs, out_specs, out_shape, scratch, name):
     """`kernel` over `grid` on `args`, whose first `prefetch` (the block ranges) are scalar-prefetched."""
-    pltpu = _tpu()
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
