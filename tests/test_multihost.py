@@ -22,8 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow  # train.py's run in 2 + 1 subprocesses
-
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (data, fsdp, tensor); "resumed" continues a copy of the 2-process d2f2 run on 1 process
 # "long" (LONG_STEPS, no validation or periodic checkpoint) is the run that a signal interrupts
@@ -85,6 +83,7 @@ def losses(run_dir: Path, first: int = 1, last: int = STEPS) -> list[float]:
     return [recs[s]["loss"] for s in range(first, last + 1)]
 
 
+@pytest.mark.slow  # train.py's run in 2 + 1 subprocesses
 def test_every_mesh_over_two_processes_trains_on_the_global_batches(tmp_path):
     two = launch(tmp_path, ["d2f2", "f4", "t4", "d2t2"], processes=2, devices=2)
     finish(two)
@@ -105,6 +104,7 @@ def test_every_mesh_over_two_processes_trains_on_the_global_batches(tmp_path):
     np.testing.assert_allclose(losses(resumed, first=4), reference[3:], rtol=2e-5)
 
 
+@pytest.mark.slow  # train.py's run in 2 + 2 + 2 subprocesses
 def test_sigterm_to_one_process_saves_both_at_one_step_and_resumes_bit_identically(tmp_path):
     cut, steady = tmp_path / "cut", tmp_path / "steady"
     procs = launch(cut, ["long"], processes=2, devices=2)
@@ -121,6 +121,33 @@ def test_sigterm_to_one_process_saves_both_at_one_step_and_resumes_bit_identical
     finish(launch(cut, ["long"], processes=2, devices=2))
     finish(uninterrupted)
     assert losses(cut / "long", last=LONG_STEPS) == losses(steady / "long", last=LONG_STEPS)
+
+
+def test_a_checkpoint_without_its_layout_resumes_on_one_process_only(monkeypatch):
+    """Checkpoints of older anjax (data {"step": n}, read per process from document shards) prove nothing
+    about the data order they saw: accepted on 1 process (where both orders agree), refused on 2."""
+    import jax
+
+    from anjax.core import sharding
+    from anjax.io.run_dir import CheckpointError
+    from anjax.train import setup
+    from anjax.train.data import BatchIterator, CorpusStats, TokenizedCorpus
+
+    stats = CorpusStats(documents=2, skipped=0, sentences=2, tokens=64, anchors=0)
+    corpus = TokenizedCorpus(np.arange(64, dtype=np.int32), np.array([0, 32, 64]), np.zeros(2, np.int32), stats)
+    it = BatchIterator(corpus, batch_size=2, seq_len=8, packing=True)
+    mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
+    setup.restore_data(it, {"step": 7}, mesh, "checkpoint X")
+    assert it.step == 7 and setup.data_record(it, mesh) == {
+        "iterator": {"step": 7},
+        "processes": 1,
+        "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+    }
+    setup.restore_data(it, {"iterator": {"step": 9}, "processes": 2, "mesh": {"data": 2}}, mesh, "checkpoint X")
+    assert it.step == 9  # a layout record: the global order, whatever processes and mesh wrote it
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(CheckpointError, match="^checkpoint X does not record how many processes wrote it"):
+        setup.restore_data(it, {"step": 7}, mesh, "checkpoint X")
 
 
 if __name__ == "__main__":
