@@ -589,7 +589,7 @@ def test_lm_eval_adapter_scorer_and_engine_share_one_runtime_and_the_weights(tin
     from anjax.inference.runtime import Runtime
 
     made, original = [], Runtime.__init__
-    monkeypatch.setattr(Runtime, "__init__", lambda self: (made.append(self), original(self))[1])
+    monkeypatch.setattr(Runtime, "__init__", lambda self, *a: (made.append(self), original(self, *a))[1])
     cfg, params, tok = tiny
     lm = AnjaxLM(scoring_model=scoring.scoring_model(cfg, params, tok, anchor_mode="ep"), cache="anchor")
     engine = lm.engine()
