@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
 from anjax import cli
-from anjax.core.config import ModelConfig
+from anjax.cli import serve_aot
+from anjax.core.config import DTYPES, ModelConfig
 from anjax.core.model import init_params
 from anjax.inference import engine as generate
 from anjax.train import run_config
@@ -192,6 +193,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="inference cache (default: anchor when the model has anchors)",
     )
+    parser.add_argument(
+        "--mesh",
+        type=cli.parse_mesh,
+        default=None,
+        metavar="data=D,tensor=T",
+        help="prefill/decode over D x T devices as the engine places them (anjax.cli.serve_aot); default one device",
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="prefill/decode parameters and compute (default: the config's)"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     for name in ("batch", "capacity", "chunk", "new_tokens"):
@@ -210,9 +221,12 @@ def main(argv: list[str] | None = None) -> int:
             steps.append(train_report(rc, cfg, target))
         else:
             anchor = (args.cache or ("anchor" if cfg.anchor_ids else "full")) == "anchor"
-            steps.append(
-                inference_report(step, cfg, target, args.batch, args.capacity, args.chunk, args.new_tokens, anchor)
-            )
+            icfg = cfg.replace(dtype=args.dtype, param_dtype=args.dtype) if args.dtype else cfg
+            sizes = (args.batch, args.capacity, args.chunk, args.new_tokens, anchor)
+            if args.mesh:
+                steps.append(serve_aot.serving_report(step, icfg, target, args.mesh, *sizes))
+            else:
+                steps.append(inference_report(step, icfg, target, *sizes))
     report = {
         "config": args.config,
         "topology": target.name,

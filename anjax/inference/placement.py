@@ -70,7 +70,8 @@ def state_axes(state):
     return jax.tree_util.tree_map_with_path(axes, state)
 
 
-def _specs(state, mesh):
+def state_specs(state, mesh):
+    """The PartitionSpec of every leaf of a `GenState` (`state_axes` under the rules) on a Mesh or AbstractMesh."""
     is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)  # noqa: E731
     return jax.tree.map(
         lambda ax, x: sharding.logical_spec(ax, x.shape, mesh), state_axes(state), state, is_leaf=is_axes
@@ -81,7 +82,7 @@ def place_state(state, mesh: jax.sharding.Mesh | None):
     """A `GenState` made on the host or one device, placed as `constrain_state` keeps it."""
     if mesh is None:
         return state
-    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), state, _specs(state, mesh))
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), state, state_specs(state, mesh))
 
 
 def constrain_state(state):
@@ -90,4 +91,4 @@ def constrain_state(state):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return state
-    return jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(x, s), state, _specs(state, mesh))
+    return jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(x, s), state, state_specs(state, mesh))
