@@ -36,6 +36,7 @@ def test_prefill_and_decode_argument_bytes_are_the_split_weights_and_cache():
     proc = run_aot(*TINY, *SIZES, "--step", "prefill", "--step", "decode", "--mesh", "data=2,tensor=2", "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
+    assert report["model"]["inference_dtype"] == "bfloat16"
     cfg = aot.model_config(run_config.load("configs/tiny.yaml", ["anchors.mode=ep"]))
     n_params = sum(
         math.prod(x.shape) for x in jax.tree.leaves(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))

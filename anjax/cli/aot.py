@@ -216,12 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     target = make_target(args.topology)
     cfg = target_attention(cfg, target)
     steps = []
+    icfg = cfg.replace(dtype=args.dtype, param_dtype=args.dtype) if args.dtype else cfg  # prefill/decode
     for step in args.step or ["train"]:
         if step == "train":
             steps.append(train_report(rc, cfg, target))
         else:
             anchor = (args.cache or ("anchor" if cfg.anchor_ids else "full")) == "anchor"
-            icfg = cfg.replace(dtype=args.dtype, param_dtype=args.dtype) if args.dtype else cfg
             sizes = (args.batch, args.capacity, args.chunk, args.new_tokens, anchor)
             if args.mesh:
                 steps.append(serve_aot.serving_report(step, icfg, target, args.mesh, *sizes))
@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             vocab=cfg.vocab_size,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
+            inference_dtype=icfg.dtype,
             remat=cfg.remat,
             scan_layers=cfg.scan_layers,
             attention=cfg.attention,
