@@ -71,13 +71,14 @@ def available_bytes(device) -> int | None:
 
 def check_cache_fits(engine, slots: int, capacity: int) -> None:
     """UsageError when the decode cache (keys and values of every layer, `slots` rows of `capacity` + 1
-    slots) needs more bytes than the device has free."""
+    slots) needs more bytes per device than a device has free (the cache is split evenly over a mesh)."""
     import jax
     import numpy as np
 
-    cfg = engine.cfg
+    cfg, mesh = engine.cfg, engine.runtime.mesh
     need = 2 * cfg.num_layers * slots * (capacity + 1) * cfg.num_kv_heads * cfg.head_dim
     need *= np.dtype(cfg.dtype).itemsize
+    need //= 1 if mesh is None else mesh.size
     free = available_bytes(jax.devices()[0])
     if free is not None and need > free:
         raise cli.UsageError(
