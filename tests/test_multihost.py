@@ -1,10 +1,12 @@
 """Multi-host training: 2 local processes x 2 CPU devices joined by jax.distributed (gloo) against one
 process with 4 devices. Every mesh trains on the same global batches (the per-step losses agree), a
-checkpoint written by 2 processes resumes on 1 with the batches an uninterrupted run would have seen,
-and a SIGTERM to one process makes both save at one step, exit 0 and resume bit-identically.
+checkpoint written by 2 processes resumes on 1 with the batches an uninterrupted run would have seen
+(the mesh runs read a prepared corpus, `anjax.prepare`), and a SIGTERM to one process makes both save at
+one step, exit 0 and resume bit-identically.
 
 The `__main__` half is the worker: `python tests/test_multihost.py ROOT NAME...` runs train.py's whole run
-(`anjax.train.loop.train`) for each named mesh of MESHES in ROOT/NAME, one after another in one process.
+(`anjax.train.loop.train`) for each named mesh of MESHES in ROOT/NAME, one after another in one process, on
+the prepared corpus ROOT/corpus when there is one.
 """
 
 from __future__ import annotations
@@ -47,6 +49,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def prepare_corpus(root: Path) -> None:
+    """The tiny config's corpus (embedded, AC, SmolLM2's tokenizer) prepared into ROOT/corpus."""
+    from anjax.io.loading import load_tokenizer
+    from anjax.text.anchors import add_ac_token, make_scheme
+    from anjax.train import prepare
+    from anjax.train.data import DataConfig
+
+    tokenizer = load_tokenizer(None)
+    add_ac_token(tokenizer)
+    splits = {"train": "train", "validation": "validation"}
+    prepare.prepare(DataConfig(), tokenizer, make_scheme(tokenizer, "ac"), root / "corpus", splits, workers=1)
+
+
 def launch(root: Path, names: list[str], processes: int, devices: int) -> list[subprocess.Popen]:
     """`processes` workers, each with `devices` CPU devices, training the meshes `names` under `root`."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=str(ROOT))
@@ -85,6 +100,7 @@ def losses(run_dir: Path, first: int = 1, last: int = STEPS) -> list[float]:
 
 @pytest.mark.slow  # train.py's run in 2 + 1 subprocesses
 def test_every_mesh_over_two_processes_trains_on_the_global_batches(tmp_path):
+    prepare_corpus(tmp_path)
     two = launch(tmp_path, ["d2f2", "f4", "t4", "d2t2"], processes=2, devices=2)
     finish(two)
     resumed = tmp_path / "resumed"  # the 2-process d2f2 run cut back to its step-3 checkpoint
@@ -159,4 +175,5 @@ if __name__ == "__main__":
         mesh = dict(zip(("data", "fsdp", "tensor"), MESHES[name]))
         sets = [*(LONG if name == "long" else OVERRIDES), f"run.dir={root / name}"]
         sets += [f"mesh.{k}={v}" for k, v in mesh.items()]
+        sets += [f"data.path={root / 'corpus'}"] if (root / "corpus").is_dir() else []
         assert loop.train(run_config.load(ROOT / "configs" / "tiny.yaml", sets)) == 0
