@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end: make an AnLLM-AC from the embedded SmolLM2-135M and use it.
-#   1. zero-shot slice of the eight tasks on the base model (full cache, and EP anchor cache)
-#   2. continued pre-training with the anchor mask (train.py; validation loss in both modes)
+#   1. continued pre-training with the anchor mask (train.py; validation loss in both modes), first, so that
+#      RUN is the run directory anjax made (train.py refuses a folder holding files it did not write)
+#   2. zero-shot slice of the eight tasks on the base model (full cache, and EP anchor cache)
 #   3. export to Hugging Face format (python -m anjax.export)
 #   4. the same zero-shot slice on the AnLLM-AC (full and anchor cache: Acc, C↓, T↑)
 #   5. a generation demo with cache statistics (infer.py)
@@ -20,10 +21,6 @@ PROMPT=${PROMPT:-"The Python interpreter reads a program. It parses the text int
 base_arg=(); [ -n "$BASE_MODEL" ] && base_arg=(--model "$BASE_MODEL")
 stage() { echo; echo "=== [$1/5] $2 ($(date +%H:%M:%S))"; }
 
-stage 1 "evaluate the base model: $TASKS, $LIMIT docs each, zero-shot"
-$PY -m anjax.evaluate "${base_arg[@]}" --tasks "$TASKS" --limit "$LIMIT" --shots 0 --cache full,anchor \
-    --anchor-mode ep --out-dir "$RUN/eval" --name before
-
 if [ "$DATA" = auto ]; then
     # the README's main-job table trained on the offline corpus: build it when missing (~5 min)
     [ -f data/corpus/dataset_dict.json ] || $PY -m anjax.corpus \
@@ -31,9 +28,13 @@ if [ "$DATA" = auto ]; then
     if [ -f data/corpus/dataset_dict.json ]; then DATA=data/corpus; else DATA=embedded; fi
 fi
 data_arg=(); [ "$DATA" != embedded ] && data_arg=("data.path=$DATA")
-stage 2 "continued pre-training as AnLLM-AC ($CONFIG, data: $DATA)"
+stage 1 "continued pre-training as AnLLM-AC ($CONFIG, data: $DATA)"
 # shellcheck disable=SC2086
 $PY train.py --config "$CONFIG" --set run.dir="$RUN" checkpoint.export_hf=false "${data_arg[@]}" $TRAIN_SET
+
+stage 2 "evaluate the base model: $TASKS, $LIMIT docs each, zero-shot"
+$PY -m anjax.evaluate "${base_arg[@]}" --tasks "$TASKS" --limit "$LIMIT" --shots 0 --cache full,anchor \
+    --anchor-mode ep --out-dir "$RUN/eval" --name before
 
 stage 3 "export to Hugging Face format"
 $PY -m anjax.export --model "$RUN" --out "$RUN/hf"

@@ -287,11 +287,11 @@ def test_cli_writes_table_json_and_plot(tiny_model_dir, tmp_path, capsys):
 
 
 CLOCK_FIELDS = {"seconds", "t_vs_full", "t_vs_recompute", "full_seconds", "recompute_seconds"}
-CLOCK_FIELDS |= {"wall_seconds", "compile_seconds"}
+CLOCK_FIELDS |= {"wall_seconds", "compile_seconds", "provenance"}  # provenance: when, where, which command
 
 
 def without_clock(x):
-    """A report minus its wall-clock fields (timed seconds, T↑)."""
+    """A report minus its wall-clock fields (timed seconds, T↑) and its provenance record."""
     if isinstance(x, dict):
         return {k: without_clock(v) for k, v in x.items() if k not in CLOCK_FIELDS}
     return [without_clock(v) for v in x] if isinstance(x, list) else x

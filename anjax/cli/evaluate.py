@@ -106,7 +106,7 @@ def check_args(args) -> tuple[list[str], list[str]]:
     if not args.name or "/" in args.name:
         raise ValueError(f"--name must be a file stem without '/', got {args.name!r}")
     inputs = [("--tasks", n) for n in names if n.endswith(".jsonl")]
-    if args.perplexity:
+    if getattr(args, "perplexity", True):  # the quality report (no --perplexity flag) always scores it
         inputs.append(("--ppl-data", args.ppl_data))
     if args.out_dir is not None:  # outputs are probed now, not discovered unwritable after the scoring
         out_dir = cli.check_writable_dir(args.out_dir, "--out-dir")
