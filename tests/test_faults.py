@@ -674,7 +674,8 @@ def _wait_for(proc, pattern, timeout=300):
 @pytest.mark.slow  # infer.py subprocesses
 @pytest.mark.parametrize("delay", [0.0, 2.0])
 def test_ctrl_c_during_generation_exits_130_and_writes_nothing(model_dir, work, delay):
-    (work / "in.jsonl").write_text("".join(json.dumps({"prompt": f"The cat {i} sat."}) + "\n" for i in range(400)))  # far more than 2 s of work
+    prompts = [json.dumps({"prompt": f"The cat {i} sat."}) + "\n" for i in range(400)]  # far more than 2 s of work
+    (work / "in.jsonl").write_text("".join(prompts))
     before = files(work)
     argv = ["--model", model_dir, "--input", "in.jsonl", "--output", "out.jsonl", "--max-new-tokens", 200]
     argv += ["--batch-size", 1, "--anchor-mode", "ep"]
