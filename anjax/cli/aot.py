@@ -1,96 +1,31 @@
 """`python -m anjax.aot`: ahead-of-time compilation for a topology that is not attached (`anjax.train.aot`).
 
-The command and the engine's prefill/decode report (the engine is inference, the library is train: both meet here).
+The command; the train step's report is `anjax.train.aot`'s, the engine's prefill/decode report
+`anjax.cli.serve_aot`'s (one device unless `--mesh`).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import SingleDeviceSharding
 
 from anjax import cli
 from anjax.cli import serve_aot
-from anjax.core.config import DTYPES, ModelConfig
-from anjax.core.model import init_params
-from anjax.inference import engine as generate
+from anjax.core.config import DTYPES
 from anjax.train import run_config
 from anjax.train.aot import (
     MODEL_SHAPES,
     GiB,
-    Target,
     attention_path,
-    compile_report,
-    forward_flops,
-    kv_bytes,
     make_target,
     model_config,
     num_params,
     target_attention,
     train_report,
 )
-
-
-def inference_report(
-    step: str,
-    cfg: ModelConfig,
-    target: Target,
-    batch: int,
-    capacity: int,
-    chunk: int,
-    new_tokens: int,
-    anchor_cache: bool,
-) -> dict[str, Any]:
-    """The engine's prefill chunk or decode loop for [batch] rows on one device of `target`.
-
-    Prefill: one chunk of `chunk` tokens into a cache of capacity + chunk slots (`prefill`).
-    Decode: `decode_loop` for `new_tokens` steps from a cache of `capacity` slots; FLOPs and time per token."""
-    dev = SingleDeviceSharding(target.devices[0])
-    ac_id = cfg.anchor_ids[0] if cfg.anchor_mode == "ac" else -1
-    spec = generate.EngineSpec(anchor_cache=anchor_cache, anchor_ids=cfg.anchor_ids, ac_id=ac_id)
-    on_dev = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), tree)
-    params = on_dev(jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))))
-    slots = capacity + chunk if step == "prefill" else capacity
-    state = on_dev(jax.eval_shape(lambda: generate.init_state(cfg, batch, slots, jnp.zeros((batch,), bool))))
-    row = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype, sharding=dev)
-    if step == "prefill":
-        chunk_BxT = lambda dtype: jax.ShapeDtypeStruct((batch, chunk), dtype, sharding=dev)
-        args = (params, state, chunk_BxT(jnp.int32), chunk_BxT(jnp.bool_), chunk_BxT(jnp.bool_))
-        fn, donate, tokens, keys = functools.partial(generate.prefill, cfg, spec), (1,), batch * chunk, slots
-        extra = {"chunk": chunk}
-    else:
-        samp = generate.Sampling(
-            temperature=row(jnp.float32),
-            top_k=row(jnp.int32),
-            top_p=row(jnp.float32),
-            seed=row(jnp.uint32),
-            stop_ids=jax.ShapeDtypeStruct((generate.MAX_STOP_IDS,), jnp.int32, sharding=dev),
-            max_sentence_tokens=jax.ShapeDtypeStruct((), jnp.int32, sharding=dev),
-        )
-        args = (params, state, row(jnp.int32), row(jnp.bool_), samp)
-        fn = functools.partial(generate.decode_loop, cfg, spec, capacity, new_tokens)
-        donate, tokens, keys = (), batch, capacity + 1
-        extra = {"new_tokens": new_tokens, "per": "token"}
-    flops = forward_flops(cfg, tokens, keys)
-    hbm = num_params(cfg) * jnp.dtype(cfg.param_dtype).itemsize + kv_bytes(cfg, batch, keys)
-    lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
-    report = compile_report(lowered, target, {"params": params, "state": state}, flops, flops, hbm)
-    return {
-        "step": step,
-        "batch": batch,
-        "capacity": capacity,
-        "cache": "anchor" if anchor_cache else "full",
-        **extra,
-        **report,
-    }
-
-
-# ----------------------------------------------------------------------------- CLI
 
 
 def _gib(n: float | None) -> str:
@@ -223,10 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             anchor = (args.cache or ("anchor" if cfg.anchor_ids else "full")) == "anchor"
             sizes = (args.batch, args.capacity, args.chunk, args.new_tokens, anchor)
-            if args.mesh:
-                steps.append(serve_aot.serving_report(step, icfg, target, args.mesh, *sizes))
-            else:
-                steps.append(inference_report(step, icfg, target, *sizes))
+            mesh = args.mesh or {"data": 1, "tensor": 1}  # one device, as the engine runs by default
+            steps.append(serve_aot.serving_report(step, icfg, target, mesh, *sizes))
     report = {
         "config": args.config,
         "topology": target.name,
