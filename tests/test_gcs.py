@@ -101,6 +101,7 @@ def losses(text: str) -> dict[int, float]:
 
 @pytest.mark.slow  # train.py in subprocesses, against the emulator
 def test_run_dir_on_gs_saves_resumes_after_kill9_and_exports(emulator, tmp_path):
+    emulator = dict(emulator, XDG_CACHE_HOME=str(tmp_path / "cache"))  # where a gs:// run prepares its corpus
     local = train(tmp_path / "local", env=emulator)
     cut = train("gs://bucket/run", env=emulator)
     deadline = time.time() + 1200  # start-up is minutes on a loaded 2-core machine
@@ -119,4 +120,4 @@ def test_run_dir_on_gs_saves_resumes_after_kill9_and_exports(emulator, tmp_path)
     exported = json.loads(gs_read(emulator, "gs://bucket/run/export/config.json"))
     assert exported == json.loads((tmp_path / "local" / "export" / "config.json").read_text())
     assert "exported to gs://bucket/run/export" in out and "done: 8 steps (4 in this process" in out
-    assert not Path(ROOT / "gs:").exists()
+    assert not Path(ROOT / "gs:").exists() and (tmp_path / "cache" / "anjax" / "data").is_dir()
