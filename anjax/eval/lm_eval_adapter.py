@@ -38,6 +38,7 @@ module without it raises an ImportError that says so.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -169,10 +170,9 @@ class AnjaxLM(LM):
             if self.budget == evaluate.MATCH_ANCHOR:
                 raise ValueError("budget=match-anchor is for scoring; generation takes a fraction of the context")
             m, p = self.model, self.policy  # m.cfg stores m.scheme (anjax.text.anchors.resolve_scheme)
-            policy = dict(budget=self.budget, policy_sink=p.sink, policy_obs=p.obs, policy_kernel=p.kernel) if p else {}
-            config = EngineConfig(
-                cache=self.cache, batch_size=self.batch_size, chunk_size=self.scorer.chunk_size, **policy
-            )
+            policy = dict(budget=self.budget, sink=p.sink, obs=p.obs, kernel=p.kernel) if p else {}
+            args = dict(cache=self.cache, batch_size=self.batch_size, chunk_size=self.scorer.chunk_size, **policy)
+            config = EngineConfig.from_args(argparse.Namespace(**args))  # model_args are the commands' flag names
             self._engine = Engine(m.cfg, m.params, m.tokenizer, config=config, runtime=self.scorer.runtime)
         return self._engine
 

@@ -431,6 +431,33 @@ class EngineConfig:
         """The slots a policy keeps of a prompt with `fed` tokens before its last."""
         return self.budget if isinstance(self.budget, int) else policies.fraction_slots(self.budget, fed)
 
+    @classmethod
+    def from_args(cls, args: Any) -> EngineConfig:
+        """The config a command's flags give (`anjax.cli.add_engine_args` and the rest of `ARG_FIELDS`, read by
+        their argparse names): one reading of each flag for infer.py, serve and the lm-eval adapter. A flag the
+        command does not have, or leaves None, keeps the field's default."""
+        given = {field: v for name, field in ARG_FIELDS.items() if (v := getattr(args, name, None)) is not None}
+        return cls(**given)
+
+
+# argparse name of a command's flag -> the `EngineConfig` field it sets (`EngineConfig.from_args`)
+ARG_FIELDS = {
+    "cache": "cache",
+    "anchor_mode": "anchor_mode",
+    "anchors": "anchors",
+    "chunk_size": "chunk_size",
+    "capacity": "capacity",
+    "batch_size": "batch_size",
+    "positions": "positions",
+    "sink_tokens": "sink_tokens",
+    "raw_prompt": "raw_prompts",
+    "show_anchors": "show_anchors",
+    "budget": "budget",
+    "sink": "policy_sink",
+    "obs": "policy_obs",
+    "kernel": "policy_kernel",
+}
+
 
 class Engine:
     """Batched generation with an anchor, a full or a policy's cache (see the module docstring), set by an

@@ -1,0 +1,60 @@
+"""The installed commands (`[project.scripts]` in pyproject.toml), one per `python -m` / script form.
+
+    anjax-train = python train.py          anjax-infer = python infer.py
+    anjax-eval = python -m anjax.evaluate  anjax-serve = python -m anjax.serve
+    anjax-export = python -m anjax.export  anjax-aot = python -m anjax.aot
+    anjax-prepare = python -m anjax.prepare
+
+Each runs its module's `main` through `cli.run` (one-line errors, exit codes). The module is imported
+when the command runs, so that one command's `--help` loads nothing of the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import NoReturn
+
+from anjax import cli
+
+# command -> the module whose `main(argv)` it runs (the module behind its `python -m` / script form)
+COMMANDS = {
+    "anjax-train": "anjax.cli.train",
+    "anjax-infer": "anjax.cli.infer",
+    "anjax-eval": "anjax.cli.evaluate",
+    "anjax-serve": "anjax.cli.serve",
+    "anjax-export": "anjax.cli.export",
+    "anjax-aot": "anjax.aot",
+    "anjax-prepare": "anjax.cli.prepare",
+}
+
+
+def _run(command: str) -> NoReturn:
+    cli.run(importlib.import_module(COMMANDS[command]).main)
+
+
+def train() -> NoReturn:
+    _run("anjax-train")
+
+
+def infer() -> NoReturn:
+    _run("anjax-infer")
+
+
+def evaluate() -> NoReturn:
+    _run("anjax-eval")
+
+
+def serve() -> NoReturn:
+    _run("anjax-serve")
+
+
+def export() -> NoReturn:
+    _run("anjax-export")
+
+
+def aot() -> NoReturn:
+    _run("anjax-aot")
+
+
+def prepare() -> NoReturn:
+    _run("anjax-prepare")
