@@ -25,6 +25,7 @@ from anjax.core.cache import KVCache, append_meta, write_slots
 from anjax.core.config import ModelConfig
 from anjax.core.flash_kernels import kernel_for_attention
 from anjax.core.mask import TokenMeta, attention_allowed, token_metadata
+from anjax.core.params import Params
 from anjax.core.sparse_attention import sparse_attention, use_sparse
 
 _init = nn.initializers.normal(0.02)
@@ -291,12 +292,12 @@ def _write_layers(buffer, chunks, offset_B: jax.Array):
     return write_slots(buffer, chunks if isinstance(chunks, jax.Array) else jnp.stack(chunks), offset_B)
 
 
-def init_boxed(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
+def init_boxed(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> Params:
     """Random parameters boxed with their logical axis names (nn.LogicallyPartitioned leaves)."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     return Llama(cfg).init(rng, tokens, token_metadata(tokens, jnp.ones_like(tokens, bool)))["params"]
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
+def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> Params:
     """Random parameters as a plain nested dict (logical axis names stripped)."""
     return nn.meta.unbox(init_boxed(cfg, rng, seq_len))

@@ -9,11 +9,17 @@ numpy; shapes [V, E] (embed) and [E, V] (lm_head).
 
 from __future__ import annotations
 
+from typing import Any, TypeAlias
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from anjax.core.config import ModelConfig
+
+Params: TypeAlias = dict[str, Any]
+"""The model's parameter tree, Flax's "params" collection: nested dicts of arrays (numpy on the host, jax.Array,
+maybe sharded, on devices), the layers stacked as `layers` [L, ...] or one `layer_{i}` each (`with_scan_layers`)."""
 
 
 def stack_layers(layers: list[dict]) -> dict:
@@ -21,7 +27,7 @@ def stack_layers(layers: list[dict]) -> dict:
     return jax.tree.map(lambda *xs: np.stack(xs), *layers)
 
 
-def with_scan_layers(cfg: ModelConfig, params: dict, scan: bool) -> tuple[ModelConfig, dict]:
+def with_scan_layers(cfg: ModelConfig, params: Params, scan: bool) -> tuple[ModelConfig, Params]:
     """(cfg, params) with the layers stacked (`scan`) or one tree per layer; the math is the same.
 
     Unstacking also works under jit (each layer a slice of the stacked leaves)."""
@@ -36,7 +42,7 @@ def with_scan_layers(cfg: ModelConfig, params: dict, scan: bool) -> tuple[ModelC
     return cfg.replace(scan_layers=scan), params
 
 
-def fuse_projections(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
+def fuse_projections(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
     """(cfg, params) with each layer's q, k, v kernels as one `qkv` [E, H + 2K, D] and gate, up as one `gate_up`
     [E, 2F] (`ModelConfig.fused_projections`); the math is the same, in fewer and larger matrix products (decode on
     CPU reads the weights faster so). Stacked or per-layer trees (a stacked leaf has a leading [L] axis)."""
@@ -54,8 +60,8 @@ def fuse_projections(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]
 
 
 def resize_embeddings(
-    cfg: ModelConfig, params: dict, new_vocab: int, init: str = "mean", copy_from: int | None = None
-) -> tuple[ModelConfig, dict]:
+    cfg: ModelConfig, params: Params, new_vocab: int, init: str = "mean", copy_from: int | None = None
+) -> tuple[ModelConfig, Params]:
     """Grow the input (and untied output) embeddings to `new_vocab` rows.
 
     New rows are the mean of the existing rows (`init="mean"`, the paper) or a copy
@@ -79,8 +85,8 @@ def resize_embeddings(
 
 
 def init_embedding_row(
-    cfg: ModelConfig, params: dict, row: int, init: str = "mean", copy_from: int | None = None
-) -> tuple[ModelConfig, dict]:
+    cfg: ModelConfig, params: Params, row: int, init: str = "mean", copy_from: int | None = None
+) -> tuple[ModelConfig, Params]:
     """Give token `row` (a new token, e.g. `<AC>`) a fresh embedding (and untied output) row.
 
     Past the matrix: `resize_embeddings` to row + 1. Inside it (a matrix padded past the

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from anjax.core.params import with_scan_layers
+from anjax.core.params import Params, with_scan_layers
 from anjax.eval.resume import params_digest
 from anjax.io import run_dir
 
@@ -96,7 +96,7 @@ def training_step(path: str | os.PathLike | None) -> int | None:
     return None
 
 
-def weights_fingerprint(cfg, params) -> str:
+def weights_fingerprint(cfg, params: Params) -> str:
     """SHA-256 of the parameters in the per-layer layout (`anjax.eval.resume.params_digest`; fused projections,
     `anjax.core.params.fuse_projections`, hash as they are)."""
     if cfg.scan_layers:

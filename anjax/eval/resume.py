@@ -27,13 +27,14 @@ from typing import Any
 import jax
 import numpy as np
 
+from anjax.core.params import Params
 from anjax.eval import tasks
 from anjax.inference.policies import Policy
 from anjax.inference.scoring import ScoringModel
 from anjax.io import outputs
 
 
-def params_digest(params) -> str:
+def params_digest(params: Params) -> str:
     """SHA-256 of every parameter's name, dtype, shape and bytes (host copies, one leaf at a time)."""
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):

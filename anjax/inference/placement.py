@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding
 from anjax.core import sharding
 from anjax.core.config import ModelConfig
 from anjax.core.model import init_boxed
+from anjax.core.params import Params
 
 KV_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")  # keys/values [L, B, K, C, D]
 
@@ -45,7 +46,7 @@ def rows(mesh: jax.sharding.Mesh | None) -> int:
     return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def place_params(cfg: ModelConfig, params, mesh: jax.sharding.Mesh | None):
+def place_params(cfg: ModelConfig, params: Params, mesh: jax.sharding.Mesh | None) -> Params:
     """The parameter tree on the device, or split over `mesh` by the logical axes `cfg`'s model gives it."""
     if mesh is None:
         return jax.device_put(params)

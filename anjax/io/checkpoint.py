@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 
 from anjax.core.config import ModelConfig
 from anjax.core.model import init_params
-from anjax.core.params import with_scan_layers
+from anjax.core.params import Params, with_scan_layers
 from anjax.io.run_dir import CheckpointError, is_remote, load_model_config, storage_path
 from anjax.io.run_dir import tokenizer as run_tokenizer
 
@@ -116,7 +116,7 @@ class Checkpointer:
         state = a.replace(step=t["step"], params=out["params"], opt_state=t["opt_state"], rng=t["rng"])
         return state, dict(out["meta"]["data"])
 
-    def restore_params(self, step: int, abstract_params) -> dict:
+    def restore_params(self, step: int, abstract_params: Params) -> Params:
         return self._restore(step, params=ocp.args.StandardRestore(abstract_params))["params"]
 
     def _restore(self, step: int, **items) -> dict:

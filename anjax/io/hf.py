@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anjax.core.config import ANCHOR_SCHEME_FIELDS, ModelConfig
-from anjax.core.params import stack_layers
+from anjax.core.params import Params, stack_layers
 from anjax.io import outputs
 
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -184,7 +184,7 @@ def check_state(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
         raise ModelFormatError(f"unexpected tensor {extra[0]} ({len(extra)} unexpected in all)")
 
 
-def params_from_hf_state(cfg: ModelConfig, state: dict[str, np.ndarray]) -> dict:
+def params_from_hf_state(cfg: ModelConfig, state: dict[str, np.ndarray]) -> Params:
     """Our parameter tree (numpy, cfg.param_dtype) from an HF state dict; checked first."""
     check_state(cfg, {k: v.shape for k, v in state.items()})
     dt = jnp.dtype(cfg.param_dtype)  # numpy has bfloat16 through ml_dtypes: stored as asked, never upcast
@@ -195,7 +195,7 @@ def params_from_hf_state(cfg: ModelConfig, state: dict[str, np.ndarray]) -> dict
         for hf_name, (path, (to_ours, _)) in _layer_map(cfg).items():
             layer.setdefault(path[0], {})[path[1]] = cast(to_ours(state[f"model.layers.{i}.{hf_name}"]))
         layers.append(layer)
-    params: dict = {
+    params: Params = {
         "embed": cast(state["model.embed_tokens.weight"]),
         "final_norm": {"scale": cast(state["model.norm.weight"])},
     }
@@ -208,7 +208,7 @@ def params_from_hf_state(cfg: ModelConfig, state: dict[str, np.ndarray]) -> dict
     return params
 
 
-def hf_state_from_params(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+def hf_state_from_params(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
     """The HF state dict (float32 numpy) of our parameters; inverse of `params_from_hf_state`."""
     f32 = lambda x: np.asarray(x, dtype=np.float32)
     state = {"model.embed_tokens.weight": f32(params["embed"]), "model.norm.weight": f32(params["final_norm"]["scale"])}
@@ -245,7 +245,7 @@ def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
     return state
 
 
-def load_hf_dir(model_dir: str | Path, **overrides: Any) -> tuple[ModelConfig, dict]:
+def load_hf_dir(model_dir: str | Path, **overrides: Any) -> tuple[ModelConfig, Params]:
     """(config, params) from an HF Llama-family directory."""
     model_dir = Path(model_dir)
     cfg_path = model_dir / "config.json"
@@ -255,7 +255,7 @@ def load_hf_dir(model_dir: str | Path, **overrides: Any) -> tuple[ModelConfig, d
     return cfg, params_from_hf_state(cfg, read_safetensors(model_dir))
 
 
-def save_hf_dir(cfg: ModelConfig, params: dict, tokenizer, out_dir: str | Path, force: bool = False) -> Path:
+def save_hf_dir(cfg: ModelConfig, params: Params, tokenizer, out_dir: str | Path, force: bool = False) -> Path:
     """Write config.json, model.safetensors, generation_config.json and tokenizer files.
 
     Built in a hidden sibling directory and swapped into place (`anjax.io.outputs.replace_dir`),

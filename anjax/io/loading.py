@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from anjax.core.config import DTYPES, ModelConfig
+from anjax.core.params import Params
 from anjax.io import run_dir
 from anjax.io.hf import ModelFormatError, config_from_hf, load_hf_dir, params_from_hf_state
 
@@ -51,7 +52,7 @@ def _has_tokenizer_files(path: Path) -> bool:
 
 def load_model(
     model: str | Path | None = None, dtype: str | None = None, **overrides: Any
-) -> tuple[ModelConfig, dict, Any]:
+) -> tuple[ModelConfig, Params, Any]:
     """(config, params as numpy tree, tokenizer or None when the directory has none).
 
     `dtype` (one of `anjax.core.config.DTYPES`) sets both `param_dtype` (the leaves come back in it, never

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from anjax.core.config import AC_TOKEN, ANCHOR_MODES, ANCHOR_RULES, ModelConfig
-from anjax.core.params import init_embedding_row
+from anjax.core.params import Params, init_embedding_row
 
 EP_DEFAULT_TOKENS = (".", "?", "!")
 PROBE = "Word{0} Word"  # running text in which an EP anchor string is looked up
@@ -185,7 +185,7 @@ def _note(message: str) -> None:
 def resolve_scheme(
     cfg: ModelConfig,
     tokenizer=None,
-    params=None,
+    params: Params | None = None,
     *,
     mode: str | None = None,
     tokens: Sequence[str] | None = None,
@@ -195,7 +195,7 @@ def resolve_scheme(
     rule: str | None = None,
     ac_init: str = "mean",
     note: Callable[[str], None] = _note,
-) -> tuple[AnchorScheme, ModelConfig, object]:
+) -> tuple[AnchorScheme, ModelConfig, Params | None]:
     """THE place anchor settings are resolved: (scheme, cfg storing it, params) of a model.
 
     The model's stored scheme (`cfg`) applies; each argument that is not None overrides

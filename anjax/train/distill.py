@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from anjax.core.config import ModelConfig
 from anjax.core.mask import token_metadata
 from anjax.core.model import Llama
+from anjax.core.params import Params
 
 _EXCLUDED = jnp.finfo(jnp.float32).min  # logit of a token outside the KL's vocabulary: probability exactly 0
 
@@ -79,7 +80,7 @@ def _log_probs(cfg: ModelConfig, logits_BxLxV: jax.Array, temperature: float) ->
 
 
 def teacher_log_probs(
-    cfg: ModelConfig, teacher_params: dict, batch: dict[str, jax.Array], temperature: float
+    cfg: ModelConfig, teacher_params: Params, batch: dict[str, jax.Array], temperature: float
 ) -> jax.Array:
     """[B, L, V] teacher log-probabilities aligned to the student's positions: row t holds the teacher's
     prediction at src(t) (`batch` carries "kl_src" from `alignment`). No gradient flows to the teacher."""

@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from anjax.core import sharding
+from anjax.core.params import Params
 from anjax.io import checkpoint
 from anjax.io import run_dir as run_dir_files
 from anjax.io.hf import save_hf_dir
@@ -34,7 +35,7 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient norm; the run stops before any checkpoint of it is written."""
 
 
-def validation_loss(trainer, params, val_it, n_val: int) -> dict[str, float]:
+def validation_loss(trainer, params: Params, val_it, n_val: int) -> dict[str, float]:
     """Validation loss over the first `n_val` batches, full attention and anchor mask (and the KL to the
     teacher when distilling)."""
     sums: dict[str, float] = {}
@@ -157,7 +158,7 @@ def train_loop(
     return state
 
 
-def export(cfg, host_params: dict, tokenizer, out_dir: Path) -> Path:
+def export(cfg, host_params: Params, tokenizer, out_dir: Path) -> Path:
     """RUN/export (`save_hf_dir`); on gs:// written in a local temporary directory and copied up."""
     if not run_dir_files.is_remote(out_dir):
         return save_hf_dir(cfg, host_params, tokenizer, out_dir)

@@ -28,6 +28,7 @@ from anjax.core import sharding
 from anjax.core.config import ModelConfig
 from anjax.core.mask import token_metadata
 from anjax.core.model import Llama, init_boxed, init_params
+from anjax.core.params import Params
 from anjax.train import distill
 from anjax.train.run_config import TrainSection
 
@@ -37,7 +38,7 @@ BATCH_KEYS = ("tokens", "doc", "valid", "labels", "loss_mask")
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
-    params: dict
+    params: Params
     opt_state: optax.OptState
     rng: jax.Array  # uint32[2] base key, folded with `step` for stochastic layers (none in Llama today)
 
@@ -62,7 +63,7 @@ def optimizer(tc: TrainSection) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(tc.clip_norm), adamw) if tc.clip_norm else adamw
 
 
-def forward(cfg: ModelConfig, params: dict, batch: dict[str, jax.Array], full_attention: bool) -> jax.Array:
+def forward(cfg: ModelConfig, params: Params, batch: dict[str, jax.Array], full_attention: bool) -> jax.Array:
     """[B, L, V] fp32 logits of a batch (anchor metadata from cfg.anchor_ids)."""
     meta = token_metadata(batch["tokens"], batch["valid"], batch["doc"], anchor_ids=cfg.anchor_ids)
     logits_BxLxV, _ = Llama(cfg).apply({"params": params}, batch["tokens"], meta, None, full_attention=full_attention)
@@ -78,7 +79,7 @@ def cross_entropy_sums(logits_BxLxV: jax.Array, batch: dict[str, jax.Array]) -> 
 
 
 def loss_sums(
-    cfg: ModelConfig, params: dict, batch: dict[str, jax.Array], full_attention: bool
+    cfg: ModelConfig, params: Params, batch: dict[str, jax.Array], full_attention: bool
 ) -> tuple[jax.Array, jax.Array]:
     """(sum of token cross-entropies over loss_mask, number of target tokens), both fp32 scalars."""
     return cross_entropy_sums(forward(cfg, params, batch, full_attention), batch)
@@ -150,7 +151,7 @@ def train_step(
 
 def eval_step(
     cfg: ModelConfig,
-    params: dict,
+    params: Params,
     batch: dict[str, jax.Array],
     teacher: dict | None = None,
     spec: distill.Distill | None = None,
@@ -211,7 +212,7 @@ class Trainer:
             out_shardings=repl,
         )
 
-    def place_params(self, params: dict | None = None) -> dict:
+    def place_params(self, params: Params | None = None) -> Params:
         """Sharded params from host params (numpy, identical on every host) or, if None, the random init of `seed`."""
         with sharding.active(self.mesh):
             if params is None:
@@ -220,7 +221,7 @@ class Trainer:
             dtypes = jax.tree.map(lambda x: x.dtype, self.abstract_state.params)
             return sharding.put(jax.tree.map(np.asarray, params, dtypes), self.param_shardings)
 
-    def init_state(self, params: dict | None = None) -> TrainState:
+    def init_state(self, params: Params | None = None) -> TrainState:
         """Sharded step-0 state from `place_params(params)`."""
         params = self.place_params(params)
         with sharding.active(self.mesh):
@@ -238,7 +239,7 @@ class Trainer:
         with sharding.active(self.mesh):
             return self._train.lower(self.abstract_state, teacher, batch)
 
-    def init_teacher(self, params: dict | None = None) -> None:
+    def init_teacher(self, params: Params | None = None) -> None:
         """Fix the distillation teacher: the run's STARTING params (the same argument as the fresh run's
         `init_state`, also on resume), `place_params`'d: one copy, split like the parameters, no optimizer state."""
         self.teacher = self.place_params(params)
@@ -252,6 +253,6 @@ class Trainer:
         with sharding.active(self.mesh):
             return self._train(state, self._teacher(), batch)
 
-    def eval_step(self, params: dict, batch: dict[str, jax.Array]) -> dict:
+    def eval_step(self, params: Params, batch: dict[str, jax.Array]) -> dict:
         with sharding.active(self.mesh):
             return self._eval(params, self._teacher(), batch)
