@@ -47,6 +47,12 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def summary(doc: str | None, paragraph: bool = False) -> str:
+    """A parser's description: the first line (or first paragraph) of a docstring; "" when docstrings are
+    stripped (python -OO)."""
+    return (doc or "").split("\n\n" if paragraph else "\n")[0]
+
+
 def one_line(e: BaseException) -> str:
     """The exception's message on one line."""
     return " ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__

@@ -26,7 +26,7 @@ def eval_texts(data_dir: str | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = cli.ArgumentParser(prog="python -m anjax.corpus", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m anjax.corpus", description=cli.summary(__doc__))
     p.add_argument("--out", default="data/corpus", help="output directory (data.path for training)")
     p.add_argument("--cache", default="data/corpus_cache", help="downloaded and unpacked packages (reused)")
     p.add_argument("--packages", default=",".join(PACKAGES), help=f"comma-separated subset of {','.join(PACKAGES)}")

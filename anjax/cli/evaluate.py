@@ -18,7 +18,7 @@ from anjax.inference.scoring import Scorer, ScoringModel, load_scoring_model
 
 
 def build_parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m anjax.evaluate", description=evaluate.__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m anjax.evaluate", description=cli.summary(evaluate.__doc__, paragraph=True))
     cli.add_engine_args(p)
     p.add_argument(
         "--tasks",
@@ -177,7 +177,7 @@ def task_report(args, items: dict[str, list[tasks.MCItem]], caches: Sequence[str
             print(f"resuming from {store.root}: {', '.join(done)} already scored", flush=True)
     wall = compile_seconds = 0.0
     for name, task_items in items.items():
-        saved = done.get(name)
+        saved: dict[str, Any] | None = done.get(name)
         if saved is None:
             t0, c0 = time.perf_counter(), scorer.compile_seconds
             result = evaluate.evaluate_task(scorer, task_items, caches, timing=not args.no_timing, policies=settings)

@@ -15,7 +15,7 @@ from anjax.io import outputs
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m anjax.export", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="python -m anjax.export", description=cli.summary(__doc__))
     parser.add_argument(
         "--model", default=None, help="HF directory, GGUF file or anjax run directory (default: embedded SmolLM2-135M)"
     )

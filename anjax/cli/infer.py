@@ -24,7 +24,7 @@ from anjax.io import outputs
 
 
 def build_parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(prog="python infer.py", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python infer.py", description=cli.summary(__doc__))
     cli.add_engine_args(p)
     p.add_argument("--prompt", help="one prompt text")
     p.add_argument("--input", help='JSONL file of {"prompt": ..., "id": ...} objects')
@@ -183,13 +183,17 @@ def main(argv: list[str] | None = None) -> int:
         raise cli.UsageError(f"{args.input}: no requests")
     records = {}
     with tqdm(total=len(requests), unit="prompt", file=sys.stderr) as bar:
+
+        def advance(n: int) -> None:
+            bar.update(n)
+
         results = (
             engine.generate(
                 [r[2] for r in requests],
                 **sampling,
                 protect=[r[3] for r in requests],
                 raise_errors=False,
-                progress=bar.update,
+                progress=advance,
             )
             if requests
             else []

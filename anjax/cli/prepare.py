@@ -23,7 +23,7 @@ from anjax.train.data import DataConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = cli.ArgumentParser(prog="python -m anjax.prepare", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m anjax.prepare", description=cli.summary(__doc__))
     p.add_argument(
         "--data",
         default=None,

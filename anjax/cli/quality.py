@@ -28,7 +28,7 @@ CACHES = ("full", "anchor")
 
 
 def build_parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(prog="python benchmarks/quality_report.py", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python benchmarks/quality_report.py", description=cli.summary(__doc__, paragraph=True))
     cli.add_engine_args(p)
     p.add_argument(
         "--tasks",

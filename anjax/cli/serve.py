@@ -23,7 +23,7 @@ DRAIN_MARGIN_S = 10.0  # uvicorn's own cut-off after the drain: requests ended b
 
 
 def build_parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m anjax.serve", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m anjax.serve", description=cli.summary(__doc__))
     cli.add_engine_args(p)
     p.add_argument("--model-name", default=None, help="the name /v1/models reports (default: from --model)")
     p.add_argument("--host", default="127.0.0.1")

@@ -30,7 +30,7 @@ def check_outputs(rc) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="train.py", description=cli.summary(__doc__))
     cli.add_run_config_args(parser, "YAML run config (default: all defaults)", "train.steps=10 run.dir=runs/x")
     args = parser.parse_args(argv)
     from anjax.train import loop, run_config  # after parsing: --help and bad arguments fail before jax loads

@@ -121,7 +121,7 @@ def sepllm_scorer(scorer: Scorer, settings: SepLLM | None) -> Scorer:
     return sub
 
 
-def _path(name: str, requests, model, policies: dict[str, Policy]) -> tuple:
+def _path(name: str, requests, model, policies: dict[str, Policy | SepLLM]) -> tuple:
     """The scorer path of a cache name: (cache, False) or (Policy, per-item budgets)."""
     if "@" not in name:
         return (name, False)
@@ -137,7 +137,7 @@ def evaluate_task(
     items: Sequence[tasks.MCItem],
     caches: Sequence[str],
     timing: bool = True,
-    policies: dict[str, Policy] | None = None,
+    policies: dict[str, Policy | SepLLM] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Scores, C↓ and T↑ of one task's items for each cache in `caches` -> {cache: result}.
 

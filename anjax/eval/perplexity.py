@@ -49,7 +49,7 @@ import numpy as np
 
 from anjax.eval import stats, tasks
 from anjax.eval.evaluate import SEPLLM, parse_budget, row_budgets, sepllm_scorer
-from anjax.inference.policies import Policy
+from anjax.inference.policies import Policy, SepLLM
 from anjax.inference.scoring import Scorer, ScoringModel
 from anjax.train import data
 
@@ -98,7 +98,7 @@ def perplexity(
     caches: Sequence[str],
     samples: int = stats.SAMPLES,
     seed: int = stats.SEED,
-    policies: dict[str, Policy] | None = None,
+    policies: dict[str, Policy | SepLLM] | None = None,
     streamer: Scorer | None = None,
 ) -> dict[str, dict]:
     """{cache: ppl and its interval, nll per token, scored tokens, C↓, seconds, per-row nll/tokens}.
@@ -201,7 +201,11 @@ def _settings(policy: dict) -> str:
 
 
 def report(
-    args, texts: Sequence[str], caches: Sequence[str], model: ScoringModel, policies: dict[str, Policy] | None = None
+    args,
+    texts: Sequence[str],
+    caches: Sequence[str],
+    model: ScoringModel,
+    policies: dict[str, Policy | SepLLM] | None = None,
 ) -> dict:
     """The perplexity report of `texts` for evaluate's arguments (`seq_len`, `ac_every`, batch, bootstrap);
     `policies`: the settings of the policies in `caches`."""

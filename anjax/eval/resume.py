@@ -29,7 +29,7 @@ import numpy as np
 
 from anjax.core.params import Params
 from anjax.eval import tasks
-from anjax.inference.policies import Policy
+from anjax.inference.policies import Policy, SepLLM
 from anjax.inference.scoring import ScoringModel
 from anjax.io import outputs
 
@@ -68,7 +68,7 @@ def task_fingerprint(
     model: ScoringModel,
     items: Sequence[tasks.MCItem],
     caches: Sequence[str],
-    policies: dict[str, Policy],
+    policies: dict[str, Policy | SepLLM],
     settings: dict[str, Any],
 ) -> dict[str, Any]:
     """What one task's result depends on; `settings`: the run's options (shots, limit, seed, timing, sizes...)."""

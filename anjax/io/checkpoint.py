@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from anjax.core.config import ModelConfig
 from anjax.core.model import init_params
@@ -45,7 +47,7 @@ def fingerprints(tree) -> dict[str, int]:
     return {jax.tree_util.keystr(k): int(v) for k, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
 
-def _describe(e: Exception, step_dir: Path) -> str:
+def _describe(e: Exception, step_dir: Path | epath.Path) -> str:
     """One line saying what orbax/tensorstore could not read, naming the file where it can."""
     text = str(e)
     paths = re.findall(r"'path': '([^']*)'", text)
@@ -70,8 +72,8 @@ class Checkpointer:
     """
 
     def __init__(self, run_dir: str | Path, keep: int = 2, async_save: bool = True, read_only: bool = False):
-        run_dir = storage_path(run_dir, "run.dir")
-        self.directory = (run_dir if is_remote(run_dir) else run_dir.resolve()) / "checkpoints"
+        root = storage_path(run_dir, "run.dir")
+        self.directory = (root if is_remote(root) else root.resolve()) / "checkpoints"
         items = ("params", "train", "meta")
         if read_only:  # orbax logs a warning for every read-only manager; a loader has nothing to warn about
             absl_logger = logging.getLogger("absl")
@@ -119,7 +121,7 @@ class Checkpointer:
     def restore_params(self, step: int, abstract_params: Params) -> Params:
         return self._restore(step, params=ocp.args.StandardRestore(abstract_params))["params"]
 
-    def _restore(self, step: int, **items) -> dict:
+    def _restore(self, step: int, **items) -> Mapping[str, Any]:
         """Restore `items` plus meta; every restored array must match its saved fingerprint."""
         step_dir = self.directory / str(step)
         advice = "-- left untouched; move it away to resume from an earlier checkpoint, or use another run.dir"
@@ -146,7 +148,7 @@ class Checkpointer:
         self.manager.close()
 
 
-def load_for_inference(run_dir: str | Path, **overrides: Any) -> tuple[ModelConfig, dict, Any]:
+def load_for_inference(run_dir: str | Path, **overrides: Any) -> tuple[ModelConfig, Params, Any]:
     """(cfg, params as a numpy tree, tokenizer) from the latest checkpoint of a run directory.
 
     The same as loading RUN/export: the training-time settings (dtype, param_dtype,

@@ -138,14 +138,17 @@ def gguf_tokenizer(source: GGUFSource) -> transformers.PreTrainedTokenizerFast:
     for name, key in _SPECIAL_TOKENS.items():
         token_id = _field(reader, f"tokenizer.ggml.{key}")
         init_kwargs[name] = None if token_id is None else tokenizer_dict["tokens"][token_id]
-    backend, _ = gguf_tokenizer_mapping.convert_gguf_tokenizer(_field(reader, "general.architecture"), tokenizer_dict)
+    arch = _field(reader, "general.architecture")
+    if not isinstance(arch, str):
+        raise ValueError(f"{path}: the GGUF metadata names no architecture (general.architecture)")
+    backend, _ = gguf_tokenizer_mapping.convert_gguf_tokenizer(arch, tokenizer_dict)
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **init_kwargs)
 
 
 def _reader(source: GGUFSource) -> tuple[gguf.GGUFReader, str]:
     """`(reader, file name for messages)` of a path or of an already open reader."""
     reader = source if isinstance(source, gguf.GGUFReader) else open_gguf(source)
-    return reader, reader.data.filename
+    return reader, reader.data.filename or "the GGUF data"
 
 
 def _field(reader: gguf.GGUFReader, key: str):

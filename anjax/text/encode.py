@@ -167,22 +167,22 @@ class Encoder:
             starts.append(starts[-1] + len(sentence))
         return AC_TOKEN.join(sentences) + (AC_TOKEN if close and sentences else ""), starts
 
-    def _finish(self, ids: list[int], flags: list[bool] | None = None, bos: bool = True):
-        """Long-sentence `<AC>`s, then BOS (not counted in a sentence)."""
+    def _finish(self, ids: list[int], flags: list[bool], bos: bool = True) -> tuple[list[int], list[bool]]:
+        """Long-sentence `<AC>`s, then BOS (not counted in a sentence); each flag stays with its id, new ids False."""
         s = self.scheme
-        if s.max_sentence_tokens:
+        if s.max_sentence_tokens and s.ac_id is not None:  # max_sentence_tokens implies AC (`AnchorScheme`)
             cuts = _long_sentence_cuts(ids, s.ac_id, s.max_sentence_tokens)
-            ids = _insert_at(ids, cuts, s.ac_id)
-            flags = None if flags is None else _insert_at(flags, cuts, False)
-        if bos and s.add_bos:
-            ids, flags = [s.bos_id] + ids, None if flags is None else [False] + flags
-        return ids if flags is None else (ids, flags)
+            ids, flags = _insert_at(ids, cuts, s.ac_id), _insert_at(flags, cuts, False)
+        if bos and s.add_bos and s.bos_id is not None:  # add_bos implies a bos_id (`AnchorScheme`)
+            ids, flags = [s.bos_id, *ids], [False, *flags]
+        return ids, flags
 
     def _texts(self, texts: Sequence[str], close: bool, bos: bool = True) -> list[list[int]]:
         if not texts:
             return []
         marked = [self._marked(t, close)[0] for t in texts]
-        return [self._finish(list(x), bos=bos) for x in self.tokenizer(marked, add_special_tokens=False)["input_ids"]]
+        rows = self.tokenizer(marked, add_special_tokens=False)["input_ids"]
+        return [self._finish(list(x), [False] * len(x), bos)[0] for x in rows]
 
     # ------------------------------------------------------------------ kinds of text
 
