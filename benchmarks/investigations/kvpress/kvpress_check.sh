@@ -18,6 +18,6 @@ if [ ! -f "$VENV/.built" ]; then
   "$VENV/bin/python" -c "import kvpress, transformers; assert transformers.__version__ == '5.2.0'"
   touch "$VENV/.built"
 fi
-nice -n 5 .venv/bin/python benchmarks/investigations/kvpress/kvpress_check.py anjax "$@"
-nice -n 5 "$VENV/bin/python" benchmarks/investigations/kvpress/kvpress_check.py kvpress "$@"
-.venv/bin/python benchmarks/investigations/kvpress/kvpress_check.py compare "$@"
+nice -n 5 .venv/bin/python -m benchmarks.investigations.kvpress.kvpress_check anjax "$@"
+nice -n 5 "$VENV/bin/python" -m benchmarks.investigations.kvpress.kvpress_check kvpress "$@"
+.venv/bin/python -m benchmarks.investigations.kvpress.kvpress_check compare "$@"
