@@ -164,6 +164,6 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip())
         return 0
     if not argv or argv[0] not in REPORTS:
-        given = f"unknown report {argv[0]!r}" if argv else "no report named"
+        given = f"unknown report {argv[0]!r}" if argv else "name a report"
         raise cli.UsageError(f"{given}: one of {', '.join(REPORTS)} (see {PROG} --help)")
     return REPORTS[argv[0]](argv[1:])
