@@ -11,19 +11,20 @@ a rerun resumes them. Training seconds are train.py's `train_s` (time inside opt
 steps, validation excluded), so a slower objective pays for its extra compute.
 Choose by held-out loss: the arm with the lowest anchor-mode validation loss at the
 common end of the clock, with the full-attention loss beside it (forgetting shows there).
-Prints a table and saves OUT/ab.{json,md,png}.
+Prints a table and saves OUT/ab.{json,md,png} (`python -m anjax.report ab --out OUT` redoes them).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from anjax.train import ab
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,76 +67,6 @@ def run_arms(config: str, arms: dict[str, list[str]], out: Path, seconds: float,
             print(f"[ab] {name} exited with {p.returncode}: see {out / name / 'train.log'}", flush=True)
 
 
-def curves(out: Path, names: list[str]) -> dict[str, list[dict]]:
-    """Per arm: its validation records (step, train_s, tokens, val_loss_full, val_loss_anchor)."""
-    result = {}
-    for name in names:
-        path = out / name / "metrics.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-        result[name] = [r for r in records if "val_loss_anchor" in r]
-    return result
-
-
-def summarize(curves_by_arm: dict[str, list[dict]]) -> list[dict]:
-    """One row per arm at the common end of the clock: its last validation at or before the shortest arm's last."""
-    ends = [c[-1].get("train_s", 0.0) for c in curves_by_arm.values() if c]
-    common_end = min(ends) if ends else 0.0
-    rows = []
-    for name, c in curves_by_arm.items():
-        upto = [r for r in c if r.get("train_s", 0.0) <= common_end + 1e-9] or c[:1]
-        if not upto:
-            continue
-        r, first = upto[-1], c[0]
-        rows.append(
-            {
-                "arm": name,
-                "step": r["step"],
-                "train_s": round(r.get("train_s", 0.0), 1),
-                "val_loss_full": r["val_loss_full"],
-                "val_loss_anchor": r["val_loss_anchor"],
-                "gap": r["val_loss_anchor"] - r["val_loss_full"],
-                "full_change": r["val_loss_full"] - first["val_loss_full"],
-                "last_step": c[-1]["step"],
-                "last_val_loss_anchor": c[-1]["val_loss_anchor"],
-            }
-        )
-    return sorted(rows, key=lambda row: row["val_loss_anchor"])
-
-
-def markdown(rows: list[dict]) -> str:
-    lines = [
-        "| arm | step | train s | val loss full | val loss anchor | anchor − full | full vs step 0 |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['arm']} | {r['step']} | {r['train_s']:.0f} | {r['val_loss_full']:.4f} | "
-            f"{r['val_loss_anchor']:.4f} | {r['gap']:+.4f} | {r['full_change']:+.4f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot(curves_by_arm: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, c in curves_by_arm.items():
-        if not c:
-            continue
-        t = [r.get("train_s", 0.0) for r in c]
-        (line,) = ax.plot(t, [r["val_loss_anchor"] for r in c], marker="o", label=f"{name} (anchor mask)")
-        ax.plot(t, [r["val_loss_full"] for r in c], ls="--", color=line.get_color(), label=f"{name} (full)")
-    ax.set_xlabel("training seconds (validation excluded; arms side by side)")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="the YAML config every arm starts from")
@@ -161,19 +92,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if not args.report_only:
         run_arms(args.config, arms, out, args.seconds, args.common)
-    by_arm = curves(out, list(arms))
-    rows = summarize(by_arm)
-    table = markdown(rows)
-    print(table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ab.md").write_text(table)
-    (out / "ab.json").write_text(
-        json.dumps(
-            {"config": args.config, "arms": arms, "seconds": args.seconds, "rows": rows, "curves": by_arm}, indent=1
-        )
-    )
-    plot(by_arm, out / "ab.png")
-    print(f"[ab] wrote {out / 'ab.md'}, {out / 'ab.json'}, {out / 'ab.png'}")
+    ab.write_report(out, list(arms), config=args.config, arms=arms, seconds=args.seconds)
     return 0
 
 

@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing anjax
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import RESULTS, begin, pyplot, save
 
 from anjax.core import flash_kernels, sparse_attention
 from anjax.core.config import ModelConfig
@@ -37,7 +35,6 @@ from anjax.core.mask import token_metadata
 from anjax.core.model import init_params
 from anjax.train.trainer import loss_sums
 
-RESULTS = Path(__file__).parent / "results"
 ANCHOR_ID = 49152
 
 
@@ -135,6 +132,7 @@ def main() -> None:
     p.add_argument("--scan-layers", action="store_true", help="scan the layers (a deep model compiles faster)")
     p.add_argument("--blocks-only", action="store_true", help="only the kernels' fraction of blocks computed")
     args = p.parse_args()
+    prov = begin(__file__)
     sparse_attention.TILE = args.tile
     blocks = [blocks_computed(mode, L, seed=L + len(mode)) for L in args.lengths for mode in ("ep", "ac")]
     print_blocks(blocks)
@@ -211,7 +209,6 @@ def main() -> None:
             print(f" {dense:>20.2f} / {sparse:.2f} / {sparse / dense:.2f}", end="")
         print()
 
-    args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind,
@@ -223,13 +220,12 @@ def main() -> None:
         "rows": rows,
         "kernel_blocks": blocks,
     }
-    (args.out / "bench_attention.json").write_text(json.dumps(meta, indent=2))
-    import matplotlib
+    save(args.out / "bench_attention", meta, prov, plot=plot)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(9, 3.5))
+def plot(data: dict, file) -> None:
+    rows = data["rows"]
+    fig, (ax_t, ax_m) = pyplot().subplots(1, 2, figsize=(9, 3.5))
     x = np.arange(len(rows))
     for offset, attention in ((-0.2, "dense"), (0.2, "sparse")):
         ax_t.bar(x + offset, [r[f"{attention}_s"] or 0 for r in rows], 0.4, label=attention)
@@ -239,10 +235,9 @@ def main() -> None:
         ax.set_xlabel("sequence length")
         ax.set_ylabel(label)
         ax.legend()
-    fig.suptitle(f"dense vs sparse attention, {args.layers}-layer SmolLM2-135M shape, {args.dtype}, batch 1")
+    fig.suptitle(f"dense vs sparse attention, {data['layers']}-layer SmolLM2-135M shape, {data['dtype']}, batch 1")
     fig.tight_layout()
-    fig.savefig(args.out / "bench_attention.png", dpi=120)
-    print(f"saved {args.out / 'bench_attention.png'}")
+    fig.savefig(file, dpi=120, format="png")
 
 
 if __name__ == "__main__":

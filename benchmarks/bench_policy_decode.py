@@ -16,20 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing anjax
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax
-from bench_decode import bench_engine, english_tokens, fmt
+from common import RESULTS, begin, bench_engine, english_tokens, fmt, pyplot, save
 
 from anjax.inference.engine import Engine, EngineConfig
 from anjax.inference.policies import POLICIES, fraction_slots
 from anjax.io.loading import load_model
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -44,6 +37,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS / "bench_policy_decode"), help="path stem for .json, .md, .png")
     args = p.parse_args()
+    prov = begin(__file__)
     if not 0 < args.budget <= 1:
         p.error(f"--budget must be a fraction in (0, 1], got {args.budget}")
 
@@ -71,12 +65,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     md = markdown(rows, args)
     print("\n" + md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(md + "\n")
-    plot(rows, args, out.with_suffix(".png"))
-    print(f"saved {out.with_suffix('.json')}, .md and .png")
+    save(args.out, {"args": vars(args), "rows": rows}, prov, markdown=md, plot=plot)
 
 
 def markdown(rows: list[dict], args) -> str:
@@ -99,15 +88,11 @@ def markdown(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def plot(rows, args, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(data: dict, file) -> None:
+    rows, batches, budget = data["rows"], data["args"]["batches"], data["args"]["budget"]
     caches = list(dict.fromkeys(r["cache"] for r in rows))
-    fig, axes = plt.subplots(1, len(args.batches), figsize=(5 * len(args.batches), 4), squeeze=False)
-    for ax, b in zip(axes[0], args.batches):
+    fig, axes = pyplot().subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    for ax, b in zip(axes[0], batches):
         for i, cache in enumerate(caches):
             pts = [(r["length"], r[f"decode_b{b}"]) for r in rows if r["cache"] == cache and r[f"decode_b{b}"]]
             if pts:
@@ -116,9 +101,9 @@ def plot(rows, args, path: Path) -> None:
         ax.set_xlabel("prompt tokens")
         ax.set_title(f"decode tokens/s, batch {b}")
         ax.legend(fontsize=8)
-    fig.suptitle(f"SmolLM2-135M fp32 on CPU: cache policies at budget {args.budget:g} vs anchor and full")
+    fig.suptitle(f"SmolLM2-135M fp32 on CPU: cache policies at budget {budget:g} vs anchor and full")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(file, dpi=120, format="png")
 
 
 if __name__ == "__main__":

@@ -23,48 +23,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing anjax
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import jax
-import jax.numpy as jnp
 import numpy as np
-from bench_decode import bench_engine, bench_hf, english_tokens, fmt, hf_model
+from common import (
+    RESULTS,
+    begin,
+    bench_engine,
+    bench_hf,
+    english_tokens,
+    fmt,
+    hf_model,
+    machine_peaks,
+    pyplot,
+    ratio,
+    save,
+)
 
 from anjax.inference.engine import Engine, EngineConfig
 from anjax.io.loading import load_model
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _best_seconds(f, *args, repeats: int) -> float:
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def machine_peaks(n: int = 2048, mb: int = 512, repeats: int = 5) -> dict:
-    """{"matmul_gflops": fp32 [n, n] @ [n, n], "sum_gbs": a jitted sum of `mb` MB, "matvec_gbs": [r, c] @ [c]}."""
-    a = jnp.ones((n, n), jnp.float32)
-    matmul = _best_seconds(jax.jit(jnp.matmul), a, a, repeats=repeats)
-    big = jnp.ones((mb * 2**20 // 4,), jnp.float32)
-    total = _best_seconds(jax.jit(jnp.sum), big, repeats=repeats)
-    m = big.reshape(-1, 8192)
-    matvec = _best_seconds(jax.jit(jnp.matmul), m, jnp.ones((8192,), jnp.float32), repeats=repeats)
-    return {
-        "matmul_gflops": 2 * n**3 / matmul / 1e9,
-        "sum_gbs": big.nbytes / total / 1e9,
-        "matvec_gbs": big.nbytes / matvec / 1e9,
-    }
 
 
 def model_shape(cfg, params) -> dict:
@@ -166,6 +146,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS / "bench_roofline"), help="path stem for .json, .md and .png")
     args = p.parse_args()
+    prov = begin(__file__)
 
     peaks = [machine_peaks()]
     print(f"machine at start: {json.dumps(peaks[0])}", flush=True)
@@ -223,18 +204,9 @@ def main() -> None:
             r[f"roofline_{cache}"] = bandwidth * 1e9 / r[f"decode_bytes_{cache}"]
     table = report(rows, peak, peaks, cfg, args)
     print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"args": vars(args), "platform": jax.devices()[0].platform, "attention": cfg.attention, "shape": shape}
-    out.with_suffix(".json").write_text(json.dumps({**meta, "peaks": peaks, "peak": peak, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(table + "\n")
-    plot(rows, args, out.with_suffix(".png"))
-    out.with_suffix(".partial.json").unlink(missing_ok=True)
-    print(f"saved {out.with_suffix('.json')}, .md and .png")
-
-
-def ratio(a, b):
-    return a / b if a and b else None
+    save(args.out, {**meta, "peaks": peaks, "peak": peak, "rows": rows}, prov, markdown=table, plot=plot)
+    Path(args.out).with_suffix(".partial.json").unlink(missing_ok=True)
 
 
 def report(rows, peak, peaks, cfg, args) -> str:
@@ -281,13 +253,9 @@ def report(rows, peak, peaks, cfg, args) -> str:
     return "\n".join(lines)
 
 
-def plot(rows, args, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+def plot(data: dict, file) -> None:
+    rows = data["rows"]
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(11, 4))
     lengths = [r["length"] for r in rows]
     for ax, kind, peers in (
         (ax1, "prefill", ("full", "anchor", "hf", "llama_cpp")),
@@ -307,7 +275,7 @@ def plot(rows, args, path: Path) -> None:
         ax.legend(fontsize=7)
     fig.suptitle("SmolLM2-135M fp32 on CPU: anjax vs transformers vs llama.cpp, one run")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(file, dpi=120, format="png")
 
 
 if __name__ == "__main__":

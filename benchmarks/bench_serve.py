@@ -33,13 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import openai
+from common import RESULTS, begin, pyplot, save
+
+from anjax.io.loading import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from anywhere without installing anjax
-
-from anjax.io.loading import load_tokenizer  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def parse_args(argv=None):
@@ -185,13 +183,8 @@ def transcript(server: Server, path: Path) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+def plot(results: dict, file) -> None:
+    fig, axes = pyplot().subplots(1, 3, figsize=(14, 4))
     for cache, run in results["runs"].items():
         label = f"{cache} ({run['slots']} slots x {run['capacity']})"
         conc = [r["concurrency"] for r in run["loads"]]
@@ -204,11 +197,12 @@ def plot(results: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"anjax.serve, equal KV budget ({results['kv_budget_slots']} slots), {results['model']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(file, dpi=100, format="png")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    prov = begin(__file__, argv)
     model = args.model
     tokenizer = load_tokenizer(model)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -263,9 +257,7 @@ def main(argv=None) -> int:
                 f"{r['output_tokens_per_s']} | {r['ttft_p50_s']} / {r['ttft_p95_s']} | "
                 f"{r['tpot_p50_s']} / {r['tpot_p95_s']} |"
             )
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, RESULTS / f"{args.out}.png")
-    print(f"wrote {RESULTS / args.out}.json and .png", file=sys.stderr)
+    save(RESULTS / args.out, results, prov, plot=plot)
     return 0
 
 

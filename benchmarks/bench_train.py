@@ -16,36 +16,16 @@ Prints a table and saves benchmarks/results/bench_train_<backend>.png and .json.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing anjax
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from common import RESULTS, begin, matmul_peak, pyplot, save
 
 from anjax.core import sharding
 from anjax.core.config import ModelConfig
 from anjax.train.run_config import TrainSection
 from anjax.train.trainer import Trainer
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def matmul_peak(dtype: str, n: int = 4096, reps: int = 5) -> float:
-    """Best FLOP/s of an n x n x n jitted matmul."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -100,6 +80,7 @@ def main() -> None:
     p.add_argument("--remat", default="none", help="none | full | dots")
     p.add_argument("--scan-layers", action="store_true")
     args = p.parse_args()
+    prov = begin(__file__)
 
     backend = jax.default_backend()
     cfg = ModelConfig(
@@ -137,32 +118,30 @@ def main() -> None:
         rows.append(row)
         print(f"{B:>5} {args.seq_len:>5} {dt:>8.2f} {tps:>10,.0f} {row['gflops']:>9,.1f} {100 * row['mfu']:>5.1f}%")
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {
         "backend": backend,
         "device": jax.devices()[0].device_kind,
         "dtype": args.dtype,
+        "seq_len": args.seq_len,
         "peak_gflops": peak / 1e9,
         "remat": args.remat,
         "scan_layers": args.scan_layers,
         "rows": rows,
     }
-    (RESULTS / f"bench_train_{backend}.json").write_text(json.dumps(meta, indent=2))
-    import matplotlib
+    save(RESULTS / f"bench_train_{backend}", meta, prov, plot=plot)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+def plot(data: dict, file) -> None:
+    rows = data["rows"]
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     ax.bar([str(r["batch"]) for r in rows], [100 * r["mfu"] for r in rows])
     for i, r in enumerate(rows):
         ax.annotate(f"{r['tokens_per_s']:,.0f} tok/s", (i, 100 * r["mfu"]), ha="center", va="bottom")
-    ax.set_xlabel(f"batch (sequences of {args.seq_len})")
-    ax.set_ylabel(f"MFU, % of {peak / 1e9:,.0f} GFLOP/s")
-    ax.set_title(f"SmolLM2-135M training, {backend} {args.dtype}")
+    ax.set_xlabel(f"batch (sequences of {data['seq_len']})")
+    ax.set_ylabel(f"MFU, % of {data['peak_gflops']:,.0f} GFLOP/s")
+    ax.set_title(f"SmolLM2-135M training, {data['backend']} {data['dtype']}")
     fig.tight_layout()
-    fig.savefig(RESULTS / f"bench_train_{backend}.png", dpi=120)
-    print(f"saved {RESULTS / f'bench_train_{backend}.png'}")
+    fig.savefig(file, dpi=120, format="png")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from anjax.core.mask import token_metadata  # noqa: E402
 from anjax.core.model import Llama  # noqa: E402
 from anjax.inference.engine import Engine, EngineConfig  # noqa: E402

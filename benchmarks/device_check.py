@@ -30,9 +30,6 @@ import traceback
 from pathlib import Path
 from typing import NamedTuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing anjax
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_attention
-
 import jax
 import jax.numpy as jnp
 import numpy as np

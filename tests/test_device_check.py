@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_dry_run_passes_every_stage(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "BUDGET": "1500", "PY": str(ROOT / ".venv" / "bin" / "python")}
+    env["PYTHONPATH"] = str(ROOT)  # anjax, where the venv lacks its editable install
     proc = subprocess.run(
         ["bash", "scripts/device_check.sh", "--dry-run", "--stage1", "1200"],
         cwd=ROOT,

@@ -508,9 +508,9 @@ def test_bad_arguments_raise_value_errors():
 
 @pytest.mark.parametrize("layers", ["scan", "split"])
 def test_benchmarks_tile_copies_a_prefilled_row_in_either_cache_layout(layers):
-    """`benchmarks/bench_decode.tile` (B copies of a one-row prefill, what the decode benchmarks time) decodes
+    """`benchmarks/common.tile` (B copies of a one-row prefill, what the decode benchmarks time) decodes
     every copy as the one row, with a stacked and with a split (per-layer) cache."""
-    bench = load_script("benchmarks/bench_decode.py")
+    bench = load_script("benchmarks/common.py")
     cfg, params = tiny_model()
     cfg = cfg.replace(anchor_mode="ep", anchor_ids=EP_IDS, anchor_tokens=(".", "!"))
     eng = Engine(cfg, params, config=EngineConfig(chunk_size=4, decode_layers=layers), runtime=RUNTIME)

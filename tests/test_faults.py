@@ -25,6 +25,7 @@ from cli_checks import assert_one_line_error
 from conftest import load_script
 
 from anjax import cli
+from anjax.cli import report
 from anjax.core.config import tiny_config
 from anjax.core.model import init_params
 from anjax.io import hf, outputs
@@ -433,11 +434,10 @@ def test_non_utf8_input_lines_are_named_by_line(work):
 
 @pytest.mark.parametrize("data", [b"not json at all", b'{"tasks": {"arc_easy": ', b"[1, 2]", b"\xff\xfe"])
 def test_compare_models_names_a_broken_report(work, capsys, data):
-    compare = load_script("benchmarks/compare_models.py")
     (work / "new.json").write_bytes(data)
     (work / "base.json").write_bytes(data)
     before = files(work)
-    proc = run_main(compare.main, ["--new", "new.json", "--base", "base.json", "--out-dir", "out"], capsys)
+    proc = run_main(report.main, ["compare", "--new", "new.json", "--base", "base.json", "--out-dir", "out"], capsys)
     assert_one_line_error(proc, "new.json", "not a")
     assert files(work) == before
 

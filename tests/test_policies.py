@@ -4,7 +4,6 @@ The oracle is `policy_oracle.brute_force`: every layer's attention under an expl
 (layer, KV head), written from the model's definition.
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from cli_checks import assert_one_line_error
 from conftest import slow_case
 from policy_oracle import brute_force
 
+from anjax.cli import report
 from anjax.core.config import tiny_config
 from anjax.core.model import init_params
 from anjax.eval import evaluate, tasks
@@ -271,18 +271,15 @@ def test_bad_policy_input_is_one_line_exit_2(args, fragment, tiny_model_dir):
 
 @pytest.mark.slow
 def test_policies_report_resumes(tiny_model_dir, tmp_path, capsys):
-    """benchmarks/policies_report.py evaluates through `anjax.evaluate`: rerun, it takes the saved task."""
-    spec = importlib.util.spec_from_file_location("policies_report", REPO / "benchmarks" / "policies_report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    """`python -m anjax.report policies` evaluates through `anjax.evaluate`: rerun, it takes the saved task."""
     argv = ["--model", str(tiny_model_dir), "--anchor-mode", "ep", "--tasks", "piqa", "--limit", "2"]
     argv += ["--budget", "match-anchor,0.5", "--out-dir", str(tmp_path), "--name", "p"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tasks, "DEFAULT_DATA_DIR", SLICES)
-        assert report.main(argv) == 0
+        assert report.policies(argv) == 0
         first = json.loads((tmp_path / "p_eval.json").read_text())
         assert (tmp_path / "p_eval.tasks" / "piqa.json").is_file() and "already scored" not in capsys.readouterr().out
-        assert report.main(argv) == 0
+        assert report.policies(argv) == 0
     assert "piqa already scored" in capsys.readouterr().out
     assert json.loads((tmp_path / "p_eval.json").read_text())["tasks"] == first["tasks"]
     data = json.loads((tmp_path / "p.json").read_text())  # the report names its source report's provenance

@@ -1,7 +1,7 @@
 """The quality report of a model: the paper's 8 tasks and held-out perplexity, full vs anchor cache.
 
-    python benchmarks/quality_report.py --model runs/main-job/hf                  # 200 docs per task
-    python benchmarks/quality_report.py --model runs/main-job/hf --limit 5 --out-dir /tmp/q   # smoke test
+    python -m anjax.report quality --model runs/main-job/hf                         # 200 docs per task
+    python -m anjax.report quality --model runs/main-job/hf --limit 5 --out-dir /tmp/q   # smoke test
 
 Zero-shot, every task's first `--limit` documents (all of a task that has
 fewer), each scored with the full and the anchor cache (`anjax.eval.evaluate`), with
@@ -28,7 +28,7 @@ CACHES = ("full", "anchor")
 
 
 def build_parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(prog="python benchmarks/quality_report.py", description=cli.summary(__doc__, paragraph=True))
+    p = cli.ArgumentParser(prog="python -m anjax.report quality", description=cli.summary(__doc__, paragraph=True))
     cli.add_engine_args(p)
     p.add_argument(
         "--tasks",
@@ -117,7 +117,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    prov = provenance.begin("python benchmarks/quality_report.py", argv)
+    prov = provenance.begin("python -m anjax.report quality", argv)
     args = parse_args(argv)
     names, caches = evaluate_cli.check_args(args)
     items = evaluate_cli.load_items(args, names)

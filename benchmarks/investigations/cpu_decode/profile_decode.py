@@ -1,9 +1,9 @@
 """Where the decode step's time goes: the engine's compiled decode loop under the JAX profiler, per op kind.
 
-    python benchmarks/profile_decode.py                          # 1k prompt, full and anchor cache, batch 1 and 16
+    python -m benchmarks.investigations.cpu_decode.profile_decode   # 1k prompt, full and anchor cache, batch 1 and 16
 
 SmolLM2-135M fp32, the engine's default decode (`EngineConfig.decode_layers="auto"`), one prompt of real English
-(`bench_decode.english_tokens`) prefilled once per cache, B copies of it decoded for --new-tokens. The loop runs
+(`benchmarks.common.english_tokens`) prefilled once per cache, B copies of it decoded for --new-tokens. The loop runs
 once to compile, then once under `jax.profiler.trace`: XLA:CPU records each executed op (thunk) with its HLO name,
 and the optimized HLO of the executable says what the op is. Every op of the loop body goes to one kind:
 
@@ -17,7 +17,7 @@ and the optimized HLO of the executable says what the op is. Every op of the loo
 - per call: ops outside the loop (the cache split into per-layer buffers and stacked again), per generated token.
 
 Per kind: ms per step, share, bytes read per step (weights: every one once; attention: keys and values held) and
-the GB/s that makes, against the machine's bandwidth measured in the same run (`bench_roofline.machine_peaks`).
+the GB/s that makes, against the machine's bandwidth measured in the same run (`benchmarks.common.machine_peaks`).
 -> OUT.{json,md}
 """
 
@@ -28,24 +28,19 @@ import collections
 import glob
 import json
 import re
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing anjax
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import jax
 import numpy as np
-from bench_decode import english_tokens, tile
-from bench_roofline import machine_peaks
 from jax.profiler import ProfileData
 
 from anjax.inference.engine import Engine, EngineConfig, decode_loop
 from anjax.io import outputs
 from anjax.io.loading import load_model
+from benchmarks.common import english_tokens, machine_peaks, tile
 
-RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent  # this investigation's result files
 KINDS = ("layer matvecs", "LM head", "attention dots", "slot-axis ops", "other ops", "between ops", "per call")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\((.*)$")
 _CALLED = re.compile(
@@ -168,7 +163,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--caches", nargs="+", default=["full", "anchor"], choices=["full", "anchor"])
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--out", default=str(RESULTS / "profile_decode"), help="path stem for .json and .md")
+    p.add_argument("--out", default=str(HERE / "profile_decode"), help="path stem for .json and .md")
     args = p.parse_args()
     if args.length < 2 or min(args.batches) < 1 or args.new_tokens < 1:
         p.error("need --length >= 2, --batches >= 1 and --new-tokens >= 1")

@@ -1,6 +1,6 @@
 """Why a batch-1 decode step's per-layer matvecs read their weights slower than one large matvec on XLA:CPU.
 
-    python benchmarks/bench_matvec.py                  # SmolLM2-135M layer shapes, batch 1, every setting
+    python -m benchmarks.investigations.cpu_decode.bench_matvec   # SmolLM2-135M layer shapes, batch 1, every setting
 
 A batch-1 decode step reads every weight once in small matrix-vector products (per layer: q/k/v fused
 [E, 960], o [E, E], gate/up fused [E, 2F], down [F, E]: 1.3-7.1 MB each), one after the other. This runs
@@ -33,14 +33,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing anjax
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_decode_layout import E, F, H, K, L  # SmolLM2-135M
-
 from anjax.io import outputs
+from benchmarks.investigations.cpu_decode.bench_decode_layout import E, F, H, K, L  # SmolLM2-135M
 
-RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent  # this investigation's result files
 N_QKV = (H + 2 * K) * (E // H)
 SETTINGS = {  # name: (XLA_FLAGS added to the user's, one core)
     "all cores": ("", False),
@@ -157,9 +153,10 @@ def _tensor_parallel(weights, x_1xE):
 def run_setting(setting: str, repeats: int) -> dict:
     flags, one_core = SETTINGS[setting]
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
-    cmd = [sys.executable, __file__, "--worker", setting, "--repeats", str(repeats)]
+    cmd = [sys.executable, "-m", __spec__.name, "--worker", setting, "--repeats", str(repeats)]
     pin = (lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})) if one_core else None
-    done = subprocess.run(cmd, env=env, preexec_fn=pin, capture_output=True, text=True, check=False)
+    root = Path(__file__).resolve().parents[3]  # where `benchmarks` imports from
+    done = subprocess.run(cmd, env=env, preexec_fn=pin, capture_output=True, text=True, check=False, cwd=root)
     if done.returncode:
         raise SystemExit(f"{setting}: worker failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -169,7 +166,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=2, help="shuffled rounds over the settings (best of)")
     p.add_argument("--repeats", type=int, default=20, help="calls per variant per round (best of)")
-    p.add_argument("--out", default=str(RESULTS / "bench_matvec"), help="path stem for .json, .md and .png")
+    p.add_argument("--out", default=str(HERE / "bench_matvec"), help="path stem for .json, .md and .png")
     p.add_argument("--worker", choices=list(SETTINGS), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rounds < 1 or args.repeats < 1:

@@ -1,6 +1,6 @@
 """Cross-check anjax's `window` and `snapkv` cache policies against NVIDIA kvpress on the same weights and documents.
 
-    bash benchmarks/kvpress_check.sh --tasks boolq,hellaswag --limit 20 --budget 0.5
+    bash benchmarks/investigations/kvpress/kvpress_check.sh --tasks boolq,hellaswag --limit 20 --budget 0.5
 
 kvpress pins transformers < 5.3, so it runs in its own environment (`.venv-kvpress`, built by
 kvpress_check.sh); the steps talk through files in --dir:
@@ -12,7 +12,7 @@ kvpress_check.sh); the steps talk through files in --dir:
    SnapKVPress (or no press) with the compression ratio that keeps exactly the same number of slots,
    then scores every choice against a copy of the compressed cache at its true positions -> DIR/kvpress.json;
 3. `compare` (anjax's venv): same-argmax share and log-likelihood differences per policy ->
-   benchmarks/results/NAME.json and NAME.md.
+   benchmarks/investigations/kvpress/NAME.json and NAME.md.
 Items whose context is too short for kvpress (n <= obs, or a budget below the observation window,
 where kvpress's top-k breaks ties inside the window arbitrarily) are left out and counted.
 """
@@ -23,8 +23,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # anjax, for the anjax and compare steps
 
 POLICIES = ("window", "snapkv")
 
@@ -200,7 +198,7 @@ def main(argv=None) -> int:
     p.add_argument("--obs", type=int, default=8)
     p.add_argument("--kernel", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--results", default="benchmarks/results")
+    p.add_argument("--results", default="benchmarks/investigations/kvpress")
     p.add_argument("--name", default="kvpress_check")
     args = p.parse_args(argv)
     if not 0 < args.budget < 1 or args.limit < 1:

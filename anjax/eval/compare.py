@@ -1,29 +1,20 @@
-"""Paired accuracy differences between two models scored on the same documents.
+"""Paired accuracy differences between two models scored on the same documents (`python -m anjax.report compare`).
 
-    python benchmarks/compare_models.py --new benchmarks/results/quality_smollm2_ac_long.json \\
-        --base benchmarks/results/quality_smollm2_base.json --name compare_ac_long_vs_base
-
-Both files are `anjax.evaluate` reports (or quality reports, whose "accuracy" holds one) over the
-same tasks and documents (checked by document id). For every (new cache, base cache) pair — by
-default new full − base full (forgetting), new anchor − base full (the cost of the anchor cache
-against the model one started from) and new anchor − base anchor (what training bought) — prints
-the per-task paired difference and the task average with bootstrap intervals (`anjax.eval.stats`,
-documents resampled within each task, one resample for both models). Writes OUT_DIR/NAME.{md,json,png}.
+Both reports are `anjax.evaluate` reports (or quality reports, whose "accuracy" holds one) over the same tasks
+and documents (checked by document id). For every (new cache, base cache) pair — by default new full − base
+full (forgetting), new anchor − base full (the cost of the anchor cache against the model one started from)
+and new anchor − base anchor (what training bought) — the per-task paired difference and the task average
+with bootstrap intervals (`anjax.eval.stats`: documents resampled within each task, one resample for both).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from anjax import cli  # noqa: E402
-from anjax.eval import intervals, provenance, stats  # noqa: E402
-from anjax.io import outputs  # noqa: E402
+from anjax.eval import intervals, stats
 
 PAIRS = ("full-full", "anchor-full", "anchor-anchor")
 
@@ -94,6 +85,7 @@ def markdown(new: dict, base: dict, diffs: dict) -> str:
 
 
 def plot(data: dict, path) -> None:
+    """One bar per (task, pair) with its 95% interval, the task average last."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,33 +110,3 @@ def plot(data: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def main(argv=None) -> int:
-    p = cli.ArgumentParser(prog="python benchmarks/compare_models.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--new", required=True, help="report JSON of the new (trained) model")
-    p.add_argument("--base", required=True, help="report JSON of the base model, same tasks and documents")
-    p.add_argument("--pairs", default=",".join(PAIRS), help="comma list of NEWCACHE-BASECACHE")
-    p.add_argument("--tasks", default=None, help="comma list: only these tasks (default: all both reports hold)")
-    p.add_argument("--out-dir", default="benchmarks/results")
-    p.add_argument("--name", default="compare_models")
-    prov = provenance.begin("python benchmarks/compare_models.py", argv)
-    args = p.parse_args(argv)
-    pairs = [tuple(x.split("-", 1)) for x in args.pairs.split(",") if x]
-    if not pairs or any(len(x) != 2 or not all(x) for x in pairs):
-        p.error(f"--pairs expects NEWCACHE-BASECACHE[,...], got {args.pairs!r}")
-    new = load_report(cli.check_readable_file(args.new, "--new"))
-    base = load_report(cli.check_readable_file(args.base, "--base"))
-    cli.check_writable_dir(args.out_dir, "--out-dir")
-    diffs = paired(new, base, pairs, None if args.tasks is None else args.tasks.split(","))
-    text = markdown(new, base, diffs)
-    print(text)
-    data = dict(new=new["model"], base=base["model"], metric="acc", differences=diffs)
-    data["provenance"] = prov.finish(sources={"new": new.get("provenance"), "base": base.get("provenance")})
-    outputs.write_report(args.out_dir, args.name, text, data, plot)
-    print(f"wrote {Path(args.out_dir) / args.name}.md, .json, .png")
-    return 0
-
-
-if __name__ == "__main__":
-    cli.run(main)

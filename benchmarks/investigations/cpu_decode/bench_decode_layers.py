@@ -1,8 +1,8 @@
 """The engine's decode loop with scanned vs split layers (`EngineConfig.decode_layers`), side by side in one run.
 
-    python benchmarks/bench_decode_layers.py                  # 1k prompt, batch 1 and 16, full and anchor cache
+    python -m benchmarks.investigations.cpu_decode.bench_decode_layers   # 1k prompt, batch 1 and 16, both caches
 
-SmolLM2-135M fp32, one prompt of real English text (`bench_decode.english_tokens`), prefilled once per cache;
+SmolLM2-135M fp32, one prompt of real English text (`benchmarks.common.english_tokens`), prefilled once per cache;
 then decode at batch B from B copies of that row, alternating the two layouts --repeats times (the best of each
 is kept): "scan" runs the stacked layers in `lax.scan`, "split" unrolled layers on per-layer weights (held so by
 the engine, q/k/v and gate/up fused) and cache buffers. Both generate the same ids (checked here too). -> OUT.{json,md}
@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing anjax
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import jax
-from bench_decode import english_tokens, tile
 
 from anjax.inference.engine import Engine, EngineConfig
 from anjax.io import outputs
 from anjax.io.loading import load_model
+from benchmarks.common import english_tokens, tile
 
-RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent  # this investigation's result files
 LAYOUTS = ("scan", "split")
 
 
@@ -35,7 +31,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=str(RESULTS / "bench_decode_layers"), help="path stem for .json and .md")
+    p.add_argument("--out", default=str(HERE / "bench_decode_layers"), help="path stem for .json and .md")
     args = p.parse_args()
     if args.length < 2 or min(args.batches) < 1 or args.new_tokens < 1 or args.repeats < 1:
         p.error("need --length >= 2, --batches >= 1, --new-tokens >= 1 and --repeats >= 1")

@@ -1,6 +1,6 @@
 """The decode step's attention alone, XLA:CPU against PyTorch, side by side in one run.
 
-    python benchmarks/bench_decode_attention.py                 # batch 1 and 16, 1k and 4k slots
+    python -m benchmarks.investigations.cpu_decode.bench_decode_attention   # batch 1 and 16, 1k and 4k slots
 
 One layer of SmolLM2-135M's decode attention (K = 3 KV heads, G = 3 query heads per KV head, head dim 64):
 one query per row against C cached slots, softmax(q kᵀ / √D) v, called for 30 layers in a row, each layer with
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -23,11 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing anjax
-
 from anjax.io import outputs  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent  # this investigation's result files
 K, G, D, LAYERS = 3, 3, 64, 30  # SmolLM2-135M
 
 
@@ -109,7 +106,7 @@ def main() -> None:
     p.add_argument("--slots", type=int, nargs="+", default=[1024, 4096], help="KV cache slots per row")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=str(RESULTS / "bench_decode_attention"), help="path stem for .json and .md")
+    p.add_argument("--out", default=str(HERE / "bench_decode_attention"), help="path stem for .json and .md")
     args = p.parse_args()
     if min(args.batches) < 1 or min(args.slots) < 1 or args.repeats < 1 or args.threads < 1:
         p.error("--batches, --slots, --repeats and --threads must be >= 1")

@@ -1,31 +1,21 @@
-"""A training run's held-out loss curve, full vs anchor, and how many tokens its trend needs.
+"""A training run's held-out loss curve, full vs anchor, and how many tokens its trend needs
+(`python -m anjax.report curve`).
 
-    python benchmarks/long_run_curve.py --run runs/smollm2-135m-ac-long --name long_run_curve
-
-Reads RUN/metrics.jsonl (the validation rows train.py writes: `val_loss_full`, `val_loss_anchor`)
-and RUN/config.yaml (tokens per step = data.batch_size × data.seq_len). The gap g = anchor − full
-(nats/token; anchor perplexity / full perplexity = e^g) is fitted as a power law in the tokens
-trained, log g = log a − b log tokens, by least squares over the evaluations from --from-step on,
-and over the last --tail evaluations (a flattening trend shows as a smaller b there). Each fit is
-extrapolated to the target ratio (--target, default 1.10: g = ln 1.10 ≈ 0.095). A cosine schedule
-decays the learning rate towards the end, so the tail fit reads "this recipe, continued", not a
-law of the model. Prints a table and writes OUT_DIR/NAME.{md,json,png}.
+The validation rows train.py writes to RUN/metrics.jsonl (`val_loss_full`, `val_loss_anchor`). The gap
+g = anchor − full (nats/token; anchor perplexity / full perplexity = e^g) is fitted as a power law in the
+tokens trained, log g = log a − b log tokens, by least squares over the evaluations from a first step on and
+over the last few (a flattening trend shows as a smaller b there); each fit is extrapolated to a target
+ratio (1.10: g = ln 1.10 ≈ 0.095). A cosine schedule decays the learning rate towards the end, so the tail
+fit reads "this recipe, continued", not a law of the model.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from anjax import cli  # noqa: E402
-from anjax.io import outputs  # noqa: E402
 
 
 def validation_rows(metrics_path: Path, tokens_per_step: int) -> list[dict]:
@@ -144,33 +134,3 @@ def plot(rep: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def main(argv=None) -> int:
-    p = cli.ArgumentParser(prog="python benchmarks/long_run_curve.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="a train.py run directory (metrics.jsonl, config.yaml)")
-    p.add_argument("--from-step", type=int, default=50, help="first step of the whole-run fit")
-    p.add_argument("--tail", type=int, default=4, help="evaluations in the tail fit")
-    p.add_argument("--target", type=float, default=1.10, help="target anchor / full perplexity ratio")
-    p.add_argument("--out-dir", default="benchmarks/results")
-    p.add_argument("--name", default="long_run_curve")
-    args = p.parse_args(argv)
-    run = Path(args.run)
-    for f in ("metrics.jsonl", "config.yaml"):
-        cli.check_readable_file(run / f, "--run:")
-    cli.check_writable_dir(args.out_dir, "--out-dir")
-    cli.check_range("--tail", args.tail, 2)
-    if not args.target > 1:
-        p.error(f"--target must be > 1, got {args.target}")
-    data = yaml.safe_load((run / "config.yaml").read_text())["data"]
-    rows = validation_rows(run / "metrics.jsonl", int(data["batch_size"]) * int(data["seq_len"]))
-    rep = report(rows, args.from_step, args.tail, args.target, str(run))
-    text = markdown(rep)
-    print(text)
-    outputs.write_report(args.out_dir, args.name, text, rep, plot)
-    print(f"wrote {Path(args.out_dir) / args.name}.md, .json, .png")
-    return 0
-
-
-if __name__ == "__main__":
-    cli.run(main)

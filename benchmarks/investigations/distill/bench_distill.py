@@ -1,7 +1,7 @@
 """Step-time cost of self-distillation (anjax.train.distill): the LM-only step and the distillation step of one
 run config, alternating in one process on the same batches after both are compiled (not a test).
 
-    python benchmarks/bench_distill.py --config configs/smollm2-135m-ac.yaml --steps 2
+    python -m benchmarks.investigations.distill.bench_distill --config configs/smollm2-135m-ac.yaml --steps 2
 
 Prints the median seconds per step of each and their ratio. Alternating keeps a shared machine's load
 the same for both.
@@ -14,11 +14,9 @@ import dataclasses
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anjax.core import sharding  # noqa: E402
 from anjax.train import run_config, setup  # noqa: E402
 from anjax.train.prepare import make_batches  # noqa: E402

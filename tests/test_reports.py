@@ -1,5 +1,5 @@
-"""benchmarks/long_run_curve.py (a run's held-out curve and trend) and benchmarks/compare_models.py
-(paired differences between two models' reports)."""
+"""`python -m anjax.report`: curve (a run's held-out curve and trend), compare (paired differences between two
+models' reports) and ab (A/B arms at equal wall-clock; benchmarks/ab_objectives.py runs the arms)."""
 
 import json
 import math
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from conftest import load_script
 
-from anjax.eval import intervals
+from anjax.cli import report
+from anjax.eval import compare, intervals
+from anjax.train import ab, curves
 
-curve = load_script("benchmarks/long_run_curve.py")
-compare = load_script("benchmarks/compare_models.py")
-ab = load_script("benchmarks/ab_objectives.py")
+ab_script = load_script("benchmarks/ab_objectives.py")
 
 
 def _run_dir(tmp_path: Path, a: float = 30.0, b: float = 0.4) -> Path:
@@ -32,19 +32,19 @@ def _run_dir(tmp_path: Path, a: float = 30.0, b: float = 0.4) -> Path:
 
 def test_rows_keep_the_last_validation_per_step_and_the_fit_recovers_a_power_law(tmp_path):
     run = _run_dir(tmp_path)
-    rows = curve.validation_rows(run / "metrics.jsonl", tokens_per_step=100)
+    rows = curves.validation_rows(run / "metrics.jsonl", tokens_per_step=100)
     assert [r["step"] for r in rows] == [0, 10, 20, 40, 80]
     assert rows[1]["train_s"] is None and rows[1]["tokens"] == 1000
-    rep = curve.report(rows, from_step=10, tail=2, target=1.1, run="r")
+    rep = curves.report(rows, from_step=10, tail=2, target=1.1, run="r")
     for fit in rep["fits"].values():
         assert fit["a"] == pytest.approx(30.0, rel=1e-9) and fit["b"] == pytest.approx(0.4, rel=1e-9)
         assert fit["tokens_needed"] == pytest.approx((30.0 / math.log(1.1)) ** (1 / 0.4), rel=1e-9)
-    assert curve.tokens_needed(1.0, -0.1, 0.1) is None  # a rising gap never reaches the target
+    assert curves.tokens_needed(1.0, -0.1, 0.1) is None  # a rising gap never reaches the target
 
 
 def test_cli_writes_the_report(tmp_path, capsys):
     run = _run_dir(tmp_path)
-    assert curve.main(["--run", str(run), "--from-step", "10", "--out-dir", str(tmp_path / "out")]) == 0
+    assert report.main(["curve", "--run", str(run), "--from-step", "10", "--out-dir", str(tmp_path / "out")]) == 0
     assert "| 80 | 8,000 |" in capsys.readouterr().out
     for ext in ("md", "json", "png"):
         assert (tmp_path / "out" / f"long_run_curve.{ext}").stat().st_size > 0
@@ -54,9 +54,9 @@ def test_bad_run_is_one_line(tmp_path):
     run = _run_dir(tmp_path)
     (run / "metrics.jsonl").write_text('{"step": 0\n')
     with pytest.raises(ValueError, match="metrics.jsonl:1: not JSON"):
-        curve.main(["--run", str(run), "--out-dir", str(tmp_path / "out")])
+        report.main(["curve", "--run", str(run), "--out-dir", str(tmp_path / "out")])
     with pytest.raises(ValueError, match="no such file"):
-        curve.main(["--run", str(tmp_path / "missing")])
+        report.main(["curve", "--run", str(tmp_path / "missing")])
 
 
 def _report(model: str, seed: int, ids=None) -> dict:
@@ -93,17 +93,44 @@ def test_compare_pairs_documents_and_matches_a_reports_own_differences(tmp_path)
     for name, r in (("new", new), ("base", {"accuracy": rep})):  # a quality report holds the evaluate report
         (tmp_path / f"{name}.json").write_text(json.dumps(r))
     argv = ["--new", str(tmp_path / "new.json"), "--base", str(tmp_path / "base.json"), "--out-dir", str(tmp_path)]
-    assert compare.main(argv) == 0
+    assert report.main(["compare", *argv]) == 0
     data = json.loads((tmp_path / "compare_models.json").read_text())
     assert data["differences"].keys() == set("full - full,anchor - full,anchor - anchor".split(","))
-    assert data["provenance"]["command"].startswith("python benchmarks/compare_models.py --new")
+    assert data["provenance"]["command"].startswith("python -m anjax.report compare --new")
     assert data["provenance"]["sources"] == {"new": None, "base": None}  # these reports carry none
 
 
 def test_ab_arm_values_may_hold_commas():
     """An arm's overrides split at commas before `key.path=` only: SepLLM's separator list stays one value."""
     arm = 'sep=anchors.mode=ep,anchors.tokens=[".", ",", ";"],anchors.window=64'
-    assert ab.parse_arm(arm) == ("sep", ["anchors.mode=ep", 'anchors.tokens=[".", ",", ";"]', "anchors.window=64"])
-    assert ab.parse_arm("ac=") == ("ac", [])
+    assert ab_script.parse_arm(arm) == (
+        "sep",
+        ["anchors.mode=ep", 'anchors.tokens=[".", ",", ";"]', "anchors.window=64"],
+    )
+    assert ab_script.parse_arm("ac=") == ("ac", [])
     with pytest.raises(SystemExit, match="--arm expects"):
-        ab.parse_arm("no-overrides")
+        ab_script.parse_arm("no-overrides")
+
+
+def test_ab_report_compares_arms_at_the_common_end_of_the_clock(tmp_path, capsys):
+    """Each arm is read at its last validation within the shortest arm's clock; `python -m anjax.report ab`
+    finds the arms below --out and writes ab.{md,json,png}."""
+    for arm, (slope, seconds) in {"fast": (0.2, [0, 10, 20, 30]), "slow": (0.1, [0, 15, 25])}.items():
+        (tmp_path / arm).mkdir()
+        lines = [
+            {"step": i, "train_s": t, "val_loss_full": 3.0, "val_loss_anchor": 5.0 - slope * i}
+            for i, t in enumerate(seconds)
+        ]
+        (tmp_path / arm / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    rows = ab.summarize(ab.curves(tmp_path, ["fast", "slow"]))
+    assert [(r["arm"], r["step"], r["train_s"]) for r in rows] == [("fast", 2, 20), ("slow", 2, 25)]
+    assert rows[0]["val_loss_anchor"] == pytest.approx(4.6) and rows[0]["full_change"] == 0.0
+    assert report.main(["ab", "--out", str(tmp_path)]) == 0
+    assert "| fast | 2 | 20 |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ab.json").read_text())["arms"] == ["fast", "slow"]
+    assert (tmp_path / "ab.png").stat().st_size > 0
+
+
+def test_unknown_report_is_a_usage_error():
+    with pytest.raises(ValueError, match="unknown report 'bogus': one of quality, policies, compare, curve, ab"):
+        report.main(["bogus"])

@@ -1,6 +1,6 @@
 """Which layout lets a CPU decode step read weights and KV once? Three layer loops, side by side in one run.
 
-    python benchmarks/bench_decode_layout.py                  # SmolLM2-135M shapes, batch 1 and 16, 1280 slots
+    python -m benchmarks.investigations.cpu_decode.bench_decode_layout   # SmolLM2-135M shapes, batch 1 and 16
 
 A decode step of SmolLM2-135M's shapes (30 layers, fused q/k/v and gate/up matrices, a KV cache of --slots slots,
 random fp32 weights; the LM head left out), --steps steps in one `lax.fori_loop`, in three layouts:
@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing anjax
-
-RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent  # this investigation's result files
 L, E, F, H, K, D = 30, 576, 1536, 9, 3, 64  # SmolLM2-135M
 
 
@@ -108,7 +105,7 @@ def main() -> None:
     p.add_argument("--slots", type=int, default=1280, help="KV cache slots per row")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", default=str(RESULTS / "bench_decode_layout"), help="path stem for .json and .md")
+    p.add_argument("--out", default=str(HERE / "bench_decode_layout"), help="path stem for .json and .md")
     args = p.parse_args()
     if min(args.batches) < 1 or args.slots < args.steps or args.repeats < 1:
         p.error("need batches >= 1, --slots >= --steps and --repeats >= 1")

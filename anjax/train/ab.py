@@ -1,0 +1,99 @@
+"""A/B of training recipes at equal wall-clock: each arm's held-out loss (anchor mask, full attention beside
+it) against its training seconds, from the arms' run directories (`python -m anjax.report ab`; the arms are
+run by benchmarks/ab_objectives.py).
+
+Training seconds are train.py's `train_s` (time inside optimizer steps, validation excluded), so a slower
+objective pays for its extra compute. The arms compare at the common end of the clock: each arm's last
+validation at or before the shortest arm's last.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from anjax.io import outputs
+
+
+def curves(out: Path, names: list[str]) -> dict[str, list[dict]]:
+    """Per arm: its validation records (step, train_s, tokens, val_loss_full, val_loss_anchor)."""
+    result = {}
+    for name in names:
+        path = out / name / "metrics.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        result[name] = [r for r in records if "val_loss_anchor" in r]
+    return result
+
+
+def summarize(curves_by_arm: dict[str, list[dict]]) -> list[dict]:
+    """One row per arm at the common end of the clock: its last validation at or before the shortest arm's last."""
+    ends = [c[-1].get("train_s", 0.0) for c in curves_by_arm.values() if c]
+    common_end = min(ends) if ends else 0.0
+    rows = []
+    for name, c in curves_by_arm.items():
+        upto = [r for r in c if r.get("train_s", 0.0) <= common_end + 1e-9] or c[:1]
+        if not upto:
+            continue
+        r, first = upto[-1], c[0]
+        rows.append(
+            {
+                "arm": name,
+                "step": r["step"],
+                "train_s": round(r.get("train_s", 0.0), 1),
+                "val_loss_full": r["val_loss_full"],
+                "val_loss_anchor": r["val_loss_anchor"],
+                "gap": r["val_loss_anchor"] - r["val_loss_full"],
+                "full_change": r["val_loss_full"] - first["val_loss_full"],
+                "last_step": c[-1]["step"],
+                "last_val_loss_anchor": c[-1]["val_loss_anchor"],
+            }
+        )
+    return sorted(rows, key=lambda row: row["val_loss_anchor"])
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| arm | step | train s | val loss full | val loss anchor | anchor − full | full vs step 0 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['arm']} | {r['step']} | {r['train_s']:.0f} | {r['val_loss_full']:.4f} | "
+            f"{r['val_loss_anchor']:.4f} | {r['gap']:+.4f} | {r['full_change']:+.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(curves_by_arm: dict[str, list[dict]], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, c in curves_by_arm.items():
+        if not c:
+            continue
+        t = [r.get("train_s", 0.0) for r in c]
+        (line,) = ax.plot(t, [r["val_loss_anchor"] for r in c], marker="o", label=f"{name} (anchor mask)")
+        ax.plot(t, [r["val_loss_full"] for r in c], ls="--", color=line.get_color(), label=f"{name} (full)")
+    ax.set_xlabel("training seconds (validation excluded; arms side by side)")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out: Path, names: list[str], **meta) -> list[dict]:
+    """OUT/ab.{md,json,png} of the arms `names` (run directories below `out`); `meta` (the config, the arms'
+    overrides, the seconds) goes into the JSON. Returns the table's rows."""
+    by_arm = curves(out, names)
+    rows = summarize(by_arm)
+    table = markdown(rows)
+    print(table)
+    data = {**meta, "rows": rows, "curves": by_arm}
+    outputs.write_report(out, "ab", table, data, lambda d, file: plot(d["curves"], file))
+    print(f"[ab] wrote {out / 'ab.md'}, {out / 'ab.json'}, {out / 'ab.png'}")
+    return rows
