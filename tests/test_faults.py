@@ -638,11 +638,13 @@ def test_kill9_during_checkpoint_save_keeps_the_previous_checkpoint(work):
 
 
 @pytest.fixture
-def small_disk(work):
-    """A 64 KiB tmpfs at WORK/disk (needs `mount`: root or a user namespace); skipped where it cannot."""
+def small_disk(work, request):
+    """A tmpfs at WORK/disk, 64 KiB or the size given by indirect parametrization (needs `mount`: root or a
+    user namespace); skipped where it cannot."""
     disk = work / "disk"
     disk.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", disk]).returncode:
+    size = getattr(request, "param", "64k")
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", disk]).returncode:
         pytest.skip("mount -t tmpfs is not allowed here")
     yield disk
     subprocess.run(["umount", disk], check=True)
@@ -660,6 +662,74 @@ def test_a_full_disk_is_one_line_naming_the_path_and_keeps_what_was_there(model_
     proc = run_main(_export_main(), ["--model", model_dir, "--out", small_disk / "export"], capsys)
     assert_one_line_error(proc, f"{small_disk / 'export'}: no space left on device")
     assert files(small_disk) == before  # the previous output intact, nothing partial left
+
+
+@pytest.mark.parametrize("small_disk", ["1m"], indirect=True)
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(small_disk, capsys):
+    """train.py's checkpoints (`Checkpointer`, async): the save that fills the disk is one line naming its step
+    directory (orbax's logged tracebacks dropped), its partial files are removed, the previous step restores."""
+    from anjax.io.checkpoint import Checkpointer
+    from anjax.train.trainer import TrainState
+
+    def state(step, n):  # random weights: orbax compresses, and a constant array would fit
+        params = {"w": jax.random.normal(jax.random.key(step), (n, n)), "b": jax.numpy.arange(7.0)}
+        return TrainState(
+            jax.numpy.asarray(step), params, {"m": jax.numpy.zeros(3)}, jax.random.key_data(jax.random.key(0))
+        )
+
+    ckpt = Checkpointer(small_disk / "run", keep=5)
+    ckpt.save(state(1, 8), {"epoch": 0})
+    ckpt.wait()
+    before = files(small_disk)
+
+    def save_too_much(argv):
+        try:
+            ckpt.save(state(2, 1024), {"epoch": 1})  # 4 MiB
+            ckpt.wait()
+        finally:
+            ckpt.close()
+
+    proc = run_main(save_too_much, [], capsys)
+    step_dir = small_disk.resolve() / "run" / "checkpoints" / "2"
+    assert_one_line_error(proc, f"{step_dir}: no space left on device", "the checkpoint of step 1 is intact")
+    assert files(small_disk) == before
+    reader = Checkpointer(small_disk / "run", read_only=True)
+    try:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state(1, 8).params)
+        restored = reader.restore_params(1, abstract)
+        assert jax.numpy.array_equal(restored["w"], state(1, 8).params["w"])
+    finally:
+        reader.close()
+
+
+@pytest.fixture
+def no_progress_bars():
+    """datasets' progress bars off (their lines on stderr are not errors)."""
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    yield
+    if enabled:
+        datasets.enable_progress_bars()
+
+
+def test_a_full_disk_while_preparing_a_corpus_names_the_shard(work, small_disk, no_progress_bars, capsys):
+    from conftest import make_tiny_tokenizer
+
+    from anjax.text import anchors
+    from anjax.train import data, prepare
+
+    tok = make_tiny_tokenizer()
+    (work / "corpus.txt").write_text("The cat sat on the mat.\n" * 5000)  # ~140 KB of token ids
+    cfg = data.DataConfig(path=str(work / "corpus.txt"))
+
+    def prepare_main(argv):
+        prepare.prepare(cfg, tok, anchors.make_scheme(tok, "ep"), small_disk / "corpus", {"train": "train"}, workers=1)
+
+    proc = run_main(prepare_main, [], capsys)
+    assert_one_line_error(proc, f"{small_disk / 'corpus' / 'train' / '00000.tokens.npy'}: no space left on device")
+    assert list(files(small_disk)) == ["corpus", "corpus/plan.json", "corpus/train"]  # no partial shard file
 
 
 # ----------------------------------------------------------------------------- Ctrl-C: nothing is committed after it
