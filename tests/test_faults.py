@@ -44,8 +44,9 @@ def run_main(main, argv, capsys):
     return SimpleNamespace(returncode=exit_.value.code, stdout=out.out, stderr=out.err)
 
 
-def files(root):
-    """{relative path: (mode, sha256)} of every file and directory under `root`."""
+def files(root, ignore=None):
+    """{relative path: (mode, sha256)} of every file and directory under `root`, but those whose path holds
+    `ignore`."""
     root = Path(root)
     return {
         str(p.relative_to(root)): (
@@ -53,7 +54,30 @@ def files(root):
             hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir",
         )
         for p in sorted(root.rglob("*"))
+        if ignore is None or ignore not in str(p.relative_to(root))
     }
+
+
+def python_child(code):
+    """A Python process running `code` (dedented) from the repository root, its stderr piped (text)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+
+
+def run_python(code, timeout=300):
+    """`python_child(code)` to its end -> (returncode, stderr); killed past `timeout` seconds."""
+    with python_child(code) as proc:
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    return proc.returncode, stderr
 
 
 @pytest.fixture(scope="module")
@@ -521,13 +545,7 @@ def test_outputs_follow_the_umask(work, umask_002, model_dir, capsys):
 
 def _kill_when_ready(code, marker, timeout=120):
     """Run `code` in a child that creates `marker` at the moment to kill it; kill -9 it then."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
+    proc = python_child(code)
     deadline = time.time() + timeout
     while not Path(marker).exists():
         assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -585,7 +603,7 @@ def test_kill9_during_export_keeps_the_previous_export(model_dir, work, capsys):
             work / "ready",
         )
         (work / "ready").unlink()
-        assert {k: v for k, v in files(work).items() if ".anjax-tmp." not in k} == before
+        assert files(work, ignore=".anjax-tmp.") == before
     assert run_main(_export_main(), ["--model", model_dir, "--out", out], capsys).returncode == 0
     assert files(work) == before  # the next export clears what the killed ones left
 
@@ -606,16 +624,8 @@ def test_kill9_during_checkpoint_save_keeps_the_previous_checkpoint(work):
         ck.save(state(2, 2.0), {{"epoch": 1}})   # in flight in a background thread
         import os, signal; os.kill(os.getpid(), signal.SIGKILL)
     """
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        check=False,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    returncode, stderr = run_python(code)
+    assert returncode == -signal.SIGKILL, stderr[-3000:]
     from anjax.io.checkpoint import Checkpointer
 
     device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
@@ -748,7 +758,7 @@ def test_after_an_interrupt_nothing_is_put_in_place(work):
             outputs.replace_dir(tmp, work / "export", ["a.txt"])
     finally:
         outputs._interrupted.clear()
-    assert {k: v for k, v in files(work).items() if outputs.MARKER not in k} == before
+    assert files(work, ignore=outputs.MARKER) == before
 
 
 def _wait_for(proc, pattern, timeout=300):
@@ -807,15 +817,8 @@ def test_an_export_whose_interrupt_is_swallowed_is_not_completed(model_dir, work
         from anjax.cli import export
         cli.run(export.main, ["--model", {str(model_dir)!r}, "--out", {str(out)!r}])
     """
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
-    assert proc.returncode == 130 and proc.stderr.strip().splitlines()[-1] == "error: interrupted", proc.stderr
+    returncode, stderr = run_python(code)
+    assert returncode == 130 and stderr.strip().splitlines()[-1] == "error: interrupted", stderr
     assert files(work) == before
 
 
@@ -827,13 +830,19 @@ def _logged_steps(run_dir) -> int:
     return sum(1 for ln in path.read_text().splitlines() if '"loss"' in ln) if path.exists() else 0
 
 
-def _endless_tiny_run(run_dir) -> list[str]:
-    """train.py's arguments for a tiny run that only a signal ends (no validation, no periodic checkpoint)."""
+def _endless_tiny_run(run_dir, model_dir) -> list[str]:
+    """train.py's arguments for a tiny run that only a signal ends (no validation, no periodic checkpoint): the
+    tiny tokenizer of `model_dir` and a small corpus beside the run, which prepare and compile faster than
+    SmolLM2's tokenizer (49k-entry embedding) and the embedded corpus."""
+    corpus = Path(run_dir).parent / "corpus.txt"
+    corpus.write_text("\n".join(f"Sentence {i} sits on the mat. Is it {i % 7}? Yes!" for i in range(400)))
     return [
         "--config",
         "configs/tiny.yaml",
         "--set",
         f"run.dir={run_dir}",
+        f"model.path={model_dir}",
+        f"data.path={corpus}",
         "data.seq_len=32",
         "eval.every=0",
         "checkpoint.every=1000",
@@ -842,7 +851,7 @@ def _endless_tiny_run(run_dir) -> list[str]:
     ]
 
 
-def test_first_ctrl_c_saves_a_checkpoint_and_exits_0_in_process(work, monkeypatch, capsys):
+def test_first_ctrl_c_saves_a_checkpoint_and_exits_0_in_process(model_dir, work, monkeypatch, capsys):
     """train.py's main in this process: the first SIGINT (to this process, from another thread once 3 steps
     are logged) stops after the current step with a checkpoint of it. The second signal's immediate exit
     needs a process of its own: the slow test below."""
@@ -858,7 +867,7 @@ def test_first_ctrl_c_saves_a_checkpoint_and_exits_0_in_process(work, monkeypatc
 
     threading.Thread(target=interrupt_after_3_steps, daemon=True).start()
     try:
-        proc = run_main(train.main, _endless_tiny_run(run_dir), capsys)
+        proc = run_main(train.main, _endless_tiny_run(run_dir, model_dir), capsys)
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
@@ -869,9 +878,9 @@ def test_first_ctrl_c_saves_a_checkpoint_and_exits_0_in_process(work, monkeypatc
 
 
 @pytest.mark.slow  # two training processes
-def test_ctrl_c_saves_like_sigterm_and_a_second_one_exits_at_once(work):
+def test_ctrl_c_saves_like_sigterm_and_a_second_one_exits_at_once(model_dir, work):
     run_dir = work / "run"
-    cmd = [sys.executable, "train.py", *_endless_tiny_run(run_dir)]
+    cmd = [sys.executable, "train.py", *_endless_tiny_run(run_dir, model_dir)]
 
     def start():
         return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
