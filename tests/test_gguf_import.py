@@ -7,7 +7,7 @@ import gguf
 import numpy as np
 import pytest
 
-from anjax.io.gguf_import import default_model_path, gguf_tokenizer, open_gguf, read_gguf
+from anjax.io.gguf_import import default_model_path, gguf_hf_config, gguf_tokenizer, open_gguf, read_gguf, read_header
 
 TEXTS = [
     "Hello, world! How's it going? I'm fine... really.",
@@ -114,6 +114,57 @@ def test_tiny_llama_gguf_roundtrip(tmp_path):
         config["num_hidden_layers"],
     ) == (12, 8, 2, 1, 4, 16, 1)
     assert config["rope_theta"] == 500.0 and config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+
+
+def _reader_header(path):
+    """`read_header`'s answer as gguf.GGUFReader gives it (the oracle): scalars and strings, then shapes."""
+    reader = open_gguf(path)
+    meta = {
+        key: None if field.types[0] == gguf.GGUFValueType.ARRAY else field.contents()
+        for key, field in reader.fields.items()
+        if not key.startswith("GGUF.")
+    }
+    return meta, {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+
+
+def test_header_reader_equals_gguf_reader(tmp_path):
+    """Every metadata type, string and number arrays (skipped), tensor shapes; the config it gives is
+    `read_gguf`'s, and a header cut anywhere is one line naming the file."""
+    path = tmp_path / "kinds.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("tokenizer.ggml.model", "gpt2")
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bc", "ünï"] * 50)
+    writer.add_array("tokenizer.ggml.token_type", [1, 2, 3] * 50)
+    for add, key, value in (
+        (writer.add_uint8, "k.u8", 7),
+        (writer.add_int16, "k.i16", -3),
+        (writer.add_uint32, "k.u32", 2**31),
+        (writer.add_int64, "k.i64", -(2**40)),
+        (writer.add_float32, "k.f32", 0.1),
+        (writer.add_float64, "k.f64", 0.1),
+        (writer.add_bool, "k.bool", True),
+    ):
+        add(key, value)
+    writer.add_tensor("token_embd.weight", np.ones((12, 8), np.float32))
+    writer.add_tensor("blk.0.attn_q.weight", np.ones((3, 4, 5), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert read_header(path) == _reader_header(path)
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    assert gguf_hf_config(tmp_path / "tiny.gguf") == read_gguf(tmp_path / "tiny.gguf")[0]
+    blob = (tmp_path / "tiny.gguf").read_bytes()
+    for size in (0, 3, 30, 200):
+        (tmp_path / "cut.gguf").write_bytes(blob[:size])
+        with pytest.raises(ValueError, match="cut.gguf: not a GGUF file, or a truncated one") as err:
+            gguf_hf_config(tmp_path / "cut.gguf")
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_header_reader_equals_gguf_reader_on_smollm2(smollm_path):
+    assert read_header(smollm_path) == _reader_header(smollm_path)
 
 
 def test_unsupported_models_are_rejected(tmp_path):

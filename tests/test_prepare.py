@@ -42,11 +42,12 @@ def _tokenizer_and_scheme(mode):
 
 
 def _digest(directory: Path) -> dict[str, str]:
-    """sha256 of every shard file (the manifest, which records the source's modification time, aside)."""
+    """sha256 of every shard file (the manifest, which records the source's modification time, aside, and the
+    hidden temporaries a killed writer may leave, which nothing reads)."""
     return {
         str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.parent != directory
+        if p.is_file() and p.parent != directory and not p.name.startswith(".")
     }
 
 
@@ -85,7 +86,7 @@ def test_interrupted_prepare_resumes_to_identical_shards(tmp_path, monkeypatch):
 
     def killed_after_two(stem, corpus):
         if len(written) == 2:
-            stem.with_name(f".{stem.name}.tokens.npy.tmp").write_bytes(b"partial")  # a write cut short
+            stem.with_name(f".{stem.name}.tokens.npy.anjax-tmp.1").write_bytes(b"partial")  # a write cut short
             raise KeyboardInterrupt
         written.append(stem)
         return write(stem, corpus)

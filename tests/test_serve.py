@@ -356,11 +356,12 @@ def test_a_drain_ends_streams_with_a_final_error_event(served):
 def test_slots_times_capacity_beyond_memory_is_refused_by_arithmetic():
     from anjax.cli.serve import check_cache_fits
 
-    cfg, params, tok = tiny_model()
-    engine = Engine(cfg, params, tok, CONFIG)
-    with pytest.raises(cli.UsageError, match=r"--slots 100000 x --capacity 1000000 needs a .* GiB KV cache"):
-        check_cache_fits(engine, 100_000, 1_000_000)
-    check_cache_fits(engine, 8, 1024)
+    cfg = tiny_model()[0]
+    with pytest.raises(cli.UsageError, match=r"--slots 100000 x --capacity 1000000 needs a 47683.* GiB KV cache"):
+        check_cache_fits(cfg, 100_000, 1_000_000)
+    with pytest.raises(cli.UsageError, match=r"needs a 23841.* GiB KV cache"):  # split over two devices
+        check_cache_fits(cfg, 100_000, 1_000_000, {"data": 2, "tensor": 1})
+    check_cache_fits(cfg, 8, 1024)
 
 
 def test_full_queue_refuses_and_full_cache_admission_checks_capacity():

@@ -6,8 +6,8 @@
 SmolLM2-135M-Instruct). Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
 GET /health, GET /metrics. SIGTERM or Ctrl-C (SIGINT) stops accepting requests, lets the ones in flight
 finish for up to --drain-seconds (then ends them: a stream with a final error event, a plain request with
-a 503), and exits 0; a second Ctrl-C exits at once. --slots x --capacity whose KV cache cannot fit in the
-memory available is refused (arithmetic) before the cache is allocated.
+a 503), and exits 0; a second Ctrl-C exits at once. --slots x --capacity whose KV cache and weights cannot
+fit in the memory available is refused (arithmetic on the model's config) before any weight is read.
 """
 
 from __future__ import annotations
@@ -71,26 +71,33 @@ def available_bytes(device) -> int | None:
         return None
 
 
-def check_cache_fits(engine, slots: int, capacity: int) -> None:
-    """UsageError when the decode cache (keys and values of every layer, `slots` rows of `capacity` + 1
-    slots) needs more bytes per device than a device has free (the cache is split evenly over a mesh)."""
+def check_cache_fits(cfg, slots: int, capacity: int, mesh: dict[str, int] | None = None) -> None:
+    """UsageError when the decode cache (keys and values of every layer, `slots` rows of `capacity` + 1 slots)
+    and the weights need more bytes per device than a device has free: arithmetic on the config alone
+    (`anjax.io.loading.load_config`), before any weight is read. Over a `mesh` {"data": D, "tensor": T} the
+    cache splits over D x T devices and the weights over T."""
     import jax
-    import numpy as np
+    import jax.numpy as jnp
 
-    cfg, mesh = engine.cfg, engine.runtime.mesh
-    need = 2 * cfg.num_layers * slots * (capacity + 1) * cfg.num_kv_heads * cfg.head_dim
-    need *= np.dtype(cfg.dtype).itemsize
-    need //= 1 if mesh is None else mesh.size
+    from anjax.train.aot import kv_bytes, num_params
+
+    data, tensor = (mesh or {}).get("data", 1), (mesh or {}).get("tensor", 1)
+    cache = kv_bytes(cfg, slots, capacity + 1) // (data * tensor)
+    weights = num_params(cfg) * jnp.dtype(cfg.param_dtype).itemsize // tensor
     free = available_bytes(jax.devices()[0])
-    if free is not None and need > free:
+    if free is not None and cache + weights > free:
         raise cli.UsageError(
-            f"--slots {slots} x --capacity {capacity} needs a {need / 2**30:.1f} GiB KV cache, more than the "
-            f"{free / 2**30:.1f} GiB free: lower --slots or --capacity"
+            f"--slots {slots} x --capacity {capacity} needs a {cache / 2**30:.1f} GiB KV cache beside "
+            f"{weights / 2**30:.1f} GiB of weights, more than the {free / 2**30:.1f} GiB free: "
+            "lower --slots or --capacity"
         )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from anjax.io.loading import load_config
+
+    check_cache_fits(load_config(args.model, args.dtype), args.slots, args.capacity, args.mesh)
     import uvicorn
 
     from anjax.inference.engine import Engine, EngineConfig
@@ -99,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     from anjax.serve.scheduler import Scheduler
 
     engine = Engine.load(args.model, EngineConfig.from_args(args), args.dtype, args.mesh)
-    check_cache_fits(engine, args.slots, args.capacity)
     scheduler = Scheduler(engine, args.slots, args.capacity, Metrics(), args.max_queue)
     name = args.model_name or (Path(args.model).name if args.model else "SmolLM2-135M-Instruct")
     server = DrainingServer(

@@ -14,10 +14,13 @@ reported (the step directory, the file or the mismatch) and never replaced.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import errno
 import json
 import logging
+import os
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,8 @@ from etils import epath
 from anjax.core.config import ModelConfig
 from anjax.core.model import init_params
 from anjax.core.params import Params, with_scan_layers
-from anjax.io.run_dir import CheckpointError, is_remote, load_model_config, storage_path
+from anjax.io import outputs
+from anjax.io.run_dir import CheckpointError, inference_config, is_remote, load_model_config, storage_path
 from anjax.io.run_dir import tokenizer as run_tokenizer
 
 
@@ -64,6 +68,16 @@ def _describe(e: Exception, step_dir: Path | epath.Path) -> str:
     return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())[:600] or type(e).__name__
 
 
+class _DropNoSpace(logging.Filter):
+    """Drops orbax's logged tracebacks of a full disk (its background threads log each one): the save, wait or
+    close that meets the error reports it as one line (`Checkpointer._writing`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            return not outputs.is_full_disk(record.exc_info[1])
+        return os.strerror(errno.ENOSPC) not in record.getMessage()
+
+
 class Checkpointer:
     """orbax CheckpointManager over RUN/checkpoints: async saves, keep the last `keep`.
 
@@ -87,6 +101,8 @@ class Checkpointer:
         else:
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save)
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=items)
+        self._quiet = _DropNoSpace()
+        logging.getLogger("absl").addFilter(self._quiet)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -95,15 +111,36 @@ class Checkpointer:
         """Start saving `state` (a trainer.TrainState) at its step; returns once arrays are copied off device."""
         train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
         meta = {"data": data_state, "fingerprints": fingerprints({"params": state.params, "train": train})}
-        self.manager.save(
-            int(state.step),
-            force=True,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.params),
-                train=ocp.args.StandardSave(train),
-                meta=ocp.args.JsonSave(meta),
-            ),
-        )
+        with self._writing():  # also meets the previous save's error: orbax waits for it first
+            self.manager.save(
+                int(state.step),
+                force=True,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(state.params),
+                    train=ocp.args.StandardSave(train),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+            )
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A full disk met by a save (here or in orbax's background threads) becomes one CheckpointError
+        naming the step's directory; its partial files are removed, the finished checkpoints stay as they are."""
+        try:
+            yield
+        except Exception as e:
+            if not outputs.is_full_disk(e):
+                raise
+            step = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(e))
+            path = self.directory / step[1] if step else self.directory
+            if not is_remote(self.directory):
+                for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(partial, ignore_errors=True)
+            latest = self.manager.latest_step()
+            kept = f"the checkpoint of step {latest} is intact" if latest is not None else "no checkpoint was finished"
+            raise CheckpointError(
+                f"{path}: no space left on device; {kept}: free some space and rerun the same command to resume"
+            ) from None
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
         """(state, data-iterator state) of `step`, sharded like `abstract_state`.
@@ -142,26 +179,24 @@ class Checkpointer:
         return out
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writing():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            with self._writing():
+                self.manager.close()
+        finally:
+            logging.getLogger("absl").removeFilter(self._quiet)
 
 
 def load_for_inference(run_dir: str | Path, **overrides: Any) -> tuple[ModelConfig, Params, Any]:
     """(cfg, params as a numpy tree, tokenizer) from the latest checkpoint of a run directory.
 
-    The same as loading RUN/export: the training-time settings (dtype, param_dtype,
-    scan_layers, remat, attention) take ModelConfig's defaults unless given in `overrides`.
+    `cfg` is `anjax.io.run_dir.inference_config` (the same as loading RUN/export).
     """
     run_dir = Path(run_dir)
-    stored = load_model_config(run_dir)
-    defaults = {
-        f.name: f.default
-        for f in dataclasses.fields(ModelConfig)
-        if f.name in ("dtype", "param_dtype", "scan_layers", "remat", "attention")
-    }
-    cfg = stored.replace(**{**defaults, **overrides})
+    stored, cfg = load_model_config(run_dir), inference_config(run_dir, **overrides)
     ckpt = Checkpointer(run_dir, read_only=True)
     try:
         step = ckpt.latest_step()

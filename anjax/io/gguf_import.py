@@ -7,21 +7,27 @@ rope layout; `_unpermute_rope_rows` undoes that exactly as transformers does.
 `gguf_tokenizer` rebuilds the tokenizer from the metadata with transformers' torch-free GGUF
 tokenizer builders, as `AutoTokenizer.from_pretrained(dir, gguf_file=...)` does.
 
-Parsing the metadata (~100k vocabulary and merge strings) costs about as much as dequantizing a
-small model, so both functions also take the reader `open_gguf` returns, to parse a file once.
+Parsing the metadata (~100k vocabulary and merge strings) with `gguf.GGUFReader` costs about as
+much as dequantizing a small model, so both functions also take the reader `open_gguf` returns, to
+parse a file once. `gguf_hf_config` reads the config from the header alone (`read_header` skips
+the vocabulary), in milliseconds: what sizes are checked against before any weight is read.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import mmap
 import os
 import pathlib
 import re
+import struct
+from typing import Any
 
 import gguf
 import jax.numpy as jnp
 import numpy as np
 import transformers
+from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
 from transformers.integrations.gguf import gguf_tokenizer_mapping
 
 LLAMA_ARCHITECTURES = ("llama",)  # llama.cpp writes Llama 1/2/3, Mistral and SmolLM as "llama"
@@ -43,6 +49,19 @@ _LAYER_TENSORS = {  # blk.{i}.<gguf>.weight -> model.layers.{i}.<hf>.weight
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+_STRUCT_FORMATS = {  # GGUF metadata scalar types -> struct formats
+    gguf.GGUFValueType.UINT8: "B",
+    gguf.GGUFValueType.INT8: "b",
+    gguf.GGUFValueType.UINT16: "H",
+    gguf.GGUFValueType.INT16: "h",
+    gguf.GGUFValueType.UINT32: "I",
+    gguf.GGUFValueType.INT32: "i",
+    gguf.GGUFValueType.FLOAT32: "f",
+    gguf.GGUFValueType.BOOL: "?",
+    gguf.GGUFValueType.UINT64: "Q",
+    gguf.GGUFValueType.INT64: "q",
+    gguf.GGUFValueType.FLOAT64: "d",
 }
 _SPECIAL_TOKENS = {
     "bos_token": "bos_token_id",
@@ -74,6 +93,81 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
         raise ValueError(f"{path}: not a GGUF file, or a truncated one ({err})") from err
 
 
+def gguf_hf_config(path: str | os.PathLike) -> dict:
+    """The HF LlamaConfig config.json dict `read_gguf` returns, from the file's header alone (no tensor is
+    read). Raises ValueError for another architecture, a file that is not GGUF or is cut in its header."""
+    return _hf_config(*read_header(path), os.fspath(path))
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """`(metadata, shapes)` of a GGUF file: its scalar and string metadata by key (arrays, such as the
+    vocabulary, are skipped: `gguf.GGUFReader` builds two numpy views per string, seconds for ~100k) and
+    each tensor's shape in numpy order (`ReaderTensor.shape` reversed). No tensor data is read."""
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _Header(buf).read()
+    except (ValueError, struct.error, OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a GGUF file, or a truncated one ({err})") from err
+
+
+class _Header:
+    """A cursor over a GGUF header: magic, version, counts, key/value metadata, tensor infos."""
+
+    def __init__(self, buf: mmap.mmap):
+        self.buf, self.offset, self.order = buf, 0, "<"
+
+    def take(self, fmt: str) -> tuple:
+        values = struct.unpack_from(self.order + fmt, self.buf, self.offset)
+        self.offset += struct.calcsize(self.order + fmt)
+        return values
+
+    def string(self, keep: bool = True) -> str | None:
+        (n,) = self.take("Q")
+        start, self.offset = self.offset, self.offset + n
+        if self.offset > len(self.buf):
+            raise ValueError("a string runs past the end of the file")
+        return bytes(self.buf[start : self.offset]).decode() if keep else None
+
+    def value(self, kind: int, keep: bool = True) -> Any:
+        if kind == gguf.GGUFValueType.STRING:
+            return self.string(keep)
+        if kind == gguf.GGUFValueType.ARRAY:
+            item, n = self.take("IQ")
+            if item in _STRUCT_FORMATS:
+                self.offset += n * struct.calcsize(_STRUCT_FORMATS[item])
+            else:
+                for _ in range(n):
+                    self.value(item, keep=False)
+            return None
+        if kind not in _STRUCT_FORMATS:
+            raise ValueError(f"unknown metadata value type {kind}")
+        return self.take(_STRUCT_FORMATS[kind])[0]
+
+    def read(self) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+        if self.buf[:4] != b"GGUF":
+            raise ValueError("GGUF magic invalid")
+        self.offset = 4
+        (version,) = self.take("I")
+        if version & 0xFFFF == 0:  # written on a machine of the other byte order
+            self.order, version = ">", struct.unpack(">I", struct.pack("<I", version))[0]
+        if version not in READER_SUPPORTED_VERSIONS:
+            raise ValueError(f"GGUF version {version} is not supported")
+        tensor_count, kv_count = self.take("QQ")
+        meta = {}
+        for _ in range(kv_count):
+            key = self.string()
+            meta[key] = self.value(self.take("I")[0])
+        shapes = {}
+        for _ in range(tensor_count):
+            name = self.string()
+            (n_dims,) = self.take("I")
+            shapes[name] = tuple(reversed(self.take(f"{n_dims}Q")))
+            self.take("IQ")  # quantization type, data offset
+        return meta, shapes
+
+
 def read_gguf(source: GGUFSource, dtype: str = "float32") -> tuple[dict, dict[str, np.ndarray]]:
     """`(hf_config, state_dict)` of a Llama-family GGUF file.
 
@@ -84,12 +178,7 @@ def read_gguf(source: GGUFSource, dtype: str = "float32") -> tuple[dict, dict[st
     Raises ValueError for another architecture, an unreadable or truncated file, missing tensors.
     """
     reader, path = _reader(source)
-    arch = _field(reader, "general.architecture")
-    if arch not in LLAMA_ARCHITECTURES:
-        raise ValueError(
-            f"{path}: GGUF architecture {arch!r} is not supported "
-            f"(anjax imports Llama-family files, general.architecture in {LLAMA_ARCHITECTURES})"
-        )
+    config = gguf_hf_config(path)  # the header again: milliseconds, and one definition of the config
     state_dict, dt = {}, jnp.dtype(dtype)
     for tensor in reader.tensors:
         try:
@@ -100,13 +189,13 @@ def read_gguf(source: GGUFSource, dtype: str = "float32") -> tuple[dict, dict[st
         is_view = tensor.tensor_type == gguf.GGMLQuantizationType.F32
         state_dict[_hf_name(tensor.name, path)] = np.array(weights, dtype=dt, copy=True if is_view else None)
 
-    num_layers = _field(reader, f"{arch}.block_count") or 0
     expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
-        f"model.layers.{i}.{name}.weight" for i in range(num_layers) for name in _LAYER_TENSORS.values()
+        f"model.layers.{i}.{name}.weight"
+        for i in range(config["num_hidden_layers"])
+        for name in _LAYER_TENSORS.values()
     }
     if missing := sorted(expected - state_dict.keys()):
         raise ValueError(f"{path}: {len(missing)} tensors missing, e.g. the one for {missing[0]}")
-    config = _hf_config(reader, arch, state_dict, path)
     for i in range(config["num_hidden_layers"]):
         for proj, heads in (("q_proj", config["num_attention_heads"]), ("k_proj", config["num_key_value_heads"])):
             name = f"model.layers.{i}.self_attn.{proj}.weight"
@@ -167,38 +256,46 @@ def _hf_name(gguf_name: str, path: str) -> str:
     raise ValueError(f"{path}: tensor {gguf_name!r} has no place in a plain Llama model (unsupported variant)")
 
 
-def _hf_config(reader: gguf.GGUFReader, arch: str, state_dict: dict[str, np.ndarray], path: str) -> dict:
-    """HF LlamaConfig dict from the `{arch}.*` and `tokenizer.ggml.*` metadata."""
+def _hf_config(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: str) -> dict:
+    """HF LlamaConfig dict from the `{arch}.*` and `tokenizer.ggml.*` metadata and the tensors' shapes."""
+    arch = meta.get("general.architecture")
+    if arch not in LLAMA_ARCHITECTURES:
+        raise ValueError(
+            f"{path}: GGUF architecture {arch!r} is not supported "
+            f"(anjax imports Llama-family files, general.architecture in {LLAMA_ARCHITECTURES})"
+        )
+    if "token_embd.weight" not in shapes:
+        raise ValueError(f"{path}: tensors missing, e.g. the one for {_GLOBAL_TENSORS['token_embd.weight']}")
 
-    def meta(key, *default):
-        value = _field(reader, f"{arch}.{key}")
+    def meta_(key, *default):
+        value = meta.get(f"{arch}.{key}")
         if value is None and not default:
             raise ValueError(f"{path}: GGUF metadata {arch}.{key} is missing")
         return default[0] if value is None else value
 
-    hidden, heads = meta("embedding_length"), meta("attention.head_count")
+    hidden, heads = meta_("embedding_length"), meta_("attention.head_count")
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": state_dict["model.embed_tokens.weight"].shape[0],
+        "vocab_size": shapes["token_embd.weight"][0],
         "hidden_size": hidden,
-        "intermediate_size": meta("feed_forward_length"),
-        "num_hidden_layers": meta("block_count"),
+        "intermediate_size": meta_("feed_forward_length"),
+        "num_hidden_layers": meta_("block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": meta("attention.head_count_kv", heads),
-        "head_dim": meta("attention.key_length", meta("rope.dimension_count", hidden // heads)),
-        "rope_theta": meta("rope.freq_base", 10000.0),
-        "rms_norm_eps": meta("attention.layer_norm_rms_epsilon"),
-        "max_position_embeddings": meta("context_length"),
-        "tie_word_embeddings": "lm_head.weight" not in state_dict,
+        "num_key_value_heads": meta_("attention.head_count_kv", heads),
+        "head_dim": meta_("attention.key_length", meta_("rope.dimension_count", hidden // heads)),
+        "rope_theta": meta_("rope.freq_base", 10000.0),
+        "rms_norm_eps": meta_("attention.layer_norm_rms_epsilon"),
+        "max_position_embeddings": meta_("context_length"),
+        "tie_word_embeddings": "output.weight" not in shapes,
         "hidden_act": "silu",
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
     }
-    if meta("rope.scaling.type", "none") != "none":
-        config["rope_scaling"] = {"rope_type": meta("rope.scaling.type"), "factor": meta("rope.scaling.factor", 1.0)}
-        if (original := meta("rope.scaling.original_context_length", None)) is not None:
+    if meta_("rope.scaling.type", "none") != "none":
+        config["rope_scaling"] = {"rope_type": meta_("rope.scaling.type"), "factor": meta_("rope.scaling.factor", 1.0)}
+        if (original := meta_("rope.scaling.original_context_length", None)) is not None:
             config["rope_scaling"]["original_max_position_embeddings"] = original
     return config
 

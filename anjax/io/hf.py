@@ -247,12 +247,16 @@ def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
 
 def load_hf_dir(model_dir: str | Path, **overrides: Any) -> tuple[ModelConfig, Params]:
     """(config, params) from an HF Llama-family directory."""
-    model_dir = Path(model_dir)
-    cfg_path = model_dir / "config.json"
+    cfg = read_hf_config(model_dir, **overrides)
+    return cfg, params_from_hf_state(cfg, read_safetensors(Path(model_dir)))
+
+
+def read_hf_config(model_dir: str | Path, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of an HF Llama-family directory's config.json (no tensor is read)."""
+    cfg_path = Path(model_dir) / "config.json"
     if not cfg_path.exists():
         raise ModelFormatError(f"{model_dir}: no config.json (not a Hugging Face model directory)")
-    cfg = config_from_hf(json.loads(cfg_path.read_text()), **overrides)
-    return cfg, params_from_hf_state(cfg, read_safetensors(model_dir))
+    return config_from_hf(json.loads(cfg_path.read_text()), **overrides)
 
 
 def save_hf_dir(cfg: ModelConfig, params: Params, tokenizer, out_dir: str | Path, force: bool = False) -> Path:

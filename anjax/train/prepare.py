@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -42,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from anjax.io import outputs
 from anjax.text.anchors import AnchorScheme
 from anjax.text.encode import Encoder
 from anjax.train.data import (
@@ -148,11 +150,11 @@ def check_compatible(manifest: dict, path, tokenizer, scheme: AnchorScheme, cfg:
 
 
 def _atomic(path: Path, write: Callable, value) -> None:
-    """`write(file, value)` to a temporary name, then renamed to `path`: a reader sees all of it or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f, value)
-    os.replace(tmp, path)
+    """`write(file, value)` in memory, then `path` written atomically (`anjax.io.outputs`): a reader sees all
+    of it or nothing, a full disk is one error naming `path` and leaves no partial file."""
+    buffer = io.BytesIO()
+    write(buffer, value)
+    outputs.write_bytes_chunks(path, [buffer.getbuffer()])
 
 
 def _write_json(path: Path, value: dict) -> None:
