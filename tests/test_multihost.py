@@ -6,7 +6,7 @@ one step, exit 0 and resume bit-identically.
 
 The `__main__` half is the worker: `python tests/test_multihost.py ROOT NAME...` runs train.py's whole run
 (`anjax.train.loop.train`) for each named mesh of MESHES in ROOT/NAME, one after another in one process, on
-the prepared corpus ROOT/corpus when there is one.
+the prepared corpus ROOT/corpus when there is one; the d2f2 run also exports (process 0 writes it).
 """
 
 from __future__ import annotations
@@ -101,8 +101,9 @@ def losses(run_dir: Path, first: int = 1, last: int = STEPS) -> list[float]:
 @pytest.mark.slow  # train.py's run in 2 + 1 subprocesses
 def test_every_mesh_over_two_processes_trains_on_the_global_batches(tmp_path):
     prepare_corpus(tmp_path)
-    two = launch(tmp_path, ["d2f2", "f4", "t4", "d2t2"], processes=2, devices=2)
-    finish(two)
+    (lead_out, _), (other_out, _) = finish(launch(tmp_path, ["d2f2", "f4", "t4", "d2t2"], processes=2, devices=2))
+    assert "validation loss" in lead_out and "validation loss" not in other_out  # process 0 alone logs
+    assert (tmp_path / "d2f2" / "export" / "model.safetensors").exists()  # and exports, gathering the shards
     resumed = tmp_path / "resumed"  # the 2-process d2f2 run cut back to its step-3 checkpoint
     shutil.copytree(tmp_path / "d2f2", resumed)
     shutil.rmtree(resumed / "checkpoints" / str(STEPS))
@@ -175,4 +176,5 @@ if __name__ == "__main__":  # launched with PYTHONPATH=ROOT (`launch`)
         sets = [*(LONG if name == "long" else OVERRIDES), f"run.dir={root / name}"]
         sets += [f"mesh.{k}={v}" for k, v in mesh.items()]
         sets += [f"data.path={root / 'corpus'}"] if (root / "corpus").is_dir() else []
+        sets += ["checkpoint.export_hf=true"] if name == "d2f2" else []
         assert loop.train(run_config.load(ROOT / "configs" / "tiny.yaml", sets)) == 0

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -193,43 +192,6 @@ def test_damaged_or_incompatible_checkpoint_is_reported_not_overwritten(finished
 
     out = run(run_dir, *FAST, "train.steps=28", "model.arch.num_layers=3")
     assert out.returncode == 2 and "model.arch" in out.stderr, out.stderr[-2000:]
-
-
-def test_two_processes_train_one_model(tmp_path):
-    """Multi-host: two processes with 2 simulated CPU devices each (gloo collectives) form one 2x2 mesh,
-    each loading its own half of the data; process 0 alone writes metrics and the export."""
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    run_dir = tmp_path / "multi"
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-        JAX_NUM_PROCESSES="2",
-    )
-    env.pop("JAX_COMPILATION_CACHE_DIR")  # two processes would write the same cache entries at once
-    cmd = command(
-        run_dir, "data.seq_len=32", "train.steps=4", "eval.every=2", "checkpoint.every=2", "mesh.data=2", "mesh.fsdp=2"
-    )
-    procs = [
-        subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=dict(env, JAX_PROCESS_ID=str(i)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
-    recs = records(run_dir)
-    assert [r["step"] for r in recs] == [0, 1, 2, 3, 4] and recs[-1]["loss"] < recs[1]["loss"]
-    assert "validation loss" in outs[0][0] and "validation loss" not in outs[1][0]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
-    assert (run_dir / "export" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize(
