@@ -59,6 +59,7 @@ def fresh_model(rc: run_config.RunConfig) -> tuple[ModelConfig, dict | None, obj
         max_sentence_tokens=rc.data.max_sentence_tokens or 0,
         window=rc.anchors.window,
         rule=rc.anchors.rule,
+        splitter=rc.anchors.splitter,
         ac_init=rc.anchors.ac_init,
     )
     return cfg, params, tokenizer
