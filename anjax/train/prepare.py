@@ -20,6 +20,11 @@ Shard k holds source documents [k * shard_docs, (k+1) * shard_docs) of its split
 depend on how many processes wrote them, and a killed prepare resumes with the shards it lacks.
 Each file is written under a temporary name and renamed into place.
 
+DIR may be `gs://bucket/...` (etils.epath, gcsfs): `prepare` encodes into a local staging copy
+(`local_data_cache()/gs/<sha256 of the URL>`, where an interrupted prepare resumes) and uploads it,
+plan first and manifest last; a run reading it (`load_split`) copies the manifest's shards into the
+same place on its host once (what is there already with the right size is kept) and memory-maps them.
+
 Why plain .npy files: the loader gathers a packed row of 4,096 ids from a flat token stream
 (`BatchIterator`), which a memory-mapped array serves with one slice per document and no
 decoding; the files are the arrays themselves (numpy only, no new dependency), one open per
@@ -42,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from anjax.io.run_dir import is_remote, storage_path
 from anjax.text.anchors import AnchorScheme
 from anjax.text.encode import Encoder
 from anjax.train.data import (
@@ -63,6 +69,16 @@ ARRAYS = {"tokens": np.int32, "offsets": np.int64, "prompt_len": np.int32}
 
 
 # ----------------------------------------------------------------------------- identity
+
+
+def local_data_cache() -> Path:
+    """Where this host keeps corpora whose home is remote: $XDG_CACHE_HOME/anjax/data (default ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "anjax" / "data"
+
+
+def _staging(url: str) -> Path:
+    """This host's local copy of the prepared directory at `url` (gs://)."""
+    return local_data_cache() / "gs" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -110,8 +126,12 @@ def make_plan(
 
 
 def is_prepared(path: str | os.PathLike | None) -> bool:
-    """`path` is a prepared directory (finished or not)."""
-    return path not in (None, "", "embedded") and (Path(os.path.expanduser(path)) / PLAN).is_file()
+    """`path` is a prepared directory (finished or not), local or gs://."""
+    if path in (None, "", "embedded"):
+        return False
+    if is_remote(path):
+        return (storage_path(path, "data.path") / PLAN).exists()
+    return (Path(os.path.expanduser(path)) / PLAN).is_file()
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -207,6 +227,8 @@ def prepare(
     returned as it is, one with another plan is refused.
     """
     log = log or (lambda _: None)
+    if is_remote(out):
+        return _prepare_remote(cfg, tokenizer, scheme, os.fspath(out), splits, workers, shard_docs, log)
     out = Path(os.path.expanduser(out))
     plan = make_plan(cfg, tokenizer, scheme, splits, shard_docs)
     if (out / PLAN).is_file():
@@ -258,6 +280,49 @@ def prepare(
         log(f"{name}: encoded {tokens:,} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):,.0f} tokens/s)")
         counts[name] = n_shards
     return write_manifest(out, plan, counts)
+
+
+def _prepare_remote(cfg, tokenizer, scheme, url: str, splits, workers, shard_docs, log) -> dict:
+    """`prepare` into gs:// `url`: into the local staging copy, then uploaded (plan first, manifest last)."""
+    remote, plan = storage_path(url, "--out"), make_plan(cfg, tokenizer, scheme, splits, shard_docs)
+    if (remote / PLAN).exists():
+        if json.loads((remote / PLAN).read_text()) != plan:
+            raise ValueError(f"{url} holds a corpus prepared with other settings: choose another --out")
+        if (remote / MANIFEST).exists():
+            return json.loads((remote / MANIFEST).read_text())
+    elif remote.exists() and any(remote.iterdir()):
+        raise ValueError(f"{url} exists and is not a prepared corpus: choose another --out")
+    local = _staging(url)
+    manifest = prepare(cfg, tokenizer, scheme, local, splits, workers=workers, shard_docs=shard_docs, log=log)
+    files = [local / PLAN, *(f for name in splits for f in sorted((local / name).glob("[0-9]*"))), local / MANIFEST]
+    for f in files:
+        (remote / f.relative_to(local).parent).mkdir(parents=True, exist_ok=True)
+        (remote / f.relative_to(local)).write_bytes(f.read_bytes())
+    log(f"uploaded {len(files)} files to {url}")
+    return manifest
+
+
+def _fetch(url: str) -> Path:
+    """The finished prepared directory at gs:// `url`, copied into its local staging place (shards whose
+    size already matches are kept; the manifest goes last, so a copy is complete once it has one)."""
+    remote, local = storage_path(url, "data.path"), _staging(url)
+    if not (remote / MANIFEST).exists():
+        raise ValueError(f"{url} is an unfinished prepared corpus (no {MANIFEST}): rerun its python -m anjax.prepare")
+    manifest = (remote / MANIFEST).read_text()
+    if (local / MANIFEST).is_file() and (local / MANIFEST).read_text() == manifest:
+        return local
+    (local / MANIFEST).unlink(missing_ok=True)
+    for split, counts in json.loads(manifest)["counts"].items():
+        (local / split).mkdir(parents=True, exist_ok=True)
+        for k in range(counts["shards"]):
+            for suffix in [f".{name}.npy" for name in ARRAYS] + [".json"]:
+                name = f"{k:05d}{suffix}"
+                src, dst = remote / split / name, local / split / name
+                if not dst.is_file() or dst.stat().st_size != src.stat().length:
+                    _atomic(dst, lambda f, v: f.write(v), src.read_bytes())
+    _atomic(local / PLAN, lambda f, v: f.write(v), (remote / PLAN).read_bytes())
+    _atomic(local / MANIFEST, lambda f, v: f.write(v.encode()), manifest)
+    return local
 
 
 def write_manifest(out: Path, plan: dict, shards: dict[str, int]) -> dict:
@@ -335,8 +400,14 @@ def load_split(
     """Split `split` of cfg's source: a prepared directory is opened (after checking its tokenizer, scheme
     and format); another source is prepared into `cache_dir` on first use, or with no cache_dir encoded in memory."""
     if is_prepared(cfg.path):
-        check_compatible(read_manifest(cfg.path), cfg.path, tokenizer, scheme, cfg)
-        return open_prepared(cfg.path, split)
+        local = _fetch(os.fspath(cfg.path)) if is_remote(cfg.path) else cfg.path
+        check_compatible(read_manifest(local), cfg.path, tokenizer, scheme, cfg)
+        return open_prepared(local, split)
+    if is_remote(cfg.path):
+        raise ValueError(
+            f"data.path={cfg.path} is not a prepared corpus: on gs:// prepare it there first "
+            f"(python -m anjax.prepare --out {cfg.path})"
+        )
     if cache_dir is None:
         return tokenize_corpus(load_corpus(cfg, split), tokenizer, scheme, cfg)
     where = cache_location(cfg, tokenizer, scheme, split, cache_dir)
