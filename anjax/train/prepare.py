@@ -135,9 +135,9 @@ def is_prepared(path: str | os.PathLike | None) -> bool:
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of a finished prepared directory; ValueError when the prepare has not finished."""
-    file = Path(os.path.expanduser(path)) / MANIFEST
-    if not file.is_file():
+    """The manifest of a finished prepared directory (local or gs://); ValueError when the prepare has not finished."""
+    file = (storage_path(path, "data.path") if is_remote(path) else Path(os.path.expanduser(path))) / MANIFEST
+    if not file.exists():
         raise ValueError(
             f"{file.parent} is an unfinished prepared corpus (no {MANIFEST}): rerun the same "
             "python -m anjax.prepare command to finish it"
@@ -167,16 +167,17 @@ def check_compatible(manifest: dict, path, tokenizer, scheme: AnchorScheme, cfg:
 # ----------------------------------------------------------------------------- writing
 
 
-def _atomic(path: Path, write: Callable, value) -> None:
-    """`write(file, value)` to a temporary name, then renamed to `path`: a reader sees all of it or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def _atomic(path: Path, write: Callable, value, tag: str = "") -> None:
+    """`write(file, value)` to a temporary name (`tag`: one of this writer's own), then renamed to `path`: a reader
+    sees all of it or nothing."""
+    tmp = path.with_name(f".{path.name}{tag}.tmp")
     with open(tmp, "wb") as f:
         write(f, value)
     os.replace(tmp, path)
 
 
-def _write_json(path: Path, value: dict) -> None:
-    _atomic(path, lambda f, v: f.write((json.dumps(v, indent=1) + "\n").encode()), value)
+def _write_json(path: Path, value: dict, tag: str = "") -> None:
+    _atomic(path, lambda f, v: f.write((json.dumps(v, indent=1) + "\n").encode()), value, tag)
 
 
 def shard_stem(directory: Path, split: str, index: int) -> Path:
@@ -302,26 +303,22 @@ def _prepare_remote(cfg, tokenizer, scheme, url: str, splits, workers, shard_doc
     return manifest
 
 
-def _fetch(url: str) -> Path:
-    """The finished prepared directory at gs:// `url`, copied into its local staging place (shards whose
-    size already matches are kept; the manifest goes last, so a copy is complete once it has one)."""
-    remote, local = storage_path(url, "data.path"), _staging(url)
-    if not (remote / MANIFEST).exists():
-        raise ValueError(f"{url} is an unfinished prepared corpus (no {MANIFEST}): rerun its python -m anjax.prepare")
-    manifest = (remote / MANIFEST).read_text()
-    if (local / MANIFEST).is_file() and (local / MANIFEST).read_text() == manifest:
+def _fetch(url: str, manifest: dict) -> Path:
+    """The finished prepared directory at gs:// `url` (its `manifest`), copied into its local staging place
+    (files whose size already matches are kept; the manifest goes last: a copy is complete once it has one).
+    Processes of one host may fetch at once: each writes under its own temporary names."""
+    remote, local, tag = storage_path(url, "data.path"), _staging(url), f".{os.getpid()}"
+    if (local / MANIFEST).is_file() and json.loads((local / MANIFEST).read_text()) == manifest:
         return local
-    (local / MANIFEST).unlink(missing_ok=True)
-    for split, counts in json.loads(manifest)["counts"].items():
+    for split, counts in manifest["counts"].items():
         (local / split).mkdir(parents=True, exist_ok=True)
         for k in range(counts["shards"]):
-            for suffix in [f".{name}.npy" for name in ARRAYS] + [".json"]:
-                name = f"{k:05d}{suffix}"
+            for name in [f"{k:05d}.{array}.npy" for array in ARRAYS] + [f"{k:05d}.json"]:
                 src, dst = remote / split / name, local / split / name
                 if not dst.is_file() or dst.stat().st_size != src.stat().length:
-                    _atomic(dst, lambda f, v: f.write(v), src.read_bytes())
-    _atomic(local / PLAN, lambda f, v: f.write(v), (remote / PLAN).read_bytes())
-    _atomic(local / MANIFEST, lambda f, v: f.write(v.encode()), manifest)
+                    _atomic(dst, lambda f, v: f.write(v), src.read_bytes(), tag)
+    _atomic(local / PLAN, lambda f, v: f.write(v), (remote / PLAN).read_bytes(), tag)
+    _write_json(local / MANIFEST, manifest, tag)
     return local
 
 
@@ -400,9 +397,9 @@ def load_split(
     """Split `split` of cfg's source: a prepared directory is opened (after checking its tokenizer, scheme
     and format); another source is prepared into `cache_dir` on first use, or with no cache_dir encoded in memory."""
     if is_prepared(cfg.path):
-        local = _fetch(os.fspath(cfg.path)) if is_remote(cfg.path) else cfg.path
-        check_compatible(read_manifest(local), cfg.path, tokenizer, scheme, cfg)
-        return open_prepared(local, split)
+        manifest = read_manifest(cfg.path)
+        check_compatible(manifest, cfg.path, tokenizer, scheme, cfg)  # before a remote corpus is copied
+        return open_prepared(_fetch(os.fspath(cfg.path), manifest) if is_remote(cfg.path) else cfg.path, split)
     if is_remote(cfg.path):
         raise ValueError(
             f"data.path={cfg.path} is not a prepared corpus: on gs:// prepare it there first "
