@@ -106,16 +106,17 @@ def paragraphs(draw, min_sentences=1, max_sentences=6) -> str:
 def test_paragraphs_and_windows_split_as_the_splitter_splits_the_whole_text(splitter, text, line):
     ends = splitters.sentence_ends(splitter)
     assert split_sentences(text, splitter) == encode._split_window(text, ends)  # paragraph by paragraph
-    with mock.patch.object(encode, "WINDOW", 120):  # one long paragraph, read in windows
+    small = {splitter: 120} if splitters.WINDOWS[splitter] else {}  # sentencex reads whole paragraphs
+    with mock.patch.dict(splitters.WINDOWS, small):  # one long paragraph, read in windows
         assert split_sentences(line, splitter) == encode._split_window(line, ends)
 
 
 @pytest.mark.parametrize("splitter", SENTENCE_SPLITTERS)
 def test_a_huge_single_line_paragraph_splits_in_linear_time(splitter):
     text = " ".join(f"Sentence {i} is about Mr. Smith and the cat at 3 p.m. today." for i in range(3500))  # 220k
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU seconds: a loaded machine does not move them
     sentences = split_sentences(text, splitter)
-    assert time.perf_counter() - t0 < 60  # pysbd on the whole line: minutes
+    assert time.process_time() - t0 < 20  # pysbd-en: ~1.5 s; on the whole line (no windows) 54 s
     assert "".join(sentences) == text and len(sentences) == 3500
 
 

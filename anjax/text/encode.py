@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 
 from anjax.core.config import AC_TOKEN
 from anjax.text.anchors import AnchorScheme
-from anjax.text.splitters import sentence_ends
+from anjax.text.splitters import WINDOWS, sentence_ends
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -53,9 +53,6 @@ _SENTENCE_END = re.compile(r"(?:[.?!…][\"'”’»)\]]*|\n)\s*\Z")
 
 
 _BLANK_LINE = re.compile(r"(?<=\S)\s*\n[^\S\n]*\n")
-# characters a splitter reads at once: pysbd's time grows faster than linearly with a paragraph's length, and no
-# paragraph (a 2.7 MB one-line corpus) may cost more than its windows
-WINDOW = 2000
 
 
 def split_sentences(text: str, splitter: str = "pysbd-en") -> list[str]:
@@ -65,29 +62,29 @@ def split_sentences(text: str, splitter: str = "pysbd-en") -> list[str]:
     Whitespace between two sentences opens the next one (" Next."), as BPE
     tokenizers attach a space to the following word. A single newline is read as
     a space (hard-wrapped paragraphs); a blank line always ends a sentence, so
-    paragraphs are split one by one. A paragraph longer than WINDOW characters is
-    read a window at a time: the window's sentences that end in its first three
-    quarters are kept (at least one, never the last: splitters look ahead) and the
-    next window starts after them; a window holding no sentence end is cut at its
-    last whitespace.
+    paragraphs are split one by one. A paragraph longer than the splitter's window
+    (`splitters.WINDOWS`) is read a window at a time: the window's sentences that end
+    in its first three quarters are kept (at least one, never the last: splitters look
+    ahead) and the next window starts after them; a window holding no sentence end is
+    cut at its last whitespace.
     """
-    ends = sentence_ends(splitter)
+    ends, window = sentence_ends(splitter), WINDOWS[splitter]
     cuts = [0, *(m.start() for m in _BLANK_LINE.finditer(text)), len(text)]
-    return [s for a, b in zip(cuts[:-1], cuts[1:]) for s in _split_paragraph(text[a:b], ends)]
+    return [s for a, b in zip(cuts[:-1], cuts[1:]) for s in _split_paragraph(text[a:b], ends, window)]
 
 
-def _split_paragraph(text: str, ends: Callable[[str], list[int]]) -> list[str]:
+def _split_paragraph(text: str, ends: Callable[[str], list[int]], window: int | None) -> list[str]:
     """`_split_window` over windows of `text` (bounded work per window)."""
     out = []
-    while len(text) > WINDOW:
-        head = _split_window(text[:WINDOW], ends)
+    while window is not None and len(text) > window:
+        head = _split_window(text[:window], ends)
         head_ends = list(itertools.accumulate(map(len, head[:-1])))  # the last sentence may go on past the window
-        n = max(bisect.bisect_right(head_ends, WINDOW - WINDOW // 4), min(len(head_ends), 1))
+        n = max(bisect.bisect_right(head_ends, window - window // 4), min(len(head_ends), 1))
         if n:
             out, taken = out + head[:n], head_ends[n - 1]
         else:  # no sentence end in a whole window: cut before its last whitespace (which opens the rest)
-            taken = max(text.rfind(" ", 1, WINDOW), text.rfind("\n", 1, WINDOW))
-            taken = taken if taken > 0 else WINDOW
+            taken = max(text.rfind(" ", 1, window), text.rfind("\n", 1, window))
+            taken = taken if taken > 0 else window
             out.append(text[:taken])
         text = text[taken:]
     return out + _split_window(text, ends)

@@ -6,7 +6,7 @@
 
 Each splitter maps a paragraph without line breaks to the ascending offsets just after its
 sentences' last characters (trailing whitespace left to the next sentence). `anjax.text.encode`
-wraps them in the one set of rules (paragraphs, windows, whitespace); packages are imported on
+wraps them in the one set of rules (paragraphs, `WINDOWS`, whitespace); packages are imported on
 first use, so a scheme naming a splitter whose package is missing is refused by `require`.
 """
 
@@ -20,6 +20,10 @@ from anjax.core.config import SENTENCE_SPLITTERS
 
 PACKAGES = {"pysbd-en": "pysbd==0.3.4", "sentencex-en": "sentencex==1.0.32"}  # as pinned in requirements.txt
 assert tuple(PACKAGES) == SENTENCE_SPLITTERS
+# characters of a paragraph a splitter reads at once (None: the whole paragraph). pysbd's time grows faster than
+# linearly with a paragraph's length, so no paragraph (a 2.7 MB one-line corpus) may cost more than its windows;
+# sentencex is linear (2.7 MB in 0.1 s), and its quotes pair across any window, so it reads whole paragraphs.
+WINDOWS = {"pysbd-en": 2000, "sentencex-en": None}
 
 
 def require(name: str) -> None:
