@@ -1,11 +1,15 @@
-"""Data rates against what training consumes (not a test): prepare tokens/s per core (AC and EP), loader
-tokens/s per host from a prepared corpus, and one v5p-64 host's consumption running the 7B recipe.
+"""Data rates against what training consumes (not a test): prepare tokens/s per core (EP, and AC with each
+sentence splitter), loader tokens/s per host from a prepared corpus, and one v5p-64 host's consumption
+running the 7B recipe.
 
-    python benchmarks/bench_data.py [--data PATH] [--split train] [--tokenizer MODEL] [--loader-batches 4]
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_data.py [--data PATH] [--split train] [--tokenizer MODEL] \
+        [--loader-batches 4]
 
 Prepare: `anjax.train.prepare.prepare` with one process (one core) on the documents of --data (default:
-the embedded corpus), in AC and in EP mode; tokens/s counts the ids written (AC: the <AC>s too). EP
-does not split sentences, so AC minus EP is the sentence splitter's (pysbd's) share.
+the embedded corpus), in EP mode and in AC mode with each splitter of `anjax.text.splitters`; tokens/s
+counts the ids written (AC: the <AC>s too). EP does not split sentences, so AC minus EP is the sentence
+splitter's share; "1B tokens on 16 cores" assumes 16 worker processes at the per-core rate. An untimed EP
+prepare runs first (the first one pays for loading and caching the source).
 Loader: the AC corpus tiled into shards of ~8M ids until it holds --loader-batches global batches of
 the 7B recipe (512 rows x 4,096, packed), opened memory-mapped as training opens it; one host of a
 v5p-64 (16 hosts x 4 chips) reads its 32 rows of each global batch; tokens/s = 32 x 4,096 per batch.
@@ -28,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from anjax.core.config import SENTENCE_SPLITTERS
+from anjax.eval import provenance
 from anjax.io.loading import load_tokenizer
 from anjax.text.anchors import add_ac_token, make_scheme
 from anjax.train import prepare
@@ -38,16 +44,23 @@ ROWS, SEQ_LEN, HOSTS = 512, 4096, 16  # configs/llama2-7b-*.yaml on v5p:4x4x4 (6
 SHARD_TOKENS = 8_000_000
 
 
-def prepare_rate(cfg: DataConfig, tokenizer, mode: str, split: str, out: Path) -> dict:
+def prepare_rate(cfg: DataConfig, tokenizer, mode: str, splitter: str, split: str, out: Path) -> dict:
     """Prepare `split` in one process; its tokens, documents, wall and CPU seconds."""
     if mode == "ac":
         add_ac_token(tokenizer)
-    scheme = make_scheme(tokenizer, mode)
+    scheme = make_scheme(tokenizer, mode, splitter=splitter)
     t0, cpu0 = time.perf_counter(), time.process_time()
     manifest = prepare.prepare(cfg, tokenizer, scheme, out, {"train": split}, workers=1, shard_docs=10**9)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     counts = manifest["counts"]["train"]
-    return {"mode": mode, "tokens": counts["tokens"], "documents": counts["documents"], "seconds": seconds, "cpu": cpu}
+    return {
+        "mode": mode,
+        "splitter": splitter if mode == "ac" else None,
+        "tokens": counts["tokens"],
+        "documents": counts["documents"],
+        "seconds": seconds,
+        "cpu": cpu,
+    }
 
 
 def tiled(corpus: TokenizedCorpus, copies: int) -> TokenizedCorpus:
@@ -96,11 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loader-batches", type=int, default=4, help="global batches in the loader's corpus")
     p.add_argument("--step-seconds", type=float, default=4.39, help="7B step on v5p:4x4x4 (README AOT table)")
     args = p.parse_args(argv)
+    prov = provenance.begin("python benchmarks/bench_data.py", argv)
     cfg = DataConfig(path=args.data)
+    runs = [("ep", SENTENCE_SPLITTERS[0])] + [("ac", s) for s in SENTENCE_SPLITTERS]
     with tempfile.TemporaryDirectory(prefix="bench_data.") as tmp:
         tmp = Path(tmp)
-        rates = [prepare_rate(cfg, load_tokenizer(args.tokenizer), m, args.split, tmp / m) for m in ("ep", "ac")]
-        loader = loader_rate(tmp / "ac", args.loader_batches, tmp / "loader")
+        prepare_rate(cfg, load_tokenizer(args.tokenizer), "ep", SENTENCE_SPLITTERS[0], args.split, tmp / "warm-up")
+        rates = [prepare_rate(cfg, load_tokenizer(args.tokenizer), m, s, args.split, tmp / f"{m}-{s}") for m, s in runs]
+        loader = loader_rate(tmp / f"ac-{SENTENCE_SPLITTERS[0]}", args.loader_batches, tmp / "loader")
     consume = ROWS * SEQ_LEN / HOSTS / args.step_seconds
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; load {os.getloadavg()[0]:.1f}"
@@ -110,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in rates:
         for clock in ("seconds", "cpu"):
             rate = r["tokens"] / r[clock]
+            how = f"AC, {r['splitter']}" if r["splitter"] else r["mode"].upper()
             print(
-                f"| prepare {r['mode'].upper()} ({r['documents']} documents, {r['tokens']:,} ids; "
+                f"| prepare {how} ({r['documents']} documents, {r['tokens']:,} ids; "
                 f"{r[clock]:.1f} s {'wall' if clock == 'seconds' else 'of CPU'}) "
                 f"| {rate:,.0f} | core | 1B tokens on 16 cores: {1e9 / (rate * 16) / 60:.0f} min |"
             )
@@ -126,7 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         f"| {consume:,.0f} | host | 1x |"
     )
     RESULTS.mkdir(exist_ok=True)
-    out = {"prepare": rates, "loader": loader, "consumption_per_host": consume, "step_seconds": args.step_seconds}
+    out = {
+        "prepare": rates,
+        "loader": loader,
+        "consumption_per_host": consume,
+        "step_seconds": args.step_seconds,
+        "provenance": prov.finish(),
+    }
     (RESULTS / "bench_data.json").write_text(json.dumps(out, indent=1) + "\n")
     return 0
 

@@ -1,7 +1,8 @@
-"""run.dir on gs://: a scheme that cannot be served is refused in one line, never made a local folder; and,
-against a local GCS emulator (fake-gcs-server) started by the test, train.py saves its checkpoints there
-(orbax/tensorstore), is killed with -9, resumes with the losses of the same run on a local disk, and exports
-there."""
+"""run.dir and data.path on gs://: a scheme that cannot be served is refused in one line, never made a local
+folder; and, against a local GCS emulator (fake-gcs-server) started by the test, train.py saves its
+checkpoints there (orbax/tensorstore), is killed with -9, resumes with the losses of the same run on a local
+disk, and exports there; `python -m anjax.prepare --out gs://...` writes a corpus that train.py reads from
+`data.path=gs://...` with the losses of the same corpus prepared locally."""
 
 import importlib.util
 import json
@@ -121,3 +122,29 @@ def test_run_dir_on_gs_saves_resumes_after_kill9_and_exports(emulator, tmp_path)
     assert exported == json.loads((tmp_path / "local" / "export" / "config.json").read_text())
     assert "exported to gs://bucket/run/export" in out and "done: 8 steps (4 in this process" in out
     assert not Path(ROOT / "gs:").exists() and (tmp_path / "cache" / "anjax" / "data").is_dir()
+
+
+@pytest.mark.slow  # python -m anjax.prepare and train.py in subprocesses, against the emulator
+def test_corpus_prepared_on_gs_trains_as_the_local_one(emulator, tmp_path):
+    env = dict(emulator, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    argv = [sys.executable, "-m", "anjax.prepare", "--anchors", "ac", "--eval-split", "validation", "--workers", "1"]
+    for out in ("gs://bucket/corpus", str(tmp_path / "corpus")):
+        done = subprocess.run([*argv, "--out", out], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(gs_read(env, "gs://bucket/corpus/manifest.json")) == json.loads(
+        (tmp_path / "corpus" / "manifest.json").read_text()
+    )
+    steps = ["train.steps=3", "eval.every=3", "checkpoint.every=3", "checkpoint.export_hf=false"]
+    runs = {
+        name: train(tmp_path / name, f"data.path={path}", *steps, env=env)
+        for name, path in (("gs", "gs://bucket/corpus"), ("local", tmp_path / "corpus"))
+    }
+    for run in runs.values():
+        err = run.communicate(timeout=1200)[1]
+        assert run.returncode == 0, err[-3000:]
+    gs_losses, local_losses = (losses((tmp_path / name / "metrics.jsonl").read_text()) for name in runs)
+    assert gs_losses == local_losses and len(gs_losses) == 3
+    read = "from anjax.train import data, prepare\n"
+    read += "prepare.load_split(data.DataConfig(path='gs://bucket/x'), tokenizer=None, scheme=None, split='train')"
+    missing = subprocess.run([sys.executable, "-c", read], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert "ValueError: data.path=gs://bucket/x is not a prepared corpus: on gs:// prepare it there" in missing.stderr

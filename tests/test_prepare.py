@@ -17,16 +17,20 @@ from conftest import make_tiny_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from anjax import cli
 from anjax.cli import prepare as prepare_cli
 from anjax.text import anchors
 from anjax.text.encode import Encoder
-from anjax.train import data, prepare
+from anjax.train import data, prepare, run_config
 
 WORDS = ["The", "cat", "sat", "Mr.", "Smith", "dog", "ran", "3.5", "mat", "é", "", " ", "\n\n", "yes"]
 ENDS = [".", "?", "!", ",", "", "...", ".\n"]
 document = st.lists(st.tuples(st.lists(st.sampled_from(WORDS), max_size=6), st.sampled_from(ENDS)), max_size=5).map(
     lambda sentences: "".join(" ".join(w) + e + " " for w, e in sentences)
 )
+
+
+_MISSING = "sentence splitter 'sentencex-en' needs the package sentencex: pip install sentencex==1.0.32"
 
 
 def _write_jsonl(path, texts):
@@ -143,6 +147,19 @@ def test_cli_prepares_what_a_run_reads(tmp_path, capsys):
     np.testing.assert_array_equal(disk.tokens, memory.tokens[memory.offsets[2] :])
     with pytest.raises(ValueError, match="other settings"):
         prepare_cli.main([*argv, "--anchors", "ep"])
+
+
+@pytest.mark.parametrize(
+    "splitter, message",
+    [("nltk", "unknown sentence splitter 'nltk'; known: pysbd-en, sentencex-en"), ("sentencex-en", _MISSING)],
+)
+def test_an_unknown_or_missing_splitter_is_one_line_exit_2(splitter, message, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sentencex", None)  # as if not installed
+    with pytest.raises(SystemExit) as stop:
+        cli.run(prepare_cli.main, ["--anchors", "ac", "--splitter", splitter, "--out", "unused"])
+    assert stop.value.code == 2 and capsys.readouterr().err.splitlines() == [f"error: --splitter: {message}"]
+    with pytest.raises(ValueError, match=f"^anchors.splitter: {message}$"):
+        run_config.load(None, [f"anchors.splitter={splitter}"])
 
 
 @pytest.mark.slow  # python -m anjax.prepare twice, with 2 worker processes each

@@ -5,7 +5,8 @@
 
 The directory holds splits `train` and (with --eval-split) `validation`: train with
 `--set data.path=DIR data.split=train data.eval_split=validation`. A rerun resumes an interrupted
-prepare shard by shard; the tokenizer and anchors must be the model's (training refuses others).
+prepare shard by shard; the tokenizer and anchors (`--splitter` included) must be the model's (training
+refuses others). DIR may be gs://bucket/... (encoded in a local staging copy, then uploaded).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import json
 import sys
 
 from anjax import cli
-from anjax.core.config import ANCHOR_MODES
+from anjax.core.config import ANCHOR_MODES, SENTENCE_SPLITTERS
+from anjax.io import run_dir
 from anjax.io.loading import load_tokenizer
+from anjax.text import splitters
 from anjax.text.anchors import add_ac_token, make_scheme
 from anjax.train import prepare
 from anjax.train.data import DataConfig
@@ -45,17 +48,30 @@ def main(argv: list[str] | None = None) -> int:
         help="prepend BOS (default: as the tokenizer itself does)",
     )
     p.add_argument("--max-sentence-tokens", type=int, default=None, help="AC: an <AC> every N tokens of a sentence")
-    p.add_argument("--out", required=True, help="the prepared directory (data.path for training)")
+    p.add_argument(
+        "--splitter",
+        default="pysbd-en",
+        help=f"AC sentence splitter, stored in the scheme: {' | '.join(SENTENCE_SPLITTERS)} (faster)",
+    )
+    p.add_argument("--out", required=True, help="the prepared directory, local or gs:// (data.path for training)")
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: every core)")
     p.add_argument("--shard-docs", type=int, default=prepare.SHARD_DOCS, help="documents per shard")
     args = p.parse_args(argv)
 
     if args.anchors not in ANCHOR_MODES:
         raise cli.UsageError(f"--anchors must be one of {'|'.join(ANCHOR_MODES)}, got {args.anchors!r}")
+    if args.anchors == "ac" or args.splitter not in SENTENCE_SPLITTERS:  # the package matters where AC splits
+        try:
+            splitters.require(args.splitter)
+        except ValueError as e:
+            raise cli.UsageError(f"--splitter: {e}") from None
     cli.check_range("--workers", args.workers, 1)
     cli.check_range("--shard-docs", args.shard_docs, 1)
     cli.check_range("--max-sentence-tokens", args.max_sentence_tokens, 1)
-    cli.check_writable_dir(args.out, "--out")
+    if run_dir.is_remote(run_dir.storage_path(args.out, "--out")):  # gs:// (another scheme:// is refused)
+        cli.check_writable_dir(prepare.local_data_cache(), "the local staging cache")
+    else:
+        cli.check_writable_dir(args.out, "--out")
     cfg = DataConfig(
         path=args.data,
         name=args.name,
@@ -67,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.tokenizer)
     if args.anchors == "ac":
         add_ac_token(tokenizer)
-    scheme = make_scheme(tokenizer, args.anchors, args.anchor_tokens, args.bos, args.max_sentence_tokens)
+    scheme = make_scheme(tokenizer, args.anchors, args.anchor_tokens, args.bos, args.max_sentence_tokens, args.splitter)
     splits = {"train": args.split, **({"validation": args.eval_split} if args.eval_split else {})}
     log = lambda message: print(message, file=sys.stderr, flush=True)
     manifest = prepare.prepare(cfg, tokenizer, scheme, args.out, splits, shard_docs=args.shard_docs, log=log)

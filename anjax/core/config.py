@@ -34,7 +34,7 @@ ANCHOR_SCHEME_FIELDS = (
     "anchor_window",
     "anchor_rule",
 )
-SENTENCE_SPLITTERS = ("pysbd-en",)  # anjax.text.encode.split_sentences
+SENTENCE_SPLITTERS = ("pysbd-en", "sentencex-en")  # anjax.text.splitters
 FINAL_SENTENCE_RULES = ("terminated",)  # anjax.text.encode.ends_sentence
 
 

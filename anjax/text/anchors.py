@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 from anjax.core.config import AC_TOKEN, ANCHOR_MODES, ANCHOR_RULES, ModelConfig
 from anjax.core.params import Params, init_embedding_row
+from anjax.text import splitters
 
 EP_DEFAULT_TOKENS = (".", "?", "!")
 PROBE = "Word{0} Word"  # running text in which an EP anchor string is looked up
@@ -68,6 +69,8 @@ class AnchorScheme:
             )
         if self.mode == "ac" and len(self.ids) != 1:
             raise ValueError("anchor mode 'ac' has exactly one anchor id, the <AC> token")
+        if self.mode == "ac" or self.splitter not in splitters.PACKAGES:  # a package is needed where AC splits
+            splitters.require(self.splitter)
 
     @property
     def ac_id(self) -> int | None:
@@ -163,6 +166,7 @@ def make_scheme(
     tokens: Sequence[str] | None = None,
     add_bos: bool | None = None,
     max_sentence_tokens: int | None = None,
+    splitter: str = "pysbd-en",
 ) -> AnchorScheme:
     """A scheme for `tokenizer` from settings (AC: `<AC>` must be in it); add_bos None: the tokenizer's way."""
     names, ids = resolve_anchor_ids(tokenizer, mode, tokens)
@@ -175,6 +179,7 @@ def make_scheme(
         bos_id=tokenizer.bos_token_id,
         add_bos=tokenizer_adds_bos(tokenizer) if add_bos is None else bool(add_bos),
         max_sentence_tokens=max_sentence_tokens or None,
+        splitter=splitter,
     )
 
 
@@ -193,6 +198,7 @@ def resolve_scheme(
     max_sentence_tokens: int | None = None,
     window: int | None = None,
     rule: str | None = None,
+    splitter: str | None = None,
     ac_init: str = "mean",
     note: Callable[[str], None] = _note,
 ) -> tuple[AnchorScheme, ModelConfig, Params | None]:
@@ -237,6 +243,7 @@ def resolve_scheme(
         ("max_sentence_tokens", max_sentence_tokens, cfg.max_sentence_tokens),
         ("anchor window", window, cfg.anchor_window),
         ("anchor rule", rule, cfg.anchor_rule),
+        ("sentence splitter", splitter, cfg.sentence_splitter if cfg.anchor_mode == "ac" else None),
     ):
         if new is not None and old is not None and new != old:
             note(f"{name}={new} overrides the model's {name}={old}")
@@ -252,7 +259,7 @@ def resolve_scheme(
         add_bos=bool(bos_rule),
         bos_id=bos_id,
         max_sentence_tokens=cap if new_mode == "ac" else None,
-        splitter=cfg.sentence_splitter,
+        splitter=cfg.sentence_splitter if splitter is None else splitter,
         final_sentence=cfg.final_sentence,
         window=cfg.anchor_window if window is None else window,
         rule=cfg.anchor_rule if rule is None else rule,

@@ -3,10 +3,10 @@
 Training documents (`anjax.train.data`), engine prompts (`anjax.inference.engine.Engine.encode`),
 scoring contexts and continuations (`anjax.inference.scoring`), perplexity texts and the
 lm-eval adapter all call `Encoder`, so the same text gives the same ids and anchor
-flags everywhere. No heavy imports (pysbd only; the tokenizer is passed in).
+flags everywhere. No heavy imports (the splitter's package on first use; the tokenizer is passed in).
 
-The rules (named in the scheme: splitter "pysbd-en", final_sentence "terminated"):
-- Sentences: `split_sentences` (pysbd, English; a blank line always ends one).
+The rules (named in the scheme: splitter "pysbd-en" | "sentencex-en", final_sentence "terminated"):
+- Sentences: `split_sentences` by the scheme's splitter (`anjax.text.splitters`; a blank line always ends one).
 - AC: `<AC>` after every sentence; the text is tokenized with the `<AC>`s in it, so
   each sentence is tokenized as in running text. A literal "<AC>" becomes an anchor.
   `max_sentence_tokens=N`: also an `<AC>` after every N tokens without one.
@@ -18,7 +18,7 @@ The rules (named in the scheme: splitter "pysbd-en", final_sentence "terminated"
   whitespace aside, with . ? ! … (optionally followed by closing quotes or brackets),
   or with a line break (the Alpaca prompt's "### Response:\\n"). A prompt cut from a
   document at such a sentence boundary thus encodes to that document's own prefix —
-  where pysbd splits the prompt alone as it splits it inside the document (pysbd looks
+  where the splitter splits the prompt alone as it splits it inside the document (pysbd looks
   ahead: "Mr...." alone is one sentence, "Mr.", "..." before more text).
 - Continuations (`pair`): lm-eval's split, `whole = document(context + continuation)`,
   context = the prefix of `whole` up to the last token that starts inside the context
@@ -30,15 +30,13 @@ The rules (named in the scheme: splitter "pysbd-en", final_sentence "terminated"
 from __future__ import annotations
 
 import bisect
-import functools
 import itertools
 import re
-from collections.abc import Sequence
-
-import pysbd
+from collections.abc import Callable, Sequence
 
 from anjax.core.config import AC_TOKEN
 from anjax.text.anchors import AnchorScheme
+from anjax.text.splitters import WINDOWS, sentence_ends
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -54,57 +52,51 @@ _LINE_BREAK = re.compile(r"(?<!\n)\n(?!\n)")
 _SENTENCE_END = re.compile(r"(?:[.?!…][\"'”’»)\]]*|\n)\s*\Z")
 
 
-@functools.lru_cache(maxsize=1)
-def _segmenter() -> pysbd.Segmenter:
-    return pysbd.Segmenter(language="en", clean=False)
-
-
 _BLANK_LINE = re.compile(r"(?<=\S)\s*\n[^\S\n]*\n")
-WINDOW = 2000  # characters pysbd reads at once: its time grows faster than linearly with a paragraph's length
 
 
-def split_sentences(text: str) -> list[str]:
-    """pysbd sentences of `text`, cut so that `"".join(result) == text`, in time linear in its length.
+def split_sentences(text: str, splitter: str = "pysbd-en") -> list[str]:
+    """The sentences of `text` by `splitter` (`anjax.text.splitters`), cut so that `"".join(result) == text`,
+    in time linear in its length.
 
     Whitespace between two sentences opens the next one (" Next."), as BPE
     tokenizers attach a space to the following word. A single newline is read as
     a space (hard-wrapped paragraphs); a blank line always ends a sentence, so
-    paragraphs are split one by one. A paragraph longer than WINDOW characters is
-    read a window at a time: the window's sentences that end in its first three
-    quarters are kept (at least one, never the last: pysbd looks ahead) and the
-    next window starts after them; a window holding no sentence end is cut at its
-    last whitespace.
+    paragraphs are split one by one. A paragraph longer than the splitter's window
+    (`splitters.WINDOWS`) is read a window at a time: the window's sentences that end
+    in its first three quarters are kept (at least one, never the last: splitters look
+    ahead) and the next window starts after them; a window holding no sentence end is
+    cut at its last whitespace.
     """
+    ends, window = sentence_ends(splitter), WINDOWS[splitter]
     cuts = [0, *(m.start() for m in _BLANK_LINE.finditer(text)), len(text)]
-    return [s for a, b in zip(cuts[:-1], cuts[1:]) for s in _split_paragraph(text[a:b])]
+    return [s for a, b in zip(cuts[:-1], cuts[1:]) for s in _split_paragraph(text[a:b], ends, window)]
 
 
-def _split_paragraph(text: str) -> list[str]:
+def _split_paragraph(text: str, ends: Callable[[str], list[int]], window: int | None) -> list[str]:
     """`_split_window` over windows of `text` (bounded work per window)."""
     out = []
-    while len(text) > WINDOW:
-        head = _split_window(text[:WINDOW])
-        ends = list(itertools.accumulate(map(len, head[:-1])))  # the last sentence may go on past the window
-        n = max(bisect.bisect_right(ends, WINDOW - WINDOW // 4), min(len(ends), 1))
+    while window is not None and len(text) > window:
+        head = _split_window(text[:window], ends)
+        head_ends = list(itertools.accumulate(map(len, head[:-1])))  # the last sentence may go on past the window
+        n = max(bisect.bisect_right(head_ends, window - window // 4), min(len(head_ends), 1))
         if n:
-            out, taken = out + head[:n], ends[n - 1]
+            out, taken = out + head[:n], head_ends[n - 1]
         else:  # no sentence end in a whole window: cut before its last whitespace (which opens the rest)
-            taken = max(text.rfind(" ", 1, WINDOW), text.rfind("\n", 1, WINDOW))
-            taken = taken if taken > 0 else WINDOW
+            taken = max(text.rfind(" ", 1, window), text.rfind("\n", 1, window))
+            taken = taken if taken > 0 else window
             out.append(text[:taken])
         text = text[taken:]
-    return out + _split_window(text)
+    return out + _split_window(text, ends)
 
 
-def _split_window(text: str) -> list[str]:
-    """pysbd's sentences of `text` located in it left to right (linear time; pysbd's own `char_span` search
-    is quadratic); one pysbd altered is merged with the next."""
-    flat = _LINE_BREAK.sub(" ", text)
+def _split_window(text: str, ends: Callable[[str], list[int]]) -> list[str]:
+    """`text` cut after each sentence end that `ends` finds in it (single line breaks read as spaces)."""
+    last = len(text.rstrip())
     cuts = [0]
-    for sentence in _segmenter().processor(flat).process():
-        start = flat.find(sentence, cuts[-1])
-        if start >= 0 and start + len(sentence) < len(text.rstrip()):
-            cuts.append(start + len(sentence))
+    for end in ends(_LINE_BREAK.sub(" ", text)):
+        if cuts[-1] < end < last:
+            cuts.append(end)
     cuts.append(len(text))
     return [text[a:b] for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
@@ -161,7 +153,7 @@ class Encoder:
         """(text with `<AC>` after each sentence (AC mode; the last one iff `close`), each sentence's start)."""
         if self.scheme.mode != "ac":
             return text, [0]
-        sentences = split_sentences(text)
+        sentences = split_sentences(text, self.scheme.splitter)
         starts = [0]
         for sentence in sentences[:-1]:
             starts.append(starts[-1] + len(sentence))

@@ -20,6 +20,11 @@ Shard k holds source documents [k * shard_docs, (k+1) * shard_docs) of its split
 depend on how many processes wrote them, and a killed prepare resumes with the shards it lacks.
 Each file is written under a temporary name and renamed into place.
 
+DIR may be `gs://bucket/...` (etils.epath, gcsfs): `prepare` encodes into a local staging copy
+(`local_data_cache()/gs/<sha256 of the URL>`, where an interrupted prepare resumes) and uploads it,
+plan first and manifest last; a run reading it (`load_split`) copies the manifest's shards into the
+same place on its host once (what is there already with the right size is kept) and memory-maps them.
+
 Why plain .npy files: the loader gathers a packed row of 4,096 ids from a flat token stream
 (`BatchIterator`), which a memory-mapped array serves with one slice per document and no
 decoding; the files are the arrays themselves (numpy only, no new dependency), one open per
@@ -44,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from anjax.io import outputs
+from anjax.io.run_dir import is_remote, storage_path
 from anjax.text.anchors import AnchorScheme
 from anjax.text.encode import Encoder
 from anjax.train.data import (
@@ -65,6 +71,16 @@ ARRAYS = {"tokens": np.int32, "offsets": np.int64, "prompt_len": np.int32}
 
 
 # ----------------------------------------------------------------------------- identity
+
+
+def local_data_cache() -> Path:
+    """Where this host keeps corpora whose home is remote: $XDG_CACHE_HOME/anjax/data (default ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "anjax" / "data"
+
+
+def _staging(url: str) -> Path:
+    """This host's local copy of the prepared directory at `url` (gs://)."""
+    return local_data_cache() / "gs" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -112,14 +128,18 @@ def make_plan(
 
 
 def is_prepared(path: str | os.PathLike | None) -> bool:
-    """`path` is a prepared directory (finished or not)."""
-    return path not in (None, "", "embedded") and (Path(os.path.expanduser(path)) / PLAN).is_file()
+    """`path` is a prepared directory (finished or not), local or gs://."""
+    if path in (None, "", "embedded"):
+        return False
+    if is_remote(path):
+        return (storage_path(path, "data.path") / PLAN).exists()
+    return (Path(os.path.expanduser(path)) / PLAN).is_file()
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of a finished prepared directory; ValueError when the prepare has not finished."""
-    file = Path(os.path.expanduser(path)) / MANIFEST
-    if not file.is_file():
+    """The manifest of a finished prepared directory (local or gs://); ValueError when the prepare has not finished."""
+    file = (storage_path(path, "data.path") if is_remote(path) else Path(os.path.expanduser(path))) / MANIFEST
+    if not file.exists():
         raise ValueError(
             f"{file.parent} is an unfinished prepared corpus (no {MANIFEST}): rerun the same "
             "python -m anjax.prepare command to finish it"
@@ -209,6 +229,8 @@ def prepare(
     returned as it is, one with another plan is refused.
     """
     log = log or (lambda _: None)
+    if is_remote(out):
+        return _prepare_remote(cfg, tokenizer, scheme, os.fspath(out), splits, workers, shard_docs, log)
     out = Path(os.path.expanduser(out))
     plan = make_plan(cfg, tokenizer, scheme, splits, shard_docs)
     if (out / PLAN).is_file():
@@ -260,6 +282,45 @@ def prepare(
         log(f"{name}: encoded {tokens:,} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):,.0f} tokens/s)")
         counts[name] = n_shards
     return write_manifest(out, plan, counts)
+
+
+def _prepare_remote(cfg, tokenizer, scheme, url: str, splits, workers, shard_docs, log) -> dict:
+    """`prepare` into gs:// `url`: into the local staging copy, then uploaded (plan first, manifest last)."""
+    remote, plan = storage_path(url, "--out"), make_plan(cfg, tokenizer, scheme, splits, shard_docs)
+    if (remote / PLAN).exists():
+        if json.loads((remote / PLAN).read_text()) != plan:
+            raise ValueError(f"{url} holds a corpus prepared with other settings: choose another --out")
+        if (remote / MANIFEST).exists():
+            return json.loads((remote / MANIFEST).read_text())
+    elif remote.exists() and any(remote.iterdir()):
+        raise ValueError(f"{url} exists and is not a prepared corpus: choose another --out")
+    local = _staging(url)
+    manifest = prepare(cfg, tokenizer, scheme, local, splits, workers=workers, shard_docs=shard_docs, log=log)
+    files = [local / PLAN, *(f for name in splits for f in sorted((local / name).glob("[0-9]*"))), local / MANIFEST]
+    for f in files:
+        (remote / f.relative_to(local).parent).mkdir(parents=True, exist_ok=True)
+        (remote / f.relative_to(local)).write_bytes(f.read_bytes())
+    log(f"uploaded {len(files)} files to {url}")
+    return manifest
+
+
+def _fetch(url: str, manifest: dict) -> Path:
+    """The finished prepared directory at gs:// `url` (its `manifest`), copied into its local staging place
+    (files whose size already matches are kept; the manifest goes last: a copy is complete once it has one).
+    Processes of one host may fetch at once: every file is written atomically under a name of its own."""
+    remote, local = storage_path(url, "data.path"), _staging(url)
+    if (local / MANIFEST).is_file() and json.loads((local / MANIFEST).read_text()) == manifest:
+        return local
+    for split, counts in manifest["counts"].items():
+        (local / split).mkdir(parents=True, exist_ok=True)
+        for k in range(counts["shards"]):
+            for name in [f"{k:05d}.{array}.npy" for array in ARRAYS] + [f"{k:05d}.json"]:
+                src, dst = remote / split / name, local / split / name
+                if not dst.is_file() or dst.stat().st_size != src.stat().length:
+                    _atomic(dst, lambda f, v: f.write(v), src.read_bytes())
+    _atomic(local / PLAN, lambda f, v: f.write(v), (remote / PLAN).read_bytes())
+    _write_json(local / MANIFEST, manifest)
+    return local
 
 
 def write_manifest(out: Path, plan: dict, shards: dict[str, int]) -> dict:
@@ -337,8 +398,14 @@ def load_split(
     """Split `split` of cfg's source: a prepared directory is opened (after checking its tokenizer, scheme
     and format); another source is prepared into `cache_dir` on first use, or with no cache_dir encoded in memory."""
     if is_prepared(cfg.path):
-        check_compatible(read_manifest(cfg.path), cfg.path, tokenizer, scheme, cfg)
-        return open_prepared(cfg.path, split)
+        manifest = read_manifest(cfg.path)
+        check_compatible(manifest, cfg.path, tokenizer, scheme, cfg)  # before a remote corpus is copied
+        return open_prepared(_fetch(os.fspath(cfg.path), manifest) if is_remote(cfg.path) else cfg.path, split)
+    if is_remote(cfg.path):
+        raise ValueError(
+            f"data.path={cfg.path} is not a prepared corpus: on gs:// prepare it there first "
+            f"(python -m anjax.prepare --out {cfg.path})"
+        )
     if cache_dir is None:
         return tokenize_corpus(load_corpus(cfg, split), tokenizer, scheme, cfg)
     where = cache_location(cfg, tokenizer, scheme, split, cache_dir)

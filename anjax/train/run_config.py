@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 
 import yaml
 
-from anjax.core.config import ANCHOR_SCHEME_FIELDS, ATTENTION_CHOICES, ModelConfig, check_ranges
+from anjax.core.config import ANCHOR_SCHEME_FIELDS, ATTENTION_CHOICES, SENTENCE_SPLITTERS, ModelConfig, check_ranges
+from anjax.text import splitters
 from anjax.train.data import DataConfig
 
 
@@ -64,6 +65,7 @@ class AnchorSection:
     ac_init: str = "mean"  # new <AC> embedding row: mean of all rows | copy (of ".")
     window: int = 0  # every token also sees its last n positions (SepLLM's neighbours); 0 = the paper's AnSAN
     rule: str = "ansan"  # ansan (an anchor sees only its sentence) | sepllm (every token sees earlier anchors)
+    splitter: str | None = None  # AC sentences: pysbd-en | sentencex-en (faster); null = the model's (pysbd-en)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +173,12 @@ class RunConfig:
             raise ValueError('anchors.tokens is empty in EP mode: give anchor strings, e.g. [".", "?", "!"], or null')
         if self.anchors.window < 0:
             raise ValueError(f"anchors.window must be >= 0, got {self.anchors.window}")
+        if self.anchors.splitter is not None:
+            try:  # an unknown name always; a missing package where sentences are split (AC)
+                if self.anchors.mode == "ac" or self.anchors.splitter not in SENTENCE_SPLITTERS:
+                    splitters.require(self.anchors.splitter)
+            except ValueError as e:
+                raise ValueError(f"anchors.splitter: {e}") from None
         elsewhere = sorted(set(self.model.arch) & {*self.model.runtime(), *ANCHOR_SCHEME_FIELDS})
         if elsewhere:
             raise ValueError(f"model.arch.{elsewhere[0]}: set it with model.{elsewhere[0]} or the anchors section")

@@ -59,6 +59,7 @@ def fresh_model(rc: run_config.RunConfig) -> tuple[ModelConfig, dict | None, obj
         max_sentence_tokens=rc.data.max_sentence_tokens or 0,
         window=rc.anchors.window,
         rule=rc.anchors.rule,
+        splitter=rc.anchors.splitter,
         ac_init=rc.anchors.ac_init,
     )
     return cfg, params, tokenizer
@@ -103,21 +104,16 @@ def model_for_run(rc: run_config.RunConfig, run_dir: Path, resumed: int | None):
     return cfg, params, tokenizer
 
 
-def local_data_cache() -> Path:
-    """Where a run whose directory is remote keeps its prepared corpora: $XDG_CACHE_HOME/anjax/data."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "anjax" / "data"
-
-
 def data_for_run(rc: run_config.RunConfig, cfg: ModelConfig, tokenizer, mesh: jax.sharding.Mesh):
     """(training iterator, validation iterator or None, validation batches): this process's rows of the
     global batches, the same global batches whatever the number of processes.
 
     A source that is not a prepared directory is prepared once into RUN/data (process 0 first; the
     others then find it there on a shared run.dir, or prepare their own identical copy); with run.dir on
-    gs:// into this host's cache (`local_data_cache`), since the loader memory-maps its shards.
+    gs:// into this host's cache (`prepare.local_data_cache`), since the loader memory-maps its shards.
     """
     scheme = run_scheme(cfg, tokenizer)
-    cache = local_data_cache() if run_dir_files.is_remote(rc.run.dir) else Path(rc.run.dir) / "data"
+    cache = prepare.local_data_cache() if run_dir_files.is_remote(rc.run.dir) else Path(rc.run.dir) / "data"
     splits = [rc.data.split] + ([rc.data.eval_split] if rc.eval.every and rc.data.eval_split else [])
     if jax.process_count() > 1 and not prepare.is_prepared(rc.data.path):
         if jax.process_index() == 0:
