@@ -1,4 +1,4 @@
-"""Serving AOT (`anjax.cli.serve_aot`): the engine's prefill and decode compiled for a v5e:2x2 (data 2, tensor 2)
+"""Serving AOT (`anjax.aot.serve`): the engine's prefill and decode compiled for a v5e:2x2 (data 2, tensor 2)
 mesh in bf16 through libtpu (.venv-tpu): each device holds half the weights and a quarter of the cache."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import jax
 import pytest
 from cli_checks import assert_one_line_error
 
+from anjax.aot import shapes
 from anjax.core.model import init_params
-from anjax.train import aot, run_config
+from anjax.train import run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TPU_PYTHON = ROOT / ".venv-tpu" / "bin" / "python"
@@ -37,7 +38,7 @@ def test_prefill_and_decode_argument_bytes_are_the_split_weights_and_cache():
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["model"]["inference_dtype"] == "bfloat16"
-    cfg = aot.model_config(run_config.load("configs/tiny.yaml", ["anchors.mode=ep"]))
+    cfg = shapes.model_config(run_config.load("configs/tiny.yaml", ["anchors.mode=ep"]))
     n_params = sum(
         math.prod(x.shape) for x in jax.tree.leaves(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
     )
