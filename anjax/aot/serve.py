@@ -144,9 +144,9 @@ def max_slots(
 
     Memory is affine in the batch: total(B) = weights + B x (a row's cache, metadata and temporaries). The
     first guess counts the KV bytes alone; each compile's total (or, refused, the total the compiler says it
-    needs) gives the per-row cost, hence the next guess, kept at least one data group away from the last so
-    that the answer is bracketed, then bisection. The search ends when B fits and B + data does not, or after
-    `MAX_SEARCH_COMPILES`. Returns the `serve` report at the largest batch that fit (`max_batch`; 0 when none
+    needs) gives the per-row cost, hence the next guess, kept strictly between the largest batch that fit and
+    the smallest that did not, so that the answer ends bracketed: B fits and B + data does not (or
+    `MAX_SEARCH_COMPILES` are spent). Returns the `serve` report at the largest batch that fit (`max_batch`; 0 when none
     did) with every compile tried (`search`)."""
     data, tensor = mesh_sizes["data"], mesh_sizes["tensor"]
     down = lambda b: max(data, int(b) // data * data)  # noqa: E731
@@ -160,11 +160,10 @@ def max_slots(
             break
         need = _required_bytes(r)
         fixed = r["argument_bytes_by_group"]["params"] + r.get("code_bytes", 0)
-        pred = down((target.hbm_bytes - fixed) / ((need - fixed) / batch)) if need else down(batch / 2)
-        nxt = max(pred, batch + data) if r["fits"] else min(pred, batch - data)
-        fail = min((b for b, t in tried.items() if not t["fits"] and b > best), default=0)
-        if best and fail:  # bracketed: bisect
-            nxt = max(down((best + fail) / 2), best + data)
+        nxt = down((target.hbm_bytes - fixed) / ((need - fixed) / batch)) if need else down(batch / 2)
+        fail = min((b for b, t in tried.items() if not t["fits"]), default=None)
+        nxt = max(nxt, best + data) if best else nxt  # kept between the largest fit and the smallest refusal
+        nxt = min(nxt, fail - data) if fail is not None else nxt
         if nxt in tried:
             break
         batch = nxt
