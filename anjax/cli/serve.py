@@ -12,6 +12,7 @@ memory available is refused (arithmetic) before the cache is allocated.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -89,6 +90,11 @@ def check_cache_fits(engine, slots: int, capacity: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        raise cli.UsageError(
+            "python -m anjax.serve runs in one process (a mesh over its host's devices: --mesh); a multi-process "
+            "run would need every process to take the same requests in step: unset JAX_COORDINATOR_ADDRESS"
+        )
     import uvicorn
 
     from anjax.inference.engine import Engine, EngineConfig
