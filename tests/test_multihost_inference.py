@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from cli_checks import assert_one_line_error
 from test_multihost import free_port
 
 from anjax.core.config import tiny_config
@@ -49,3 +50,12 @@ def test_two_processes_over_one_mesh_generate_one_devices_ids(tmp_path, tiny_tok
     one, two = ([json.loads(x) for x in (tmp_path / d / "out.jsonl").read_text().splitlines()] for d in ("one", "two"))
     assert [r["ids"] for r in two] == [r["ids"] for r in one] and len(one) == len(PROMPTS)
     assert any(r["stats"]["generated_tokens"] for r in one)
+
+
+def test_the_server_refuses_a_multi_process_run(monkeypatch, capsys):
+    from test_faults import run_main
+
+    from anjax.cli import serve
+
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1")
+    assert_one_line_error(run_main(serve.main, [], capsys), "runs in one process", "JAX_COORDINATOR_ADDRESS")
