@@ -131,9 +131,10 @@ def _required_bytes(report: dict[str, Any]) -> float | None:
     """The compiled total, or what a refusing TPU compiler said the program needs ("... required ... (12.3G)")."""
     if "total_bytes" in report:
         return report["total_bytes"]
-    for line in report.get("compiler_error", ()):
-        if m := re.search(r"required[^(]*\(([\d.]+)([GM])\) exceeds", line):
-            return float(m.group(1)) * (1 << (30 if m.group(2) == "G" else 20))
+    for line in report.get("compiler_error", ()):  # the compiler names the temporaries; the arguments come on top
+        if m := re.search(r"required for HLO temporaries \(([\d.]+)([GM])\) exceeds", line):
+            temps = float(m.group(1)) * (1 << (30 if m.group(2) == "G" else 20))
+            return temps + sum(report["argument_bytes_by_group"].values())
     return None
 
 
@@ -145,8 +146,9 @@ def max_slots(
     Memory is affine in the batch: total(B) = weights + B x (a row's cache, metadata and temporaries). The
     first guess counts the KV bytes alone; each compile's total (or, refused, the total the compiler says it
     needs) gives the per-row cost, hence the next guess, kept strictly between the largest batch that fit and
-    the smallest that did not, so that the answer ends bracketed: B fits and B + data does not (or
-    `MAX_SEARCH_COMPILES` are spent). Returns the `serve` report at the largest batch that fit (`max_batch`; 0 when none
+    the smallest that did not (bisecting where the guess falls outside), so that the answer ends bracketed: B
+    fits and B + data does not (or `MAX_SEARCH_COMPILES` are spent: `bracketed` false, the search says where).
+    Returns the `serve` report at the largest batch that fit (`max_batch`; 0 when none
     did) with every compile tried (`search`)."""
     data, tensor = mesh_sizes["data"], mesh_sizes["tensor"]
     down = lambda b: max(data, int(b) // data * data)  # noqa: E731
@@ -162,6 +164,8 @@ def max_slots(
         fixed = r["argument_bytes_by_group"]["params"] + r.get("code_bytes", 0)
         nxt = down((target.hbm_bytes - fixed) / ((need - fixed) / batch)) if need else down(batch / 2)
         fail = min((b for b, t in tried.items() if not t["fits"]), default=None)
+        if best and fail is not None and not best < nxt < fail:  # the affine guess left the bracket: bisect it
+            nxt = max(down((best + fail) / 2), best + data)
         nxt = max(nxt, best + data) if best else nxt  # kept between the largest fit and the smallest refusal
         nxt = min(nxt, fail - data) if fail is not None else nxt
         if nxt in tried:
