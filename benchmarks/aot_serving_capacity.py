@@ -103,9 +103,10 @@ def table(rows: list[dict]) -> str:
         if not r["max_sequences"]:
             lines.append(head + "- | **0** | - | - | - |")
             continue
-        mark = "" if r["bracketed"] else " (not bracketed)"
+        refused = min((t["batch"] for t in r["search"] if not t["fits"]), default=None)
+        count = f"**{r['max_sequences']}**" if r["bracketed"] else f"**≥ {r['max_sequences']}** (< {refused})"
         lines.append(
-            head + f"{r['kv_bytes_per_sequence_per_device'] / GiB:.3f} | **{r['max_sequences']}**{mark} | "
+            head + f"{r['kv_bytes_per_sequence_per_device'] / GiB:.3f} | {count} | "
             f"{r['total_bytes_per_device'] / GiB:.2f} ({r['hbm_bytes_per_device'] / GiB:.2f}) | "
             f"{r['memory_bound_ms']:.2f} | {r['tokens_per_s']:.0f} |"
         )
