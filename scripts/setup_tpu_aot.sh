@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Ahead-of-time compilation environment (anjax.train.aot): .venv-tpu = the project's pinned requirements plus
+# Ahead-of-time compilation environment (the anjax.aot package): .venv-tpu = the project's pinned requirements plus
 # libtpu (the version `jax[tpu]==0.10.2` pins: libtpu==0.0.42.*), so that `python -m anjax.aot` compiles for
 # TPU topologies on a machine without a TPU; and jax's CUDA 12 plugin in .venv-tpu/aot-cuda (kept out of
-# site-packages: anjax.train.aot loads it only for a GPU target) for deviceless H100 compilation. Kept apart from
+# site-packages: python -m anjax.aot loads it only for a GPU target) for deviceless H100 compilation. Kept apart from
 # .venv: libtpu adds 0.7 GB and logs errors on every CPU jax start. Idempotent.
 # Usage: bash scripts/setup_tpu_aot.sh
 set -euo pipefail

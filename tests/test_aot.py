@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation for a TPU topology (anjax.train.aot) through libtpu, in .venv-tpu
+"""Ahead-of-time compilation for a TPU topology (the anjax.aot package) through libtpu, in .venv-tpu
 (scripts/setup_tpu_aot.sh, run by setup.sh): the tiny config's real train step compiled for v5e:2x2
 with a 2x2 (fsdp, tensor) mesh."""
 
@@ -13,8 +13,9 @@ import jax
 import pytest
 from cli_checks import assert_one_line_error
 
+from anjax.aot import shapes, target
 from anjax.core.model import init_params
-from anjax.train import aot, run_config
+from anjax.train import run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TPU_PYTHON = ROOT / ".venv-tpu" / "bin" / "python"
@@ -48,15 +49,15 @@ def test_tiny_train_step_argument_bytes_are_the_sharded_params_and_adam_state():
     assert train["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2} and train["fits"] is True
     # The vocabulary (49152 in EP mode) and every other sharded dimension divide 2, so each device holds a
     # quarter of every weight matrix; params + Adam's two moments are 3 fp32 copies.
-    cfg = aot.model_config(run_config.load("configs/tiny.yaml", ["anchors.mode=ep"]))
-    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    cfg = shapes.model_config(run_config.load("configs/tiny.yaml", ["anchors.mode=ep"]))
+    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
     expected = 3 * 4 * n_params / 4
     assert abs(train["argument_bytes"] - expected) / expected < 0.10, (train["argument_bytes"], expected)
     assert train["alias_bytes"] >= 0.9 * expected  # the donated state is updated in place
     assert train["total_bytes"] < train["hbm_bytes"] == 16 * 2**30
     tokens = 8 * 64  # data.batch_size x data.seq_len
-    assert train["model_flops"] == pytest.approx(3 * aot.forward_flops(cfg, tokens, 64) / 4)
+    assert train["model_flops"] == pytest.approx(3 * shapes.forward_flops(cfg, tokens, 64) / 4)
 
 
 def test_unknown_topology_is_one_line():
@@ -72,14 +73,14 @@ def test_mesh_that_does_not_divide_the_devices_is_one_line():
 
 def test_attention_kernel_is_bound_to_the_target_platform():
     """`attention=kernel` becomes the target's kernel (the host that compiles is a CPU); other choices stay."""
-    cfg = aot.MODEL_SHAPES["smollm2-135m"]
+    cfg = shapes.MODEL_SHAPES["smollm2-135m"]
     tpu, gpu = (
-        aot.Target(name, platform, (), 0, 0.0, 0.0) for name, platform in (("v5e:2x2", "tpu"), ("h100:1", "gpu"))
+        target.Target(name, platform, (), 0, 0.0, 0.0) for name, platform in (("v5e:2x2", "tpu"), ("h100:1", "gpu"))
     )
-    assert aot.target_attention(cfg.replace(attention="kernel"), tpu).attention == "kernel:tpu"
-    assert aot.target_attention(cfg.replace(attention="kernel"), gpu).attention == "kernel:gpu"
-    assert aot.target_attention(cfg.replace(attention="sparse"), gpu).attention == "sparse"
-    assert "Mosaic" in aot.attention_path(cfg.replace(attention="kernel:tpu"))
+    assert target.target_attention(cfg.replace(attention="kernel"), tpu).attention == "kernel:tpu"
+    assert target.target_attention(cfg.replace(attention="kernel"), gpu).attention == "kernel:gpu"
+    assert target.target_attention(cfg.replace(attention="sparse"), gpu).attention == "sparse"
+    assert "Mosaic" in target.attention_path(cfg.replace(attention="kernel:tpu"))
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ log-softmax, summed over the continuation tokens.
 
 import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -677,3 +678,43 @@ def test_lm_eval_adapter_with_a_cache_policy(tiny):
     ]:
         with pytest.raises(ValueError, match=fragment):
             AnjaxLM(scoring_model=model, **args)
+
+
+ADAPTER_ON_A_MESH = """
+import json, sys
+from lm_eval.api.instance import Instance
+from anjax.eval.lm_eval_adapter import AnjaxLM
+
+pairs = [("The cat sat on the mat. Did the dog", " see it?"), ("The cat sat on the mat. Did the dog", " run."),
+         ("It rained. We stayed in", " all day."), ("One. Two. Three", " four.")]
+reqs = [Instance("loglikelihood", {}, p, i, metadata=("t", i // 2, 0)) for i, p in enumerate(pairs)]
+out = {}
+for mesh in (None, "data=2:tensor=2"):
+    lm = AnjaxLM(model=sys.argv[1], cache="anchor", anchor_mode="ep", mesh=mesh, batch_size=2)
+    m = lm.model.mesh
+    out[str(mesh)] = {"ll": lm.loglikelihood(reqs), "mesh": None if m is None else dict(m.shape)}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # 4 simulated devices in a subprocess
+def test_lm_eval_adapter_mesh_model_arg_gives_one_devices_loglikelihoods(tiny_model_dir):
+    """model_args mesh=data=2:tensor=2 (the CLI's --mesh parser) scores over 4 devices as one device does."""
+    pytest.importorskip("lm_eval")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-c", ADAPTER_ON_A_MESH, str(tiny_model_dir)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    one, mesh = got["None"], got["data=2:tensor=2"]
+    assert one["mesh"] is None and mesh["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+    np.testing.assert_allclose([x for x, _ in mesh["ll"]], [x for x, _ in one["ll"]], rtol=0, atol=1e-5)
+    assert [g for _, g in mesh["ll"]] == [g for _, g in one["ll"]]
+
+
+def test_lm_eval_adapter_bad_mesh_model_arg_is_refused():
+    pytest.importorskip("lm_eval")
+    from anjax.eval.lm_eval_adapter import AnjaxLM
+
+    with pytest.raises(ValueError, match="model_args mesh: expected data=D,tensor=T .* data=D:tensor=T"):
+        AnjaxLM(mesh="data=2,tensor")

@@ -489,9 +489,10 @@ def test_compare_models_names_a_broken_report(work, capsys, data):
 
 
 def test_aot_and_corpus_argument_errors_are_one_line(capsys):
-    from anjax.cli import aot, corpus
+    from anjax.aot.__main__ import main as aot_main
+    from anjax.cli import corpus
 
-    for main in (aot.main, corpus.main):
+    for main in (aot_main, corpus.main):
         assert_one_line_error(run_main(main, ["--bogus"], capsys), "(see python -m anjax.", "--help)")
 
 

@@ -1,6 +1,6 @@
 """The package map's import rule (docs/DESIGN.md, "Package map"): imports flow one way.
 
-    core -> text -> io -> {inference, train} -> {eval, serve} -> cli -> entry points
+    core -> text -> io -> {inference, train} -> {eval, serve} -> {cli, aot} -> entry points
 
 A module may import its own package and the packages of lower layers, never a higher
 layer nor its sibling (inference and train do not know each other). Every import
@@ -23,7 +23,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "anjax"
 
-LAYERS = {"core": 0, "text": 1, "io": 2, "inference": 3, "train": 3, "eval": 4, "serve": 4, "cli": 5, "entry": 6}
+LAYERS = {
+    "core": 0,
+    "text": 1,
+    "io": 2,
+    "inference": 3,
+    "train": 3,
+    "eval": 4,
+    "serve": 4,
+    "cli": 5,
+    "aot": 5,
+    "entry": 6,
+}
 # (importing module, imported module): lazy on purpose, with the reason.
 LAZY = {
     ("anjax.io.loading", "anjax.io.checkpoint"): "orbax loads only for a run directory",

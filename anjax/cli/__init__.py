@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from anjax.core import config
 from anjax.core.config import ANCHOR_MODES, DTYPES
 from anjax.io import outputs
 
@@ -168,14 +169,12 @@ def add_policy_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """`data=D,tensor=T` (either may be left out: 1) -> {"data": D, "tensor": T}; argparse's one-line error else."""
-    sizes = {"data": 1, "tensor": 1}
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
-            raise argparse.ArgumentTypeError(f"expected data=D,tensor=T with positive integers, got {text!r}")
-        sizes[name.strip()] = int(value)
-    return sizes
+    """`data=D,tensor=T` (either may be left out: 1; `anjax.core.config.parse_mesh`) -> {"data": D, "tensor": T};
+    argparse's one-line error else."""
+    try:
+        return config.parse_mesh(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- argument checks

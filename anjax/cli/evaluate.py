@@ -11,7 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from anjax import cli
+from anjax.core import sharding
 from anjax.eval import evaluate, intervals, perplexity, provenance, resume, stats, tasks
 from anjax.inference.policies import POLICIES, Policy, SepLLM
 from anjax.inference.scoring import Scorer, ScoringModel, load_scoring_model
@@ -125,6 +128,15 @@ def policy_settings(args, caches: Sequence[str]) -> dict[str, Policy | SepLLM]:
     return out
 
 
+def join_processes(args) -> None:
+    """Join a multi-process run (`anjax.core.sharding.init_distributed`). There every process scores every task
+    (a task resumed by one process would leave the others waiting in its collectives), and only process 0
+    writes --out-dir and --json."""
+    sharding.init_distributed()
+    if jax.process_index() > 0:
+        args.out_dir = args.json = None
+
+
 def load_model_for(args, caches: Sequence[str]) -> ScoringModel:
     return load_scoring_model(
         args.model,
@@ -172,7 +184,7 @@ def task_report(args, items: dict[str, list[tasks.MCItem]], caches: Sequence[str
         fingerprints = {
             n: resume.task_fingerprint(model_part, model, its, caches, settings, run) for n, its in items.items()
         }
-        done = store.check(fingerprints)
+        done = store.check(fingerprints) if jax.process_count() == 1 else {}
         if done:
             print(f"resuming from {store.root}: {', '.join(done)} already scored", flush=True)
     wall = compile_seconds = 0.0
@@ -201,6 +213,7 @@ def main(argv=None) -> int:
     prov = provenance.begin("python -m anjax.evaluate", argv)
     args = build_parser().parse_args(argv)
     names, caches = check_args(args)
+    join_processes(args)
     if args.perplexity:
         return perplexity_main(args, caches, prov)
     items = load_items(args, names)

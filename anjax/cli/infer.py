@@ -136,8 +136,13 @@ def check_sizes(engine, args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import jax
+
+    from anjax.core import sharding
     from anjax.inference.engine import Engine, EngineConfig
     from anjax.inference.requests import read_requests
+
+    sharding.init_distributed()  # a multi-process run: every process generates, process 0 writes --output
 
     config = EngineConfig.from_args(args)
     t0 = time.perf_counter()
@@ -206,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     for e in errors:
         records[e["line"]] = e
         print(f"{args.input}:{e['line']}: {e['error']}", file=sys.stderr)
-    outputs.write_jsonl(args.output, [records[n] for n in sorted(records)])
+    if jax.process_index() == 0:
+        outputs.write_jsonl(args.output, [records[n] for n in sorted(records)])
     served = len(records) - len(errors)
     print(f"wrote {served} results and {len(errors)} errors to {args.output}", file=sys.stderr)
     return 1 if errors else 0

@@ -23,7 +23,7 @@ COMMANDS = {
     "anjax-eval": "anjax.cli.evaluate",
     "anjax-serve": "anjax.cli.serve",
     "anjax-export": "anjax.cli.export",
-    "anjax-aot": "anjax.aot",
+    "anjax-aot": "anjax.aot.__main__",
     "anjax-prepare": "anjax.cli.prepare",
 }
 

@@ -12,6 +12,7 @@ fit in the memory available is refused (arithmetic on the model's config) before
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -79,7 +80,7 @@ def check_cache_fits(cfg, slots: int, capacity: int, mesh: dict[str, int] | None
     import jax
     import jax.numpy as jnp
 
-    from anjax.train.aot import kv_bytes, num_params
+    from anjax.aot.shapes import kv_bytes, num_params
 
     data, tensor = (mesh or {}).get("data", 1), (mesh or {}).get("tensor", 1)
     cache = kv_bytes(cfg, slots, capacity + 1) // (data * tensor)
@@ -95,6 +96,12 @@ def check_cache_fits(cfg, slots: int, capacity: int, mesh: dict[str, int] | None
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        raise cli.UsageError(
+            "python -m anjax.serve runs in one process (a mesh over its host's devices: --mesh); a multi-process "
+            "run would need every process to take the same requests in step: unset JAX_COORDINATOR_ADDRESS"
+        )
+
     from anjax.io.loading import load_config
 
     check_cache_fits(load_config(args.model, args.dtype), args.slots, args.capacity, args.mesh)

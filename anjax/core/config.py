@@ -41,6 +41,19 @@ FINAL_SENTENCE_RULES = ("terminated",)  # anjax.text.encode.ends_sentence
 DTYPES = ("float32", "bfloat16")  # inference --dtype: parameters and compute (softmax, norms, logits stay float32)
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """Inference `--mesh` text `data=D,tensor=T` -> {"data": D, "tensor": T}; either may be left out (1). Parts
+    may also be joined by ":" (`data=2:tensor=2`), the form that fits inside lm-eval's comma-separated model_args.
+    ValueError on anything else."""
+    sizes = {"data": 1, "tensor": 1}
+    for part in text.replace(":", ",").split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"expected data=D,tensor=T with positive integers, got {text!r}")
+        sizes[name.strip()] = int(value)
+    return sizes
+
+
 def check_ranges(cls: type, values: Mapping[str, Any], prefix: str) -> None:
     """ValueError naming `prefix.field` for the first of `values` outside its interval in `cls.RANGES`.
 

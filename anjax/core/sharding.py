@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -34,6 +35,17 @@ RULES = (
     ("head_dim", None),
     ("layers", None),
 )
+
+
+def init_distributed(requested: bool = False) -> None:
+    """jax.distributed.initialize() when `requested` (a run config's run.distributed) or JAX_COORDINATOR_ADDRESS
+    is in the environment (once per process): train.py, infer.py and `python -m anjax.evaluate` join a
+    multi-process run this one way. The process count and index come from JAX_NUM_PROCESSES / JAX_PROCESS_ID when
+    set; otherwise JAX detects them (TPU pods, SLURM, Open MPI, Kubernetes)."""
+    env = os.environ
+    if (requested or env.get("JAX_COORDINATOR_ADDRESS")) and not jax.distributed.is_initialized():
+        num, index = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
+        jax.distributed.initialize(num_processes=int(num) if num else None, process_id=int(index) if index else None)
 
 
 def make_mesh(data: int, fsdp: int, tensor: int, devices=None) -> jax.sharding.Mesh:

@@ -12,7 +12,8 @@ SmolLM2), `cache` full | anchor | a training-free policy window | snapkv | h2o
 match-anchor: what the anchor cache keeps, for scoring) and optionally `sink`, `obs`,
 `kernel`, `anchor_mode` ep | ac, `anchors` (EP strings separated by spaces, e.g.
 "anchors=. ? !"), `chunk_size`, `dtype` float32 | bfloat16 (parameters and compute, as
-`--dtype`); `batch_size` is the harness's own option (items per
+`--dtype`), `mesh` data=D:tensor=T (over D x T devices as `--mesh data=D,tensor=T`: ":" joins the two, the
+harness splits model_args at commas); `batch_size` is the harness's own option (items per
 batch; "auto" means 8).
 
 `loglikelihood` goes through `anjax.inference.scoring.Scorer`, the code behind
@@ -48,7 +49,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("anjax.eval.lm_eval_adapter needs lm-evaluation-harness: pip install lm-eval==0.4.13") from e
 
-from anjax.core.config import DTYPES
+from anjax.core.config import DTYPES, parse_mesh
 from anjax.eval import evaluate
 from anjax.inference.engine import Engine, EngineConfig
 from anjax.inference.policies import POLICIES, Policy
@@ -78,6 +79,7 @@ class AnjaxLM(LM):
         batch_size: int | str = 8,
         chunk_size: int = 128,
         dtype: str = "float32",
+        mesh: str | None = None,
         scoring_model: ScoringModel | None = None,
         max_batch_size: Any = None,
         device: Any = None,
@@ -85,6 +87,10 @@ class AnjaxLM(LM):
     ):
         super().__init__()
         check_model_args(model, cache, batch_size, chunk_size, unknown, dtype)
+        try:
+            mesh_sizes = None if mesh in (None, "") else parse_mesh(str(mesh))
+        except ValueError as e:
+            raise ValueError(f"model_args mesh: {e} (inside model_args: data=D:tensor=T)") from None
         settings = {k: int(v) for k, v in dict(sink=sink, obs=obs, kernel=kernel).items() if v is not None}
         self.policy = Policy(cache, **settings) if cache in POLICIES else None
         if (budget is None) == (self.policy is not None) or (settings and not self.policy):
@@ -94,6 +100,7 @@ class AnjaxLM(LM):
             scoring_model = load_scoring_model(
                 None if model in (None, "") else str(model),
                 dtype,
+                mesh_sizes,
                 anchor_mode=anchor_mode,
                 anchors=str(anchors).split() if anchors else None,
                 need_anchors=cache == "anchor" or self.budget == evaluate.MATCH_ANCHOR,
@@ -182,7 +189,7 @@ def check_model_args(model, cache, batch_size, chunk_size, unknown: dict, dtype:
     if unknown:
         raise ValueError(
             f"unknown model_args {', '.join(sorted(unknown))}; the anjax model takes model, cache, budget, sink, "
-            "obs, kernel, anchor_mode, anchors, chunk_size, dtype (and the harness's batch_size)"
+            "obs, kernel, anchor_mode, anchors, chunk_size, dtype, mesh (and the harness's batch_size)"
         )
     if dtype not in DTYPES:
         raise ValueError(f"model_args dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

@@ -12,6 +12,7 @@ Without a mesh (None) everything stays on the default device, as before.
 from __future__ import annotations
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding
 
 from anjax.core import sharding
@@ -38,6 +39,11 @@ def inference_mesh(cfg: ModelConfig, data: int = 1, tensor: int = 1) -> jax.shar
     n, devices = data * tensor, jax.devices()
     if n > len(devices):
         raise ValueError(f"--mesh data={data},tensor={tensor} needs {n} devices, there are {len(devices)}")
+    if jax.process_count() > 1 and n != len(devices):  # each process must hold part of the mesh to run its steps
+        raise ValueError(
+            f"--mesh data={data},tensor={tensor} covers {n} devices; a run of {jax.process_count()} processes "
+            f"needs a mesh over all {len(devices)}"
+        )
     return None if n == 1 else sharding.make_mesh(data, 1, tensor, devices[:n])
 
 
@@ -80,10 +86,53 @@ def state_specs(state, mesh):
 
 
 def place_state(state, mesh: jax.sharding.Mesh | None):
-    """A `GenState` made on the host or one device, placed as `constrain_state` keeps it."""
+    """A `GenState` made on the host or one device, placed as `constrain_state` keeps it (several processes:
+    as `readable_shardings` returns it from every step)."""
     if mesh is None:
         return state
+    if multiprocess(mesh):
+        return sharding.put(jax.device_get(state), readable_shardings(state, mesh))
     return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), state, state_specs(state, mesh))
+
+
+# ----------------------------------------------------------------------------- several processes
+# Under jax.distributed every process runs the same steps on the same host inputs (prompts, chunks, sampling
+# settings) and reads the same small results. A process can read (np.asarray) only an array whose every shard
+# it holds or that is replicated, so there the steps take host inputs as replicated global arrays
+# (`global_args`) and return every leaf but the KV buffers replicated (`readable_shardings`): the per-row
+# results are gathered once per step inside the program, and the cache stays split.
+
+
+def multiprocess(mesh: jax.sharding.Mesh | None) -> bool:
+    """The mesh spans the devices of several processes (`anjax.core.sharding.init_distributed`)."""
+    return mesh is not None and jax.process_count() > 1
+
+
+def readable_shardings(tree, mesh: jax.sharding.Mesh):
+    """Shardings for a step's outputs (any pytree of arrays or shapes): keys/values (and policies' `mass`) split
+    as `state_specs` splits them, every other leaf replicated."""
+
+    def spec(path, x):
+        names = [getattr(k, "name", None) for k in path]
+        if "keys" in names or "values" in names:
+            return NamedSharding(mesh, sharding.logical_spec(KV_AXES[5 - x.ndim :], x.shape, mesh))
+        if "mass" in names:
+            return NamedSharding(mesh, sharding.logical_spec(KV_AXES[:4], x.shape, mesh))
+        return NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def global_args(args, mesh: jax.sharding.Mesh):
+    """Every leaf that is not yet a global array over the mesh (numpy, Python scalars, one device's arrays),
+    replicated over it; the same value on every process."""
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding.device_set == set(mesh.devices.flat):
+            return x
+        return sharding.put(np.asarray(x), NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+    return jax.tree.map(put, args)
 
 
 def constrain_state(state):

@@ -73,6 +73,9 @@ class Runtime:
 
         `donate`: positions in `args` whose buffers the call may reuse (a cache updated in place).
         """
+        several = placement.multiprocess(self.mesh)
+        if several:
+            args = placement.global_args(args, self.mesh)
         leaves, tree = jax.tree.flatten(args)
         placed = (lambda x: getattr(x, "sharding", None)) if self.mesh else (lambda x: None)
         key = (
@@ -84,8 +87,11 @@ class Runtime:
         )
         if (exe := self.executables.get(key)) is None:
             t0 = time.perf_counter()
+            step = functools.partial(fn, *static)
             with sharding.active(self.mesh) if self.mesh else contextlib.nullcontext():
-                exe = jax.jit(functools.partial(fn, *static), donate_argnums=donate).lower(*args).compile()
+                shapes = jax.eval_shape(step, *args) if several else None
+                out = {"out_shardings": placement.readable_shardings(shapes, self.mesh)} if several else {}
+                exe = jax.jit(step, donate_argnums=donate, **out).lower(*args).compile()
             self.compile_seconds += time.perf_counter() - t0
             self.executables[key] = exe
         return exe(*args)

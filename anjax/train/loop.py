@@ -170,7 +170,7 @@ def export(cfg, host_params: Params, tokenizer, out_dir: Path) -> Path:
 def train(rc: run_config.RunConfig) -> int:
     """The whole run of `rc`: resume or start, train, checkpoint, export, plot. 0 when done or stopped by a
     signal (checkpoint saved); raises TrainingDiverged on a non-finite loss."""
-    setup.init_distributed(rc)
+    sharding.init_distributed(rc.run.distributed)
     lead = jax.process_index() == 0
     mesh = setup.make_run_mesh(rc)
     run_dir = run_dir_files.storage_path(rc.run.dir, "run.dir")

@@ -3,7 +3,7 @@
 `fresh_model` (load or random-init, `<AC>` row, the run's anchor scheme), `make_run_mesh` (batch and
 mesh divisibility checked), `model_for_run` (resume from the run directory or start fresh),
 `data_for_run` (this process's rows of the global batches), `data_record` / `restore_data` (the data
-position and process layout saved with a checkpoint), `init_distributed`.
+position and process layout saved with a checkpoint).
 """
 
 from __future__ import annotations
@@ -159,13 +159,3 @@ def restore_data(train_it, record: dict, mesh: jax.sharding.Mesh, where: str) ->
     if was != now and jax.process_index() == 0:
         print(f"resuming {where} (written by {was}) with {now}: the global batches are the same")
     train_it.restore(record["iterator"])
-
-
-def init_distributed(rc: run_config.RunConfig) -> None:
-    """jax.distributed.initialize() when run.distributed is set or JAX_COORDINATOR_ADDRESS is in the
-    environment (once per process). The process count and index come from JAX_NUM_PROCESSES / JAX_PROCESS_ID when set;
-    otherwise JAX detects them (TPU pods, SLURM, Open MPI, Kubernetes)."""
-    env = os.environ
-    if (rc.run.distributed or env.get("JAX_COORDINATOR_ADDRESS")) and not jax.distributed.is_initialized():
-        num, index = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
-        jax.distributed.initialize(num_processes=int(num) if num else None, process_id=int(index) if index else None)
