@@ -18,10 +18,10 @@ from pathlib import Path
 from anjax import cli
 from anjax.aot import serve
 from anjax.aot.report import format_report
-from anjax.aot.shapes import MODEL_SHAPES, model_config, num_params
+from anjax.aot.shapes import MODEL_SHAPES, model_config
 from anjax.aot.target import GPU_SPECS, attention_path, make_target, quiet_libtpu, target_attention
 from anjax.aot.train import train_report
-from anjax.core.config import DTYPES
+from anjax.core.config import DTYPES, num_params
 from anjax.eval import provenance
 from anjax.train import run_config
 

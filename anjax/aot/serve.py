@@ -28,10 +28,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from anjax.aot.report import compile_report
-from anjax.aot.shapes import forward_flops, kv_bytes, num_params
+from anjax.aot.shapes import forward_flops
 from anjax.aot.target import Target
 from anjax.core import sharding
-from anjax.core.config import ModelConfig
+from anjax.core.config import ModelConfig, kv_bytes, num_params
 from anjax.core.model import init_boxed
 from anjax.inference import engine as generate
 from anjax.inference import placement

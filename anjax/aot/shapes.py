@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax.numpy as jnp
-
-from anjax.core.config import AC_TOKEN, ModelConfig
+from anjax.core.config import AC_TOKEN, ModelConfig, matmul_params
 from anjax.io.hf import config_from_hf
 from anjax.train import run_config
 
@@ -68,22 +66,7 @@ def model_config(rc: run_config.RunConfig, shape: str | None = None) -> ModelCon
     return cfg.replace(anchor_mode=mode, anchor_tokens=tuple(tokens), anchor_ids=ids)
 
 
-def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters that take part in matmuls (every weight but the embedding lookup and norms)."""
-    E, H, K, D, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-    return cfg.num_layers * (2 * E * H * D + 2 * E * K * D + 3 * E * F) + E * cfg.vocab_size
-
-
-def num_params(cfg: ModelConfig) -> int:
-    norms = (2 * cfg.num_layers + 1) * cfg.hidden_size
-    return matmul_params(cfg) + norms + (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)
-
-
 def forward_flops(cfg: ModelConfig, tokens: int, keys: int) -> float:
     """Forward FLOPs of `tokens` queries, each attending over `keys` slots (dense: masked ones count)."""
     attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * keys
     return tokens * (2 * matmul_params(cfg) + attention)
-
-
-def kv_bytes(cfg: ModelConfig, batch: int, slots: int) -> int:
-    return 2 * cfg.num_layers * batch * cfg.num_kv_heads * slots * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize

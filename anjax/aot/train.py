@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 
 from anjax.aot.report import compile_report
-from anjax.aot.shapes import forward_flops, num_params
+from anjax.aot.shapes import forward_flops
 from anjax.aot.target import Target
 from anjax.core import sharding
-from anjax.core.config import ModelConfig
+from anjax.core.config import ModelConfig, num_params
 from anjax.train import run_config
 from anjax.train.trainer import BATCH_KEYS, Trainer
 

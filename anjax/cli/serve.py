@@ -80,7 +80,7 @@ def check_cache_fits(cfg, slots: int, capacity: int, mesh: dict[str, int] | None
     import jax
     import jax.numpy as jnp
 
-    from anjax.aot.shapes import kv_bytes, num_params
+    from anjax.core.config import kv_bytes, num_params
 
     data, tensor = (mesh or {}).get("data", 1), (mesh or {}).get("tensor", 1)
     cache = kv_bytes(cfg, slots, capacity + 1) // (data * tensor)

@@ -182,3 +182,22 @@ def tiny_config(**changes: Any) -> ModelConfig:
         pad_token_id=0,
     )
     return base.replace(**changes)
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that take part in matmuls (every weight but the embedding lookup and norms)."""
+    E, H, K, D, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    return cfg.num_layers * (2 * E * H * D + 2 * E * K * D + 3 * E * F) + E * cfg.vocab_size
+
+
+def num_params(cfg: ModelConfig) -> int:
+    """Every parameter of the model (norms and an untied output head included)."""
+    norms = (2 * cfg.num_layers + 1) * cfg.hidden_size
+    return matmul_params(cfg) + norms + (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)
+
+
+def kv_bytes(cfg: ModelConfig, batch: int, slots: int) -> int:
+    """Bytes of the keys and values of every layer for `batch` rows of `slots` slots, in the compute dtype."""
+    import jax.numpy as jnp  # this module stays importable without jax
+
+    return 2 * cfg.num_layers * batch * cfg.num_kv_heads * slots * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize

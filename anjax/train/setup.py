@@ -9,7 +9,6 @@ position and process layout saved with a checkpoint).
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import jax
