@@ -24,8 +24,10 @@ from jax.sharding import PartitionSpec as P
 from anjax.core import sharding
 from anjax.core.config import ModelConfig
 from anjax.core.model import init_boxed
-from anjax.inference import engine as generate
 from anjax.inference import placement
+from anjax.inference.sampling import MAX_STOP_IDS, Sampling
+from anjax.inference.state import EngineSpec, init_state
+from anjax.inference.steps import decode_loop, prefill
 from anjax.train.aot import Target, compile_report, forward_flops, kv_bytes, num_params
 
 
@@ -52,34 +54,34 @@ def serving_report(
         raise ValueError(f"--batch {batch} must be a multiple of --mesh data={data}")
     mesh = sharding.make_mesh(data, 1, tensor, target.devices[:n])
     ac_id = cfg.anchor_ids[0] if cfg.anchor_mode == "ac" else -1
-    spec = generate.EngineSpec(anchor_cache=anchor_cache, anchor_ids=cfg.anchor_ids, ac_id=ac_id)
+    spec = EngineSpec(anchor_cache=anchor_cache, anchor_ids=cfg.anchor_ids, ac_id=ac_id)
     placed = lambda tree, shardings: jax.tree.map(  # noqa: E731
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
     boxed = jax.eval_shape(lambda: init_boxed(cfg, jax.random.key(0)))
     params = placed(nn.meta.unbox(boxed), sharding.logical_shardings(boxed, mesh))
     slots = capacity + chunk if step == "prefill" else capacity
-    state = jax.eval_shape(lambda: generate.init_state(cfg, batch, slots, jnp.zeros((batch,), bool)))
+    state = jax.eval_shape(lambda: init_state(cfg, batch, slots, jnp.zeros((batch,), bool)))
     state = placed(state, jax.tree.map(lambda s: NamedSharding(mesh, s), placement.state_specs(state, mesh)))
     rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
     row = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype, sharding=rows)  # noqa: E731
     if step == "prefill":
         chunk_BxT = lambda dtype: jax.ShapeDtypeStruct((batch, chunk), dtype, sharding=rows)  # noqa: E731
         args = (params, state, chunk_BxT(jnp.int32), chunk_BxT(jnp.bool_), chunk_BxT(jnp.bool_))
-        fn, donate, tokens, keys = functools.partial(generate.prefill, cfg, spec), (1,), batch * chunk, slots
+        fn, donate, tokens, keys = functools.partial(prefill, cfg, spec), (1,), batch * chunk, slots
         extra = {"chunk": chunk}
     else:
         replicated = NamedSharding(mesh, P())
-        samp = generate.Sampling(
+        samp = Sampling(
             temperature=row(jnp.float32),
             top_k=row(jnp.int32),
             top_p=row(jnp.float32),
             seed=row(jnp.uint32),
-            stop_ids=jax.ShapeDtypeStruct((generate.MAX_STOP_IDS,), jnp.int32, sharding=replicated),
+            stop_ids=jax.ShapeDtypeStruct((MAX_STOP_IDS,), jnp.int32, sharding=replicated),
             max_sentence_tokens=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
         )
         args = (params, state, row(jnp.int32), row(jnp.bool_), samp)
-        fn = functools.partial(generate.decode_loop, cfg, spec, capacity, new_tokens)
+        fn = functools.partial(decode_loop, cfg, spec, capacity, new_tokens)
         donate, tokens, keys = (), batch, capacity + 1
         extra = {"new_tokens": new_tokens, "per": "token"}
     flops = forward_flops(cfg, tokens, keys) / n
