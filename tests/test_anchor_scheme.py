@@ -1,13 +1,23 @@
-"""Anchor ids (EP punctuation, AC special token) and the segmentation CLI."""
+"""The anchor scheme: anchor ids (EP punctuation as it occurs in running text, the `<AC>` token, a
+SentencePiece tokenizer's "▁." trap) and `resolve_scheme` (overrides said on stderr, the scheme stored with
+the model, its export and run directory, `<AC>` embedding rows). The encoder that applies it on every path is
+tests/test_encoder_paths.py; the segmentation command is tests/test_anchors_cli.py."""
 
 import json
+import string
 
+import jax
+import numpy as np
 import pytest
+from conftest import make_tiny_tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
-from anjax.cli import anchors as anchors_cli
 from anjax.core.config import AC_TOKEN, ANCHOR_SCHEME_FIELDS, tiny_config
+from anjax.core.model import init_params
 from anjax.io import hf, run_dir
 from anjax.text import anchors
+from anjax.text.encode import Encoder
 from anjax.train import run_config
 
 
@@ -40,49 +50,6 @@ def test_ac_needs_the_token_then_add_is_idempotent(tiny_tokenizer):
     ids = tiny_tokenizer.encode(f"Hi.{AC_TOKEN} Yes", add_special_tokens=False)
     assert ids.count(ac_id) == 1  # never split
     assert AC_TOKEN not in tiny_tokenizer.decode(ids, skip_special_tokens=True)  # special
-
-
-@pytest.fixture
-def cli(tiny_tokenizer, monkeypatch, capsys):
-    """Run the CLI with its `load_tokenizer` returning the tiny tokenizer."""
-    monkeypatch.setattr(anchors_cli, "load_tokenizer", lambda path: tiny_tokenizer)
-
-    def run(*argv):
-        rc = anchors_cli.main(list(argv))
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
-
-
-def test_cli_json_ac(cli):
-    rc, out, _ = cli("--mode", "ac", "--text", "The cat sat. Did it? Yes", "--bos", "--json")
-    assert rc == 0
-    d = json.loads(out)
-    assert len(d["ids"]) == len(d["tokens"]) == len(d["seg"]) == len(d["anchor"])
-    assert d["tokens"][0] == "<s>" and d["tokens"].count(AC_TOKEN) == 3 and d["tokens"][-1] == AC_TOKEN
-    assert d["anchor"] == [t == AC_TOKEN for t in d["tokens"]]
-    first_ac = d["tokens"].index(AC_TOKEN)
-    assert d["seg"][first_ac] == 0 and d["seg"][first_ac + 1] == 1 and d["seg"][-1] == 2
-
-
-def test_cli_table_ep(cli):
-    rc, out, _ = cli("--mode", "ep", "--text", "One. Two!")
-    assert rc == 0 and "2 anchors, 2 sentences" in out
-
-
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--mode", "ep", "--anchors", "Hello world", "--text", "x."], "is not one token in running text"),
-        (["--mode", "punct", "--text", "x."], "--mode must be one of"),
-        (["--mode", "ac", "--text", "  "], "--text is empty"),
-    ],
-)
-def test_cli_errors_one_line_exit_2(cli, argv, message):
-    rc, out, err = cli(*argv)
-    assert rc == 2 and out == ""
-    assert err.count("\n") == 1 and message in err and "Traceback" not in err
 
 
 def test_window_and_rule_are_stored_with_the_model_and_old_models_load_as_the_paper(tiny_tokenizer, tmp_path):
@@ -119,3 +86,72 @@ def test_window_and_rule_are_stored_with_the_model_and_old_models_load_as_the_pa
         run_dir.check_resumable(tmp_path, run_config.load(None, ["anchors.window=16"]).to_dict())
     with pytest.raises(ValueError, match="anchors.rule"):
         run_config.load(None, ["anchors.rule=window"])
+
+
+def _llama2_style_tokenizer() -> PreTrainedTokenizerFast:
+    """A SentencePiece-style Unigram tokenizer (Metaspace "▁", prepend first) with both "." and "▁."."""
+    words = "The cat sat One Two Three Hello world Is it Yes Mr Smith dog ran".split()
+    punct = list(".?!,;:\"'")
+    pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)]
+    pieces += [("▁" + w, -1.0) for w in words] + [(p, -2.0) for p in punct] + [("▁" + p, -2.0) for p in punct]
+    pieces += [(c, -5.0) for c in string.ascii_letters + string.digits]
+    pieces += [("▁" + c, -5.0) for c in string.ascii_letters] + [("▁", -6.0)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("mode", ["ep", "ac"])
+def test_sentencepiece_anchors_land_on_every_sentence_end(mode):
+    tok = _llama2_style_tokenizer()
+    text = "The cat sat. One? Two! Three."
+    assert tok.convert_ids_to_tokens(tok.encode(".", add_special_tokens=False)) == ["▁."]  # the trap
+    if mode == "ac":
+        anchors.add_ac_token(tok)
+    scheme = anchors.make_scheme(tok, mode)
+    ids = Encoder(tok, scheme).document(text)
+    pieces = tok.convert_ids_to_tokens(ids)
+    flags = Encoder(tok, scheme).anchor_flags(ids)
+    ends = [i for i, p in enumerate(pieces) if p in (".", "?", "!")]
+    assert len(ends) == 4
+    if mode == "ep":
+        assert [pieces[i] for i in range(len(ids)) if flags[i]] == [".", "?", "!", "."]
+        assert [i for i, f in enumerate(flags) if f] == ends
+    else:
+        assert [i for i, f in enumerate(flags) if f] == [i + 1 for i in ends]
+    with pytest.raises(ValueError, match=r"'\.\.' is not one token in running text: .*pieces \['\.', '\.'\]"):
+        anchors.make_scheme(tok, "ep", ["..", "?"])
+
+
+@pytest.mark.parametrize("init", ["mean", "copy"])
+def test_ac_in_padding_rows_is_initialised_like_a_new_row(init):
+    tok = make_tiny_tokenizer()
+    n = len(tok)
+    cfg = tiny_config(vocab_size=n + 64, tie_embeddings=False)  # padded past the tokenizer
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    scheme, cfg2, new = anchors.resolve_scheme(cfg, tok, params, mode="ac", ac_init=init)
+    ac = scheme.ac_id
+    assert ac == n and cfg2.vocab_size == cfg.vocab_size and AC_TOKEN in tok.get_vocab()
+    embed, head = np.asarray(params["embed"]), np.asarray(params["lm_head"])
+    want = (lambda w: w[:n].mean(0)) if init == "mean" else (lambda w: w[anchors.running_text_id(tok, ".")])
+    np.testing.assert_allclose(new["embed"][ac], want(embed), rtol=1e-6)
+    np.testing.assert_allclose(new["lm_head"][:, ac], want(head.T), rtol=1e-6)
+    np.testing.assert_array_equal(np.delete(new["embed"], ac, 0), np.delete(embed, ac, 0))
+
+
+def test_scheme_travels_with_the_export_and_overrides_say_so(tmp_path, capsys):
+    tok = make_tiny_tokenizer()
+    anchors.add_ac_token(tok)
+    cfg = tiny_config(vocab_size=len(tok))
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    scheme, cfg, params = anchors.resolve_scheme(cfg, tok, params, mode="ac", add_bos=True, max_sentence_tokens=8)
+    hf.save_hf_dir(cfg, params, tok, tmp_path / "hf")
+    cfg2, params2 = hf.load_hf_dir(tmp_path / "hf")
+    again, _, _ = anchors.resolve_scheme(cfg2, tok, params2)
+    assert again == scheme and again.add_bos and again.max_sentence_tokens == 8
+    assert capsys.readouterr().err == ""
+    over, _, _ = anchors.resolve_scheme(cfg2, tok, params2, add_bos=False, max_sentence_tokens=4)
+    err = capsys.readouterr().err
+    assert "add_bos=False overrides the model's add_bos=True" in err and "max_sentence_tokens=4" in err
+    assert not over.add_bos and over.max_sentence_tokens == 4
