@@ -22,7 +22,8 @@ from anjax.eval import provenance
 from anjax.io import outputs
 
 if TYPE_CHECKING:
-    from anjax.inference.engine import Engine, Prefilled
+    from anjax.inference.engine import Engine
+    from anjax.inference.steps import Prefilled
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -41,7 +41,8 @@ from anjax.core import sparse_attention as sa
 from anjax.core.config import ModelConfig, tiny_config
 from anjax.core.mask import attention_allowed, token_metadata
 from anjax.core.model import dot_attention, init_params
-from anjax.inference import engine
+from anjax.inference import steps
+from anjax.inference.sampling import MAX_STOP_IDS, Sampling
 from anjax.inference.state import EngineSpec, init_state
 from anjax.train.trainer import loss_sums
 
@@ -214,7 +215,7 @@ def time_prefill_and_train(kernel, sz: Sizes, L: int) -> dict:
         cfg = base.replace(attention=attention)
         params = init_params(cfg, jax.random.PRNGKey(0))
         state = init_state(cfg, 1, L, jnp.zeros((1,), bool))
-        prefill = jax.jit(lambda p, s, t, v, cfg=cfg: engine.prefill(cfg, spec, p, s, t, v).cache)
+        prefill = jax.jit(lambda p, s, t, v, cfg=cfg: steps.prefill(cfg, spec, p, s, t, v).cache)
         step = jax.jit(jax.value_and_grad(lambda p, cfg=cfg: loss_sums(cfg, p, batch, False)[0]))
         name = "dense" if attention == "dense" else "kernel"
         for what, fn, args in (
@@ -235,22 +236,22 @@ def time_decode(sz: Sizes, batch: int) -> dict:
     slots = sz.prompt + sz.new_tokens
     row = {"batch": batch, "prompt": sz.prompt, "new_tokens": sz.new_tokens}
     zeros = lambda dtype: jnp.zeros((batch,), dtype)
-    sampling = engine.Sampling(
+    sampling = Sampling(
         temperature=zeros(jnp.float32),
         top_k=zeros(jnp.int32),
         top_p=jnp.ones((batch,), jnp.float32),
         seed=zeros(jnp.uint32),
-        stop_ids=jnp.full((engine.MAX_STOP_IDS,), -1, jnp.int32),
+        stop_ids=jnp.full((MAX_STOP_IDS,), -1, jnp.int32),
         max_sentence_tokens=jnp.zeros((), jnp.int32),
     )
     for cache in ("anchor", "full"):
         spec = EngineSpec(anchor_cache=cache == "anchor", anchor_ids=cfg.anchor_ids, ac_id=ANCHOR_ID)
         tokens, valid = prompt["tokens"][:, :-1], prompt["valid"][:, :-1]
-        state = engine.prefill(cfg, spec, params, init_state(cfg, batch, slots, zeros(bool)), tokens, valid)
-        state = engine.start_decode(state, spec, slots)
+        state = steps.prefill(cfg, spec, params, init_state(cfg, batch, slots, zeros(bool)), tokens, valid)
+        state = steps.start_decode(state, spec, slots)
         loop = jax.jit(
             lambda p, s, t, spec=spec: (
-                engine.decode_loop(cfg, spec, slots, sz.new_tokens, p, s, t, zeros(bool), sampling).tokens
+                steps.decode_loop(cfg, spec, slots, sz.new_tokens, p, s, t, zeros(bool), sampling).tokens
             )
         )
         seconds = best_time(loop, params, state, prompt["tokens"][:, -1])

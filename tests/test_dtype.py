@@ -58,12 +58,3 @@ def test_bf16_greedy_ids_equal_the_bf16_full_forward(cache):
         assert logits.dtype == np.float32
         assert new == np.argmax(logits, -1)[len(out.prompt_ids) - 1 :].tolist()
     assert cache == "full" or decoded_anchors > 0  # a sentence closed during decode
-
-
-def test_the_lm_eval_adapter_checks_its_dtype_model_arg():
-    pytest.importorskip("lm_eval")
-    from anjax.eval.lm_eval_adapter import check_model_args
-
-    check_model_args(None, "full", 8, 128, {}, "bfloat16")
-    with pytest.raises(ValueError, match="model_args dtype must be one of float32, bfloat16, got 'float16'"):
-        check_model_args(None, "full", 8, 128, {}, "float16")

@@ -13,18 +13,11 @@ from anjax.core.config import tiny_config
 from anjax.core.mask import token_metadata
 from anjax.core.model import Llama, blocked_attention, init_params
 from anjax.core.params import with_scan_layers
-from anjax.inference.engine import (
-    CacheOverflowError,
-    Engine,
-    EngineConfig,
-    feed_token,
-    prefill_step,
-    sample_tokens,
-    span_flags,
-    start_decode,
-)
+from anjax.inference.engine import CacheOverflowError, Engine, EngineConfig, span_flags
 from anjax.inference.runtime import Runtime, right_align
+from anjax.inference.sampling import sample_tokens
 from anjax.inference.state import EngineSpec, init_state
+from anjax.inference.steps import feed_token, prefill_step, start_decode
 
 EP_IDS = (5, 7)  # two "punctuation" anchors
 AC_ID = 255
@@ -479,6 +472,25 @@ def test_capacity_overflow_names_the_row_and_sizes():
     out = eng.generate([[9, 10], list(range(8, 38))], max_new_tokens=4, raise_errors=False)
     assert out[0].error is None and len(out[0].ids) == 6
     assert out[1].error and "capacity is 10" in out[1].error
+
+
+def test_capacity_edge_and_peak_never_above_capacity():
+    cfg = tiny_config()
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    prompt, new = list(range(8, 20)), 5
+    need = len(prompt) + new - 1  # a full cache: every token fed (the last sampled one is not)
+    for capacity, fails in ((need - 1, True), (need, False), (need + 1, False)):
+        out = Engine(cfg, params, config=EngineConfig(cache="full", chunk_size=4, capacity=capacity)).generate(
+            [prompt], max_new_tokens=new, stop_ids=(), raise_errors=False
+        )[0]
+        assert bool(out.error) == fails, (capacity, out.error)
+        assert out.stats["peak_cache_slots"] <= capacity
+        if not fails:
+            assert out.stats["peak_cache_slots"] == need and len(out.ids) == len(prompt) + new
+    with pytest.raises(CacheOverflowError, match=f"capacity is {need - 1}"):
+        Engine(cfg, params, config=EngineConfig(cache="full", chunk_size=4, capacity=need - 1)).generate(
+            [prompt], max_new_tokens=new, stop_ids=()
+        )
 
 
 def test_anchor_cache_fits_where_the_full_cache_cannot():

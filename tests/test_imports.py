@@ -8,7 +8,9 @@ counts, the ones inside functions too: a function-level import of an anjax modul
 allowed only in entry points (anjax/cli, the shims at anjax/<command>.py, train.py,
 infer.py, which import lazily so that bad arguments fail before jax loads) and for the
 few lazy imports listed in LAZY. The inference and core packages import none of the
-training stack (optax, orbax, datasets, pandas) nor torch.
+training stack (optax, orbax, datasets, pandas) nor torch. Inside inference the host/device
+line holds: the host engine (`anjax.inference.engine`) is imported by no inference or serve
+module; the scorer and the scheduler build on the device steps (`steps`, `sampling`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ LAZY = {
     ("anjax.io.loading", "anjax.io.checkpoint"): "orbax loads only for a run directory",
     ("anjax.io.loading", "anjax.io.gguf_import"): "transformers/gguf load only for a GGUF file",
 }
+HOST_ENGINE = "anjax.inference.engine"  # settings, batching, text: on top of the device steps
 HEAVY = ("optax", "orbax", "datasets", "pandas", "torch")
 LIGHT_PACKAGES = ("core", "text", "inference")  # import none of HEAVY
 
@@ -148,6 +151,19 @@ def test_no_import_cycles():
     for start in sorted(graph):
         if not state.get(start) and (cycle := visit(start, [])):
             pytest.fail("import cycle: " + " -> ".join(cycle[cycle.index(cycle[-1]) :]))
+
+
+def test_no_inference_or_serve_module_imports_the_host_engine():
+    bad = [
+        f"{path.relative_to(ROOT)}:{line} imports {target}"
+        for path in _files()
+        if _layer(_module_name(path)) in ("inference", "serve") and _module_name(path) != HOST_ENGINE
+        for target, line, _ in anjax_imports(path)
+        if target == HOST_ENGINE
+    ]
+    assert not bad, "the scorer, the scheduler and the device steps import inference.steps / sampling:\n" + "\n".join(
+        bad
+    )
 
 
 @pytest.mark.parametrize("package", LIGHT_PACKAGES)

@@ -33,8 +33,10 @@ from anjax.aot.target import Target
 from anjax.core import sharding
 from anjax.core.config import ModelConfig, kv_bytes, num_params
 from anjax.core.model import init_boxed
-from anjax.inference import engine as generate
 from anjax.inference import placement
+from anjax.inference.sampling import MAX_STOP_IDS, Sampling
+from anjax.inference.state import EngineSpec, init_state
+from anjax.inference.steps import decode_loop, prefill
 from anjax.serve import scheduler
 
 STEPS = ("prefill", "decode", "serve")
@@ -69,7 +71,7 @@ def serving_report(
         raise ValueError(f"--batch {batch} must be a multiple of --mesh data={data}")
     mesh = sharding.make_mesh(data, 1, tensor, target.devices[:n])
     ac_id = cfg.anchor_ids[0] if cfg.anchor_mode == "ac" else -1
-    spec = generate.EngineSpec(anchor_cache=anchor_cache, anchor_ids=cfg.anchor_ids, ac_id=ac_id)
+    spec = EngineSpec(anchor_cache=anchor_cache, anchor_ids=cfg.anchor_ids, ac_id=ac_id)
     boxed = jax.eval_shape(lambda: init_boxed(cfg, jax.random.key(0)))
     params = _placed(nn.meta.unbox(boxed), sharding.logical_shardings(boxed, mesh))
     replicated = NamedSharding(mesh, P())
@@ -80,25 +82,23 @@ def serving_report(
     row = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype, sharding=rows)  # noqa: E731
     if step == "prefill":
         slots = capacity + chunk
-        state = placed_state(jax.eval_shape(lambda: generate.init_state(cfg, batch, slots, jnp.zeros((batch,), bool))))
+        state = placed_state(jax.eval_shape(lambda: init_state(cfg, batch, slots, jnp.zeros((batch,), bool))))
         chunk_BxT = lambda dtype: jax.ShapeDtypeStruct((batch, chunk), dtype, sharding=rows)  # noqa: E731
         args = (params, state, chunk_BxT(jnp.int32), chunk_BxT(jnp.bool_), chunk_BxT(jnp.bool_))
-        fn, donate, tokens, keys = functools.partial(generate.prefill, cfg, spec), (1,), batch * chunk, slots
+        fn, donate, tokens, keys = functools.partial(prefill, cfg, spec), (1,), batch * chunk, slots
         extra = {"chunk": chunk}
     elif step == "decode":
-        state = placed_state(
-            jax.eval_shape(lambda: generate.init_state(cfg, batch, capacity, jnp.zeros((batch,), bool)))
-        )
-        samp = generate.Sampling(
+        state = placed_state(jax.eval_shape(lambda: init_state(cfg, batch, capacity, jnp.zeros((batch,), bool))))
+        samp = Sampling(
             temperature=row(jnp.float32),
             top_k=row(jnp.int32),
             top_p=row(jnp.float32),
             seed=row(jnp.uint32),
-            stop_ids=jax.ShapeDtypeStruct((generate.MAX_STOP_IDS,), jnp.int32, sharding=replicated),
+            stop_ids=jax.ShapeDtypeStruct((MAX_STOP_IDS,), jnp.int32, sharding=replicated),
             max_sentence_tokens=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
         )
         args = (params, state, row(jnp.int32), row(jnp.bool_), samp)
-        fn = functools.partial(generate.decode_loop, cfg, spec, capacity, new_tokens)
+        fn = functools.partial(decode_loop, cfg, spec, capacity, new_tokens)
         donate, tokens, keys = (), batch, capacity + 1
         extra = {"new_tokens": new_tokens, "per": "token"}
     else:  # serve: the scheduler's slots, every per-slot field over data, the stop ids replicated

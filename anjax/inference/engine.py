@@ -1,29 +1,18 @@
-"""The inference engine: exact chunked prefill, a compacted anchor cache, jitted decode.
+"""The inference engine's host side: settings, batching, prompts and text; the device steps are `anjax.inference.steps`.
 
     from anjax.inference.engine import Engine
     eng = Engine.load()                          # embedded SmolLM2, or Engine.load("path/to/model")
     out = eng.generate(["The cat sat on the mat."], max_new_tokens=32)
     print(out[0].text, out[0].stats)
 
-One batch of B prompts (rows are independent; any row gives what it gives alone):
-1. Prefill: each row's prompt minus its last token, right-aligned in chunks of T
-   tokens (padding is invalid). The model appends a chunk to the cache, the chunk
-   attends to the compacted cache plus itself under `anjax.core.mask.attention_allowed`,
-   then the cache is compacted (`anjax.core.cache.keep_slots`: the anchor cache keeps
-   anchors + the open sentence (+ protected tokens), the full cache keeps every valid slot).
-2. Decode: a `lax.while_loop` feeds the last prompt token, then each sampled token,
-   one per step; per-row done flags (stop ids, max_new_tokens, overflow). When a fed
-   token is an anchor its sentence is dropped (`anjax.core.cache.close_sentence`, O(1 slot)).
-Only compaction differs between the anchor and the full cache (which uses plain causal attention).
+`Engine.generate` encodes the prompts, sorts them by length into batches of `batch_size`, prefills each
+batch chunk by chunk (`Engine.prefill`: rows right-aligned, `anjax.inference.steps.prefill`) and decodes
+it in one jitted loop (`Engine.decode`: `anjax.inference.steps.decode_loop`, ids picked by
+`anjax.inference.sampling`). An anchor cache is exact (`anjax.inference.steps`: true positions);
+`positions="reference"` reproduces the AnLLM authors' re-based positions, inexact, for comparison only.
 The training-free cache policies (`EngineConfig(cache="window" | "snapkv" | "h2o", budget=...)`)
 prefill with the full cache, cut it to the budget when decoding starts and evict as they decode
 (`anjax.inference.policies`).
-
-Positions (docs/DESIGN.md Invariant 2): a token's RoPE position is its true position in the
-row; the cache length is not a position, so the anchor cache is exact (logits equal
-one full forward pass under the AnSAN mask). `positions="reference"` reproduces the
-AnLLM authors' code instead: position = the token's slot index in the compacted cache
-(stored slots re-based after every compaction). It is inexact; for comparison only.
 
 Capacity: `capacity` C bounds the slots a row keeps between steps (after compaction).
 The buffers add room for the tokens in flight (C + T in prefill, C + 1 in decode), and
@@ -50,263 +39,27 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anjax.core.cache import KVCache, close_sentence, compact, evict, fit_slots, keep_slots, resize
 from anjax.core.config import ModelConfig
-from anjax.core.mask import TokenMeta, is_anchor, protected_tokens
-from anjax.core.model import Llama
-from anjax.core.params import fuse_projections, with_scan_layers
 from anjax.inference import placement, policies
+from anjax.inference.model import prepare_model
 from anjax.inference.policies import POLICIES, Policy
 from anjax.inference.runtime import Runtime, bucket, right_align, round_up
-from anjax.inference.state import (
-    EngineSpec,
-    GenState,
-    advance_sentence,
-    chunk_meta,
-    init_state,
-    next_positions,
-    track,
-)
+from anjax.inference.sampling import Sampling, stop_id_array
+from anjax.inference.state import EngineSpec, init_state
+from anjax.inference.steps import Prefilled, decode_loop, prefill
 from anjax.io.loading import load_model
-from anjax.text.anchors import resolve_scheme
 from anjax.text.encode import Encoder
 
 DEFAULT_ANCHOR_CAPACITY = 2048  # slots kept per row by default with an anchor cache
-MAX_STOP_IDS = 8
 BUCKET_LOW = 128  # the smallest cache buffer (`anjax.inference.runtime.bucket`)
 
 
 class CacheOverflowError(ValueError):
     """A row needs more cache slots than the capacity allows (message names row and sizes)."""
-
-
-@flax.struct.dataclass
-class Sampling:
-    """Per-row [B] sampling arrays; `stop_ids` [MAX_STOP_IDS] padded with -1."""
-
-    temperature: jax.Array  # float, 0 = greedy
-    top_k: jax.Array  # int, 0 = off
-    top_p: jax.Array  # float, 1 = off
-    seed: jax.Array  # uint32
-    stop_ids: jax.Array
-    max_sentence_tokens: jax.Array  # int scalar, 0 = off (AC mode: force <AC>)
-
-
-@flax.struct.dataclass
-class DecodeCarry:
-    """The `lax.while_loop` carry."""
-
-    state: GenState
-    step: jax.Array  # scalar
-    token: jax.Array  # [B] next token to feed
-    protected: jax.Array  # [B] bool, that token is protected
-    tokens: jax.Array  # [B, N] generated ids
-    generated: jax.Array  # [B] count
-
-
-def _rebase(cache: KVCache, spec: EngineSpec) -> KVCache:
-    """Reference positions: every kept slot's position becomes its slot index."""
-    if not spec.reference_positions:
-        return cache
-    return cache.replace(meta=cache.meta.replace(pos=jnp.where(cache.valid, jnp.arange(cache.capacity), 0)))
-
-
-def prefill_step(
-    cfg: ModelConfig,
-    spec: EngineSpec,
-    params,
-    state: GenState,
-    tokens_BxT: jax.Array,
-    valid_BxT: jax.Array,
-    protected_BxT: jax.Array | None = None,
-) -> tuple[jax.Array, GenState]:
-    """Append one chunk [B, T] (exact under the predicate), then compact. Returns (logits [B, T, V], state).
-
-    The cache has C + T slots; a row that keeps more than C afterwards is flagged (`overflow`).
-    """
-    T = tokens_BxT.shape[1]
-    meta = chunk_meta(spec, state, tokens_BxT, valid_BxT, protected_BxT)
-    logits, cache = Llama(cfg).apply(
-        {"params": params}, tokens_BxT, meta, state.cache, full_attention=not spec.anchor_cache
-    )
-    sentence = advance_sentence(spec, state, meta.anchor, meta.valid)
-    next_pos = state.next_pos + meta.valid.sum(1, dtype=jnp.int32)
-    keep = keep_slots(cache, sentence["open_seg"], not spec.anchor_cache, cfg.anchor_window, next_pos)
-    cache = compact(cache, keep)
-    state = state.replace(cache=_rebase(cache, spec), next_pos=next_pos, **sentence)
-    return logits, placement.constrain_state(track(state, ~state.done, cache.capacity - T))
-
-
-def start_decode(state: GenState, spec: EngineSpec, slots: int) -> GenState:
-    """Resize the cache to `slots` (+1 for the token in flight) and locate each open sentence's tail
-    (the slots after the last one that is protected or not in the open sentence). Under a cache policy
-    the prompt is first cut to the budget (`policies.compress`); the peak counts from there."""
-    if spec.policy is not None:
-        state = policies.compress(spec.policy, state)
-        state = state.replace(mass=fit_slots(state.mass, slots + 1, 3), peak=state.cache.length)
-    cache = resize(state.cache, slots + 1)
-    before_BxC = cache.valid & ((cache.seg != state.open_seg[:, None]) | cache.protected)
-    open_start_B = jnp.max(jnp.where(before_BxC, jnp.arange(1, cache.capacity + 1), 0), axis=1)
-    return state.replace(cache=cache, open_start=open_start_B.astype(jnp.int32))
-
-
-def feed_token(
-    cfg: ModelConfig,
-    spec: EngineSpec,
-    params,
-    state: GenState,
-    token_B: jax.Array,
-    protected_B: jax.Array | None = None,
-) -> tuple[jax.Array, GenState]:
-    """One decode step for the rows not done: append `token_B`, close its sentence if it is an anchor.
-
-    Returns (logits [B, V], state); the caller checks the capacity (`track`). Under a cache policy
-    the token attends to the kept slots and evicts by the policy (`policies.feed_token`).
-    """
-    if spec.policy is not None:
-        return policies.feed_token(cfg, spec, params, state, token_B)
-    active_B = ~state.done
-    anchor_B = is_anchor(token_B, spec.anchor_ids) & active_B
-    protected_B = protected_tokens(protected_B, state.next_pos, active_B, spec.sink_tokens)  # sinks: true positions
-    meta = TokenMeta(
-        doc=jnp.zeros_like(token_B)[:, None],
-        pos=next_positions(state, spec)[:, None],
-        seg=state.open_seg[:, None],
-        anchor=anchor_B[:, None],
-        protected=protected_B[:, None],
-        valid=active_B[:, None],
-    )
-    logits, cache = Llama(cfg).apply(
-        {"params": params}, token_B[:, None], meta, state.cache, full_attention=not spec.anchor_cache
-    )
-    cache = cache.replace(length=jnp.where(active_B, cache.length, state.cache.length))
-    open_start = state.open_start
-    if spec.anchor_cache and cfg.anchor_window:  # the oldest slot of the window leaves at every step
-        keep_BxC = keep_slots(cache, state.open_seg + anchor_B, False, cfg.anchor_window, state.next_pos + active_B)
-        cache = evict(cache, keep_BxC)
-    elif spec.anchor_cache:
-        cache = close_sentence(cache, anchor_B, open_start)
-        open_start = jnp.where(anchor_B | protected_B, cache.length, open_start)
-    state = state.replace(
-        cache=_rebase(cache, spec),
-        next_pos=state.next_pos + active_B,
-        open_start=open_start,
-        **advance_sentence(spec, state, anchor_B[:, None], active_B[:, None]),
-    )
-    return logits[:, 0], state
-
-
-def sample_tokens(
-    logits_BxV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array
-) -> jax.Array:
-    """[B] next ids: argmax where temperature <= 0, else a draw after top-k then top-p filtering."""
-    greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-
-    def draw():
-        V = logits_BxV.shape[-1]
-        x_BxV = logits_BxV / jnp.maximum(temperature_B, 1e-6)[:, None]
-        sorted_BxV = jnp.flip(jnp.sort(x_BxV, axis=-1), axis=-1)
-        k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, V), V)
-        in_top_k = sorted_BxV >= jnp.take_along_axis(sorted_BxV, k_B[:, None] - 1, axis=1)
-        probs_BxV = jax.nn.softmax(jnp.where(in_top_k, sorted_BxV, -jnp.inf), axis=-1)
-        mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-        n_keep_B = jnp.maximum(jnp.sum(in_top_k & (mass_before_BxV < top_p_B[:, None]), axis=-1), 1)
-        cutoff_Bx1 = jnp.take_along_axis(sorted_BxV, n_keep_B[:, None] - 1, axis=1)
-        x_BxV = jnp.where(x_BxV >= cutoff_Bx1, x_BxV, -jnp.inf)
-        return jax.vmap(jax.random.categorical)(keys_B, x_BxV).astype(jnp.int32)
-
-    drawn_B = jax.lax.cond(jnp.any(temperature_B > 0), draw, lambda: greedy_B)
-    return jnp.where(temperature_B > 0, drawn_B, greedy_B)
-
-
-def decode_step(
-    cfg: ModelConfig,
-    spec: EngineSpec,
-    params,
-    state: GenState,
-    token_B: jax.Array,
-    protected_B: jax.Array,
-    sampling: Sampling,
-    index_B: jax.Array,
-    limit_B: jax.Array,
-) -> tuple[jax.Array, GenState]:
-    """One decode step for the rows not done: feed `token_B`, then pick each row's next id [B].
-
-    Row b's draw uses the key fold_in(key(seed[b]), index_B[b]) (index: the id's place among the
-    row's generated ids), so a row's output depends on its own seed and ids only, never on the
-    other rows or on when it started. A row that picks a stop id, reaches `limit_B` ids or
-    overflows the cache is marked done. Returns (next ids [B], state).
-    """
-    active_B = ~state.done
-    logits_BxV, st = feed_token(cfg, spec, params, state, token_B, protected_B)
-    keys_B = jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.key)(sampling.seed), index_B)
-    nxt_B = sample_tokens(logits_BxV, keys_B, sampling.temperature, sampling.top_k, sampling.top_p)
-    if spec.ac_id >= 0:  # AC mode: force <AC> after max_sentence_tokens tokens without one (under any cache)
-        force_B = (sampling.max_sentence_tokens > 0) & (st.open_len >= sampling.max_sentence_tokens)
-        nxt_B = jnp.where(force_B, spec.ac_id, nxt_B)
-    stop_B = (nxt_B[:, None] == sampling.stop_ids[None]).any(-1) | (index_B + 1 >= limit_B)
-    st = track(st, active_B, st.cache.capacity - 1)  # before stopping: the last fed token counts too
-    return nxt_B, placement.constrain_state(st.replace(done=st.done | (active_B & stop_B)))
-
-
-def decode_loop(
-    cfg: ModelConfig,
-    spec: EngineSpec,
-    slots: int,
-    max_new_tokens: int,
-    params,
-    state: GenState,
-    token_B: jax.Array,
-    protected_B: jax.Array,
-    sampling: Sampling,
-) -> DecodeCarry:
-    """Generate up to `max_new_tokens` per row in one `lax.while_loop` of `decode_step`s, starting by
-    feeding `token_B` (the last prompt token; `protected_B` [B] bool: it is protected).
-
-    With `spec.split_layers` the loop runs unrolled layers on per-layer weights (as the `Engine` holds them;
-    stacked ones are sliced here, a copy per call) and cache buffers (`Engine.prefill` fills them split; a stacked
-    cache is split before the loop; returned split: stacking them again cost a 16-row 1k cache 1.3 s per call),
-    each read and written in place: on XLA:CPU a
-    scanned layer copies its slice of the stacked weights before its matvecs, and unrolled layers copy a stacked
-    cache (README: Decode)."""
-    state = start_decode(state, spec, slots)
-    if spec.split_layers:
-        cfg, params = with_scan_layers(cfg, params, False)
-        state = state.replace(cache=state.cache.split_layers())
-    B = token_B.shape[0]
-
-    def cond(c: DecodeCarry):
-        return (c.step < max_new_tokens) & ~jnp.all(c.state.done)
-
-    def body(c: DecodeCarry):
-        active_B = ~c.state.done
-        nxt_B, st = decode_step(cfg, spec, params, c.state, c.token, c.protected, sampling, c.generated, max_new_tokens)
-        return DecodeCarry(
-            state=st,
-            step=c.step + 1,
-            token=nxt_B,
-            protected=jnp.zeros_like(c.protected),
-            tokens=c.tokens.at[:, c.step].set(jnp.where(active_B, nxt_B, -1)),
-            generated=c.generated + active_B,
-        )
-
-    carry = DecodeCarry(
-        state=state,
-        step=jnp.zeros((), jnp.int32),
-        token=token_B,
-        protected=protected_B,
-        tokens=jnp.full((B, max_new_tokens), -1, jnp.int32),
-        generated=jnp.zeros((B,), jnp.int32),
-    )
-    return jax.lax.while_loop(cond, body, carry)
-
-
-# ----------------------------------------------------------------------------- host side
 
 
 @dataclasses.dataclass
@@ -327,24 +80,6 @@ class Generation:
     text: str
     stats: dict[str, Any]
     error: str | None = None
-
-
-@dataclasses.dataclass
-class Prefilled:
-    """A prefilled batch: the state, its rows (dummies last), the number of real rows, capacity, seconds,
-    and the chunks not fed yet (`Engine.prefill(..., chunks=k)`; `Engine.prefill_more` feeds them)."""
-
-    state: GenState
-    rows: list[list[int]]
-    protected: list[list[bool]]  # per row and token
-    n: int
-    capacity: int
-    seconds: float
-    left: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)  # [B, T] each
-
-    @property
-    def complete(self) -> bool:
-        return not self.left
 
 
 @dataclasses.dataclass(frozen=True)
@@ -488,10 +223,15 @@ class Engine:
             raise ValueError(
                 "decode_layers='split' fuses q/k/v and gate/up, which a tensor mesh cannot split: use scan"
             )
-        scheme, cfg, params = resolve_scheme(
+        split = c.decode_layers == "split" or (
+            c.decode_layers == "auto" and c.policy is None and jax.default_backend() == "cpu" and tensor == 1
+        )
+        scheme, cfg, params = prepare_model(
             cfg,
-            tokenizer,
             params,
+            tokenizer,
+            layout="split" if split else "scan",
+            mesh=mesh,
             mode=c.anchor_mode,
             tokens=c.anchors,
             max_sentence_tokens=c.max_sentence_tokens,
@@ -508,13 +248,8 @@ class Engine:
                 "(--anchor-mode ep) or use the full cache"
             )
         ac_id = anchor_ids[0] if mode == "ac" else -1
-        split = c.decode_layers == "split" or (
-            c.decode_layers == "auto" and c.policy is None and jax.default_backend() == "cpu" and tensor == 1
-        )
-        if split:  # held per layer once, not sliced out of the stack by every decode call, and fused (README: Decode)
-            cfg, params = fuse_projections(*with_scan_layers(cfg, params, False))
         self.cfg, self.tokenizer, self.anchor_mode, self.scheme, self.config = cfg, tokenizer, mode, scheme, c
-        self.params = placement.place_params(cfg, params, mesh)
+        self.params = params
         self.spec = EngineSpec(
             anchor_cache=cache == "anchor",
             anchor_ids=tuple(anchor_ids),
@@ -637,8 +372,7 @@ class Engine:
                 raise ValueError(f"prompt {i} holds ids outside the vocabulary of {self.cfg.vocab_size}: {bad[:3]}")
         if stop_ids is None:
             stop_ids = () if self.cfg.eos_token_id is None else (self.cfg.eos_token_id,)
-        if len(stop_ids) > MAX_STOP_IDS:
-            raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(stop_ids)}")
+        stop_id_array(stop_ids)  # more than MAX_STOP_IDS: refused before any work
         results: dict[int, Generation] = {}
         positions = self.cfg.max_position_embeddings
         for i, row in enumerate(ids):  # sizes that cannot fit are refused before any work
@@ -750,14 +484,12 @@ class Engine:
             held = np.minimum(held, np.asarray(pre.state.budget)[: pre.n])
             grows = max_new_tokens if self.spec.policy.kind == "snapkv" else 0
         slots = min(pre.capacity, bucket(int(held.max()) + grows, BUCKET_LOW))
-        stops = np.full((MAX_STOP_IDS,), -1, np.int32)
-        stops[: len(stop_ids)] = stop_ids
         samp = Sampling(
             temperature=np.full(batch, temperature, np.float32),
             top_k=np.full(batch, top_k, np.int32),
             top_p=np.full(batch, top_p, np.float32),
             seed=np.full(batch, seed, np.uint32),
-            stop_ids=stops,
+            stop_ids=stop_id_array(stop_ids),
             max_sentence_tokens=np.int32(max_sentence_tokens),
         )
         last = np.array([r[-1] for r in pre.rows], np.int32)
@@ -804,12 +536,13 @@ class Engine:
                     ids=row + new,
                     text=self.decode_text(new, stop_ids),
                     stats=stats,
-                    error=self._overflow_message(overflow[b], pre.capacity),
+                    error=self.overflow_message(overflow[b], pre.capacity),
                 )
             )
         return results
 
-    def _overflow_message(self, info: np.ndarray, capacity: int) -> str | None:
+    def overflow_message(self, info: np.ndarray, capacity: int) -> str | None:
+        """What a row's `GenState.overflow` [4] says, as the error a user reads (None: it did not overflow)."""
         need, anchors, open_len, protected = info.tolist()
         if not need:
             return None
@@ -828,12 +561,6 @@ class Engine:
             f"but the capacity is {capacity}: raise --capacity"
             + (" or set --max-sentence-tokens" if self.spec.ac_id >= 0 else "")
         )
-
-
-def prefill(cfg, spec, params, state, tokens_BxT, valid_BxT, protected_BxT=None) -> GenState:
-    """`prefill_step` without its logits (XLA then skips the vocabulary projection): the engine's and the
-    scorer's one prefill of a chunk [B, T]."""
-    return prefill_step(cfg, spec, params, state, tokens_BxT, valid_BxT, protected_BxT)[1]
 
 
 def span_flags(n: int, spans: Sequence[Sequence[int]]) -> list[bool]:

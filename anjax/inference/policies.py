@@ -4,7 +4,7 @@ training-free SepLLM (`SepLLM`), which is an anchor cache, not a policy of its o
     state, mass = observe(cfg, (policy,), ...)         # full-attention prefill chunk that records attention mass
     state, _ = select(policy, state, mass[0], budget_B)  # each row keeps min(budget, prompt) slots per KV head
     logits, state, mass = stream_step(cfg, policy, ...)  # perplexity: evict after every chunk of a row
-    state = prefill_chunk(...); compress(...); feed_token(...)  # generation (`anjax.inference.engine`)
+    state = prefill_chunk(...); compress(...); feed_token(...)  # generation (`anjax.inference.steps`)
 
 The prompt is prefilled with plain causal attention (the full cache, as in kvpress: a press
 compresses the context after its forward), then every layer's cache is cut to `budget` slots

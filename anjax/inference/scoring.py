@@ -1,4 +1,4 @@
-"""Log-likelihood scoring through the inference engine, with a full or an anchor cache.
+"""Log-likelihood scoring through the engine's device steps (`anjax.inference.steps`), with a full or an anchor cache.
 
     model = load_scoring_model(None, anchor_mode="ep")    # embedded SmolLM2, "." "?" "!" anchors
     scorer = Scorer(model)
@@ -8,7 +8,7 @@
 One `ScoreRequest` is a multiple-choice item in token ids: a shared `prefix`, and
 per choice a context `tail` and a `continuation`. Cached paths (`recompute=False`):
 1. the prefix minus its last token is prefilled once per item with
-   `anjax.inference.engine.prefill_step` (chunks of T, compaction after each chunk: the
+   `anjax.inference.steps.prefill_step` (chunks of T, compaction after each chunk: the
    anchor cache keeps anchors + the open sentence, the full cache every token);
 2. the cache is cut to the slots in use, broadcast over the K choices, and each
    choice is fed as one right-padded chunk `prefix[-1:] + tail + continuation[:-1]`;
@@ -38,7 +38,8 @@ is kept apart from the timed seconds.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +50,14 @@ import numpy as np
 from anjax.core.config import ModelConfig
 from anjax.core.mask import token_metadata
 from anjax.core.model import Llama
-from anjax.core.params import with_scan_layers
 from anjax.inference import placement, policies
-from anjax.inference.engine import prefill, prefill_step
+from anjax.inference.model import prepare_model
 from anjax.inference.policies import Policy, SepLLM
 from anjax.inference.runtime import Runtime, bucket, right_align, round_up
 from anjax.inference.state import EngineSpec, GenState, init_state
+from anjax.inference.steps import prefill, prefill_step
 from anjax.io.loading import load_model
-from anjax.text.anchors import AnchorScheme, resolve_anchor_ids, resolve_scheme
+from anjax.text.anchors import AnchorScheme, resolve_anchor_ids
 from anjax.text.encode import Encoder
 
 CACHE_KINDS = ("full", "anchor")
@@ -135,22 +136,22 @@ def scoring_model(
     name: str = "model",
     mesh: jax.sharding.Mesh | None = None,
 ) -> ScoringModel:
-    """Resolve the anchor scheme (`anjax.text.anchors.resolve_scheme`) and stack the layers.
+    """The model prepared for scoring (`anjax.inference.model.prepare_model`: scheme resolved, layers stacked,
+    weights placed).
 
     The model's own scheme applies unless `anchor_mode`/`anchors` override it (said on stderr).
     `need_anchors` (an anchor cache was asked for) with no anchors is an error. AC mode on a
     model without `<AC>` adds the token with the mean embedding: an untrained anchor,
     meaningful only as a "before anchor training" baseline.
     """
-
-    scheme, cfg, params = resolve_scheme(cfg, tokenizer, params, mode=anchor_mode, tokens=anchors)
+    scheme, cfg, params = prepare_model(
+        cfg, params, tokenizer, layout="scan", mesh=mesh, mode=anchor_mode, tokens=anchors
+    )
     if need_anchors and not scheme.ids:
         raise ValueError(
             "--cache anchor (and --budget match-anchor) needs anchor settings, and the model has none: "
             "pass --anchor-mode ep (or ac), or evaluate with --cache full"
         )
-    cfg, params = with_scan_layers(cfg, params, True)  # one layer body to compile (~2x faster than unrolled)
-    params = placement.place_params(cfg, params, mesh)
     return ScoringModel(cfg=cfg, params=params, tokenizer=tokenizer, name=name, scheme=scheme, mesh=mesh)
 
 
@@ -327,6 +328,25 @@ def _policy_nll_chunk(
 # ----------------------------------------------------------------------------- host side
 
 
+@dataclasses.dataclass
+class SharedPrefills:
+    """One batch's context prefills, each run once and shared by the paths that prefill alike (`Scorer.run_paths`):
+    `prefill(spec, observers)` -> (state, masses) is called the first time a key (spec, observers) is asked for."""
+
+    runtime: Runtime
+    prefill: Callable[[EngineSpec, tuple[Policy, ...]], tuple[GenState, jax.Array | None]]
+    done: dict = dataclasses.field(default_factory=dict)
+
+    def get(self, spec: EngineSpec, observers: tuple[Policy, ...]) -> tuple[GenState, jax.Array | None, float]:
+        """(state, masses, the prefill's seconds, compilation excluded): every path that shares it counts them."""
+        key = (spec, observers)
+        if key not in self.done:
+            with self.runtime.timer() as timer:
+                state, masses = self.prefill(spec, observers)
+            self.done[key] = (state, masses, timer.seconds)
+        return self.done[key]
+
+
 class Scorer:
     """Batched scoring of `ScoreRequest`s; `batch_size` items per call (on a mesh: rounded up to a multiple of
     its data rows), prefill chunks <= `chunk_size`."""
@@ -367,7 +387,7 @@ class Scorer:
         sees the same batches and shapes, so their timed seconds compare fairly even on
         a machine whose load changes.
 
-        Per batch, paths that prefill the context alike share one prefill (`_prefill_batch`): the
+        Per batch, paths that prefill the context alike share one prefill (`SharedPrefills`): the
         full cache and `window` one plain full-cache prefill, `snapkv` and `h2o` one
         `policies.observe` that records the mass of every distinct `Policy.observer` at once; each
         path then selects (policies) and scores its choices. The results are those of each path
@@ -401,7 +421,7 @@ class Scorer:
         for start in range(0, n, B):
             rows = order[start : start + B]
             batch = [requests[i] for i in rows] + [requests[rows[-1]]] * (B - len(rows))
-            prefilled = {}  # (spec, observers) -> (state, masses, seconds): this batch's shared prefills
+            shared = SharedPrefills(self.runtime, functools.partial(self._prefill_batch, batch=batch, shapes=shapes))
             for (cache, how), (spec, _), out in zip(paths, specs, outs):
                 if how is True:
                     with self.runtime.timer() as timer:
@@ -409,21 +429,10 @@ class Scorer:
                     out.seconds += timer.seconds
                 else:
                     observer = cache.observer if isinstance(cache, Policy) else None
-                    key = (spec, observers if observer else ())
-                    if key not in prefilled:
-                        with self.runtime.timer() as timer:
-                            state, masses = self._prefill_batch(*key, batch, shapes)
-                        prefilled[key] = (state, masses, timer.seconds)
-                    state, masses, seconds = prefilled[key]
+                    state, masses, seconds = shared.get(spec, observers if observer else ())
                     with self.runtime.timer() as timer:
                         if isinstance(cache, Policy):
-                            budget_B = np.asarray([how[i] for i in rows] + [how[rows[-1]]] * (B - len(rows)))
-                            mass = (
-                                masses[observers.index(observer)] if observer else jnp.zeros(state.cache.keys.shape[:4])
-                            )
-                            state, _ = self.runtime.call(
-                                policies.select, (cache,), state, mass, budget_B.astype(np.int32)
-                            )
+                            state = self._select(cache, how, rows, state, masses, observers)
                         ll, greedy, held, fed = self._score_batch(spec, state, batch, shapes)
                     out.seconds += seconds + timer.seconds
                 for j, i in enumerate(rows):
@@ -434,6 +443,24 @@ class Scorer:
                     out.prefix_slots[i] = max(len(requests[i].prefix) - 1, 0)
                     out.tokens += fed[j]
         return outs
+
+    def _select(
+        self,
+        policy: Policy,
+        budgets: Sequence[int],
+        rows: Sequence[int],
+        state: GenState,
+        masses: jax.Array | None,
+        observers: tuple[Policy, ...],
+    ) -> GenState:
+        """A prefilled full cache cut to each item's budget by `policy` (`policies.select`), from the mass its
+        observer recorded (`masses[i]` for `observers[i]`); the batch's padding rows repeat its last item."""
+        B = self.batch_size
+        budget_B = np.asarray([budgets[i] for i in rows] + [budgets[rows[-1]]] * (B - len(rows)))
+        observer = policy.observer
+        mass = masses[observers.index(observer)] if observer else jnp.zeros(state.cache.keys.shape[:4])
+        state, _ = self.runtime.call(policies.select, (policy,), state, mass, budget_B.astype(np.int32))
+        return state
 
     def _choice_arrays(
         self, batch: Sequence[ScoreRequest], k: int, width: int, align_right: bool, prefix: bool = False

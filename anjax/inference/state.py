@@ -1,6 +1,6 @@
 """What a batch of rows carries between jitted steps: the static spec, the per-row state, a chunk's metadata.
 
-Shared by the engine's steps (`anjax.inference.engine`), the cache policies (`anjax.inference.policies`)
+Shared by the engine's steps (`anjax.inference.steps`), the cache policies (`anjax.inference.policies`)
 and scoring; it imports neither, so both can build on it.
 """
 

@@ -11,7 +11,7 @@ per-row sampling arrays [N]. One host thread (`Scheduler.run`) loops:
    one prefill), its partial 1-row state held between turns, so a long prompt never stalls the running
    slots for more than one chunk; after its last chunk write its row into the free slot (`insert`, the
    slot index a traced argument: one executable per prefill bucket);
-2. generate: one `generate_step` for all N rows (`anjax.inference.engine.decode_step`; free rows are
+2. generate: one `generate_step` for all N rows (`anjax.inference.steps.decode_step`; free rows are
    done and untouched), then each new id goes to its request. A slot is freed the moment its
    request stops: a stop id (EOS), `max_tokens`, a stop string, an overflow, a cancel (client gone).
 Every shape is fixed (N, C, the chunk, the prefill buckets); sampling values are arrays, never static.
@@ -37,8 +37,9 @@ import numpy as np
 
 from anjax.core.config import ModelConfig
 from anjax.inference import placement
-from anjax.inference.engine import MAX_STOP_IDS, Engine, Prefilled, Sampling, decode_step, start_decode
+from anjax.inference.sampling import Sampling, stop_id_array
 from anjax.inference.state import EngineSpec, GenState, init_state
+from anjax.inference.steps import Prefilled, decode_step, start_decode
 from anjax.serve.metrics import Metrics
 
 SEED_LIMIT = 2**32
@@ -119,8 +120,6 @@ def init_slots(
     """N free slots of `capacity` + 1 cache slots each; `split`: the cache as per-layer buffers
     (`EngineSpec.split_layers`: the unrolled layers update them in place every step)."""
     state = init_state(cfg, n, capacity + 1, np.ones(n, bool), split)
-    stops = np.full((MAX_STOP_IDS,), -1, np.int32)
-    stops[: len(stop_ids)] = stop_ids
     zeros = lambda dtype: jnp.zeros((n,), dtype)
     return Slots(
         state=state,
@@ -131,7 +130,7 @@ def init_slots(
             top_k=zeros(jnp.int32),
             top_p=jnp.ones((n,), jnp.float32),
             seed=zeros(jnp.uint32),
-            stop_ids=jnp.asarray(stops),
+            stop_ids=jnp.asarray(stop_id_array(stop_ids)),
             max_sentence_tokens=jnp.int32(max_sentence_tokens),
         ),
         index=zeros(jnp.int32),
@@ -205,9 +204,13 @@ def visible_text(text: str, stops: Sequence[str]) -> int:
 
 
 class Scheduler:
-    """The slots, the waiting queue and the loop that serves them (module docstring)."""
+    """The slots, the waiting queue and the loop that serves them (module docstring).
 
-    def __init__(self, engine: Engine, slots: int, capacity: int, metrics: Metrics, max_queue: int = 64):
+    `engine`: the `anjax.inference.engine.Engine` it serves, made by the caller; it uses the engine's host
+    calls (prefill, overflow messages, text) and runs the device steps itself (`anjax.inference.steps`).
+    """
+
+    def __init__(self, engine, slots: int, capacity: int, metrics: Metrics, max_queue: int = 64):
         if slots < 1 or capacity < 1 or max_queue < 1:
             raise ValueError(f"need slots, capacity and max_queue >= 1, got {slots}, {capacity}, {max_queue}")
         if engine.spec.policy is not None:
@@ -367,7 +370,7 @@ class Scheduler:
                 else:
                     pre = eng.prefill_more(self.prefilled)
                 self.prefilled = pre
-                if message := eng._overflow_message(np.asarray(pre.state.overflow)[0], self.capacity):
+                if message := eng.overflow_message(np.asarray(pre.state.overflow)[0], self.capacity):
                     raise AdmissionError(message)
             except ValueError as e:
                 self.metrics.requests.labels("error").inc()

@@ -35,7 +35,8 @@ import jax
 import numpy as np
 from jax.profiler import ProfileData
 
-from anjax.inference.engine import Engine, EngineConfig, decode_loop
+from anjax.inference.engine import Engine, EngineConfig
+from anjax.inference.steps import decode_loop
 from anjax.io import outputs
 from anjax.io.loading import load_model
 from benchmarks.common import english_tokens, machine_peaks, tile

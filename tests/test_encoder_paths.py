@@ -1,14 +1,14 @@
-"""One anchoring for training, inference and evaluation (issue 11).
+"""One encoder on every path: training, the engine, the scorer (docs/DESIGN.md Invariant 5).
 
-The training encoding of a document equals what the engine and the scorer make of the same
-text cut at a sentence boundary (hypothesis); EP/AC anchors on a Llama-2-style SentencePiece
-tokenizer; the forced `<AC>` rule with BOS; the capacity edge; `<AC>` in padding rows.
+Sentences split as pysbd splits the whole text (read in windows); the training encoding of a document
+equals what the engine and the scorer make of the same text cut at a sentence boundary (hypothesis);
+decoding forces `<AC>` as the encoder cuts (BOS not counted), also through a run's export; raw prompts.
+The anchor scheme itself (anchor ids, `resolve_scheme`) is tests/test_anchor_scheme.py.
 """
 
 from __future__ import annotations
 
 import functools
-import string
 import time
 from unittest import mock
 
@@ -18,12 +18,11 @@ import pytest
 from conftest import make_tiny_tokenizer, slow_case
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from anjax.core.config import AC_TOKEN, SENTENCE_SPLITTERS, tiny_config
+from anjax.core.config import SENTENCE_SPLITTERS, tiny_config
 from anjax.core.model import init_params
-from anjax.inference.engine import CacheOverflowError, Engine, EngineConfig
+from anjax.inference.engine import Engine, EngineConfig
 from anjax.inference.scoring import scoring_model
 from anjax.text import anchors, encode, splitters
 from anjax.text.encode import Encoder, ends_sentence, split_sentences
@@ -143,61 +142,6 @@ def test_training_engine_and_scorer_agree_at_every_sentence_boundary(add_bos, sp
                 assert prompt + [ac] == doc[: len(prompt) + 1]
 
 
-def _llama2_style_tokenizer() -> PreTrainedTokenizerFast:
-    """A SentencePiece-style Unigram tokenizer (Metaspace "▁", prepend first) with both "." and "▁."."""
-    words = "The cat sat One Two Three Hello world Is it Yes Mr Smith dog ran".split()
-    punct = list(".?!,;:\"'")
-    pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)]
-    pieces += [("▁" + w, -1.0) for w in words] + [(p, -2.0) for p in punct] + [("▁" + p, -2.0) for p in punct]
-    pieces += [(c, -5.0) for c in string.ascii_letters + string.digits]
-    pieces += [("▁" + c, -5.0) for c in string.ascii_letters] + [("▁", -6.0)]
-    tok = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
-@pytest.mark.parametrize("mode", ["ep", "ac"])
-def test_sentencepiece_anchors_land_on_every_sentence_end(mode):
-    tok = _llama2_style_tokenizer()
-    text = "The cat sat. One? Two! Three."
-    assert tok.convert_ids_to_tokens(tok.encode(".", add_special_tokens=False)) == ["▁."]  # the trap
-    if mode == "ac":
-        anchors.add_ac_token(tok)
-    scheme = anchors.make_scheme(tok, mode)
-    ids = Encoder(tok, scheme).document(text)
-    pieces = tok.convert_ids_to_tokens(ids)
-    flags = Encoder(tok, scheme).anchor_flags(ids)
-    ends = [i for i, p in enumerate(pieces) if p in (".", "?", "!")]
-    assert len(ends) == 4
-    if mode == "ep":
-        assert [pieces[i] for i in range(len(ids)) if flags[i]] == [".", "?", "!", "."]
-        assert [i for i, f in enumerate(flags) if f] == ends
-    else:
-        assert [i for i, f in enumerate(flags) if f] == [i + 1 for i in ends]
-    with pytest.raises(ValueError, match=r"'\.\.' is not one token in running text: .*pieces \['\.', '\.'\]"):
-        anchors.make_scheme(tok, "ep", ["..", "?"])
-
-
-def test_capacity_edge_and_peak_never_above_capacity():
-    cfg = tiny_config()
-    params = init_params(cfg, jax.random.PRNGKey(0))
-    prompt, new = list(range(8, 20)), 5
-    need = len(prompt) + new - 1  # a full cache: every token fed (the last sampled one is not)
-    for capacity, fails in ((need - 1, True), (need, False), (need + 1, False)):
-        out = Engine(cfg, params, config=EngineConfig(cache="full", chunk_size=4, capacity=capacity)).generate(
-            [prompt], max_new_tokens=new, stop_ids=(), raise_errors=False
-        )[0]
-        assert bool(out.error) == fails, (capacity, out.error)
-        assert out.stats["peak_cache_slots"] <= capacity
-        if not fails:
-            assert out.stats["peak_cache_slots"] == need and len(out.ids) == len(prompt) + new
-    with pytest.raises(CacheOverflowError, match=f"capacity is {need - 1}"):
-        Engine(cfg, params, config=EngineConfig(cache="full", chunk_size=4, capacity=need - 1)).generate(
-            [prompt], max_new_tokens=new, stop_ids=()
-        )
-
-
 def _runs(ids, ac, bos=None):
     """Lengths of the runs of non-<AC> ids (BOS not counted)."""
     out, run = [], 0
@@ -227,45 +171,6 @@ def test_forced_ac_counts_like_training(add_bos, cache):
     runs = _runs(out.ids, scheme.ac_id, tok.bos_token_id if add_bos else None)
     assert runs[:-1] == [n] * (len(runs) - 1) and len(runs) >= 3 and runs[-1] <= n
     assert Encoder(tok, scheme).prompt("The cat sat on the mat and the dog")[0][: n + 1 + add_bos][-1] == scheme.ac_id
-
-
-@pytest.mark.parametrize("init", ["mean", "copy"])
-def test_ac_in_padding_rows_is_initialised_like_a_new_row(init):
-    tok = make_tiny_tokenizer()
-    n = len(tok)
-    cfg = tiny_config(vocab_size=n + 64, tie_embeddings=False)  # padded past the tokenizer
-    params = init_params(cfg, jax.random.PRNGKey(0))
-    scheme, cfg2, new = anchors.resolve_scheme(cfg, tok, params, mode="ac", ac_init=init)
-    ac = scheme.ac_id
-    assert ac == n and cfg2.vocab_size == cfg.vocab_size and AC_TOKEN in tok.get_vocab()
-    embed, head = np.asarray(params["embed"]), np.asarray(params["lm_head"])
-    want = (lambda w: w[:n].mean(0)) if init == "mean" else (lambda w: w[anchors.running_text_id(tok, ".")])
-    np.testing.assert_allclose(new["embed"][ac], want(embed), rtol=1e-6)
-    np.testing.assert_allclose(new["lm_head"][:, ac], want(head.T), rtol=1e-6)
-    np.testing.assert_array_equal(np.delete(new["embed"], ac, 0), np.delete(embed, ac, 0))
-
-
-@pytest.mark.parametrize("splitter", SENTENCE_SPLITTERS)
-def test_scheme_travels_with_the_export_and_overrides_say_so(tmp_path, capsys, splitter):
-    from anjax.io.hf import load_hf_dir, save_hf_dir
-
-    tok = _bpe()
-    cfg = tiny_config(vocab_size=len(tok))
-    params = init_params(cfg, jax.random.PRNGKey(0))
-    scheme, cfg, params = anchors.resolve_scheme(
-        cfg, tok, params, mode="ac", add_bos=True, max_sentence_tokens=8, splitter=splitter
-    )
-    save_hf_dir(cfg, params, tok, tmp_path / "hf")
-    cfg2, params2 = load_hf_dir(tmp_path / "hf")
-    again, _, _ = anchors.resolve_scheme(cfg2, tok, params2)
-    assert again == scheme and again.add_bos and again.max_sentence_tokens == 8 and again.splitter == splitter
-    assert capsys.readouterr().err == ""
-    other = next(s for s in SENTENCE_SPLITTERS if s != splitter)
-    over, _, _ = anchors.resolve_scheme(cfg2, tok, params2, add_bos=False, max_sentence_tokens=4, splitter=other)
-    err = capsys.readouterr().err
-    assert "add_bos=False overrides the model's add_bos=True" in err and "max_sentence_tokens=4" in err
-    assert f"sentence splitter={other} overrides the model's sentence splitter={splitter}" in err
-    assert not over.add_bos and over.max_sentence_tokens == 4 and over.splitter == other
 
 
 @pytest.mark.slow
