@@ -121,7 +121,9 @@ def policy_settings(args, caches: Sequence[str]) -> dict[str, Policy | SepLLM]:
     """Each policy in `caches` with the --sink/--obs/--kernel settings, and sepllm's --sepllm-window / --sink
     (ValueError if out of range)."""
     kinds = {c.split("@")[0] for c in caches if "@" in c}
-    given = {k: v for k in ("sink", "obs", "kernel") if (v := getattr(args, k)) is not None}
+    given = {
+        k: v for k in ("sink", "obs", "kernel") if (v := getattr(args, k, None)) is not None
+    }  # the quality report has none of them
     out: dict[str, Policy | SepLLM] = {kind: Policy(kind, **given) for kind in POLICIES if kind in kinds}
     if evaluate.SEPLLM in caches:
         out[evaluate.SEPLLM] = SepLLM(window=args.sepllm_window, **{k: v for k, v in given.items() if k == "sink"})

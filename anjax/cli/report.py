@@ -29,7 +29,7 @@ PROG = "python -m anjax.report"
 def policies(argv: list[str]) -> int:
     """Evaluate a model with the anchor cache and every policy at equal budgets (`anjax.evaluate`, resumable),
     then plot accuracy against the KV kept for it and every --reports JSON (one panel per model)."""
-    p = cli.ArgumentParser(prog=f"{PROG} policies", description=policy_report.__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog=f"{PROG} policies", description=cli.summary(policy_report.__doc__, paragraph=True))
     p.add_argument("--model", default=None, help="evaluate this model first (HF dir, GGUF, anjax run; default SmolLM2)")
     p.add_argument("--reports", nargs="*", default=[], help="existing evaluate JSON reports to include")
     p.add_argument("--no-run", action="store_true", help="only report --reports (evaluate nothing)")
@@ -76,7 +76,7 @@ def policies(argv: list[str]) -> int:
 
 
 def compare_models(argv: list[str]) -> int:
-    p = cli.ArgumentParser(prog=f"{PROG} compare", description=compare.__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog=f"{PROG} compare", description=cli.summary(compare.__doc__, paragraph=True))
     p.add_argument("--new", required=True, help="report JSON of the new (trained) model")
     p.add_argument("--base", required=True, help="report JSON of the base model, same tasks and documents")
     p.add_argument("--pairs", default=",".join(compare.PAIRS), help="comma list of NEWCACHE-BASECACHE")
@@ -102,7 +102,7 @@ def compare_models(argv: list[str]) -> int:
 
 
 def curve(argv: list[str]) -> int:
-    p = cli.ArgumentParser(prog=f"{PROG} curve", description=curves.__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog=f"{PROG} curve", description=cli.summary(curves.__doc__, paragraph=True))
     p.add_argument("--run", required=True, help="a train.py run directory (metrics.jsonl, config.yaml)")
     p.add_argument("--from-step", type=int, default=50, help="first step of the whole-run fit")
     p.add_argument("--tail", type=int, default=4, help="evaluations in the tail fit")
@@ -128,7 +128,7 @@ def curve(argv: list[str]) -> int:
 
 
 def ab_arms(argv: list[str]) -> int:
-    p = cli.ArgumentParser(prog=f"{PROG} ab", description=ab.__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog=f"{PROG} ab", description=cli.summary(ab.__doc__, paragraph=True))
     p.add_argument("--out", default="runs/ab", help="the A/B's directory: one run directory per arm below it")
     p.add_argument(
         "--arm",
@@ -161,7 +161,7 @@ REPORTS = {
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
+        print((__doc__ or "").strip())
         return 0
     if not argv or argv[0] not in REPORTS:
         given = f"unknown report {argv[0]!r}" if argv else "name a report"

@@ -143,7 +143,7 @@ class _Header:
             return None
         if kind not in _STRUCT_FORMATS:
             raise ValueError(f"unknown metadata value type {kind}")
-        return self.take(_STRUCT_FORMATS[kind])[0]
+        return self.take(_STRUCT_FORMATS[gguf.GGUFValueType(kind)])[0]
 
     def read(self) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
         if self.buf[:4] != b"GGUF":

@@ -62,7 +62,8 @@ def _pysbd_ends(flat: str) -> list[int]:
 def _sentencex_ends(flat: str) -> list[int]:
     import sentencex
 
-    return [b["start_index"] + len(b["text"].rstrip()) for b in sentencex.get_sentence_boundaries("en", flat)]
+    boundaries = sentencex.get_sentence_boundaries("en", flat)  # pyright: ignore[reportAttributeAccessIssue]  (no stubs)
+    return [b["start_index"] + len(b["text"].rstrip()) for b in boundaries]
 
 
 _ENDS = {"pysbd-en": _pysbd_ends, "sentencex-en": _sentencex_ends}

@@ -401,7 +401,7 @@ def load_split(
         manifest = read_manifest(cfg.path)
         check_compatible(manifest, cfg.path, tokenizer, scheme, cfg)  # before a remote corpus is copied
         return open_prepared(_fetch(os.fspath(cfg.path), manifest) if is_remote(cfg.path) else cfg.path, split)
-    if is_remote(cfg.path):
+    if cfg.path and is_remote(cfg.path):  # None: the embedded corpus
         raise ValueError(
             f"data.path={cfg.path} is not a prepared corpus: on gs:// prepare it there first "
             f"(python -m anjax.prepare --out {cfg.path})"
