@@ -23,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing anjax
-
 from anjax.core.config import SENTENCE_SPLITTERS
 from anjax.eval import provenance, tasks
 from anjax.text import splitters
