@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny real tokenizer (byte-level BPE like SmolLM2/GPT-2, trained in ~0.1 s); `slow_case`;
-`load_script`; the suite's compiler setting."""
+"""Shared fixtures: a tiny real tokenizer (byte-level BPE like SmolLM2/GPT-2, trained in ~0.1 s); a tiny model
+(`tiny_params`, `tiny`, `tiny_model_dir`); `slow_case`; `load_script`; the suite's compiler setting."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ import jax
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from anjax.core.config import tiny_config
+from anjax.core.model import init_params
+from anjax.io import hf
 
 TINY_TRAINING_TEXT = """\
 The cat sat on the mat. Did the dog see it? Yes! The dog saw the cat, and the cat ran.
@@ -53,6 +57,27 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """`make_tiny_tokenizer()`, function-scoped: tests may add tokens."""
     return make_tiny_tokenizer()
+
+
+# `tiny` and `tiny_model_dir` of the evaluation tests; a module defining its own `tiny_params` overrides it
+@pytest.fixture(scope="module")
+def tiny_params():
+    cfg = tiny_config(vocab_size=400)  # the tiny tokenizer's vocabulary
+    return cfg, init_params(cfg, jax.random.key(0))
+
+
+@pytest.fixture
+def tiny(tiny_params, tiny_tokenizer):
+    """(cfg, params, a fresh tokenizer): params are shared by the module (initialization is slow)."""
+    assert len(tiny_tokenizer) == tiny_params[0].vocab_size
+    return (*tiny_params, tiny_tokenizer)
+
+
+@pytest.fixture
+def tiny_model_dir(tiny, tmp_path):
+    """The tiny model and tokenizer as an HF directory (no anchor settings)."""
+    cfg, params, tok = tiny
+    return hf.save_hf_dir(cfg, params, tok, tmp_path / "tiny")
 
 
 def load_script(path: str):

@@ -21,29 +21,15 @@ from conftest import slow_case
 from anjax import cli
 from anjax.cli import evaluate as evaluate_cli
 from anjax.cli import quality
-from anjax.core.config import AC_TOKEN, tiny_config
+from anjax.core.config import AC_TOKEN
 from anjax.core.mask import token_metadata
-from anjax.core.model import Llama, init_params
+from anjax.core.model import Llama
 from anjax.core.params import resize_embeddings
 from anjax.eval import evaluate, perplexity, provenance, resume, stats, tasks
 from anjax.inference import scoring
-from anjax.io import hf
 
 REPO = Path(__file__).resolve().parent.parent
 SLICES = Path(__file__).parent / "data" / "tasks"
-
-
-@pytest.fixture(scope="module")
-def tiny_params():
-    cfg = tiny_config(vocab_size=400)  # the tiny tokenizer's vocabulary
-    return cfg, init_params(cfg, jax.random.key(0))
-
-
-@pytest.fixture
-def tiny(tiny_params, tiny_tokenizer):
-    """(cfg, params, a fresh tokenizer): params are shared by the module (initialization is slow)."""
-    assert len(tiny_tokenizer) == tiny_params[0].vocab_size
-    return (*tiny_params, tiny_tokenizer)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "anchor_ids", "full"))
@@ -221,13 +207,6 @@ def test_perplexity_rows_skip_ac_targets(tiny):
     for t in (t for r in rows for t in r):
         run = 0 if t == model.ac_id else run + 1
         assert run <= 8 + sep
-
-
-@pytest.fixture
-def tiny_model_dir(tiny, tmp_path):
-    """The tiny model and tokenizer as an HF directory (no anchor settings)."""
-    cfg, params, tok = tiny
-    return hf.save_hf_dir(cfg, params, tok, tmp_path / "tiny")
 
 
 @pytest.mark.slow

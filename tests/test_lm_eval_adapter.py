@@ -13,26 +13,10 @@ import numpy as np
 import pytest
 from test_evaluate import SLICES, forward_logp
 
-from anjax.core.config import tiny_config
-from anjax.core.model import init_params
 from anjax.eval import evaluate, tasks
 from anjax.inference import scoring
-from anjax.io import hf
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_params():
-    cfg = tiny_config(vocab_size=400)  # the tiny tokenizer's vocabulary
-    return cfg, init_params(cfg, jax.random.key(0))
-
-
-@pytest.fixture
-def tiny(tiny_params, tiny_tokenizer):
-    """(cfg, params, a fresh tokenizer): params are shared by the module (initialization is slow)."""
-    assert len(tiny_tokenizer) == tiny_params[0].vocab_size
-    return (*tiny_params, tiny_tokenizer)
 
 
 def harness_task(tmp_path, name, yaml_path, docs):
@@ -217,13 +201,6 @@ def test_the_lm_eval_adapter_checks_its_dtype_model_arg():
     check_model_args(None, "full", 8, 128, {}, "bfloat16")
     with pytest.raises(ValueError, match="model_args dtype must be one of float32, bfloat16, got 'float16'"):
         check_model_args(None, "full", 8, 128, {}, "float16")
-
-
-@pytest.fixture
-def tiny_model_dir(tiny, tmp_path):
-    """The tiny model and tokenizer as an HF directory (no anchor settings)."""
-    cfg, params, tok = tiny
-    return hf.save_hf_dir(cfg, params, tok, tmp_path / "tiny")
 
 
 ADAPTER_ON_A_MESH = """
