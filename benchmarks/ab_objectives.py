@@ -42,7 +42,7 @@ def run_arms(config: str, arms: dict[str, list[str]], out: Path, seconds: float,
     """Start every arm's train.py, SIGTERM all of them after `seconds`, wait for their checkpoints."""
     procs = {}
     for name, overrides in arms.items():
-        (out / name).mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)  # OUT/NAME is train.py's: it refuses a folder it did not make
         cmd = [
             sys.executable,
             str(ROOT / "train.py"),
@@ -53,7 +53,7 @@ def run_arms(config: str, arms: dict[str, list[str]], out: Path, seconds: float,
             *common,
             *overrides,
         ]
-        log = (out / name / "train.log").open("a")
+        log = (out / f"{name}.log").open("a")
         procs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         print(f"[ab] {name}: {' '.join(cmd[2:])}", flush=True)
     deadline = time.monotonic() + seconds
@@ -64,7 +64,7 @@ def run_arms(config: str, arms: dict[str, list[str]], out: Path, seconds: float,
             p.send_signal(signal.SIGTERM)
     for name, p in procs.items():
         if p.wait() != 0:
-            print(f"[ab] {name} exited with {p.returncode}: see {out / name / 'train.log'}", flush=True)
+            print(f"[ab] {name} exited with {p.returncode}: see {out / f'{name}.log'}", flush=True)
 
 
 def main(argv=None) -> int:
