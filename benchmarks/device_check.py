@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from bench_attention import ANCHOR_ID, anchor_ids, packed_batch
+from common import best_seconds
 
 from anjax.core import flash_kernels as fk
 from anjax.core import sparse_attention as sa
@@ -157,17 +158,6 @@ def train_losses(cfg: ModelConfig, batch, steps: int = 3) -> list[float]:
     return losses
 
 
-def best_time(fn, *args, repeats: int = 2) -> float:
-    """Seconds of the best of `repeats` calls after a warm-up (which compiles)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def ac_rows(L: int, rows: int = 1, seed: int = 0):
     return packed_batch("ac", L, np.random.default_rng(seed), rows=rows)
 
@@ -223,7 +213,7 @@ def time_prefill_and_train(kernel, sz: Sizes, L: int) -> dict:
             ("train", step, (params,)),
         ):
             try:  # e.g. dense attention out of memory at 16k: recorded, the kernel still measured
-                row[f"{what}_{name}_s"] = best_time(fn, *args)
+                row[f"{what}_{name}_s"] = best_seconds(fn, *args, repeats=2)
             except Exception as e:
                 row[f"{what}_{name}_error"] = f"{type(e).__name__}: {e}"[:300]
     return row
@@ -254,7 +244,7 @@ def time_decode(sz: Sizes, batch: int) -> dict:
                 steps.decode_loop(cfg, spec, slots, sz.new_tokens, p, s, t, zeros(bool), sampling).tokens
             )
         )
-        seconds = best_time(loop, params, state, prompt["tokens"][:, -1])
+        seconds = best_seconds(loop, params, state, prompt["tokens"][:, -1], repeats=2)
         row[f"{cache}_tok_s"] = batch * sz.new_tokens / seconds
         row[f"{cache}_cache_slots"] = int(state.cache.length.max())
     return row

@@ -12,6 +12,7 @@ when the command runs, so that one command's `--help` loads nothing of the other
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import NoReturn
 
 from anjax import cli
@@ -28,33 +29,20 @@ COMMANDS = {
 }
 
 
-def _run(command: str) -> NoReturn:
-    cli.run(importlib.import_module(COMMANDS[command]).main)
+def _entry(command: str) -> Callable[[], NoReturn]:
+    """The console-script function of `command`: its module's `main` through `cli.run`."""
+
+    def run() -> NoReturn:
+        cli.run(importlib.import_module(COMMANDS[command]).main)
+
+    run.__name__ = command.removeprefix("anjax-")
+    return run
 
 
-def train() -> NoReturn:
-    _run("anjax-train")
-
-
-def infer() -> NoReturn:
-    _run("anjax-infer")
-
-
-def evaluate() -> NoReturn:
-    _run("anjax-eval")
-
-
-def serve() -> NoReturn:
-    _run("anjax-serve")
-
-
-def export() -> NoReturn:
-    _run("anjax-export")
-
-
-def aot() -> NoReturn:
-    _run("anjax-aot")
-
-
-def prepare() -> NoReturn:
-    _run("anjax-prepare")
+train, infer, evaluate = _entry("anjax-train"), _entry("anjax-infer"), _entry("anjax-eval")
+serve, export, aot, prepare = (
+    _entry("anjax-serve"),
+    _entry("anjax-export"),
+    _entry("anjax-aot"),
+    _entry("anjax-prepare"),
+)

@@ -40,10 +40,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from anjax.core.config import ModelConfig
+from anjax.core.config import ModelConfig, kv_bytes
 from anjax.inference import placement, policies
 from anjax.inference.model import prepare_model
 from anjax.inference.policies import POLICIES, Policy
@@ -507,8 +506,7 @@ class Engine:
             generated, out_ids = np.asarray(carry.generated), np.asarray(carry.tokens)
         decode_s = timer.seconds
         peak, overflow = np.asarray(carry.state.peak), np.asarray(carry.state.overflow)
-        cfg = self.cfg
-        kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+        slot_bytes = kv_bytes(self.cfg, 1, 1)
         results = []
         for b, row in enumerate(pre.rows[: pre.n]):
             new = out_ids[b, : generated[b]].tolist()
@@ -528,7 +526,7 @@ class Engine:
                 **({"budget_slots": int(pre.state.budget[b])} if self.spec.policy else {}),
                 capacity=pre.capacity,
                 decode_buffer_slots=slots + 1,
-                decode_buffer_bytes=(slots + 1) * kv_bytes,
+                decode_buffer_bytes=(slots + 1) * slot_bytes,
             )
             results.append(
                 Generation(
