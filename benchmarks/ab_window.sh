@@ -10,15 +10,16 @@
 #   ac-const   AnLLM-AC with a constant learning rate (the plateau met the cosine floor)
 # Chosen by held-out loss in each arm's own anchor mask (and its full-attention loss beside it), never by
 # the tasks; benchmarks/ab_objectives.py runs the arms, stops them after SECONDS_BUDGET (train.py saves and
-# exits), resumes on a rerun and writes OUT/ab.{md,json,png}. The cosine arms decay over STEPS, which the
-# budget should let them reach (about 5 x 20 s a step on 2 idle cores: 300 steps ~ 8.3 h).
+# exits), resumes on a rerun and writes OUT/ab.{md,json,png}. A screening A/B: the cosine arms decay over
+# STEPS=100 (200k tokens each; ~5 x 100 x 20 s = 2.8 h on 2 idle cores, across sittings), and the winner
+# then runs the long recipe's full budget. The arms cost the same per step, so the budget is their steps.
 #   benchmarks/ab_window.sh                                  # the full A/B (resumable: rerun it)
 #   SECONDS_BUDGET=300 STEPS=3 OUT=/tmp/ab-smoke benchmarks/ab_window.sh   # wiring smoke test
 #   benchmarks/ab_window.sh --report-only                    # the table of what ran so far
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECONDS_BUDGET=${SECONDS_BUDGET:-30000}
-STEPS=${STEPS:-300}
+SECONDS_BUDGET=${SECONDS_BUDGET:-100000}
+STEPS=${STEPS:-100}
 OUT=${OUT:-runs/ab-window}
 CONFIG=${CONFIG:-configs/smollm2-135m-ac-long.yaml}
 SEPARATORS='[".", ",", "?", "!", ";", ":"]'
