@@ -18,8 +18,7 @@ import numpy as np
 MAX_STOP_IDS = 8
 
 
-@flax.struct.dataclass
-class Sampling:
+class Sampling(flax.struct.PyTreeNode):
     """Per-row [B] sampling arrays; `stop_ids` [MAX_STOP_IDS] padded with -1."""
 
     temperature: jax.Array  # float, 0 = greedy

@@ -32,8 +32,7 @@ class EngineSpec:
     split_layers: bool = False  # unrolled layers, one cache buffer per layer (`Engine.prefill`, `decode_loop`)
 
 
-@flax.struct.dataclass
-class GenState:
+class GenState(flax.struct.PyTreeNode):
     """Per-row bookkeeping beside the cache; every field but `cache` is [B] (overflow [B, 4]).
 
     Under a cache policy (`EngineSpec.policy`) also `budget` [B], the slots each row keeps, and `mass`

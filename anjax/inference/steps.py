@@ -52,8 +52,7 @@ from anjax.inference.state import (
 )
 
 
-@flax.struct.dataclass
-class DecodeCarry:
+class DecodeCarry(flax.struct.PyTreeNode):
     """The `lax.while_loop` carry."""
 
     state: GenState
