@@ -31,7 +31,7 @@ CUDA_PLUGIN = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m anjax.aot", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="python -m anjax.aot", description=cli.summary(__doc__))
     parser.add_argument(
         "--topology",
         required=True,
