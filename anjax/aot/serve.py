@@ -89,7 +89,7 @@ def serving_report(
         extra = {"chunk": chunk}
     elif step == "decode":
         state = placed_state(jax.eval_shape(lambda: init_state(cfg, batch, capacity, jnp.zeros((batch,), bool))))
-        samp = Sampling(
+        abstract_sampling = dict(
             temperature=row(jnp.float32),
             top_k=row(jnp.int32),
             top_p=row(jnp.float32),
@@ -97,6 +97,7 @@ def serving_report(
             stop_ids=jax.ShapeDtypeStruct((MAX_STOP_IDS,), jnp.int32, sharding=replicated),
             max_sentence_tokens=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
         )
+        samp = Sampling(**abstract_sampling)  # pyright: ignore[reportArgumentType]  # ShapeDtypeStruct leaves, to lower
         args = (params, state, row(jnp.int32), row(jnp.bool_), samp)
         fn = functools.partial(decode_loop, cfg, spec, capacity, new_tokens)
         donate, tokens, keys = (), batch, capacity + 1
