@@ -101,3 +101,10 @@ def pytest_configure(config):
     README's main job (`test_main_job`), which compiles as users do."""
     os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
     jax.config.update("jax_disable_most_optimizations", True)
+
+
+def pytest_collection_modifyitems(items):
+    """Slow tests first (a stable sort: each module's tests stay in order). Under `-n` with `--dist worksteal`
+    (pyproject's addopts) a worker that runs out takes the end of the other's queue: the run ends on short
+    tests, not on one minute-long test while the other core idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
