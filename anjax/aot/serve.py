@@ -104,8 +104,12 @@ def serving_report(
         extra = {"new_tokens": new_tokens, "per": "token"}
     else:  # serve: the scheduler's slots, every per-slot field over data, the stop ids replicated
         slots = jax.eval_shape(lambda: scheduler.init_slots(cfg, batch, capacity, (), 0))
-        on = lambda x: replicated if x.ndim == 0 or x.shape[0] != batch else rows  # noqa: E731
-        slots = _placed(slots, jax.tree.map(on, slots)).replace(state=placed_state(slots.state))
+
+        def on(path, x):  # by name, not by shape: stop_ids [MAX_STOP_IDS] is not per slot even when batch == 8
+            per_slot = x.ndim > 0 and x.shape[0] == batch and "stop_ids" not in jax.tree_util.keystr(path)
+            return rows if per_slot else replicated
+
+        slots = _placed(slots, jax.tree_util.tree_map_with_path(on, slots)).replace(state=placed_state(slots.state))
         cancel = row(jnp.bool_)
         args = (params, slots, cancel)
         fn, donate, state = functools.partial(scheduler.generate_step, cfg, spec), (1,), slots
