@@ -104,7 +104,9 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """Slow tests first (a stable sort: each module's tests stay in order). Under `-n` with `--dist worksteal`
+    """The modules of heavy tests first, then slow tests, then the rest (a stable sort: a module's tests stay in
+    order, together, so its module-scoped fixtures are built once). Under `-n` with `--dist worksteal`
     (pyproject's addopts) a worker that runs out takes the end of the other's queue: the run ends on short
     tests, not on one minute-long test while the other core idles."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    heavy = {item.path for item in items if item.get_closest_marker("heavy")}
+    items.sort(key=lambda item: (item.path not in heavy, item.get_closest_marker("slow") is None))

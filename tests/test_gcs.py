@@ -101,6 +101,7 @@ def losses(text: str) -> dict[int, float]:
 
 
 @pytest.mark.slow  # train.py in subprocesses, against the emulator
+@pytest.mark.heavy
 def test_run_dir_on_gs_saves_resumes_after_kill9_and_exports(emulator, tmp_path):
     emulator = dict(emulator, XDG_CACHE_HOME=str(tmp_path / "cache"))  # where a gs:// run prepares its corpus
     local = train(tmp_path / "local", env=emulator)

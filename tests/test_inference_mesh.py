@@ -133,6 +133,7 @@ def eight_devices() -> dict:
 
 
 @pytest.mark.slow  # 8 simulated devices in a subprocess, three meshes
+@pytest.mark.heavy
 @pytest.mark.parametrize("mesh", list(MESHES))
 def test_a_mesh_gives_one_devices_ids_loglik_and_completions(mesh):
     res, one = eight_devices()[mesh], eight_devices()["one"]

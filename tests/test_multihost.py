@@ -101,6 +101,7 @@ def losses(run_dir: Path, first: int = 1, last: int = STEPS) -> list[float]:
 
 
 @pytest.mark.slow  # train.py's run in 2 + 2 + 2 + 1 subprocesses
+@pytest.mark.heavy
 def test_every_mesh_trains_on_the_global_batches_and_a_sigterm_resumes_bit_identically(tmp_path):
     prepare_corpus(tmp_path)
     meshes = launch(tmp_path, ["d2f2", "f4", "t4", "d2t2", "long"], processes=2, devices=2)
