@@ -101,3 +101,12 @@ def pytest_configure(config):
     README's main job (`test_main_job`), which compiles as users do."""
     os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
     jax.config.update("jax_disable_most_optimizations", True)
+
+
+def pytest_collection_modifyitems(items):
+    """The modules of heavy tests first, then slow tests, then the rest (a stable sort: a module's tests stay in
+    order, together, so its module-scoped fixtures are built once). Under `-n` with `--dist worksteal`
+    (pyproject's addopts) a worker that runs out takes the end of the other's queue: the run ends on short
+    tests, not on one minute-long test while the other core idles."""
+    heavy = {item.path for item in items if item.get_closest_marker("heavy")}
+    items.sort(key=lambda item: (item.path not in heavy, item.get_closest_marker("slow") is None))

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_dry_run_passes_every_stage(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "BUDGET": "1500", "PY": str(ROOT / ".venv" / "bin" / "python")}
     env["PYTHONPATH"] = str(ROOT)  # anjax, where the venv lacks its editable install

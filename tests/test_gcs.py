@@ -1,8 +1,8 @@
 """run.dir and data.path on gs://: a scheme that cannot be served is refused in one line, never made a local
 folder; and, against a local GCS emulator (fake-gcs-server) started by the test, train.py saves its
 checkpoints there (orbax/tensorstore), is killed with -9, resumes with the losses of the same run on a local
-disk, and exports there; `python -m anjax.prepare --out gs://...` writes a corpus that train.py reads from
-`data.path=gs://...` with the losses of the same corpus prepared locally."""
+disk, and exports there; `python -m anjax.prepare --out gs://...` writes a corpus from which train.py's data
+setup (`setup.data_for_run`, `data.path=gs://...`) builds the batches of the same corpus prepared locally."""
 
 import importlib.util
 import json
@@ -101,6 +101,7 @@ def losses(text: str) -> dict[int, float]:
 
 
 @pytest.mark.slow  # train.py in subprocesses, against the emulator
+@pytest.mark.heavy
 def test_run_dir_on_gs_saves_resumes_after_kill9_and_exports(emulator, tmp_path):
     emulator = dict(emulator, XDG_CACHE_HOME=str(tmp_path / "cache"))  # where a gs:// run prepares its corpus
     local = train(tmp_path / "local", env=emulator)
@@ -124,8 +125,29 @@ def test_run_dir_on_gs_saves_resumes_after_kill9_and_exports(emulator, tmp_path)
     assert not Path(ROOT / "gs:").exists() and (tmp_path / "cache" / "anjax" / "data").is_dir()
 
 
-@pytest.mark.slow  # python -m anjax.prepare and train.py in subprocesses, against the emulator
-def test_corpus_prepared_on_gs_trains_as_the_local_one(emulator, tmp_path):
+# train.py's data setup (run.dir argv[1]) for each data.path of argv[2:]: the batches of 3 training steps and
+# of the validation are equal; then a gs:// path that holds no prepared corpus is refused
+SAME_BATCHES = """if True:
+    import sys, numpy as np
+    from anjax.train import data, prepare, run_config, setup
+
+    def batches(path):
+        rc = run_config.load("configs/tiny.yaml", [f"data.path={path}", f"run.dir={sys.argv[1]}", "data.seq_len=32"])
+        cfg, _, tokenizer = setup.fresh_model(rc)
+        train_it, val_it, n_val = setup.data_for_run(rc, cfg, tokenizer, setup.make_run_mesh(rc))
+        return [train_it.batch(s) for s in range(3)] + [val_it.batch(s) for s in range(n_val)]
+
+    gs, local = (batches(path) for path in sys.argv[2:])
+    assert len(gs) == len(local) > 3
+    for a, b in zip(gs, local):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), (a, b)
+    print("same batches", flush=True)
+    prepare.load_split(data.DataConfig(path="gs://bucket/x"), tokenizer=None, scheme=None, split="train")
+"""
+
+
+@pytest.mark.slow  # python -m anjax.prepare and train.py's data setup in subprocesses, against the emulator
+def test_corpus_prepared_on_gs_gives_the_batches_of_the_local_one(emulator, tmp_path):
     env = dict(emulator, XDG_CACHE_HOME=str(tmp_path / "cache"))
     argv = [sys.executable, "-m", "anjax.prepare", "--anchors", "ac", "--eval-split", "validation", "--workers", "1"]
     for out in ("gs://bucket/corpus", str(tmp_path / "corpus")):
@@ -134,17 +156,7 @@ def test_corpus_prepared_on_gs_trains_as_the_local_one(emulator, tmp_path):
     assert json.loads(gs_read(env, "gs://bucket/corpus/manifest.json")) == json.loads(
         (tmp_path / "corpus" / "manifest.json").read_text()
     )
-    steps = ["train.steps=3", "eval.every=3", "checkpoint.every=3", "checkpoint.export_hf=false"]
-    runs = {
-        name: train(tmp_path / name, f"data.path={path}", *steps, env=env)
-        for name, path in (("gs", "gs://bucket/corpus"), ("local", tmp_path / "corpus"))
-    }
-    for run in runs.values():
-        err = run.communicate(timeout=1200)[1]
-        assert run.returncode == 0, err[-3000:]
-    gs_losses, local_losses = (losses((tmp_path / name / "metrics.jsonl").read_text()) for name in runs)
-    assert gs_losses == local_losses and len(gs_losses) == 3
-    read = "from anjax.train import data, prepare\n"
-    read += "prepare.load_split(data.DataConfig(path='gs://bucket/x'), tokenizer=None, scheme=None, split='train')"
-    missing = subprocess.run([sys.executable, "-c", read], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert "ValueError: data.path=gs://bucket/x is not a prepared corpus: on gs:// prepare it there" in missing.stderr
+    cmd = [sys.executable, "-c", SAME_BATCHES, str(tmp_path / "run"), "gs://bucket/corpus", str(tmp_path / "corpus")]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.stdout == "same batches\n", out.stderr[-3000:]
+    assert "ValueError: data.path=gs://bucket/x is not a prepared corpus: on gs:// prepare it there" in out.stderr

@@ -116,11 +116,12 @@ def test_tiny_llama_gguf_roundtrip(tmp_path):
     assert config["rope_theta"] == 500.0 and config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
 
 
-def _reader_header(path):
-    """`read_header`'s answer as gguf.GGUFReader gives it (the oracle): scalars and strings, then shapes."""
+def _reader_header(path, arrays=False):
+    """`read_header`'s answer as gguf.GGUFReader gives it (the oracle): metadata (arrays too when `arrays`),
+    then shapes."""
     reader = open_gguf(path)
     meta = {
-        key: None if field.types[0] == gguf.GGUFValueType.ARRAY else field.contents()
+        key: None if field.types[0] == gguf.GGUFValueType.ARRAY and not arrays else field.contents()
         for key, field in reader.fields.items()
         if not key.startswith("GGUF.")
     }
@@ -128,13 +129,14 @@ def _reader_header(path):
 
 
 def test_header_reader_equals_gguf_reader(tmp_path):
-    """Every metadata type, string and number arrays (skipped), tensor shapes; the config it gives is
+    """Every metadata type, string and number arrays (skipped, or read), tensor shapes; the config it gives is
     `read_gguf`'s, and a header cut anywhere is one line naming the file."""
     path = tmp_path / "kinds.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_string("tokenizer.ggml.model", "gpt2")
     writer.add_array("tokenizer.ggml.tokens", ["a", "bc", "ünï"] * 50)
     writer.add_array("tokenizer.ggml.token_type", [1, 2, 3] * 50)
+    writer.add_array("tokenizer.ggml.scores", [0.1, -2.5, 3.0] * 50)
     for add, key, value in (
         (writer.add_uint8, "k.u8", 7),
         (writer.add_int16, "k.i16", -3),
@@ -152,6 +154,7 @@ def test_header_reader_equals_gguf_reader(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     assert read_header(path) == _reader_header(path)
+    assert read_header(path, arrays=True) == _reader_header(path, arrays=True)
     write_tiny_gguf(tmp_path / "tiny.gguf")
     assert gguf_hf_config(tmp_path / "tiny.gguf") == read_gguf(tmp_path / "tiny.gguf")[0]
     blob = (tmp_path / "tiny.gguf").read_bytes()
@@ -165,6 +168,7 @@ def test_header_reader_equals_gguf_reader(tmp_path):
 @pytest.mark.slow
 def test_header_reader_equals_gguf_reader_on_smollm2(smollm_path):
     assert read_header(smollm_path) == _reader_header(smollm_path)
+    assert read_header(smollm_path, arrays=True) == _reader_header(smollm_path, arrays=True)
 
 
 def test_unsupported_models_are_rejected(tmp_path):
@@ -247,7 +251,7 @@ def test_weights_and_config_equal_transformers(smollm_path):
 def test_tokenizer_equals_transformers(smollm_path):
     transformers = pytest.importorskip("transformers")
     reference = transformers.AutoTokenizer.from_pretrained(str(smollm_path.parent), gguf_file=smollm_path.name)
-    tokenizer = gguf_tokenizer(open_gguf(smollm_path))
+    tokenizer = gguf_tokenizer(smollm_path)
 
     assert tokenizer.get_vocab() == reference.get_vocab()
     assert tokenizer.special_tokens_map == reference.special_tokens_map

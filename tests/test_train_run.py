@@ -113,6 +113,7 @@ def test_kill9_resume_logs_the_same_losses(finished_run, tmp_path):
     assert any((run_dir / "tb").iterdir())
 
 
+@pytest.mark.heavy
 def test_distill_run_resumes_with_the_starting_model_as_teacher(finished_run, tmp_path):
     """A distillation run from a pretrained model (the finished run's export) killed and resumed logs the same
     losses and KL terms as an uninterrupted one: the teacher is rebuilt from model.path, not the resumed student."""
@@ -210,6 +211,7 @@ def test_missing_or_empty_dataset(tmp_path, data, message):
     assert len(out.stderr.strip().splitlines()[-1]) < 400
 
 
+@pytest.mark.heavy
 def test_default_config_short_run_exports_for_transformers(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

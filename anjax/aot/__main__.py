@@ -13,25 +13,20 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from anjax import cli
 from anjax.aot import serve
 from anjax.aot.report import format_report
 from anjax.aot.shapes import MODEL_SHAPES, model_config
-from anjax.aot.target import GPU_SPECS, attention_path, make_target, quiet_libtpu, target_attention
+from anjax.aot.target import attention_path, make_target, quiet_libtpu, target_attention
 from anjax.aot.train import train_report
 from anjax.core.config import DTYPES, num_params
 from anjax.eval import provenance
 from anjax.train import run_config
 
-CUDA_PLUGIN = (
-    Path(sys.prefix) / "aot-cuda"
-)  # scripts/setup_tpu_aot.sh: apart from site-packages (it logs on every jax start)
-
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m anjax.aot", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="python -m anjax.aot", description=cli.summary(__doc__))
     parser.add_argument(
         "--topology",
         required=True,
@@ -83,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.cache == "anchor" and not cfg.anchor_ids:
         raise ValueError("--cache anchor needs anchors: the config's anchors.mode is none")
     quiet_libtpu()
-    if args.topology.split(":")[0] in GPU_SPECS and CUDA_PLUGIN.is_dir() and str(CUDA_PLUGIN) not in sys.path:
-        sys.path.append(str(CUDA_PLUGIN))  # jax discovers the plugin on first use of the "cuda" platform
     target = make_target(args.topology)
     cfg = target_attention(cfg, target)
     steps = []

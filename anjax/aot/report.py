@@ -54,6 +54,8 @@ def compile_report(
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         return {**report, "fits": False, "compiler_error": lines[:12]}
     mem = compiled.memory_analysis()
+    if mem is None:
+        raise RuntimeError(f"the {target.name} compiler gives no memory analysis")
     total = (
         mem.argument_size_in_bytes
         + mem.output_size_in_bytes

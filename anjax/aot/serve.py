@@ -89,7 +89,7 @@ def serving_report(
         extra = {"chunk": chunk}
     elif step == "decode":
         state = placed_state(jax.eval_shape(lambda: init_state(cfg, batch, capacity, jnp.zeros((batch,), bool))))
-        samp = Sampling(
+        abstract_sampling = dict(
             temperature=row(jnp.float32),
             top_k=row(jnp.int32),
             top_p=row(jnp.float32),
@@ -97,14 +97,19 @@ def serving_report(
             stop_ids=jax.ShapeDtypeStruct((MAX_STOP_IDS,), jnp.int32, sharding=replicated),
             max_sentence_tokens=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
         )
+        samp = Sampling(**abstract_sampling)  # pyright: ignore[reportArgumentType]  # ShapeDtypeStruct leaves, to lower
         args = (params, state, row(jnp.int32), row(jnp.bool_), samp)
         fn = functools.partial(decode_loop, cfg, spec, capacity, new_tokens)
         donate, tokens, keys = (), batch, capacity + 1
         extra = {"new_tokens": new_tokens, "per": "token"}
     else:  # serve: the scheduler's slots, every per-slot field over data, the stop ids replicated
         slots = jax.eval_shape(lambda: scheduler.init_slots(cfg, batch, capacity, (), 0))
-        on = lambda x: replicated if x.ndim == 0 or x.shape[0] != batch else rows  # noqa: E731
-        slots = _placed(slots, jax.tree.map(on, slots)).replace(state=placed_state(slots.state))
+
+        def on(path, x):  # by name, not by shape: stop_ids [MAX_STOP_IDS] is not per slot even when batch == 8
+            per_slot = x.ndim > 0 and x.shape[0] == batch and "stop_ids" not in jax.tree_util.keystr(path)
+            return rows if per_slot else replicated
+
+        slots = _placed(slots, jax.tree_util.tree_map_with_path(on, slots)).replace(state=placed_state(slots.state))
         cancel = row(jnp.bool_)
         args = (params, slots, cancel)
         fn, donate, state = functools.partial(scheduler.generate_step, cfg, spec), (1,), slots

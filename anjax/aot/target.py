@@ -8,9 +8,12 @@ and NVIDIA's spec sheets.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import jax
 
@@ -40,6 +43,8 @@ CHIPS = {
     "h100": Chip(84987740160, 989e12, 3.35e12, 1),
 }
 GPU_SPECS = {"h100": Path(__file__).parent / "specs" / "h100_sxm.txtpb"}  # XLA GpuTargetConfigProto text
+# jax's CUDA plugin (scripts/setup_tpu_aot.sh), apart from site-packages: installed, it logs on every jax start
+CUDA_PLUGIN = Path(sys.prefix) / "aot-cuda"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +84,36 @@ def tpu_target(name: str) -> Target:
     )
 
 
+def _import_from(directory: Path, name: str) -> ModuleType:
+    """Import the package `name` from `directory`, which is not on sys.path; its submodules follow its path."""
+    package = directory.joinpath(*name.split("."))
+    spec = importlib.util.spec_from_file_location(
+        name, package / "__init__.py", submodule_search_locations=[str(package)]
+    )
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no package {name} in {directory}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def register_cuda_plugin(directory: Path = CUDA_PLUGIN) -> None:
+    """Register jax's CUDA plugin from `directory` as jax's plugin discovery would (import the module, call its
+    `initialize()`), before the first topology is made; once, and not where jax finds the plugin itself (installed)
+    or without that directory."""
+    installed = importlib.util.find_spec("jax_cuda12_plugin") is not None
+    if installed or "jax_plugins.xla_cuda12" in sys.modules or not directory.is_dir():
+        return
+    _import_from(directory, "jax_cuda12_plugin")  # its extensions, which the plugin imports by name
+    _import_from(directory, "jax_plugins.xla_cuda12").initialize()
+
+
 def gpu_target(name: str) -> Target:
     """`h100:N` -> N compile-only GPUs on one host, described by anjax/aot/specs/h100_sxm.txtpb (CUDA plugin)."""
     from jax.experimental import topologies
 
+    register_cuda_plugin()
     gen, n = name.split(":")
     try:
         devices = topologies.get_topology_desc(

@@ -14,8 +14,7 @@ from anjax.core.config import ModelConfig
 from anjax.core.mask import TokenMeta, in_window
 
 
-@flax.struct.dataclass
-class KVCache:
+class KVCache(flax.struct.PyTreeNode):
     """keys/values [L, B, K, C, D] (head-major: a head's slots are contiguous, so attention reads them in place),
     or split into a tuple of L per-layer buffers [B, K, C, D] (`split_layers`: what unrolled layers read and
     update in place); per-slot metadata [B, C]; `length` [B] slots in use (front-packed; in decode a protected
@@ -124,6 +123,7 @@ def keep_slots(
         return cache.valid
     keep = cache.anchor | cache.protected | (cache.seg == open_seg_B[:, None])
     if window:
+        assert next_pos_B is not None, "a window needs the rows' next positions"
         keep |= in_window(next_pos_B[:, None], cache.pos, window)[:, 0]
     return cache.valid & keep
 

@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 
 
-@flax.struct.dataclass
-class TokenMeta:
+class TokenMeta(flax.struct.PyTreeNode):
     """Metadata of a block of tokens; every field is [B, T]."""
 
     doc: jax.Array  # int32 document id within the row

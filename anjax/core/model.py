@@ -20,6 +20,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.spmd import with_logical_constraint
 
 from anjax.core.cache import KVCache, append_meta, write_slots
 from anjax.core.config import ModelConfig
@@ -31,8 +32,10 @@ from anjax.core.sparse_attention import sparse_attention, use_sparse
 _init = nn.initializers.normal(0.02)
 
 
-def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init=_init):
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(module.cfg.param_dtype))
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...], init=_init) -> jax.Array:
+    """The parameter, unboxed; its init boxes it with its logical `axes` (None: never sharded)."""
+    init_fn = nn.with_logical_partitioning(init, axes)
+    return module.param(name, init_fn, shape, jnp.dtype(module.cfg.param_dtype), unbox=True)
 
 
 def rope(x_BxTxNxD: jax.Array, pos_BxT: jax.Array, theta: float, scaling_factor: float) -> jax.Array:
@@ -101,7 +104,7 @@ def _block_exps(q_BxTxHxD: jax.Array, blocks) -> tuple[list[jax.Array], jax.Arra
     ]
     max_BxKxGxTx1 = functools.reduce(jnp.maximum, [x.max(-1, keepdims=True) for x in logits])
     exps = [jnp.exp(x - max_BxKxGxTx1) for x in logits]  # a softmax over all blocks, normalized at the end
-    return exps, sum(e.sum(-1, keepdims=True) for e in exps)
+    return exps, functools.reduce(jnp.add, [e.sum(-1, keepdims=True) for e in exps])
 
 
 def attention_with_key_mass(q_BxTxHxD: jax.Array, blocks, weight_IxBxT: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -147,26 +150,28 @@ class Attention(nn.Module):
         wo = _param(self, "o", (H, D, E), ("heads", "head_dim", "embed")).astype(dt)
         q = rope(q, q_meta.pos, cfg.rope_theta, cfg.rope_scaling_factor)
         k = rope(k, q_meta.pos, cfg.rope_theta, cfg.rope_scaling_factor)
-        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
-        rule = dict(window=cfg.anchor_window, anchor_rule=cfg.anchor_rule)  # the model's anchor scheme
-        mask = lambda keys_meta: attention_allowed(q_meta, keys_meta, self.full_attention, **rule)
+        q = with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        window, anchor_rule = cfg.anchor_window, cfg.anchor_rule  # the model's anchor scheme
+        mask = lambda keys_meta: attention_allowed(q_meta, keys_meta, self.full_attention, window, anchor_rule)
         sparse = use_sparse(cfg.attention, q.shape[1])  # the chunk's self-attention without its [T, T] logits
         cache = None if layer_kv is None else (layer_kv[0].astype(dt), layer_kv[1].astype(dt), mask(k_meta))
-        new_kv = None if layer_kv is None else (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-        if mass_weight_IxBxT is not None:  # the cache's slots, then the chunk's keys (head-major, as stored)
-            head_major = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+        head_major = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))  # [B, K, T, D], as the cache stores them
+        new_kv = None if layer_kv is None else head_major
+        if mass_weight_IxBxT is not None:  # the cache's slots, then the chunk's keys
             blocks = [cache, (*head_major, mask(q_meta))] if cache is not None else [(*head_major, mask(k_meta))]
             out, mass = attention_with_key_mass(q, blocks, mass_weight_IxBxT)
             self.sow("intermediates", "key_mass", mass)
         elif sparse:
             kernel = kernel_for_attention(cfg.attention, jax.default_backend())
-            out = sparse_attention(q, k, v, q_meta, self.full_attention, cache, kernel=kernel, **rule)
-        elif layer_kv is None:  # keys are the chunk itself
+            out = sparse_attention(
+                q, k, v, q_meta, self.full_attention, cache, kernel=kernel, window=window, anchor_rule=anchor_rule
+            )
+        elif cache is None:  # keys are the chunk itself
             out = dot_attention(q, k, v, mask(k_meta))
-        else:  # the cache's slots, then the chunk itself (head-major [B, K, T, D], as the cache stores it)
-            out = blocked_attention(q, [cache, (*new_kv, mask(q_meta))])
+        else:  # the cache's slots, then the chunk itself
+            out = blocked_attention(q, [cache, (*head_major, mask(q_meta))])
         y = out.reshape(*out.shape[:2], H * D) @ wo.reshape(H * D, E)  # (h, d) as one axis: wo is read as stored
-        return nn.with_logical_constraint(y, ("batch", "length", "embed")), new_kv
+        return with_logical_constraint(y, ("batch", "length", "embed")), new_kv
 
 
 class MLP(nn.Module):
@@ -184,7 +189,7 @@ class MLP(nn.Module):
             u_BxTxF = x_BxTxE @ _param(self, "up", (E, F), ("embed", "mlp")).astype(dt)
         down = _param(self, "down", (F, E), ("mlp", "embed")).astype(dt)
         h_BxTxF = nn.silu(g_BxTxF) * u_BxTxF
-        h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "length", "mlp"))
+        h_BxTxF = with_logical_constraint(h_BxTxF, ("batch", "length", "mlp"))
         return h_BxTxF @ down
 
 
@@ -201,7 +206,7 @@ class Block(nn.Module):
         )
         x_BxTxE = x_BxTxE + h
         x_BxTxE = x_BxTxE + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxTxE))
-        return nn.with_logical_constraint(x_BxTxE, ("batch", "length", "embed")), new_kv
+        return with_logical_constraint(x_BxTxE, ("batch", "length", "embed")), new_kv
 
 
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
@@ -222,9 +227,9 @@ class Llama(nn.Module):
         """`mass_weight_IxBxT`: sow each layer's `key_mass` (`Attention`; scanned: stacked [L, I, B, K, C + T])."""
         cfg = self.cfg
         embed_VxE = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
-        table_VxE = nn.with_logical_constraint(embed_VxE.astype(cfg.dtype), ("vocab", None))  # gathered whole over fsdp
+        table_VxE = with_logical_constraint(embed_VxE.astype(cfg.dtype), ("vocab", None))  # gathered whole over fsdp
         x = table_VxE[tokens_BxT]
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = with_logical_constraint(x, ("batch", "length", "embed"))
 
         if cache is None:
             k_meta, layers_kv = meta, None
@@ -242,7 +247,7 @@ class Llama(nn.Module):
                 block,
                 variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),  # pyright: ignore[reportArgumentType]  (flax infers in_axes: int)
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
@@ -263,8 +268,9 @@ class Llama(nn.Module):
         else:
             head_ExV = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab")).astype(cfg.dtype)
             logits = jnp.einsum("bte,ev->btv", x, head_ExV, preferred_element_type=jnp.float32)
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        logits = with_logical_constraint(logits, ("batch", "length", "vocab"))
         if cache is not None:  # the chunk's keys/values [L, B, K, T, D] go to slots [length, length + T)
+            assert new_kv is not None  # the layers return them whenever there is a cache
             offset_B = cache.length
             cache = append_meta(cache, meta)
             keys, values = (
@@ -295,7 +301,9 @@ def _write_layers(buffer, chunks, offset_B: jax.Array):
 def init_boxed(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> Params:
     """Random parameters boxed with their logical axis names (nn.LogicallyPartitioned leaves)."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    return Llama(cfg).init(rng, tokens, token_metadata(tokens, jnp.ones_like(tokens, bool)))["params"]
+    variables = Llama(cfg).init(rng, tokens, token_metadata(tokens, jnp.ones_like(tokens, bool)))
+    assert isinstance(variables, dict)  # flax's type allows a FrozenDict (only under flax_return_frozendict)
+    return variables["params"]
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> Params:

@@ -19,6 +19,7 @@ import os
 import flax.linen as nn
 import jax
 import numpy as np
+from flax.linen.spmd import logical_to_mesh, logical_to_mesh_axes
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -100,12 +101,14 @@ def _divisible(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
 def logical_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh) -> P:
     """The PartitionSpec of an array [shape] with logical `axes` under `RULES` (on a Mesh or an AbstractMesh),
     without the mesh axes that do not divide their dimension."""
-    return _divisible(nn.logical_to_mesh_axes(axes, RULES), shape, mesh)
+    spec = logical_to_mesh_axes(axes, RULES)
+    assert spec is not None  # None only for axes None
+    return _divisible(spec, shape, mesh)
 
 
 def logical_shardings(boxed_abstract, mesh: jax.sharding.Mesh):
     """NamedShardings of a tree of `nn.LogicallyPartitioned` ShapeDtypeStructs (from jax.eval_shape(init))."""
-    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_abstract), RULES)
+    specs = logical_to_mesh(nn.get_partition_spec(boxed_abstract), RULES)
     shapes = nn.meta.unbox(boxed_abstract)
     return jax.tree.map(
         lambda s, x: NamedSharding(mesh, _divisible(s, x.shape, mesh)),
@@ -134,8 +137,9 @@ def put(tree, shardings):
 def _row_blocks(mesh: jax.sharding.Mesh) -> np.ndarray:
     """Ascending indices of the data x fsdp row blocks that this process's devices hold."""
     blocks = mesh.shape["data"] * mesh.shape["fsdp"]
-    indices = batch_sharding(mesh).addressable_devices_indices_map((blocks,))
-    return np.asarray(sorted({idx[0].start or 0 for idx in indices.values()}), np.int64)
+    sharding = batch_sharding(mesh)
+    indices = sharding.devices_indices_map((blocks,))
+    return np.asarray(sorted({indices[d][0].start or 0 for d in sharding.addressable_devices}), np.int64)
 
 
 def process_row_indices(mesh: jax.sharding.Mesh, global_rows: int) -> np.ndarray:

@@ -98,6 +98,7 @@ def _slice(x: jax.Array, start, size: int, axis: int) -> jax.Array:
 def _tile_mask(kind: str, rule: _Rule, q_meta: TokenMeta, part: _Part, q0, k0, tq: int, tk: int) -> jax.Array:
     """[B, tq, tk] bool: the predicate on query tile [q0, q0 + tq) x key tile [k0, k0 + tk) of a part."""
     if kind == "given":
+        assert part.allowed is not None  # a given part carries its mask, no metadata
         return _slice(_slice(part.allowed, q0, tq, 1), k0, tk, 2)
     qm = jax.tree.map(lambda x: _slice(x, q0, tq, 1), q_meta)
     km = jax.tree.map(lambda x: _slice(x, k0, tk, 1), part.meta)
@@ -365,5 +366,5 @@ def sparse_attention(
         tk_cache, first_nq, stop_nq = _cache_tiles(allowed_BxTpxC, tile, tk)
         specs.append(("given", tk_cache))
         parts.append(_Part(ck_BxKxCxD, cv_BxKxCxD, None, allowed_BxTpxC, first_nq, stop_nq))
-    out = _attend(tuple(specs), rule, tile, kernel, q_BxKxGxTxD, meta, tuple(parts), band)
+    out: jax.Array = _attend(tuple(specs), rule, tile, kernel, q_BxKxGxTxD, meta, tuple(parts), band)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, Tp, H, D)[:, :T]

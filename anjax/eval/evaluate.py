@@ -103,6 +103,8 @@ def row_budgets(
     scheme's `window`) holds after them (`anjax.inference.scoring.anchor_kept`)."""
     if budget == MATCH_ANCHOR:
         return [anchor_kept(r[:-1], anchor_ids, window) for r in rows]
+    if isinstance(budget, str):
+        raise ValueError(f"a budget is {MATCH_ANCHOR} or a fraction, got {budget!r}")
     return [fraction_slots(budget, len(r) - 1) for r in rows]
 
 
@@ -121,13 +123,29 @@ def sepllm_scorer(scorer: Scorer, settings: SepLLM | None) -> Scorer:
     return sub
 
 
+def policy_of(policies: dict[str, Policy | SepLLM] | None, kind: str) -> Policy:
+    """The settings of policy `kind` in `policies` (`anjax.cli.evaluate.policy_settings`), else its defaults."""
+    settings = (policies or {}).get(kind, Policy(kind))
+    if not isinstance(settings, Policy):
+        raise TypeError(f"the settings of policy {kind} are a {type(settings).__name__}, not a Policy")
+    return settings
+
+
+def sepllm_of(policies: dict[str, Policy | SepLLM] | None) -> SepLLM | None:
+    """SepLLM's settings in `policies` (under `sepllm`), if any."""
+    settings = (policies or {}).get(SEPLLM)
+    if settings is not None and not isinstance(settings, SepLLM):
+        raise TypeError(f"the settings of {SEPLLM} are a {type(settings).__name__}, not a SepLLM")
+    return settings
+
+
 def _path(name: str, requests, model, policies: dict[str, Policy | SepLLM]) -> tuple:
     """The scorer path of a cache name: (cache, False) or (Policy, per-item budgets)."""
     if "@" not in name:
         return (name, False)
     kind, budget = name.split("@", 1)
     return (
-        policies.get(kind, Policy(kind)),
+        policy_of(policies, kind),
         item_budgets(requests, parse_budget(budget), model.anchor_ids, model.cfg.anchor_window),
     )
 
@@ -161,7 +179,7 @@ def evaluate_task(
         paths[RECOMPUTE] = ("full", True)
     results = dict(zip(paths, scorer.run_paths(requests, list(paths.values()))))
     if SEPLLM in caches:
-        results[SEPLLM] = sepllm_scorer(scorer, (policies or {}).get(SEPLLM)).run(requests, "anchor")
+        results[SEPLLM] = sepllm_scorer(scorer, sepllm_of(policies)).run(requests, "anchor")
     matched = [c for c in caches if c.endswith(f"@{MATCH_ANCHOR}")]
     if matched and "anchor" in results and results["anchor"].held_slots != results[matched[0]].held_slots:
         raise AssertionError("match-anchor budgets differ from the anchor cache's slots")  # `anchor_kept` is wrong

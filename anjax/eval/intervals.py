@@ -34,9 +34,8 @@ def add_accuracy_intervals(
     report: dict, samples: int = stats.SAMPLES, seed: int = stats.SEED, level: float = stats.LEVEL
 ) -> dict:
     """Add the intervals described in the module docstring to `report` (in place; returned)."""
-    kw = dict(samples=samples, seed=seed, level=level)
     names, caches = list(report["tasks"]), list(report["caches"])
-    report["bootstrap"] = {**kw, "unit": "document"}
+    report["bootstrap"] = {"samples": samples, "seed": seed, "level": level, "unit": "document"}
     report["average"] = {c: {} for c in caches}
     others = [c for c in caches if c != "full"] if "full" in caches else []
     report["differences"] = {difference_name(c): {"tasks": {t: {} for t in names}, "average": {}} for c in others}
@@ -47,8 +46,8 @@ def add_accuracy_intervals(
         per_doc = {c: [np.asarray(report["tasks"][t][c][f"{metric}_per_doc"], float) for t in have] for c in caches}
         for c in caches:
             for t, x in zip(have, per_doc[c]):
-                report["tasks"][t][c][f"{metric}_ci"] = stats.mean_ci(x, **kw).as_list()
-            avg = stats.task_average_ci(per_doc[c], **kw)
+                report["tasks"][t][c][f"{metric}_ci"] = stats.mean_ci(x, samples, seed, level).as_list()
+            avg = stats.task_average_ci(per_doc[c], samples, seed, level)
             report["average"][c].update(
                 {
                     metric: avg.estimate,
@@ -61,9 +60,9 @@ def add_accuracy_intervals(
             diff = report["differences"][difference_name(c)]
             deltas = [a - b for a, b in zip(per_doc[c], per_doc["full"])]
             for t, a, b in zip(have, per_doc[c], per_doc["full"]):
-                d = stats.paired_difference_ci(a, b, **kw)
+                d = stats.paired_difference_ci(a, b, samples, seed, level)
                 diff["tasks"][t].update({metric: d.estimate, f"{metric}_ci": d.as_list()})
-            d = stats.task_average_ci(deltas, **kw)
+            d = stats.task_average_ci(deltas, samples, seed, level)
             diff["average"].update({metric: d.estimate, f"{metric}_ci": d.as_list(), f"{metric}_tasks": have})
     return report
 

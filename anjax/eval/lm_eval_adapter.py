@@ -123,7 +123,7 @@ class AnjaxLM(LM):
             groups.setdefault(key, []).append(i)
         members = list(groups.values())
         items = [ScoreRequest.from_ids([self.model.encode_pair(*requests[i].args) for i in idx]) for idx in members]
-        if self.policy:
+        if self.policy and self.budget is not None:  # both or neither (__init__)
             budgets = evaluate.item_budgets(items, self.budget, self.model.anchor_ids, self.model.cfg.anchor_window)
             res = self.scorer.run_paths(items, [(self.policy, budgets)])[0]
         else:
@@ -140,7 +140,7 @@ class AnjaxLM(LM):
         prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         rows = [[prefix] + m.encode_text(r.args[0])[int(m.add_bos) :] for r in requests]
         scored = [[t > 0 and x != m.ac_id for t, x in enumerate(row)] for row in rows]
-        if self.policy:
+        if self.policy and self.budget is not None:
             budgets = evaluate.row_budgets(rows, self.budget, m.anchor_ids, m.cfg.anchor_window)
             if self._streamer is None:  # built once: its compiled chunk steps are reused across calls
                 self._streamer = Scorer(m, batch_size=self.batch_size, chunk_size=1)

@@ -40,7 +40,7 @@ def local_dataset(anjax_task: str, anjax_data_dir: str | None = None, **_metadat
     task = tasks.get_task(anjax_task)
     as_dataset = lambda docs: datasets.Dataset.from_list([dict(d.fields) for d in docs])
     pool = as_dataset(tasks.load_fewshot_pool(anjax_task, anjax_data_dir))
-    splits = {name: pool for name in ("train", "validation")}
+    splits: dict[str | datasets.NamedSplit, datasets.Dataset] = {name: pool for name in ("train", "validation")}
     splits[task.hub_eval_split] = as_dataset(tasks.load_task(anjax_task, anjax_data_dir))
     return datasets.DatasetDict(splits)
 

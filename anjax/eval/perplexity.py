@@ -48,7 +48,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from anjax.eval import stats, tasks
-from anjax.eval.evaluate import SEPLLM, parse_budget, row_budgets, sepllm_scorer
+from anjax.eval.evaluate import SEPLLM, parse_budget, policy_of, row_budgets, sepllm_of, sepllm_scorer
 from anjax.inference.policies import Policy, SepLLM
 from anjax.inference.scoring import Scorer, ScoringModel
 from anjax.train import data
@@ -112,9 +112,9 @@ def perplexity(
         if "@" in cache:
             kind, budget = cache.split("@", 1)
             budgets = row_budgets(rows, parse_budget(budget), scorer.model.anchor_ids, scorer.model.cfg.anchor_window)
-            res = streamer.sequence_nll(rows, (policies or {}).get(kind, Policy(kind)), scored, budgets)
+            res = streamer.sequence_nll(rows, policy_of(policies, kind), scored, budgets)
         elif cache == SEPLLM:
-            res = sepllm_scorer(scorer, (policies or {}).get(SEPLLM)).sequence_nll(rows, "anchor", scored)
+            res = sepllm_scorer(scorer, sepllm_of(policies)).sequence_nll(rows, "anchor", scored)
         else:
             res = scorer.sequence_nll(rows, cache, scored)
         n = sum(res["tokens"])

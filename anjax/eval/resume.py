@@ -40,7 +40,8 @@ def params_digest(params: Params) -> str:
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         x = np.asarray(leaf)
         h.update(f"{jax.tree_util.keystr(path)}:{x.dtype}:{x.shape};".encode())
-        h.update(np.ascontiguousarray(x).reshape(-1).view(np.uint8))  # no copy of the bytes
+        flat = np.ascontiguousarray(x).reshape(-1).view(np.uint8)  # no copy of the bytes
+        h.update(flat)  # pyright: ignore[reportArgumentType]  # numpy stubs declare the buffer protocol on 3.12+ only
     return h.hexdigest()
 
 

@@ -117,4 +117,4 @@ def task_average_ci(per_task: Sequence, samples: int = SAMPLES, seed: int = SEED
     xs = [_as_units(x, f"task {i}") for i, x in enumerate(per_task)]
     rng = np.random.default_rng(seed)
     means_TxS = np.stack([_resampled_sums(x_N[:, None], rng, samples)[:, 0] / x_N.size for x_N in xs])
-    return _interval(np.mean([x_N.mean() for x_N in xs]), means_TxS.mean(axis=0), level)
+    return _interval(float(np.mean([x_N.mean() for x_N in xs])), means_TxS.mean(axis=0), level)

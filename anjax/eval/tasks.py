@@ -405,7 +405,10 @@ def _hub_reachable() -> bool:
 def _read_arrow(path: Path) -> list[dict]:
     import datasets
 
-    return datasets.load_from_disk(str(path)).to_list()
+    data = datasets.load_from_disk(str(path))
+    if not isinstance(data, datasets.Dataset):  # a DatasetDict: several splits where one is expected
+        raise ValueError(f"{path} holds a {type(data).__name__}, not one split; {FETCH_HINT}")
+    return data.to_list()
 
 
 def _read_requests(path: Path, task: Task) -> list[dict]:
@@ -491,7 +494,7 @@ def lambada_texts(data_dir: str | os.PathLike | None = None, limit: int | None =
     """LAMBADA (OpenAI) test passages, whole (context + last word), for perplexity."""
     _check_limit(limit)
     source, directory = _resolve(data_dir)
-    if source == "hub":
+    if directory is None:  # source "hub"
         import datasets
 
         texts = list(datasets.load_dataset("EleutherAI/lambada_openai", "default", split="test")["text"])

@@ -36,6 +36,7 @@ contents, temperature, top_k, top_p, seed, stop ids, max_sentence_tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -163,6 +164,7 @@ class EngineConfig:
 
     def row_budget(self, fed: int) -> int:
         """The slots a policy keeps of a prompt with `fed` tokens before its last."""
+        assert self.budget is not None  # a cache policy has one (`policy`)
         return self.budget if isinstance(self.budget, int) else policies.fraction_slots(self.budget, fed)
 
     @classmethod
@@ -390,7 +392,8 @@ class Engine:
         if self.capacity is None and self.spec.anchor_cache:  # anchors + open sentence, plus the window's slots
             capacity = min(capacity, DEFAULT_ANCHOR_CAPACITY + self.cfg.anchor_window)
         chunk = min(self.chunk_size, 1 << max(4, (longest - 1).bit_length()))
-        sampling = dict(
+        decode = functools.partial(
+            self.decode,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
@@ -404,7 +407,7 @@ class Engine:
         for start in range(0, len(order), step):
             rows = order[start : start + step]
             pre = self.prefill([ids[i] for i in rows], batch, chunk, capacity, [flags[i] for i in rows])
-            for i, g in zip(rows, self.decode(pre, max_new_tokens, **sampling)):
+            for i, g in zip(rows, decode(pre, max_new_tokens)):
                 if g.error and raise_errors:
                     raise CacheOverflowError(f"prompt {i}: {g.error}")
                 results[i] = g
@@ -435,7 +438,8 @@ class Engine:
         protected_BxW = right_align([f[:-1] for f in flags], chunk)[0].astype(bool)
         slots = min(capacity, bucket(max(len(r) for r in rows), BUCKET_LOW))
         left = [
-            tuple(x[:, c : c + chunk] for x in (tokens, valid, protected_BxW)) for c in range(0, tokens.shape[1], chunk)
+            (tokens[:, c : c + chunk], valid[:, c : c + chunk], protected_BxW[:, c : c + chunk])
+            for c in range(0, tokens.shape[1], chunk)
         ]
         # split: unrolled layers would copy their slice of a stacked cache for every chunk
         state = init_state(self.cfg, batch, slots + chunk, np.arange(batch) >= n, self.spec.split_layers)
@@ -489,7 +493,7 @@ class Engine:
             top_p=np.full(batch, top_p, np.float32),
             seed=np.full(batch, seed, np.uint32),
             stop_ids=stop_id_array(stop_ids),
-            max_sentence_tokens=np.int32(max_sentence_tokens),
+            max_sentence_tokens=np.array(max_sentence_tokens, np.int32),
         )
         last = np.array([r[-1] for r in pre.rows], np.int32)
         last_protected = np.array([f[-1] for f in pre.protected], bool)
@@ -523,7 +527,7 @@ class Engine:
                 prefill_s=round(pre.seconds, 4),
                 decode_s=round(decode_s, 4),
                 cache=self.cache_kind,
-                **({"budget_slots": int(pre.state.budget[b])} if self.spec.policy else {}),
+                **({"budget_slots": int(pre.state.policy_arrays()[0][b])} if self.spec.policy else {}),
                 capacity=pre.capacity,
                 decode_buffer_slots=slots + 1,
                 decode_buffer_bytes=(slots + 1) * slot_bytes,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 
 from anjax.core.config import ModelConfig
-from anjax.core.params import fuse_projections, with_scan_layers
+from anjax.core.params import Params, fuse_projections, with_scan_layers
 from anjax.inference import placement
 from anjax.text.anchors import AnchorScheme, resolve_scheme
 
@@ -23,20 +23,21 @@ LAYOUTS = ("scan", "split")
 
 def prepare_model(
     cfg: ModelConfig,
-    params,
+    params: Params,
     tokenizer=None,
     *,
     layout: str,
     mesh: jax.sharding.Mesh | None = None,
     **overrides,
-) -> tuple[AnchorScheme, ModelConfig, dict]:
+) -> tuple[AnchorScheme, ModelConfig, Params]:
     """(scheme, cfg, params) ready for the steps: the scheme resolved with `overrides` (the keyword arguments of
     `resolve_scheme`: mode, tokens, max_sentence_tokens, window, rule), the layers in `layout`, the weights
     placed on the device or split over `mesh`."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    scheme, cfg, params = resolve_scheme(cfg, tokenizer, params, **overrides)
-    cfg, params = with_scan_layers(cfg, params, layout == "scan")
+    scheme, cfg, resolved = resolve_scheme(cfg, tokenizer, params, **overrides)
+    assert resolved is not None  # given params come back
+    cfg, params = with_scan_layers(cfg, resolved, layout == "scan")
     if layout == "split":
         cfg, params = fuse_projections(cfg, params)
     return scheme, cfg, placement.place_params(cfg, params, mesh)

@@ -11,6 +11,8 @@ Without a mesh (None) everything stays on the default device, as before.
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
@@ -103,7 +105,7 @@ def place_state(state, mesh: jax.sharding.Mesh | None):
 # results are gathered once per step inside the program, and the cache stays split.
 
 
-def multiprocess(mesh: jax.sharding.Mesh | None) -> bool:
+def multiprocess(mesh: jax.sharding.Mesh | None) -> TypeGuard[jax.sharding.Mesh]:
     """The mesh spans the devices of several processes (`anjax.core.sharding.init_distributed`)."""
     return mesh is not None and jax.process_count() > 1
 

@@ -39,6 +39,8 @@ attention later tokens only read `valid` and `pos` (< their own) from it, which 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -134,7 +136,7 @@ def _top(score_LxBxKxC: jax.Array, candidate_LxBxKxC: jax.Array, count: jax.Arra
     return candidate_LxBxKxC & (rank < count)
 
 
-def _layer_mass(variables: dict, cfg: ModelConfig) -> jax.Array:
+def _layer_mass(variables: Mapping[str, Any], cfg: ModelConfig) -> jax.Array:
     """[L, I, B, K, S] key mass sown by every layer (`anjax.core.model.Attention`)."""
     inter = variables["intermediates"]
     if cfg.scan_layers:
@@ -156,7 +158,7 @@ def observe_step(
     """Prefill one chunk of a prompt of n_B tokens with the full cache (C + T slots, as `prefill_step`)
     and add to mass[i] [L, B, K, C] the attention mass each slot receives from `observers[i].query_weight`'s
     queries (one forward for every observer; kept in slot order through the compaction; no observer:
-    `mass` comes back as given). `spec` marks anchors and sentences in the slots' metadata (for the
+    `mass` [0, L, B, K, C] comes back as given). `spec` marks anchors and sentences in the slots' metadata (for the
     engine's `<AC>` forcing; attention stays full). Returns (logits [B, T, V], state, mass)."""
     meta = chunk_meta(spec, state, tokens_BxT, valid_BxT)
     weight_IxBxT = jnp.stack([p.query_weight(meta.valid, meta.pos, n_B) for p in observers]) if observers else None
@@ -257,18 +259,18 @@ def prefill_chunk(
     """Generation under `spec.policy`: prefill one chunk [B, T] of prompts of n_B [B] fed tokens with the full
     cache, adding the observer's attention mass to `state.mass` [L, B, K, C + T] (the cache's slots); rows that would
     hold more than C slots are flagged (`track`)."""
-    observer = spec.policy.observer
-    mass_IxLxBxKxC = None if observer is None else state.mass[None]
-    observers = () if observer is None else (observer,)
+    observers = (spec.policy.observer,) if spec.policy.observer else ()
+    mass_IxLxBxKxC = state.policy_arrays()[1][None][: len(observers)]
     _, state, mass = observe_step(cfg, observers, params, state, mass_IxLxBxKxC, tokens_BxT, valid_BxT, n_B, spec)
-    if observer is not None:
+    if observers:
         state = state.replace(mass=mass[0])
     return track(state, ~state.done, state.cache.capacity - tokens_BxT.shape[1])
 
 
 def compress(policy: Policy, state: GenState) -> GenState:
     """After the prompt: each row keeps min(state.budget, held) slots per layer and KV head (`select`)."""
-    state, mass = select(policy, state, state.mass, state.budget)
+    budget_B, mass_LxBxKxC = state.policy_arrays()
+    state, mass = select(policy, state, mass_LxBxKxC, budget_B)
     return state.replace(mass=mass)
 
 
@@ -277,10 +279,12 @@ def feed_token(cfg: ModelConfig, spec: EngineSpec, params, state: GenState, toke
     kept slots and itself; `window` and `h2o` then evict back to the budget (`stream_step` with T = 1), `snapkv`
     keeps it (the cache grows by one slot)."""
     tokens_Bx1, valid_Bx1 = token_B[:, None], ~state.done[:, None]
-    if spec.policy.kind == "snapkv":
-        logits, state, _ = observe_step(cfg, (), params, state, None, tokens_Bx1, valid_Bx1, state.next_pos, spec)
+    budget_B, mass_LxBxKxC = state.policy_arrays()
+    if spec.policy.kind == "snapkv":  # no observer: the mass is given and returned as is
+        no_mass = mass_LxBxKxC[None][:0]
+        logits, state, _ = observe_step(cfg, (), params, state, no_mass, tokens_Bx1, valid_Bx1, state.next_pos, spec)
         return logits[:, 0], state
     logits, state, mass = stream_step(
-        cfg, spec.policy, params, state, state.mass, state.budget, tokens_Bx1, valid_Bx1, spec
+        cfg, spec.policy, params, state, mass_LxBxKxC, budget_B, tokens_Bx1, valid_Bx1, spec
     )
     return logits[:, 0], state.replace(mass=mass)

@@ -73,11 +73,12 @@ class Runtime:
 
         `donate`: positions in `args` whose buffers the call may reuse (a cache updated in place).
         """
-        several = placement.multiprocess(self.mesh)
+        mesh = self.mesh
+        several = placement.multiprocess(mesh)
         if several:
-            args = placement.global_args(args, self.mesh)
+            args = placement.global_args(args, mesh)
         leaves, tree = jax.tree.flatten(args)
-        placed = (lambda x: getattr(x, "sharding", None)) if self.mesh else (lambda x: None)
+        placed = (lambda x: getattr(x, "sharding", None)) if mesh else (lambda x: None)
         key = (
             fn,
             static,
@@ -88,9 +89,9 @@ class Runtime:
         if (exe := self.executables.get(key)) is None:
             t0 = time.perf_counter()
             step = functools.partial(fn, *static)
-            with sharding.active(self.mesh) if self.mesh else contextlib.nullcontext():
+            with sharding.active(mesh) if mesh else contextlib.nullcontext():
                 shapes = jax.eval_shape(step, *args) if several else None
-                out = {"out_shardings": placement.readable_shardings(shapes, self.mesh)} if several else {}
+                out = {"out_shardings": placement.readable_shardings(shapes, mesh)} if several else {}
                 exe = jax.jit(step, donate_argnums=donate, **out).lower(*args).compile()
             self.compile_seconds += time.perf_counter() - t0
             self.executables[key] = exe

@@ -18,20 +18,24 @@ import numpy as np
 MAX_STOP_IDS = 8
 
 
-@flax.struct.dataclass
-class Sampling:
-    """Per-row [B] sampling arrays; `stop_ids` [MAX_STOP_IDS] padded with -1."""
+class Sampling(flax.struct.PyTreeNode):
+    """Per-row [B] sampling arrays; `stop_ids` [MAX_STOP_IDS] padded with -1. Made on the host (numpy, placed
+    by the call) or on the device (the server's slots); traced in the steps."""
 
-    temperature: jax.Array  # float, 0 = greedy
-    top_k: jax.Array  # int, 0 = off
-    top_p: jax.Array  # float, 1 = off
-    seed: jax.Array  # uint32
-    stop_ids: jax.Array
-    max_sentence_tokens: jax.Array  # int scalar, 0 = off (AC mode: force <AC>)
+    temperature: jax.Array | np.ndarray  # float, 0 = greedy
+    top_k: jax.Array | np.ndarray  # int, 0 = off
+    top_p: jax.Array | np.ndarray  # float, 1 = off
+    seed: jax.Array | np.ndarray  # uint32
+    stop_ids: jax.Array | np.ndarray
+    max_sentence_tokens: jax.Array | np.ndarray  # int scalar, 0 = off (AC mode: force <AC>)
 
 
 def sample_tokens(
-    logits_BxV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array
+    logits_BxV: jax.Array,
+    keys_B: jax.Array,
+    temperature_B: jax.Array | np.ndarray,
+    top_k_B: jax.Array | np.ndarray,
+    top_p_B: jax.Array | np.ndarray,
 ) -> jax.Array:
     """[B] next ids: argmax where temperature <= 0, else a draw after top-k then top-p filtering."""
     greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)

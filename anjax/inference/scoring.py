@@ -41,7 +41,7 @@ import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -328,6 +328,15 @@ def _policy_nll_chunk(
 # ----------------------------------------------------------------------------- host side
 
 
+class BatchShapes(TypedDict):
+    """The padded sizes of a `Scorer.run_paths` call, the same for every batch and path."""
+
+    k: int  # choices per item
+    chunk: int  # prefill chunk length
+    capacity: dict[bool, int]  # context cache slots, by `EngineSpec.anchor_cache`
+    width: int  # fed ids of a choice's chunk, bucketed
+
+
 @dataclasses.dataclass
 class SharedPrefills:
     """One batch's context prefills, each run once and shared by the paths that prefill alike (`Scorer.run_paths`):
@@ -409,7 +418,7 @@ class Scorer:
         bound = lambda ids: kept_bound(ids, self.model.anchor_ids, window) + self.model.sink_tokens  # noqa: E731
         anchor_bound = max(bound(r.prefix[:-1]) for r in requests)
         capacity = {False: round_up(max(longest, 1), chunk), True: round_up(max(anchor_bound, 1), chunk)}
-        shapes = dict(
+        shapes = BatchShapes(
             k=max(r.k for r in requests),
             chunk=chunk,
             capacity=capacity,
@@ -432,6 +441,7 @@ class Scorer:
                     state, masses, seconds = shared.get(spec, observers if observer else ())
                     with self.runtime.timer() as timer:
                         if isinstance(cache, Policy):
+                            assert not isinstance(how, bool)  # a policy path has budgets (checked above)
                             state = self._select(cache, how, rows, state, masses, observers)
                         ll, greedy, held, fed = self._score_batch(spec, state, batch, shapes)
                     out.seconds += seconds + timer.seconds
@@ -458,7 +468,11 @@ class Scorer:
         B = self.batch_size
         budget_B = np.asarray([budgets[i] for i in rows] + [budgets[rows[-1]]] * (B - len(rows)))
         observer = policy.observer
-        mass = masses[observers.index(observer)] if observer else jnp.zeros(state.cache.keys.shape[:4])
+        if observer:
+            assert masses is not None  # recorded for every observer (`_prefill_batch`)
+            mass = masses[observers.index(observer)]
+        else:
+            mass = jnp.zeros(state.cache.keys.shape[:4])
         state, _ = self.runtime.call(policies.select, (policy,), state, mass, budget_B.astype(np.int32))
         return state
 
@@ -489,7 +503,7 @@ class Scorer:
         return arrays
 
     def _prefill_batch(
-        self, spec: EngineSpec, observers: tuple[Policy, ...], batch, shapes
+        self, spec: EngineSpec, observers: tuple[Policy, ...], batch, shapes: BatchShapes
     ) -> tuple[GenState, jax.Array | None]:
         """The batch's contexts prefilled with `spec`'s cache -> (state, masses), finished on device.
 
@@ -517,7 +531,7 @@ class Scorer:
             raise ValueError(f"a context needed more than the {capacity} cache slots reserved for it")
         return jax.block_until_ready((state, masses))
 
-    def _score_batch(self, spec: EngineSpec, state: GenState, batch, shapes):
+    def _score_batch(self, spec: EngineSpec, state: GenState, batch, shapes: BatchShapes):
         """Every choice of the batch against its prefilled (or selected) cache -> (loglik, greedy, held, fed)."""
         m, k = self.model, shapes["k"]
         held = np.asarray(state.cache.length)
@@ -527,7 +541,7 @@ class Scorer:
         fed = [len(r.prefix) - 1 + sum(len(c) - 1 for c in r.chunks()) for r in batch]
         return np.asarray(ll), np.asarray(greedy), held, fed
 
-    def _recompute_batch(self, spec, batch, shapes):
+    def _recompute_batch(self, spec, batch, shapes: BatchShapes):
         m = self.model
         k, W = shapes["k"], shapes["width"]
         longest = max(len(r.prefix) + len(t) + len(c) for r in batch for t, c in zip(r.tails, r.continuations))
@@ -556,11 +570,12 @@ class Scorer:
         row's end) and the timed `seconds`.
         """
         policy = cache if isinstance(cache, Policy) else None
-        if (budgets is not None) != (policy is not None) or (policy and len(budgets) != len(rows)):
+        if (budgets is not None) != (policy is not None) or (budgets is not None and len(budgets) != len(rows)):
             raise ValueError(
                 "sequence_nll takes one budget per row with a policy, and none with a full or anchor cache"
             )
-        spec, m, T, B = self.spec("full" if policy else cache), self.model, self.chunk_size, self.batch_size
+        spec = self.spec(cache if isinstance(cache, str) else "full")
+        m, T, B = self.model, self.chunk_size, self.batch_size
         scored = scored or [[False] + [True] * (len(r) - 1) for r in rows]
         out = {"nll": [], "tokens": [], "held_slots": [], "seconds": 0.0}
         for start in range(0, len(rows), B):
@@ -572,6 +587,7 @@ class Scorer:
                 tokens[b, :n], valid[b, :n], targets[b, :n], counted[b, :n] = r[:-1], True, r[1:], s[1:]
             slots, budget_B = width, np.ones(B, np.int32)  # a policy's cache: its largest budget + T slots
             if policy:
+                assert budgets is not None  # one per row with a policy (checked above)
                 budget_B[: len(batch)] = budgets[start : start + B]
                 slots = min(bucket(int(max(min(b, len(r) - 1) for b, r in zip(budget_B, batch))), 16), width)
                 mass = jnp.zeros((m.cfg.num_layers, B, m.cfg.num_kv_heads, slots + T), jnp.float32)

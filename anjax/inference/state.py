@@ -12,6 +12,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from anjax.core.cache import KVCache, init_cache
 from anjax.core.config import ModelConfig
@@ -32,8 +33,7 @@ class EngineSpec:
     split_layers: bool = False  # unrolled layers, one cache buffer per layer (`Engine.prefill`, `decode_loop`)
 
 
-@flax.struct.dataclass
-class GenState:
+class GenState(flax.struct.PyTreeNode):
     """Per-row bookkeeping beside the cache; every field but `cache` is [B] (overflow [B, 4]).
 
     Under a cache policy (`EngineSpec.policy`) also `budget` [B], the slots each row keeps, and `mass`
@@ -50,8 +50,13 @@ class GenState:
     budget: jax.Array | None = None
     mass: jax.Array | None = None
 
+    def policy_arrays(self) -> tuple[jax.Array, jax.Array]:
+        """(budget [B], mass [L, B, K, C]) of a state under a cache policy."""
+        assert self.budget is not None and self.mass is not None, "a state made under a cache policy"
+        return self.budget, self.mass
 
-def init_state(cfg: ModelConfig, batch: int, slots: int, done_B: jax.Array, split: bool = False) -> GenState:
+
+def init_state(cfg: ModelConfig, batch: int, slots: int, done_B: ArrayLike, split: bool = False) -> GenState:
     """An empty state with a cache of `slots` slots; rows flagged in `done_B` [B] take no tokens. `split`: the
     cache as per-layer buffers (`EngineSpec.split_layers`: unrolled layers read and write them in place)."""
     zeros_B = lambda: jnp.zeros((batch,), jnp.int32)  # distinct buffers (donation-safe)

@@ -52,8 +52,7 @@ from anjax.inference.state import (
 )
 
 
-@flax.struct.dataclass
-class DecodeCarry:
+class DecodeCarry(flax.struct.PyTreeNode):
     """The `lax.while_loop` carry."""
 
     state: GenState
@@ -108,6 +107,7 @@ def prefill_step(
     logits, cache = Llama(cfg).apply(
         {"params": params}, tokens_BxT, meta, state.cache, full_attention=not spec.anchor_cache
     )
+    assert isinstance(cache, KVCache)  # flax types `apply`'s result loosely
     sentence = advance_sentence(spec, state, meta.anchor, meta.valid)
     next_pos = state.next_pos + meta.valid.sum(1, dtype=jnp.int32)
     keep = keep_slots(cache, sentence["open_seg"], not spec.anchor_cache, cfg.anchor_window, next_pos)
@@ -128,7 +128,7 @@ def start_decode(state: GenState, spec: EngineSpec, slots: int) -> GenState:
     the prompt is first cut to the budget (`policies.compress`); the peak counts from there."""
     if spec.policy is not None:
         state = policies.compress(spec.policy, state)
-        state = state.replace(mass=fit_slots(state.mass, slots + 1, 3), peak=state.cache.length)
+        state = state.replace(mass=fit_slots(state.policy_arrays()[1], slots + 1, 3), peak=state.cache.length)
     cache = resize(state.cache, slots + 1)
     before_BxC = cache.valid & ((cache.seg != state.open_seg[:, None]) | cache.protected)
     open_start_B = jnp.max(jnp.where(before_BxC, jnp.arange(1, cache.capacity + 1), 0), axis=1)
@@ -164,6 +164,7 @@ def feed_token(
     logits, cache = Llama(cfg).apply(
         {"params": params}, token_B[:, None], meta, state.cache, full_attention=not spec.anchor_cache
     )
+    assert isinstance(cache, KVCache)  # flax types `apply`'s result loosely
     cache = cache.replace(length=jnp.where(active_B, cache.length, state.cache.length))
     open_start = state.open_start
     if spec.anchor_cache and cfg.anchor_window:  # the oldest slot of the window leaves at every step
@@ -190,7 +191,7 @@ def decode_step(
     protected_B: jax.Array,
     sampling: Sampling,
     index_B: jax.Array,
-    limit_B: jax.Array,
+    limit_B: jax.Array | int,
 ) -> tuple[jax.Array, GenState]:
     """One decode step for the rows not done: feed `token_B`, then pick each row's next id [B].
 

@@ -85,7 +85,7 @@ class Checkpointer:
     data-iterator state and a fingerprint of every array, checked on restore).
     """
 
-    def __init__(self, run_dir: str | Path, keep: int = 2, async_save: bool = True, read_only: bool = False):
+    def __init__(self, run_dir: str | os.PathLike, keep: int = 2, async_save: bool = True, read_only: bool = False):
         root = storage_path(run_dir, "run.dir")
         self.directory = (root if is_remote(root) else root.resolve()) / "checkpoints"
         items = ("params", "train", "meta")

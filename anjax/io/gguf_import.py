@@ -8,9 +8,10 @@ rope layout; `_unpermute_rope_rows` undoes that exactly as transformers does.
 tokenizer builders, as `AutoTokenizer.from_pretrained(dir, gguf_file=...)` does.
 
 Parsing the metadata (~100k vocabulary and merge strings) with `gguf.GGUFReader` costs about as
-much as dequantizing a small model, so both functions also take the reader `open_gguf` returns, to
-parse a file once. `gguf_hf_config` reads the config from the header alone (`read_header` skips
-the vocabulary), in milliseconds: what sizes are checked against before any weight is read.
+much as dequantizing a small model (two numpy views per string), so the metadata is read by our own
+header reader (`read_header`): `gguf_hf_config` skips the vocabulary (milliseconds: what sizes are
+checked against before any weight is read), `gguf_tokenizer` keeps it (a tenth of a second). `read_gguf`
+also takes the reader `open_gguf` returns, for its tensors.
 """
 
 from __future__ import annotations
@@ -99,15 +100,15 @@ def gguf_hf_config(path: str | os.PathLike) -> dict:
     return _hf_config(*read_header(path), os.fspath(path))
 
 
-def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
-    """`(metadata, shapes)` of a GGUF file: its scalar and string metadata by key (arrays, such as the
-    vocabulary, are skipped: `gguf.GGUFReader` builds two numpy views per string, seconds for ~100k) and
-    each tensor's shape in numpy order (`ReaderTensor.shape` reversed). No tensor data is read."""
+def read_header(path: str | os.PathLike, arrays: bool = False) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """`(metadata, shapes)` of a GGUF file: its metadata by key, as `ReaderField.contents()` gives it (arrays,
+    such as the vocabulary, are lists when `arrays`, else None) and each tensor's shape in numpy order
+    (`ReaderTensor.shape` reversed). No tensor data is read."""
     if not pathlib.Path(path).is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _Header(buf).read()
+            return _Header(buf, arrays).read()
     except (ValueError, struct.error, OSError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a GGUF file, or a truncated one ({err})") from err
 
@@ -115,8 +116,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tupl
 class _Header:
     """A cursor over a GGUF header: magic, version, counts, key/value metadata, tensor infos."""
 
-    def __init__(self, buf: mmap.mmap):
-        self.buf, self.offset, self.order = buf, 0, "<"
+    def __init__(self, buf: mmap.mmap, arrays: bool):
+        self.buf, self.offset, self.order, self.arrays = buf, 0, "<", arrays
 
     def take(self, fmt: str) -> tuple:
         values = struct.unpack_from(self.order + fmt, self.buf, self.offset)
@@ -135,12 +136,15 @@ class _Header:
             return self.string(keep)
         if kind == gguf.GGUFValueType.ARRAY:
             item, n = self.take("IQ")
+            keep = keep and self.arrays
             if item in _STRUCT_FORMATS:
-                self.offset += n * struct.calcsize(_STRUCT_FORMATS[item])
-            else:
-                for _ in range(n):
-                    self.value(item, keep=False)
-            return None
+                fmt = f"{n}{_STRUCT_FORMATS[item]}"
+                if keep:
+                    return list(self.take(fmt))
+                self.offset += struct.calcsize(self.order + fmt)
+                return None
+            values = [self.value(item, keep) for _ in range(n)]
+            return values if keep else None
         if kind not in _STRUCT_FORMATS:
             raise ValueError(f"unknown metadata value type {kind}")
         return self.take(_STRUCT_FORMATS[gguf.GGUFValueType(kind)])[0]
@@ -203,21 +207,17 @@ def read_gguf(source: GGUFSource, dtype: str = "float32") -> tuple[dict, dict[st
     return config, state_dict
 
 
-def gguf_tokenizer(source: GGUFSource) -> transformers.PreTrainedTokenizerFast:
+def gguf_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerFast:
     """The tokenizer a GGUF file describes, with its special tokens, add_bos_token and chat template.
 
     transformers' own `get_gguf_tokenizer` reads the file with a torch-importing reader; this is the
-    same recipe on `gguf.GGUFReader`, with the same builder (`convert_gguf_tokenizer`).
+    same recipe on `read_header`'s metadata, with the same builder (`convert_gguf_tokenizer`).
     """
-    reader, path = _reader(source)
+    meta, _ = read_header(path, arrays=True)
 
     def renamed(group: str) -> dict:  # {transformers name: value} for the `tokenizer.*` keys the file has
         renames = gguf_tokenizer_mapping.GGUF_TOKENIZER_MAPPING[group]
-        return {
-            name: _field(reader, f"tokenizer.{key}")
-            for key, name in renames.items()
-            if f"tokenizer.{key}" in reader.fields
-        }
+        return {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
 
     tokenizer_dict, init_kwargs = renamed("tokenizer"), renamed("tokenizer_config")
     if "tokens" not in tokenizer_dict:
@@ -225,9 +225,9 @@ def gguf_tokenizer(source: GGUFSource) -> transformers.PreTrainedTokenizerFast:
     if tokenizer_dict.get("tokenizer_type") == "llama":  # sentencepiece: BOS unless the file says otherwise
         init_kwargs.setdefault("add_bos_token", True)
     for name, key in _SPECIAL_TOKENS.items():
-        token_id = _field(reader, f"tokenizer.ggml.{key}")
+        token_id = meta.get(f"tokenizer.ggml.{key}")
         init_kwargs[name] = None if token_id is None else tokenizer_dict["tokens"][token_id]
-    arch = _field(reader, "general.architecture")
+    arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise ValueError(f"{path}: the GGUF metadata names no architecture (general.architecture)")
     backend, _ = gguf_tokenizer_mapping.convert_gguf_tokenizer(arch, tokenizer_dict)
@@ -238,12 +238,6 @@ def _reader(source: GGUFSource) -> tuple[gguf.GGUFReader, str]:
     """`(reader, file name for messages)` of a path or of an already open reader."""
     reader = source if isinstance(source, gguf.GGUFReader) else open_gguf(source)
     return reader, reader.data.filename or "the GGUF data"
-
-
-def _field(reader: gguf.GGUFReader, key: str):
-    """A metadata value as a Python scalar, string or list; None when absent."""
-    field = reader.get_field(key)
-    return None if field is None else field.contents()
 
 
 def _hf_name(gguf_name: str, path: str) -> str:

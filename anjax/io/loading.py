@@ -77,12 +77,11 @@ def load_model(
     overrides = _with_dtype(dtype, overrides)
     path = resolve_path(model)
     if path.is_file():
-        from anjax.io.gguf_import import gguf_tokenizer, open_gguf, read_gguf
+        from anjax.io.gguf_import import gguf_tokenizer, read_gguf
 
-        reader = open_gguf(path)  # parsed once: the metadata holds the whole vocabulary
-        hf_cfg, state = read_gguf(reader, overrides.get("param_dtype", ModelConfig.param_dtype))
+        hf_cfg, state = read_gguf(path, overrides.get("param_dtype", ModelConfig.param_dtype))
         cfg = config_from_hf(hf_cfg, **overrides)
-        return cfg, params_from_hf_state(cfg, state), gguf_tokenizer(reader)
+        return cfg, params_from_hf_state(cfg, state), gguf_tokenizer(path)
     if (path / "config.json").exists():
         cfg, params = load_hf_dir(path, **overrides)
         return cfg, params, load_tokenizer(path) if _has_tokenizer_files(path) else None

@@ -112,7 +112,7 @@ def _link_into_place(fd: int, path: Path) -> None:
         raise
 
 
-def _write_chunks(fd: int, chunks: Iterable[bytes]) -> None:
+def _write_chunks(fd: int, chunks: Iterable[bytes | memoryview]) -> None:
     with os.fdopen(fd, "wb", closefd=False) as f:
         for chunk in chunks:
             f.write(chunk)
@@ -120,7 +120,7 @@ def _write_chunks(fd: int, chunks: Iterable[bytes]) -> None:
         os.fsync(fd)
 
 
-def write_bytes_chunks(path: str | os.PathLike, chunks: Iterable[bytes]) -> Path:
+def write_bytes_chunks(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) -> Path:
     """Write `chunks` to `path` atomically (parents created); returns the absolute path."""
     path = Path(path).expanduser().absolute()
     with naming_full_disk(path):
@@ -140,7 +140,7 @@ def write_bytes_chunks(path: str | os.PathLike, chunks: Iterable[bytes]) -> Path
         return _write_via_sibling(path, chunks)
 
 
-def _write_via_sibling(path: Path, chunks: Iterable[bytes]) -> Path:
+def _write_via_sibling(path: Path, chunks: Iterable[bytes | memoryview]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_TMP}.", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~umask())

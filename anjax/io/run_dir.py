@@ -50,7 +50,7 @@ def storage_path(path: str | os.PathLike, what: str) -> Path | epath.Path:
     return epath.Path(text)
 
 
-def is_remote(path: Path | epath.Path) -> bool:
+def is_remote(path: str | os.PathLike) -> bool:
     return bool(_URL.match(os.fspath(path)))
 
 
@@ -84,7 +84,7 @@ IDENTITY_KEYS = (
 LATER_KEYS = {("anchors", "window"): 0, ("anchors", "rule"): "ansan"}
 
 
-def save_run_files(run_dir: Path, run_config: dict, cfg: ModelConfig, tokenizer) -> None:
+def save_run_files(run_dir: Path | epath.Path, run_config: dict, cfg: ModelConfig, tokenizer) -> None:
     """config.yaml, model_config.json and tokenizer/ of a fresh run (call on one process)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
@@ -94,7 +94,7 @@ def save_run_files(run_dir: Path, run_config: dict, cfg: ModelConfig, tokenizer)
         upload_dir(Path(tmp), run_dir / "tokenizer")
 
 
-def check_resumable(run_dir: Path, run_config: dict) -> None:
+def check_resumable(run_dir: Path | epath.Path, run_config: dict) -> None:
     """Raise CheckpointError unless RUN/config.yaml agrees with `run_config` on every IDENTITY_KEYS field."""
     path = run_dir / "config.yaml"
     if not path.is_file():
@@ -111,7 +111,7 @@ def check_resumable(run_dir: Path, run_config: dict) -> None:
             )
 
 
-def load_model_config(run_dir: str | Path, **overrides: Any) -> ModelConfig:
+def load_model_config(run_dir: str | os.PathLike, **overrides: Any) -> ModelConfig:
     path = storage_path(run_dir, "run directory") / "model_config.json"
     try:
         return ModelConfig.from_dict(json.loads(path.read_text())).replace(**overrides)
@@ -131,7 +131,7 @@ def inference_config(run_dir: str | Path, **overrides: Any) -> ModelConfig:
     return load_model_config(run_dir).replace(**{**defaults, **overrides})
 
 
-def tokenizer(run_dir: str | Path):
+def tokenizer(run_dir: str | os.PathLike):
     """The tokenizer saved in RUN/tokenizer/ (with `<AC>` for AC runs)."""
     from transformers import AutoTokenizer  # slow import, only when a run directory is loaded
 

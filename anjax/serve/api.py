@@ -25,7 +25,7 @@ import json
 import secrets
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -211,7 +211,7 @@ def create_app(scheduler: sched.Scheduler, model_name: str) -> FastAPI:
         positions = engine.cfg.max_position_embeddings
         return error(400, f"{param}: {chars} characters cannot fit in the model's {positions} positions", param)
 
-    async def encode(text: str, param: str):
+    async def encode(text: str, param: str) -> tuple[list[int], list[bool]] | Response:
         """(ids, flags) of a prompt, encoded in the encoder thread, or a 400 response."""
         if refused := too_long(len(text), param):
             return refused
@@ -318,7 +318,7 @@ def create_app(scheduler: sched.Scheduler, model_name: str) -> FastAPI:
             watcher.cancel()
         if isinstance(event, sched.Failure):
             return error(event.status, event.message)
-        choice = dict(index=0, finish_reason=event.reason, logprobs=None, token_ids=token_ids)
+        choice: dict[str, Any] = dict(index=0, finish_reason=event.reason, logprobs=None, token_ids=token_ids)
         if chat:
             choice["message"] = {"role": "assistant", "content": "".join(text)}
         else:
@@ -339,7 +339,7 @@ def create_app(scheduler: sched.Scheduler, model_name: str) -> FastAPI:
                 return
             finish = isinstance(event, sched.Finish)
             text = "" if finish else event.text
-            choice = dict(index=0, finish_reason=event.reason if finish else None, logprobs=None)
+            choice: dict[str, Any] = dict(index=0, finish_reason=event.reason if finish else None, logprobs=None)
             choice["token_ids"] = [] if finish else event.ids
             if chat:
                 choice["delta"] = ({"role": "assistant"} if first else {}) | ({"content": text} if not finish else {})

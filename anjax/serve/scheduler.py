@@ -102,8 +102,7 @@ class Request:
     submitted: float = 0.0
 
 
-@flax.struct.dataclass
-class Slots:
+class Slots(flax.struct.PyTreeNode):
     """The decode batch on the device: N rows (one per slot); every field but `state` and `sampling` is [N]."""
 
     state: GenState  # cache of C + 1 slots; a free row is done
@@ -119,7 +118,7 @@ def init_slots(
 ) -> Slots:
     """N free slots of `capacity` + 1 cache slots each; `split`: the cache as per-layer buffers
     (`EngineSpec.split_layers`: the unrolled layers update them in place every step)."""
-    state = init_state(cfg, n, capacity + 1, np.ones(n, bool), split)
+    state = init_state(cfg, n, capacity + 1, jnp.ones((n,), bool), split)
     zeros = lambda dtype: jnp.zeros((n,), dtype)
     return Slots(
         state=state,
@@ -416,7 +415,7 @@ class Scheduler:
             if r is None:
                 continue
             if r.cancelled:
-                self._free(b, "cancelled")
+                self._free(b, r, "cancelled")
                 continue
             if not active[b]:
                 continue
@@ -428,7 +427,7 @@ class Scheduler:
                 reason = "stop"
             if reason:
                 r.emit(Finish(reason, len(r.prompt_ids), len(r.ids)))
-                self._free(b, "ok")
+                self._free(b, r, "ok")
         self.metrics.cache_slots_held.set(int(sum(held[b] for b, r in enumerate(self.owner) if r is not None)))
 
     def _deliver(self, r: Request, final: bool) -> bool:
@@ -442,8 +441,8 @@ class Scheduler:
         r.sent = max(r.sent, end)
         return bool(hits)
 
-    def _free(self, b: int, outcome: str) -> None:
-        r = self.owner[b]
+    def _free(self, b: int, r: Request, outcome: str) -> None:
+        """Free slot `b`, which `r` held."""
         self.owner[b] = None
         self.metrics.requests.labels(outcome).inc()
         self.metrics.generation_tokens.inc(len(r.ids))

@@ -44,7 +44,7 @@ import itertools
 import os
 import re
 import zlib
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import datasets
 import numpy as np
@@ -173,10 +173,13 @@ def load_corpus(cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
         if files is None:
             return datasets.load_dataset(cfg.path, cfg.name, split=split)
         builder = _builder(files[0])
+        if builder is None:  # local_files admits no such file
+            raise ValueError(f"{files[0]!r} is none of {'/'.join(sorted(_BUILDERS))}")
         if builder == "json" and len(files) > 1:
             return _json_files(files, cfg, split)
-        kwargs = {"sample_by": cfg.text_sample_by} if builder == "text" else {}
-        return datasets.load_dataset(builder, data_files=files, split=split, **kwargs)
+        if builder == "text":
+            return datasets.load_dataset(builder, data_files=files, split=split, sample_by=cfg.text_sample_by)
+        return datasets.load_dataset(builder, data_files=files, split=split)
     except Exception as e:  # offline hub, unknown split, malformed file: say which source failed
         where = f"local files {cfg.path!r}" if files else f"hub dataset {cfg.path!r} (not a local path)"
         hint = " (local files have one split 'train'; use e.g. 'train[:99%]' and 'train[99%:]')" if files else ""
@@ -279,6 +282,12 @@ class CorpusStats:
         return CorpusStats(*(sum(getattr(p, f.name) for p in parts) for f in dataclasses.fields(CorpusStats)))
 
 
+class Tokens(Protocol):
+    """[total] int32 ids that gather at an int array of positions (`x[positions]`)."""
+
+    def __getitem__(self, positions: np.ndarray, /) -> np.ndarray: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenizedCorpus:
     """All documents' ids back to back: doc i is `tokens[offsets[i]:offsets[i+1]]`.
@@ -287,7 +296,7 @@ class TokenizedCorpus:
     such as the memory-mapped shards of a prepared corpus (`anjax.train.prepare.ShardedTokens`).
     """
 
-    tokens: np.ndarray  # [total] int32
+    tokens: Tokens  # [total] int32
     offsets: np.ndarray  # [N+1] int64
     prompt_len: np.ndarray  # [N] int32, leading ids that are never targets (SFT prompt); 0 for text
     stats: CorpusStats
@@ -398,13 +407,13 @@ class BatchIterator:
         self.ac_id, self.ac_in_loss = ac_id, ac_in_loss
         total = int(corpus.offsets[-1])
         ceil = lambda a, b: -(-a // b)
-        rows = (total // seq_len if repeat else ceil(total, seq_len)) if packing else len(corpus.lengths)
-        self.steps_per_epoch = rows // batch_size if repeat else ceil(rows, batch_size)
+        n_rows = (total // seq_len if repeat else ceil(total, seq_len)) if packing else len(corpus.lengths)
+        self.steps_per_epoch = n_rows // batch_size if repeat else ceil(n_rows, batch_size)
         if self.steps_per_epoch == 0:
-            what = f"{total} tokens" if packing else f"{rows} documents"
+            what = f"{total} tokens" if packing else f"{n_rows} documents"
             raise ValueError(f"the corpus ({what}) does not fill one batch of {batch_size} x {seq_len}")
         self.step = 0
-        self._epoch_cache = (-1, None, None)
+        self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, its _order)
 
     def state(self) -> dict:
         return {"step": self.step}
@@ -428,12 +437,13 @@ class BatchIterator:
 
     def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(document order [N], start of each of them in the epoch's stream [N+1])."""
-        if self._epoch_cache[0] != epoch:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             n = len(self.corpus.lengths)
             perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
             starts = np.concatenate([[0], np.cumsum(self.corpus.lengths[perm])])
             self._epoch_cache = (epoch, perm, starts)
-        return self._epoch_cache[1], self._epoch_cache[2]
+        _, perm, starts = self._epoch_cache
+        return perm, starts
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of global batch number `step` (counted over epochs) without touching the iterator."""

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.spmd import with_logical_constraint
 
 from anjax.core.config import ModelConfig
 from anjax.core.mask import token_metadata
@@ -91,7 +91,7 @@ def teacher_log_probs(
     logp_BxLxV = _log_probs(cfg, jax.lax.stop_gradient(logits_BxLxV), temperature)
     if ac is not None:
         logp_BxLxV = jnp.take_along_axis(logp_BxLxV, batch["kl_src"][..., None], axis=1)
-    return nn.with_logical_constraint(logp_BxLxV, ("batch", "length", "vocab"))
+    return with_logical_constraint(logp_BxLxV, ("batch", "length", "vocab"))
 
 
 def kl_sums(

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import jax
+from etils import epath
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
@@ -63,7 +64,7 @@ class StopSignal:
 
     def __init__(self):
         self.signal: str | None = None
-        self.preemption = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+        self.preemption = jax.process_count() > 1 and jax.config.jax_enable_preemption_service  # pyright: ignore[reportAttributeAccessIssue]  # registered at run time
         for s in (signal.SIGINT,) if self.preemption else (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._handler)
 
@@ -158,10 +159,10 @@ def train_loop(
     return state
 
 
-def export(cfg, host_params: Params, tokenizer, out_dir: Path) -> Path:
+def export(cfg, host_params: Params, tokenizer, out_dir: Path | epath.Path) -> Path | epath.Path:
     """RUN/export (`save_hf_dir`); on gs:// written in a local temporary directory and copied up."""
     if not run_dir_files.is_remote(out_dir):
-        return save_hf_dir(cfg, host_params, tokenizer, out_dir)
+        return save_hf_dir(cfg, host_params, tokenizer, Path(out_dir))
     with tempfile.TemporaryDirectory() as tmp:
         run_dir_files.upload_dir(save_hf_dir(cfg, host_params, tokenizer, Path(tmp) / "export"), out_dir)
     return out_dir
@@ -208,7 +209,7 @@ def train(rc: run_config.RunConfig) -> int:
             host_params = multihost_utils.process_allgather(state.params, tiled=True)
             if lead:
                 print(f"exported to {export(cfg, host_params, tokenizer, run_dir / 'export')}")
-        if lead:
+        if log is not None:  # lead: the one process with a log
             log.close()
             metrics.plot_losses(log.path, run_dir / "loss.png")
             print(

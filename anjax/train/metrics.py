@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+from etils import epath
 
 from anjax.io.run_dir import is_remote
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, resumed_step: int | None, tensorboard: bool):
+    def __init__(self, run_dir: Path | epath.Path, resumed_step: int | None, tensorboard: bool):
         self.path = run_dir / "metrics.jsonl"
         kept = (
             [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= resumed_step]
@@ -35,7 +38,7 @@ class MetricsLog:
             purge = resumed_step + 1 if resumed_step is not None else None
             self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
 
-    def last(self, key: str, default=None):
+    def last(self, key: str, default: Any = None) -> Any:
         """`key` of the last record that has it (after the resume cut), else `default`."""
         for line in reversed(self.path.read_text().splitlines()):
             record = json.loads(line)
@@ -60,11 +63,11 @@ class MetricsLog:
             self.tb.close()
 
 
-def read(path: Path) -> list[dict]:
+def read(path: Path | epath.Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def plot_losses(metrics_path: Path, png_path: Path) -> None:
+def plot_losses(metrics_path: Path | epath.Path, png_path: Path | epath.Path) -> None:
     """Training loss and both validation losses against the step."""
     import matplotlib
 

@@ -350,7 +350,7 @@ class ShardedTokens:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def __getitem__(self, positions) -> np.ndarray:
+    def __getitem__(self, positions: np.ndarray) -> np.ndarray:
         positions = np.asarray(positions, np.int64)
         shard = np.searchsorted(self.starts, positions, side="right") - 1
         out = np.empty(positions.shape, np.int32)
@@ -397,7 +397,7 @@ def load_split(
 ) -> TokenizedCorpus:
     """Split `split` of cfg's source: a prepared directory is opened (after checking its tokenizer, scheme
     and format); another source is prepared into `cache_dir` on first use, or with no cache_dir encoded in memory."""
-    if is_prepared(cfg.path):
+    if cfg.path is not None and is_prepared(cfg.path):
         manifest = read_manifest(cfg.path)
         check_compatible(manifest, cfg.path, tokenizer, scheme, cfg)  # before a remote corpus is copied
         return open_prepared(_fetch(os.fspath(cfg.path), manifest) if is_remote(cfg.path) else cfg.path, split)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -262,7 +264,7 @@ def _parse_yaml(text: str, where: str) -> Any:
         raise ValueError(f"{where}: YAML syntax error{at}: {problem}") from None
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+def load(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML config (None: all defaults) and apply `--set` overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
@@ -295,7 +297,7 @@ RESUME_KEYS = (
 )
 
 
-def check_resume(rc: RunConfig, stored: dict[str, Any], run_dir: str | Path) -> None:
+def check_resume(rc: RunConfig, stored: dict[str, Any], run_dir: str | os.PathLike) -> None:
     """ValueError naming the `--set` when `rc` changes a RESUME_KEYS field of the run's `stored` config.yaml
     (fields an older config.yaml lacks are not compared)."""
     now = rc.to_dict()

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import yaml
+from etils import epath
 from jax.experimental import multihost_utils
 
 from anjax.core import sharding
@@ -82,7 +83,7 @@ def make_run_mesh(rc: run_config.RunConfig) -> jax.sharding.Mesh:
     return mesh
 
 
-def model_for_run(rc: run_config.RunConfig, run_dir: Path, resumed: int | None):
+def model_for_run(rc: run_config.RunConfig, run_dir: Path | epath.Path, resumed: int | None):
     """(cfg, host params or None, tokenizer): from the run directory when resuming, else `fresh_model`."""
     if resumed is not None:
         run_dir_files.check_resumable(run_dir, rc.to_dict())

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.linen.spmd import with_logical_constraint
 
 from anjax.core import sharding
 from anjax.core.config import ModelConfig
@@ -92,7 +93,7 @@ def train_step(
     param_shardings,
     state: TrainState,
     batch: dict[str, jax.Array],
-    teacher: dict | None = None,
+    teacher: Params | None = None,
     spec: distill.Distill | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch [B, L], scanned over `grad_accum` micro-batches of B/k rows;
@@ -103,14 +104,16 @@ def train_step(
 
     def split(x_BxL):
         x = x_BxL.reshape(x_BxL.shape[0] // grad_accum, grad_accum, *x_BxL.shape[1:]).swapaxes(0, 1)
-        return nn.with_logical_constraint(x, (None, "batch", "length"))
+        return with_logical_constraint(x, (None, "batch", "length"))
 
-    if teacher is None:
+    def lm_objective(p, mb):
+        loss, n = loss_sums(cfg, p, mb, False)
+        return loss, (loss, n, 0.0, 0.0)
 
-        def objective(p, mb):
-            loss, n = loss_sums(cfg, p, mb, False)
-            return loss, (loss, n, 0.0, 0.0)
-    else:
+    objective = lm_objective
+    if teacher is not None:
+        if spec is None:
+            raise ValueError("a distillation teacher needs its distill.Distill spec")
         batch = {**batch, **distill.alignment(cfg, batch)}
         kl_weight = (
             spec.weight
@@ -118,12 +121,14 @@ def train_step(
             / jnp.maximum(jnp.sum(batch["kl_mask"].astype(jnp.float32)), 1.0)
         )
 
-        def objective(p, mb):
+        def distill_objective(p, mb):
             teacher_logp = distill.teacher_log_probs(cfg, teacher, mb, spec.temperature)
             logits = forward(cfg, p, mb, False)
             loss, n = cross_entropy_sums(logits, mb)
             kl, m = distill.kl_sums(cfg, teacher_logp, logits, mb["kl_mask"], spec.temperature)
             return loss + kl_weight * kl, (loss, n, kl, m)
+
+        objective = distill_objective
 
     def micro(carry, mb):
         grads, sums = carry
@@ -137,7 +142,7 @@ def train_step(
     grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
     grads = jax.lax.with_sharding_constraint(grads, param_shardings)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params: Params = optax.apply_updates(state.params, updates)  # pyright: ignore[reportAssignmentType]  # optax: any tree
     metrics = {
         "loss": loss_sum / jnp.maximum(count, 1.0),
         "grad_norm": optax.tree.norm(grads),
@@ -153,7 +158,7 @@ def eval_step(
     cfg: ModelConfig,
     params: Params,
     batch: dict[str, jax.Array],
-    teacher: dict | None = None,
+    teacher: Params | None = None,
     spec: distill.Distill | None = None,
 ) -> dict[str, jax.Array]:
     """Summed validation loss and target count, in full-attention and anchor (AnSAN) modes; with a teacher
@@ -163,6 +168,8 @@ def eval_step(
     anchor, _ = cross_entropy_sums(logits, batch)
     out = {"full": full, "anchor": anchor, "targets": n}
     if teacher is not None:
+        if spec is None:
+            raise ValueError("a distillation teacher needs its distill.Distill spec")
         batch = {**batch, **distill.alignment(cfg, batch)}
         teacher_logp = distill.teacher_log_probs(cfg, teacher, batch, spec.temperature)
         out["kl"], out["kl_targets"] = distill.kl_sums(cfg, teacher_logp, logits, batch["kl_mask"], spec.temperature)
@@ -184,16 +191,12 @@ class Trainer:
         opt_shardings = optax.tree_map_params(
             self.tx, lambda _, s: s, opt_abstract, self.param_shardings, transform_non_params=lambda _: repl
         )
-        self.state_shardings = TrainState(repl, self.param_shardings, opt_shardings, repl)
+        # TrainStates of shardings and of abstract arrays: the pytree's twins, to jit and lower with
+        self.state_shardings = TrainState(repl, self.param_shardings, opt_shardings, repl)  # pyright: ignore[reportArgumentType]
+        step, rng = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32)
+        abstract = TrainState(step, abstract_params, opt_abstract, rng)  # pyright: ignore[reportArgumentType]
         self.abstract_state = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            TrainState(
-                jax.ShapeDtypeStruct((), jnp.int32),
-                abstract_params,
-                opt_abstract,
-                jax.ShapeDtypeStruct((2,), jnp.uint32),
-            ),
-            self.state_shardings,
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, self.state_shardings
         )
         batch_sh = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
         self.distill = distill.Distill(tc.distill_weight, tc.distill_temperature) if tc.distill_weight else None
