@@ -13,6 +13,8 @@
 # exits), resumes on a rerun and writes OUT/ab.{md,json,png}. A screening A/B: the cosine arms decay over
 # STEPS=100 (200k tokens each; ~5 x 100 x 20 s = 2.8 h on 2 idle cores, across sittings), and the winner
 # then runs the long recipe's full budget. The arms cost the same per step, so the budget is their steps.
+# Side by side the five arms hold ~14 GB (a 135M model + AdamW each): run nothing big beside them. Launched
+# with setsid, nice alone does not yield (its own autogroup): `echo 19 > /proc/$PID/autogroup` does.
 #   benchmarks/ab_window.sh                                  # the full A/B (resumable: rerun it)
 #   SECONDS_BUDGET=300 STEPS=3 OUT=/tmp/ab-smoke benchmarks/ab_window.sh   # wiring smoke test
 #   benchmarks/ab_window.sh --report-only                    # the table of what ran so far
