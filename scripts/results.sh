@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate the result files that README.md and docs/ cite, into benchmarks/results/, on one machine.
 #
-#   bash scripts/results.sh              # ~28 min on 2 CPU cores (+ ~5 min once: the main job builds data/corpus)
-#   FULL=1 bash scripts/results.sh       # the settings the docs' tables name: ~96 min
+#   bash scripts/results.sh              # ~47 min on 2 idle CPU cores (+ ~5 min once: the main job builds data/corpus)
+#   FULL=1 bash scripts/results.sh       # the settings the docs' tables name: ~117 min
 #   MAIN_JOB=0 bash scripts/results.sh   # the benchmarks only
 #
 # The parts, with their time on the 2-core AMD EPYC machine class when it is otherwise idle: the seconds the
@@ -18,8 +18,8 @@
 #   bench_roofline.py     1k/4k, HF with 2 threads, 1 repeat       ~4   HF with 1 and 2 threads, 2 repeats     ~6
 #   bench_policy_decode   -                                             1k, batch 1 16                         ~3
 #   base-model evaluate   -                                             0-shot x 20 docs, 5-shot x 10 docs     ~22.5
-#   main job              scripts/main_job.sh (README's table)    ~15   the same                               ~15
-#                                                                 ~28                                          ~96
+#   main job              scripts/main_job.sh (README's table)    ~36   the same                               ~36
+#                                                                 ~47                                         ~117
 #
 # The default writes the same files with fewer lengths and repeats (each JSON's provenance names the command):
 # the 16k-token and batch-8 rows of bench_decode, its HF column, the 8k and 30-layer columns of bench_attention
