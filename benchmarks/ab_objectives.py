@@ -9,6 +9,9 @@ side by side, so they share the machine equally (on a shared 2-core machine that
 only fair clock); each gets SIGTERM after `--seconds` (train.py saves and exits 0), and
 a rerun resumes them. Training seconds are train.py's `train_s` (time inside optimizer
 steps, validation excluded), so a slower objective pays for its extra compute.
+With `--sequential` the arms run one after another, each to its last step (or `--seconds`
+each), and compare at equal steps: for arms that cost the same per step, in a fraction of
+the memory (one model and optimizer at a time); a rerun skips finished arms and resumes.
 Choose by held-out loss: the arm with the lowest anchor-mode validation loss at the
 common end of the clock, with the full-attention loss beside it (forgetting shows there).
 Prints a table and saves OUT/ab.{json,md,png} (`python -m anjax.report ab --out OUT` redoes them).
@@ -67,6 +70,12 @@ def run_arms(config: str, arms: dict[str, list[str]], out: Path, seconds: float,
             print(f"[ab] {name} exited with {p.returncode}: see {out / f'{name}.log'}", flush=True)
 
 
+def run_sequentially(config: str, arms: dict[str, list[str]], out: Path, seconds: float, common: list[str]) -> None:
+    """Each arm's train.py in turn (a finished arm's resume ends at once), each stopped after `seconds`."""
+    for name, overrides in arms.items():
+        run_arms(config, {name: overrides}, out, seconds, common)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="the YAML config every arm starts from")
@@ -77,7 +86,12 @@ def main(argv=None) -> int:
         metavar="NAME=OVERRIDES",
         help="an arm: NAME=key=value,key=value (NAME= for the config as is); repeatable",
     )
-    p.add_argument("--seconds", type=float, default=1800, help="wall-clock budget of the side-by-side run")
+    p.add_argument(
+        "--seconds", type=float, default=1800, help="wall-clock budget of the side-by-side run (of each arm in turn)"
+    )
+    p.add_argument(
+        "--sequential", action="store_true", help="run the arms one after another and compare them at equal steps"
+    )
     p.add_argument("--out", default="runs/ab", help="one run directory per arm below this")
     p.add_argument("--set", dest="common", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every arm")
     p.add_argument("--report-only", action="store_true", help="only summarize existing runs")
@@ -91,8 +105,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: config {args.config} does not exist")
     out = Path(args.out)
     if not args.report_only:
-        run_arms(args.config, arms, out, args.seconds, args.common)
-    ab.write_report(out, list(arms), config=args.config, arms=arms, seconds=args.seconds)
+        run = run_sequentially if args.sequential else run_arms
+        run(args.config, arms, out, args.seconds, args.common)
+    clock = "step" if args.sequential else "train_s"
+    ab.write_report(out, list(arms), clock, config=args.config, arms=arms, seconds=args.seconds)
     return 0
 
 

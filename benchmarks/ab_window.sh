@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # Issue #35's A/B at equal wall-clock: does local context (a window of n neighbouring tokens, SepLLM's
 # rule) make AnLLM training worth it? Five arms continue SmolLM2-135M-Instruct on the offline corpus
-# (`python -m anjax.corpus`) side by side from the long recipe (configs/smollm2-135m-ac-long.yaml):
+# (`python -m anjax.corpus`) one after another from the long recipe (configs/smollm2-135m-ac-long.yaml):
 #   ac         AnLLM-AC as today (window 0, AnSAN, cosine to lr/10)
-#   ac-w16     + every token sees its last 16 positions (anchors.window=16)
-#   ac-w64     + its last 64 positions
+#   ac-w64     + every token sees its last 64 positions (anchors.window=64)
 #   sepllm-w64 SepLLM post-training: EP anchors at SepLLM's separators, every token sees earlier
 #              separators (anchors.rule=sepllm), a window of 64 (the training mask has no sinks)
+#   ac-w16     + its last 16 positions
 #   ac-const   AnLLM-AC with a constant learning rate (the plateau met the cosine floor)
 # Chosen by held-out loss in each arm's own anchor mask (and its full-attention loss beside it), never by
-# the tasks; benchmarks/ab_objectives.py runs the arms, stops them after SECONDS_BUDGET (train.py saves and
-# exits), resumes on a rerun and writes OUT/ab.{md,json,png}. A screening A/B: the cosine arms decay over
-# STEPS=100 (200k tokens each; ~5 x 100 x 20 s = 2.8 h on 2 idle cores, across sittings), and the winner
-# then runs the long recipe's full budget. The arms cost the same per step, so the budget is their steps.
-# Side by side the five arms hold ~14 GB (a 135M model + AdamW each): run nothing big beside them. Launched
-# with setsid, nice alone does not yield (its own autogroup): `echo 19 > /proc/$PID/autogroup` does.
+# the tasks; benchmarks/ab_objectives.py --sequential runs the arms in turn (the order above: the baseline
+# and the likeliest winners first), each to its last step or SECONDS_BUDGET (train.py saves and exits),
+# skips finished arms and resumes on a rerun, and writes OUT/ab.{md,json,png} at equal steps. A screening
+# A/B: the cosine arms decay over STEPS=100 (200k tokens each; ~5 x 100 x 20 s = 2.8 h on 2 idle cores,
+# across sittings), and the winner then runs the long recipe's full budget. The arms cost the same per step
+# (the window only changes the mask), so the budget is their steps; one at a time they hold ~3-5 GB (side
+# by side five held ~14 GB). Launched with setsid, nice alone does not yield (its own autogroup):
+# `echo 19 > /proc/$PID/autogroup` does; SIGSTOP/SIGCONT pause it around timed runs.
 #   benchmarks/ab_window.sh                                  # the full A/B (resumable: rerun it)
 #   SECONDS_BUDGET=300 STEPS=3 OUT=/tmp/ab-smoke benchmarks/ab_window.sh   # wiring smoke test
 #   benchmarks/ab_window.sh --report-only                    # the table of what ran so far
@@ -26,10 +28,11 @@ OUT=${OUT:-runs/ab-window}
 CONFIG=${CONFIG:-configs/smollm2-135m-ac-long.yaml}
 SEPARATORS='[".", ",", "?", "!", ";", ":"]'
 exec .venv/bin/python benchmarks/ab_objectives.py --config "$CONFIG" --seconds "$SECONDS_BUDGET" --out "$OUT" \
+  --sequential \
   --arm ac= \
-  --arm ac-w16=anchors.window=16 \
   --arm ac-w64=anchors.window=64 \
   --arm "sepllm-w64=anchors.mode=ep,anchors.tokens=$SEPARATORS,anchors.rule=sepllm,anchors.window=64" \
+  --arm ac-w16=anchors.window=16 \
   --arm ac-const=train.schedule=constant \
   --set "train.steps=$STEPS" eval.every=25 eval.batches=8 checkpoint.every=25 checkpoint.keep=1 \
   log.tensorboard=false checkpoint.export_hf=false "$@"

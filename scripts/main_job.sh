@@ -2,7 +2,7 @@
 # The main job, end to end: make an AnLLM-AC from the embedded SmolLM2-135M and use it.
 #   1. continued pre-training with the anchor mask (train.py; validation loss in both modes), first, so that
 #      RUN is the run directory anjax made (train.py refuses a folder holding files it did not write)
-#   2. zero-shot slice of the eight tasks on the base model (full cache, and EP anchor cache)
+#   2. zero-shot slice of the eight tasks on the base model (full cache, and EP anchor cache; Acc and C↓)
 #   3. export to Hugging Face format (python -m anjax.export)
 #   4. the same zero-shot slice on the AnLLM-AC (full and anchor cache: Acc, C↓, T↑)
 #   5. a generation demo with cache statistics (infer.py)
@@ -33,8 +33,9 @@ stage 1 "continued pre-training as AnLLM-AC ($CONFIG, data: $DATA)"
 $PY train.py --config "$CONFIG" --set run.dir="$RUN" checkpoint.export_hf=false "${data_arg[@]}" $TRAIN_SET
 
 stage 2 "evaluate the base model: $TASKS, $LIMIT docs each, zero-shot"
+# accuracy and C↓ only: the base model is the reference, and T↑'s extra paths (recomputation) would add ~40%
 $PY -m anjax.evaluate "${base_arg[@]}" --tasks "$TASKS" --limit "$LIMIT" --shots 0 --cache full,anchor \
-    --anchor-mode ep --out-dir "$RUN/eval" --name before
+    --anchor-mode ep --no-timing --out-dir "$RUN/eval" --name before
 
 stage 3 "export to Hugging Face format"
 $PY -m anjax.export --model "$RUN" --out "$RUN/hf"

@@ -63,9 +63,13 @@ else
 fi
 
 if [ "$MAIN_JOB" = 1 ]; then
-    part main_job env RUN=runs/main-job bash scripts/main_job.sh
+    # the docs' main-job tables evaluate 50 documents per task; the default 10 (wider intervals, the same files)
+    if [ "$FULL" = 1 ]; then limit=50; else limit=10; fi
+    # a new run directory each time: an existing one would resume (train.py, evaluate) instead of rerunning
+    run=runs/results-main-job-$(date -u +%Y%m%d-%H%M%S)
+    part main_job env RUN=$run LIMIT=$limit bash scripts/main_job.sh
     mkdir -p $R/main_job
-    cp runs/main-job/eval/before.md runs/main-job/eval/before.png runs/main-job/eval/after.md \
-        runs/main-job/eval/after.png runs/main-job/metrics.jsonl runs/main-job/loss.png runs/main-job/demo.json $R/main_job/
+    cp $run/eval/before.md $run/eval/before.png $run/eval/after.md $run/eval/after.png $run/metrics.jsonl \
+        $run/loss.png $run/demo.json $R/main_job/
 fi
 echo "results in $R/; seconds per part in $TIMES"

@@ -131,6 +131,21 @@ def test_ab_report_compares_arms_at_the_common_end_of_the_clock(tmp_path, capsys
     assert (tmp_path / "ab.png").stat().st_size > 0
 
 
+def test_ab_report_on_the_step_clock_compares_at_the_shortest_arms_last_step(tmp_path):
+    """Arms run one after another (`ab_objectives.py --sequential`) compare at equal steps, whatever their seconds."""
+    for arm, (steps, seconds) in {"done": ([0, 25, 50, 75], [0, 9, 18, 27]), "cut": ([0, 25, 50], [0, 30, 60])}.items():
+        (tmp_path / arm).mkdir()
+        lines = [
+            {"step": i, "train_s": t, "val_loss_full": 3.0, "val_loss_anchor": 5.0 - 0.01 * i}
+            for i, t in zip(steps, seconds)
+        ]
+        (tmp_path / arm / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    rows = ab.summarize(ab.curves(tmp_path, ["done", "cut"]), "step")
+    assert [(r["arm"], r["step"], r["last_step"]) for r in rows] == [("done", 50, 75), ("cut", 50, 50)]
+    assert report.main(["ab", "--out", str(tmp_path), "--clock", "step"]) == 0
+    assert json.loads((tmp_path / "ab.json").read_text())["clock"] == "step"
+
+
 def test_unknown_report_is_a_usage_error():
     with pytest.raises(ValueError, match="unknown report 'bogus': one of quality, policies, compare, curve, ab"):
         report.main(["bogus"])

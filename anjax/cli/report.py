@@ -138,6 +138,12 @@ def ab_arms(argv: list[str]) -> int:
         help="an arm to include (NAME or NAME=OVERRIDES as benchmarks/ab_objectives.py takes it; repeatable; "
         "default: every directory of --out holding a metrics.jsonl)",
     )
+    p.add_argument(
+        "--clock",
+        choices=ab.CLOCKS,
+        default="train_s",
+        help="compare at the common end of training seconds (arms run side by side) or of steps (one after another)",
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
     if not out.is_dir():
@@ -146,7 +152,7 @@ def ab_arms(argv: list[str]) -> int:
     names = names or sorted(d.name for d in out.iterdir() if (d / "metrics.jsonl").is_file())
     if not names:
         p.error(f"--out {out}: no arm (a directory holding metrics.jsonl) below it")
-    ab.write_report(out, names, arms=names)
+    ab.write_report(out, names, args.clock, arms=names)
     return 0
 
 

@@ -2,9 +2,10 @@
 it) against its training seconds, from the arms' run directories (`python -m anjax.report ab`; the arms are
 run by benchmarks/ab_objectives.py).
 
-Training seconds are train.py's `train_s` (time inside optimizer steps, validation excluded), so a slower
-objective pays for its extra compute. The arms compare at the common end of the clock: each arm's last
-validation at or before the shortest arm's last.
+The clock is train.py's `train_s` (time inside optimizer steps, validation excluded; arms side by side, so
+a slower objective pays for its extra compute) or its `step` (arms one after another, where seconds depend on
+what else ran then; fair when the arms cost the same per step). The arms compare at the common end of the
+clock: each arm's last validation at or before the shortest arm's last.
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ def curves(out: Path, names: list[str]) -> dict[str, list[dict]]:
     return result
 
 
-def summarize(curves_by_arm: dict[str, list[dict]]) -> list[dict]:
-    """One row per arm at the common end of the clock: its last validation at or before the shortest arm's last."""
-    ends = [c[-1].get("train_s", 0.0) for c in curves_by_arm.values() if c]
+CLOCKS = ("train_s", "step")
+
+
+def summarize(curves_by_arm: dict[str, list[dict]], clock: str = "train_s") -> list[dict]:
+    """One row per arm at the common end of the clock (`train_s` or `step`): its last validation at or before
+    the shortest arm's last."""
+    ends = [c[-1].get(clock, 0.0) for c in curves_by_arm.values() if c]
     common_end = min(ends) if ends else 0.0
     rows = []
     for name, c in curves_by_arm.items():
-        upto = [r for r in c if r.get("train_s", 0.0) <= common_end + 1e-9] or c[:1]
+        upto = [r for r in c if r.get(clock, 0.0) <= common_end + 1e-9] or c[:1]
         if not upto:
             continue
         r, first = upto[-1], c[0]
@@ -64,7 +69,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(curves_by_arm: dict[str, list[dict]], path) -> None:
+def plot(curves_by_arm: dict[str, list[dict]], path, clock: str = "train_s") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,10 +79,12 @@ def plot(curves_by_arm: dict[str, list[dict]], path) -> None:
     for name, c in curves_by_arm.items():
         if not c:
             continue
-        t = [r.get("train_s", 0.0) for r in c]
+        t = [r.get(clock, 0.0) for r in c]
         (line,) = ax.plot(t, [r["val_loss_anchor"] for r in c], marker="o", label=f"{name} (anchor mask)")
         ax.plot(t, [r["val_loss_full"] for r in c], ls="--", color=line.get_color(), label=f"{name} (full)")
-    ax.set_xlabel("training seconds (validation excluded; arms side by side)")
+    ax.set_xlabel(
+        "training seconds (validation excluded; arms side by side)" if clock == "train_s" else "optimizer step"
+    )
     ax.set_ylabel("held-out loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -86,14 +93,14 @@ def plot(curves_by_arm: dict[str, list[dict]], path) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, names: list[str], **meta) -> list[dict]:
-    """OUT/ab.{md,json,png} of the arms `names` (run directories below `out`); `meta` (the config, the arms'
-    overrides, the seconds) goes into the JSON. Returns the table's rows."""
+def write_report(out: Path, names: list[str], clock: str = "train_s", **meta) -> list[dict]:
+    """OUT/ab.{md,json,png} of the arms `names` (run directories below `out`) at the common end of `clock`;
+    `meta` (the config, the arms' overrides, the seconds) goes into the JSON. Returns the table's rows."""
     by_arm = curves(out, names)
-    rows = summarize(by_arm)
+    rows = summarize(by_arm, clock)
     table = markdown(rows)
     print(table)
-    data = {**meta, "rows": rows, "curves": by_arm}
-    outputs.write_report(out, "ab", table, data, lambda d, file: plot(d["curves"], file))
+    data = {**meta, "clock": clock, "rows": rows, "curves": by_arm}
+    outputs.write_report(out, "ab", table, data, lambda d, file: plot(d["curves"], file, clock))
     print(f"[ab] wrote {out / 'ab.md'}, {out / 'ab.json'}, {out / 'ab.png'}")
     return rows
