@@ -5,7 +5,8 @@
 Each (topology, cache) is one `python -m anjax.aot --step slots` (`anjax.aot.serve.max_slots`): the server's
 decode step (`python -m anjax.serve`, bf16, slots donated) compiled for the topology's devices at growing slot
 counts until the largest that fits is bracketed (minutes per compile on a CPU). Every report is kept in
-DIR/TAG.json (default benchmarks/results/aot_serving) and reused: an interrupted run resumes. Writes
+DIR/TAG.json (default benchmarks/results/aot_serving) and reused: an interrupted run resumes, and a search that
+spent its compiles unbracketed continues from them (`--slots-from`). Writes
 benchmarks/results/aot_serving_capacity.{json,md} with provenance.
 
 Full cache: 4,096 slots per sequence. Anchor cache: `ANCHOR_CAPACITY` = 512 slots. The trained AnLLM-AC keeps
@@ -42,20 +43,28 @@ CACHES = [("full", CONTEXT), ("anchor", ANCHOR_CAPACITY)]
 
 
 def run(tag: str, topology: str, mesh: str, cache: str, capacity: int, work: Path) -> dict:
+    """The slots search's report, kept in WORK/TAG_CACHE.json; a kept search that ended unbracketed (its compiles
+    spent) is continued from its compiles until bracketed."""
     out = work / f"{tag}_{cache}.json"
-    if out.is_file():
-        return json.loads(out.read_text())
-    cmd = [sys.executable, "-m", "anjax.aot", *MODEL, "--topology", topology, "--mesh", mesh]
-    cmd += ["--step", "slots", "--capacity", str(capacity), "--cache", cache, "--json"]
-    start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"error: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    report = json.loads(proc.stdout)
-    report["wall_seconds"] = round(time.monotonic() - start, 1)
-    work.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    return report
+    earlier = json.loads(out.read_text()) if out.is_file() else None
+    while earlier is None or not earlier["steps"][0]["bracketed"]:
+        cmd = [sys.executable, "-m", "anjax.aot", *MODEL, "--topology", topology, "--mesh", mesh]
+        cmd += ["--step", "slots", "--capacity", str(capacity), "--cache", cache, "--json"]
+        cmd += ["--slots-from", str(out)] if earlier else []
+        start = time.monotonic()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"error: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        report = json.loads(proc.stdout)
+        report["wall_seconds"] = round(time.monotonic() - start + (earlier or {}).get("wall_seconds", 0), 1)
+        if earlier and len(report["steps"][0]["search"]) == len(earlier["steps"][0]["search"]):
+            raise SystemExit(f"error: {out}: the search cannot go on (no batch left to compile)")
+        work.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(out)  # a kill leaves the last complete report
+        earlier = report
+    return earlier
 
 
 def row(r: dict, cache: str) -> dict:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from anjax import cli
 from anjax.aot import serve
@@ -23,6 +25,18 @@ from anjax.aot.train import train_report
 from anjax.core.config import DTYPES, num_params
 from anjax.eval import provenance
 from anjax.train import run_config
+
+
+def earlier_search(path: Path | None) -> dict[str, Any] | None:
+    """The slots search of an earlier `--step slots --json` report (`--slots-from`), to continue; None without."""
+    if path is None:
+        return None
+    text = cli.check_readable_file(path, "--slots-from").read_text()
+    try:
+        report = json.loads(text)
+        return next(s for s in report["steps"] if "search" in s)
+    except (ValueError, KeyError, TypeError, StopIteration):
+        raise cli.UsageError(f"--slots-from {path}: not a `python -m anjax.aot --step slots --json` report") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,12 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dtype", choices=DTYPES, default=None, help="inference parameters and compute (default: the config's)"
     )
+    parser.add_argument(
+        "--slots-from",
+        type=Path,
+        default=None,
+        metavar="REPORT",
+        help="continue the unbracketed slots search of this earlier `--step slots --json` report (same arguments)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     prov = provenance.begin("python -m anjax.aot", sys.argv[1:] if argv is None else argv)
     for name in ("batch", "capacity", "chunk", "new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    earlier = earlier_search(args.slots_from)
     rc = run_config.load(args.config, cli.overrides(args))
     cfg = model_config(rc, args.model_shape)
     if args.cache == "anchor" and not cfg.anchor_ids:
@@ -88,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if step == "train":
             steps.append(train_report(rc, cfg, target))
         elif step == "slots":
-            steps.append(serve.max_slots(icfg, target, mesh, args.capacity, anchor))
+            steps.append(serve.max_slots(icfg, target, mesh, args.capacity, anchor, earlier))
         else:
             sizes = (args.batch, args.capacity, args.chunk, args.new_tokens, anchor)
             steps.append(serve.serving_report(step, icfg, target, mesh, *sizes))

@@ -144,39 +144,68 @@ def _required_bytes(report: dict[str, Any]) -> float | None:
 
 
 def max_slots(
-    cfg: ModelConfig, target: Target, mesh_sizes: dict[str, int], capacity: int, anchor_cache: bool
+    cfg: ModelConfig,
+    target: Target,
+    mesh_sizes: dict[str, int],
+    capacity: int,
+    anchor_cache: bool,
+    earlier: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The largest server batch (`serve` step, a multiple of data) whose compiled total fits a device's HBM.
 
-    Memory is affine in the batch: total(B) = weights + B x (a row's cache, metadata and temporaries). The
-    first guess counts the KV bytes alone; each compile's total (or, refused, the total the compiler says it
+    Memory is close to affine in the batch: total(B) = weights + B x (a row's cache, metadata and temporaries).
+    The first guess counts the KV bytes alone; each compile's total (or, refused, the total the compiler says it
     needs) gives the per-row cost, hence the next guess, kept strictly between the largest batch that fit and
-    the smallest that did not (bisecting where the guess falls outside), so that the answer ends bracketed: B
-    fits and B + data does not (or `MAX_SEARCH_COMPILES` are spent: `bracketed` false, the search says where).
+    the smallest that did not (bisecting where the guess falls outside: on TPUs the temporaries can jump with
+    the batch), so that the answer ends bracketed: B fits and B + data does not (or `MAX_SEARCH_COMPILES` are
+    spent: `bracketed` false, the search says where). `earlier`, an unbracketed result of this function for the
+    same step, is continued: its compiles count as tried and the search bisects between them.
     Returns the `serve` report at the largest batch that fit (`max_batch`; 0 when none
     did) with every compile tried (`search`)."""
     data, tensor = mesh_sizes["data"], mesh_sizes["tensor"]
     down = lambda b: max(data, int(b) // data * data)  # noqa: E731
+    tried: dict[int, dict[str, Any]] = {}
+    if earlier:
+        tried = {t["batch"]: {"fits": t["fits"], "total_bytes": t["total_bytes"]} for t in earlier["search"]}
+        if earlier["max_batch"]:  # its full report, returned if no larger batch fits now
+            tried[earlier["max_batch"]] = {k: v for k, v in earlier.items() if k not in _SEARCH_KEYS}
     weights = num_params(cfg) * jnp.dtype(cfg.param_dtype).itemsize / tensor
     batch = down((target.hbm_bytes - weights) / (kv_bytes(cfg, 1, capacity + 1) / tensor))
-    tried: dict[int, dict[str, Any]] = {}
-    for _ in range(MAX_SEARCH_COMPILES):
+    if tried:
+        batch = _next_batch(tried, data, None)
+    compiles = 0
+    while batch is not None and compiles < MAX_SEARCH_COMPILES:
         r = tried[batch] = serving_report("serve", cfg, target, mesh_sizes, batch, capacity, 1, 1, anchor_cache)
-        best = max((b for b, t in tried.items() if t["fits"]), default=0)
-        if best and best + data in tried or not best and batch == data:
-            break
+        compiles += 1
         need = _required_bytes(r)
         fixed = r["argument_bytes_by_group"]["params"] + r.get("code_bytes", 0)
-        nxt = down((target.hbm_bytes - fixed) / ((need - fixed) / batch)) if need else down(batch / 2)
-        fail = min((b for b, t in tried.items() if not t["fits"]), default=None)
-        if best and fail is not None and not best < nxt < fail:  # the affine guess left the bracket: bisect it
-            nxt = max(down((best + fail) / 2), best + data)
-        nxt = max(nxt, best + data) if best else nxt  # kept between the largest fit and the smallest refusal
-        nxt = min(nxt, fail - data) if fail is not None else nxt
-        if nxt in tried:
-            break
-        batch = nxt
+        guess = down((target.hbm_bytes - fixed) / ((need - fixed) / batch)) if need else down(batch / 2)
+        batch = _next_batch(tried, data, guess, r["fits"])
     best = max((b for b, t in tried.items() if t["fits"]), default=0)
     search = [{"batch": b, "fits": t["fits"], "total_bytes": _required_bytes(t)} for b, t in sorted(tried.items())]
     bracketed = bool(best) and best + data in tried
     return {**tried[best or min(tried)], "max_batch": best, "bracketed": bracketed, "search": search}
+
+
+_SEARCH_KEYS = ("max_batch", "bracketed", "search")
+
+
+def _next_batch(tried: dict[int, dict[str, Any]], data: int, guess: int | None, fitted: bool = False) -> int | None:
+    """The next batch to compile: `guess` (from a compile that `fitted` or not) kept strictly between the largest
+    fit and the smallest refusal: at or below the fit, the batch above it when a fit guessed so (confirming the
+    affine model), else, like a guess at or above the refusal or None, their midpoint (a refusal that guesses
+    below a fit means the memory jumped). None once bracketed (fit B, refused B + data) or when the smallest
+    batch is refused."""
+    best = max((b for b, t in tried.items() if t["fits"]), default=0)
+    fail = min((b for b, t in tried.items() if not t["fits"]), default=None)
+    if best and best + data in tried or not best and data in tried:
+        return None
+    if best and guess is not None and guess <= best:
+        guess = best + data if fitted else None
+    if best and fail is not None and (guess is None or guess >= fail):
+        guess = max((best + fail) // 2 // data * data, best + data)
+    elif guess is None:  # only refusals (halve) or only fits (double)
+        guess = max(data, fail // 2 // data * data) if fail is not None else 2 * best
+    guess = max(guess, best + data) if best else guess
+    guess = min(guess, fail - data) if fail is not None else guess
+    return None if guess in tried else guess
