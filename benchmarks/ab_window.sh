@@ -12,8 +12,9 @@
 # the tasks; benchmarks/ab_objectives.py --sequential runs the arms in turn (the order above: the baseline
 # and the likeliest winners first), each to its last step or SECONDS_BUDGET (train.py saves and exits),
 # skips finished arms and resumes on a rerun, and writes OUT/ab.{md,json,png} at equal steps. A screening
-# A/B: the cosine arms decay over STEPS=100 (200k tokens each; ~5 x 100 x 20 s = 2.8 h on 2 idle cores,
-# across sittings), and the winner then runs the long recipe's full budget. The arms cost the same per step
+# A/B: the cosine arms decay over STEPS=100 (200k tokens each), held-out loss at steps 0, 50 and 100 (16k
+# tokens in each mask: ~2 min); ~40 min an arm, ~3.3 h in all on 2 idle cores, across sittings; the winner
+# then runs the long recipe's full budget. The arms cost the same per step
 # (the window only changes the mask), so the budget is their steps; one at a time they hold ~3-5 GB (side
 # by side five held ~14 GB). Launched with setsid, nice alone does not yield (its own autogroup):
 # `echo 19 > /proc/$PID/autogroup` does; SIGSTOP/SIGCONT pause it around timed runs.
@@ -34,5 +35,5 @@ exec .venv/bin/python benchmarks/ab_objectives.py --config "$CONFIG" --seconds "
   --arm "sepllm-w64=anchors.mode=ep,anchors.tokens=$SEPARATORS,anchors.rule=sepllm,anchors.window=64" \
   --arm ac-w16=anchors.window=16 \
   --arm ac-const=train.schedule=constant \
-  --set "train.steps=$STEPS" eval.every=25 eval.batches=8 checkpoint.every=25 checkpoint.keep=1 \
+  --set "train.steps=$STEPS" eval.every=50 eval.batches=8 checkpoint.every=25 checkpoint.keep=1 \
   log.tensorboard=false checkpoint.export_hf=false "$@"
