@@ -1,29 +1,31 @@
 #!/usr/bin/env bash
 # Regenerate the result files that README.md and docs/ cite, into benchmarks/results/, on one machine.
 #
-#   bash scripts/results.sh              # ~47 min on 2 idle CPU cores (+ ~5 min once: the main job builds data/corpus)
-#   FULL=1 bash scripts/results.sh       # the settings the docs' tables name: ~117 min
+#   bash scripts/results.sh              # 28 min on 2 idle CPU cores (+ ~5 min once: the main job builds data/corpus)
+#   FULL=1 bash scripts/results.sh       # the settings the docs' tables name: ~110 min
 #   MAIN_JOB=0 bash scripts/results.sh   # the benchmarks only
 #
-# The parts, with their time on the 2-core AMD EPYC machine class when it is otherwise idle: the seconds the
-# recorded result files measured (best-of timings) plus compilation, which they did not record: ~5 s per
-# inference shape (the evaluation reports' compile_seconds: 43-126 s over a whole run) and ~45 s per
-# training-step shape (an estimate). A busy machine takes longer. Each run appends its parts' measured
-# seconds to benchmarks/results/results_sh_times.tsv.
+# The parts, with their wall time on the 2-core AMD EPYC machine class when it is otherwise idle: the default
+# column measured end to end on ef71c79 (1,696 s in all; benchmarks/results/results_sh_times.tsv), the FULL=1
+# column the seconds its result files recorded plus compilation, which they did not record (~5 s per inference
+# shape, ~45 s per training-step shape: estimates). The machine class varies by ~20% between sittings; a
+# busy machine takes longer. Each run appends its parts' measured seconds to results_sh_times.tsv.
 #
 #   part                  default                                 min   FULL=1                                min
-#   bench_train.py        batch 1 2, 1 timed step                  ~3   batch 1 2 4, 3 steps                   ~7.5
-#   bench_attention.py    512-4096, 2 layers, 1 step               ~3   512-8192, 2 steps, 30-layer memory     ~12
-#   bench_decode.py       1k/4k, batch 1 16, no HF column          ~3   1k/4k/16k, batch 1 8 16, HF, 2 reps    ~30
-#   bench_roofline.py     1k/4k, HF with 2 threads, 1 repeat       ~4   HF with 1 and 2 threads, 2 repeats     ~6
+#   bench_train.py        batch 1 2, 1 timed step                 3.1   batch 1 2 4, 3 steps                   ~7.5
+#   bench_attention.py    512-4096, 2 layers, 1 step              2.3   512-8192, 2 steps, 30-layer memory     ~12
+#   bench_decode.py       1k/4k, batch 1 16, no HF column         3.3   1k/4k/16k, batch 1 8 16, HF, 2 reps    ~30
+#   bench_roofline.py     1k/4k, HF with 2 threads, 1 repeat      4.0   HF with 1 and 2 threads, 2 repeats     ~6
 #   bench_policy_decode   -                                             1k, batch 1 16                         ~3
 #   base-model evaluate   -                                             0-shot x 20 docs, 5-shot x 10 docs     ~22.5
-#   main job              scripts/main_job.sh (README's table)    ~36   the same                               ~36
-#                                                                 ~47                                         ~117
+#   main job              scripts/main_job.sh, 10 docs a task    15.6   50 docs a task (README's table)        ~29
+#                         (train 7.6, base model 2.8, AnLLM 4.6)
+#                                                                28.3                                        ~110
 #
-# The default writes the same files with fewer lengths and repeats (each JSON's provenance names the command):
-# the 16k-token and batch-8 rows of bench_decode, its HF column, the 8k and 30-layer columns of bench_attention
-# and the base-model evaluations (docs/results.md) come from FULL=1. Finished investigations are not rerun:
+# The default writes the same files with fewer lengths, repeats and documents (each JSON's provenance names the
+# command): the 16k-token and batch-8 rows of bench_decode, its HF column, the 8k and 30-layer columns of
+# bench_attention, the main job's 50-document tables and the base-model evaluations (docs/results.md) come
+# from FULL=1. Finished investigations are not rerun:
 # benchmarks/investigations/*/NOTES.md. bench_roofline.py adds llama.cpp with requirements-bench.txt installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
