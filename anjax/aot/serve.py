@@ -170,9 +170,8 @@ def max_slots(
         if earlier["max_batch"]:  # its full report, returned if no larger batch fits now
             tried[earlier["max_batch"]] = {k: v for k, v in earlier.items() if k not in _SEARCH_KEYS}
     weights = num_params(cfg) * jnp.dtype(cfg.param_dtype).itemsize / tensor
-    batch = down((target.hbm_bytes - weights) / (kv_bytes(cfg, 1, capacity + 1) / tensor))
-    if tried:
-        batch = _next_batch(tried, data, None)
+    first = down((target.hbm_bytes - weights) / (kv_bytes(cfg, 1, capacity + 1) / tensor))
+    batch = _next_batch(tried, data, None) if tried else first
     compiles = 0
     while batch is not None and compiles < MAX_SEARCH_COMPILES:
         r = tried[batch] = serving_report("serve", cfg, target, mesh_sizes, batch, capacity, 1, 1, anchor_cache)
