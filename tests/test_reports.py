@@ -10,7 +10,7 @@ import pytest
 from conftest import load_script
 
 from anjax.cli import report
-from anjax.eval import compare, intervals
+from anjax.eval import compare, intervals, pareto
 from anjax.train import ab, curves
 
 ab_script = load_script("benchmarks/ab_objectives.py")
@@ -146,6 +146,43 @@ def test_ab_report_on_the_step_clock_compares_at_the_shortest_arms_last_step(tmp
     assert json.loads((tmp_path / "ab.json").read_text())["clock"] == "step"
 
 
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def test_pareto_fronts_of_the_long_anllm_ac_and_every_method(tmp_path, capsys):
+    """On the long AnLLM-AC's committed reports the fronts are the points no other point beats at no more KV
+    (checked by hand against the tables); the anchor cache is on neither. `python -m anjax.report pareto` writes
+    them with both models; a --model without a report is one usage error."""
+    acc = compare.load_report(RESULTS / "policies_anllm_ac_eval.json")
+    ppl = pareto.load_perplexity(RESULTS / "ppl_policies_anllm_ac_chunk32.json")
+    pts = pareto.points(acc, ppl)
+    fronts = {m: {p["cache"] for p in ps if p["front"]} for m, ps in pts.items()}
+    assert fronts == {
+        "acc": {"window@0.05", "h2o@0.1", "h2o@0.2", "snapkv@0.5", "full"},
+        "ppl_ratio": {"snapkv@match-anchor", "h2o@0.1", "full"},
+    }
+    anchor = next(p for p in pts["acc"] if p["cache"] == "anchor")
+    assert anchor["kept"] == pytest.approx(0.3438, abs=1e-4) and anchor["value"] == pytest.approx(0.4375)
+    base = f"base={RESULTS / 'policies_smollm2_eval.json'}"
+    argv = [
+        "pareto",
+        "--model",
+        f"ac={RESULTS / 'policies_anllm_ac_eval.json'},{RESULTS / 'ppl_policies_anllm_ac_chunk32.json'}",
+    ]
+    assert report.main([*argv, "--model", base, "--out-dir", str(tmp_path), "--name", "p"]) == 0
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert set(data["models"]) == {"ac", "base"} and data["models"]["base"]["ppl_ratio"] == []
+    assert "| h2o | 0.2 | 18.4% | 44.8 [42.5, 47.1] | yes |" in (tmp_path / "p.md").read_text()
+    assert (tmp_path / "p.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="--model expects NAME=EVAL.json"):
+        report.main(["pareto", "--model", "ac=", "--out-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="not an anjax.evaluate --perplexity report"):
+        pareto.load(f"ac={RESULTS / 'policies_anllm_ac_eval.json'},{RESULTS / 'policies_anllm_ac_eval.json'}")
+    capsys.readouterr()
+
+
 def test_unknown_report_is_a_usage_error():
-    with pytest.raises(ValueError, match="unknown report 'bogus': one of quality, policies, compare, curve, ab"):
+    with pytest.raises(
+        ValueError, match="unknown report 'bogus': one of quality, policies, compare, curve, ab, pareto"
+    ):
         report.main(["bogus"])

@@ -5,6 +5,7 @@
     python -m anjax.report compare --new A.json --base B.json               # paired differences, two models
     python -m anjax.report curve --run runs/smollm2-135m-ac-long           # held-out loss curve and its trend
     python -m anjax.report ab --out runs/ab                                 # A/B arms at equal wall-clock
+    python -m anjax.report pareto --model AC=EVAL.json,PPL.json --model base=...  # quality vs KV kept, fronts
 
 `python -m anjax.report REPORT --help` lists each report's flags. Every JSON carries its provenance.
 """
@@ -19,7 +20,7 @@ import yaml
 from anjax import cli
 from anjax.cli import evaluate as evaluate_cli
 from anjax.cli import quality
-from anjax.eval import compare, evaluate, policy_report, provenance
+from anjax.eval import compare, evaluate, pareto, policy_report, provenance
 from anjax.io import outputs
 from anjax.train import ab, curves
 
@@ -156,12 +157,44 @@ def ab_arms(argv: list[str]) -> int:
     return 0
 
 
+def pareto_front(argv: list[str]) -> int:
+    p = cli.ArgumentParser(prog=f"{PROG} pareto", description=cli.summary(pareto.__doc__, paragraph=True))
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=EVAL[,PPL]",
+        help="a model: its `anjax.evaluate` report of the tasks (policies at their budgets) and optionally its "
+        "perplexity report of the same caches (repeatable)",
+    )
+    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--name", default="pareto")
+    prov = provenance.begin(f"{PROG} pareto", argv)
+    args = p.parse_args(argv)
+    loaded = [pareto.load(spec) for spec in args.model]
+    if len({name for name, _, _ in loaded}) != len(loaded):
+        p.error("two --model share a name")
+    cli.check_writable_dir(args.out_dir, "--out-dir")
+    models = {name: pareto.points(acc, ppl) for name, acc, ppl in loaded}
+    text = pareto.markdown(models)
+    print(text)
+    sources = {
+        name: {"accuracy": acc.get("provenance"), "perplexity": (ppl or {}).get("provenance")}
+        for name, acc, ppl in loaded
+    }
+    data = {"models": models, "provenance": prov.finish(sources=sources)}
+    outputs.write_report(args.out_dir, args.name, text, data, lambda d, path: pareto.plot(d["models"], path))
+    print(f"wrote {Path(args.out_dir) / args.name}.md, .json, .png")
+    return 0
+
+
 REPORTS = {
     "quality": quality.main,
     "policies": policies,
     "compare": compare_models,
     "curve": curve,
     "ab": ab_arms,
+    "pareto": pareto_front,
 }
 
 
