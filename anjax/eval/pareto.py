@@ -122,8 +122,6 @@ def plot(models: dict[str, dict[str, list[dict]]], path) -> None:
             ax.plot([], [], "os^Dv"[k % 5], color="gray", label=model)
         for m in methods:
             ax.plot([], [], "o", color=colour[m], label=m)
-        if metric == "ppl_ratio":
-            ax.set_yscale("log")
         ax.set_xlabel("KV kept (fraction of the context)")
         ax.set_ylabel(f"{METRICS[metric]}, 95% intervals")
         ax.set_xlim(0, 1.02)
