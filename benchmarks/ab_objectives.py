@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from anjax.eval import provenance
 from anjax.train import ab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/ab", help="one run directory per arm below this")
     p.add_argument("--set", dest="common", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every arm")
     p.add_argument("--report-only", action="store_true", help="only summarize existing runs")
+    prov = provenance.begin("benchmarks/ab_objectives.py", argv)
     args = p.parse_args(argv)
     arms = dict(parse_arm(a) for a in args.arm)
     if len(arms) != len(args.arm):
@@ -108,7 +110,8 @@ def main(argv=None) -> int:
         run = run_sequentially if args.sequential else run_arms
         run(args.config, arms, out, args.seconds, args.common)
     clock = "step" if args.sequential else "train_s"
-    ab.write_report(out, list(arms), clock, config=args.config, arms=arms, seconds=args.seconds)
+    meta = dict(config=args.config, arms=arms, seconds=args.seconds, provenance=prov.finish())
+    ab.write_report(out, list(arms), clock, **meta)
     return 0
 
 

@@ -143,7 +143,8 @@ def test_ab_report_on_the_step_clock_compares_at_the_shortest_arms_last_step(tmp
     rows = ab.summarize(ab.curves(tmp_path, ["done", "cut"]), "step")
     assert [(r["arm"], r["step"], r["last_step"]) for r in rows] == [("done", 50, 75), ("cut", 50, 50)]
     assert report.main(["ab", "--out", str(tmp_path), "--clock", "step"]) == 0
-    assert json.loads((tmp_path / "ab.json").read_text())["clock"] == "step"
+    data = json.loads((tmp_path / "ab.json").read_text())
+    assert data["clock"] == "step" and data["provenance"]["command"].startswith("python -m anjax.report ab")
 
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"

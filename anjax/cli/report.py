@@ -145,6 +145,7 @@ def ab_arms(argv: list[str]) -> int:
         default="train_s",
         help="compare at the common end of training seconds (arms run side by side) or of steps (one after another)",
     )
+    prov = provenance.begin(f"{PROG} ab", argv)
     args = p.parse_args(argv)
     out = Path(args.out)
     if not out.is_dir():
@@ -153,7 +154,7 @@ def ab_arms(argv: list[str]) -> int:
     names = names or sorted(d.name for d in out.iterdir() if (d / "metrics.jsonl").is_file())
     if not names:
         p.error(f"--out {out}: no arm (a directory holding metrics.jsonl) below it")
-    ab.write_report(out, names, args.clock, arms=names)
+    ab.write_report(out, names, args.clock, arms=names, provenance=prov.finish())
     return 0
 
 

@@ -95,7 +95,7 @@ def plot(curves_by_arm: dict[str, list[dict]], path, clock: str = "train_s") -> 
 
 def write_report(out: Path, names: list[str], clock: str = "train_s", **meta) -> list[dict]:
     """OUT/ab.{md,json,png} of the arms `names` (run directories below `out`) at the common end of `clock`;
-    `meta` (the config, the arms' overrides, the seconds) goes into the JSON. Returns the table's rows."""
+    `meta` (the config, the arms' overrides, the seconds, the provenance) goes into the JSON. Returns the rows."""
     by_arm = curves(out, names)
     rows = summarize(by_arm, clock)
     table = markdown(rows)
