@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from anjax.eval import provenance
+from anjax.io import outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,9 +61,7 @@ def run(tag: str, topology: str, mesh: str, cache: str, capacity: int, work: Pat
         if earlier and len(report["steps"][0]["search"]) == len(earlier["steps"][0]["search"]):
             raise SystemExit(f"error: {out}: the search cannot go on (no batch left to compile)")
         work.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(out)  # a kill leaves the last complete report
+        outputs.write_text(out, json.dumps(report, indent=1))  # atomic: a kill leaves the last complete report
         earlier = report
     return earlier
 
