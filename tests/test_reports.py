@@ -10,7 +10,7 @@ import pytest
 from conftest import load_script
 
 from anjax.cli import report
-from anjax.eval import compare, intervals, pareto
+from anjax.eval import compare, intervals, pareto, policy_report
 from anjax.train import ab, curves
 
 ab_script = load_script("benchmarks/ab_objectives.py")
@@ -132,7 +132,8 @@ def test_ab_report_compares_arms_at_the_common_end_of_the_clock(tmp_path, capsys
 
 
 def test_ab_report_on_the_step_clock_compares_at_the_shortest_arms_last_step(tmp_path):
-    """Arms run one after another (`ab_objectives.py --sequential`) compare at equal steps, whatever their seconds."""
+    """Arms run one after another (`ab_objectives.py --sequential`) compare at equal steps, whatever their seconds;
+    the winner is named once every arm reached the last step."""
     for arm, (steps, seconds) in {"done": ([0, 25, 50, 75], [0, 9, 18, 27]), "cut": ([0, 25, 50], [0, 30, 60])}.items():
         (tmp_path / arm).mkdir()
         lines = [
@@ -145,6 +146,11 @@ def test_ab_report_on_the_step_clock_compares_at_the_shortest_arms_last_step(tmp
     assert report.main(["ab", "--out", str(tmp_path), "--clock", "step"]) == 0
     data = json.loads((tmp_path / "ab.json").read_text())
     assert data["clock"] == "step" and data["provenance"]["command"].startswith("python -m anjax.report ab")
+    with pytest.raises(ValueError, match=r"not complete: cut \(step 50\), new \(not started\) short of step 75"):
+        ab.winner(rows, ["done", "cut", "new"])
+    with (tmp_path / "cut" / "metrics.jsonl").open("a") as f:  # the last arm reaches step 75, below "done"
+        f.write(json.dumps({"step": 75, "train_s": 90, "val_loss_full": 3.0, "val_loss_anchor": 4.2}) + "\n")
+    assert ab.winner(ab.summarize(ab.curves(tmp_path, ["done", "cut"]), "step"), ["done", "cut"]) == "cut"
 
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -179,6 +185,47 @@ def test_pareto_fronts_of_the_long_anllm_ac_and_every_method(tmp_path, capsys):
         report.main(["pareto", "--model", "ac=", "--out-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="not an anjax.evaluate --perplexity report"):
         pareto.load(f"ac={RESULTS / 'policies_anllm_ac_eval.json'},{RESULTS / 'policies_anllm_ac_eval.json'}")
+    capsys.readouterr()
+
+
+def _subset(rep: dict, caches: list[str]) -> dict:
+    """The report of only `caches` (as if evaluated with --cache of those)."""
+    tasks = {t: {c: rows[c] for c in caches} for t, rows in rep["tasks"].items()}
+    return {**rep, "caches": caches, "tasks": tasks, "average": {c: rep["average"][c] for c in caches}}
+
+
+def test_reports_of_one_model_merge_into_the_report_of_all_its_caches(tmp_path, capsys):
+    """A cache evaluated later (e.g. training-free SepLLM) joins the earlier report: the base model's committed
+    report split in two (the full cache in both) merges back to the same summary; other documents, another
+    model or a shared cache scored differently are refused; `policies --reports A+B` reports one model."""
+    rep = compare.load_report(RESULTS / "policies_smollm2_eval.json")
+    a, b = _subset(rep, rep["caches"][:5]), _subset(rep, ["full", *rep["caches"][5:]])
+    b["anchor_scheme"] = {**rep["anchor_scheme"], "window": 0, "rule": "ansan"}  # written after the fields came
+    merged = compare.merge([a, b], ["a", "b"])
+    assert merged["caches"] == rep["caches"] and merged["merged_from"] == ["a", "b"]
+    assert policy_report.summary(merged) == policy_report.summary(rep)
+    other_docs = json.loads(json.dumps(b))
+    other_docs["tasks"]["boolq"]["h2o@0.5"]["doc_ids"][0] = -1
+    with pytest.raises(ValueError, match="b: task boolq scored other documents"):
+        compare.merge([a, other_docs], ["a", "b"])
+    with pytest.raises(ValueError, match="b: its model 'other' differs"):
+        compare.merge([a, {**b, "model": "other"}], ["a", "b"])
+    with pytest.raises(ValueError, match="b: its anchor scheme .* differs"):
+        compare.merge([a, {**b, "anchor_scheme": {**b["anchor_scheme"], "window": 64}}], ["a", "b"])
+    flipped = json.loads(json.dumps(b))
+    acc = flipped["tasks"]["piqa"]["full"]["acc_per_doc"]
+    acc[:10] = [1 - x for x in acc[:10]]  # 5% of 200 documents
+    with pytest.raises(ValueError, match="task piqa, cache full: 10 of 200 documents scored differently"):
+        compare.merge([a, flipped], ["a", "b"])
+    for name, r in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    spec = f"{tmp_path / 'a.json'}+{tmp_path / 'b.json'}"
+    assert report.main(["policies", "--no-run", "--reports", spec, "--out-dir", str(tmp_path), "--name", "p"]) == 0
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert list(data["models"]) == ["SmolLM2-135M-Instruct (a+b)"]
+    assert data["models"]["SmolLM2-135M-Instruct (a+b)"] == policy_report.summary(rep)
+    with pytest.raises(ValueError, match=r"--reports: no such file .*missing.json"):
+        report.main(["policies", "--no-run", "--reports", f"{tmp_path / 'a.json'}+{tmp_path / 'missing.json'}"])
     capsys.readouterr()
 
 

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
@@ -27,12 +26,27 @@ from anjax.train import ab, curves
 PROG = "python -m anjax.report"
 
 
+def load_reports(spec: str, option: str) -> dict:
+    """An evaluate report, or several of one model merged (`anjax.eval.compare.load_reports`); UsageError naming
+    `option` when it cannot be read or merged."""
+    try:
+        return compare.load_reports(spec)
+    except ValueError as e:
+        raise cli.UsageError(f"{option}: {e}") from None
+
+
 def policies(argv: list[str]) -> int:
     """Evaluate a model with the anchor cache and every policy at equal budgets (`anjax.evaluate`, resumable),
     then plot accuracy against the KV kept for it and every --reports JSON (one panel per model)."""
     p = cli.ArgumentParser(prog=f"{PROG} policies", description=cli.summary(policy_report.__doc__, paragraph=True))
     p.add_argument("--model", default=None, help="evaluate this model first (HF dir, GGUF, anjax run; default SmolLM2)")
-    p.add_argument("--reports", nargs="*", default=[], help="existing evaluate JSON reports to include")
+    p.add_argument(
+        "--reports",
+        nargs="*",
+        default=[],
+        help="existing evaluate JSON reports to include (A.json+B.json: one model's reports merged, e.g. a cache "
+        "evaluated later)",
+    )
     p.add_argument("--no-run", action="store_true", help="only report --reports (evaluate nothing)")
     p.add_argument("--tasks", default=",".join(evaluate.DEFAULT_TASKS))
     p.add_argument("--limit", type=int, default=200, help="first N documents per task")
@@ -44,13 +58,10 @@ def policies(argv: list[str]) -> int:
     p.add_argument("--name", default="policies")
     prov = provenance.begin(f"{PROG} policies", argv)
     args = p.parse_args(argv)
-    paths = [Path(r) for r in args.reports]
-    if args.no_run and not paths:
+    if args.no_run and not args.reports:
         p.error("nothing to report: give --reports or leave out --no-run")
     cli.check_range("--limit", args.limit, 1)
-    for path in paths:
-        if not path.is_file():
-            p.error(f"--reports: no such file {path}")
+    given = {spec: load_reports(spec, "--reports") for spec in args.reports}
     if not args.no_run:
         anchor_mode = args.anchor_mode or ("ep" if args.model is None else None)
         sepllm = [] if args.no_sepllm else ["sepllm"]
@@ -61,11 +72,11 @@ def policies(argv: list[str]) -> int:
         argv_eval += [] if anchor_mode is None else ["--anchor-mode", anchor_mode]
         print("python -m anjax.evaluate " + " ".join(argv_eval), flush=True)
         evaluate_cli.main(argv_eval)
-        paths.insert(0, Path(args.out_dir) / f"{args.name}_eval.json")
+        path = Path(args.out_dir) / f"{args.name}_eval.json"
+        given = {str(path): compare.load_report(path), **given}
     reports = {}
-    for path in paths:
-        rep = json.loads(path.read_text())
-        reports[f"{rep['model']} ({path.stem})"] = rep
+    for spec, rep in given.items():
+        reports[f"{rep['model']} ({'+'.join(Path(s).stem for s in spec.split('+'))})"] = rep
     models = {m: policy_report.summary(r) for m, r in reports.items()}
     text = policy_report.markdown(models, reports)
     print(text)
@@ -78,8 +89,12 @@ def policies(argv: list[str]) -> int:
 
 def compare_models(argv: list[str]) -> int:
     p = cli.ArgumentParser(prog=f"{PROG} compare", description=cli.summary(compare.__doc__, paragraph=True))
-    p.add_argument("--new", required=True, help="report JSON of the new (trained) model")
-    p.add_argument("--base", required=True, help="report JSON of the base model, same tasks and documents")
+    p.add_argument(
+        "--new", required=True, help="report JSON of the new (trained) model (A.json+B.json: its reports merged)"
+    )
+    p.add_argument(
+        "--base", required=True, help="report JSON of the base model, same tasks and documents (A.json+B.json: merged)"
+    )
     p.add_argument("--pairs", default=",".join(compare.PAIRS), help="comma list of NEWCACHE-BASECACHE")
     p.add_argument("--tasks", default=None, help="comma list: only these tasks (default: all both reports hold)")
     p.add_argument("--out-dir", default="benchmarks/results")
@@ -89,8 +104,7 @@ def compare_models(argv: list[str]) -> int:
     pairs = [tuple(x.split("-", 1)) for x in args.pairs.split(",") if x]
     if not pairs or any(len(x) != 2 or not all(x) for x in pairs):
         p.error(f"--pairs expects NEWCACHE-BASECACHE[,...], got {args.pairs!r}")
-    new = compare.load_report(cli.check_readable_file(args.new, "--new"))
-    base = compare.load_report(cli.check_readable_file(args.base, "--base"))
+    new, base = load_reports(args.new, "--new"), load_reports(args.base, "--base")
     cli.check_writable_dir(args.out_dir, "--out-dir")
     diffs = compare.paired(new, base, pairs, None if args.tasks is None else args.tasks.split(","))
     text = compare.markdown(new, base, diffs)

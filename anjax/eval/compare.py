@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from anjax.eval import intervals, stats
+from anjax.text.anchors import AnchorScheme
 
 PAIRS = ("full-full", "anchor-full", "anchor-anchor")
 
@@ -33,6 +34,71 @@ def load_report(path: Path) -> dict:
     if "tasks" not in rep or "caches" not in rep:
         raise ValueError(f"{path}: not an anjax.evaluate or quality report")
     return rep
+
+
+# Shared caches of merged reports may disagree on this share of a task's documents: a near-tie can flip
+# between CPUs (AMD, Intel); different weights or documents disagree on far more.
+MERGE_DISAGREEMENT = 0.01
+MERGE_FIELDS = ("model", "shots", "limit", "seed", "anchor_mode")
+
+
+def load_reports(spec: str) -> dict:
+    """`A.json` or `A.json+B.json+...`: one report, or the merge (`merge`) of several of one model."""
+    paths = [Path(s) for s in spec.split("+")]
+    if any(not s for s in spec.split("+")):
+        raise ValueError(f"expected REPORT.json or REPORT.json+REPORT.json..., got {spec!r}")
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"no such file {path}")
+    reports = [load_report(path) for path in paths]
+    return reports[0] if len(reports) == 1 else merge(reports, [str(p) for p in paths])
+
+
+def merge(reports: list[dict], names: list[str]) -> dict:
+    """One report of the union of the caches of `reports` (e.g. a cache evaluated later beside the others):
+    the same model, shots, limit, seed, anchor scheme, tasks and documents, and every cache two reports share
+    agreeing per document (but for `MERGE_DISAGREEMENT`); the first report's results of a shared cache are
+    kept. ValueError naming what differs."""
+    first = reports[0]
+    merged = {**first, "caches": [], "tasks": {t: {} for t in first["tasks"]}, "average": {}, "differences": {}}
+    for rep, name in zip(reports, names):
+        for field in MERGE_FIELDS:
+            if rep.get(field) != first.get(field):
+                raise ValueError(f"{name}: its {field} {rep.get(field)!r} differs from {first.get(field)!r}")
+        if _scheme(rep) != _scheme(first):
+            raise ValueError(f"{name}: its anchor scheme {_scheme(rep)} differs from {_scheme(first)}")
+        if set(rep["tasks"]) != set(first["tasks"]):
+            raise ValueError(f"{name}: tasks {sorted(rep['tasks'])} differ from {sorted(first['tasks'])}")
+        for t, rows in rep["tasks"].items():
+            ids = first["tasks"][t][first["caches"][0]]["doc_ids"]
+            for cache, row in rows.items():
+                if row["doc_ids"] != ids:
+                    raise ValueError(f"{name}: task {t} scored other documents; merge only the same documents")
+                if cache in merged["tasks"][t]:
+                    x, y = (np.asarray(r["acc_per_doc"], float) for r in (merged["tasks"][t][cache], row))
+                    if np.mean(x != y) > MERGE_DISAGREEMENT:
+                        raise ValueError(
+                            f"{name}: task {t}, cache {cache}: {int(np.sum(x != y))} of {x.size} documents scored "
+                            "differently (other weights?)"
+                        )
+                else:
+                    merged["tasks"][t][cache] = row
+        for cache in rep["caches"]:
+            if cache not in merged["caches"]:
+                merged["caches"].append(cache)
+                merged["average"][cache] = rep["average"][cache]
+        for diff, value in rep.get("differences", {}).items():
+            merged["differences"].setdefault(diff, value)
+    merged["wall_seconds"] = sum(r.get("wall_seconds", 0.0) for r in reports)
+    merged["merged_from"] = names
+    merged["provenance"] = {"merged": [r.get("provenance") for r in reports]}
+    return merged
+
+
+def _scheme(report: dict) -> dict | None:
+    """The report's anchor scheme with the fields older reports lack at their defaults."""
+    d = report.get("anchor_scheme")
+    return None if d is None else AnchorScheme(**{**d, "tokens": tuple(d["tokens"]), "ids": tuple(d["ids"])}).to_dict()
 
 
 def paired(new: dict, base: dict, pairs: list[tuple[str, str]], only=None, metric: str = "acc") -> dict:

@@ -133,9 +133,10 @@ def plot(models: dict[str, dict[str, list[dict]]], path) -> None:
 
 
 def load(spec: str) -> tuple[str, dict, dict | None]:
-    """'NAME=EVAL.json[,PPL.json]' -> (NAME, accuracy report, perplexity report or None)."""
+    """'NAME=EVAL.json[,PPL.json]' -> (NAME, accuracy report, perplexity report or None); EVAL may be
+    A.json+B.json, one model's reports merged (`anjax.eval.compare.load_reports`)."""
     name, sep, files = spec.partition("=")
-    paths = [Path(f) for f in files.split(",") if f]
-    if not sep or not name or not 1 <= len(paths) <= 2:
+    parts = [f for f in files.split(",") if f]
+    if not sep or not name or not 1 <= len(parts) <= 2:
         raise ValueError(f"--model expects NAME=EVAL.json[,PERPLEXITY.json], got {spec!r}")
-    return name, compare.load_report(paths[0]), load_perplexity(paths[1]) if len(paths) == 2 else None
+    return name, compare.load_reports(parts[0]), load_perplexity(Path(parts[1])) if len(parts) == 2 else None

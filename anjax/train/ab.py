@@ -56,6 +56,17 @@ def summarize(curves_by_arm: dict[str, list[dict]], clock: str = "train_s") -> l
     return sorted(rows, key=lambda row: row["val_loss_anchor"])
 
 
+def winner(rows: list[dict], names: list[str]) -> str:
+    """The arm of `names` with the lowest anchor-mask held-out loss (`summarize`'s rows), once every arm has a row
+    at the same last step (the A/B is complete); ValueError naming the arms short of it."""
+    last = {r["arm"]: r["last_step"] for r in rows}
+    end = max(last.values(), default=0)
+    short = [f"{n} (step {last[n]})" if n in last else f"{n} (not started)" for n in names if last.get(n) != end]
+    if short or not rows:
+        raise ValueError(f"the A/B is not complete: {', '.join(short) or 'no arm'} short of step {end}")
+    return min((r for r in rows if r["arm"] in names), key=lambda r: r["val_loss_anchor"])["arm"]
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| arm | step | train s | val loss full | val loss anchor | anchor − full | full vs step 0 |",
