@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     if not path.is_file():
         raise cli.UsageError(f"--ab {path}: no such file (finish the A/B first: benchmarks/ab_window.sh)")
     report = json.loads(path.read_text())
+    if not isinstance(report.get("arms"), dict) or "config" not in report:
+        raise cli.UsageError(f"--ab {path}: not a report of benchmarks/ab_objectives.py (it names the arms' overrides)")
     try:
         winner = ab.winner(report["rows"], list(report["arms"]))
     except ValueError as e:

@@ -56,6 +56,9 @@ def test_an_unfinished_ab_or_a_wrong_stage_is_one_usage_error(tmp_path):
         window_long.main(["--ab", ab, "--dry-run"])
     with pytest.raises(ValueError, match="--ab .*missing.json: no such file"):
         window_long.main(["--ab", str(tmp_path / "missing.json")])
+    (tmp_path / "cli.json").write_text(json.dumps({"arms": ["ac"], "rows": []}))  # `anjax.report ab`'s: no overrides
+    with pytest.raises(ValueError, match="not a report of benchmarks/ab_objectives.py"):
+        window_long.main(["--ab", str(tmp_path / "cli.json")])
     ab = _ab(tmp_path, {"ac": 100, "ac-w64": 100, "sepllm-w64": 100})
     with pytest.raises(ValueError, match="--from 'bogus': one of train, base, policies, ppl, compare, pareto"):
         window_long.main(["--ab", ab, "--from", "bogus"])
