@@ -53,9 +53,9 @@ def stages(winner: str, arms: dict[str, list[str]], config: str, run: str) -> li
     compare = f"-m anjax.report compare --new {policies} --base {base} --name compare_{tag}_vs_base"
     return [
         ("train", ["train.py", "--config", config, "--set", f"run.dir={run}", *arms[winner]], f"{export}/config.json"),
-        ("base", f"-m anjax.evaluate --cache full,sepllm --anchor-mode ep --limit 200 --out-dir {RESULTS} "
+        ("base", f"-m anjax.evaluate --cache full,sepllm --anchor-mode ep --limit 200 --no-timing --out-dir {RESULTS} "
                  f"--name {Path(BASE_SEPLLM).stem}".split(), None),
-        ("policies", f"-m anjax.report policies --model {export} --limit 200 --name policies_{tag} "
+        ("policies", f"-m anjax.report policies --model {export} --limit 200 --no-timing --name policies_{tag} "
                      f"--reports {base}".split(), None),
         ("ppl", f"-m anjax.evaluate {PPL} --model {export} --out-dir {RESULTS} --name {Path(ppl_new).name}".split(),
          f"{ppl_new}.json"),

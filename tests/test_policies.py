@@ -271,9 +271,10 @@ def test_bad_policy_input_is_one_line_exit_2(args, fragment, tiny_model_dir):
 
 @pytest.mark.slow
 def test_policies_report_resumes(tiny_model_dir, tmp_path, capsys):
-    """`python -m anjax.report policies` evaluates through `anjax.evaluate`: rerun, it takes the saved task."""
+    """`python -m anjax.report policies` evaluates through `anjax.evaluate`: rerun, it takes the saved task;
+    `--no-timing` leaves out T↑."""
     argv = ["--model", str(tiny_model_dir), "--anchor-mode", "ep", "--tasks", "piqa", "--limit", "2"]
-    argv += ["--budget", "match-anchor,0.5", "--out-dir", str(tmp_path), "--name", "p"]
+    argv += ["--budget", "match-anchor,0.5", "--no-timing", "--out-dir", str(tmp_path), "--name", "p"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tasks, "DEFAULT_DATA_DIR", SLICES)
         assert report.policies(argv) == 0
@@ -286,4 +287,5 @@ def test_policies_report_resumes(tiny_model_dir, tmp_path, capsys):
     assert [s["command"].split()[:3] for s in data["provenance"]["sources"].values()] == [
         ["python", "-m", "anjax.evaluate"]
     ]
-    assert "sepllm" in data["models"][next(iter(data["models"]))]
+    rows = data["models"][next(iter(data["models"]))]
+    assert "sepllm" in rows and {r["t_vs_full"] for r in rows.values()} == {None}  # --no-timing: no T↑ column

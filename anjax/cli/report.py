@@ -54,6 +54,7 @@ def policies(argv: list[str]) -> int:
     p.add_argument("--anchor-mode", default=None, choices=("ep", "ac"), help="default: the model's, else ep")
     p.add_argument("--sepllm-window", type=int, default=64, help="training-free SepLLM's neighbouring tokens")
     p.add_argument("--no-sepllm", action="store_true", help="leave out the SepLLM row (an AC model: it reads <AC>)")
+    p.add_argument("--no-timing", action="store_true", help="no T↑ column: skip the extra paths that time it")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--name", default="policies")
     prov = provenance.begin(f"{PROG} policies", argv)
@@ -70,6 +71,7 @@ def policies(argv: list[str]) -> int:
         argv_eval += ["--limit", str(args.limit), "--out-dir", args.out_dir, "--name", f"{args.name}_eval"]
         argv_eval += [] if args.model is None else ["--model", args.model]
         argv_eval += [] if anchor_mode is None else ["--anchor-mode", anchor_mode]
+        argv_eval += ["--no-timing"] if args.no_timing else []
         print("python -m anjax.evaluate " + " ".join(argv_eval), flush=True)
         evaluate_cli.main(argv_eval)
         path = Path(args.out_dir) / f"{args.name}_eval.json"
