@@ -124,20 +124,22 @@ def tiny_model_dir(tiny_params, tiny_tokenizer, tmp_path):
 
 
 def test_cli_perplexity_with_a_policy(tiny_model_dir, tmp_path):
-    """`--perplexity --cache full,h2o --budget 0.5` writes the report: h2o@0.5 with its ppl, interval, paired ratio
-    to full and C↓ (half the row, rounded down)."""
+    """`--perplexity --cache full,h2o,sepllm --budget 0.5` writes the report: h2o@0.5 with its ppl, interval, paired
+    ratio to full and C↓ (half the row, rounded down), and training-free SepLLM with its settings."""
     argv = ["--perplexity", "--model", str(tiny_model_dir), "--data-dir", str(SLICES), "--limit", "2"]
-    argv += ["--cache", "full,h2o", "--budget", "0.5", "--seq-len", "48", "--chunk-size", "8"]
+    argv += ["--cache", "full,h2o,sepllm", "--budget", "0.5", "--seq-len", "48", "--chunk-size", "8"]
     assert evaluate_cli.main([*argv, "--out-dir", str(tmp_path), "--name", "p"]) == 0
     out = json.loads((tmp_path / "p.json").read_text())
     res, ratio = out["results"], out["ratios"]["h2o@0.5 / full"]
-    assert list(res) == ["full", "h2o@0.5"] and res["h2o@0.5"]["tokens"] == res["full"]["tokens"] > 50
+    assert list(res) == ["full", "sepllm", "h2o@0.5"] and res["h2o@0.5"]["tokens"] == res["full"]["tokens"] > 50
     assert 0.5 <= res["h2o@0.5"]["c_reduction"] < 0.6 and res["full"]["c_reduction"] == 0
     assert ratio["ppl_ratio"] == pytest.approx(res["h2o@0.5"]["ppl"] / res["full"]["ppl"], rel=1e-9)
     assert ratio["ppl_ratio_ci"][0] <= ratio["ppl_ratio"] <= ratio["ppl_ratio_ci"][1] and ratio["ppl_ratio"] != 1
-    assert out["policies"] == {"h2o": {"kind": "h2o", "sink": 4, "obs": 8, "kernel": 5}} and out["chunk_size"] == 8
+    assert out["policies"]["h2o"] == {"kind": "h2o", "sink": 4, "obs": 8, "kernel": 5} and out["chunk_size"] == 8
     assert out["policy_chunk"] == 1  # h2o evicts after every token, whatever the full cache's chunk
-    assert "| tiny | h2o@0.5 |" in (tmp_path / "p.md").read_text()
+    text = (tmp_path / "p.md").read_text()
+    assert "| tiny | h2o@0.5 |" in text and "| tiny | sepllm |" in text
+    assert "sepllm (window 64, sink 4, separators . , ? ! ; :)" in text
 
 
 @pytest.mark.parametrize(

@@ -195,7 +195,10 @@ def markdown(report: dict) -> str:
 
 
 def _settings(policy: dict) -> str:
-    """The settings that matter for a policy kind (as `anjax.inference.policies.Policy` fields)."""
+    """The settings that matter for a policy kind (as `anjax.inference.policies.Policy` fields) or for
+    training-free SepLLM (`SepLLM`, which has no kind)."""
+    if "kind" not in policy:
+        return f"(window {policy['window']}, sink {policy['sink']}, separators {' '.join(policy['separators'])})"
     keys = {"window": ("sink",), "snapkv": ("obs", "kernel"), "h2o": ()}[policy["kind"]]
     return "(" + ", ".join(f"{k} {policy[k]}" for k in keys) + ")" if keys else "(recent half + heavy half)"
 
