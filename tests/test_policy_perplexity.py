@@ -123,9 +123,10 @@ def tiny_model_dir(tiny_params, tiny_tokenizer, tmp_path):
     return hf.save_hf_dir(*tiny_params, tiny_tokenizer, tmp_path / "tiny")
 
 
-def test_cli_perplexity_with_a_policy(tiny_model_dir, tmp_path):
+def test_cli_perplexity_with_a_policy(tiny_model_dir, tmp_path, capsys):
     """`--perplexity --cache full,h2o,sepllm --budget 0.5` writes the report: h2o@0.5 with its ppl, interval, paired
-    ratio to full and C↓ (half the row, rounded down), and training-free SepLLM with its settings."""
+    ratio to full and C↓ (half the row, rounded down), and training-free SepLLM with its settings; a rerun takes each
+    cache's saved scores."""
     argv = ["--perplexity", "--model", str(tiny_model_dir), "--data-dir", str(SLICES), "--limit", "2"]
     argv += ["--cache", "full,h2o,sepllm", "--budget", "0.5", "--seq-len", "48", "--chunk-size", "8"]
     assert evaluate_cli.main([*argv, "--out-dir", str(tmp_path), "--name", "p"]) == 0
@@ -140,6 +141,20 @@ def test_cli_perplexity_with_a_policy(tiny_model_dir, tmp_path):
     text = (tmp_path / "p.md").read_text()
     assert "| tiny | h2o@0.5 |" in text and "| tiny | sepllm |" in text
     assert "sepllm (window 64, sink 4, separators . , ? ! ; :)" in text
+
+    # each cache was saved as it finished: a rerun scores none again, a changed setting is refused
+    assert sorted(f.name for f in (tmp_path / "p.caches").iterdir()) == ["full.json", "h2o@0.5.json", "sepllm.json"]
+    first = out["results"]
+    assert evaluate_cli.main([*argv, "--out-dir", str(tmp_path), "--name", "p"]) == 0
+    assert "sepllm: saved in" in capsys.readouterr().out
+    again = json.loads((tmp_path / "p.json").read_text())["results"]
+    assert {c: (r["nll_per_row"], r["c_reduction"]) for c, r in again.items()} == {
+        c: (r["nll_per_row"], r["c_reduction"]) for c, r in first.items()
+    }
+    with pytest.raises(
+        ValueError, match=r"p.caches/full.json holds full scored with other settings \(chunk_size differ"
+    ):
+        evaluate_cli.main([*argv[:-1], "16", "--out-dir", str(tmp_path), "--name", "p"])
 
 
 @pytest.mark.parametrize(

@@ -36,18 +36,25 @@ the match favours the policy slightly.
 Every cache scores the same rows, so anchor / full perplexity is paired: its
 95% interval (like each perplexity's) is a bootstrap over rows (`anjax.eval.stats`,
 seeded): ratio = exp((Σ NLL_anchor − Σ NLL_full) / Σ tokens) over resampled rows.
+
+With `--out-dir`, each finished cache's per-row scores are saved in OUT_DIR/NAME.caches/ with what they depend on
+(`resumable`): a rerun of the same command scores only the caches it lacks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
-from anjax.eval import stats, tasks
+from anjax.eval import resume, stats, tasks
 from anjax.eval.evaluate import SEPLLM, parse_budget, policy_of, row_budgets, sepllm_of, sepllm_scorer
 from anjax.inference.policies import Policy, SepLLM
 from anjax.inference.scoring import Scorer, ScoringModel
@@ -100,23 +107,28 @@ def perplexity(
     seed: int = stats.SEED,
     policies: dict[str, Policy | SepLLM] | None = None,
     streamer: Scorer | None = None,
+    saved: Callable[[str, Callable[[], dict]], dict] | None = None,
 ) -> dict[str, dict]:
     """{cache: ppl and its interval, nll per token, scored tokens, C↓, seconds, per-row nll/tokens}.
 
     A cache POLICY@BUDGET (`anjax.eval.evaluate.parse_caches`) streams each row with that policy (settings
     from `policies`, else its defaults) at `row_budgets`, through `streamer` (default `scorer`), which
-    evicts after every chunk of its `chunk_size`."""
+    evicts after every chunk of its `chunk_size`. `saved(cache, score)`: a cache's saved scores, or `score()`'s
+    once saved (`resumable`)."""
     out = {}
     streamer = streamer or scorer
-    for cache in caches:
+
+    def score(cache: str) -> dict:
         if "@" in cache:
             kind, budget = cache.split("@", 1)
             budgets = row_budgets(rows, parse_budget(budget), scorer.model.anchor_ids, scorer.model.cfg.anchor_window)
-            res = streamer.sequence_nll(rows, policy_of(policies, kind), scored, budgets)
-        elif cache == SEPLLM:
-            res = sepllm_scorer(scorer, sepllm_of(policies)).sequence_nll(rows, "anchor", scored)
-        else:
-            res = scorer.sequence_nll(rows, cache, scored)
+            return streamer.sequence_nll(rows, policy_of(policies, kind), scored, budgets)
+        if cache == SEPLLM:
+            return sepllm_scorer(scorer, sepllm_of(policies)).sequence_nll(rows, "anchor", scored)
+        return scorer.sequence_nll(rows, cache, scored)
+
+    for cache in caches:
+        res = score(cache) if saved is None else saved(cache, functools.partial(score, cache))
         n = sum(res["tokens"])
         nll = sum(res["nll"]) / n
         full = sum(len(r) - 1 for r in rows)
@@ -203,21 +215,45 @@ def _settings(policy: dict) -> str:
     return "(" + ", ".join(f"{k} {policy[k]}" for k in keys) + ")" if keys else "(recent half + heavy half)"
 
 
+def resumable(store_dir: Path, model: ScoringModel, rows, scored, settings: dict) -> Callable:
+    """`perplexity`'s `saved`: each cache's scores saved in STORE_DIR/<cache>.json (`anjax.eval.resume.TaskStore`)
+    with what they depend on (the weights and scheme, the rows as scored, `settings`: sizes and policies), so a
+    rerun with the same arguments scores only the caches it lacks; a saved cache of other settings is an error."""
+    store = resume.TaskStore(store_dir)
+    digest = hashlib.sha256(json.dumps([rows, scored]).encode()).hexdigest()
+    base = {**resume.model_fingerprint(model), **settings, "rows": len(rows), "rows_sha256": digest}
+
+    def saved(cache: str, score: Callable[[], dict]) -> dict:
+        fingerprint = json.loads(json.dumps({**base, "cache": cache}))
+        if cache in store.check({cache: fingerprint}):
+            print(f"{cache}: saved in {store.root}", flush=True)
+            return store.load(cache)["result"]  # pyright: ignore[reportOptionalSubscript]  # check found it
+        res = score()
+        store.save(cache, fingerprint, res)
+        return res
+
+    return saved
+
+
 def report(
     args,
     texts: Sequence[str],
     caches: Sequence[str],
     model: ScoringModel,
     policies: dict[str, Policy | SepLLM] | None = None,
+    store_dir: Path | None = None,
 ) -> dict:
     """The perplexity report of `texts` for evaluate's arguments (`seq_len`, `ac_every`, batch, bootstrap);
-    `policies`: the settings of the policies in `caches`."""
+    `policies`: the settings of the policies in `caches`; with `store_dir`, resumable cache by cache."""
     scorer = Scorer(model, batch_size=args.batch_size, chunk_size=args.chunk_size)
     streamer = Scorer(model, batch_size=args.batch_size, chunk_size=args.policy_chunk)
     rows, scored = text_rows(model, texts, args.seq_len, args.ac_every)
     t0 = time.perf_counter()
     kw = dict(samples=args.bootstrap_samples, seed=args.bootstrap_seed)
-    results = perplexity(scorer, rows, scored, caches, **kw, policies=policies, streamer=streamer)
+    settings = dict(batch_size=args.batch_size, chunk_size=args.chunk_size, policy_chunk=args.policy_chunk)
+    settings["policies"] = {kind: dataclasses.asdict(p) for kind, p in sorted((policies or {}).items())}
+    saved = None if store_dir is None else resumable(store_dir, model, rows, scored, settings)
+    results = perplexity(scorer, rows, scored, caches, **kw, policies=policies, streamer=streamer, saved=saved)
     out = {
         "model": model.name,
         "anchor_mode": model.anchor_mode,
