@@ -14,18 +14,27 @@ each), and compare at equal steps: for arms that cost the same per step, in a fr
 the memory (one model and optimizer at a time); a rerun skips finished arms and resumes.
 Choose by held-out loss: the arm with the lowest anchor-mode validation loss at the
 common end of the clock, with the full-attention loss beside it (forgetting shows there).
+With `--ppl "ARGS"` each arm that reached its last step is also measured on held-out text
+(`python -m anjax.evaluate --perplexity --model OUT/NAME --cache full,anchor ARGS`, into
+OUT/NAME.ppl.json, unless there): text tokens only, so arms with and without `<AC>` compare on
+the same targets, which their validation losses do not (`anjax.train.ab`).
 Prints a table and saves OUT/ab.{json,md,png} (`python -m anjax.report ab --out OUT` redoes them).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import yaml
 
 from anjax.eval import provenance
 from anjax.train import ab
@@ -71,10 +80,33 @@ def run_arms(config: str, arms: dict[str, list[str]], out: Path, seconds: float,
             print(f"[ab] {name} exited with {p.returncode}: see {out / f'{name}.log'}", flush=True)
 
 
-def run_sequentially(config: str, arms: dict[str, list[str]], out: Path, seconds: float, common: list[str]) -> None:
-    """Each arm's train.py in turn (a finished arm's resume ends at once), each stopped after `seconds`."""
+def run_sequentially(
+    config: str, arms: dict[str, list[str]], out: Path, seconds: float, common: list[str]
+) -> Iterator[str]:
+    """Each arm's train.py in turn (a finished arm's resume ends at once), each stopped after `seconds`; yields
+    each arm's name once its run ended."""
     for name, overrides in arms.items():
         run_arms(config, {name: overrides}, out, seconds, common)
+        yield name
+
+
+def measure(out: Path, name: str, ppl_args: str) -> None:
+    """OUT/NAME.ppl.json: the arm's held-out text perplexity (full and anchor cache) at its last checkpoint, once
+    the arm reached its last step."""
+    run_dir, report = out / name, out / f"{name}.ppl.json"
+    config = run_dir / "config.yaml"
+    if report.exists() or not config.is_file() or not (run_dir / "metrics.jsonl").is_file():
+        return
+    steps = yaml.safe_load(config.read_text())["train"]["steps"]
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    if last < steps:
+        return
+    cmd = [sys.executable, "-m", "anjax.evaluate", "--perplexity", "--model", str(run_dir), "--cache", "full,anchor"]
+    cmd += [*shlex.split(ppl_args), "--out-dir", str(out), "--name", f"{name}.ppl"]
+    print(f"[ab] {name}: {shlex.join(cmd[1:])}", flush=True)
+    with (out / f"{name}.log").open("a") as log:
+        if subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+            print(f"[ab] {name}: the perplexity run failed: see {out / f'{name}.log'}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -96,6 +128,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/ab", help="one run directory per arm below this")
     p.add_argument("--set", dest="common", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every arm")
     p.add_argument("--report-only", action="store_true", help="only summarize existing runs")
+    p.add_argument(
+        "--ppl",
+        default=None,
+        metavar="ARGS",
+        help="measure each finished arm's held-out text perplexity with these `anjax.evaluate --perplexity` arguments",
+    )
     prov = provenance.begin("benchmarks/ab_objectives.py", argv)
     args = p.parse_args(argv)
     arms = dict(parse_arm(a) for a in args.arm)
@@ -107,8 +145,15 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: config {args.config} does not exist")
     out = Path(args.out)
     if not args.report_only:
-        run = run_sequentially if args.sequential else run_arms
-        run(args.config, arms, out, args.seconds, args.common)
+        if args.sequential:
+            for name in run_sequentially(args.config, arms, out, args.seconds, args.common):
+                if args.ppl is not None:
+                    measure(out, name, args.ppl)
+        else:
+            run_arms(args.config, arms, out, args.seconds, args.common)
+    if args.ppl is not None and not args.report_only:  # arms run side by side, or finished before --ppl was given
+        for name in arms:
+            measure(out, name, args.ppl)
     clock = "step" if args.sequential else "train_s"
     meta = dict(config=args.config, arms=arms, seconds=args.seconds, provenance=prov.finish())
     ab.write_report(out, list(arms), clock, **meta)

@@ -8,7 +8,9 @@
 #              separators (anchors.rule=sepllm), a window of 64 (the training mask has no sinks)
 #   ac-w16     + its last 16 positions
 #   ac-const   AnLLM-AC with a constant learning rate (the plateau met the cosine floor)
-# Chosen by held-out loss in each arm's own anchor mask (and its full-attention loss beside it), never by
+# Chosen by held-out perplexity in each arm's own anchor cache on text tokens (the validation loss also
+# counts <AC> targets, which the EP arm lacks; --ppl: the first 16 documents of the corpus' validation split,
+# ~20k tokens in rows of 512, ~5 min an arm alone), the validation losses and KV kept beside it, never by
 # the tasks; benchmarks/ab_objectives.py --sequential runs the arms in turn (the order above: the baseline
 # and the likeliest winners first), each to its last step or SECONDS_BUDGET (train.py saves and exits),
 # skips finished arms and resumes on a rerun, and writes OUT/ab.{md,json,png} at equal steps. A screening
@@ -35,5 +37,6 @@ exec .venv/bin/python benchmarks/ab_objectives.py --config "$CONFIG" --seconds "
   --arm "sepllm-w64=anchors.mode=ep,anchors.tokens=$SEPARATORS,anchors.rule=sepllm,anchors.window=64" \
   --arm ac-w16=anchors.window=16 \
   --arm ac-const=train.schedule=constant \
+  --ppl "--ppl-data data/corpus/validation --limit 16 --seq-len 512 --chunk-size 512 --batch-size 16" \
   --set "train.steps=$STEPS" eval.every=50 eval.batches=8 checkpoint.every=25 checkpoint.keep=1 \
   log.tensorboard=false checkpoint.export_hf=false "$@"

@@ -5,8 +5,9 @@ closes with. One command for every sitting; each stage resumes where the last si
     python benchmarks/window_long.py --dry-run    # the winner and the commands, nothing run
 
 Stages (each command is printed before it runs, so any one can be rerun by hand):
-  winner    the arm of the A/B report (benchmarks/ab_window.sh; --ab) with the lowest held-out loss in its own
-            anchor mask, refused until every arm reached the last step; never chosen on the tasks
+  winner    the arm of the A/B report (benchmarks/ab_window.sh; --ab) with the lowest held-out perplexity on text
+            in its own anchor cache, refused until every arm reached the last step and was measured there
+            (`anjax.train.ab.winner`); never chosen on the tasks
   train     python train.py --config <the A/B's config> --set run.dir=RUN <the arm's overrides>: the long
             recipe's budget (its steps, schedule, validation, checkpoints and export), resumed by a rerun; a
             fresh RUN starts from a copy of the arm's prepared corpus when the A/B's run is on this machine
@@ -101,7 +102,11 @@ def main(argv=None) -> int:
     names = [name for name, _, _ in plan]
     if args.first not in names:
         raise cli.UsageError(f"--from {args.first!r}: one of {', '.join(dict.fromkeys(names))}")
-    print(f"[long] winner of {path}: {winner} (lowest anchor-mask held-out loss at step {report['rows'][0]['step']})")
+    row = next(r for r in report["rows"] if r["arm"] == winner)
+    print(
+        f"[long] winner of {path}: {winner} (held-out text perplexity in its anchor cache {row['ppl_anchor']:.2f}, "
+        f"{100 * row['kept']:.1f}% of the KV kept, step {row['step']})"
+    )
     for name, cmd, done in plan[names.index(args.first) :]:
         line = shlex.join(cmd)
         if done is not None and (ROOT / done).exists():

@@ -1,6 +1,7 @@
 """`python -m anjax.report`: curve (a run's held-out curve and trend), compare (paired differences between two
 models' reports) and ab (A/B arms at equal wall-clock; benchmarks/ab_objectives.py runs the arms)."""
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -112,6 +113,31 @@ def test_ab_arm_values_may_hold_commas():
         ab_script.parse_arm("no-overrides")
 
 
+def test_ab_measures_each_finished_arm_once(tmp_path, monkeypatch, capsys):
+    """`ab_objectives.py --ppl ARGS` measures an arm's held-out text perplexity once it reached its last step, and
+    not again once OUT/NAME.ppl.json is there."""
+    calls = []
+    monkeypatch.setattr(
+        ab_script.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or argparse.Namespace(returncode=0)
+    )
+    (tmp_path / "arm").mkdir()
+    (tmp_path / "arm" / "config.yaml").write_text("train:\n  steps: 4\n")
+    metrics = tmp_path / "arm" / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 2, "loss": 1.0}) + "\n")
+    ab_script.measure(tmp_path, "arm", "--limit 16 --seq-len 512")
+    assert calls == []  # not finished
+    metrics.write_text(metrics.read_text() + json.dumps({"step": 4, "loss": 1.0}) + "\n")
+    ab_script.measure(tmp_path, "arm", "--limit 16 --seq-len 512")
+    assert calls[0][1:] == [
+        "-m", "anjax.evaluate", "--perplexity", "--model", str(tmp_path / "arm"), "--cache", "full,anchor",
+        "--limit", "16", "--seq-len", "512", "--out-dir", str(tmp_path), "--name", "arm.ppl",
+    ]  # fmt: skip
+    (tmp_path / "arm.ppl.json").write_text("{}")
+    ab_script.measure(tmp_path, "arm", "--limit 16")
+    assert len(calls) == 1
+    capsys.readouterr()
+
+
 def test_ab_report_compares_arms_at_the_common_end_of_the_clock(tmp_path, capsys):
     """Each arm is read at its last validation within the shortest arm's clock; `python -m anjax.report ab`
     finds the arms below --out and writes ab.{md,json,png}."""
@@ -150,7 +176,32 @@ def test_ab_report_on_the_step_clock_compares_at_the_shortest_arms_last_step(tmp
         ab.winner(rows, ["done", "cut", "new"])
     with (tmp_path / "cut" / "metrics.jsonl").open("a") as f:  # the last arm reaches step 75, below "done"
         f.write(json.dumps({"step": 75, "train_s": 90, "val_loss_full": 3.0, "val_loss_anchor": 4.2}) + "\n")
-    assert ab.winner(ab.summarize(ab.curves(tmp_path, ["done", "cut"]), "step"), ["done", "cut"]) == "cut"
+    rows = ab.summarize(ab.curves(tmp_path, ["done", "cut"]), "step")
+    with pytest.raises(ValueError, match="no held-out perplexity at step 75 .* of cut, done"):
+        ab.winner(rows, ["done", "cut"])
+    # measured on text, "done" is ahead although "cut" has the lower validation loss (e.g. it predicts <AC>)
+    for arm, anchor_ppl in (("done", 20.0), ("cut", 30.0)):
+        measured = {
+            "results": {
+                "full": {"ppl": 18.0, "ppl_ci": [17.0, 19.0], "c_reduction": 0.0, "tokens": 900},
+                "anchor": {
+                    "ppl": anchor_ppl,
+                    "ppl_ci": [anchor_ppl - 1, anchor_ppl + 1],
+                    "c_reduction": 0.75,
+                    "tokens": 900,
+                },
+            },
+            "ratios": {"anchor / full": {"ppl_ratio": anchor_ppl / 18, "ppl_ratio_ci": [1.0, 2.0]}},
+            "provenance": {"models": {"model": {"training_step": 75}}},
+        }
+        (tmp_path / f"{arm}.ppl.json").write_text(json.dumps(measured))
+    assert ab.winner(ab.write_report(tmp_path, ["cut", "done"], "step"), ["done", "cut"]) == "done"
+    text = (tmp_path / "ab.md").read_text()
+    assert "| text ppl full | text ppl anchor | anchor / full | KV kept |" in text
+    assert (
+        text.index("| done |") < text.index("| cut |")
+        and "| 20.00 [19.00, 21.00] | 1.111 [1.000, 2.000] | 25.0% |" in text
+    )
 
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"

@@ -20,10 +20,13 @@ ARMS = {
 
 
 def _ab(tmp_path, last: dict[str, int]) -> str:
-    losses = {"ac": 4.11, "ac-w64": 3.95, "sepllm-w64": 4.02}
+    """An A/B report: the EP arm has the lowest validation loss (it predicts no <AC>), ac-w64 the lowest text
+    perplexity in its anchor cache."""
+    losses, ppl = {"ac": 4.11, "ac-w64": 3.95, "sepllm-w64": 3.2}, {"ac": 47.3, "ac-w64": 29.3, "sepllm-w64": 31.0}
     rows = [
         {"arm": a, "step": min(last.values()), "last_step": last[a], "val_loss_anchor": losses[a], "val_loss_full": 3.5}
-        for a in sorted(last, key=losses.get)
+        | {"ppl_step": last[a], "ppl_anchor": ppl[a], "kept": 0.16}
+        for a in sorted(last, key=ppl.get)
     ]
     path = tmp_path / "ab.json"
     path.write_text(json.dumps({"config": "configs/smollm2-135m-ac-long.yaml", "arms": ARMS, "rows": rows}))
@@ -34,7 +37,7 @@ def test_the_winner_is_trained_at_the_long_budget_and_every_evaluation_parses(tm
     ab = _ab(tmp_path, {"ac": 100, "ac-w64": 100, "sepllm-w64": 100})
     assert window_long.main(["--ab", ab, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "winner of" in out and ": ac-w64 (lowest anchor-mask held-out loss at step 100)" in out
+    assert "winner of" in out and ": ac-w64 (held-out text perplexity in its anchor cache 29.30, 16.0% of" in out
     plan = window_long.stages("ac-w64", ARMS, "configs/smollm2-135m-ac-long.yaml", "runs/long")
     train = plan[0][1]
     assert train == [
