@@ -236,9 +236,9 @@ def perplexity_main(args, caches: Sequence[str], prov: provenance.Provenance) ->
             f"--seq-len {args.seq_len} is more than the model's {model.cfg.max_position_embeddings} positions"
         )
     texts = perplexity.held_out_texts(args.ppl_data, args.data_dir, args.limit)
-    # one process alone resumes: a cache taken from the store by one of several would leave the others waiting
-    alone = args.out_dir is not None and jax.process_count() == 1
-    store = Path(args.out_dir) / f"{args.name}.caches" if alone else None
+    store = None
+    if args.out_dir is not None and jax.process_count() == 1:  # one of several taking a saved cache would leave
+        store = Path(args.out_dir) / f"{args.name}.caches"  # the others waiting in its collectives
     out = perplexity.report(args, texts, caches, model, policy_settings(args, caches), store_dir=store)
     out["provenance"] = prov.finish(paths={"model": args.model}, model=model)
     text = perplexity.markdown(out)
