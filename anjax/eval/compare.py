@@ -44,9 +44,10 @@ MERGE_FIELDS = ("model", "shots", "limit", "seed", "anchor_mode")
 
 def load_reports(spec: str) -> dict:
     """`A.json` or `A.json+B.json+...`: one report, or the merge (`merge`) of several of one model."""
-    paths = [Path(s) for s in spec.split("+")]
-    if any(not s for s in spec.split("+")):
+    parts = spec.split("+")
+    if not all(parts):
         raise ValueError(f"expected REPORT.json or REPORT.json+REPORT.json..., got {spec!r}")
+    paths = [Path(part) for part in parts]
     for path in paths:
         if not path.is_file():
             raise ValueError(f"no such file {path}")
